@@ -1,0 +1,158 @@
+"""The command line: parses arguments, calls the library, formats output. Nothing else.
+
+Exit codes (API): 0 success; 1 a verify check failed; 2 usage error (bad option or combination);
+3 input unreadable, corrupt or refused; 4 output cannot be written; 130 SIGINT; 143 SIGTERM.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_SIGINT, FP8ConvError
+from .formats import FORMATS
+from .layouts import LAYOUTS
+from .plan import DEFAULT_SKIPS
+from .scheme import GRANULARITIES, MAX_TILE, Scheme, parse_block_size
+
+EXIT_CODES_HELP = (
+    "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
+    "4 output not writable (exists, read-only, disk full); 130 interrupted (SIGINT); 143 terminated (SIGTERM)."
+)
+SKIP_HELP = "; ".join(f"{kind}: {' '.join(globs)}" for kind, globs in DEFAULT_SKIPS)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"fp8conv: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func):
+    """Turn library errors into one line on stderr and a documented exit code; never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FP8ConvError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_SIGINT)
+
+    return wrapper
+
+
+def parse_size(text: str | None) -> int | None:
+    """'5GB' / '500MB' / '123' (bytes) -> bytes."""
+    if text is None:
+        return None
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    upper = text.strip().upper()
+    for unit, factor in units.items():
+        if upper.endswith(unit):
+            number = upper[: -len(unit)]
+            break
+    else:
+        number, factor = upper, 1
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB") from None
+    if value <= 0:
+        raise click.BadParameter("must be positive")
+    return value
+
+
+def progress_bar(total: int, quiet: bool, desc: str):
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=disable, file=sys.stderr, leave=False)
+
+
+@click.group(epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="fp8conv")
+def main() -> None:
+    """Convert bf16/fp16/fp32 safetensors checkpoints to FP8/INT8, inspect them and verify them."""
+
+
+def scheme_options(func):
+    """--format/--granularity/--block-size/--group-size, shared by the commands that quantize."""
+    options = [
+        click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="fp8_e4m3", show_default=True,
+                     help="Target format (qmax 448 for e4m3, 57344 for e5m2, 127 for int8)."),
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default="block", show_default=True,
+                     help="block: 2-D tiles; channel: one scale per output row; group: 1-D groups along the last dim; tensor: one scale."),
+        click.option("--block-size", default="128", show_default=True, help="Block tile: N or NxM (rows x cols)."),
+        click.option("--group-size", type=click.IntRange(1, MAX_TILE), default=128, show_default=True,
+                     help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -> Scheme:
+    from .errors import SchemeError
+
+    try:
+        return Scheme(format=fmt, granularity=granularity, block_size=parse_block_size(block_size), group_size=group_size)
+    except SchemeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--block-size") from None
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@scheme_options
+@click.option("--layout", type=click.Choice(LAYOUTS), default="compressed-tensors", show_default=True,
+              help="compressed-tensors (<m>.weight_scale; vLLM, transformers), fp8-native (<m>.weight_scale_inv; "
+                   "DeepSeek-V3 / transformers fine-grained FP8), fp8conv (our own, for combinations no engine defines).")
+@click.option("--ignore", multiple=True, metavar="PATTERN",
+              help="Keep matching tensors in high precision. A glob must match the whole tensor name or its module "
+                   "name (name without .weight); 're:REGEX' must match the whole name too. Repeatable.")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help=f"Quantize tensors skipped by default that match (same syntax). Skipped by default: {SKIP_HELP}.")
+@click.option("--workers", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default="CPU count",
+              help="Worker processes; the output bytes do not depend on it.")
+@click.option("--max-shard-size", default=None, metavar="SIZE", help="Re-shard the output (e.g. 5GB); default keeps the source's shards.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (or the leftovers of an interrupted run).")
+@click.option("--resume", is_flag=True, help="Reuse the shards an interrupted run finished (sha256-checked).")
+@click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
+@click.option("--dry-run", is_flag=True, help="Print each tensor's decision and sizes; write nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore, include, workers, max_shard_size,
+             overwrite, resume, allow_nonfinite, dry_run, as_json, quiet) -> None:
+    """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT."""
+    from . import pipeline, render
+
+    options = pipeline.QuantizeOptions(
+        scheme=build_scheme(fmt, granularity, block_size, group_size), layout=layout, ignore=ignore, include=include,
+        workers=workers, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, resume=resume,
+        allow_nonfinite=allow_nonfinite,
+    )
+    checkpoint, plan = pipeline.make_plan(src, options)
+    for warning in plan.warnings:
+        click.echo(f"fp8conv: warning: {warning}", err=True)
+    if layout == "fp8conv":
+        click.echo("fp8conv: warning: --layout fp8conv is fp8conv's own layout: no inference engine loads it", err=True)
+    if dry_run:
+        click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()}}, indent=2) if as_json
+                   else render.dry_run_plan(plan))
+        return
+    with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, "quantize") as bar:
+        result = pipeline.quantize_checkpoint(src, out, options, progress=bar.update)
+    for note in result.notes:
+        click.echo(f"fp8conv: warning: {note}", err=True)
+    click.echo(json.dumps(result.report, indent=2) if as_json else render.quantize_report(result.report, str(src), str(out)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

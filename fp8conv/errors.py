@@ -1,0 +1,42 @@
+"""The one exception family the library raises; the CLI maps each to a documented exit code."""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_OUTPUT = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class FP8ConvError(Exception):
+    """Base class: a one-sentence message meant for the user, plus an exit code."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class InputError(FP8ConvError):
+    """The input checkpoint is unreadable, corrupt or hostile."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SchemeError(FP8ConvError):
+    """The requested options cannot be combined (a usage error)."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputError(FP8ConvError):
+    """The output cannot be written (exists, read-only, disk full)."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class Interrupted(FP8ConvError):
+    """A signal stopped the run; temporaries were removed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,111 @@
+"""What happens to each tensor, and why: the decisions are data, recorded in the manifest."""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from .errors import SchemeError
+from .formats import QUANTIZABLE_TAGS
+from .safetensors_io import TensorInfo
+
+QUANTIZE = "quantize"
+COPY = "copy"
+
+# Module-name globs skipped by default: engines keep these in high precision.
+DEFAULT_SKIPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("embedding", ("*embed_tokens", "*embeddings", "*_embeddings", "*.wte", "*.wpe", "wte", "wpe")),
+    ("lm_head", ("lm_head", "*.lm_head")),
+    ("MoE router", ("*.gate", "*.router", "*.router.*", "*.shared_expert_gate")),
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The fate of one source tensor."""
+
+    name: str
+    action: str
+    reason: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.action == QUANTIZE
+
+
+def module_name(tensor_name: str) -> str:
+    """'model.layers.0.mlp.down_proj.weight' -> 'model.layers.0.mlp.down_proj'."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+class Matcher:
+    """--ignore / --include patterns: a glob must match the whole tensor or module name;
+    're:REGEX' must match the whole name too (re.fullmatch)."""
+
+    def __init__(self, patterns: tuple[str, ...] | list[str], option: str) -> None:
+        self.patterns = tuple(patterns)
+        self._compiled: list[tuple[str, object]] = []
+        for pattern in self.patterns:
+            if pattern.startswith("re:"):
+                try:
+                    self._compiled.append((pattern, re.compile(pattern[3:])))
+                except re.error as exc:
+                    raise SchemeError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from None
+            else:
+                self._compiled.append((pattern, None))
+
+    def first_match(self, tensor_name: str) -> str | None:
+        names = (tensor_name, module_name(tensor_name))
+        for pattern, regex in self._compiled:
+            for name in names:
+                if regex is not None and regex.fullmatch(name):
+                    return pattern
+                if regex is None and fnmatch.fnmatchcase(name, pattern):
+                    return pattern
+        return None
+
+
+def default_skip(tensor_name: str) -> str | None:
+    """The kind of tensor ('embedding', 'lm_head', 'MoE router') skipped by default, if any."""
+    module = module_name(tensor_name)
+    for kind, globs in DEFAULT_SKIPS:
+        if any(fnmatch.fnmatchcase(module, g) for g in globs):
+            return kind
+    return None
+
+
+def decide(info: TensorInfo, ignore: Matcher, include: Matcher) -> Decision:
+    """Quantize floating 2-D `*.weight` tensors and 3-D stacked experts; copy everything else."""
+    name, ndim = info.name, len(info.shape)
+
+    def copy(reason: str) -> Decision:
+        return Decision(name, COPY, reason)
+
+    if info.dtype not in QUANTIZABLE_TAGS:
+        return copy(f"dtype {info.dtype} is not quantized; copied byte-for-byte")
+    if ndim == 0:
+        return copy("scalar tensor")
+    if ndim == 1:
+        return copy("1-D tensor (norm or bias)")
+    if not name.endswith(".weight"):
+        return copy("not a .weight tensor")
+    if ndim > 3:
+        return copy(f"{ndim}-D tensor; only 2-D weights and 3-D stacked experts are quantized")
+    if info.numel == 0:
+        return copy("empty tensor")
+    pattern = ignore.first_match(name)
+    if pattern is not None:
+        return copy(f"matched --ignore {pattern}")
+    kind = default_skip(name)
+    if kind is not None:
+        pattern = include.first_match(name)
+        if pattern is None:
+            return copy(f"{kind} kept in high precision by default (--include to quantize)")
+        return Decision(name, QUANTIZE, f"{kind} quantized by --include {pattern}")
+    if ndim == 3:
+        return Decision(name, QUANTIZE, "3-D stacked experts, one scale grid per expert")
+    return Decision(name, QUANTIZE, "2-D weight")
+
+
+def plan_tensors(tensors: dict[str, TensorInfo], ignore: Matcher, include: Matcher) -> dict[str, Decision]:
+    return {name: decide(info, ignore, include) for name, info in tensors.items()}

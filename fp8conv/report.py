@@ -1,0 +1,96 @@
+"""The scales manifest and the size/error report: plain dicts built from the plan and the stats."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from . import __version__
+from .conversion import ConversionPlan
+from .kernels import ErrorStats
+
+MANIFEST_SCHEMA = 1
+
+
+def error_metrics(stats: ErrorStats) -> dict:
+    """Relative RMS error, SQNR (dB; null when exact), max abs error, saturated and flushed fractions."""
+    n = max(stats.elements, 1)
+    if stats.sum_sq_err == 0:
+        rel, sqnr = 0.0, None
+    elif stats.sum_sq_ref == 0:
+        rel, sqnr = math.inf, None
+    else:
+        rel = math.sqrt(stats.sum_sq_err / stats.sum_sq_ref)
+        sqnr = 10 * math.log10(stats.sum_sq_ref / stats.sum_sq_err)
+    return {
+        "rel_rms_error": rel,
+        "sqnr_db": sqnr,
+        "max_abs_error": stats.max_abs_err,
+        "saturated_fraction": stats.saturated / n,
+        "flushed_fraction": stats.flushed_to_zero / n,
+        "nonfinite_values": stats.nonfinite,
+    }
+
+
+def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
+    before: Counter[str] = Counter()
+    after: Counter[str] = Counter()
+    for info in plan.tensors.values():
+        before[info.dtype] += info.nbytes
+    for shard in plan.shards:
+        for entry in shard.entries:
+            after[entry.dtype] += entry.nbytes
+    rows = [
+        {"name": name, "shape": list(plan.tensors[name].shape), **error_metrics(stats[name])}
+        for name in plan.decisions
+        if plan.decisions[name].quantized
+    ]
+    rows.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
+    total_before, total_after = sum(before.values()), sum(after.values())
+    return {
+        "scheme": {**plan.scheme.to_json(), "layout": plan.layout.name},
+        "tensors_total": len(plan.decisions),
+        "tensors_quantized": len(rows),
+        "tensors_copied": len(plan.decisions) - len(rows),
+        "bytes_before": dict(sorted(before.items())),
+        "bytes_after": dict(sorted(after.items())),
+        "total_bytes_before": total_before,
+        "total_bytes_after": total_after,
+        "compression_ratio": total_before / total_after if total_after else None,
+        "worst_rel_rms_error": rows[0]["rel_rms_error"] if rows else 0.0,
+        "tensors": rows,
+        "warnings": plan.warnings,
+    }
+
+
+def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
+    out_shard = plan.shard_of_output
+    tensors = {}
+    for name, decision in plan.decisions.items():
+        info = plan.tensors[name]
+        record = {
+            "decision": decision.action,
+            "reason": decision.reason,
+            "source_shard": plan.source_shard[name],
+            "source_dtype": info.dtype,
+            "shape": list(info.shape),
+            "output_shard": out_shard[name],
+            "output_dtype": plan.scheme.fmt.safetensors_tag if decision.quantized else info.dtype,
+            "scale": None,
+        }
+        if decision.quantized:
+            scale = plan.scale_of[name]
+            record["scale"] = {
+                "name": scale,
+                "shape": list(plan.layout.scale_shape(plan.scheme, info.shape)),
+                "dtype": "F32",
+                "shard": out_shard[scale],
+            }
+        tensors[name] = record
+    return {
+        "schema_version": MANIFEST_SCHEMA,
+        "tool": "fp8conv",
+        "tool_version": __version__,
+        "scheme": {**plan.scheme.to_json(), "layout": plan.layout.name},
+        "tensors": tensors,
+        "files": dict(sorted(files.items())),
+    }
