@@ -1,0 +1,33 @@
+"""Shared test helpers: run the CLI, read outputs back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from fp8conv.cli import main
+from fp8conv.safetensors_io import TensorReader, read_header
+
+
+def run_cli(*args: str, expect: int | None = 0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}, stderr: {result.stderr}\nstdout: {result.stdout}"
+    return result
+
+
+def load_all(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of every shard in a folder (FP8 included, as ml_dtypes arrays)."""
+    tensors = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        header = read_header(path)
+        with TensorReader(path) as reader:
+            for name, info in header.tensors.items():
+                tensors[name] = reader.read_rows(info)
+    return tensors
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,87 @@
+"""An independent float64 reference of the documented numerics, written from first principles.
+
+It does not import fp8conv. FP8 grids are enumerated from the bit layout of each format (not from
+ml_dtypes); rounding is to nearest with ties to the even code.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+QMAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "int8": 127.0}
+# (exponent bits, mantissa bits, bias, has_inf): e4m3fn has no Inf and uses S.1111.111 for NaN only.
+LAYOUT = {"fp8_e4m3": (4, 3, 7, False), "fp8_e5m2": (5, 2, 15, True)}
+
+
+def fp8_value(code: int, fmt: str) -> float:
+    """Value of an FP8 code from its bits (NaN/Inf as float nan/inf)."""
+    ebits, mbits, bias, has_inf = LAYOUT[fmt]
+    sign = -1.0 if code & 0x80 else 1.0
+    exp = (code >> mbits) & ((1 << ebits) - 1)
+    man = code & ((1 << mbits) - 1)
+    if has_inf and exp == (1 << ebits) - 1:
+        return sign * math.inf if man == 0 else math.nan
+    if not has_inf and exp == (1 << ebits) - 1 and man == (1 << mbits) - 1:
+        return math.nan
+    if exp == 0:
+        return sign * man * 2.0 ** (1 - bias - mbits)
+    return sign * (1 + man / (1 << mbits)) * 2.0 ** (exp - bias)
+
+
+def grid(fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative finite values (ascending) and their codes."""
+    pairs = sorted((fp8_value(c, fmt), c) for c in range(128) if math.isfinite(fp8_value(c, fmt)))
+    return np.array([v for v, _ in pairs]), np.array([c for _, c in pairs])
+
+
+def value_table(fmt: str) -> np.ndarray:
+    return np.array([fp8_value(c, fmt) for c in range(256)])
+
+
+def round_to_fp8(x: np.ndarray, fmt: str) -> np.ndarray:
+    """Codes (uint8) of float64 values already within +-qmax, round to nearest, ties to even code."""
+    values, codes = grid(fmt)
+    mag = np.abs(x)
+    hi = np.clip(np.searchsorted(values, mag), 1, len(values) - 1)
+    lo = hi - 1
+    d_lo, d_hi = mag - values[lo], values[hi] - mag
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (codes[hi] % 2 == 0))
+    pick = np.where(pick_hi, hi, lo)
+    pick = np.where(mag == values[hi], hi, pick)
+    out = codes[pick].astype(np.uint8)
+    return np.where(np.signbit(x), out | 0x80, out).astype(np.uint8)  # IEEE: -tiny rounds to -0
+
+
+def tile_shape(granularity: str, rows: int, cols: int, block: tuple[int, int], group: int) -> tuple[int, int]:
+    return {"block": block, "channel": (1, cols), "group": (1, group), "tensor": (rows, cols)}[granularity]
+
+
+def reference_quantize(w: np.ndarray, fmt: str, granularity: str, block=(128, 128), group=128):
+    """(codes as uint8 bit patterns / int8, float32 scale grid, float64 dequantized) of a 2-D array."""
+    w64 = np.asarray(w, dtype=np.float64)
+    rows, cols = w64.shape
+    tr, tc = tile_shape(granularity, rows, cols, block, group)
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    scales = np.ones((gr, gc), np.float32)
+    codes = np.zeros((rows, cols), np.uint8 if fmt != "int8" else np.int8)
+    deq = np.zeros((rows, cols))
+    qmax = QMAX[fmt]
+    for i in range(gr):
+        for j in range(gc):
+            tile = w64[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc]
+            amax = np.abs(tile).max() if tile.size else 0.0
+            scale = np.float32(1.0) if amax == 0 else np.float32(np.float32(amax) / np.float32(qmax))
+            scales[i, j] = scale
+            # The documented division is float32; the rounding to the format is done here in float64.
+            x = np.clip((tile.astype(np.float32) / scale).astype(np.float64), -qmax, qmax)
+            if fmt == "int8":
+                q = np.round(x)  # numpy rounds half to even
+                codes[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc] = q.astype(np.int8)
+                qv = q
+            else:
+                c = round_to_fp8(x, fmt)
+                codes[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc] = c
+                qv = value_table(fmt)[c]
+            deq[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc] = qv * float(scale)
+    return codes, scales, deq

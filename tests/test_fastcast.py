@@ -1,0 +1,67 @@
+"""The fast float32 -> FP8 path must equal ml_dtypes' cast on every input that matters."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from fp8conv.fastcast import cast_clamped_to_fp8, code_to_float_table, reference_cast
+from fp8conv.formats import FORMATS
+from reference import fp8_value
+
+FP8 = ["fp8_e4m3", "fp8_e5m2"]
+
+
+def fast(values: np.ndarray, fmt) -> np.ndarray:
+    out = np.empty(values.shape, np.uint8)
+    cast_clamped_to_fp8(values.copy(), fmt, out)
+    return out
+
+
+def assert_same(values: np.ndarray, fmt) -> None:
+    got, want = fast(values, fmt), reference_cast(values, fmt)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} differ; first: {values[bad[0]]!r} -> {got[bad[0]]} (ml_dtypes {want[bad[0]]})"
+
+
+@pytest.mark.parametrize("name", FP8)
+@pytest.mark.parametrize("low_bits", [0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000])
+def test_every_bf16_pattern_with_low_bit_endings(name, low_bits):
+    fmt = FORMATS[name]
+    patterns = (np.arange(1 << 16, dtype=np.uint32) << 16) | low_bits
+    values = patterns.view(np.float32)
+    values = values[np.isfinite(values)]
+    assert_same(np.clip(values, -fmt.qmax, fmt.qmax).astype(np.float32), fmt)
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_random_float32_times_scales(name):
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(7)
+    for exponent in (-40, -20, -10, -5, 0, 5, 10, 20):
+        values = (rng.standard_normal(1 << 19) * 2.0 ** exponent).astype(np.float32)
+        assert_same(np.clip(values, -fmt.qmax, fmt.qmax), fmt)
+    bits = rng.integers(0, 2**32, size=1 << 21, dtype=np.uint64).astype(np.uint32)
+    values = bits.view(np.float32)
+    values = values[np.isfinite(values)]
+    assert_same(np.clip(values, -fmt.qmax, fmt.qmax), fmt)
+
+
+@pytest.mark.parametrize("name", FP8)
+def test_all_256_codes_round_trip(name):
+    fmt = FORMATS[name]
+    table = code_to_float_table(fmt)
+    for code in range(256):
+        expected = fp8_value(code, name)
+        if np.isnan(expected):
+            assert np.isnan(table[code])
+            continue
+        assert table[code] == expected, f"code {code:#04x}"
+        if np.isfinite(expected):
+            back = fast(np.array([expected], np.float32), fmt)[0]
+            assert back == code, f"code {code:#04x} ({expected}) re-encodes as {back:#04x}"
+
+
+def test_ml_dtypes_does_not_saturate():
+    """Why the kernels clamp first: this would be NaN, not 448."""
+    assert np.isnan(np.array([448.5 * 2], np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)[0])

@@ -1,0 +1,144 @@
+"""Kernels against the independent float64 reference in tests/reference.py, bit for bit."""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8conv import dequantize_tensor, quantize_tensor
+from fp8conv.formats import FORMATS
+from reference import QMAX, reference_quantize
+
+FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
+GRANULARITIES = ["block", "channel", "group", "tensor"]
+
+
+def heavy_tailed(rng, shape, dtype=np.float32):
+    w = rng.standard_normal(shape).astype(np.float32) * 0.02
+    w[..., rng.integers(0, shape[-1], size=2)] *= 20
+    return w.astype(dtype)
+
+
+def code_bits(codes: np.ndarray) -> np.ndarray:
+    return codes.view(np.uint8) if codes.dtype.itemsize == 1 and codes.dtype != np.int8 else codes
+
+
+def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128):
+    q = quantize_tensor(w, format=fmt, granularity=granularity, block_size=block, group_size=group)
+    ref_codes, ref_scales, ref_deq = reference_quantize(w, fmt, granularity, block, group)
+    np.testing.assert_array_equal(q.scales, ref_scales, err_msg=f"scales differ ({fmt} {granularity})")
+    got = code_bits(q.codes)
+    if not np.array_equal(got, ref_codes):
+        bad = np.argwhere(got != ref_codes)
+        r, c = bad[0]
+        tr, tc = {"block": block, "group": (1, group), "channel": (1, w.shape[1]), "tensor": w.shape}[granularity]
+        pytest.fail(f"{len(bad)} codes differ ({fmt} {granularity}); first at [{r},{c}] in tile "
+                    f"({r // tr},{c // tc}): got {got[r, c]}, expected {ref_codes[r, c]} for w={w[r, c]!r}")
+    deq = dequantize_tensor(q.codes, q.scales, format=fmt, granularity=granularity, block_size=block, group_size=group)
+    # w' = q * scale in float32: q and scale are exact, so it is the float64 product rounded once.
+    np.testing.assert_array_equal(deq, ref_deq.astype(np.float32))
+    return q
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shape", [(256, 384), (200, 333), (1, 7), (130, 129)])
+def test_matches_reference(fmt, granularity, shape):
+    rng = np.random.default_rng(hash((fmt, granularity, shape)) % 2**32)
+    assert_matches_reference(heavy_tailed(rng, shape), fmt, granularity, block=(128, 128), group=32)
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("src_dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+def test_source_dtypes(fmt, src_dtype):
+    w = heavy_tailed(np.random.default_rng(1), (64, 96), src_dtype)
+    assert_matches_reference(w, fmt, "block", block=(32, 32))
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_all_zero_blocks_get_scale_one(fmt):
+    w = np.zeros((64, 64), np.float32)
+    w[32:, 32:] = np.linspace(-1, 1, 32 * 32).reshape(32, 32)
+    q = assert_matches_reference(w, fmt, "block", block=(32, 32))
+    assert q.scales[0, 0] == 1.0 and q.scales[0, 1] == 1.0 and q.scales[1, 0] == 1.0
+    assert not code_bits(q.codes)[:32].any()
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_values_at_amax_map_to_qmax(fmt):
+    w = np.array([[3.0, -3.0, 1.5, 0.0]], np.float32)
+    q = quantize_tensor(w, format=fmt, granularity="channel")
+    values = q.codes.astype(np.float64) if fmt == "int8" else q.codes.astype(np.float64)
+    assert values[0, 0] == QMAX[fmt] and values[0, 1] == -QMAX[fmt]
+    assert q.scales[0, 0] == np.float32(np.float32(3.0) / np.float32(QMAX[fmt]))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_subnormal_results(fmt):
+    # Values 2^-12 .. 2^-1 of the amax land in the format's subnormal range after scaling.
+    w = np.concatenate([[1.0], 2.0 ** -np.arange(1, 24), -(2.0 ** -np.arange(1, 24))]).astype(np.float32)[None, :]
+    assert_matches_reference(w, fmt, "tensor")
+
+
+def test_3d_experts_one_grid_per_expert():
+    w = heavy_tailed(np.random.default_rng(2), (3, 130, 70))
+    q = quantize_tensor(w, format="fp8_e4m3", granularity="block", block_size=64)
+    assert q.scales.shape == (3, 3, 2)
+    for e in range(3):
+        ref_codes, ref_scales, _ = reference_quantize(w[e], "fp8_e4m3", "block", (64, 64))
+        np.testing.assert_array_equal(q.scales[e], ref_scales)
+        np.testing.assert_array_equal(code_bits(q.codes[e]), ref_codes)
+
+
+def test_scale_grid_shapes():
+    w = np.ones((300, 200), np.float32)
+    assert quantize_tensor(w, granularity="block", block_size=(128, 64)).scales.shape == (3, 4)
+    assert quantize_tensor(w, granularity="channel").scales.shape == (300, 1)
+    assert quantize_tensor(w, granularity="group", group_size=32).scales.shape == (300, 7)
+    assert quantize_tensor(w, granularity="tensor").scales.shape == (1, 1)
+
+
+def test_error_stats_match_direct_computation():
+    w = heavy_tailed(np.random.default_rng(3), (150, 260))
+    q = quantize_tensor(w, granularity="block", block_size=64)
+    deq = dequantize_tensor(q.codes, q.scales, granularity="block", block_size=64).astype(np.float64)
+    err = w.astype(np.float64) - deq
+    assert q.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-4)
+    assert q.stats.sum_sq_ref == pytest.approx((w.astype(np.float64) ** 2).sum(), rel=1e-4)
+    assert q.stats.max_abs_err == pytest.approx(np.abs(err).max(), rel=1e-6)
+    assert q.stats.saturated == int((np.abs(q.codes.astype(np.float32)) == 448).sum())
+    assert q.stats.flushed_to_zero == int(((deq == 0) & (w != 0)).sum())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fmt=st.sampled_from(FORMAT_NAMES),
+    granularity=st.sampled_from(GRANULARITIES),
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 40),
+    block=st.tuples(st.integers(1, 17), st.integers(1, 17)),
+    group=st.integers(1, 17),
+    log_scale=st.integers(-30, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_reference(fmt, granularity, rows, cols, block, group, log_scale, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((rows, cols)) * 2.0 ** log_scale).astype(np.float32)
+    w[rng.random((rows, cols)) < 0.1] = 0
+    assert_matches_reference(w, fmt, granularity, block, group)
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+def test_nonfinite_refused_with_counts(fmt):
+    from fp8conv.errors import InputError
+
+    w = np.ones((4, 4), np.float32)
+    w[0, 0], w[1, 1], w[2, 2] = np.nan, np.inf, -np.inf
+    with pytest.raises(InputError, match="1 NaN and 2 Inf"):
+        quantize_tensor(w, format=fmt)
+
+
+def test_qmax_table():
+    assert {name: f.qmax for name, f in FORMATS.items()} == QMAX
