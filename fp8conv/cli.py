@@ -156,3 +156,52 @@ def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore,
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tensors", "pattern", is_flag=False, flag_value="*", default=None, metavar="[PATTERN]",
+              help="List tensors (all, or those whose name or module matches the glob / re:REGEX).")
+@click.option("--stats", is_flag=True, help="Also read the data: min/max/absmax, NaN/Inf counts, zero fraction.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def inspect(path, pattern, stats, as_json, quiet) -> None:
+    """Show what is in a checkpoint: shards, tensors, dtypes, sizes and quantization scheme."""
+    from . import inspection, render
+
+    total = 0
+    if stats:
+        from .checkpoint import open_checkpoint
+
+        total = open_checkpoint(path).total_bytes
+    with progress_bar(total, quiet or not stats, "inspect") as bar:
+        summary = inspection.inspect_checkpoint(path, pattern, stats, progress=bar.update)
+    click.echo(json.dumps(summary, indent=2) if as_json else render.inspect_summary(summary))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--against", type=click.Path(path_type=Path), default=None,
+              help="The source checkpoint: dequantize every tensor and compare (others must be bit-identical).")
+@click.option("--max-rel-error", type=click.FloatRange(0, min_open=True), default=None,
+              help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8].")
+@click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Tensor-parallel size to check vLLM's partition constraints for.")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(["vllm", "transformers"]), default=("vllm",),
+              show_default=True, help="Engines whose load constraints fail the check (others only warn). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@handle_errors
+def verify(path, against, max_rel_error, tp, engines, as_json, quiet) -> None:
+    """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails."""
+    from . import render
+    from .errors import EXIT_CHECK_FAILED
+    from .verify import VerifyOptions, total_work, verify_checkpoint
+
+    options = VerifyOptions(against=against, max_rel_error=max_rel_error, tp=tp, engines=tuple(engines))
+    with progress_bar(total_work(path, against), quiet, "verify") as bar:
+        result = verify_checkpoint(path, options, progress=bar.update).to_json()
+    click.echo(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
+    if not result["passed"]:
+        sys.exit(EXIT_CHECK_FAILED)

@@ -80,3 +80,59 @@ def _prod(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+def inspect_summary(summary: dict) -> str:
+    lines = [
+        f"checkpoint: {printable(summary['path'])}",
+        f"shards: {len(summary['shards'])} ("
+        + ", ".join(f"{printable(s['name'])} {human_bytes(s['bytes'])}" for s in summary["shards"]) + ")",
+        f"tensors: {summary['tensor_count']}, parameters: {summary['parameter_count']:,}",
+        "bytes per dtype: " + ", ".join(f"{d} {human_bytes(n)}" for d, n in summary["bytes_per_dtype"].items()),
+        f"quantization: {summary['layout_label']}"
+        + (f", written by {summary['written_by']}" if summary["written_by"] else ""),
+    ]
+    if summary["schemes"]:
+        lines.append("schemes: " + ", ".join(f"{s} ({n} weights)" for s, n in summary["schemes"].items()))
+        lines.append(f"quantized modules: {len(summary['quantized_modules'])}; "
+                     f"high-precision 2-D weights: {len(summary['high_precision_modules'])}"
+                     + (f" ({', '.join(printable(m) for m in summary['high_precision_modules'][:8])}"
+                        + (", ..." if len(summary["high_precision_modules"]) > 8 else "") + ")"
+                        if summary["high_precision_modules"] else ""))
+        lines.append("scale shapes: " + "; ".join(f"{k} x{n}" for k, n in summary["scale_shapes"].items()))
+    for name, problem in summary["problems"].items():
+        lines.append(f"problem: {printable(name)} {problem}")
+    if "tensors" in summary:
+        rows = [[printable(t["name"]), t["dtype"], "x".join(map(str, t["shape"])) or "scalar", human_bytes(t["bytes"]),
+                 printable(t["shard"]), t["role"]] for t in summary["tensors"]]
+        lines.append(table(["tensor", "dtype", "shape", "bytes", "shard", "role"], rows))
+    if "stats" in summary:
+        rows = [[printable(n), _num(s["min"]), _num(s["max"]), _num(s["absmax"]), str(s["nan"]), str(s["inf"]),
+                 f"{s['zero_fraction']:.2%}"] for n, s in summary["stats"].items()]
+        lines.append(table(["tensor", "min", "max", "absmax", "nan", "inf", "zeros"], rows))
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def verify_summary(result: dict) -> str:
+    verdict = "PASS" if result["passed"] else "FAIL"
+    lines = [f"fp8conv verify {printable(result['path'])}: {verdict} (layout {result['layout']})"]
+    for check, status in result["checks"].items():
+        fatal = [f for f in result["findings"] if f["check"] == check and f["fatal"]]
+        lines.append(f"  {check:<10} {status}" + (f" ({len(fatal)} problems)" if fatal else ""))
+    for finding in result["findings"]:
+        lines.append(f"{'FAIL' if finding['fatal'] else 'warn'} [{finding['check']}] {printable(finding['message'])}")
+    if result["tensors"]:
+        lines.append("worst tensors first (dequantized vs source):")
+        lines.append(table(["tensor", "scheme", "rel_rms", "limit", "sqnr_dB", "max_abs_err"], [
+            [printable(t["name"]), t["scheme"], f"{t['rel_rms_error']:.4%}", f"{t['limit']:.2%}",
+             _fmt_float(t["sqnr_db"], ".1f"), f"{t['max_abs_error']:.3g}"] for t in result["tensors"][:WORST_SHOWN]
+        ]))
+        if len(result["tensors"]) > WORST_SHOWN:
+            lines.append(f"... {len(result['tensors']) - WORST_SHOWN} more with --json")
+    elif not result["compared_against_source"]:
+        lines.append("numerics compared with the source: no (pass --against SRC)")
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""fp8conv verify: integrity, structure, numerics and engine checks of any quantized checkpoint."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
+from .kernels import ErrorStats, load_float32
+from .plan import Matcher, default_skip, module_name
+from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
+from .report import error_metrics
+from .safetensors_io import printable, sha256_of
+
+CHUNK_BYTES = 32 << 20
+# Thresholds that catch broken conversions (a wrong scale or swapped tensor gives errors >= 50%),
+# set above what each format's rounding gives on heavy-tailed weights.
+DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10}
+ENGINES = ("vllm", "transformers")
+COLUMN_PARALLEL = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|w1|w3|query|key|value|c_attn|c_fc|fc1|dense_h_to_4h)$")
+ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|c_proj|fc2|dense_4h_to_h)$")
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+CHECKS = ("integrity", "structure", "numerics", "engines")
+
+
+@dataclass
+class Finding:
+    check: str
+    message: str
+    tensor: str | None = None
+    fatal: bool = True
+
+
+@dataclass
+class VerifyResult:
+    path: Path
+    layout: str
+    findings: list[Finding] = field(default_factory=list)
+    tensors: list[dict] = field(default_factory=list)
+    compared: bool = False
+
+    def fail(self, check: str, message: str, tensor: str | None = None) -> None:
+        self.findings.append(Finding(check, message, tensor))
+
+    def warn(self, check: str, message: str, tensor: str | None = None) -> None:
+        self.findings.append(Finding(check, message, tensor, fatal=False))
+
+    @property
+    def passed(self) -> bool:
+        return not any(f.fatal for f in self.findings)
+
+    def status(self, check: str) -> str:
+        return "fail" if any(f.fatal and f.check == check for f in self.findings) else "pass"
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "layout": self.layout,
+            "passed": self.passed,
+            "checks": {c: self.status(c) for c in CHECKS},
+            "findings": [f.__dict__ for f in self.findings],
+            "compared_against_source": self.compared,
+            "tensors": self.tensors,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    against: Path | None = None
+    max_rel_error: float | None = None
+    tp: int = 1
+    engines: tuple[str, ...] = ("vllm",)
+
+
+def verify_checkpoint(path: Path, options: VerifyOptions, progress: Callable[[int], None] = lambda n: None) -> VerifyResult:
+    """Run every check; raises InputError only when the checkpoint cannot be opened at all."""
+    checkpoint = open_checkpoint(path)
+    source = open_checkpoint(options.against) if options.against is not None else None
+    view = open_view(checkpoint)
+    result = VerifyResult(Path(path), view.layout)
+    _check_integrity(checkpoint, view, result, progress)
+    _check_structure(view, result)
+    with Readers(checkpoint) as readers:
+        _check_numerics(view, readers, result, progress)
+        if source is not None:
+            result.compared = True
+            with Readers(source) as source_readers:
+                _compare(view, readers, source, source_readers, options, result, progress)
+    _check_engines(view, options, result)
+    return result
+
+
+def total_work(path: Path, against: Path | None) -> int:
+    """Bytes the progress bar will count: hashing plus reading (plus the source when comparing)."""
+    checkpoint = open_checkpoint(path)
+    work = 2 * checkpoint.total_bytes
+    if against is not None:
+        work += open_checkpoint(against).total_bytes
+    return work
+
+
+# ---- 1. integrity -----------------------------------------------------------------------------
+
+
+def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: VerifyResult, progress) -> None:
+    """Headers and index were validated on open; here every file is checked against the manifest."""
+    manifest = view.manifest
+    if manifest is None:
+        if (checkpoint.root / MANIFEST_NAME).exists():
+            result.fail("integrity", f"{MANIFEST_NAME} is not readable JSON")
+        progress(checkpoint.total_bytes)
+        return
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        result.fail("integrity", f"{MANIFEST_NAME} has no files map")
+        return
+    for rel, record in sorted(files.items()):
+        target = checkpoint.root / rel
+        if "/" in rel or rel.startswith(".") or not target.is_file():
+            result.fail("integrity", f"file {printable(rel)} listed in the manifest is missing")
+            continue
+        digest = sha256_of(target)
+        if target.suffix == ".safetensors":
+            progress(target.stat().st_size)
+        if not isinstance(record, dict) or record.get("sha256") != digest:
+            result.fail("integrity", f"file {printable(rel)} does not match its sha256 in the manifest")
+
+
+# ---- 2. structure -----------------------------------------------------------------------------
+
+
+def _expects_quantized(name: str, shape: tuple[int, ...]) -> bool:
+    """A high-precision Linear weight an engine would load as FP8 unless the config ignores it."""
+    return name.endswith(".weight") and len(shape) == 2 and default_skip(name) not in ("embedding",)
+
+
+def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
+    if view.config_problem:
+        result.fail("structure", view.config_problem)
+    for qw in view.weights.values():
+        if qw.problem:
+            result.fail("structure", f"{printable(qw.name)} {qw.problem}", qw.name)
+    for scale in view.orphan_scales:
+        result.fail("structure", f"orphan scale {printable(scale)}: no quantized weight uses it", scale)
+    if view.layout == "none":
+        return
+    if view.quant_config is None:
+        result.fail("structure", "quantized tensors but config.json has no quantization_config: engines would misread them")
+        return
+    _check_config_format(view, result)
+    ignored = view.ignored_modules or []
+    matcher = Matcher([p if p.startswith("re:") else p for p in ignored], "ignore")
+    tensors = view.checkpoint.tensors
+    for name, qw in view.weights.items():
+        if matcher.first_match(name):
+            result.fail("structure", f"{printable(name)} is quantized but the quantization_config lists it as ignored", name)
+    for name, info in tensors.items():
+        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape):
+            continue
+        if not matcher.first_match(name) and view.layout != "fp8conv":
+            result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
+                        "an engine would expect it in FP8", name)
+
+
+def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
+    qc = view.quant_config or {}
+    expected = None
+    if view.layout == "compressed-tensors":
+        fmt = qc.get("format")
+        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "naive-quantized": None}.get(fmt, None)
+    elif view.layout == "fine-grained-fp8":
+        expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
+    if expected is None:
+        return
+    for name, qw in view.weights.items():
+        if qw.weight.dtype != expected:
+            result.fail("structure", f"{printable(name)} is {qw.weight.dtype} but quantization_config says {expected}", name)
+
+
+# ---- 3. numerics ------------------------------------------------------------------------------
+
+
+def _bad_codes(codes: np.ndarray, dtype: str) -> int:
+    bits = codes.view(np.uint8)
+    if dtype == "F8_E4M3":
+        return int(np.count_nonzero((bits & 0x7F) == 0x7F))
+    if dtype == "F8_E5M2":
+        return int(np.count_nonzero((bits & 0x7C) == 0x7C))
+    return 0
+
+
+def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult, progress) -> None:
+    """No NaN/Inf codes, scales finite and > 0."""
+    for name, qw in sorted(view.weights.items()):
+        if qw.scale is not None and qw.scheme is not None:
+            scales = scale_grids(readers, qw)
+            bad = int(np.count_nonzero(~np.isfinite(scales) | (scales <= 0)))
+            if bad:
+                result.fail("numerics", f"{printable(qw.scale.name)} has {bad} scales that are NaN, Inf or <= 0", qw.scale.name)
+        bad_codes = 0
+        for _, _, codes in matrix_chunks(readers, qw.weight, 1, CHUNK_BYTES):
+            bad_codes += _bad_codes(codes, qw.weight.dtype)
+            progress(codes.nbytes)
+        if bad_codes:
+            result.fail("numerics", f"{printable(name)} holds {bad_codes} NaN/Inf codes", name)
+    quantized_bytes = sum(qw.weight.nbytes for qw in view.weights.values())
+    progress(view.checkpoint.total_bytes - quantized_bytes)
+
+
+def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_readers: Readers,
+             options: VerifyOptions, result: VerifyResult, progress) -> None:
+    """Dequantize every quantized tensor and compare with the source; all others bit-identical."""
+    out_tensors, src_tensors = view.checkpoint.tensors, source.tensors
+    for name in sorted(src_tensors):
+        if name not in out_tensors:
+            result.fail("numerics", f"{printable(name)} is in the source but missing from the output", name)
+    aux = tuple("." + s for s in SCALE_SUFFIXES + AUX_SUFFIXES)
+    for name in sorted(out_tensors):
+        if name not in src_tensors and not name.endswith(aux):
+            result.fail("numerics", f"{printable(name)} is in the output but not in the source", name)
+    for name in sorted(set(src_tensors) & set(out_tensors)):
+        src, out = src_tensors[name], out_tensors[name]
+        qw = view.weights.get(name)
+        if src.shape != out.shape:
+            result.fail("numerics", f"{printable(name)} has shape {list(out.shape)}, the source {list(src.shape)}", name)
+        elif qw is not None and qw.scheme is not None:
+            _compare_quantized(qw, readers, src, source_readers, options, result)
+        elif qw is None and (src.dtype != out.dtype or not _same_bytes(readers, out, source_readers, src)):
+            result.fail("numerics", f"{printable(name)} is not bit-identical to the source", name)
+        progress(src.nbytes)
+
+
+def _same_bytes(readers: Readers, a, source_readers: Readers, b) -> bool:
+    step = CHUNK_BYTES
+    for start in range(0, a.nbytes, step):
+        n = min(step, a.nbytes - start)
+        if readers.of(a.name).read_bytes(a.start + start, n) != source_readers.of(b.name).read_bytes(b.start + start, n):
+            return False
+    return True
+
+
+def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_readers: Readers, options: VerifyOptions,
+                       result: VerifyResult) -> None:
+    stats = ErrorStats()
+    cols = src.shape[-1]
+    for e, r0, deq in dequantized_chunks(readers, qw, CHUNK_BYTES):
+        rows = deq.shape[0]
+        offset = src.start + (e * src.shape[-2] + r0) * cols * src.np_dtype.itemsize
+        raw = source_readers.of(src.name).read_array(offset, (rows, cols), src.np_dtype, src.name)
+        ref = np.empty((rows, cols), np.float32)
+        load_float32(ref, raw)
+        err = (ref.astype(np.float64) - deq).ravel()
+        stats.elements += err.size
+        stats.sum_sq_ref += float(np.dot(ref.ravel().astype(np.float64), ref.ravel()))
+        stats.sum_sq_err += float(np.dot(err, err))
+        stats.max_abs_err = max(stats.max_abs_err, float(np.abs(err).max(initial=0)))
+    metrics = error_metrics(stats)
+    limit = options.max_rel_error if options.max_rel_error is not None else DEFAULT_MAX_REL_ERROR[qw.scheme.format]
+    result.tensors.append({"name": qw.name, "scheme": qw.scheme.describe(), "limit": limit,
+                           **{k: metrics[k] for k in ("rel_rms_error", "sqnr_db", "max_abs_error")}})
+    if not math.isfinite(metrics["rel_rms_error"]) or metrics["rel_rms_error"] > limit:
+        result.fail("numerics", f"{printable(qw.name)} relative RMS error {metrics['rel_rms_error']:.4g} exceeds {limit:g}", qw.name)
+    result.tensors.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
+
+
+# ---- 4. engines -------------------------------------------------------------------------------
+
+
+def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyResult) -> None:
+    """Constraints vLLM and transformers enforce when loading; findings fail for the engines asked for."""
+
+    def report(engine: str, message: str, tensor: str | None = None) -> None:
+        text = f"{engine}: {message}"
+        if engine in options.engines:
+            result.fail("engines", text, tensor)
+        else:
+            result.warn("engines", text, tensor)
+
+    if view.layout == "fp8conv":
+        result.warn("engines", "layout fp8conv is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
+        return
+    tp = options.tp
+    for name, qw in sorted(view.weights.items()):
+        if qw.scheme is None:
+            continue
+        rows, cols = qw.weight.shape[-2:]
+        module = module_name(name)
+        if COLUMN_PARALLEL.search(module) and rows % tp:
+            report("vllm", f"{printable(name)} output dim {rows} does not split over --tp {tp}", name)
+        if ROW_PARALLEL.search(module) and cols % tp:
+            report("vllm", f"{printable(name)} input dim {cols} does not split over --tp {tp}", name)
+        if qw.scheme.granularity != "block":
+            continue
+        bn, bk = qw.scheme.block_size
+        if tp > 1 and COLUMN_PARALLEL.search(module) and (rows // tp) % bn:
+            report("vllm", f"{printable(name)} output partition {rows // tp} (tp {tp}) is not divisible by block {bn}", name)
+        if tp > 1 and ROW_PARALLEL.search(module) and (cols // tp) % bk:
+            report("vllm", f"{printable(name)} input partition {cols // tp} (tp {tp}) is not divisible by block {bk}", name)
+        if view.layout == "fine-grained-fp8" and (rows % bn or cols % bk):
+            report("transformers", f"{printable(name)} {rows}x{cols} is not divisible by the {bn}x{bk} block: "
+                   "the fine-grained FP8 loader refuses it", name)
+    _check_fused(view, report)
+    if any(qw.scheme is not None and qw.scheme.granularity == "block" and qw.scheme.fmt.is_float for qw in view.weights.values()):
+        result.warn("engines", "vllm: the CPU backend loads block FP8 only with AMX (Sapphire Rapids or newer); GPUs with compute capability >= 8.9 run it natively")
+
+
+def _check_fused(view: CheckpointView, report) -> None:
+    """vLLM fuses q/k/v and gate/up into one layer: all parts must be quantized alike."""
+    tensors = view.checkpoint.tensors
+    for name in sorted(tensors):
+        for group in FUSED:
+            if not name.endswith(f".{group[0]}.weight"):
+                continue
+            prefix = name[: -len(f"{group[0]}.weight")]
+            parts = [prefix + p + ".weight" for p in group if prefix + p + ".weight" in tensors]
+            schemes = {(p in view.weights, view.weights[p].scheme.describe() if p in view.weights and view.weights[p].scheme else None) for p in parts}
+            if len(schemes) > 1:
+                report("vllm", f"fused parts {', '.join(printable(p) for p in parts)} are not quantized alike", name)
