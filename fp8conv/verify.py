@@ -133,9 +133,16 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
 # ---- 2. structure -----------------------------------------------------------------------------
 
 
-def _expects_quantized(name: str, shape: tuple[int, ...]) -> bool:
-    """A high-precision Linear weight an engine would load as FP8 unless the config ignores it."""
-    return name.endswith(".weight") and len(shape) == 2 and default_skip(name) not in ("embedding",)
+def _expects_quantized(name: str, shape: tuple[int, ...], layout: str) -> bool:
+    """A high-precision Linear weight an engine would load as FP8 unless the config ignores it.
+
+    Embeddings are never Linear; fine-grained FP8 loaders also keep lm_head and MoE routers
+    (not plain Linear layers in DeepSeek-style models) in high precision without listing them.
+    """
+    if not name.endswith(".weight") or len(shape) != 2:
+        return False
+    exempt = ("embedding", "lm_head", "MoE router") if layout == "fine-grained-fp8" else ("embedding",)
+    return default_skip(name) not in exempt
 
 
 def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
@@ -159,7 +166,7 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         if matcher.first_match(name):
             result.fail("structure", f"{printable(name)} is quantized but the quantization_config lists it as ignored", name)
     for name, info in tensors.items():
-        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape):
+        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.layout):
             continue
         if not matcher.first_match(name) and view.layout != "fp8conv":
             result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
@@ -232,6 +239,7 @@ def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_
         elif qw is None and (src.dtype != out.dtype or not _same_bytes(readers, out, source_readers, src)):
             result.fail("numerics", f"{printable(name)} is not bit-identical to the source", name)
         progress(src.nbytes)
+    result.tensors.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
 
 
 def _same_bytes(readers: Readers, a, source_readers: Readers, b) -> bool:
@@ -264,7 +272,6 @@ def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_reader
                            **{k: metrics[k] for k in ("rel_rms_error", "sqnr_db", "max_abs_error")}})
     if not math.isfinite(metrics["rel_rms_error"]) or metrics["rel_rms_error"] > limit:
         result.fail("numerics", f"{printable(qw.name)} relative RMS error {metrics['rel_rms_error']:.4g} exceeds {limit:g}", qw.name)
-    result.tensors.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
 
 
 # ---- 4. engines -------------------------------------------------------------------------------
