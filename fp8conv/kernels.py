@@ -137,7 +137,8 @@ def amax_2d(weight: np.ndarray) -> np.float32:
         part = buf[: min(window_rows, rows - r0)]
         load_float32(part, weight[r0 : r0 + window_rows])
         if part.size:
-            amax = max(amax, np.float32(part.max()), np.float32(-part.min()))
+            # np.maximum propagates NaN (Python's max would silently drop it).
+            amax = np.maximum(amax, np.maximum(part.max(), -part.min()))
     return np.float32(amax)
 
 

@@ -156,7 +156,7 @@ def _quantize_job(job: Job) -> ErrorStats:
 def _whole_tensor_scale(job: Job, chunks: Callable, scheme: Scheme) -> np.float32:
     amax = np.float32(0)
     for _, chunk in chunks():
-        amax = max(amax, amax_2d(chunk))
+        amax = np.maximum(amax, amax_2d(chunk))
     if not np.isfinite(amax):
         if not job.allow_nonfinite:
             raise _count_nonfinite(job, chunks)
@@ -164,7 +164,7 @@ def _whole_tensor_scale(job: Job, chunks: Callable, scheme: Scheme) -> np.float3
         for _, chunk in chunks():
             values = chunk.astype(np.float32)
             finite = np.abs(values[np.isfinite(values)])
-            amax = max(amax, np.float32(finite.max(initial=0)))
+            amax = np.maximum(amax, np.float32(finite.max(initial=0)))
     return scale_from_amax(np.array([amax], np.float32), scheme.fmt)[0]
 
 
@@ -234,7 +234,9 @@ def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, Conve
 
 def _run_key(checkpoint: Checkpoint, options: QuantizeOptions) -> str:
     """Identifies a run for --resume: same source headers and sizes, same options."""
-    digest = hashlib.sha256(repr(options).encode())
+    relevant = (options.scheme, options.layout, options.ignore, options.include, options.max_shard_size,
+                options.allow_nonfinite)  # not --workers: output bytes never depend on it
+    digest = hashlib.sha256(repr(relevant).encode())
     for shard in checkpoint.shards:
         stat = shard.path.stat()
         digest.update(f"{shard.path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -333,17 +335,20 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: QuantizeOptions,
-             progress: Callable[[int], None]) -> QuantizeResult:
-    sources = {shard.path.name: shard.path for shard in checkpoint.shards}
+def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOptions, sources: dict[str, Path],
+                    progress: Callable[[int], None]) -> tuple[dict[str, dict], dict[str, list[Job]], int]:
+    """Reuse shards a resumed run finished (sha256-checked); lay out the header of every other one."""
     files: dict[str, dict] = {}
     jobs_by_shard: dict[str, list[Job]] = {}
+    reused = 0
     for shard in plan.shards:
         path = staging.path(shard.name)
-        recorded = staging.finished.get(shard.name)
+        recorded = staging.finished.pop(shard.name, None)
         if recorded and path.is_file() and sha256_of(path) == recorded:
+            staging.finished[shard.name] = recorded
             files[shard.name] = {"sha256": recorded, "bytes": path.stat().st_size}
             progress(sum(plan.tensors[e.name].nbytes for e in shard.entries if e.name in plan.tensors))
+            reused += 1
             continue
         for entry in shard.entries:
             staging.stats.pop(entry.name, None)
@@ -352,6 +357,13 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
             fh.write(header)
             fh.truncate(len(header) + shard.nbytes)
         jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, options, sources)
+    return files, jobs_by_shard, reused
+
+
+def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: QuantizeOptions,
+             progress: Callable[[int], None]) -> QuantizeResult:
+    sources = {shard.path.name: shard.path for shard in checkpoint.shards}
+    files, jobs_by_shard, reused = _prepare_shards(plan, staging, options, sources, progress)
     jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
     job_stats: dict[int, ErrorStats] = {}
     stats: dict[str, ErrorStats] = {name: ErrorStats.from_json(d) for name, d in staging.stats.items()}
@@ -380,7 +392,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     for name, decision in plan.decisions.items():
         if decision.quantized:
             stats.setdefault(name, ErrorStats())
-    notes: list[str] = []
+    notes = [f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else []
     _write_index(plan, staging, files, checkpoint)
     config_updated = _write_config(plan, checkpoint, staging, notes)
     _copy_extras(checkpoint, staging)
