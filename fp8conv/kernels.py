@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
+from . import compiled
 from .errors import InputError, SchemeError
 from .fastcast import cast_clamped_to_fp8, code_to_float_table
 from .formats import QuantFormat
@@ -19,6 +20,7 @@ from .scheme import Scheme
 
 WINDOW_ELEMENTS = 1 << 17
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_COMPILED_SOURCES = (_BF16, np.dtype(np.float32), np.dtype(np.float16))
 
 
 @dataclass
@@ -157,6 +159,10 @@ def quantize_2d(
     fmt = scheme.fmt
     rows, cols = weight.shape
     whole_scale = scheme.granularity == "tensor"
+    if compiled.AVAILABLE and weight.dtype in _COMPILED_SOURCES and weight.size:
+        fast = _quantize_compiled(weight, scheme, tensor_scale)
+        if fast is not None:
+            return fast
     if whole_scale and tensor_scale is None:
         amax = amax_2d(weight)
         if not np.isfinite(amax) and not allow_nonfinite:
@@ -193,6 +199,35 @@ def quantize_2d(
             codes[r0 : r0 + h, c0 : c0 + w] = stripe.codes[:h, :w]
             _accumulate_stats(stats, orig, stripe.codes, scale, tiles, fmt, work)
     return QuantizedTensor(codes, scales, stats)
+
+
+def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None) -> QuantizedTensor | None:
+    """The numba path; None when the weight holds NaN/Inf (the numpy path reports or maps them)."""
+    fmt = scheme.fmt
+    rows, cols = weight.shape
+    if scheme.granularity == "tensor":
+        if tensor_scale is None:
+            amax = amax_2d(weight)
+            if not np.isfinite(amax):
+                return None
+            tensor_scale = scale_from_amax(np.array([amax], np.float32), fmt)[0]
+        tile_rows, tile_cols, grid = 1, cols, (rows, 1)
+    else:
+        tile_rows, tile_cols = scheme.tile(rows, cols)
+        grid = scheme.scale_grid(rows, cols)
+    src = np.ascontiguousarray(weight)
+    src = src.view(np.uint16) if src.dtype == _BF16 else src.astype(np.float32, copy=False)
+    codes = np.empty((rows, cols), fmt.dtype)
+    scales = np.empty(grid, np.float32)
+    stats = np.zeros(5)
+    fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
+    if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
+                               compiled.KIND[fmt.name], codes.view(np.uint8), scales, stats):
+        return None
+    if scheme.granularity == "tensor":
+        scales = scales[:1, :1].copy()
+    return QuantizedTensor(codes, scales, ErrorStats(rows * cols, float(stats[0]), float(stats[1]), float(stats[2]),
+                                                      int(stats[3]), int(stats[4])))
 
 
 def _tile_scales(orig, tiles, fmt, allow_nonfinite, name, weight):

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,8 +271,10 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
     remaining: dict[str, int] = {}
     for shard, _ in jobs:
         remaining[shard] = remaining.get(shard, 0) + 1
-    # Large jobs first keeps all workers busy to the end.
-    order = sorted(range(len(jobs)), key=lambda i: (-jobs[i][1].nbytes, i))
+    # Shard by shard, so finished shards are hashed while the next converts; within a shard,
+    # large jobs first keeps the workers busy to its end.
+    shard_rank = {shard: rank for rank, shard in enumerate(dict.fromkeys(shard for shard, _ in jobs))}
+    order = sorted(range(len(jobs)), key=lambda i: (shard_rank[jobs[i][0]], -jobs[i][1].nbytes, i))
 
     def finished(index: int, result: tuple) -> None:
         on_result(index, result)
@@ -374,21 +377,32 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
             job_stats[index] = partial
         progress(nbytes)
 
-    def on_shard_done(shard: str) -> None:
-        # Merge in job order, never completion order, so float sums (and the report) are deterministic.
-        for index, (job_shard, job) in enumerate(jobs):
-            if job_shard == shard and index in job_stats:
-                stats.setdefault(job.name, ErrorStats()).merge(job_stats.pop(index))
+    def finish_shard(shard: str, shard_stats: dict) -> None:
         path = staging.path(shard)
         digest = sha256_of(path)
         files[shard] = {"sha256": digest, "bytes": path.stat().st_size}
-        shard_stats = {e.name: stats[e.name].to_json() for s in plan.shards if s.name == shard for e in s.entries if e.name in stats}
         staging.mark_finished(shard, digest, shard_stats)
 
-    for shard, shard_jobs in jobs_by_shard.items():
-        if not shard_jobs:
-            on_shard_done(shard)
-    _execute(jobs, options.workers, on_result, on_shard_done)
+    # Hashing and fsync of finished shards run on a thread (both release the GIL) while the
+    # workers convert the next shard; one thread keeps the journal writes in order.
+    with ThreadPoolExecutor(max_workers=1) as finisher:
+        pending = []
+
+        def on_shard_done(shard: str) -> None:
+            # Merge in job order, never completion order, so float sums (and the report) are deterministic.
+            for index, (job_shard, job) in enumerate(jobs):
+                if job_shard == shard and index in job_stats:
+                    stats.setdefault(job.name, ErrorStats()).merge(job_stats.pop(index))
+            names = {e.name for s in plan.shards if s.name == shard for e in s.entries}
+            shard_stats = {name: stats[name].to_json() for name in sorted(names & stats.keys())}
+            pending.append(finisher.submit(finish_shard, shard, shard_stats))
+
+        for shard, shard_jobs in jobs_by_shard.items():
+            if not shard_jobs:
+                on_shard_done(shard)
+        _execute(jobs, options.workers, on_result, on_shard_done)
+        for future in pending:
+            future.result()
     for name, decision in plan.decisions.items():
         if decision.quantized:
             stats.setdefault(name, ErrorStats())

@@ -7,11 +7,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import dequantize_tensor, quantize_tensor
+from contextlib import contextmanager
+
+from fp8conv import compiled, dequantize_tensor, quantize_tensor
 from fp8conv.formats import FORMATS
 from reference import QMAX, reference_quantize
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
+BACKENDS = ["numpy", "numba"]
+
+
+@contextmanager
+def backend(name: str):
+    """Run the kernels on one path: the numba kernel (when installed) or the numpy fallback."""
+    if name == "numba" and not compiled.AVAILABLE:
+        pytest.fail("numba is part of the test extra; install it to test the compiled path")
+    saved = compiled.AVAILABLE
+    compiled.AVAILABLE = name == "numba"
+    try:
+        yield
+    finally:
+        compiled.AVAILABLE = saved
 GRANULARITIES = ["block", "channel", "group", "tensor"]
 
 
@@ -42,19 +58,23 @@ def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128):
     return q
 
 
+@pytest.mark.parametrize("path", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("shape", [(256, 384), (200, 333), (1, 7), (130, 129)])
-def test_matches_reference(fmt, granularity, shape):
-    rng = np.random.default_rng(hash((fmt, granularity, shape)) % 2**32)
-    assert_matches_reference(heavy_tailed(rng, shape), fmt, granularity, block=(128, 128), group=32)
+def test_matches_reference(path, fmt, granularity, shape):
+    rng = np.random.default_rng(abs(hash((fmt, granularity, shape))) % 2**32)
+    with backend(path):
+        assert_matches_reference(heavy_tailed(rng, shape), fmt, granularity, block=(128, 128), group=32)
 
 
+@pytest.mark.parametrize("path", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("src_dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
-def test_source_dtypes(fmt, src_dtype):
+def test_source_dtypes(path, fmt, src_dtype):
     w = heavy_tailed(np.random.default_rng(1), (64, 96), src_dtype)
-    assert_matches_reference(w, fmt, "block", block=(32, 32))
+    with backend(path):
+        assert_matches_reference(w, fmt, "block", block=(32, 32))
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
@@ -75,11 +95,13 @@ def test_values_at_amax_map_to_qmax(fmt):
     assert q.scales[0, 0] == np.float32(np.float32(3.0) / np.float32(QMAX[fmt]))
 
 
+@pytest.mark.parametrize("path", BACKENDS)
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
-def test_subnormal_results(fmt):
+def test_subnormal_results(path, fmt):
     # Values 2^-12 .. 2^-1 of the amax land in the format's subnormal range after scaling.
     w = np.concatenate([[1.0], 2.0 ** -np.arange(1, 24), -(2.0 ** -np.arange(1, 24))]).astype(np.float32)[None, :]
-    assert_matches_reference(w, fmt, "tensor")
+    with backend(path):
+        assert_matches_reference(w, fmt, "tensor")
 
 
 def test_3d_experts_one_grid_per_expert():
@@ -100,9 +122,11 @@ def test_scale_grid_shapes():
     assert quantize_tensor(w, granularity="tensor").scales.shape == (1, 1)
 
 
-def test_error_stats_match_direct_computation():
+@pytest.mark.parametrize("path", BACKENDS)
+def test_error_stats_match_direct_computation(path):
     w = heavy_tailed(np.random.default_rng(3), (150, 260))
-    q = quantize_tensor(w, granularity="block", block_size=64)
+    with backend(path):
+        q = quantize_tensor(w, granularity="block", block_size=64)
     deq = dequantize_tensor(q.codes, q.scales, granularity="block", block_size=64).astype(np.float64)
     err = w.astype(np.float64) - deq
     assert q.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-4)
@@ -122,21 +146,24 @@ def test_error_stats_match_direct_computation():
     group=st.integers(1, 17),
     log_scale=st.integers(-30, 30),
     seed=st.integers(0, 2**16),
+    path=st.sampled_from(BACKENDS),
 )
-def test_property_matches_reference(fmt, granularity, rows, cols, block, group, log_scale, seed):
+def test_property_matches_reference(fmt, granularity, rows, cols, block, group, log_scale, seed, path):
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((rows, cols)) * 2.0 ** log_scale).astype(np.float32)
     w[rng.random((rows, cols)) < 0.1] = 0
-    assert_matches_reference(w, fmt, granularity, block, group)
+    with backend(path):
+        assert_matches_reference(w, fmt, granularity, block, group)
 
 
+@pytest.mark.parametrize("path", BACKENDS)
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
-def test_nonfinite_refused_with_counts(fmt):
+def test_nonfinite_refused_with_counts(path, fmt):
     from fp8conv.errors import InputError
 
     w = np.ones((4, 4), np.float32)
     w[0, 0], w[1, 1], w[2, 2] = np.nan, np.inf, -np.inf
-    with pytest.raises(InputError, match="1 NaN and 2 Inf"):
+    with backend(path), pytest.raises(InputError, match="1 NaN and 2 Inf"):
         quantize_tensor(w, format=fmt)
 
 
