@@ -317,7 +317,7 @@ def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions,
     try:
         with _signals_raise():
             result = _convert(checkpoint, plan, staging, options, progress or (lambda n: None))
-        staging.commit()
+            staging.commit()
         return result
     except KeyboardInterrupt:
         staging.abort()

@@ -250,13 +250,14 @@ def test_source_inside_out_refused(sample, tmp_path):
 # ---- signals and resume (real processes) --------------------------------------------------------
 
 HOOKED_CLI = """
-import os, signal, sys
+import os, signal, sys, time
 from fp8conv import outdir
 sig = getattr(signal, sys.argv[1])
 original = outdir.Staging.mark_finished
 def mark_then_signal(self, *args, **kwargs):
     original(self, *args, **kwargs)
     os.kill(os.getpid(), sig)
+    time.sleep(1)  # journaling runs on a helper thread: hold it so the main thread sees the signal mid-run
 outdir.Staging.mark_finished = mark_then_signal
 from fp8conv.cli import main
 sys.argv = ["fp8conv"] + sys.argv[2:]
