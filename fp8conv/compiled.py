@@ -1,165 +1,25 @@
-"""Optional numba kernel: the numerics of kernels.py fused into a few vectorised loops per row.
+"""Optional numba kernel: the numerics of kernels.py fused into a few loops per row.
 
 Used when numba is installed (the `fast` extra); kernels.py keeps the numpy path as the fallback,
-and takes it for any chunk holding NaN/Inf. FP8 rounding here is integer arithmetic on the
+and takes it for any chunk holding NaN/Inf. FP8 rounding there is integer arithmetic on the
 float32 bit pattern (round to nearest even at 3 or 2 mantissa bits; the subnormal range by rint
 at the format's fixed step). tests/test_kernels.py runs both paths against the float64
 reference, and tests/test_fastcast.py against ml_dtypes, bit for bit.
+
+numba itself is imported on first use (in the worker processes), not at start-up.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
-import numpy as np
-
-AVAILABLE = False
-if not os.environ.get("FP8CONV_NO_NUMBA"):
-    try:
-        from numba import njit
-
-        AVAILABLE = True
-    except ImportError:  # pragma: no cover - numba is optional
-        pass
+AVAILABLE = not os.environ.get("FP8CONV_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 KIND = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
 
-if AVAILABLE:  # pragma: no cover - compiled code is measured by the tests that call it
-    _SIGN = np.uint32(0x80000000)
-    _ABS = np.uint32(0x7FFFFFFF)
-    _NONFINITE = np.uint32(0x7F800000)
 
-    @njit(cache=True, nogil=True)
-    def _load_row(src, r, is_bf16, row, row_bits):
-        cols = row.shape[0]
-        if is_bf16:
-            for c in range(cols):
-                row_bits[c] = np.uint32(src[r, c]) << np.uint32(16)
-        else:
-            for c in range(cols):
-                row[c] = src[r, c]
+def quantize_chunk(*args):
+    """See _numba_kernels.quantize_chunk (the first call loads or compiles the kernel)."""
+    from . import _numba_kernels
 
-    @njit(cache=True, nogil=True)
-    def _band_amax_bits(src, start, stop, is_bf16, tile_cols, amax_bits):
-        """Max of |x| per tile as float32 bit patterns (integer max: vectorises, and NaN/Inf show
-        up as patterns >= 0x7F800000 instead of being dropped as a float max would)."""
-        cols = src.shape[1]
-        amax_bits[:] = 0
-        for r in range(start, stop):
-            for t in range(amax_bits.shape[0]):
-                m = amax_bits[t]
-                for c in range(t * tile_cols, min(cols, (t + 1) * tile_cols)):
-                    if is_bf16:
-                        m = max(m, (np.uint32(src[r, c]) << np.uint32(16)) & _ABS)
-                    else:
-                        m = max(m, src.view(np.uint32)[r, c] & _ABS)
-                amax_bits[t] = m
-
-    @njit(cache=True, nogil=True)
-    def _round_fp8(q, y, codes, mbits, min_normal_bits, sub_step_inv, rebias):
-        """FP8 codes and their float32 values for clamped q, rounding to nearest even."""
-        qb = q.view(np.uint32)
-        yb = y.view(np.uint32)
-        shift = np.uint32(23 - mbits)
-        half = np.uint32((1 << (23 - mbits - 1)) - 1)
-        keep = np.uint32(0x7FFFFFFF & ~((1 << (23 - mbits)) - 1))
-        for c in range(q.shape[0]):
-            b = qb[c]
-            mag = b & _ABS
-            sign = b & _SIGN
-            rounded = (mag + half + ((mag >> shift) & np.uint32(1))) & keep
-            normal_code = ((rounded >> shift) - np.uint32(rebias)) & np.uint32(0x7F)
-            # Below the smallest normal the step is fixed: round |q| / step to an integer.
-            steps = np.rint(abs(q[c]) * sub_step_inv)
-            sub_value = steps / sub_step_inv
-            is_sub = mag < min_normal_bits
-            y[c] = (-sub_value if sign else sub_value) if is_sub else y[c]
-            yb[c] = yb[c] if is_sub else (rounded | sign)
-            code = np.uint32(steps) if is_sub else normal_code
-            codes[c] = np.uint8(code | (sign >> np.uint32(24)))
-
-    @njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
-    def _row_stats(row, y, err, scale_row, tile_cols, qmax_bits, stats):
-        """Error statistics of w' = y * scale (float32 sums per row, reordered: statistics only)."""
-        sum_ref = np.float32(0)
-        sum_err = np.float32(0)
-        flushed = 0
-        cols = row.shape[0]
-        for t in range(scale_row.shape[0]):
-            s = scale_row[t]
-            for c in range(t * tile_cols, min(cols, (t + 1) * tile_cols)):
-                w = row[c]
-                deq = y[c] * s
-                e = w - deq
-                err[c] = e
-                sum_ref += w * w
-                sum_err += e * e
-                flushed += (deq == 0) & (w != 0)
-        err_bits = err.view(np.uint32)
-        y_bits = y.view(np.uint32)
-        max_err = np.uint32(0)
-        saturated = 0
-        for c in range(cols):
-            max_err = max(max_err, err_bits[c] & _ABS)
-            saturated += (y_bits[c] & _ABS) == qmax_bits
-        stats[0] += sum_ref
-        stats[1] += sum_err
-        stats[2] = max(stats[2], np.float64(_bits_to_float(max_err)))
-        stats[3] += saturated
-        stats[4] += flushed
-
-    @njit(cache=True, nogil=True)
-    def _bits_to_float(bits):
-        one = np.empty(1, np.uint32)
-        one[0] = bits
-        return one.view(np.float32)[0]
-
-    @njit(cache=True, nogil=True)
-    def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats):
-        """Quantize src[rows, cols] (bf16 bits as uint16, or float32) into uint8 codes + scale grid.
-
-        fixed_scale > 0 means one given scale (tensor granularity). Returns True when a band holds
-        NaN/Inf: then nothing is valid and the caller takes the numpy path, which reports them.
-        """
-        rows, cols = src.shape
-        n_tiles = scales.shape[1]
-        row = np.empty(cols, np.float32)
-        row_bits = row.view(np.uint32)
-        q = np.empty(cols, np.float32)
-        y = np.empty(cols, np.float32)
-        err = np.empty(cols, np.float32)
-        amax_bits = np.empty(n_tiles, np.uint32)
-        amax = amax_bits.view(np.float32)
-        qmax_bits = _float_bits(qmax)
-        for band in range(0, rows, tile_rows):
-            stop = min(rows, band + tile_rows)
-            grid_row = scales[band // tile_rows]
-            _band_amax_bits(src, band, stop, is_bf16, tile_cols, amax_bits)
-            for t in range(n_tiles):
-                if amax_bits[t] >= _NONFINITE:
-                    return True
-                if fixed_scale > 0:
-                    grid_row[t] = fixed_scale
-                else:
-                    grid_row[t] = amax[t] / qmax if amax_bits[t] else np.float32(1.0)
-            for r in range(band, stop):
-                _load_row(src, r, is_bf16, row, row_bits)
-                for t in range(n_tiles):
-                    s = grid_row[t]
-                    for c in range(t * tile_cols, min(cols, (t + 1) * tile_cols)):
-                        q[c] = min(max(row[c] / s, -qmax), qmax)
-                if kind == 2:
-                    for c in range(cols):
-                        y[c] = np.rint(q[c])
-                        codes[r, c] = np.uint8(np.int32(y[c]) & 0xFF)
-                elif kind == 0:
-                    _round_fp8(q, y, codes[r], 3, np.uint32(0x3C800000), np.float32(512.0), (127 - 7) << 3)
-                else:
-                    _round_fp8(q, y, codes[r], 2, np.uint32(0x38800000), np.float32(65536.0), (127 - 15) << 2)
-                _row_stats(row, y, err, grid_row, tile_cols, qmax_bits, stats)
-        return False
-
-    @njit(cache=True, nogil=True)
-    def _float_bits(value):
-        one = np.empty(1, np.float32)
-        one[0] = value
-        return one.view(np.uint32)[0]
+    return _numba_kernels.quantize_chunk(*args)

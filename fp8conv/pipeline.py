@@ -22,6 +22,7 @@ from .conversion import ConversionPlan, build_plan
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, FP8ConvError, InputError, Interrupted, OutputError
 from .kernels import ErrorStats, NonFiniteError, amax_2d, quantize_2d, scale_from_amax
 from .layouts import get_layout
+from .hashing import PrefixHasher
 from .outdir import Staging
 from .plan import Matcher
 from .report import build_manifest, build_report
@@ -64,6 +65,16 @@ class Job:
     scale_offset: int = 0
     scheme: Scheme | None = None
     allow_nonfinite: bool = False
+
+    def written_ranges(self) -> list[tuple[int, int]]:
+        """The output byte ranges this job writes (codes and scales, or the copied bytes)."""
+        if self.kind == "copy":
+            return [(self.dst_offset, self.dst_offset + self.nbytes)]
+        assert self.scheme is not None
+        grid = self.scheme.scale_grid(self.rows, self.cols)
+        scale_bytes = 4 if self.scheme.granularity == "tensor" else 4 * grid[0] * grid[1]
+        return [(self.dst_offset, self.dst_offset + self.rows * self.cols),
+                (self.scale_offset, self.scale_offset + scale_bytes)]
 
 
 @dataclass
@@ -214,7 +225,7 @@ def _jobs_for_shard(plan: ConversionPlan, shard, offsets: dict[str, int], dst: P
                     scheme=plan.scheme, allow_nonfinite=options.allow_nonfinite,
                 )
             )
-    return jobs
+    return sorted(jobs, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -271,10 +282,9 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
     remaining: dict[str, int] = {}
     for shard, _ in jobs:
         remaining[shard] = remaining.get(shard, 0) + 1
-    # Shard by shard, so finished shards are hashed while the next converts; within a shard,
-    # large jobs first keeps the workers busy to its end.
-    shard_rank = {shard: rank for rank, shard in enumerate(dict.fromkeys(shard for shard, _ in jobs))}
-    order = sorted(range(len(jobs)), key=lambda i: (shard_rank[jobs[i][0]], -jobs[i][1].nbytes, i))
+    # Shard by shard and in file order, so each shard's written prefix grows and is hashed
+    # while later tensors convert.
+    order = list(range(len(jobs)))
 
     def finished(index: int, result: tuple) -> None:
         on_result(index, result)
@@ -339,11 +349,11 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOptions, sources: dict[str, Path],
-                    progress: Callable[[int], None]) -> tuple[dict[str, dict], dict[str, list[Job]], int]:
+                    progress: Callable[[int], None]) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
     """Reuse shards a resumed run finished (sha256-checked); lay out the header of every other one."""
     files: dict[str, dict] = {}
     jobs_by_shard: dict[str, list[Job]] = {}
-    reused = 0
+    hashers: dict[str, PrefixHasher] = {}
     for shard in plan.shards:
         path = staging.path(shard.name)
         recorded = staging.finished.pop(shard.name, None)
@@ -351,7 +361,6 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOpt
             staging.finished[shard.name] = recorded
             files[shard.name] = {"sha256": recorded, "bytes": path.stat().st_size}
             progress(sum(plan.tensors[e.name].nbytes for e in shard.entries if e.name in plan.tensors))
-            reused += 1
             continue
         for entry in shard.entries:
             staging.stats.pop(entry.name, None)
@@ -359,34 +368,39 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOpt
         with open(path, "wb") as fh:
             fh.write(header)
             fh.truncate(len(header) + shard.nbytes)
+        hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes)
+        hashers[shard.name].written(0, len(header))
         jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, options, sources)
-    return files, jobs_by_shard, reused
+    return files, jobs_by_shard, hashers
 
 
 def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: QuantizeOptions,
              progress: Callable[[int], None]) -> QuantizeResult:
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
-    files, jobs_by_shard, reused = _prepare_shards(plan, staging, options, sources, progress)
+    files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress)
+    reused = len(files)
     jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
     job_stats: dict[int, ErrorStats] = {}
     stats: dict[str, ErrorStats] = {name: ErrorStats.from_json(d) for name, d in staging.stats.items()}
 
-    def on_result(index: int, result: tuple) -> None:
-        _, partial, nbytes = result
-        if partial is not None:
-            job_stats[index] = partial
-        progress(nbytes)
-
     def finish_shard(shard: str, shard_stats: dict) -> None:
-        path = staging.path(shard)
-        digest = sha256_of(path)
-        files[shard] = {"sha256": digest, "bytes": path.stat().st_size}
+        digest = hashers[shard].hexdigest()
+        files[shard] = {"sha256": digest, "bytes": hashers[shard].size}
         staging.mark_finished(shard, digest, shard_stats)
 
-    # Hashing and fsync of finished shards run on a thread (both release the GIL) while the
-    # workers convert the next shard; one thread keeps the journal writes in order.
+    # Hashing (of each shard's completed prefix), fsync and journaling run on one helper thread
+    # (they release the GIL) while the workers convert; one thread keeps them in order.
     with ThreadPoolExecutor(max_workers=1) as finisher:
         pending = []
+
+        def on_result(index: int, result: tuple) -> None:
+            _, partial, nbytes = result
+            if partial is not None:
+                job_stats[index] = partial
+            shard, job = jobs[index]
+            for start, end in job.written_ranges():
+                pending.append(finisher.submit(hashers[shard].written, start, end))
+            progress(nbytes)
 
         def on_shard_done(shard: str) -> None:
             # Merge in job order, never completion order, so float sums (and the report) are deterministic.

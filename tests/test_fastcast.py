@@ -76,13 +76,15 @@ def test_compiled_rounding_equals_ml_dtypes(name, params, low_bits):
 
     if not compiled.AVAILABLE:
         pytest.fail("numba is part of the test extra")
+    from fp8conv._numba_kernels import round_fp8
+
     fmt = FORMATS[name]
     values = ((np.arange(1 << 16, dtype=np.uint32) << 16) | low_bits).view(np.float32)
     values = np.clip(values[np.isfinite(values)], -fmt.qmax, fmt.qmax).astype(np.float32)
     codes = np.empty(values.shape, np.uint8)
     decoded = np.empty(values.shape, np.float32)
     mbits, min_normal, step_inv, rebias = params
-    compiled._round_fp8(values.copy(), decoded, codes, mbits, np.uint32(min_normal), np.float32(step_inv), rebias)
+    round_fp8(values.copy(), decoded, codes, mbits, np.uint32(min_normal), np.float32(step_inv), rebias)
     want = reference_cast(values, fmt)
     bad = np.flatnonzero(codes != want)
     assert bad.size == 0, f"{bad.size} differ; first {values[bad[0]]!r}: {codes[bad[0]]} vs {want[bad[0]]}"
