@@ -39,12 +39,17 @@ class PrefixHasher:
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
+        start = self.position
         while self.position < end:
             data = os.pread(self._fd, min(READ_BYTES, end - self.position), self.position)
             if not data:
                 raise OSError(f"{self.path} is shorter than expected")
             self._digest.update(data)
             self.position += len(data)
+        # Start writing the hashed range back to disk now (Linux starts writeback of dirty pages
+        # on DONTNEED), so the fsync before the final rename has little left to wait for, and
+        # the page cache does not fill up with output during a long conversion.
+        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def hexdigest(self) -> str:
         """The file's sha256; every byte must have been reported written."""

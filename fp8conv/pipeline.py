@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_NAME, Checkpoint, open_checkpoint
+from . import compiled
 from .conversion import ConversionPlan, build_plan
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, FP8ConvError, InputError, Interrupted, OutputError
 from .kernels import ErrorStats, NonFiniteError, amax_2d, quantize_2d, scale_from_amax
@@ -274,6 +275,7 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _readers.clear()
     _writers.clear()
+    compiled.preload(skip_scipy=True)
 
 
 def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int, tuple], None],
