@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_SIGINT, FP8ConvError
-from .formats import FORMATS
+from .formats import FORMATS, HIGH_PRECISION
 from .layouts import LAYOUTS
 from .plan import DEFAULT_SKIPS
 from .scheme import GRANULARITIES, MAX_TILE, Scheme, parse_block_size
@@ -97,6 +97,24 @@ def scheme_options(func):
     return func
 
 
+def run_options(func):
+    """--workers/--max-shard-size/--overwrite/--resume/--dry-run/--json/--quiet, shared by the converting commands."""
+    options = [
+        click.option("--workers", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default="CPU count",
+                     help="Worker processes; the output bytes do not depend on it."),
+        click.option("--max-shard-size", default=None, metavar="SIZE",
+                     help="Re-shard the output (e.g. 5GB); default keeps the source's shards."),
+        click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (or the leftovers of an interrupted run)."),
+        click.option("--resume", is_flag=True, help="Reuse the shards an interrupted run finished (sha256-checked)."),
+        click.option("--dry-run", is_flag=True, help="Print each tensor's decision and sizes; write nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -> Scheme:
     from .errors import SchemeError
 
@@ -118,20 +136,18 @@ def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -
                    "name (name without .weight); 're:REGEX' must match the whole name too. Repeatable.")
 @click.option("--include", multiple=True, metavar="PATTERN",
               help=f"Quantize tensors skipped by default that match (same syntax). Skipped by default: {SKIP_HELP}.")
-@click.option("--workers", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default="CPU count",
-              help="Worker processes; the output bytes do not depend on it.")
-@click.option("--max-shard-size", default=None, metavar="SIZE", help="Re-shard the output (e.g. 5GB); default keeps the source's shards.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (or the leftovers of an interrupted run).")
-@click.option("--resume", is_flag=True, help="Reuse the shards an interrupted run finished (sha256-checked).")
 @click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
-@click.option("--dry-run", is_flag=True, help="Print each tensor's decision and sizes; write nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@run_options
 @handle_errors
-def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore, include, workers, max_shard_size,
-             overwrite, resume, allow_nonfinite, dry_run, as_json, quiet) -> None:
-    """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT."""
-    from . import pipeline, render
+def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore, include, allow_nonfinite, workers,
+             max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
+    """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
+
+    \b
+    SRC may itself be quantized (compressed-tensors, fine-grained FP8, fp8conv): its weights are
+    dequantized in float32 and re-quantized, or carried over unchanged when the scheme is the same.
+    """
+    from . import pipeline
 
     options = pipeline.QuantizeOptions(
         scheme=build_scheme(fmt, granularity, block_size, group_size), layout=layout, ignore=ignore, include=include,
@@ -139,19 +155,44 @@ def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore,
         allow_nonfinite=allow_nonfinite,
     )
     checkpoint, plan = pipeline.make_plan(src, options)
+    if layout == "fp8conv":
+        plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
+    run = pipeline.RunOptions(workers, overwrite, resume, allow_nonfinite)
+    _run(checkpoint, plan, src, out, run, dry_run, as_json, quiet, "quantize")
+
+
+def _run(checkpoint, plan, src: Path, out: Path, run, dry_run: bool, as_json: bool, quiet: bool, verb: str) -> None:
+    """Shared tail of quantize and dequantize: warnings, dry run or the run, then the report."""
+    from . import pipeline, render
+    from .outdir import Staging
+
     for warning in plan.warnings:
         click.echo(f"fp8conv: warning: {warning}", err=True)
-    if layout == "fp8conv":
-        click.echo("fp8conv: warning: --layout fp8conv is fp8conv's own layout: no inference engine loads it", err=True)
     if dry_run:
+        Staging(out, src, run.overwrite, run.resume, "").check()
         click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()}}, indent=2) if as_json
                    else render.dry_run_plan(plan))
         return
-    with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, "quantize") as bar:
-        result = pipeline.quantize_checkpoint(src, out, options, progress=bar.update)
+    with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, verb) as bar:
+        result = pipeline.run_plan(checkpoint, plan, src, out, run, progress=bar.update)
     for note in result.notes:
         click.echo(f"fp8conv: warning: {note}", err=True)
-    click.echo(json.dumps(result.report, indent=2) if as_json else render.quantize_report(result.report, str(src), str(out)))
+    click.echo(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@click.option("--dtype", type=click.Choice(list(HIGH_PRECISION)), default="bf16", show_default=True,
+              help="Output dtype: w = q * scale is computed in float32, then rounded to nearest even.")
+@run_options
+@handle_errors
+def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
+    """Turn an FP8/INT8 checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
+    from . import pipeline
+
+    checkpoint, plan = pipeline.make_dequantize_plan(src, HIGH_PRECISION[dtype], parse_size(max_shard_size))
+    _run(checkpoint, plan, src, out, pipeline.RunOptions(workers, overwrite, resume), dry_run, as_json, quiet, "dequantize")
 
 
 if __name__ == "__main__":  # pragma: no cover

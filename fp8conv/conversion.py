@@ -1,12 +1,14 @@
 """The whole conversion decided before the first byte is written: decisions, output shards, warnings."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .checkpoint import Checkpoint
 from .errors import InputError
 from .layouts import Layout, unquantized_linear_modules
-from .plan import Decision, Matcher, plan_tensors
+from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide
+from .quantized import AUX_SUFFIXES, SCALE_SUFFIXES, CheckpointView, QuantizedWeight, open_view
 from .safetensors_io import OutEntry, TensorInfo, printable
 from .scheme import Scheme
 
@@ -23,38 +25,58 @@ class OutShard:
 
 @dataclass
 class ConversionPlan:
-    scheme: Scheme
-    layout: Layout
+    """For `quantize`, scheme and layout are set; for `dequantize`, out_dtype (and layout is None)."""
+
+    scheme: Scheme | None
+    layout: Layout | None
     tensors: dict[str, TensorInfo]
     decisions: dict[str, Decision]
     source_shard: dict[str, str]
     shards: list[OutShard]
     scale_of: dict[str, str]
+    source_quant: dict[str, QuantizedWeight]
     warnings: list[str]
     unquantized_modules: list[str]
+    out_dtype: str | None = None
 
     @property
     def shard_of_output(self) -> dict[str, str]:
         return {e.name: shard.name for shard in self.shards for e in shard.entries}
 
+    def output_dtype(self, name: str) -> str | None:
+        action = self.decisions[name].action
+        if action == DROP:
+            return None
+        if self.decisions[name].quantized:
+            assert self.scheme is not None
+            return self.scheme.fmt.safetensors_tag
+        if action == DEQUANTIZE:
+            return self.out_dtype or "BF16"
+        return self.tensors[name].dtype
 
-def _outputs_of(info: TensorInfo, decision: Decision, scheme: Scheme, layout: Layout) -> list[OutEntry]:
-    if not decision.quantized:
-        return [OutEntry(info.name, info.dtype, info.shape)]
-    scale = OutEntry(layout.scale_name(info.name), "F32", layout.scale_shape(scheme, info.shape))
-    return [OutEntry(info.name, scheme.fmt.safetensors_tag, info.shape), scale]
 
-
-def _engine_warnings(plan_items: list[tuple[TensorInfo, Decision]], scheme: Scheme, layout: Layout) -> list[str]:
-    """transformers refuses fine-grained FP8 weights whose dims do not divide the block (vLLM pads them)."""
-    if layout.name != "fp8-native":
+def _outputs_of(plan: ConversionPlan, info: TensorInfo) -> list[OutEntry]:
+    decision = plan.decisions[info.name]
+    if decision.action == DROP:
         return []
-    bn, bk = scheme.block_size
+    entry = OutEntry(info.name, plan.output_dtype(info.name), info.shape)
+    if not decision.quantized:
+        return [entry]
+    assert plan.scheme is not None and plan.layout is not None
+    scale = OutEntry(plan.scale_of[info.name], "F32", plan.layout.scale_shape(plan.scheme, info.shape))
+    return [entry, scale]
+
+
+def _engine_warnings(plan: ConversionPlan) -> list[str]:
+    """transformers refuses fine-grained FP8 weights whose dims do not divide the block (vLLM pads them)."""
+    if plan.layout is None or plan.layout.name != "fp8-native" or plan.scheme is None:
+        return []
+    bn, bk = plan.scheme.block_size
     return [
-        f"{printable(info.name)} {info.shape[-2]}x{info.shape[-1]} is not divisible by the {bn}x{bk} block: "
+        f"{printable(name)} {info.shape[-2]}x{info.shape[-1]} is not divisible by the {bn}x{bk} block: "
         "transformers' fine-grained FP8 loader refuses it (vLLM pads and loads it)"
-        for info, decision in plan_items
-        if decision.quantized and (info.shape[-2] % bn or info.shape[-1] % bk)
+        for name, info in plan.tensors.items()
+        if plan.decisions[name].quantized and (info.shape[-2] % bn or info.shape[-1] % bk)
     ]
 
 
@@ -77,6 +99,59 @@ def _pack(groups: list[tuple[str, list[OutEntry]]], max_shard_size: int | None) 
     return packed
 
 
+def _quantized_source(view: CheckpointView) -> tuple[dict[str, QuantizedWeight], set[str]]:
+    """The source's quantized weights (refusing any it cannot read) and the tensors that go with them."""
+    for name, qw in sorted(view.weights.items()):
+        if qw.problem:
+            raise InputError(f"{view.checkpoint.root}: quantized weight {printable(name)} {qw.problem}")
+    if view.orphan_scales:
+        raise InputError(f"{view.checkpoint.root}: scale {printable(view.orphan_scales[0])} belongs to no quantized weight")
+    tensors = view.checkpoint.tensors
+    companions = {
+        name[: -len("weight")] + suffix
+        for name in view.weights
+        for suffix in SCALE_SUFFIXES + AUX_SUFFIXES
+        if name[: -len("weight")] + suffix in tensors
+    }
+    return dict(view.weights), companions
+
+
+def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
+    """Same format, granularity and tile, float32 scales of the same size: keep the bytes."""
+    assert qw.scheme is not None and qw.scale is not None
+    return (
+        qw.scheme.describe() == scheme.describe()
+        and qw.scale.dtype == "F32"
+        and qw.scale.numel == math.prod(layout.scale_shape(scheme, qw.weight.shape))
+    )
+
+
+def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions: set[str], scheme: Scheme,
+                     layout: Layout, ignore: Matcher, include: Matcher) -> Decision:
+    if name in companions:
+        return Decision(name, DROP, "scale or activation parameter of a quantized source weight (replaced)")
+    qw = source_quant.get(name)
+    if qw is None:
+        return decide(info, ignore, include)
+    assert qw.scheme is not None
+    pattern = ignore.first_match(name)
+    if pattern is not None:
+        return Decision(name, DEQUANTIZE, f"quantized in the source, matched --ignore {pattern}: dequantized to BF16")
+    if _can_carry(qw, scheme, layout):
+        return Decision(name, CARRY, f"already {qw.scheme.describe()} in the source: codes and scales carried over unchanged")
+    return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
+
+
+def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | None) -> ConversionPlan:
+    groups = []
+    for shard in checkpoint.shards:
+        for name in sorted(shard.tensors):
+            groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
+    plan.shards = _pack(groups, max_shard_size)
+    plan.warnings = _engine_warnings(plan)
+    return plan
+
+
 def build_plan(
     checkpoint: Checkpoint,
     scheme: Scheme,
@@ -85,32 +160,50 @@ def build_plan(
     include: Matcher,
     max_shard_size: int | None = None,
 ) -> ConversionPlan:
-    """Decide every tensor and every output byte range; raises before anything is written."""
+    """Decide every tensor and every output byte range for `quantize`; raises before anything is written."""
     layout.check(scheme)
     tensors = checkpoint.tensors
-    decisions = plan_tensors(tensors, ignore, include)
-    source_shard = {name: path.name for name, path in checkpoint.shard_of().items()}
+    source_quant, companions = _quantized_source(open_view(checkpoint))
+    decisions = {
+        name: _decide_quantize(name, info, source_quant, companions, scheme, layout, ignore, include)
+        for name, info in tensors.items()
+    }
     scale_of = {name: layout.scale_name(name) for name, d in decisions.items() if d.quantized}
     for weight, scale in scale_of.items():
-        if scale in tensors:
+        if scale in tensors and decisions[scale].action != DROP:
             raise InputError(
                 f"tensor {printable(scale)} already exists in the source, so {printable(weight)} looks quantized already"
             )
-    groups = []
-    items = []
-    for shard in checkpoint.shards:
-        for name in sorted(shard.tensors):
-            info = shard.tensors[name]
-            items.append((info, decisions[name]))
-            groups.append((shard.path.name, _outputs_of(info, decisions[name], scheme, layout)))
-    return ConversionPlan(
-        scheme=scheme,
-        layout=layout,
-        tensors=tensors,
-        decisions=decisions,
-        source_shard=source_shard,
-        shards=_pack(groups, max_shard_size),
-        scale_of=scale_of,
-        warnings=_engine_warnings(items, scheme, layout),
-        unquantized_modules=unquantized_linear_modules(decisions, tensors),
+    plan = ConversionPlan(
+        scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
+        source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
+        shards=[], scale_of=scale_of, source_quant=source_quant, warnings=[],
+        unquantized_modules=unquantized_linear_modules(
+            {n: d for n, d in decisions.items() if d.action != DROP}, tensors),
     )
+    return _finish(checkpoint, plan, max_shard_size)
+
+
+def build_dequantize_plan(checkpoint: Checkpoint, out_dtype: str, max_shard_size: int | None = None) -> ConversionPlan:
+    """Every quantized weight back to `out_dtype` (w = q * scale in float32), scales dropped."""
+    view = open_view(checkpoint)
+    source_quant, companions = _quantized_source(view)
+    if not source_quant:
+        raise InputError(f"{checkpoint.root}: holds no quantized weights (FP8/INT8 tensors with scales); nothing to dequantize")
+    decisions = {}
+    for name, info in checkpoint.tensors.items():
+        if name in companions:
+            decisions[name] = Decision(name, DROP, "scale or activation parameter (removed)")
+        elif name in source_quant:
+            qw = source_quant[name]
+            assert qw.scheme is not None
+            decisions[name] = Decision(name, DEQUANTIZE, f"{qw.scheme.describe()}: w = q * scale in float32, rounded to {out_dtype}")
+        else:
+            decisions[name] = Decision(name, COPY, "not quantized; copied byte-for-byte")
+    plan = ConversionPlan(
+        scheme=None, layout=None, tensors=checkpoint.tensors, decisions=decisions,
+        source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
+        shards=[], scale_of={}, source_quant=source_quant, warnings=[], unquantized_modules=[], out_dtype=out_dtype,
+    )
+    return _finish(checkpoint, plan, max_shard_size)
+

@@ -317,6 +317,18 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
     return out
 
 
+def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """float32 of a row chunk of codes, given the scale-grid rows that cover it (whole tiles).
+
+    For tensor granularity the grid is the single scale, whatever the chunk.
+    """
+    if scheme.granularity == "tensor":
+        # Every row has the same scale: one scale per row is the same arithmetic.
+        per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)
+        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel"))
+    return dequantize_2d(codes, grid_rows, scheme)
+
+
 def _per_expert(shape: tuple[int, ...]) -> bool:
     if len(shape) not in (2, 3):
         raise SchemeError(f"only 2-D weights and 3-D stacked experts are quantized, got shape {shape}")

@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -15,23 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
-from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from . import compiled
-from .conversion import ConversionPlan, build_plan
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, FP8ConvError, InputError, Interrupted, OutputError
-from .kernels import ErrorStats, NonFiniteError, amax_2d, quantize_2d, scale_from_amax
-from .layouts import get_layout
+from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_NAME, Checkpoint, open_checkpoint
+from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError
+from .formats import SAFETENSORS_DTYPES
 from .hashing import PrefixHasher
-from .outdir import Staging
-from .plan import Matcher
+from .jobs import Job, Source, close_handles, forget_handles, run_job
+from .kernels import ErrorStats
+from .layouts import get_layout
+from .outdir import JOURNAL_NAME, Staging
+from .plan import CARRY, COPY, DEQUANTIZE, Matcher
 from .report import build_manifest, build_report
-from .safetensors_io import SAFETENSORS_DTYPES, TensorReader, build_header, printable, sha256_of, write_at
+from .safetensors_io import TensorInfo, build_header, sha256_of
 from .scheme import Scheme
 
-CHUNK_BYTES = 32 << 20
-COPY_BYTES = 16 << 20
+Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -50,36 +48,17 @@ class QuantizeOptions:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One unit of work: copy a byte range, or quantize the rows of one 2-D matrix."""
+class RunOptions:
+    """How to run a plan: parallelism and what to do with an existing output."""
 
-    kind: str
-    name: str
-    src_path: str
-    dst_path: str
-    src_offset: int
-    dst_offset: int
-    nbytes: int
-    rows: int = 0
-    cols: int = 0
-    src_dtype: str = ""
-    scale_offset: int = 0
-    scheme: Scheme | None = None
+    workers: int = 1
+    overwrite: bool = False
+    resume: bool = False
     allow_nonfinite: bool = False
-
-    def written_ranges(self) -> list[tuple[int, int]]:
-        """The output byte ranges this job writes (codes and scales, or the copied bytes)."""
-        if self.kind == "copy":
-            return [(self.dst_offset, self.dst_offset + self.nbytes)]
-        assert self.scheme is not None
-        grid = self.scheme.scale_grid(self.rows, self.cols)
-        scale_bytes = 4 if self.scheme.granularity == "tensor" else 4 * grid[0] * grid[1]
-        return [(self.dst_offset, self.dst_offset + self.rows * self.cols),
-                (self.scale_offset, self.scale_offset + scale_bytes)]
 
 
 @dataclass
-class QuantizeResult:
+class ConversionResult:
     plan: ConversionPlan
     report: dict
     out: Path
@@ -87,149 +66,10 @@ class QuantizeResult:
     notes: list[str]
 
 
-# ---- jobs (run in worker processes or inline) -------------------------------------------------
-
-_readers: dict[str, TensorReader] = {}
-_writers: dict[str, int] = {}
+QuantizeResult = ConversionResult  # the name the first releases used
 
 
-def _reader(path: str) -> TensorReader:
-    if path not in _readers:
-        _readers[path] = TensorReader(Path(path))
-    return _readers[path]
-
-
-def _writer(path: str) -> int:
-    if path not in _writers:
-        _writers[path] = os.open(path, os.O_WRONLY)
-    return _writers[path]
-
-
-def _close_handles() -> None:
-    for reader in _readers.values():
-        reader.close()
-    for fd in _writers.values():
-        os.close(fd)
-    _readers.clear()
-    _writers.clear()
-
-
-def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
-    """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
-    if job.kind == "copy":
-        _copy_job(job)
-        return job.name, None, job.nbytes
-    return job.name, _quantize_job(job), job.nbytes
-
-
-def _copy_job(job: Job) -> None:
-    reader, fd = _reader(job.src_path), _writer(job.dst_path)
-    buffer = np.empty(min(job.nbytes, COPY_BYTES), np.uint8)
-    for start in range(0, job.nbytes, COPY_BYTES):
-        part = buffer[: min(COPY_BYTES, job.nbytes - start)]
-        reader.read_into(job.src_offset + start, part, job.name)
-        write_at(fd, job.dst_offset + start, part)
-
-
-def _quantize_job(job: Job) -> ErrorStats:
-    scheme = job.scheme
-    assert scheme is not None
-    reader, fd = _reader(job.src_path), _writer(job.dst_path)
-    dtype = SAFETENSORS_DTYPES[job.src_dtype]
-    tile_rows, _ = scheme.tile(job.rows, job.cols)
-    whole = scheme.granularity == "tensor"
-    row_bytes = job.cols * dtype.itemsize
-    chunk_rows = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    if not whole:
-        chunk_rows = max(tile_rows, chunk_rows // tile_rows * tile_rows)
-    grid_cols = scheme.scale_grid(job.rows, job.cols)[1]
-
-    def chunks() -> Iterator[tuple[int, np.ndarray]]:
-        for r0 in range(0, job.rows, chunk_rows):
-            rows = min(chunk_rows, job.rows - r0)
-            yield r0, reader.read_array(job.src_offset + r0 * row_bytes, (rows, job.cols), dtype, job.name)
-
-    tensor_scale = None
-    if whole:
-        tensor_scale = _whole_tensor_scale(job, chunks, scheme)
-        write_at(fd, job.scale_offset, np.array([tensor_scale], np.float32))
-    stats = ErrorStats()
-    try:
-        for r0, chunk in chunks():
-            q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name)
-            write_at(fd, job.dst_offset + r0 * job.cols, q.codes)
-            if not whole:
-                write_at(fd, job.scale_offset + (r0 // tile_rows) * grid_cols * 4, q.scales)
-            stats.merge(q.stats)
-    except NonFiniteError:
-        raise _count_nonfinite(job, chunks) from None
-    return stats
-
-
-def _whole_tensor_scale(job: Job, chunks: Callable, scheme: Scheme) -> np.float32:
-    amax = np.float32(0)
-    for _, chunk in chunks():
-        amax = np.maximum(amax, amax_2d(chunk))
-    if not np.isfinite(amax):
-        if not job.allow_nonfinite:
-            raise _count_nonfinite(job, chunks)
-        amax = np.float32(0)
-        for _, chunk in chunks():
-            values = chunk.astype(np.float32)
-            finite = np.abs(values[np.isfinite(values)])
-            amax = np.maximum(amax, np.float32(finite.max(initial=0)))
-    return scale_from_amax(np.array([amax], np.float32), scheme.fmt)[0]
-
-
-def _count_nonfinite(job: Job, chunks: Callable) -> InputError:
-    nan = inf = 0
-    for _, chunk in chunks():
-        values = chunk.astype(np.float32)
-        nan += int(np.isnan(values).sum())
-        inf += int(np.isinf(values).sum())
-    return InputError(
-        f"tensor {printable(job.name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
-        "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
-    )
-
-
-# ---- planning jobs ------------------------------------------------------------------------------
-
-
-def _jobs_for_shard(plan: ConversionPlan, shard, offsets: dict[str, int], dst: Path, options: QuantizeOptions,
-                    sources: dict[str, Path]) -> list[Job]:
-    """Copy jobs for kept tensors; one quantize job per 2-D matrix (per expert for 3-D)."""
-    jobs = []
-    for entry in shard.entries:
-        decision = plan.decisions.get(entry.name)
-        if decision is None:
-            continue  # a scale tensor: written by its weight's jobs
-        info = plan.tensors[entry.name]
-        src = str(sources[plan.source_shard[entry.name]])
-        if not decision.quantized:
-            jobs.append(Job("copy", entry.name, src, str(dst), info.start, offsets[entry.name], info.nbytes))
-            continue
-        *lead, rows, cols = info.shape
-        experts = math.prod(lead)
-        grid = plan.scheme.scale_grid(rows, cols)
-        scale_per_matrix = 1 if plan.scheme.granularity == "tensor" else grid[0] * grid[1]
-        itemsize = info.np_dtype.itemsize
-        for e in range(experts):
-            jobs.append(
-                Job(
-                    "quantize", entry.name, src, str(dst),
-                    src_offset=info.start + e * rows * cols * itemsize,
-                    dst_offset=offsets[entry.name] + e * rows * cols,
-                    nbytes=rows * cols * itemsize,
-                    rows=rows, cols=cols, src_dtype=info.dtype,
-                    scale_offset=offsets[plan.scale_of[entry.name]] + e * scale_per_matrix * 4,
-                    scheme=plan.scheme, allow_nonfinite=options.allow_nonfinite,
-                )
-            )
-    return sorted(jobs, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
-
-
-# ---- running ------------------------------------------------------------------------------------
+# ---- planning -----------------------------------------------------------------------------------
 
 
 def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, ConversionPlan]:
@@ -245,15 +85,81 @@ def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, Conve
     return checkpoint, plan
 
 
-def _run_key(checkpoint: Checkpoint, options: QuantizeOptions) -> str:
-    """Identifies a run for --resume: same source headers and sizes, same options."""
-    relevant = (options.scheme, options.layout, options.ignore, options.include, options.max_shard_size,
-                options.allow_nonfinite)  # not --workers: output bytes never depend on it
-    digest = hashlib.sha256(repr(relevant).encode())
+def make_dequantize_plan(source: Path, out_dtype: str, max_shard_size: int | None = None) -> tuple[Checkpoint, ConversionPlan]:
+    checkpoint = open_checkpoint(source)
+    return checkpoint, build_dequantize_plan(checkpoint, out_dtype, max_shard_size)
+
+
+def _source_of(plan: ConversionPlan, info: TensorInfo, sources: dict[str, Path], matrix: int) -> Source:
+    """Where matrix `matrix` of a tensor is stored (codes + scale grid when quantized in the source)."""
+    *_, rows, cols = info.shape
+    path = str(sources[plan.source_shard[info.name]])
+    qw = plan.source_quant.get(info.name)
+    offset = info.start + matrix * rows * cols * info.np_dtype.itemsize
+    if qw is None:
+        return Source(path, offset, info.dtype)
+    assert qw.scheme is not None and qw.scale is not None
+    per_matrix = 1 if qw.scheme.granularity == "tensor" else math.prod(qw.scheme.scale_grid(rows, cols))
+    scale_offset = qw.scale.start + matrix * per_matrix * qw.scale.np_dtype.itemsize
+    return Source(path, offset, info.dtype, qw.scheme, str(sources[plan.source_shard[qw.scale.name]]),
+                  scale_offset, qw.scale.dtype)
+
+
+def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, int], dst: Path,
+                    sources: dict[str, Path], allow_nonfinite: bool) -> list[Job]:
+    """Byte copies for kept tensors and carried codes; one job per 2-D matrix (per expert for 3-D)."""
+    jobs = []
+    for entry in shard.entries:
+        decision = plan.decisions.get(entry.name)
+        if decision is None:
+            continue  # a scale tensor: written by its weight's jobs
+        info = plan.tensors[entry.name]
+        action = decision.action
+        if action in (COPY, CARRY):
+            source = Source(str(sources[plan.source_shard[entry.name]]), info.start, info.dtype)
+            jobs.append(Job("copy", entry.name, source, str(dst), offsets[entry.name], info.nbytes))
+        if action == CARRY:
+            scale = plan.source_quant[entry.name].scale
+            assert scale is not None
+            jobs.append(Job("copy", scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
+                            str(dst), offsets[plan.scale_of[entry.name]], scale.nbytes))
+        if action in (COPY, CARRY):
+            continue
+        *lead, rows, cols = info.shape
+        for e in range(math.prod(lead)):
+            source = _source_of(plan, info, sources, e)
+            if action == DEQUANTIZE:
+                out_size = SAFETENSORS_DTYPES[plan.output_dtype(entry.name)].itemsize
+                jobs.append(Job("dequantize", entry.name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
+                                rows * cols * info.np_dtype.itemsize, rows, cols, out_dtype=plan.output_dtype(entry.name)))
+                continue
+            assert plan.scheme is not None
+            grid = plan.scheme.scale_grid(rows, cols)
+            per_matrix = 1 if plan.scheme.granularity == "tensor" else grid[0] * grid[1]
+            jobs.append(Job("quantize", entry.name, source, str(dst), offsets[entry.name] + e * rows * cols,
+                            rows * cols * info.np_dtype.itemsize, rows, cols, scheme=plan.scheme,
+                            scale_offset=offsets[plan.scale_of[entry.name]] + e * per_matrix * 4,
+                            allow_nonfinite=allow_nonfinite))
+    return sorted(jobs, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
+
+
+def _run_key(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> str:
+    """Identifies a run for --resume: same source files, same decisions and output layout.
+
+    Not --workers: the output bytes never depend on it."""
+    digest = hashlib.sha256()
     for shard in checkpoint.shards:
         stat = shard.path.stat()
         digest.update(f"{shard.path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    layout = plan.layout.name if plan.layout else None
+    described = [repr(plan.scheme), layout, plan.out_dtype, options.allow_nonfinite,
+                 sorted((n, d.action) for n, d in plan.decisions.items()),
+                 [(s.name, [(e.name, e.dtype, e.shape) for e in s.entries]) for s in plan.shards]]
+    digest.update(repr(described).encode())
     return digest.hexdigest()
+
+
+# ---- running ------------------------------------------------------------------------------------
 
 
 @contextmanager
@@ -273,20 +179,17 @@ def _signals_raise() -> Iterator[None]:
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _readers.clear()
-    _writers.clear()
+    forget_handles()
     compiled.preload(skip_scipy=True)
 
 
 def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int, tuple], None],
              on_shard_done: Callable[[str], None]) -> None:
-    """Run every job (inline or in a fork pool); call back per result and when a shard is complete."""
+    """Run every job (inline or in a fork pool), in file order shard by shard, so each shard's
+    written prefix grows and is hashed while later tensors convert."""
     remaining: dict[str, int] = {}
     for shard, _ in jobs:
         remaining[shard] = remaining.get(shard, 0) + 1
-    # Shard by shard and in file order, so each shard's written prefix grows and is hashed
-    # while later tensors convert.
-    order = list(range(len(jobs)))
 
     def finished(index: int, result: tuple) -> None:
         on_result(index, result)
@@ -297,15 +200,14 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
 
     if workers <= 1 or len(jobs) <= 1:
         try:
-            for i in order:
-                finished(i, run_job(jobs[i][1]))
+            for i, (_, job) in enumerate(jobs):
+                finished(i, run_job(job))
         finally:
-            _close_handles()
+            close_handles()
         return
-    ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(workers, initializer=_worker_init)
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
     try:
-        for i, result in pool.imap_unordered(_indexed_job, [(i, jobs[i][1]) for i in order], chunksize=1):
+        for i, result in pool.imap_unordered(_indexed_job, list(enumerate(job for _, job in jobs)), chunksize=1):
             finished(i, result)
         pool.close()
     except BaseException:
@@ -320,11 +222,17 @@ def _indexed_job(item: tuple[int, Job]) -> tuple[int, tuple]:
     return index, run_job(job)
 
 
-def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions,
-                        progress: Callable[[int], None] | None = None) -> QuantizeResult:
+def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions, progress: Progress | None = None) -> ConversionResult:
     """Convert SRC into OUT atomically; raises FP8ConvError subclasses with one-line messages."""
     checkpoint, plan = make_plan(source, options)
-    staging = Staging(out, source, options.overwrite, options.resume, _run_key(checkpoint, options))
+    run = RunOptions(options.workers, options.overwrite, options.resume, options.allow_nonfinite)
+    return run_plan(checkpoint, plan, source, out, run, progress)
+
+
+def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,
+             progress: Progress | None = None) -> ConversionResult:
+    """Write the plan's output atomically: either no OUT, or a complete one."""
+    staging = Staging(out, source, options.overwrite, options.resume, _run_key(checkpoint, plan, options))
     staging.prepare()
     try:
         with _signals_raise():
@@ -350,8 +258,8 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOptions, sources: dict[str, Path],
-                    progress: Callable[[int], None]) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
+def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions, sources: dict[str, Path],
+                    progress: Progress) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
     """Reuse shards a resumed run finished (sha256-checked); lay out the header of every other one."""
     files: dict[str, dict] = {}
     jobs_by_shard: dict[str, list[Job]] = {}
@@ -372,12 +280,12 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: QuantizeOpt
             fh.truncate(len(header) + shard.nbytes)
         hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes)
         hashers[shard.name].written(0, len(header))
-        jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, options, sources)
+        jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, sources, options.allow_nonfinite)
     return files, jobs_by_shard, hashers
 
 
-def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: QuantizeOptions,
-             progress: Callable[[int], None]) -> QuantizeResult:
+def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: RunOptions,
+             progress: Progress) -> ConversionResult:
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
     files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress)
     reused = len(files)
@@ -421,25 +329,25 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
             future.result()
     for name, decision in plan.decisions.items():
         if decision.quantized:
-            stats.setdefault(name, ErrorStats())
+            stats.setdefault(name, ErrorStats(elements=plan.tensors[name].numel))
     notes = [f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else []
-    _write_index(plan, staging, files, checkpoint)
+    _write_index(plan, staging, checkpoint)
     config_updated = _write_config(plan, checkpoint, staging, notes)
     _copy_extras(checkpoint, staging)
     report = build_report(plan, stats)
     _write_json(staging.path(REPORT_NAME), report)
     for path in sorted(staging.tmp.iterdir()):
-        if path.name not in files and path.name != "fp8conv.journal.json":
+        if path.name not in files and path.name != JOURNAL_NAME:
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     _write_json(staging.path(MANIFEST_NAME), build_manifest(plan, files))
-    return QuantizeResult(plan, report, staging.out, config_updated, notes)
+    return ConversionResult(plan, report, staging.out, config_updated, notes)
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
-def _write_index(plan: ConversionPlan, staging: Staging, files: dict, checkpoint: Checkpoint) -> None:
+def _write_index(plan: ConversionPlan, staging: Staging, checkpoint: Checkpoint) -> None:
     if len(plan.shards) == 1 and checkpoint.index is None:
         return
     index = {
@@ -450,15 +358,22 @@ def _write_index(plan: ConversionPlan, staging: Staging, files: dict, checkpoint
 
 
 def _write_config(plan: ConversionPlan, checkpoint: Checkpoint, staging: Staging, notes: list[str]) -> bool:
+    """config.json gains the layout's quantization_config (quantize) or loses it (dequantize)."""
+    what = "quantization_config NOT written" if plan.layout else "quantization_config NOT removed"
     try:
         config = checkpoint.read_json(CONFIG_NAME)
     except InputError as exc:
-        notes.append(f"{exc}; config.json copied unchanged, quantization_config NOT written")
+        notes.append(f"{exc}; config.json copied unchanged, {what}")
         return False
     if config is None:
-        notes.append("source has no config.json; quantization_config NOT written (engines need it)")
+        notes.append(f"source has no config.json; {what} (engines need it)")
         return False
-    config["quantization_config"] = plan.layout.quantization_config(plan.scheme, plan.unquantized_modules)
+    if plan.layout is None:
+        config.pop("quantization_config", None)
+        config.pop("compression_config", None)
+    else:
+        assert plan.scheme is not None
+        config["quantization_config"] = plan.layout.quantization_config(plan.scheme, plan.unquantized_modules)
     _write_json(staging.path(CONFIG_NAME), config)
     return True
 

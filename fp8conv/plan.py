@@ -11,6 +11,11 @@ from .safetensors_io import TensorInfo
 
 QUANTIZE = "quantize"
 COPY = "copy"
+REQUANTIZE = "requantize"  # quantized in the source: dequantized (float32) and quantized again
+CARRY = "carry"  # quantized in the source with the requested scheme: codes and scales kept as they are
+DEQUANTIZE = "dequantize"
+DROP = "drop"  # a source scale or activation parameter that the output does not keep
+QUANTIZED_OUTPUT = frozenset({QUANTIZE, REQUANTIZE, CARRY})
 
 # Module-name globs skipped by default: engines keep these in high precision.
 DEFAULT_SKIPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -30,7 +35,8 @@ class Decision:
 
     @property
     def quantized(self) -> bool:
-        return self.action == QUANTIZE
+        """Whether the output holds this tensor as codes plus a scale."""
+        return self.action in QUANTIZED_OUTPUT
 
 
 def module_name(tensor_name: str) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 from .checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from .errors import FP8ConvError, InputError
 from .formats import format_of_tag
-from .kernels import dequantize_2d
+from .kernels import dequantize_rows
 from .plan import module_name
 from .safetensors_io import TensorInfo, TensorReader
 from .scheme import Scheme
@@ -240,12 +240,4 @@ def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
         else:
             g0 = r0 // tile_rows
             grid = grids[e][g0 : g0 + -(-codes.shape[0] // tile_rows)]
-        yield e, r0, _dequantize_chunk(codes, grid, scheme)
-
-
-def _dequantize_chunk(codes: np.ndarray, grid: np.ndarray, scheme: Scheme) -> np.ndarray:
-    if scheme.granularity == "tensor":
-        # A row chunk of a one-scale tensor: as one scale per row, every row with the same scale.
-        rows_scale = np.full((codes.shape[0], 1), grid.reshape(-1)[0], np.float32)
-        return dequantize_2d(codes, rows_scale, Scheme(scheme.format, "channel"))
-    return dequantize_2d(codes, grid, scheme)
+        yield e, r0, dequantize_rows(codes, grid, scheme)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from .safetensors_io import printable
 
 WORST_SHOWN = 10
+PATH_WORDS = {"quantize": "quantized", "requantize": "re-quantized", "carry": "carried over",
+              "dequantize": "dequantized", "copy": "copied", "drop": "dropped"}
 
 
 def human_bytes(n: float) -> str:
@@ -25,14 +27,18 @@ def _fmt_float(value: float | None, spec: str) -> str:
     return "exact" if value is None else format(value, spec)
 
 
-def quantize_report(report: dict, source: str, out: str) -> str:
+def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
     scheme = report["scheme"]
+    described = f"dequantized to {scheme['dequantized_to']}" if "dequantized_to" in scheme else \
+        f"{_describe(scheme)}, layout {scheme['layout']}"
+    by_path = report["tensors_by_path"]
+    paths = ", ".join(f"{by_path[action]} {word}" for action, word in PATH_WORDS.items() if by_path.get(action))
     lines = [
-        f"fp8conv quantize {source} -> {out}",
-        f"scheme: {_describe(scheme)}, layout {scheme['layout']}",
-        f"tensors: {report['tensors_quantized']} quantized, {report['tensors_copied']} copied",
+        f"fp8conv {verb} {printable(source)} -> {printable(out)}",
+        f"scheme: {described}",
+        f"tensors: {paths}",
         f"size: {human_bytes(report['total_bytes_before'])} -> {human_bytes(report['total_bytes_after'])}"
-        + (f" ({report['compression_ratio']:.2f}x smaller)" if report["compression_ratio"] else ""),
+        + (f" ({report['compression_ratio']:.2f}x smaller)" if (report["compression_ratio"] or 0) > 1 else ""),
     ]
     dtypes = sorted(set(report["bytes_before"]) | set(report["bytes_after"]))
     lines.append(table(["dtype", "before", "after"], [
@@ -63,23 +69,15 @@ def _describe(scheme: dict) -> str:
 
 def dry_run_plan(plan) -> str:
     rows = []
+    sizes = {e.name: e.nbytes for shard in plan.shards for e in shard.entries}
     for name, decision in plan.decisions.items():
         info = plan.tensors[name]
-        after = info.numel * (1 if decision.quantized else info.np_dtype.itemsize)
-        if decision.quantized:
-            scale_shape = plan.layout.scale_shape(plan.scheme, info.shape)
-            after += 4 * _prod(scale_shape)
+        after = sizes.get(name, 0) + (sizes.get(plan.scale_of[name], 0) if decision.quantized else 0)
         rows.append([printable(name), info.dtype, "x".join(map(str, info.shape)) or "scalar", decision.action,
                      human_bytes(info.nbytes), human_bytes(after), decision.reason])
     shards = ", ".join(f"{s.name} ({human_bytes(s.nbytes)})" for s in plan.shards)
     return table(["tensor", "dtype", "shape", "action", "before", "after", "reason"], rows) + f"\noutput shards: {shards}"
 
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def inspect_summary(summary: dict) -> str:

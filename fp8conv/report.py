@@ -31,6 +31,13 @@ def error_metrics(stats: ErrorStats) -> dict:
     }
 
 
+def _scheme_json(plan: ConversionPlan) -> dict:
+    if plan.scheme is None:
+        return {"dequantized_to": plan.out_dtype}
+    assert plan.layout is not None
+    return {**plan.scheme.to_json(), "layout": plan.layout.name}
+
+
 def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     before: Counter[str] = Counter()
     after: Counter[str] = Counter()
@@ -40,17 +47,20 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
         for entry in shard.entries:
             after[entry.dtype] += entry.nbytes
     rows = [
-        {"name": name, "shape": list(plan.tensors[name].shape), **error_metrics(stats[name])}
+        {"name": name, "shape": list(plan.tensors[name].shape), "path": plan.decisions[name].action,
+         **error_metrics(stats[name])}
         for name in plan.decisions
         if plan.decisions[name].quantized
     ]
     rows.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
+    actions = Counter(d.action for d in plan.decisions.values())
     total_before, total_after = sum(before.values()), sum(after.values())
     return {
-        "scheme": {**plan.scheme.to_json(), "layout": plan.layout.name},
+        "scheme": _scheme_json(plan),
         "tensors_total": len(plan.decisions),
         "tensors_quantized": len(rows),
-        "tensors_copied": len(plan.decisions) - len(rows),
+        "tensors_copied": actions["copy"],
+        "tensors_by_path": dict(sorted(actions.items())),
         "bytes_before": dict(sorted(before.items())),
         "bytes_after": dict(sorted(after.items())),
         "total_bytes_before": total_before,
@@ -73,11 +83,12 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
             "source_shard": plan.source_shard[name],
             "source_dtype": info.dtype,
             "shape": list(info.shape),
-            "output_shard": out_shard[name],
-            "output_dtype": plan.scheme.fmt.safetensors_tag if decision.quantized else info.dtype,
+            "output_shard": out_shard.get(name),
+            "output_dtype": plan.output_dtype(name),
             "scale": None,
         }
         if decision.quantized:
+            assert plan.scheme is not None and plan.layout is not None
             scale = plan.scale_of[name]
             record["scale"] = {
                 "name": scale,
@@ -90,7 +101,7 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
         "schema_version": MANIFEST_SCHEMA,
         "tool": "fp8conv",
         "tool_version": __version__,
-        "scheme": {**plan.scheme.to_json(), "layout": plan.layout.name},
+        "scheme": _scheme_json(plan),
         "tensors": tensors,
         "files": dict(sorted(files.items())),
     }

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv import pipeline
+from fp8conv import jobs, pipeline
 from fp8conv.pipeline import QuantizeOptions
 from fp8conv.scheme import Scheme
 from stfile import entry, write
@@ -26,7 +26,7 @@ def big_checkpoint(folder):
 @pytest.mark.parametrize("granularity", ["block", "channel", "tensor"])
 def test_peak_memory_bounded_by_chunk_not_tensor(tmp_path, monkeypatch, granularity):
     src = big_checkpoint(tmp_path / "src")
-    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4 << 20)
+    monkeypatch.setattr(jobs, "CHUNK_BYTES", 4 << 20)
     options = QuantizeOptions(scheme=Scheme(granularity=granularity), workers=1)
     tracemalloc.start()
     try:

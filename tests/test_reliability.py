@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import stfile
 from conftest import tree_digest
-from fp8conv import pipeline
+from fp8conv import jobs, pipeline
 from fp8conv.checkpoint import open_checkpoint
 from fp8conv.errors import InputError
 from helpers import load_all, read_json, run_cli
@@ -221,7 +221,7 @@ def test_hf_cache_symlinks_are_followed(sample, tmp_path):
 def test_write_failure_leaves_nothing(sample, tmp_path, monkeypatch, code, reason):
     src = sample("llama-tiny")
     calls = {"n": 0}
-    real = pipeline.write_at
+    real = jobs.write_at
 
     def failing(fd, offset, data):
         calls["n"] += 1
@@ -229,7 +229,7 @@ def test_write_failure_leaves_nothing(sample, tmp_path, monkeypatch, code, reaso
             raise OSError(code, os.strerror(code))
         real(fd, offset, data)
 
-    monkeypatch.setattr(pipeline, "write_at", failing)
+    monkeypatch.setattr(jobs, "write_at", failing)
     out = tmp_path / "out"
     result = run_cli("quantize", src, "-o", out, "--workers", "1", expect=4)
     assert reason in result.stderr and "partial output removed" in result.stderr

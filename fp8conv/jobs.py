@@ -1,0 +1,222 @@
+"""Units of work run by the worker processes: copy bytes, (re)quantize or dequantize a matrix.
+
+A job reads the rows of one 2-D matrix (one expert of a 3-D stack) from its Source, which holds
+either high-precision values or codes plus a scale grid (then the rows are dequantized on the
+fly, in float32), and writes its output at offsets the header fixed before the first byte.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .formats import SAFETENSORS_DTYPES
+from .kernels import ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d, scale_from_amax
+from .safetensors_io import TensorReader, printable, write_at
+from .scheme import Scheme
+
+CHUNK_BYTES = 32 << 20
+COPY_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a matrix's rows are stored: values of `dtype`, or codes with a scale grid (`scheme`)."""
+
+    path: str
+    offset: int
+    dtype: str
+    scheme: Scheme | None = None
+    scale_path: str = ""
+    scale_offset: int = 0
+    scale_dtype: str = ""
+
+    def tile_rows(self, rows: int, cols: int) -> int:
+        if self.scheme is None or self.scheme.granularity == "tensor":
+            return 1
+        return self.scheme.tile(rows, cols)[0]
+
+
+@dataclass(frozen=True)
+class Job:
+    """copy: `nbytes` bytes; quantize: one matrix into codes + scales; dequantize: into out_dtype."""
+
+    kind: str
+    name: str
+    source: Source
+    dst_path: str
+    dst_offset: int
+    nbytes: int
+    rows: int = 0
+    cols: int = 0
+    scheme: Scheme | None = None
+    scale_offset: int = 0
+    out_dtype: str = ""
+    allow_nonfinite: bool = False
+
+    def written_ranges(self) -> list[tuple[int, int]]:
+        """The output byte ranges this job writes."""
+        if self.kind == "copy":
+            return [(self.dst_offset, self.dst_offset + self.nbytes)]
+        if self.kind == "dequantize":
+            size = self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
+            return [(self.dst_offset, self.dst_offset + size)]
+        assert self.scheme is not None
+        grid = self.scheme.scale_grid(self.rows, self.cols)
+        scale_bytes = 4 if self.scheme.granularity == "tensor" else 4 * grid[0] * grid[1]
+        return [(self.dst_offset, self.dst_offset + self.rows * self.cols),
+                (self.scale_offset, self.scale_offset + scale_bytes)]
+
+
+# Per-process caches of open files (a worker runs many jobs on the same shards).
+_readers: dict[str, TensorReader] = {}
+_writers: dict[str, int] = {}
+
+
+def _reader(path: str) -> TensorReader:
+    if path not in _readers:
+        _readers[path] = TensorReader(Path(path))
+    return _readers[path]
+
+
+def _writer(path: str) -> int:
+    if path not in _writers:
+        _writers[path] = os.open(path, os.O_WRONLY)
+    return _writers[path]
+
+
+def close_handles() -> None:
+    for reader in _readers.values():
+        reader.close()
+    for fd in _writers.values():
+        os.close(fd)
+    _readers.clear()
+    _writers.clear()
+
+
+def forget_handles() -> None:
+    """In a freshly forked worker: the parent's handles are not ours to use."""
+    _readers.clear()
+    _writers.clear()
+
+
+def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
+    """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
+    if job.kind == "copy":
+        _copy(job)
+        return job.name, None, job.nbytes
+    if job.kind == "dequantize":
+        _dequantize(job)
+        return job.name, None, job.nbytes
+    return job.name, _quantize(job), job.nbytes
+
+
+def _copy(job: Job) -> None:
+    reader, fd = _reader(job.source.path), _writer(job.dst_path)
+    buffer = np.empty(min(job.nbytes, COPY_BYTES), np.uint8)
+    for start in range(0, job.nbytes, COPY_BYTES):
+        part = buffer[: min(COPY_BYTES, job.nbytes - start)]
+        reader.read_into(job.source.offset + start, part, job.name)
+        write_at(fd, job.dst_offset + start, part)
+
+
+def _chunk_rows(job: Job, target_tile_rows: int) -> int:
+    """Rows per chunk: about CHUNK_BYTES of source, whole tiles of both source and target."""
+    row_bytes = max(job.cols * SAFETENSORS_DTYPES[job.source.dtype].itemsize, 1)
+    step = math.lcm(job.source.tile_rows(job.rows, job.cols), target_tile_rows)
+    return max(step, (CHUNK_BYTES // row_bytes) // step * step)
+
+
+def read_rows(job: Job, first: int, count: int) -> np.ndarray:
+    """Rows [first, first + count) of the job's source matrix: stored values, or w = q * scale (float32)."""
+    src = job.source
+    dtype = SAFETENSORS_DTYPES[src.dtype]
+    values = _reader(src.path).read_array(src.offset + first * job.cols * dtype.itemsize, (count, job.cols), dtype, job.name)
+    if src.scheme is None:
+        return values
+    scale_dtype = SAFETENSORS_DTYPES[src.scale_dtype]
+    if src.scheme.granularity == "tensor":
+        grid = _reader(src.scale_path).read_array(src.scale_offset, (1, 1), scale_dtype, job.name)
+    else:
+        tile_rows = src.tile_rows(job.rows, job.cols)
+        grid_cols = src.scheme.scale_grid(job.rows, job.cols)[1]
+        g0, g1 = first // tile_rows, -(-(first + count) // tile_rows)
+        offset = src.scale_offset + g0 * grid_cols * scale_dtype.itemsize
+        grid = _reader(src.scale_path).read_array(offset, (g1 - g0, grid_cols), scale_dtype, job.name)
+    return dequantize_rows(values, grid.astype(np.float32), src.scheme)
+
+
+def _chunks(job: Job, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    for first in range(0, job.rows, chunk_rows):
+        yield first, read_rows(job, first, min(chunk_rows, job.rows - first))
+
+
+def _dequantize(job: Job) -> None:
+    fd = _writer(job.dst_path)
+    out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
+    for first, rows in _chunks(job, _chunk_rows(job, 1)):
+        # float32 -> bf16/f16 rounds to nearest even (ml_dtypes / numpy casts).
+        write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows.astype(out_dtype))
+
+
+def _quantize(job: Job) -> ErrorStats:
+    scheme = job.scheme
+    assert scheme is not None
+    fd = _writer(job.dst_path)
+    whole = scheme.granularity == "tensor"
+    tile_rows = 1 if whole else scheme.tile(job.rows, job.cols)[0]
+    chunk_rows = _chunk_rows(job, tile_rows)
+    grid_cols = scheme.scale_grid(job.rows, job.cols)[1]
+    tensor_scale = None
+    if whole:
+        tensor_scale = _whole_tensor_scale(job, chunk_rows, scheme)
+        write_at(fd, job.scale_offset, np.array([tensor_scale], np.float32))
+    stats = ErrorStats()
+    try:
+        for first, chunk in _chunks(job, chunk_rows):
+            q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name)
+            write_at(fd, job.dst_offset + first * job.cols, q.codes)
+            if not whole:
+                write_at(fd, job.scale_offset + (first // tile_rows) * grid_cols * 4, q.scales)
+            stats.merge(q.stats)
+    except NonFiniteError:
+        raise _count_nonfinite(job, chunk_rows) from None
+    return stats
+
+
+def _whole_tensor_scale(job: Job, chunk_rows: int, scheme: Scheme) -> np.float32:
+    amax = np.float32(0)
+    for _, chunk in _chunks(job, chunk_rows):
+        amax = np.maximum(amax, amax_2d(chunk))
+    if not np.isfinite(amax):
+        if not job.allow_nonfinite:
+            raise _count_nonfinite(job, chunk_rows)
+        amax = np.float32(0)
+        for _, chunk in _chunks(job, chunk_rows):
+            values = _as_float32(chunk)
+            amax = np.maximum(amax, np.float32(np.abs(values[np.isfinite(values)]).max(initial=0)))
+    return scale_from_amax(np.array([amax], np.float32), scheme.fmt)[0]
+
+
+def _as_float32(chunk: np.ndarray) -> np.ndarray:
+    values = np.empty(chunk.shape, np.float32)
+    load_float32(values, chunk)
+    return values
+
+
+def _count_nonfinite(job: Job, chunk_rows: int) -> InputError:
+    nan = inf = 0
+    for _, chunk in _chunks(job, chunk_rows):
+        values = _as_float32(chunk)
+        nan += int(np.isnan(values).sum())
+        inf += int(np.isinf(values).sum())
+    return InputError(
+        f"tensor {printable(job.name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
+        "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
+    )
+
