@@ -109,10 +109,11 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
                     sources: dict[str, Path], allow_nonfinite: bool) -> list[Job]:
     """Byte copies for kept tensors and carried codes; one job per 2-D matrix (per expert for 3-D)."""
     jobs = []
+    new_scales = set(plan.scale_of.values())
     for entry in shard.entries:
-        decision = plan.decisions.get(entry.name)
-        if decision is None:
-            continue  # a scale tensor: written by its weight's jobs
+        if entry.name in new_scales:
+            continue  # written by its weight's jobs (it may share the name of a dropped source scale)
+        decision = plan.decisions[entry.name]
         info = plan.tensors[entry.name]
         action = decision.action
         if action in (COPY, CARRY):

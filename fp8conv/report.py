@@ -83,7 +83,7 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
             "source_shard": plan.source_shard[name],
             "source_dtype": info.dtype,
             "shape": list(info.shape),
-            "output_shard": out_shard.get(name),
+            "output_shard": None if decision.action == "drop" else out_shard[name],
             "output_dtype": plan.output_dtype(name),
             "scale": None,
         }
