@@ -166,6 +166,13 @@ def main() -> None:
         run("plain torch script (bench/torch_baseline.py), 2 threads", [sys.executable, str(HERE / "torch_baseline.py"), str(src), out])
     if importlib.util.find_spec("llmcompressor") and not args.no_llmcompressor:
         run("llm-compressor model_free_ptq FP8_BLOCK, max_workers=2", [sys.executable, str(HERE / "llmcompressor_baseline.py"), str(src), out, "2"])
+    fp8_out = OUT / "fp8"
+    subprocess.run([*fp8conv, "-o", str(fp8_out), "--workers", "2"], check=True)
+    warm(fp8_out)
+    shutil.rmtree(OUT / "x", ignore_errors=True)
+    wall, peak = timed([sys.executable, "-m", "fp8conv", "dequantize", str(fp8_out), "-o", out, "-q", "--workers", "2"])
+    rows.append(("fp8conv dequantize (FP8 block output -> bf16), --workers 2", wall, peak))
+    print(f"dequantize: {wall:.2f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
     big_rows = []
     if args.big:
         big = ensure_checkpoint("single-4g", ["--single-shard", "--layers", "9", "--vocab", "16000"])
@@ -194,10 +201,12 @@ def write_results(path: Path, size: int, rows, ceilings, big_rows) -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for label, wall, peak in rows:
-        lines.append(f"| {label} | {wall:.2f} | {size / wall / 1e9:.2f} | {peak / 2**20:.0f} | {wall / head:.1f}x |")
+        speedup = "-" if "dequantize" in label else f"{wall / head:.1f}x"
+        lines.append(f"| {label} | {wall:.2f} | {size / wall / 1e9:.2f} | {peak / 2**20:.0f} | {speedup} |")
     for label, wall, peak, big_size in big_rows:
         lines.append(f"| {label} | {wall:.2f} | {big_size / wall / 1e9:.2f} | {peak / 2**20:.0f} | - |")
-    lines += ["", "Ceilings measured in the same run:", ""]
+    lines += ["", "GB/s is of the bf16 input size for every row (for dequantize: the bf16 size it writes back).",
+              "", "Ceilings measured in the same run:", ""]
     lines += [f"- {name}: {value:.2f} GB/s" for name, value in ceilings.items()]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
