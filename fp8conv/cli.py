@@ -1,7 +1,8 @@
 """The command line: parses arguments, calls the library, formats output. Nothing else.
 
 Exit codes (API): 0 success; 1 a verify check failed; 2 usage error (bad option or combination);
-3 input unreadable, corrupt or refused; 4 output cannot be written; 130 SIGINT; 143 SIGTERM.
+3 input unreadable, corrupt or refused; 4 output cannot be written; 70 internal error; 130 SIGINT;
+143 SIGTERM.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_SIGINT, FP8ConvError
+from .errors import EXIT_INTERNAL, EXIT_SIGINT, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .layouts import LAYOUTS
 from .plan import DEFAULT_SKIPS
@@ -22,7 +23,8 @@ from .scheme import GRANULARITIES, MAX_TILE, Scheme, parse_block_size
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
-    "4 output not writable (exists, read-only, disk full); 130 interrupted (SIGINT); 143 terminated (SIGTERM)."
+    "4 output not writable (exists, read-only, disk full); 70 internal error (a bug); 130 interrupted (SIGINT); "
+    "143 terminated (SIGTERM)."
 )
 SKIP_HELP = "; ".join(f"{kind}: {' '.join(globs)}" for kind, globs in DEFAULT_SKIPS)
 
@@ -43,6 +45,15 @@ def handle_errors(func):
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_SIGINT)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise  # usage errors: click prints them and exits 2
+        except MemoryError:
+            fail("out of memory; try fewer --workers", EXIT_INTERNAL)
+        except Exception as exc:  # a bug: one line for the user, the traceback on request
+            if os.environ.get("FP8CONV_DEBUG"):
+                raise
+            fail(f"internal error ({type(exc).__name__}: {exc}); rerun with FP8CONV_DEBUG=1 for the traceback "
+                 "and please report it", EXIT_INTERNAL)
 
     return wrapper
 

@@ -233,3 +233,15 @@ def test_refuses_output_inside_source(sample):
 def test_missing_source(tmp_path):
     result = run_cli("quantize", tmp_path / "nope", "-o", tmp_path / "out", expect=3)
     assert "no such file or folder" in result.stderr
+
+
+def test_internal_error_is_one_line(sample, tmp_path, monkeypatch):
+    from fp8conv import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "make_plan", broken)
+    result = run_cli("quantize", sample("bert-tiny-fp32"), "-o", tmp_path / "out", expect=70)
+    assert result.stderr.startswith("fp8conv: error: internal error (RuntimeError: boom)")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
