@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import InputError
 from .formats import SAFETENSORS_DTYPES
-from .kernels import ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d, scale_from_amax
+from .kernels import (ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d, round_to_bf16,
+                      scale_from_amax)
 from .safetensors_io import TensorReader, printable, write_at
 from .scheme import Scheme
 
@@ -125,9 +126,10 @@ def _copy(job: Job) -> None:
         write_at(fd, job.dst_offset + start, part)
 
 
-def _chunk_rows(job: Job, target_tile_rows: int) -> int:
-    """Rows per chunk: about CHUNK_BYTES of source, whole tiles of both source and target."""
-    row_bytes = max(job.cols * SAFETENSORS_DTYPES[job.source.dtype].itemsize, 1)
+def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = None) -> int:
+    """Rows per chunk: about CHUNK_BYTES (of source, or of `element_bytes` per element), whole tiles
+    of both source and target."""
+    row_bytes = max(job.cols * (element_bytes or SAFETENSORS_DTYPES[job.source.dtype].itemsize), 1)
     step = math.lcm(job.source.tile_rows(job.rows, job.cols), target_tile_rows)
     return max(step, (CHUNK_BYTES // row_bytes) // step * step)
 
@@ -159,9 +161,11 @@ def _chunks(job: Job, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
 def _dequantize(job: Job) -> None:
     fd = _writer(job.dst_path)
     out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
-    for first, rows in _chunks(job, _chunk_rows(job, 1)):
-        # float32 -> bf16/f16 rounds to nearest even (ml_dtypes / numpy casts).
-        write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows.astype(out_dtype))
+    # Chunks sized by their float32 form (4 bytes an element), not by the 1-byte codes.
+    for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4)):
+        # float32 -> bf16/f16 rounds to nearest even.
+        values = round_to_bf16(rows) if job.out_dtype == "BF16" else rows.astype(out_dtype)
+        write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, values)
 
 
 def _quantize(job: Job) -> ErrorStats:

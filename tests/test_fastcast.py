@@ -89,3 +89,17 @@ def test_compiled_rounding_equals_ml_dtypes(name, params, low_bits):
     bad = np.flatnonzero(codes != want)
     assert bad.size == 0, f"{bad.size} differ; first {values[bad[0]]!r}: {codes[bad[0]]} vs {want[bad[0]]}"
     np.testing.assert_array_equal(decoded, code_to_float_table(fmt)[codes])
+
+
+def test_round_to_bf16_equals_ml_dtypes():
+    from fp8conv.kernels import round_to_bf16
+
+    rng = np.random.default_rng(3)
+    patterns = rng.integers(0, 2**32, size=1 << 21, dtype=np.uint64).astype(np.uint32)
+    edges = ((np.arange(1 << 16, dtype=np.uint32) << 16)[:, None] | np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)).ravel()
+    values = np.concatenate([patterns, edges]).view(np.float32)
+    values = values[np.isfinite(values)]
+    want = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    got = round_to_bf16(values).view(np.uint16)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} differ; first {values[bad[0]]!r}"
