@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InputError
 from .formats import SAFETENSORS_DTYPES
-from .kernels import (ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d, round_to_bf16,
+from .kernels import (ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d,
                       scale_from_amax)
 from .safetensors_io import TensorReader, printable, write_at
 from .scheme import Scheme
@@ -134,8 +134,9 @@ def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = Non
     return max(step, (CHUNK_BYTES // row_bytes) // step * step)
 
 
-def read_rows(job: Job, first: int, count: int) -> np.ndarray:
-    """Rows [first, first + count) of the job's source matrix: stored values, or w = q * scale (float32)."""
+def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """Rows [first, first + count) of the job's source matrix: stored values, or w = q * scale
+    computed in float32 (rounded into `out_dtype`)."""
     src = job.source
     dtype = SAFETENSORS_DTYPES[src.dtype]
     values = _reader(src.path).read_array(src.offset + first * job.cols * dtype.itemsize, (count, job.cols), dtype, job.name)
@@ -150,22 +151,20 @@ def read_rows(job: Job, first: int, count: int) -> np.ndarray:
         g0, g1 = first // tile_rows, -(-(first + count) // tile_rows)
         offset = src.scale_offset + g0 * grid_cols * scale_dtype.itemsize
         grid = _reader(src.scale_path).read_array(offset, (g1 - g0, grid_cols), scale_dtype, job.name)
-    return dequantize_rows(values, grid.astype(np.float32), src.scheme)
+    return dequantize_rows(values, grid.astype(np.float32), src.scheme, out_dtype)
 
 
-def _chunks(job: Job, chunk_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(job: Job, chunk_rows: int, out_dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
     for first in range(0, job.rows, chunk_rows):
-        yield first, read_rows(job, first, min(chunk_rows, job.rows - first))
+        yield first, read_rows(job, first, min(chunk_rows, job.rows - first), out_dtype)
 
 
 def _dequantize(job: Job) -> None:
     fd = _writer(job.dst_path)
     out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
     # Chunks sized by their float32 form (4 bytes an element), not by the 1-byte codes.
-    for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4)):
-        # float32 -> bf16/f16 rounds to nearest even.
-        values = round_to_bf16(rows) if job.out_dtype == "BF16" else rows.astype(out_dtype)
-        write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, values)
+    for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4), out_dtype):
+        write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows)
 
 
 def _quantize(job: Job) -> ErrorStats:

@@ -289,8 +289,10 @@ def _accumulate_stats(stats, orig, codes, scale, tiles, fmt, work) -> None:
     stats.max_abs_err = max(stats.max_abs_err, float(np.abs(flat_err).max(initial=0)))
 
 
-def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np.ndarray | None = None) -> np.ndarray:
-    """float32 [rows, cols] = code value * scale of its tile, computed in windows."""
+def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np.ndarray | None = None,
+                  out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """[rows, cols] = code value * scale of its tile, computed in float32 in cache-sized windows, then
+    rounded to nearest even into `out_dtype` (float32, bf16 or f16)."""
     fmt = scheme.fmt
     rows, cols = codes.shape
     whole_scale = scheme.granularity == "tensor"
@@ -300,20 +302,23 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
     if tuple(scales.shape) != expected:
         raise SchemeError(f"scale grid {tuple(scales.shape)} does not fit weight {codes.shape} under {scheme.describe()}")
     if out is None:
-        out = np.empty((rows, cols), np.float32)
+        out = np.empty((rows, cols), out_dtype)
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
+    scratch = np.empty((min(window_rows, rows), min(window_cols, cols)), np.float32)
     for r0 in range(0, rows, window_rows):
         for c0 in range(0, cols, window_cols):
             part = codes[r0 : r0 + window_rows, c0 : c0 + window_cols]
-            dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
-            _decode(part, fmt, dst)
+            values = scratch[: part.shape[0], : part.shape[1]]
+            _decode(part, fmt, values)
             if whole_scale:
-                dst *= scales[0, 0]
-                continue
-            gr, gc = r0 // tile_rows, c0 // tile_cols
-            local = scales[gr : gr + -(-part.shape[0] // tile_rows), gc : gc + -(-part.shape[1] // tile_cols)]
-            expanded = np.repeat(np.repeat(local, tile_rows, axis=0), tile_cols, axis=1)
-            dst *= expanded[: part.shape[0], : part.shape[1]]
+                values *= scales[0, 0]
+            else:
+                gr, gc = r0 // tile_rows, c0 // tile_cols
+                local = scales[gr : gr + -(-part.shape[0] // tile_rows), gc : gc + -(-part.shape[1] // tile_cols)]
+                expanded = np.repeat(np.repeat(local, tile_rows, axis=0), tile_cols, axis=1)
+                values *= expanded[: part.shape[0], : part.shape[1]]
+            dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
+            dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
     return out
 
 
@@ -328,16 +333,17 @@ def round_to_bf16(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16).view(_BF16)
 
 
-def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme) -> np.ndarray:
-    """float32 of a row chunk of codes, given the scale-grid rows that cover it (whole tiles).
+def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,
+                    out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """A row chunk of codes, given the scale-grid rows that cover it (whole tiles), as `out_dtype`.
 
     For tensor granularity the grid is the single scale, whatever the chunk.
     """
     if scheme.granularity == "tensor":
         # Every row has the same scale: one scale per row is the same arithmetic.
         per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)
-        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel"))
-    return dequantize_2d(codes, grid_rows, scheme)
+        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel"), out_dtype=out_dtype)
+    return dequantize_2d(codes, grid_rows, scheme, out_dtype=out_dtype)
 
 
 def _per_expert(shape: tuple[int, ...]) -> bool:
