@@ -175,7 +175,7 @@ def main() -> None:
     print(f"dequantize: {wall:.2f} s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
     big_rows = []
     if args.big:
-        big = ensure_checkpoint("single-4g", ["--single-shard", "--layers", "9", "--vocab", "16000"])
+        big = ensure_checkpoint("single-4g", ["--single-shard", "--layers", "11", "--vocab", "16000"])
         big_size = input_bytes(big)
         warm(big)
         shutil.rmtree(OUT / "x", ignore_errors=True)
@@ -197,7 +197,7 @@ def write_results(path: Path, size: int, rows, ceilings, big_rows) -> None:
         f"Input: `bench/data/llama-2g` (bench/make_checkpoint.py defaults): {size / 1e9:.2f} GB of bf16 in 2 shards,"
         " hidden 4096, intermediate 11008, 4 layers, vocab 32000; read from the page cache.",
         "",
-        "| tool | wall s | GB/s of input | peak RSS (MiB, process tree) | fp8conv speed-up |",
+        "| tool | wall s | GB/s of input | peak RSS (MiB, process tree) | wall s / first row's |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for label, wall, peak in rows:
@@ -208,7 +208,10 @@ def write_results(path: Path, size: int, rows, ceilings, big_rows) -> None:
     lines += ["", "GB/s is of the bf16 input size for every row (for dequantize: the bf16 size it writes back).",
               "", "Ceilings measured in the same run:", ""]
     lines += [f"- {name}: {value:.2f} GB/s" for name, value in ceilings.items()]
-    path.write_text("\n".join(lines) + "\n")
+    kept = ""
+    if path.exists() and "\n## Analysis" in path.read_text():
+        kept = "\n## Analysis" + path.read_text().split("\n## Analysis", 1)[1]  # written by hand, kept
+    path.write_text("\n".join(lines) + "\n" + kept)
     print(f"wrote {path}")
 
 
