@@ -66,8 +66,6 @@ class ConversionResult:
     notes: list[str]
 
 
-QuantizeResult = ConversionResult  # the name the first releases used
-
 
 # ---- planning -----------------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ from .checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from .errors import FP8ConvError, InputError
 from .formats import format_of_tag
 from .kernels import dequantize_rows
-from .plan import module_name
 from .safetensors_io import TensorInfo, TensorReader
 from .scheme import Scheme
 

@@ -89,6 +89,14 @@ def test_compiled_rounding_equals_ml_dtypes(name, params, low_bits):
     bad = np.flatnonzero(codes != want)
     assert bad.size == 0, f"{bad.size} differ; first {values[bad[0]]!r}: {codes[bad[0]]} vs {want[bad[0]]}"
     np.testing.assert_array_equal(decoded, code_to_float_table(fmt)[codes])
+    # and random float32 bit patterns (all magnitudes), clamped as the kernel clamps them
+    rng = np.random.default_rng(low_bits)
+    random = rng.integers(0, 2**32, size=1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    random = np.clip(random[np.isfinite(random)], -fmt.qmax, fmt.qmax).astype(np.float32)
+    codes = np.empty(random.shape, np.uint8)
+    decoded = np.empty(random.shape, np.float32)
+    round_fp8(random.copy(), decoded, codes, mbits, np.uint32(min_normal), np.float32(step_inv), rebias)
+    np.testing.assert_array_equal(codes, reference_cast(random, fmt))
 
 
 def test_round_to_bf16_equals_ml_dtypes():

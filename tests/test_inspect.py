@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-import pytest
 
 import stfile
 from fp8conv.safetensors_io import TensorReader

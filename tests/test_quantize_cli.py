@@ -9,7 +9,6 @@ import pytest
 from safetensors import safe_open
 
 from fp8conv import dequantize_tensor
-from fp8conv.plan import module_name
 from helpers import load_all, read_json, run_cli
 from reference import reference_quantize
 

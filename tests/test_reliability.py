@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import stfile
 from conftest import tree_digest
-from fp8conv import jobs, pipeline
+from fp8conv import jobs
 from fp8conv.checkpoint import open_checkpoint
 from fp8conv.errors import InputError
 from helpers import load_all, read_json, run_cli
