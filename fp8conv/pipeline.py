@@ -10,7 +10,7 @@ import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,6 +30,7 @@ from .safetensors_io import TensorInfo, build_header, sha256_of
 from .scheme import Scheme
 
 Progress = Callable[[int], None]
+JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the workers
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,36 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
                             rows * cols * info.np_dtype.itemsize, rows, cols, scheme=plan.scheme,
                             scale_offset=offsets[plan.scale_of[entry.name]] + e * per_matrix * 4,
                             allow_nonfinite=allow_nonfinite))
-    return sorted(jobs, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
+    split = [part for job in jobs for part in _split_rows(job)]
+    return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
+
+
+def _split_rows(job: Job) -> list[Job]:
+    """Cut a large matrix into row ranges of whole tiles (source and target), so the workers share
+    one big tensor too. One-scale (tensor) targets need the whole matrix's amax: kept whole."""
+    if job.kind == "copy" or job.nbytes <= JOB_BYTES or (job.scheme and job.scheme.granularity == "tensor"):
+        return [job]
+    src = job.source
+    src_tile = src.tile_rows(job.rows, job.cols)
+    dst_tile = job.scheme.tile(job.rows, job.cols)[0] if job.scheme else 1
+    step = math.lcm(src_tile, dst_tile)
+    row_bytes = job.nbytes // job.rows
+    step *= max(1, JOB_BYTES // (row_bytes * step))
+    out_row_bytes = job.cols * (SAFETENSORS_DTYPES[job.out_dtype].itemsize if job.kind == "dequantize" else 1)
+    parts = []
+    for first in range(0, job.rows, step):
+        rows = min(step, job.rows - first)
+        scale_offset = src.scale_offset
+        if src.scheme is not None and src.scheme.granularity != "tensor":
+            src_grid_cols = src.scheme.scale_grid(job.rows, job.cols)[1]
+            scale_offset += (first // src_tile) * src_grid_cols * SAFETENSORS_DTYPES[src.scale_dtype].itemsize
+        source = replace(src, offset=src.offset + first * row_bytes, scale_offset=scale_offset)
+        target_scale = job.scale_offset
+        if job.scheme is not None:
+            target_scale += (first // dst_tile) * job.scheme.scale_grid(job.rows, job.cols)[1] * 4
+        parts.append(replace(job, source=source, dst_offset=job.dst_offset + first * out_row_bytes,
+                             nbytes=rows * row_bytes, rows=rows, scale_offset=target_scale))
+    return parts
 
 
 def _run_key(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> str:

@@ -58,3 +58,25 @@ def test_chunked_paths_from_quantized_source_match_unchunked(tmp_path, monkeypat
     monkeypatch.setattr(jobs, "CHUNK_BYTES", 100_000)
     run_cli(command, tmp_path / "fp8", "-o", tmp_path / "chunked", *args)
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "chunked" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("command,args,from_quantized", [
+    ("quantize", [], False), ("quantize", ["--granularity", "channel", "--format", "int8"], False),
+    ("quantize", ["--granularity", "channel", "--format", "int8"], True), ("dequantize", [], True)])
+def test_split_jobs_give_the_same_bytes(tmp_path, monkeypatch, command, args, from_quantized):
+    """Matrices cut into row-range jobs (shared by workers) give the bytes of whole-matrix jobs."""
+    from helpers import run_cli
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal((3, 520, 300), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
+    write(src / "model.safetensors", {"experts.weight": entry("BF16", [3, 520, 300], 0, len(data))}, data)
+    if from_quantized:
+        run_cli("quantize", src, "-o", tmp_path / "q")
+        src = tmp_path / "q"
+    run_cli(command, src, "-o", tmp_path / "whole", *args, "--workers", "2")
+    monkeypatch.setattr(pipeline, "JOB_BYTES", 20_000)
+    run_cli(command, src, "-o", tmp_path / "split", *args, "--workers", "2")
+    whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert whole == (tmp_path / "split" / "model.safetensors").read_bytes()
