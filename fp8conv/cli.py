@@ -160,6 +160,7 @@ def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore,
     """
     from . import pipeline
 
+    _refuse_conflicts(granularity, overwrite, resume)
     options = pipeline.QuantizeOptions(
         scheme=build_scheme(fmt, granularity, block_size, group_size), layout=layout, ignore=ignore, include=include,
         workers=workers, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, resume=resume,
@@ -170,6 +171,21 @@ def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore,
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
     run = pipeline.RunOptions(workers, overwrite, resume, allow_nonfinite)
     _run(checkpoint, plan, src, out, run, dry_run, as_json, quiet, "quantize")
+
+
+def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) -> None:
+    """Options that would be silently ignored or that contradict each other are usage errors."""
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+    if granularity is not None and given("group_size") and granularity != "group":
+        raise click.UsageError(f"--group-size applies to --granularity group, not {granularity}; drop it or use group")
+    if granularity is not None and given("block_size") and granularity != "block":
+        raise click.UsageError(f"--block-size applies to --granularity block, not {granularity}; drop it or use block")
+    if overwrite and resume:
+        raise click.UsageError("--resume keeps an interrupted run's shards and --overwrite discards them: pass one")
 
 
 def _run(checkpoint, plan, src: Path, out: Path, run, dry_run: bool, as_json: bool, quiet: bool, verb: str) -> None:
@@ -202,6 +218,7 @@ def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_
     """Turn an FP8/INT8 checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
     from . import pipeline
 
+    _refuse_conflicts(None, overwrite, resume)
     checkpoint, plan = pipeline.make_dequantize_plan(src, HIGH_PRECISION[dtype], parse_size(max_shard_size))
     _run(checkpoint, plan, src, out, pipeline.RunOptions(workers, overwrite, resume), dry_run, as_json, quiet, "dequantize")
 

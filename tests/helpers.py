@@ -31,3 +31,8 @@ def load_all(folder: Path) -> dict[str, np.ndarray]:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def group_option(granularity: str) -> list[str]:
+    """--group-size 32 where it applies (it is a usage error with other granularities)."""
+    return ["--group-size", "32"] if granularity == "group" else []

@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 import formats_fixtures as ff
 from conftest import tree_digest
-from helpers import load_all, read_json, run_cli
+from helpers import group_option, load_all, read_json, run_cli
 from reference import reference_quantize, value_table
 
 DTYPES = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
@@ -67,7 +67,7 @@ def test_llm_compressor_bf16_scales(tmp_path):
 def test_round_trip_of_our_output(sample, tmp_path, fmt, granularity):
     src = sample("moe-tiny")
     quant, out = tmp_path / "q", tmp_path / "dq"
-    run_cli("quantize", src, "-o", quant, "--format", fmt, "--granularity", granularity, "--group-size", "32")
+    run_cli("quantize", src, "-o", quant, "--format", fmt, "--granularity", granularity, *group_option(granularity))
     run_cli("dequantize", quant, "-o", out, "--dtype", "fp32")
     source, result = load_all(src), load_all(out)
     assert set(result) == set(source)

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from fp8conv import dequantize_tensor
-from helpers import load_all, read_json, run_cli
+from helpers import group_option, load_all, read_json, run_cli
 from reference import reference_quantize
 
 SCHEMES = [
@@ -40,7 +40,7 @@ def test_quantize_sample(sample, tmp_path, model, fmt, granularity, layout):
     src = sample(model)
     out = tmp_path / "out"
     run_cli("quantize", src, "-o", out, "--format", fmt, "--granularity", granularity, "--layout", layout,
-            "--group-size", "32", "--workers", "1")
+            *group_option(granularity), "--workers", "1")
     manifest = read_json(out / "fp8conv.manifest.json")
     source = load_all(src)
     result = load_all(out)
@@ -205,6 +205,9 @@ def test_reshard(sample, tmp_path):
     (["--group-size", "-3"], 2, "--group-size"),
     (["--format", "fp4"], 2, "--format"),
     (["--ignore", "re:("], 2, "not a valid regular expression"),
+    (["--granularity", "channel", "--group-size", "32"], 2, "--group-size applies to --granularity group"),
+    (["--granularity", "tensor", "--block-size", "64"], 2, "--block-size applies to --granularity block"),
+    (["--overwrite", "--resume"], 2, "pass one"),
 ])
 def test_bad_options(sample, tmp_path, args, code, message):
     result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "out", *args, expect=code)

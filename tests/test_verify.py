@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 
 import formats_fixtures as ff
 from fp8conv.safetensors_io import read_header
-from helpers import load_all, read_json, run_cli
+from helpers import group_option, load_all, read_json, run_cli
 
 MODELS = ["llama-tiny", "bert-tiny-fp32", "moe-tiny"]
 SCHEMES = [
@@ -26,7 +26,7 @@ SCHEMES = [
 def test_verify_passes_right_after_quantize(sample, tmp_path, model, fmt, granularity, layout):
     src, out = sample(model), tmp_path / "out"
     run_cli("quantize", src, "-o", out, "--format", fmt, "--granularity", granularity, "--layout", layout,
-            "--group-size", "32")
+            *group_option(granularity))
     result = run_cli("verify", out, "--against", src, "--json")
     report = json.loads(result.stdout)
     assert report["passed"] and report["compared_against_source"]
