@@ -106,6 +106,10 @@ def scheme_options(func):
         click.option("--group-size", type=click.IntRange(1, MAX_TILE), default=128, show_default=True,
                      help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
     ]
+    return _apply(options, func)
+
+
+def _apply(options: list, func):
     for option in reversed(options):
         func = option(func)
     return func
@@ -124,9 +128,7 @@ def run_options(func):
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
     ]
-    for option in reversed(options):
-        func = option(func)
-    return func
+    return _apply(options, func)
 
 
 def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -> Scheme:
