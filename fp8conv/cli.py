@@ -90,9 +90,6 @@ def progress_bar(total: int, quiet: bool, desc: str):
 @click.version_option(__version__, prog_name="fp8conv")
 def main() -> None:
     """Convert bf16/fp16/fp32 safetensors checkpoints to FP8/INT8, inspect them and verify them."""
-    from . import compiled
-
-    compiled.SKIP_SCIPY_PROBE = True
 
 
 def scheme_options(func):

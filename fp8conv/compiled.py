@@ -19,8 +19,6 @@ import numpy as np
 AVAILABLE = not os.environ.get("FP8CONV_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 KIND = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
-# The CLI sets this: its processes never import scipy, so numba's BLAS probe can be skipped.
-SKIP_SCIPY_PROBE = False
 
 
 def quantize_chunk(*args):

@@ -227,9 +227,6 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
         if remaining[shard] == 0:
             on_shard_done(shard)
 
-    if any(job.kind == "quantize" for _, job in jobs):
-        # Load the kernel once here: forked workers inherit it instead of each loading it again.
-        compiled.preload(skip_scipy=compiled.SKIP_SCIPY_PROBE)
     if workers <= 1 or len(jobs) <= 1:
         try:
             for i, (_, job) in enumerate(jobs):
