@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also convert a single 4 GB shard (peak RSS)")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--no-llmcompressor", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the median is reported")
     args = parser.parse_args()
     src = ensure_checkpoint("llama-2g", [])
     size = input_bytes(src)
@@ -149,11 +150,18 @@ def main() -> None:
     fp8conv = [sys.executable, "-m", "fp8conv", "quantize", str(src), "-q", "--overwrite"]
 
     def run(label: str, cmd: list[str], env: dict | None = None) -> None:
-        shutil.rmtree(OUT / "x", ignore_errors=True)
-        warm(src)
-        wall, peak = timed(cmd, env)
-        rows.append((label, wall, peak))
-        print(f"{label}: {wall:.2f} s, {size / wall / 1e9:.2f} GB/s, peak RSS {peak / 2**20:.0f} MiB", flush=True)
+        """REPEATS runs; the row reports the median wall time and the largest peak RSS."""
+        walls, peaks = [], []
+        for _ in range(args.repeats):
+            shutil.rmtree(OUT / "x", ignore_errors=True)
+            warm(src)
+            wall, peak = timed(cmd, env)
+            walls.append(wall)
+            peaks.append(peak)
+        wall = sorted(walls)[len(walls) // 2]
+        spread = f" (runs: {', '.join(f'{w:.2f}' for w in walls)})" if len(walls) > 1 else ""
+        rows.append((label + spread, wall, max(peaks)))
+        print(f"{label}: {wall:.2f} s, {size / wall / 1e9:.2f} GB/s, peak RSS {max(peaks) / 2**20:.0f} MiB{spread}", flush=True)
 
     out = str(OUT / "x")
     run("fp8conv fp8_e4m3 block-128, --workers 2", [*fp8conv, "-o", out, "--workers", "2"])
@@ -191,7 +199,8 @@ def write_results(path: Path, size: int, rows, ceilings, big_rows) -> None:
     lines = [
         "# Benchmark results",
         "",
-        f"Command: `python bench/run.py{' --big' if big_rows else ''}` (one run; all rows from the same run).",
+        f"Command: `python bench/run.py{' --big' if big_rows else ''}` (one invocation; every row from it; wall time is the"
+        " median of the runs listed, peak RSS the largest).",
         f"Machine: {machine()}.",
         f"Packages: {versions()}.",
         f"Input: `bench/data/llama-2g` (bench/make_checkpoint.py defaults): {size / 1e9:.2f} GB of bf16 in 2 shards,"
