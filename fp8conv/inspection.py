@@ -13,9 +13,9 @@ from .formats import SAFETENSORS_DTYPES, format_of_tag
 from .kernels import load_float32
 from .plan import Matcher, module_name
 from .quantized import LAYOUT_LABELS, CheckpointView, Readers, dequantized_chunks, matrix_chunks, open_view
-from .safetensors_io import TensorInfo
+from .safetensors_io import READ_CHUNK_BYTES, TensorInfo
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = READ_CHUNK_BYTES
 FLOAT_SOURCES = tuple(SAFETENSORS_DTYPES[t] for t in ("BF16", "F16", "F32"))
 
 

@@ -16,12 +16,12 @@ import numpy as np
 
 from .errors import InputError
 from .formats import SAFETENSORS_DTYPES
-from .kernels import (ErrorStats, NonFiniteError, amax_2d, dequantize_rows, load_float32, quantize_2d,
-                      scale_from_amax)
-from .safetensors_io import TensorReader, printable, write_at
+from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, nonfinite_error, quantize_2d,
+                      tensor_scale_of)
+from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
 from .scheme import Scheme
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = READ_CHUNK_BYTES
 COPY_BYTES = 16 << 20
 
 
@@ -177,7 +177,10 @@ def _quantize(job: Job) -> ErrorStats:
     grid_cols = scheme.scale_grid(job.rows, job.cols)[1]
     tensor_scale = None
     if whole:
-        tensor_scale = _whole_tensor_scale(job, chunk_rows, scheme)
+        def whole_matrix() -> Iterator[np.ndarray]:
+            return (chunk for _, chunk in _chunks(job, chunk_rows))
+
+        tensor_scale = tensor_scale_of(whole_matrix, scheme.fmt, job.allow_nonfinite, job.name)
         write_at(fd, job.scale_offset, np.array([tensor_scale], np.float32))
     stats = ErrorStats()
     try:
@@ -192,34 +195,6 @@ def _quantize(job: Job) -> ErrorStats:
     return stats
 
 
-def _whole_tensor_scale(job: Job, chunk_rows: int, scheme: Scheme) -> np.float32:
-    amax = np.float32(0)
-    for _, chunk in _chunks(job, chunk_rows):
-        amax = np.maximum(amax, amax_2d(chunk))
-    if not np.isfinite(amax):
-        if not job.allow_nonfinite:
-            raise _count_nonfinite(job, chunk_rows)
-        amax = np.float32(0)
-        for _, chunk in _chunks(job, chunk_rows):
-            values = _as_float32(chunk)
-            amax = np.maximum(amax, np.float32(np.abs(values[np.isfinite(values)]).max(initial=0)))
-    return scale_from_amax(np.array([amax], np.float32), scheme.fmt)[0]
-
-
-def _as_float32(chunk: np.ndarray) -> np.ndarray:
-    values = np.empty(chunk.shape, np.float32)
-    load_float32(values, chunk)
-    return values
-
-
 def _count_nonfinite(job: Job, chunk_rows: int) -> InputError:
-    nan = inf = 0
-    for _, chunk in _chunks(job, chunk_rows):
-        values = _as_float32(chunk)
-        nan += int(np.isnan(values).sum())
-        inf += int(np.isinf(values).sum())
-    return InputError(
-        f"tensor {printable(job.name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
-        "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
-    )
-
+    """The error for NaN/Inf found in one chunk, with the counts over the whole matrix."""
+    return nonfinite_error(job.name, *count_nonfinite(chunk for _, chunk in _chunks(job, chunk_rows)))

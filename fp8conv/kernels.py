@@ -8,6 +8,8 @@ because whole-tensor float32 temporaries cost more in page faults than in arithm
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +18,7 @@ from . import compiled
 from .errors import InputError, SchemeError
 from .fastcast import cast_clamped_to_fp8, code_to_float_table
 from .formats import QuantFormat
+from .safetensors_io import printable
 from .scheme import Scheme
 
 WINDOW_ELEMENTS = 1 << 17
@@ -159,17 +162,12 @@ def quantize_2d(
     fmt = scheme.fmt
     rows, cols = weight.shape
     whole_scale = scheme.granularity == "tensor"
+    if whole_scale and tensor_scale is None:
+        tensor_scale = tensor_scale_of(lambda: [weight], fmt, allow_nonfinite, name)
     if compiled.AVAILABLE and weight.dtype in _COMPILED_SOURCES and weight.size:
         fast = _quantize_compiled(weight, scheme, tensor_scale)
         if fast is not None:
             return fast
-    if whole_scale and tensor_scale is None:
-        amax = amax_2d(weight)
-        if not np.isfinite(amax) and not allow_nonfinite:
-            raise _nonfinite_error(name, weight)
-        tensor_scale = scale_from_amax(np.array([amax]), fmt)[0] if np.isfinite(amax) else None
-        if tensor_scale is None:
-            tensor_scale = scale_from_amax(np.array([_finite_amax(weight)]), fmt)[0]
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
     grid = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
     scales = np.empty(grid, np.float32)
@@ -202,15 +200,11 @@ def quantize_2d(
 
 
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None) -> QuantizedTensor | None:
-    """The numba path; None when the weight holds NaN/Inf (the numpy path reports or maps them)."""
+    """The numba path (tensor_scale given for tensor granularity); None when the weight holds NaN/Inf
+    (the numpy path maps them)."""
     fmt = scheme.fmt
     rows, cols = weight.shape
     if scheme.granularity == "tensor":
-        if tensor_scale is None:
-            amax = amax_2d(weight)
-            if not np.isfinite(amax):
-                return None
-            tensor_scale = scale_from_amax(np.array([amax], np.float32), fmt)[0]
         tile_rows, tile_cols, grid = 1, cols, (rows, 1)
     else:
         tile_rows, tile_cols = scheme.tile(rows, cols)
@@ -236,7 +230,7 @@ def _tile_scales(orig, tiles, fmt, allow_nonfinite, name, weight):
     if np.isfinite(amax).all():
         return scale_from_amax(amax, fmt), None
     if not allow_nonfinite:
-        raise _nonfinite_error(name, weight)
+        raise nonfinite_error(name, *count_nonfinite([weight]))
     finite = np.where(np.isfinite(view), np.abs(view), 0).max(axis=(1, 3))
     return scale_from_amax(finite.astype(np.float32), fmt), True
 
@@ -251,21 +245,41 @@ def _saturate_nonfinite(orig, work, fmt, stats) -> None:
     orig[mask] = 0  # excluded from the error statistics
 
 
-def _finite_amax(weight: np.ndarray) -> np.float32:
-    values = weight.astype(np.float32)
-    finite = values[np.isfinite(values)]
-    return np.float32(np.abs(finite).max()) if finite.size else np.float32(0)
+def count_nonfinite(chunks: Iterable[np.ndarray]) -> tuple[int, int]:
+    """(NaN count, Inf count) over arrays of bf16/f16/f32 values."""
+    nan = inf = 0
+    for chunk in chunks:
+        values = chunk.astype(np.float32)
+        nan += int(np.isnan(values).sum())
+        inf += int(np.isinf(values).sum())
+    return nan, inf
 
 
-def _nonfinite_error(name: str, weight: np.ndarray) -> NonFiniteError:
-    values = weight.astype(np.float32)
-    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+def nonfinite_error(name: str, nan: int, inf: int) -> NonFiniteError:
     return NonFiniteError(
-        f"tensor {name} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
+        f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
         "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
     )
 
 
+def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], fmt: QuantFormat, allow_nonfinite: bool,
+                    name: str) -> np.float32:
+    """The one scale of tensor granularity, over a tensor seen as row chunks (`chunks()` is called
+    again, to count or skip NaN/Inf, only when the amax is not finite)."""
+    amax = np.float32(0)
+    for chunk in chunks():
+        amax = np.maximum(amax, amax_2d(chunk))
+    if not np.isfinite(amax):
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite(chunks()))
+        amax = np.float32(0)
+        for chunk in chunks():
+            values = chunk.astype(np.float32)
+            amax = np.maximum(amax, np.float32(np.abs(values[np.isfinite(values)]).max(initial=0)))
+    return scale_from_amax(np.array([amax], np.float32), fmt)[0]
+
+
+@lru_cache(maxsize=None)
 def _qmax_code(fmt: QuantFormat) -> int:
     return int(np.array([fmt.qmax], np.float32).astype(fmt.dtype).view(np.uint8)[0])
 

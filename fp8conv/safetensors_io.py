@@ -23,6 +23,7 @@ from .formats import SAFETENSORS_DTYPES
 HEADER_CAP = 100 * 1000 * 1000  # the limit the safetensors format itself enforces
 METADATA_KEY = "__metadata__"
 HASH_BUFFER = 8 << 20
+READ_CHUNK_BYTES = 32 << 20  # tensors are read in row chunks of about this size: memory stays bounded
 
 
 @dataclass(frozen=True)

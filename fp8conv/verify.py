@@ -14,9 +14,9 @@ from .kernels import ErrorStats, load_float32
 from .plan import Matcher, default_skip, module_name
 from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
 from .report import error_metrics
-from .safetensors_io import printable, sha256_of
+from .safetensors_io import READ_CHUNK_BYTES, printable, sha256_of
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = READ_CHUNK_BYTES
 # Thresholds that catch broken conversions (a wrong scale or swapped tensor gives errors >= 50%),
 # set above what each format's rounding gives on heavy-tailed weights.
 DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10}
@@ -160,7 +160,7 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         return
     _check_config_format(view, result)
     ignored = view.ignored_modules or []
-    matcher = Matcher([p if p.startswith("re:") else p for p in ignored], "ignore")
+    matcher = Matcher(ignored, "ignore")
     tensors = view.checkpoint.tensors
     for name, qw in view.weights.items():
         if matcher.first_match(name):
