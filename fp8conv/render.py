@@ -4,6 +4,7 @@ from __future__ import annotations
 from .safetensors_io import printable
 
 WORST_SHOWN = 10
+SHARDS_SHOWN = 4
 PATH_WORDS = {"quantize": "quantized", "requantize": "re-quantized", "carry": "carried over",
               "dequantize": "dequantized", "copy": "copied", "drop": "dropped"}
 
@@ -84,7 +85,8 @@ def inspect_summary(summary: dict) -> str:
     lines = [
         f"checkpoint: {printable(summary['path'])}",
         f"shards: {len(summary['shards'])} ("
-        + ", ".join(f"{printable(s['name'])} {human_bytes(s['bytes'])}" for s in summary["shards"]) + ")",
+        + ", ".join(f"{printable(s['name'])} {human_bytes(s['bytes'])}" for s in summary["shards"][:SHARDS_SHOWN])
+        + (f", ... {len(summary['shards']) - SHARDS_SHOWN} more" if len(summary["shards"]) > SHARDS_SHOWN else "") + ")",
         f"tensors: {summary['tensor_count']}, parameters: {summary['parameter_count']:,}",
         "bytes per dtype: " + ", ".join(f"{d} {human_bytes(n)}" for d, n in summary["bytes_per_dtype"].items()),
         f"quantization: {summary['layout_label']}"
