@@ -199,7 +199,8 @@ def _run(checkpoint, plan, src: Path, out: Path, run, dry_run: bool, as_json: bo
         click.echo(f"fp8conv: warning: {warning}", err=True)
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "").check()
-        click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()}}, indent=2) if as_json
+        click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
+                               "modules_without_tensors": plan.tensorless_modules}, indent=2) if as_json
                    else render.dry_run_plan(plan))
         return
     with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, verb) as bar:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .checkpoint import Checkpoint
+from .architecture import Architecture
+from .checkpoint import CONFIG_NAME, Checkpoint
 from .errors import InputError
 from .layouts import Layout, unquantized_linear_modules
 from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide
@@ -38,6 +39,8 @@ class ConversionPlan:
     warnings: list[str]
     unquantized_modules: list[str]
     out_dtype: str | None = None
+    # Modules the engines build that have no tensor of their own (a tied lm_head): kept, with the reason.
+    tensorless_modules: dict[str, str] = field(default_factory=dict)
 
     @property
     def shard_of_output(self) -> dict[str, str]:
@@ -152,6 +155,14 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
     return plan
 
 
+def architecture_of(checkpoint: Checkpoint) -> Architecture:
+    """The model family from config.json (an unreadable config is reported when it is rewritten)."""
+    try:
+        return Architecture.from_config(checkpoint.read_json(CONFIG_NAME))
+    except InputError:
+        return Architecture()
+
+
 def build_plan(
     checkpoint: Checkpoint,
     scheme: Scheme,
@@ -174,12 +185,17 @@ def build_plan(
             raise InputError(
                 f"tensor {printable(scale)} already exists in the source, so {printable(weight)} looks quantized already"
             )
+    tensorless = {
+        module: "tied to the input embedding (no tensor of its own); listed as ignored so loaders keep it "
+                "in high precision instead of expecting a scale that does not exist"
+        for module in architecture_of(checkpoint).tied_heads(tensors)
+    }
+    kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
         shards=[], scale_of=scale_of, source_quant=source_quant, warnings=[],
-        unquantized_modules=unquantized_linear_modules(
-            {n: d for n, d in decisions.items() if d.action != DROP}, tensors),
+        unquantized_modules=sorted(set(kept) | set(tensorless)), tensorless_modules=tensorless,
     )
     return _finish(checkpoint, plan, max_shard_size)
 

@@ -76,6 +76,8 @@ def dry_run_plan(plan) -> str:
         after = sizes.get(name, 0) + (sizes.get(plan.scale_of[name], 0) if decision.quantized else 0)
         rows.append([printable(name), info.dtype, "x".join(map(str, info.shape)) or "scalar", decision.action,
                      human_bytes(info.nbytes), human_bytes(after), decision.reason])
+    for module, reason in sorted(plan.tensorless_modules.items()):
+        rows.append([printable(module), "-", "-", "keep", "-", "-", reason])
     shards = ", ".join(f"{s.name} ({human_bytes(s.nbytes)})" for s in plan.shards)
     return table(["tensor", "dtype", "shape", "action", "before", "after", "reason"], rows) + f"\noutput shards: {shards}"
 

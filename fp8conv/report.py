@@ -103,5 +103,6 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
         "tool_version": __version__,
         "scheme": _scheme_json(plan),
         "tensors": tensors,
+        "modules_without_tensors": {m: {"decision": "keep", "reason": r} for m, r in sorted(plan.tensorless_modules.items())},
         "files": dict(sorted(files.items())),
     }

@@ -9,6 +9,7 @@ from typing import Callable
 
 import numpy as np
 
+from .architecture import Architecture
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
 from .plan import Matcher, default_skip, module_name
@@ -171,6 +172,13 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         if not matcher.first_match(name) and view.layout != "fp8conv":
             result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
                         "an engine would expect it in FP8", name)
+    if view.layout == "fp8conv":
+        return
+    for module in Architecture.from_config(view.config).tied_heads(tensors):
+        if not matcher.first_match(module):
+            result.fail("structure", f"{module} is tied to the input embedding (no tensor of its own) but "
+                        "quantization_config does not ignore it: transformers would load it as quantized with a "
+                        "scale that does not exist (garbage logits)", module)
 
 
 def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
