@@ -12,6 +12,7 @@ INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 MANIFEST_NAME = "fp8conv.manifest.json"
 REPORT_NAME = "fp8conv.report.json"
+REPORT_HTML_NAME = "fp8conv.report.html"
 
 
 @dataclass

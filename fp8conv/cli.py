@@ -263,9 +263,11 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
 @click.option("--engine", "engines", multiple=True, type=click.Choice(["vllm", "transformers"]), default=("vllm",),
               show_default=True, help="Engines whose load constraints fail the check (others only warn). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Also write the HTML page of the result (with --against: the measured errors); '-' for stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
-def verify(path, against, max_rel_error, tp, engines, as_json, quiet) -> None:
+def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet) -> None:
     """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails."""
     from . import render
     from .errors import EXIT_CHECK_FAILED
@@ -275,5 +277,33 @@ def verify(path, against, max_rel_error, tp, engines, as_json, quiet) -> None:
     with progress_bar(total_work(path, against), quiet, "verify") as bar:
         result = verify_checkpoint(path, options, progress=bar.update).to_json()
     click.echo(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
+    if html_path is not None:
+        from . import html_report
+
+        conversion = html_report.load_report(path) if html_report.has_report(path) else None
+        _emit_page(html_report.render_verification(result, conversion), html_path)
     if not result["passed"]:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Where to write the page ('-' for stdout) [default: OUT/fp8conv.report.html].")
+@handle_errors
+def report(out, html_path) -> None:
+    """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json."""
+    from . import html_report
+
+    page = html_report.render_conversion(html_report.load_report(out))
+    _emit_page(page, html_path if html_path is not None else html_report.default_page_path(out))
+
+
+def _emit_page(page: str, target: Path) -> None:
+    from . import html_report
+
+    if str(target) == "-":
+        click.echo(page, nl=False)
+        return
+    html_report.write_page(target, page)
+    click.echo(f"fp8conv: wrote {target}", err=True)

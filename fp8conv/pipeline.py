@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import compiled
-from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_NAME, Checkpoint, open_checkpoint
+from . import compiled, html_report
+from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError
 from .formats import SAFETENSORS_DTYPES
@@ -365,6 +365,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     _copy_extras(checkpoint, staging)
     report = build_report(plan, stats)
     _write_json(staging.path(REPORT_NAME), report)
+    staging.path(REPORT_HTML_NAME).write_text(html_report.render_conversion(report), encoding="utf-8")
     for path in sorted(staging.tmp.iterdir()):
         if path.name not in files and path.name != JOURNAL_NAME:
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
@@ -411,6 +412,6 @@ def _copy_extras(checkpoint: Checkpoint, staging: Staging) -> None:
     """Tokenizer, generation config, README...: real files in OUT even when SRC holds links."""
     for path in checkpoint.extra_files:
         target = staging.path(path.name)
-        if path.name in (MANIFEST_NAME, REPORT_NAME) or target.exists():
+        if path.name in (MANIFEST_NAME, REPORT_NAME, REPORT_HTML_NAME) or target.exists():
             continue
         shutil.copyfile(path, target)

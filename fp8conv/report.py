@@ -7,6 +7,7 @@ from collections import Counter
 from . import __version__
 from .conversion import ConversionPlan
 from .kernels import ErrorStats
+from .plan import COPY
 
 MANIFEST_SCHEMA = 1
 
@@ -55,6 +56,8 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     rows.sort(key=lambda r: (-r["rel_rms_error"], r["name"]))
     actions = Counter(d.action for d in plan.decisions.values())
     total_before, total_after = sum(before.values()), sum(after.values())
+    parameters = sum(plan.tensors[name].numel for name in plan.decisions)
+    quantized_params, quantized_bytes = _quantized_footprint(plan)
     return {
         "scheme": _scheme_json(plan),
         "tensors_total": len(plan.decisions),
@@ -66,10 +69,28 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
         "total_bytes_before": total_before,
         "total_bytes_after": total_after,
         "compression_ratio": total_before / total_after if total_after else None,
+        "parameters_total": parameters,
+        "parameters_quantized": quantized_params,
+        "bytes_quantized_with_scales": quantized_bytes,
+        # 8 x (codes + scales) / elements of the quantized tensors, and 8 x output bytes / all parameters.
+        "bits_per_weight": 8 * quantized_bytes / quantized_params if quantized_params else None,
+        "bits_per_parameter": 8 * total_after / parameters if parameters else None,
         "worst_rel_rms_error": rows[0]["rel_rms_error"] if rows else 0.0,
         "tensors": rows,
+        "high_precision": [
+            {"name": name, "dtype": plan.tensors[name].dtype, "shape": list(plan.tensors[name].shape), "reason": d.reason}
+            for name, d in sorted(plan.decisions.items()) if d.action == COPY
+        ],
         "warnings": plan.warnings,
     }
+
+
+def _quantized_footprint(plan: ConversionPlan) -> tuple[int, int]:
+    """(elements, output bytes of codes + scale tensors) over the tensors stored quantized."""
+    sizes = {entry.name: entry.nbytes for shard in plan.shards for entry in shard.entries}
+    names = [name for name, d in plan.decisions.items() if d.quantized]
+    elements = sum(plan.tensors[name].numel for name in names)
+    return elements, sum(sizes[name] + sizes[plan.scale_of[name]] for name in names)
 
 
 def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
