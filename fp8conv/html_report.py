@@ -163,7 +163,7 @@ def fmt_bytes(n: int) -> str:
 
 def _text(value: object) -> str:
     if isinstance(value, list):
-        return "x".join(str(v) for v in value) or "scalar"
+        return esc("x".join(str(v) for v in value)) or "scalar"
     return esc(PATH_WORDS.get(value, value)) if isinstance(value, str) else fmt("", value)
 
 
@@ -383,7 +383,7 @@ def _sqnr_section(rows: list[dict]) -> str:
     note = f'<p class="muted" data-key="sqnr_exact">{exact:,} tensor(s) reproduced exactly (no SQNR).</p>' if exact else ""
     if not values:
         return _section("sqnr", "SQNR distribution", note or "<p>No SQNR values.</p>")
-    step = _nice_step(values[-1] - values[0], 24)
+    step = _nice_step(values[-1] - values[0], min(24, max(5, round(2 * math.sqrt(len(values))))))
     start = math.floor(values[0] / step) * step
     n = max(1, math.floor((values[-1] - start) / step) + 1)
     counts = [0] * n
