@@ -12,6 +12,7 @@ import html
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 from .checkpoint import REPORT_HTML_NAME, REPORT_NAME
@@ -150,15 +151,23 @@ def fmt(key: str, value: object) -> str:
     return f"{value:.4g}"
 
 
-def fmt_bytes(n: int) -> str:
-    """Exact bytes with separators, then a human size."""
+def human_bytes(n: int) -> str:
     size, unit = float(n), "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(size) < 1000 or unit == "TB":
             break
         size /= 1000
-    human = f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
-    return f'{n:,} <span class="muted">({human})</span>'
+    return f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
+
+
+def fmt_bytes(n: int) -> str:
+    """Exact bytes with separators, then a human size."""
+    return f'{n:,} <span class="muted">({human_bytes(n)})</span>'
+
+
+def _svg_open(cls: str, width: float, height: float, label: str) -> str:
+    return (f'<svg class="{cls}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{label}">')
 
 
 def _text(value: object) -> str:
@@ -206,7 +215,7 @@ def _summary_cards(report: dict, rows: list[dict]) -> str:
     items = []
     before, after = report.get("total_bytes_before"), report.get("total_bytes_after")
     if isinstance(before, int) and isinstance(after, int):
-        items.append(("total_bytes_after", f"{after / 1e6:,.2f} MB", f"after, from {before / 1e6:,.2f} MB"))
+        items.append(("total_bytes_after", human_bytes(after), f"after, from {human_bytes(before)}"))
     for key, label, spec in (("compression_ratio", "compression ratio (x smaller)", ".3f"),
                              ("bits_per_weight", "bits per quantized weight, scales included", ".3f"),
                              ("bits_per_parameter", "bits per parameter, whole model", ".3f")):
@@ -233,7 +242,8 @@ def _sizes_section(report: dict) -> str:
     if isinstance(total_before, int) and isinstance(total_after, int):
         rows.append(["<b>total</b>", fmt_bytes(total_before), fmt_bytes(total_after)])
         attrs.append(' data-dtype="total"')
-    lines = [_table(["dtype", "before (bytes)", "after (bytes)"], rows, ["", "num", "num"], attrs), _size_bars(dtypes, before, after)]
+    lines = [_table(["dtype", "before (bytes)", "after (bytes)"], rows, ["", "num", "num"], attrs),
+             _size_bars(dtypes, before, after)]
     facts = []
     for key, label in (("parameters_total", "parameters"), ("parameters_quantized", "parameters stored quantized"),
                        ("bytes_quantized_with_scales", "bytes of quantized codes + scales")):
@@ -248,7 +258,7 @@ def _size_bars(dtypes: list[str], before: dict, after: dict) -> str:
     """Two stacked horizontal bars (before, after), one colour per dtype."""
     total = max(sum(int(v) for v in before.values()), sum(int(v) for v in after.values()), 1)
     width, left, bar_h = 640, 60, 22
-    parts = [f'<svg class="sizes" width="{width + 20}" height="{2 * (bar_h + 10) + 34}" viewBox="0 0 {width + 20} {2 * (bar_h + 10) + 34}" role="img" aria-label="bytes per dtype before and after">']
+    parts = [_svg_open("sizes", width + 20, 2 * (bar_h + 10) + 34, "bytes per dtype before and after")]
     for i, (label, sizes) in enumerate((("before", before), ("after", after))):
         y = 4 + i * (bar_h + 10)
         parts.append(f'<text x="0" y="{y + 15}">{label}</text>')
@@ -319,8 +329,7 @@ def _heatmap_section(rows: list[dict]) -> str:
     left = 12 + 7 * max(len(labels[k]) for k in row_keys)
     top = 16 + min(180, int(5.2 * max(len(m) for m in modules)))
     width, height = left + cw * len(modules) + 150, top + max(ch * len(row_keys), 130) + 10
-    out = [f'<svg class="heatmap" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="relative RMS error by layer and module">']
+    out = [_svg_open("heatmap", width, height, "relative RMS error by layer and module")]
     for j, module in enumerate(modules):
         x = left + cw * j + cw / 2
         out.append(f'<text transform="translate({x:.0f},{top - 6}) rotate(-40)">{esc(module)}</text>')
@@ -392,7 +401,7 @@ def _sqnr_section(rows: list[dict]) -> str:
     width, height, left, bottom = 680, 220, 40, 36
     bw = (width - left - 10) / n
     peak = max(counts)
-    out = [f'<svg class="sqnr" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="histogram of per-tensor SQNR">',
+    out = [_svg_open("sqnr", width, height, "histogram of per-tensor SQNR"),
            f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}"/>']
     decimals = max(0, -math.floor(math.log10(step)))
     label_every = max(1, math.ceil(n / 12))
@@ -407,10 +416,12 @@ def _sqnr_section(rows: list[dict]) -> str:
             out.append(f'<text x="{x + bw / 2:.1f}" y="{height - bottom - h - 3:.1f}" text-anchor="middle">{count}</text>')
         if i % label_every == 0:
             out.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{edge:.{decimals}f}</text>')
-    out.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 4}" text-anchor="middle">SQNR (dB), {len(values):,} tensors, bins of {step:g} dB</text>')
+    out.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 4}" text-anchor="middle">'
+               f"SQNR (dB), {len(values):,} tensors, bins of {step:g} dB</text>")
     out.append("</svg>")
-    facts = (f'<p>median <b data-key="sqnr_median">{fmt("sqnr_db", values[len(values) // 2])}</b> dB, lowest '
-             f'<b data-key="sqnr_min">{fmt("sqnr_db", values[0])}</b> dB, highest <b data-key="sqnr_max">{fmt("sqnr_db", values[-1])}</b> dB.</p>')
+    facts = (f'<p>median <b data-key="sqnr_median">{fmt("sqnr_db", statistics.median(values))}</b> dB, lowest '
+             f'<b data-key="sqnr_min">{fmt("sqnr_db", values[0])}</b> dB, '
+             f'highest <b data-key="sqnr_max">{fmt("sqnr_db", values[-1])}</b> dB.</p>')
     return _section("sqnr", "SQNR distribution", facts + note + "".join(out))
 
 
@@ -455,7 +466,8 @@ def _hotspots_section(rows: list[dict]) -> str:
             continue
         peak = hot[0][key]
         body = [[esc(r["name"]), fmt(key, r[key]),
-                 f'<svg width="120" height="10" viewBox="0 0 120 10"><rect class="bar" width="{max(1.0, 120 * r[key] / peak):.1f}" height="10"/></svg>']
+                 f'<svg width="120" height="10" viewBox="0 0 120 10">'
+                 f'<rect class="bar" width="{max(1.0, 120 * r[key] / peak):.1f}" height="10"/></svg>']
                 for r in hot[:HOTSPOTS_SHOWN]]
         attrs = [f' data-name="{esc(r["name"])}"' for r in hot[:HOTSPOTS_SHOWN]]
         parts.append(f"<h3>{esc(label)}: {len(hot):,} tensor(s) affected, highest first</h3>"

@@ -68,7 +68,7 @@ def readme_screenshot(target: Path) -> Path:
                         "-o", str(out), "--workers", "1", "--quiet"], check=True, cwd=root, stdout=subprocess.DEVNULL)
         raw = screenshot(out / "fp8conv.report.html", Path(tmp) / "page.png", 1000, 1500)
         with Image.open(raw) as image:
-            small = image.convert("RGB").resize((750, 1125), Image.LANCZOS).quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+            small = image.convert("RGB").resize((750, 1125), Image.LANCZOS).quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
             small.save(target, optimize=True)
     return target
 
