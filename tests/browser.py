@@ -40,21 +40,31 @@ def dump_dom(page: Path) -> str:
     return done.stdout
 
 
-def screenshot(page: Path, png: Path, width: int = 1100, height: int = 1600) -> Path:
-    """A PNG of the top width x height pixels of the page as the browser renders it."""
-    done = _run([f"--window-size={width},{height}", f"--screenshot={png.resolve()}", page.resolve().as_uri()])
+def screenshot(page: Path, png: Path, width: int = 1100, height: int = 1600, dark: bool = False) -> Path:
+    """A PNG of the top width x height pixels of the page as the browser renders it (dark: the user
+    prefers a dark colour scheme)."""
+    extra = ["--force-dark-mode"] if dark else []
+    done = _run([*extra, f"--window-size={width},{height}", f"--screenshot={png.resolve()}", page.resolve().as_uri()])
     assert done.returncode == 0 and png.is_file(), f"chromium --screenshot failed: {done.stderr[-2000:]}"
     return png
 
 
-def pixel_stats(png: Path) -> tuple[int, float]:
-    """(number of distinct colours, variance of the grey levels) of a PNG."""
+def print_pdf(page: Path, pdf: Path) -> bytes:
+    """The page printed to PDF (print media: the @media print rules apply)."""
+    done = _run(["--no-pdf-header-footer", f"--print-to-pdf={pdf.resolve()}", page.resolve().as_uri()])
+    assert done.returncode == 0 and pdf.is_file(), f"chromium --print-to-pdf failed: {done.stderr[-2000:]}"
+    return pdf.read_bytes()
+
+
+def pixel_stats(png: Path) -> tuple[int, float, float]:
+    """(number of distinct colours, mean and variance of the grey levels) of a PNG."""
     from PIL import Image, ImageStat
 
     with Image.open(png) as image:
         rgb = image.convert("RGB")
         colours = rgb.getcolors(maxcolors=1 << 24)
-        return len(colours or []), ImageStat.Stat(rgb.convert("L")).var[0]
+        grey = ImageStat.Stat(rgb.convert("L"))
+        return len(colours or []), grey.mean[0], grey.var[0]
 
 
 def readme_screenshot(target: Path) -> Path:

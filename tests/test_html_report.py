@@ -295,9 +295,13 @@ def test_page_in_headless_chromium(sample, tmp_path):
     out = tmp_path / "out"
     report, _ = convert(sample("llama-tiny"), out)
     page = out / "fp8conv.report.html"
-    png = browser.screenshot(page, tmp_path / "page.png")
-    colours, variance = browser.pixel_stats(png)
+    colours, mean, variance = browser.pixel_stats(browser.screenshot(page, tmp_path / "page.png"))
     assert colours > 50 and variance > 100, (colours, variance)  # text, charts and the heatmap were drawn
+    assert mean > 180, mean  # light background by default
+    colours, dark_mean, variance = browser.pixel_stats(browser.screenshot(page, tmp_path / "dark.png", dark=True))
+    assert dark_mean < 80 and colours > 50 and variance > 100, (dark_mean, colours, variance)
+    pdf = browser.print_pdf(page, tmp_path / "page.pdf")
+    assert pdf.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", pdf)) >= 1
     dom, tags = parse(browser.dump_dom(page))
     assert "script" not in tags
     check_heatmap(dom, report)
