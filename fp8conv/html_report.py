@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .checkpoint import REPORT_HTML_NAME, REPORT_NAME
 from .errors import InputError, OutputError
+from .render import PATH_WORDS
 from .safetensors_io import printable
 
 WORST_SHOWN = 20
@@ -28,8 +29,6 @@ HEAT_METRIC = "rel_rms_error"
 # Perceptually uniform (viridis) anchors: low error dark, high error bright; readable light and dark.
 PALETTE = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725")
 CATEGORICAL = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
-PATH_WORDS = {"quantize": "quantized", "requantize": "re-quantized", "carry": "carried over",
-              "dequantize": "dequantized", "copy": "kept (copied)", "drop": "dropped"}
 TEXT_FIELDS = ("shape", "path", "scheme")
 METRICS = {  # key -> (column label, how the value is written); unknown numeric keys get a generic column
     "rel_rms_error": ("rel. RMS error", "pct4"),
