@@ -264,7 +264,7 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
               show_default=True, help="Engines whose load constraints fail the check (others only warn). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="Also write the HTML page of the result (with --against: the measured errors); '-' for stdout.")
+              help="Also write the HTML page of the result (with --against: the measured errors) to FILE.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet) -> None:
@@ -273,6 +273,8 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
     from .errors import EXIT_CHECK_FAILED
     from .verify import VerifyOptions, total_work, verify_checkpoint
 
+    if html_path is not None and str(html_path) == "-":
+        raise click.UsageError("--html - would mix the page with the summary on stdout; give a file name")
     options = VerifyOptions(against=against, max_rel_error=max_rel_error, tp=tp, engines=tuple(engines))
     with progress_bar(total_work(path, against), quiet, "verify") as bar:
         result = verify_checkpoint(path, options, progress=bar.update).to_json()

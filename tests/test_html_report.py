@@ -180,6 +180,10 @@ def test_verify_page_shows_the_measured_errors(sample, tmp_path):
         assert float(cell.attrs["data-value"]) == by_name[cell.attrs["data-worst"]]["rel_rms_error"]
 
 
+def test_verify_html_to_stdout_is_a_usage_error(sample, tmp_path):
+    assert "give a file name" in run_cli("verify", tmp_path, "--html", "-", expect=2).stderr
+
+
 def test_verify_html_of_a_failing_checkpoint_says_failed(sample, tmp_path):
     src, out = sample("llama-tiny"), tmp_path / "out"
     convert(src, out)
