@@ -80,6 +80,9 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
         "high_precision": [
             {"name": name, "dtype": plan.tensors[name].dtype, "shape": list(plan.tensors[name].shape), "reason": d.reason}
             for name, d in sorted(plan.decisions.items()) if d.action == COPY
+        ] + [  # modules an engine builds without a tensor of their own (a tied lm_head)
+            {"name": module, "dtype": None, "shape": None, "reason": reason}
+            for module, reason in sorted(plan.tensorless_modules.items())
         ],
         "warnings": plan.warnings,
     }

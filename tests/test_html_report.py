@@ -18,6 +18,7 @@ import browser
 import stfile
 from helpers import read_json, run_cli
 from htmldom import equals, parse
+from test_architecture import tied_llama  # noqa: F401  (fixture)
 
 from fp8conv import html_report
 from fp8conv.safetensors_io import printable
@@ -315,3 +316,13 @@ def test_page_in_headless_chromium(sample, tmp_path):
     dom, tags = parse(browser.dump_dom(tmp_path / "hostile" / "fp8conv.report.html"))
     assert "script" not in tags and "img" not in tags
     assert "<script>alert(1)</script>" in dom.text()
+
+
+def test_a_tied_head_is_listed_as_kept_in_high_precision(tied_llama, tmp_path):
+    report, page = convert(tied_llama, tmp_path / "out")
+    (row,) = [r for r in report["high_precision"] if r["name"] == "lm_head"]
+    assert row["dtype"] is None and "tied to the input embedding" in row["reason"]
+    dom, _ = parse(page)
+    reasons = {tr.find_all("td")[0].text(): tr.find_all("td")[2].text()
+               for tr in dom.find("section", id="high-precision").find("tbody").find_all("tr")}
+    assert reasons[row["reason"]] == "lm_head"
