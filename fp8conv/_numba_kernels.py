@@ -77,27 +77,42 @@ def round_fp8(q, y, codes, mbits, min_normal_bits, sub_step_inv, rebias):
         codes[c] = np.uint8(code | (sign >> np.uint32(24)))
 
 
-@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "nsz"})
-def _row_sums(row, y, err, scales):
-    """sum w^2, sum err^2 (float32, reordered: statistics only) and flushed-to-zero count of a row."""
-    sum_ref = np.float32(0)
-    sum_err = np.float32(0)
+@njit(cache=True, nogil=True, error_model="numpy")
+def _row_sums(row, y, err, scales, lanes):
+    """sum w^2 and sum err^2 of a row in float64, in kernels.py's fixed order (column c in lane c % 8,
+    each lane sequential, lanes combined 0..7), and the flushed-to-zero count."""
+    cols = row.shape[0]
     flushed = 0
-    for c in range(row.shape[0]):
+    lanes[:] = 0.0
+    for c in range(cols):
         w = row[c]
         deq = y[c] * scales[c]
         e = w - deq
         err[c] = e
-        sum_ref += w * w
-        sum_err += e * e
         flushed += (deq == 0) & (w != 0)
+    for k in range(0, cols - cols % 8, 8):
+        for lane in range(8):
+            w64 = np.float64(row[k + lane])
+            e64 = np.float64(err[k + lane])
+            lanes[0, lane] += w64 * w64
+            lanes[1, lane] += e64 * e64
+    for c in range(cols - cols % 8, cols):
+        w64 = np.float64(row[c])
+        e64 = np.float64(err[c])
+        lanes[0, c % 8] += w64 * w64
+        lanes[1, c % 8] += e64 * e64
+    sum_ref = lanes[0, 0]
+    sum_err = lanes[1, 0]
+    for lane in range(1, 8):
+        sum_ref += lanes[0, lane]
+        sum_err += lanes[1, lane]
     return sum_ref, sum_err, flushed
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _row_stats(row, y, err, scales, qmax_bits, stats):
+def _row_stats(row, y, err, scales, qmax_bits, stats, lanes):
     """Error statistics of w' = y * scale; max |err| and saturation on bit patterns (vectorise)."""
-    sum_ref, sum_err, flushed = _row_sums(row, y, err, scales)
+    sum_ref, sum_err, flushed = _row_sums(row, y, err, scales, lanes)
     err_bits = err.view(np.uint32)
     y_bits = y.view(np.uint32)
     max_err = np.uint32(0)
@@ -123,9 +138,12 @@ def _bits_to_float(bits):
 def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats):
     """Quantize src[rows, cols] (bf16 bits as uint16, or float32) into uint8 codes + scale grid.
 
-    fixed_scale > 0 means one given scale (tensor granularity). Returns True when a band holds
-    NaN/Inf: then nothing is valid and the caller takes the numpy path, which reports them.
+    fixed_scale > 0 means one given scale (tensor granularity). kind: 0 e4m3, 1 e5m2, 2 int8
+    (compiled.KIND). Returns True when a band holds NaN/Inf or the kind is unknown: then nothing is
+    valid and the caller takes the numpy path.
     """
+    if kind < 0 or kind > 2:
+        return True
     rows, cols = src.shape
     n_tiles = scales.shape[1]
     row = np.empty(cols, np.float32)
@@ -136,6 +154,7 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
     expanded = np.empty(cols, np.float32)
     amax_bits = np.empty(n_tiles, np.uint32)
     amax = amax_bits.view(np.float32)
+    lanes = np.zeros((2, 8), np.float64)
     qmax_bits = _float_bits(qmax)
     for band in range(0, rows, tile_rows):
         stop = min(rows, band + tile_rows)
@@ -159,9 +178,9 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                     codes[r, c] = np.uint8(np.int32(y[c]) & 0xFF)
             elif kind == 0:
                 round_fp8(q, y, codes[r], 3, np.uint32(0x3C800000), np.float32(512.0), (127 - 7) << 3)
-            else:
+            elif kind == 1:
                 round_fp8(q, y, codes[r], 2, np.uint32(0x38800000), np.float32(65536.0), (127 - 15) << 2)
-            _row_stats(row, y, err, expanded, qmax_bits, stats)
+            _row_stats(row, y, err, expanded, qmax_bits, stats, lanes)
     return False
 
 

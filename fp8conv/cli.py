@@ -19,7 +19,7 @@ from .errors import EXIT_INTERNAL, EXIT_SIGINT, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .layouts import LAYOUTS
 from .plan import DEFAULT_SKIPS
-from .scheme import GRANULARITIES, MAX_TILE, Scheme, parse_block_size
+from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, Scheme, parse_block_size
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
@@ -96,9 +96,17 @@ def scheme_options(func):
     """--format/--granularity/--block-size/--group-size, shared by the commands that quantize."""
     options = [
         click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="fp8_e4m3", show_default=True,
-                     help="Target format (qmax 448 for e4m3, 57344 for e5m2, 127 for int8)."),
-        click.option("--granularity", type=click.Choice(GRANULARITIES), default="block", show_default=True,
-                     help="block: 2-D tiles; channel: one scale per output row; group: 1-D groups along the last dim; tensor: one scale."),
+                     help="Target format (qmax 448 for e4m3, 57344 for e5m2, 127 for int8, 7 for int4; int4 is "
+                          "weight-only)."),
+        click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
+                     help="block: 2-D tiles; channel: one scale per output row; group: 1-D groups along the last dim; "
+                          "tensor: one scale. [default: group for int4, block otherwise]"),
+        click.option("--activations", type=click.Choice(ACTIVATIONS), default=None,
+                     help="dynamic: W8A8 (engines quantize activations per token at run time); none: weight-only "
+                          "(int4 / int8 as compressed-tensors pack-quantized W4A16 / W8A16). [default: none for int4, "
+                          "dynamic otherwise]"),
+        click.option("--asymmetric", is_flag=True,
+                     help="Integer weight-only schemes: a zero point per tile, scale = (max - min) / (qmax - qmin)."),
         click.option("--block-size", default="128", show_default=True, help="Block tile: N or NxM (rows x cols)."),
         click.option("--group-size", type=click.IntRange(1, MAX_TILE), default=128, show_default=True,
                      help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
@@ -128,13 +136,20 @@ def run_options(func):
     return _apply(options, func)
 
 
-def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -> Scheme:
+def default_granularity(fmt: str, granularity: str | None) -> str:
+    return granularity or ("group" if fmt == "int4" else "block")
+
+
+def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size: int, activations: str | None = None,
+                 asymmetric: bool = False) -> Scheme:
     from .errors import SchemeError
 
     try:
-        return Scheme(format=fmt, granularity=granularity, block_size=parse_block_size(block_size), group_size=group_size)
+        block = parse_block_size(block_size)
     except SchemeError as exc:
         raise click.BadParameter(str(exc), param_hint="--block-size") from None
+    return Scheme(format=fmt, granularity=default_granularity(fmt, granularity), block_size=block,
+                  group_size=group_size, symmetric=not asymmetric, activations=activations)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -152,8 +167,8 @@ def build_scheme(fmt: str, granularity: str, block_size: str, group_size: int) -
 @click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
 @run_options
 @handle_errors
-def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore, include, allow_nonfinite, workers,
-             max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
+def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, layout, ignore, include,
+             allow_nonfinite, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
 
     \b
@@ -162,16 +177,15 @@ def quantize(src, out, fmt, granularity, block_size, group_size, layout, ignore,
     """
     from . import pipeline
 
-    _refuse_conflicts(granularity, overwrite, resume)
+    _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
+    run = pipeline.RunOptions(workers, overwrite, resume, allow_nonfinite)
     options = pipeline.QuantizeOptions(
-        scheme=build_scheme(fmt, granularity, block_size, group_size), layout=layout, ignore=ignore, include=include,
-        workers=workers, max_shard_size=parse_size(max_shard_size), overwrite=overwrite, resume=resume,
-        allow_nonfinite=allow_nonfinite,
+        scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric), layout=layout,
+        ignore=ignore, include=include, max_shard_size=parse_size(max_shard_size), run=run,
     )
     checkpoint, plan = pipeline.make_plan(src, options)
     if layout == "fp8conv":
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
-    run = pipeline.RunOptions(workers, overwrite, resume, allow_nonfinite)
     _run(checkpoint, plan, src, out, run, dry_run, as_json, quiet, "quantize")
 
 

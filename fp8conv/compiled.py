@@ -1,10 +1,11 @@
 """Optional numba kernel: the numerics of kernels.py fused into a few loops per row.
 
-Used when numba is installed (the `fast` extra); kernels.py keeps the numpy path as the fallback,
-and takes it for any chunk holding NaN/Inf. FP8 rounding there is integer arithmetic on the
-float32 bit pattern (round to nearest even at 3 or 2 mantissa bits; the subnormal range by rint
-at the format's fixed step). tests/test_kernels.py runs both paths against the float64
-reference, and tests/test_fastcast.py against ml_dtypes, bit for bit.
+Used when numba is installed (the `fast` extra) for the schemes it declares in `supports`;
+kernels.py runs every other scheme, and any chunk holding NaN/Inf, on the numpy reference path.
+FP8 rounding there is integer arithmetic on the float32 bit pattern (round to nearest even at 3 or
+2 mantissa bits; the subnormal range by rint at the format's fixed step). tests/test_kernels.py
+runs both paths against the float64 reference, and tests/test_fastcast.py against ml_dtypes, bit
+for bit; both give the same error statistics.
 
 numba itself is imported on first use (in the worker processes), not at start-up.
 """
@@ -18,7 +19,19 @@ import numpy as np
 
 AVAILABLE = not os.environ.get("FP8CONV_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
+# The element formats the kernel knows, with the rounding it applies to each (an unknown kind makes
+# the kernel return an error, never another format's rounding).
 KIND = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
+
+
+def supports(scheme) -> bool:
+    """Symmetric schemes over the restricted range [-qmax, qmax] with float32 scales, in a known format."""
+    return (scheme.format in KIND and scheme.symmetric and not scheme.full_range
+            and scheme.scale_format == "float32")
+
+
+def kind_of(scheme) -> int:
+    return KIND[scheme.format]
 
 
 def quantize_chunk(*args):

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from .architecture import Architecture
 from .checkpoint import CONFIG_NAME, Checkpoint
 from .errors import InputError
-from .layouts import Layout, unquantized_linear_modules
+from .errors import SchemeError
+from .layouts import CODES, SCALE, Layout, TensorSpec, packs, unquantized_linear_modules
 from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide
-from .quantized import AUX_SUFFIXES, SCALE_SUFFIXES, CheckpointView, QuantizedWeight, open_view
+from .quantized import CheckpointView, QuantizedWeight, open_view, validate_source_scales
 from .safetensors_io import OutEntry, TensorInfo, printable
 from .scheme import Scheme
 
@@ -34,7 +35,8 @@ class ConversionPlan:
     decisions: dict[str, Decision]
     source_shard: dict[str, str]
     shards: list[OutShard]
-    scale_of: dict[str, str]
+    outputs: dict[str, list[TensorSpec]]  # quantized source tensor -> every tensor its layout writes
+    schemes: dict[str, Scheme]  # quantized source tensor -> its scheme (scale format resolved)
     source_quant: dict[str, QuantizedWeight]
     warnings: list[str]
     unquantized_modules: list[str]
@@ -46,13 +48,32 @@ class ConversionPlan:
     def shard_of_output(self) -> dict[str, str]:
         return {e.name: shard.name for shard in self.shards for e in shard.entries}
 
+    @property
+    def origin(self) -> dict[str, str]:
+        """Output tensor name -> the source tensor it comes from."""
+        names = {}
+        for name, decision in self.decisions.items():
+            if decision.action == DROP:
+                continue
+            if decision.quantized:
+                names.update({spec.name: name for spec in self.outputs[name]})
+            elif decision.action == DEQUANTIZE:
+                names[self.source_quant[name].name] = name
+            else:
+                names[name] = name
+        return names
+
+    def spec(self, name: str, role: str) -> TensorSpec | None:
+        return next((s for s in self.outputs.get(name, []) if s.role == role), None)
+
     def output_dtype(self, name: str) -> str | None:
         action = self.decisions[name].action
         if action == DROP:
             return None
         if self.decisions[name].quantized:
-            assert self.scheme is not None
-            return self.scheme.fmt.safetensors_tag
+            spec = self.spec(name, CODES)
+            assert spec is not None
+            return spec.dtype
         if action == DEQUANTIZE:
             return self.out_dtype or "BF16"
         return self.tensors[name].dtype
@@ -62,12 +83,12 @@ def _outputs_of(plan: ConversionPlan, info: TensorInfo) -> list[OutEntry]:
     decision = plan.decisions[info.name]
     if decision.action == DROP:
         return []
-    entry = OutEntry(info.name, plan.output_dtype(info.name), info.shape)
-    if not decision.quantized:
-        return [entry]
-    assert plan.scheme is not None and plan.layout is not None
-    scale = OutEntry(plan.scale_of[info.name], "F32", plan.layout.scale_shape(plan.scheme, info.shape))
-    return [entry, scale]
+    if decision.quantized:
+        return [OutEntry(spec.name, spec.dtype, spec.shape) for spec in plan.outputs[info.name]]
+    if decision.action == DEQUANTIZE:
+        qw = plan.source_quant[info.name]
+        return [OutEntry(qw.name, plan.output_dtype(info.name), qw.shape)]
+    return [OutEntry(info.name, plan.output_dtype(info.name), info.shape)]
 
 
 def _engine_warnings(plan: ConversionPlan) -> list[str]:
@@ -104,26 +125,22 @@ def _pack(groups: list[tuple[str, list[OutEntry]]], max_shard_size: int | None) 
 
 def _quantized_source(view: CheckpointView) -> tuple[dict[str, QuantizedWeight], set[str]]:
     """The source's quantized weights (refusing any it cannot read) and the tensors that go with them."""
+    view.refuse_unsupported()
     for name, qw in sorted(view.weights.items()):
         if qw.problem:
             raise InputError(f"{view.checkpoint.root}: quantized weight {printable(name)} {qw.problem}")
     if view.orphan_scales:
         raise InputError(f"{view.checkpoint.root}: scale {printable(view.orphan_scales[0])} belongs to no quantized weight")
-    tensors = view.checkpoint.tensors
-    companions = {
-        name[: -len("weight")] + suffix
-        for name in view.weights
-        for suffix in SCALE_SUFFIXES + AUX_SUFFIXES
-        if name[: -len("weight")] + suffix in tensors
-    }
+    companions = {name for qw in view.weights.values() for name in qw.companions}
     return dict(view.weights), companions
 
 
 def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
-    """Same format, granularity and tile, float32 scales of the same size: keep the bytes."""
+    """Same format, granularity and tile, float32 scales of the same size, codes stored alike: keep the bytes."""
     assert qw.scheme is not None and qw.scale is not None
     return (
         qw.scheme.describe() == scheme.describe()
+        and qw.scheme.symmetric and not qw.packed and not packs(scheme)
         and qw.scale.dtype == "F32"
         and qw.scale.numel == math.prod(layout.scale_shape(scheme, qw.weight.shape))
     )
@@ -143,6 +160,25 @@ def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions
     if _can_carry(qw, scheme, layout):
         return Decision(name, CARRY, f"already {qw.scheme.describe()} in the source: codes and scales carried over unchanged")
     return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
+
+
+def _refuse_groups(plan: ConversionPlan, scheme: Scheme) -> None:
+    """compressed-tensors and vLLM need in_features % group_size == 0: refuse the whole plan, naming
+    every offending tensor and the group sizes that would fit them all."""
+    if not packs(scheme) or scheme.granularity != "group":
+        return
+    cols = {name: (plan.source_quant[name].shape if name in plan.source_quant else plan.tensors[name].shape)[-1]
+            for name in plan.outputs}
+    bad = sorted(name for name, c in cols.items() if c % scheme.group_size)
+    if not bad:
+        return
+    common = math.gcd(*cols.values())
+    fits = [g for g in (1024, 512, 256, 128, 64, 32, 16, 8) if common % g == 0]
+    listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
+    fix = (f"--group-size {' / '.join(map(str, fits))} fits every tensor" if fits else "no power-of-two group fits all")
+    raise SchemeError(f"in_features must be divisible by the group size {scheme.group_size} for pack-quantized "
+                      f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
+                      "or --ignore those tensors")
 
 
 def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | None) -> ConversionPlan:
@@ -173,18 +209,27 @@ def build_plan(
 ) -> ConversionPlan:
     """Decide every tensor and every output byte range for `quantize`; raises before anything is written."""
     layout.check(scheme)
+    scheme = layout.stored_scheme(scheme)
     tensors = checkpoint.tensors
-    source_quant, companions = _quantized_source(open_view(checkpoint))
+    view = open_view(checkpoint)
+    source_quant, companions = _quantized_source(view)
     decisions = {
         name: _decide_quantize(name, info, source_quant, companions, scheme, layout, ignore, include)
         for name, info in tensors.items()
     }
-    scale_of = {name: layout.scale_name(name) for name, d in decisions.items() if d.quantized}
-    for weight, scale in scale_of.items():
-        if scale in tensors and decisions[scale].action != DROP:
-            raise InputError(
-                f"tensor {printable(scale)} already exists in the source, so {printable(weight)} looks quantized already"
-            )
+    validate_source_scales(view, [n for n, d in decisions.items() if n in source_quant and d.action != CARRY])
+    schemes, outputs = {}, {}
+    for name, decision in decisions.items():
+        if decision.quantized:
+            qw = source_quant.get(name)
+            logical, shape = (qw.name, qw.shape) if qw else (name, tensors[name].shape)
+            schemes[name] = scheme.for_source(tensors[name].dtype)
+            outputs[name] = layout.tensors(schemes[name], logical, shape)
+    for weight, specs in outputs.items():
+        for spec in specs:
+            if spec.name in tensors and spec.name != weight and decisions[spec.name].action != DROP:
+                raise InputError(f"tensor {printable(spec.name)} already exists in the source, so "
+                                 f"{printable(weight)} looks quantized already")
     tensorless = {
         module: "tied to the input embedding (no tensor of its own); listed as ignored so loaders keep it "
                 "in high precision instead of expecting a scale that does not exist"
@@ -194,9 +239,10 @@ def build_plan(
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
-        shards=[], scale_of=scale_of, source_quant=source_quant, warnings=[],
+        shards=[], outputs=outputs, schemes=schemes, source_quant=source_quant, warnings=[],
         unquantized_modules=sorted(set(kept) | set(tensorless)), tensorless_modules=tensorless,
     )
+    _refuse_groups(plan, scheme)
     return _finish(checkpoint, plan, max_shard_size)
 
 
@@ -204,6 +250,7 @@ def build_dequantize_plan(checkpoint: Checkpoint, out_dtype: str, max_shard_size
     """Every quantized weight back to `out_dtype` (w = q * scale in float32), scales dropped."""
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
+    validate_source_scales(view, list(source_quant))
     if not source_quant:
         raise InputError(f"{checkpoint.root}: holds no quantized weights (FP8/INT8 tensors with scales); nothing to dequantize")
     decisions = {}
@@ -219,7 +266,8 @@ def build_dequantize_plan(checkpoint: Checkpoint, out_dtype: str, max_shard_size
     plan = ConversionPlan(
         scheme=None, layout=None, tensors=checkpoint.tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
-        shards=[], scale_of={}, source_quant=source_quant, warnings=[], unquantized_modules=[], out_dtype=out_dtype,
+        shards=[], outputs={}, schemes={}, source_quant=source_quant, warnings=[], unquantized_modules=[],
+        out_dtype=out_dtype,
     )
     return _finish(checkpoint, plan, max_shard_size)
 

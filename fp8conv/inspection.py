@@ -25,7 +25,7 @@ def inspect_checkpoint(path: Path, pattern: str | None = None, with_stats: bool 
     view = open_view(checkpoint)
     tensors = checkpoint.tensors
     shard_of = checkpoint.shard_of()
-    scale_names = {qw.scale.name for qw in view.weights.values() if qw.scale is not None}
+    scale_names = {name for qw in view.weights.values() for name in qw.companions}
     by_dtype: Counter[str] = Counter()
     for info in tensors.values():
         by_dtype[info.dtype] += info.nbytes
@@ -35,18 +35,20 @@ def inspect_checkpoint(path: Path, pattern: str | None = None, with_stats: bool 
         "path": str(path),
         "shards": [{"name": s.path.name, "bytes": s.file_size, "tensors": len(s.tensors)} for s in checkpoint.shards],
         "tensor_count": len(tensors),
-        "parameter_count": sum(i.numel for n, i in tensors.items() if n not in scale_names),
+        "parameter_count": sum(math.prod(view.weights[n].shape) if n in view.weights and view.weights[n].shape
+                               else i.numel for n, i in tensors.items() if n not in scale_names),
         "bytes_per_dtype": dict(sorted(by_dtype.items())),
         "total_bytes": sum(by_dtype.values()),
         "layout": view.layout,
         "layout_label": LAYOUT_LABELS[view.layout],
         "quantization_config": view.quant_config,
         "schemes": dict(Counter(qw.scheme.describe() for qw in view.weights.values() if qw.scheme)),
-        "quantized_modules": sorted(module_name(n) for n in view.weights),
+        "quantized_modules": sorted(module_name(qw.name) for qw in view.weights.values()),
         "high_precision_modules": high_precision,
-        "scale_shapes": dict(Counter(f"{list(qw.weight.shape)} -> {list(qw.scale.shape)} {qw.scale.dtype}"
+        "scale_shapes": dict(Counter(f"{list(qw.shape or qw.weight.shape)} -> {list(qw.scale.shape)} {qw.scale.dtype}"
                                      for qw in view.weights.values() if qw.scale is not None)),
         "problems": {n: qw.problem for n, qw in view.weights.items() if qw.problem},
+        "unsupported": view.unsupported,
         "written_by": _writer(view),
     }
     if pattern is not None:

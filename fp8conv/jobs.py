@@ -1,8 +1,10 @@
-"""Units of work run by the worker processes: copy bytes, (re)quantize or dequantize a matrix.
+"""Units of work run by the worker processes: copy bytes, write a constant, (re)quantize or dequantize
+a row range of one matrix.
 
 A job reads the rows of one 2-D matrix (one expert of a 3-D stack) from its Source, which holds
-either high-precision values or codes plus a scale grid (then the rows are dequantized on the
-fly, in float32), and writes its output at offsets the header fixed before the first byte.
+either high-precision values or codes plus a scale grid (and zero points) in some layout (then the
+rows are dequantized on the fly, in float32), and writes its output at offsets the plan fixed
+before the first byte: the byte ranges of every output tensor come from the layout's TensorSpecs.
 """
 from __future__ import annotations
 
@@ -15,37 +17,63 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError
-from .formats import SAFETENSORS_DTYPES
+from .formats import FORMATS, SAFETENSORS_DTYPES
 from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, nonfinite_error, quantize_2d,
                       tensor_scale_of)
+from .layouts import SCALE, TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
 from .scheme import Scheme
 
-CHUNK_BYTES = READ_CHUNK_BYTES
 COPY_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
+class Part:
+    """A grid stored beside quantized codes (scales, zero points): where this matrix's grid starts, its
+    dtype, how many weight rows one stored row covers (0: one record for the matrix) and whether it
+    is packed into int32 along the rows (compressed-tensors zero points)."""
+
+    path: str
+    offset: int
+    dtype: str
+    unit_rows: int
+    packed: bool = False
+
+
+@dataclass(frozen=True)
 class Source:
-    """Where a matrix's rows are stored: values of `dtype`, or codes with a scale grid (`scheme`)."""
+    """Where a matrix's rows are stored: values of `dtype`, or codes (int32-packed or not) with a
+    scale grid and optional zero points (`scheme`)."""
 
     path: str
     offset: int
     dtype: str
     scheme: Scheme | None = None
-    scale_path: str = ""
-    scale_offset: int = 0
-    scale_dtype: str = ""
+    packed: bool = False
+    scale: Part | None = None
+    zero_point: Part | None = None
 
     def tile_rows(self, rows: int, cols: int) -> int:
+        """Row alignment a chunk of this source must keep (whole tiles, whole packed zero-point words)."""
         if self.scheme is None or self.scheme.granularity == "tensor":
             return 1
-        return self.scheme.tile(rows, cols)[0]
+        step = self.scheme.tile(rows, cols)[0]
+        if self.zero_point is not None and self.zero_point.unit_rows:
+            step = math.lcm(step, self.zero_point.unit_rows)
+        return step
+
+    def row_bytes(self, cols: int) -> int:
+        if self.packed:
+            assert self.scheme is not None
+            return FORMATS[self.scheme.format].packed_cols(cols) * 4
+        return cols * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)
 class Job:
-    """copy: `nbytes` bytes; quantize: one matrix into codes + scales; dequantize: into out_dtype."""
+    """copy: `nbytes` bytes; write: constant `data`; quantize: rows [first_row, first_row + rows) of
+    matrix `matrix` into the layout's tensors (`outputs`: spec and absolute start of each);
+    dequantize: those rows into out_dtype at dst_offset."""
 
     kind: str
     name: str
@@ -56,22 +84,34 @@ class Job:
     rows: int = 0
     cols: int = 0
     scheme: Scheme | None = None
-    scale_offset: int = 0
     out_dtype: str = ""
     allow_nonfinite: bool = False
+    layout: str = ""
+    outputs: tuple[tuple[TensorSpec, int], ...] = ()
+    matrix: int = 0
+    first_row: int = 0
+    matrix_rows: int = 0
+    data: bytes = b""
+    chunk_bytes: int = READ_CHUNK_BYTES
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
-        if self.kind == "copy":
+        if self.kind in ("copy", "write"):
             return [(self.dst_offset, self.dst_offset + self.nbytes)]
         if self.kind == "dequantize":
             size = self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
             return [(self.dst_offset, self.dst_offset + size)]
-        assert self.scheme is not None
-        grid = self.scheme.scale_grid(self.rows, self.cols)
-        scale_bytes = 4 if self.scheme.granularity == "tensor" else 4 * grid[0] * grid[1]
-        return [(self.dst_offset, self.dst_offset + self.rows * self.cols),
-                (self.scale_offset, self.scale_offset + scale_bytes)]
+        ranges = []
+        for spec, start in self.outputs:
+            begin = start + spec.offset(self.matrix, self.first_row, self.matrix_rows)
+            if not spec.unit_rows:
+                end = begin + spec.row_bytes(self.matrix_rows)
+            else:
+                last = self.first_row + self.rows
+                stored = -(-last // spec.unit_rows) - self.first_row // spec.unit_rows
+                end = begin + stored * spec.row_bytes(self.matrix_rows)
+            ranges.append((begin, end))
+        return ranges
 
 
 # Per-process caches of open files (a worker runs many jobs on the same shards).
@@ -111,6 +151,9 @@ def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
     if job.kind == "copy":
         _copy(job)
         return job.name, None, job.nbytes
+    if job.kind == "write":
+        write_at(_writer(job.dst_path), job.dst_offset, job.data)
+        return job.name, None, 0
     if job.kind == "dequantize":
         _dequantize(job)
         return job.name, None, job.nbytes
@@ -127,31 +170,53 @@ def _copy(job: Job) -> None:
 
 
 def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = None) -> int:
-    """Rows per chunk: about CHUNK_BYTES (of source, or of `element_bytes` per element), whole tiles
+    """Rows per chunk: about chunk_bytes (of source, or of `element_bytes` per element), whole tiles
     of both source and target."""
-    row_bytes = max(job.cols * (element_bytes or SAFETENSORS_DTYPES[job.source.dtype].itemsize), 1)
-    step = math.lcm(job.source.tile_rows(job.rows, job.cols), target_tile_rows)
-    return max(step, (CHUNK_BYTES // row_bytes) // step * step)
+    row_bytes = max(job.cols * element_bytes if element_bytes else job.source.row_bytes(job.cols), 1)
+    step = math.lcm(job.source.tile_rows(job.matrix_rows, job.cols), target_tile_rows)
+    return max(step, (job.chunk_bytes // row_bytes) // step * step)
+
+
+def _read_grid(part: Part, job: Job, first: int, count: int, grid_cols: int) -> np.ndarray:
+    """The stored grid rows covering weight rows [first, first + count) of the job's matrix."""
+    dtype = SAFETENSORS_DTYPES[part.dtype]
+    if not part.unit_rows:
+        return _reader(part.path).read_array(part.offset, (1, 1), dtype, job.name)
+    g0, g1 = first // part.unit_rows, -(-(first + count) // part.unit_rows)
+    return _reader(part.path).read_array(part.offset + g0 * grid_cols * dtype.itemsize, (g1 - g0, grid_cols), dtype,
+                                         job.name)
 
 
 def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """Rows [first, first + count) of the job's source matrix: stored values, or w = q * scale
-    computed in float32 (rounded into `out_dtype`)."""
+    """Rows [first, first + count) (of the job's row range) of its source matrix: stored values, or
+    w = (q - zp) * scale computed in float32 (rounded into `out_dtype`)."""
     src = job.source
-    dtype = SAFETENSORS_DTYPES[src.dtype]
-    values = _reader(src.path).read_array(src.offset + first * job.cols * dtype.itemsize, (count, job.cols), dtype, job.name)
+    first += job.first_row
+    values = _reader(src.path).read_array(src.offset + first * src.row_bytes(job.cols),
+                                          (count, src.row_bytes(job.cols) // SAFETENSORS_DTYPES[src.dtype].itemsize),
+                                          SAFETENSORS_DTYPES[src.dtype], job.name)
     if src.scheme is None:
         return values
-    scale_dtype = SAFETENSORS_DTYPES[src.scale_dtype]
-    if src.scheme.granularity == "tensor":
-        grid = _reader(src.scale_path).read_array(src.scale_offset, (1, 1), scale_dtype, job.name)
-    else:
-        tile_rows = src.tile_rows(job.rows, job.cols)
-        grid_cols = src.scheme.scale_grid(job.rows, job.cols)[1]
-        g0, g1 = first // tile_rows, -(-(first + count) // tile_rows)
-        offset = src.scale_offset + g0 * grid_cols * scale_dtype.itemsize
-        grid = _reader(src.scale_path).read_array(offset, (g1 - g0, grid_cols), scale_dtype, job.name)
-    return dequantize_rows(values, grid.astype(np.float32), src.scheme, out_dtype)
+    scheme = src.scheme
+    codes = decode_codes(values, scheme.format, src.packed, job.cols)
+    assert src.scale is not None
+    grid_rows, grid_cols = (1, 1) if scheme.granularity == "tensor" else scheme.scale_grid(job.matrix_rows, job.cols)
+    grid = _read_grid(src.scale, job, first, count, grid_cols).astype(np.float32)
+    zero_points = None
+    if src.zero_point is not None:
+        zp = src.zero_point
+        if zp.packed:
+            per = FORMATS[scheme.format].per_word
+            tile = zp.unit_rows // per
+            p0 = first // zp.unit_rows
+            raw = _read_grid(zp, job, first, count, grid_cols)
+            unpacked = decode_zero_points(raw, scheme.format, True, min(raw.shape[0] * per, grid_rows - p0 * per))
+            g0 = first // tile - p0 * per
+            zero_points = unpacked[g0 : g0 + grid.shape[0]]
+        else:
+            zero_points = decode_zero_points(_read_grid(zp, job, first, count, grid_cols), scheme.format, False,
+                                             grid.shape[0])
+    return dequantize_rows(codes, grid, scheme, out_dtype, zero_points)
 
 
 def _chunks(job: Job, chunk_rows: int, out_dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
@@ -162,33 +227,46 @@ def _chunks(job: Job, chunk_rows: int, out_dtype: np.dtype | type = np.float32) 
 def _dequantize(job: Job) -> None:
     fd = _writer(job.dst_path)
     out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
-    # Chunks sized by their float32 form (4 bytes an element), not by the 1-byte codes.
+    # Chunks sized by their float32 form (4 bytes an element), not by the stored codes.
     for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4), out_dtype):
         write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows)
+
+
+def target_tile_rows(scheme: Scheme, outputs, rows: int, cols: int) -> int:
+    """Row alignment of a quantize target: whole tiles, whole packed zero-point words."""
+    if scheme.granularity == "tensor":
+        return 1
+    step = scheme.tile(rows, cols)[0]
+    for spec, _ in outputs:
+        if spec.unit_rows:
+            step = math.lcm(step, spec.unit_rows)
+    return step
 
 
 def _quantize(job: Job) -> ErrorStats:
     scheme = job.scheme
     assert scheme is not None
+    layout = get_layout(job.layout)
     fd = _writer(job.dst_path)
-    whole = scheme.granularity == "tensor"
-    tile_rows = 1 if whole else scheme.tile(job.rows, job.cols)[0]
-    chunk_rows = _chunk_rows(job, tile_rows)
-    grid_cols = scheme.scale_grid(job.rows, job.cols)[1]
+    chunk_rows = _chunk_rows(job, target_tile_rows(scheme, job.outputs, job.matrix_rows, job.cols))
     tensor_scale = None
-    if whole:
+    if scheme.granularity == "tensor":
         def whole_matrix() -> Iterator[np.ndarray]:
             return (chunk for _, chunk in _chunks(job, chunk_rows))
 
-        tensor_scale = tensor_scale_of(whole_matrix, scheme.fmt, job.allow_nonfinite, job.name)
-        write_at(fd, job.scale_offset, np.array([tensor_scale], np.float32))
+        tensor_scale = tensor_scale_of(whole_matrix, scheme, job.allow_nonfinite, job.name)
     stats = ErrorStats()
     try:
         for first, chunk in _chunks(job, chunk_rows):
             q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name)
-            write_at(fd, job.dst_offset + first * job.cols, q.codes)
-            if not whole:
-                write_at(fd, job.scale_offset + (first // tile_rows) * grid_cols * 4, q.scales)
+            row = job.first_row + first
+            for spec, start in job.outputs:
+                if spec.data is not None or (not spec.unit_rows and first):
+                    continue
+                if spec.role == SCALE and not spec.unit_rows:
+                    q.scales = np.array([[tensor_scale]], np.float32)
+                data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points)
+                write_at(fd, start + spec.offset(job.matrix, row, job.matrix_rows), data)
             stats.merge(q.stats)
     except NonFiniteError:
         raise _count_nonfinite(job, chunk_rows) from None

@@ -1,14 +1,24 @@
-"""Pure numpy quantization kernels: no I/O, no logging.
+"""Pure numpy quantization kernels: no I/O, no logging. The reference implementation.
 
 Every granularity is one code path: a 2-D weight is cut into tiles (tile_rows x tile_cols) that
-share one float32 scale = amax / qmax (1.0 for an all-zero tile); shapes that do not divide are
-zero-padded for the amax and cropped after. Work happens in cache-sized windows of whole tiles,
-because whole-tensor float32 temporaries cost more in page faults than in arithmetic.
+share one scale (and, asymmetric, one zero point); shapes that do not divide are zero-padded for
+the amax and cropped after. All arithmetic is float32, in this order:
+
+- symmetric: scale = stored(amax / D), D = qmax (FP8, INT8 W8A8) or (qmax - qmin) / 2 (integer
+  weight-only: 7.5 for int4, 127.5 for int8); q = rint(clip(w / scale, lo, qmax));
+- asymmetric: lo_t = min(0, min w), hi_t = max(0, max w); scale = stored((hi_t - lo_t) / (qmax - qmin));
+  zp = clip(rint(qmin - lo_t / scale), qmin, qmax); q = rint(clip(w / scale + zp, qmin, qmax));
+- an all-zero tile gets scale 1 (and zp = qmin - 0 = qmin when asymmetric, so it still decodes to 0);
+- stored(x) rounds to the scheme's scale format (float32: unchanged; bf16 / fp16: nearest even)
+  *before* any weight is divided by it; w' = (q - zp) * scale is then what every loader computes.
+
+Error statistics are float64 sums in one fixed order that the compiled kernel reproduces exactly:
+per row, eight lanes (column c goes to lane c % 8) summed sequentially, the lanes combined in
+order 0..7, the rows added in order. Both backends give the same report, bit for bit.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Iterable
 
 import ml_dtypes
@@ -16,19 +26,20 @@ import numpy as np
 
 from . import compiled
 from .errors import InputError, SchemeError
-from .fastcast import cast_clamped_to_fp8, code_to_float_table
-from .formats import QuantFormat
+from .formats import TAG_OF_DTYPE, ElementFormat, _round_bf16
 from .safetensors_io import printable
 from .scheme import Scheme
 
 WINDOW_ELEMENTS = 1 << 17
+LANES = 8
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _COMPILED_SOURCES = (_BF16, np.dtype(np.float32), np.dtype(np.float16))
+BACKENDS = ("auto", "numpy", "numba")
 
 
 @dataclass
 class ErrorStats:
-    """Running error statistics of one tensor, mergeable across chunks and workers."""
+    """Running error statistics of one tensor, mergeable across chunks and workers (in a fixed order)."""
 
     elements: int = 0
     sum_sq_ref: float = 0.0
@@ -57,11 +68,14 @@ class ErrorStats:
 
 @dataclass
 class QuantizedTensor:
-    """Codes (same shape as the weight, format dtype) and the float32 scale grid ([E,] rows, cols)."""
+    """Codes (the weight's shape, the format's dtype: int4 codes one per int8), the scale grid
+    ([E,] rows, cols; float32 values of the stored scales) and, asymmetric, the zero-point grid
+    (same shape, int8 values)."""
 
     codes: np.ndarray
     scales: np.ndarray
     stats: ErrorStats = field(default_factory=ErrorStats)
+    zero_points: np.ndarray | None = None
 
 
 def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
@@ -90,36 +104,43 @@ class NonFiniteError(InputError):
     """A tensor to quantize holds NaN or Inf (refused unless explicitly allowed)."""
 
 
-def scale_from_amax(amax: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    """float32 scale = amax / qmax, and 1.0 where the tile is all zeros."""
-    scale = (amax / fmt.qmax32).astype(np.float32)
-    scale[amax == 0] = np.float32(1.0)
+def _resolved(scheme: Scheme, dtype: np.dtype) -> Scheme:
+    return scheme.for_source(TAG_OF_DTYPE.get(np.dtype(dtype), "BF16"))
+
+
+def _stored_scales(raw: np.ndarray, scheme: Scheme, zero: np.ndarray, name: str) -> np.ndarray:
+    """Round float32 scales to the scheme's scale format; 1.0 for all-zero tiles."""
+    scale = scheme.scale_fmt.round(raw)
+    scale[zero] = np.float32(1.0)
+    bad = ~np.isfinite(scale) | (scale <= 0)
+    if bad.any():
+        raise InputError(f"tensor {printable(name)}: a scale {float(raw[bad].flat[0]):.6g} is not representable as "
+                         f"{scheme.scale_format} (it rounds to {float(scale[bad].flat[0]):g}); use float32 scales")
     return scale
 
 
-def _encode(values: np.ndarray, fmt: QuantFormat, out: np.ndarray) -> None:
-    """Clamp, round to nearest even and store codes; `values` (float32 scratch) is destroyed."""
-    np.minimum(values, fmt.qmax32, out=values)
-    np.maximum(values, -fmt.qmax32, out=values)
-    if fmt.is_float:
-        cast_clamped_to_fp8(values, fmt, out.view(np.uint8))
-    else:
-        np.rint(values, out=values)
-        np.copyto(out, values, casting="unsafe")
+def scale_from_amax(amax: np.ndarray, scheme: Scheme, name: str = "tensor") -> np.ndarray:
+    """Symmetric stored scale = stored(amax / D), and 1.0 where the tile is all zeros."""
+    amax = np.asarray(amax, np.float32)
+    raw = (amax / np.float32(scheme.symmetric_divisor)).astype(np.float32)
+    return _stored_scales(raw, scheme, amax == 0, name)
 
 
-def _decode(codes: np.ndarray, fmt: QuantFormat, out: np.ndarray) -> None:
-    """Code values as float32 (without the scale)."""
-    if fmt.is_float:
-        np.take(code_to_float_table(fmt), codes.view(np.uint8), out=out)
-    else:
-        np.copyto(out, codes, casting="unsafe")
+def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """(stored scale, zero point as float32 integers) from each tile's min and max (float32)."""
+    fmt = scheme.fmt
+    lo = np.minimum(lo, np.float32(0)).astype(np.float32)
+    hi = np.maximum(hi, np.float32(0)).astype(np.float32)
+    raw = ((hi - lo) / np.float32(fmt.qmax - fmt.qmin)).astype(np.float32)
+    scale = _stored_scales(raw, scheme, hi == lo, name)
+    zp = np.clip(np.rint(fmt.qmin32 - lo / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
+    return scale, zp
 
 
 class _Stripe:
     """Scratch buffers for one window, reused across windows of a call."""
 
-    def __init__(self, rows: int, cols: int, fmt: QuantFormat) -> None:
+    def __init__(self, rows: int, cols: int, fmt: ElementFormat) -> None:
         self.work = np.zeros((rows, cols), np.float32)
         self.orig = np.zeros((rows, cols), np.float32)
         self.codes = np.zeros((rows, cols), fmt.dtype)
@@ -147,56 +168,112 @@ def amax_2d(weight: np.ndarray) -> np.float32:
     return np.float32(amax)
 
 
+class _RowSums:
+    """Per-row float64 sums of squares in the fixed lane order (see the module docstring)."""
+
+    def __init__(self, rows: int) -> None:
+        self.lanes = np.zeros((rows, LANES), np.float64)
+
+    def add(self, values: np.ndarray, first_col: int) -> None:
+        """Continue each row's lanes with float32 `values` [rows, n] that start at column first_col."""
+        rows, n = values.shape
+        skip = first_col % LANES
+        buf = np.zeros((rows, 1 + -(-(skip + n) // LANES), LANES), np.float64)
+        buf[:, 0] = self.lanes[:rows]
+        flat = buf[:, 1:].reshape(rows, -1)
+        np.square(values, out=flat[:, skip : skip + n], dtype=np.float64)
+        # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
+        self.lanes[:rows] = np.add.reduce(buf, axis=1)
+
+    def fold_into(self, total: float, rows: int) -> float:
+        """total + row 0 + row 1 + ..., each row its lanes combined in order 0..7."""
+        per_row = self.lanes[:rows, 0].copy()
+        for lane in range(1, LANES):
+            per_row += self.lanes[:rows, lane]
+        for value in per_row.tolist():
+            total += value
+        return total
+
+
 def quantize_2d(
     weight: np.ndarray,
     scheme: Scheme,
     tensor_scale: np.float32 | None = None,
     allow_nonfinite: bool = False,
     name: str = "tensor",
+    backend: str = "auto",
 ) -> QuantizedTensor:
-    """Quantize a 2-D bf16/f16/f32 weight [rows, cols] into codes [rows, cols] + scale grid.
+    """Quantize a 2-D bf16/f16/f32 weight [rows, cols] into codes [rows, cols] + scale grid (+ zero points).
 
     `tensor_scale` is the one scale of tensor granularity when the weight is only a row chunk of
-    the tensor (the caller computed the amax over the whole tensor).
+    the tensor (the caller computed the amax over the whole tensor). backend: "auto" (numba when
+    installed and it supports the scheme), "numpy" or "numba" (an error when it cannot run it).
     """
+    scheme = _resolved(scheme, weight.dtype)
     fmt = scheme.fmt
     rows, cols = weight.shape
     whole_scale = scheme.granularity == "tensor"
     if whole_scale and tensor_scale is None:
-        tensor_scale = tensor_scale_of(lambda: [weight], fmt, allow_nonfinite, name)
-    if compiled.AVAILABLE and weight.dtype in _COMPILED_SOURCES and weight.size:
+        tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
+    if _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size:
         fast = _quantize_compiled(weight, scheme, tensor_scale)
         if fast is not None:
             return fast
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
     grid = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
     scales = np.empty(grid, np.float32)
+    zero_points = None if scheme.symmetric else np.empty(grid, np.int8)
     if whole_scale:
         scales[0, 0] = tensor_scale
     codes = np.empty((rows, cols), fmt.dtype)
     stats = ErrorStats(elements=rows * cols)
     stripe = _Stripe(window_rows, window_cols, fmt)
     for r0 in range(0, rows, window_rows):
+        h = min(window_rows, rows - r0)
+        sums_ref, sums_err = _RowSums(h), _RowSums(h)
         for c0 in range(0, cols, window_cols):
             src = weight[r0 : r0 + window_rows, c0 : c0 + window_cols]
             orig, work = stripe.load(src)
             tiles = (window_rows // tile_rows, tile_rows, window_cols // tile_cols, tile_cols)
-            nonfinite = None
+            nonfinite, zp = None, None
             if whole_scale:
                 scale = np.full((tiles[0], tiles[2]), tensor_scale, np.float32)
             else:
-                scale, nonfinite = _tile_scales(orig, tiles, fmt, allow_nonfinite, name, weight)
+                scale, zp, nonfinite = _tile_params(orig, tiles, scheme, allow_nonfinite, name, weight)
                 gr, gc = r0 // tile_rows, c0 // tile_cols
                 grid_part = scales[gr : gr + tiles[0], gc : gc + tiles[2]]
                 grid_part[...] = scale[: grid_part.shape[0], : grid_part.shape[1]]
+                if zp is not None:
+                    zp_part = zero_points[gr : gr + tiles[0], gc : gc + tiles[2]]
+                    zp_part[...] = zp[: zp_part.shape[0], : zp_part.shape[1]]
             np.divide(orig.reshape(tiles), scale[:, None, :, None], out=work.reshape(tiles))
             if nonfinite or (whole_scale and allow_nonfinite):
-                _saturate_nonfinite(orig, work, fmt, stats)
-            _encode(work, fmt, stripe.codes)
-            h, w = src.shape
+                _saturate_nonfinite(orig, work, stats)
+            if zp is not None:
+                work.reshape(tiles)[...] += zp[:, None, :, None]
+            lo, hi = scheme.code_range
+            np.clip(work, np.float32(lo), np.float32(hi), out=work)
+            fmt.encode(work, stripe.codes)
+            w = src.shape[1]
             codes[r0 : r0 + h, c0 : c0 + w] = stripe.codes[:h, :w]
-            _accumulate_stats(stats, orig, stripe.codes, scale, tiles, fmt, work)
-    return QuantizedTensor(codes, scales, stats)
+            _accumulate_stats(stats, orig, stripe.codes, scale, zp, tiles, scheme, work)
+            sums_ref.add(orig[:h, :w], c0)
+            sums_err.add(work[:h, :w], c0)
+        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
+        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
+    return QuantizedTensor(codes, scales, stats, zero_points)
+
+
+def _use_compiled(backend: str, scheme: Scheme) -> bool:
+    if backend not in BACKENDS:
+        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "numpy":
+        return False
+    supported = compiled.AVAILABLE and compiled.supports(scheme)
+    if backend == "numba" and not supported:
+        raise SchemeError(f"the numba kernel does not run {scheme.describe()} "
+                          f"({'numba is not installed' if not compiled.AVAILABLE else 'not a scheme it declares'})")
+    return supported
 
 
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None) -> QuantizedTensor | None:
@@ -216,7 +293,7 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     stats = np.zeros(5)
     fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
     if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
-                               compiled.KIND[fmt.name], codes.view(np.uint8), scales, stats):
+                               compiled.kind_of(scheme), codes.view(np.uint8), scales, stats):
         return None
     if scheme.granularity == "tensor":
         scales = scales[:1, :1].copy()
@@ -224,24 +301,30 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
                                                       int(stats[3]), int(stats[4])))
 
 
-def _tile_scales(orig, tiles, fmt, allow_nonfinite, name, weight):
+def _tile_params(orig, tiles, scheme: Scheme, allow_nonfinite, name, weight):
+    """(scales, zero points or None, whether NaN/Inf were found) of the tiles of a window."""
     view = orig.reshape(tiles)
-    amax = np.maximum(view.max(axis=(1, 3)), -view.min(axis=(1, 3)))
-    if np.isfinite(amax).all():
-        return scale_from_amax(amax, fmt), None
-    if not allow_nonfinite:
-        raise nonfinite_error(name, *count_nonfinite([weight]))
-    finite = np.where(np.isfinite(view), np.abs(view), 0).max(axis=(1, 3))
-    return scale_from_amax(finite.astype(np.float32), fmt), True
+    hi, lo = view.max(axis=(1, 3)), view.min(axis=(1, 3))
+    nonfinite = None
+    if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite([weight]))
+        finite = np.where(np.isfinite(view), view, 0)
+        hi, lo, nonfinite = finite.max(axis=(1, 3)), finite.min(axis=(1, 3)), True
+    if scheme.symmetric:
+        return scale_from_amax(np.maximum(hi, -lo), scheme, name), None, nonfinite
+    scale, zp = asymmetric_params(lo, hi, scheme, name)
+    return scale, zp, nonfinite
 
 
-def _saturate_nonfinite(orig, work, fmt, stats) -> None:
-    """Documented mapping under --allow-nonfinite: NaN -> 0, +-Inf -> +-qmax (saturated)."""
+def _saturate_nonfinite(orig, work, stats) -> None:
+    """Documented mapping under --allow-nonfinite: NaN -> 0, +-Inf -> the ends of the code range."""
     mask = ~np.isfinite(orig)
     stats.nonfinite += int(mask.sum())
     work[np.isnan(orig)] = 0
-    work[np.isposinf(orig)] = fmt.qmax32
-    work[np.isneginf(orig)] = -fmt.qmax32
+    big = np.float32(np.finfo(np.float32).max / 4)  # clipped to the code range after the zero point
+    work[np.isposinf(orig)] = big
+    work[np.isneginf(orig)] = -big
     orig[mask] = 0  # excluded from the error statistics
 
 
@@ -262,12 +345,14 @@ def nonfinite_error(name: str, nan: int, inf: int) -> NonFiniteError:
     )
 
 
-def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], fmt: QuantFormat, allow_nonfinite: bool,
+def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], scheme: Scheme, allow_nonfinite: bool,
                     name: str) -> np.float32:
-    """The one scale of tensor granularity, over a tensor seen as row chunks (`chunks()` is called
-    again, to count or skip NaN/Inf, only when the amax is not finite)."""
+    """The one (stored) scale of tensor granularity, over a tensor seen as row chunks (`chunks()` is
+    called again, to count or skip NaN/Inf, only when the amax is not finite)."""
     amax = np.float32(0)
+    dtype = None
     for chunk in chunks():
+        dtype = chunk.dtype
         amax = np.maximum(amax, amax_2d(chunk))
     if not np.isfinite(amax):
         if not allow_nonfinite:
@@ -276,37 +361,29 @@ def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], fmt: QuantFormat
         for chunk in chunks():
             values = chunk.astype(np.float32)
             amax = np.maximum(amax, np.float32(np.abs(values[np.isfinite(values)]).max(initial=0)))
-    return scale_from_amax(np.array([amax], np.float32), fmt)[0]
+    scheme = _resolved(scheme, dtype if dtype is not None else np.float32)
+    return scale_from_amax(np.array([amax], np.float32), scheme, name)[0]
 
 
-@lru_cache(maxsize=None)
-def _qmax_code(fmt: QuantFormat) -> int:
-    return int(np.array([fmt.qmax], np.float32).astype(fmt.dtype).view(np.uint8)[0])
-
-
-def _accumulate_stats(stats, orig, codes, scale, tiles, fmt, work) -> None:
-    """Error of the dequantized window w' = q * scale against the source (padding contributes 0)."""
-    _decode(codes, fmt, work)
+def _accumulate_stats(stats, orig, codes, scale, zp, tiles, scheme: Scheme, work) -> None:
+    """Counts and max error of the dequantized window w' = (q - zp) * scale (padding contributes 0);
+    leaves the float32 error w - w' in `work` for the fixed-order sums."""
+    scheme.fmt.decode(codes, work)
+    lo, hi = scheme.code_range
+    stats.saturated += int(np.count_nonzero((work <= lo) | (work >= hi)))
     wview = work.reshape(tiles)
+    if zp is not None:
+        wview -= zp[:, None, :, None]
     wview *= scale[:, None, :, None]
-    flat_codes = codes.view(np.uint8) if fmt.is_float else codes
-    if fmt.is_float:
-        stats.saturated += int(np.count_nonzero((flat_codes & 0x7F) == _qmax_code(fmt)))
-    else:
-        stats.saturated += int(np.count_nonzero(np.abs(flat_codes.astype(np.int16)) == int(fmt.qmax)))
     stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
-    flat_orig = orig.ravel()
-    stats.sum_sq_ref += float(np.dot(flat_orig, flat_orig))
     np.subtract(orig, work, out=work)
-    flat_err = work.ravel()
-    stats.sum_sq_err += float(np.dot(flat_err, flat_err))
-    stats.max_abs_err = max(stats.max_abs_err, float(np.abs(flat_err).max(initial=0)))
+    stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
 
 
 def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np.ndarray | None = None,
-                  out_dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """[rows, cols] = code value * scale of its tile, computed in float32 in cache-sized windows, then
-    rounded to nearest even into `out_dtype` (float32, bf16 or f16)."""
+                  out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
+    """[rows, cols] = (code value - zero point) * scale of its tile, computed in float32 in
+    cache-sized windows, then rounded to nearest even into `out_dtype` (float32, bf16 or f16)."""
     fmt = scheme.fmt
     rows, cols = codes.shape
     whole_scale = scheme.granularity == "tensor"
@@ -315,6 +392,8 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
         scales = scales.reshape(1, 1)
     if tuple(scales.shape) != expected:
         raise SchemeError(f"scale grid {tuple(scales.shape)} does not fit weight {codes.shape} under {scheme.describe()}")
+    if zero_points is not None:
+        zero_points = np.asarray(zero_points, np.float32).reshape(scales.shape)
     if out is None:
         out = np.empty((rows, cols), out_dtype)
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
@@ -323,14 +402,22 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
         for c0 in range(0, cols, window_cols):
             part = codes[r0 : r0 + window_rows, c0 : c0 + window_cols]
             values = scratch[: part.shape[0], : part.shape[1]]
-            _decode(part, fmt, values)
+            fmt.decode(part, values)
             if whole_scale:
+                if zero_points is not None:
+                    values -= zero_points[0, 0]
                 values *= scales[0, 0]
             else:
                 gr, gc = r0 // tile_rows, c0 // tile_cols
-                local = scales[gr : gr + -(-part.shape[0] // tile_rows), gc : gc + -(-part.shape[1] // tile_cols)]
-                expanded = np.repeat(np.repeat(local, tile_rows, axis=0), tile_cols, axis=1)
-                values *= expanded[: part.shape[0], : part.shape[1]]
+                cut = (slice(gr, gr + -(-part.shape[0] // tile_rows)), slice(gc, gc + -(-part.shape[1] // tile_cols)))
+
+                def expand(grid: np.ndarray) -> np.ndarray:
+                    big = np.repeat(np.repeat(grid[cut], tile_rows, axis=0), tile_cols, axis=1)
+                    return big[: part.shape[0], : part.shape[1]]
+
+                if zero_points is not None:
+                    values -= expand(zero_points)
+                values *= expand(scales)
             dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
             dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
     return out
@@ -339,25 +426,22 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
 def round_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bf16, rounding to nearest even on the bit pattern (what ml_dtypes' cast does, several
     times faster); inputs must be finite, as dequantized weights are."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    rounded = (bits >> 16) & 1
-    rounded += 0x7FFF
-    rounded += bits
-    rounded >>= 16
-    return rounded.astype(np.uint16).view(_BF16)
+    return _round_bf16(values).view(_BF16)
 
 
 def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,
-                    out_dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """A row chunk of codes, given the scale-grid rows that cover it (whole tiles), as `out_dtype`.
+                    out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
+    """A row chunk of codes, given the scale-grid (and zero-point) rows that cover it (whole tiles).
 
     For tensor granularity the grid is the single scale, whatever the chunk.
     """
     if scheme.granularity == "tensor":
         # Every row has the same scale: one scale per row is the same arithmetic.
         per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)
-        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel"), out_dtype=out_dtype)
-    return dequantize_2d(codes, grid_rows, scheme, out_dtype=out_dtype)
+        zp = None if zero_points is None else np.full((codes.shape[0], 1), np.asarray(zero_points).reshape(-1)[0], np.float32)
+        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel", activations=scheme.activations,
+                                                    symmetric=scheme.symmetric), out_dtype=out_dtype, zero_points=zp)
+    return dequantize_2d(codes, grid_rows, scheme, out_dtype=out_dtype, zero_points=zero_points)
 
 
 def _per_expert(shape: tuple[int, ...]) -> bool:
@@ -372,23 +456,33 @@ def quantize_tensor(
     granularity: str = "block",
     block_size: int | tuple[int, int] = 128,
     group_size: int = 128,
+    symmetric: bool = True,
+    activations: str | None = None,
+    scale_format: str = "float32",
+    backend: str = "auto",
 ) -> QuantizedTensor:
     """Public API: quantize a 2-D weight [out, in] or 3-D experts [E, out, in] (bf16/f16/f32)."""
-    scheme = make_scheme(format, granularity, block_size, group_size)
-    return quantize_array(array, scheme)
+    scheme = make_scheme(format, granularity, block_size, group_size, symmetric, activations, scale_format)
+    return quantize_array(array, scheme, backend=backend)
 
 
-def quantize_array(array: np.ndarray, scheme: Scheme, name: str = "tensor", allow_nonfinite: bool = False) -> QuantizedTensor:
-    """Quantize 2-D or per expert for 3-D; scales are [E, grid...] for experts."""
+def quantize_array(array: np.ndarray, scheme: Scheme, name: str = "tensor", allow_nonfinite: bool = False,
+                   backend: str = "auto") -> QuantizedTensor:
+    """Quantize 2-D or per expert for 3-D; scales (and zero points) are [E, grid...] for experts."""
     if not _per_expert(array.shape):
-        return quantize_2d(array, scheme, name=name, allow_nonfinite=allow_nonfinite)
-    parts = [quantize_2d(expert, scheme, name=f"{name}[{i}]", allow_nonfinite=allow_nonfinite) for i, expert in enumerate(array)]
+        return quantize_2d(array, scheme, name=name, allow_nonfinite=allow_nonfinite, backend=backend)
+    parts = [quantize_2d(expert, scheme, name=f"{name}[{i}]", allow_nonfinite=allow_nonfinite, backend=backend)
+             for i, expert in enumerate(array)]
     stats = ErrorStats()
     for part in parts:
         stats.merge(part.stats)
+    grid = scheme.scale_grid(*array.shape[1:])
     codes = np.stack([p.codes for p in parts]) if parts else np.empty(array.shape, scheme.fmt.dtype)
-    scales = np.stack([p.scales for p in parts]) if parts else np.empty((0, *scheme.scale_grid(*array.shape[1:])), np.float32)
-    return QuantizedTensor(codes, scales, stats)
+    scales = np.stack([p.scales for p in parts]) if parts else np.empty((0, *grid), np.float32)
+    zps = None
+    if not scheme.symmetric:
+        zps = np.stack([p.zero_points for p in parts]) if parts else np.empty((0, *grid), np.int8)
+    return QuantizedTensor(codes, scales, stats, zps)
 
 
 def dequantize_tensor(
@@ -398,21 +492,24 @@ def dequantize_tensor(
     granularity: str = "block",
     block_size: int | tuple[int, int] = 128,
     group_size: int = 128,
+    zero_points: np.ndarray | None = None,
+    activations: str | None = None,
 ) -> np.ndarray:
-    """Public API: float32 weights w' = q * scale from codes and their scale grid."""
-    scheme = make_scheme(format, granularity, block_size, group_size)
-    return dequantize_array(codes, scales, scheme)
+    """Public API: float32 weights w' = (q - zp) * scale from codes and their scale (zero-point) grid."""
+    scheme = make_scheme(format, granularity, block_size, group_size, zero_points is None, activations)
+    return dequantize_array(codes, scales, scheme, zero_points)
 
 
-def dequantize_array(codes: np.ndarray, scales: np.ndarray, scheme: Scheme) -> np.ndarray:
+def dequantize_array(codes: np.ndarray, scales: np.ndarray, scheme: Scheme,
+                     zero_points: np.ndarray | None = None) -> np.ndarray:
     if not _per_expert(codes.shape):
-        return dequantize_2d(codes, _as_grid(scales, 2), scheme)
+        return dequantize_2d(codes, _as_grid(scales, 2), scheme, zero_points=zero_points)
     out = np.empty(codes.shape, np.float32)
     grids = _as_grid(scales, 3)
     if grids.shape[0] != codes.shape[0]:
         raise SchemeError(f"scales for {grids.shape[0]} experts do not fit weight {codes.shape}")
     for i in range(codes.shape[0]):
-        dequantize_2d(codes[i], grids[i], scheme, out=out[i])
+        dequantize_2d(codes[i], grids[i], scheme, out=out[i], zero_points=None if zero_points is None else zero_points[i])
     return out
 
 
@@ -424,6 +521,8 @@ def _as_grid(scales: np.ndarray, ndim: int) -> np.ndarray:
     return scales
 
 
-def make_scheme(format: str, granularity: str, block_size: int | tuple[int, int], group_size: int) -> Scheme:
+def make_scheme(format: str, granularity: str, block_size: int | tuple[int, int], group_size: int,
+                symmetric: bool = True, activations: str | None = None, scale_format: str = "float32") -> Scheme:
     block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    return Scheme(format=format, granularity=granularity, block_size=block, group_size=group_size)
+    return Scheme(format=format, granularity=granularity, block_size=block, group_size=group_size,
+                  symmetric=symmetric, activations=activations, scale_format=scale_format)

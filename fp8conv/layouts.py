@@ -1,6 +1,12 @@
-"""Output layouts: how scales are named and shaped, and the quantization_config engines read.
+"""Output layouts: every tensor a layout writes for a quantized weight (name, dtype, shape), how a
+quantized chunk is encoded into those tensors and decoded back, and the quantization_config
+engines read. A layout's writer and reader live here together, under one name.
 
-- compressed-tensors: `<m>.weight_scale`, `quant_method: compressed-tensors` (vLLM, transformers).
+- compressed-tensors: `<m>.weight` + `<m>.weight_scale` (float-quantized / int-quantized, W8A8 with
+  dynamic activations, or weight-only group scales), or, for integer weight-only schemes,
+  `pack-quantized`: `<m>.weight_packed` (int32, 32 / bits codes per word), `<m>.weight_scale`
+  (the source dtype), `<m>.weight_shape` (int64) and, asymmetric, `<m>.weight_zero_point` (int32,
+  packed along the output dim) -- exactly as compressed-tensors' PackedQuantizationCompressor.
 - fp8-native: `<m>.weight_scale_inv`, `quant_method: fp8` with `weight_block_size` (DeepSeek-V3 /
   transformers fine-grained FP8); block granularity and e4m3 only.
 - fp8conv: our own documented layout for combinations no engine defines (e.g. e5m2):
@@ -8,13 +14,64 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from .errors import SchemeError
+from .formats import FORMATS, SAFETENSORS_DTYPES
 from .plan import module_name
-from .scheme import Scheme
+from .scheme import SOURCE_SCALE, Scheme
 
 LAYOUTS = ("compressed-tensors", "fp8-native", "fp8conv")
+CODES, SCALE, ZERO_POINT, SHAPE = "codes", "scale", "zero_point", "shape"
+PACK_QUANTIZED = "pack-quantized"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor a layout stores for a quantized weight, and how weight rows map onto its bytes.
+
+    Per matrix (one expert of a 3-D stack) the tensor is `stored rows x row` ; each stored row covers
+    `unit_rows` weight rows (1 for codes, the tile height for scale grids, 8 tile rows for int4 zero
+    points packed along the output dim); unit_rows 0 means one record per matrix (a tensor-wide
+    scale), and `data` holds the bytes of a constant tensor (weight_shape).
+    """
+
+    name: str
+    role: str
+    dtype: str
+    shape: tuple[int, ...]
+    unit_rows: int
+    matrices: int = 1
+    data: bytes | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+
+    @property
+    def matrix_bytes(self) -> int:
+        return self.nbytes // max(self.matrices, 1)
+
+    def row_bytes(self, weight_rows: int) -> int:
+        """Bytes of one stored row (for a matrix of `weight_rows` rows)."""
+        if not self.unit_rows:
+            return self.matrix_bytes
+        return self.matrix_bytes // max(-(-weight_rows // self.unit_rows), 1)
+
+    def offset(self, matrix: int, first_row: int, weight_rows: int) -> int:
+        """Byte offset, inside this tensor, of the stored rows that start at weight row `first_row`."""
+        base = matrix * self.matrix_bytes
+        if not self.unit_rows:
+            return base
+        return base + (first_row // self.unit_rows) * self.row_bytes(weight_rows)
+
+
+def packs(scheme: Scheme) -> bool:
+    """compressed-tensors pack-quantized: integer weight-only schemes."""
+    return scheme.weight_only and not scheme.fmt.is_float
 
 
 @dataclass(frozen=True)
@@ -31,15 +88,53 @@ class Layout:
             return (*weight_shape[:-2], 1)
         return scheme.scale_shape(weight_shape)
 
+    def tensors(self, scheme: Scheme, weight_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+        """Every tensor written for the quantized weight `weight_name` of `shape` (scheme resolved per tensor)."""
+        *lead, rows, cols = shape
+        matrices = math.prod(lead)
+        prefix = weight_name[: -len("weight")]
+        fmt = scheme.fmt
+        tile_rows = scheme.tile(rows, cols)[0] if scheme.granularity != "tensor" else 0
+        scale = TensorSpec(self.scale_name(weight_name), SCALE, scheme.scale_fmt.tag, self.scale_shape(scheme, shape),
+                           tile_rows, matrices)
+        if not (self.name == "compressed-tensors" and packs(scheme)):
+            return [TensorSpec(weight_name, CODES, fmt.safetensors_tag, tuple(shape), 1, matrices), scale]
+        specs = [TensorSpec(prefix + "weight_packed", CODES, "I32", (*lead, rows, fmt.packed_cols(cols)), 1, matrices),
+                 scale,
+                 TensorSpec(prefix + "weight_shape", SHAPE, "I64", (len(shape),), 0, 1,
+                            np.array(shape, np.int64).tobytes())]
+        if not scheme.symmetric:
+            grid_rows, grid_cols = scheme.scale_grid(rows, cols)
+            specs.append(TensorSpec(prefix + "weight_zero_point", ZERO_POINT, "I32",
+                                    (*lead, fmt.packed_cols(grid_rows), grid_cols), fmt.per_word * tile_rows, matrices))
+        return specs
+
+    def stored_scheme(self, scheme: Scheme) -> Scheme:
+        """The scheme as this layout stores it: compressed-tensors pack-quantized keeps scales in the
+        dtype of the weight they scale (bf16 for a bf16 model), rounded before the weights are divided."""
+        if self.name == "compressed-tensors" and packs(scheme) and scheme.scale_format == "float32":
+            return replace(scheme, scale_format=SOURCE_SCALE)
+        return scheme
+
     def check(self, scheme: Scheme) -> None:
         """Refuse combinations an engine would misread, before any byte is written."""
         if self.name == "fp8conv":
+            if scheme.weight_only and scheme.fmt.bits < 8:
+                raise SchemeError(f"--layout fp8conv stores one code per byte; {scheme.format} is written by "
+                                  "--layout compressed-tensors (pack-quantized)")
+            if not scheme.symmetric:
+                raise SchemeError("--layout fp8conv has no zero points; use --layout compressed-tensors for --asymmetric")
             return
         hint = "; use --layout fp8conv (fp8conv's own layout, loaded by no engine) to write it anyway"
         if scheme.format == "fp8_e5m2":
             raise SchemeError(f"--layout {self.name} cannot describe fp8_e5m2 weights{hint}")
         if self.name == "fp8-native" and (scheme.format != "fp8_e4m3" or scheme.granularity != "block"):
             raise SchemeError(f"--layout fp8-native holds only fp8_e4m3 block scales, not {scheme.describe()}{hint}")
+        if scheme.weight_only and scheme.fmt.is_float:
+            raise SchemeError(f"--activations none is defined for integer formats (W4A16 / W8A16), not {scheme.format}")
+        if packs(scheme) and scheme.granularity not in ("channel", "group"):
+            raise SchemeError(f"compressed-tensors pack-quantized ({scheme.format} weight-only) takes --granularity "
+                              f"channel or group, not {scheme.granularity}")
 
     def quantization_config(self, scheme: Scheme, unquantized_modules: list[str]) -> dict:
         if self.name == "compressed-tensors":
@@ -60,6 +155,32 @@ class Layout:
             "ignore": unquantized_modules,
         }
 
+    # ---- writer and reader of one chunk of rows --------------------------------------------------
+
+    def encode(self, spec: TensorSpec, scheme: Scheme, codes: np.ndarray, scales: np.ndarray,
+               zero_points: np.ndarray | None) -> np.ndarray:
+        """The stored form of a chunk's codes [n, cols] / scale grid rows / zero-point grid rows."""
+        if spec.role == CODES:
+            return scheme.fmt.pack_int32(codes) if spec.dtype == "I32" else codes
+        if spec.role == SCALE:
+            return scheme.scale_fmt.store(scales)
+        if spec.role == ZERO_POINT:
+            assert zero_points is not None
+            return scheme.fmt.pack_int32(np.ascontiguousarray(zero_points.T)).T
+        raise ValueError(f"no chunk data for {spec.role}")  # pragma: no cover
+
+
+def decode_codes(raw: np.ndarray, fmt_name: str, packed: bool, cols: int) -> np.ndarray:
+    """Stored codes (rows of int32 words when packed) -> codes [n, cols] in the format's dtype."""
+    return FORMATS[fmt_name].unpack_int32(raw, cols) if packed else raw
+
+
+def decode_zero_points(raw: np.ndarray, fmt_name: str, packed: bool, grid_rows: int) -> np.ndarray:
+    """Stored zero points -> [grid_rows, grid_cols] float32 (packed ones along dim 0, as compressed-tensors)."""
+    if packed:
+        raw = FORMATS[fmt_name].unpack_int32(np.ascontiguousarray(raw.T), grid_rows).T
+    return np.asarray(raw[:grid_rows], np.float32)
+
 
 LAYOUT_BY_NAME = {
     "compressed-tensors": Layout("compressed-tensors", "weight_scale"),
@@ -76,10 +197,10 @@ def get_layout(name: str) -> Layout:
 
 
 def _quant_args(scheme: Scheme, strategy: str, dynamic: bool, group_size: int | None, block: list[int] | None) -> dict:
-    return {
-        "num_bits": 8,
+    args = {
+        "num_bits": scheme.fmt.bits,
         "type": "float" if scheme.fmt.is_float else "int",
-        "symmetric": True,
+        "symmetric": scheme.symmetric,
         "strategy": strategy,
         "group_size": group_size,
         "block_structure": block,
@@ -88,11 +209,21 @@ def _quant_args(scheme: Scheme, strategy: str, dynamic: bool, group_size: int | 
         "observer": None if dynamic else "minmax",
         "observer_kwargs": {},
     }
+    if not scheme.symmetric:
+        args["zp_dtype"] = "torch.int8"
+    return args
+
+
+def compression_format(scheme: Scheme) -> str:
+    if packs(scheme):
+        return PACK_QUANTIZED
+    return "float-quantized" if scheme.fmt.is_float else "int-quantized"
 
 
 def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) -> dict:
     """W8A8 with dynamic activations where engines define it (FP8_DYNAMIC, FP8_BLOCK, INT8 W8A8);
-    group scales are weight-only (W8A16), since no engine quantizes activations per group of weights."""
+    group scales are weight-only (W8A16), since no engine quantizes activations per group of weights;
+    integer weight-only schemes are pack-quantized W4A16 / W8A16."""
     granularity = scheme.granularity
     weights = _quant_args(
         scheme,
@@ -101,15 +232,18 @@ def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) ->
         group_size=scheme.group_size if granularity == "group" else None,
         block=list(scheme.block_size) if granularity == "block" else None,
     )
-    if granularity == "block":
+    if scheme.weight_only:
+        activations = None
+    elif granularity == "block":
         activations = _quant_args(scheme, "group", True, scheme.block_size[1], None)
     elif granularity in ("channel", "tensor"):
         activations = _quant_args(scheme, "token", True, None, None)
     else:
         activations = None
+    fmt = compression_format(scheme)
     return {
         "quant_method": "compressed-tensors",
-        "format": "float-quantized" if scheme.fmt.is_float else "int-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
@@ -117,7 +251,7 @@ def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) ->
                 "weights": weights,
                 "input_activations": activations,
                 "output_activations": None,
-                "format": "float-quantized" if scheme.fmt.is_float else "int-quantized",
+                "format": fmt,
             }
         },
         "ignore": unquantized_modules,

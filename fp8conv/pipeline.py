@@ -20,13 +20,14 @@ from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_p
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError
 from .formats import SAFETENSORS_DTYPES
 from .hashing import PrefixHasher
-from .jobs import Job, Source, close_handles, forget_handles, run_job
+from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
 from .kernels import ErrorStats
-from .layouts import get_layout
+from .layouts import CODES, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
+from .quantized import source_of
 from .report import build_manifest, build_report
-from .safetensors_io import TensorInfo, build_header, sha256_of
+from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
 from .scheme import Scheme
 
 Progress = Callable[[int], None]
@@ -34,28 +35,29 @@ JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the 
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How to run a plan: parallelism, what to do with an existing output, and the memory knobs
+    (rows are read in chunks of about chunk_bytes; matrices over job_bytes are split into row-range
+    jobs that workers share). The output bytes depend on none of them."""
+
+    workers: int = 1
+    overwrite: bool = False
+    resume: bool = False
+    allow_nonfinite: bool = False
+    chunk_bytes: int = READ_CHUNK_BYTES
+    job_bytes: int = JOB_BYTES
+
+
+@dataclass(frozen=True)
 class QuantizeOptions:
-    """Everything `fp8conv quantize` was asked to do, validated."""
+    """Everything `fp8conv quantize` was asked to do, validated: what to produce, and how to run."""
 
     scheme: Scheme = field(default_factory=Scheme)
     layout: str = "compressed-tensors"
     ignore: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
-    workers: int = 1
     max_shard_size: int | None = None
-    overwrite: bool = False
-    resume: bool = False
-    allow_nonfinite: bool = False
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run a plan: parallelism and what to do with an existing output."""
-
-    workers: int = 1
-    overwrite: bool = False
-    resume: bool = False
-    allow_nonfinite: bool = False
+    run: RunOptions = field(default_factory=RunOptions)
 
 
 @dataclass
@@ -90,85 +92,87 @@ def make_dequantize_plan(source: Path, out_dtype: str, max_shard_size: int | Non
 
 
 def _source_of(plan: ConversionPlan, info: TensorInfo, sources: dict[str, Path], matrix: int) -> Source:
-    """Where matrix `matrix` of a tensor is stored (codes + scale grid when quantized in the source)."""
-    *_, rows, cols = info.shape
-    path = str(sources[plan.source_shard[info.name]])
+    """Where matrix `matrix` of a tensor is stored (codes + scale grid + zero points when quantized in the source)."""
     qw = plan.source_quant.get(info.name)
-    offset = info.start + matrix * rows * cols * info.np_dtype.itemsize
     if qw is None:
-        return Source(path, offset, info.dtype)
-    assert qw.scheme is not None and qw.scale is not None
-    per_matrix = 1 if qw.scheme.granularity == "tensor" else math.prod(qw.scheme.scale_grid(rows, cols))
-    scale_offset = qw.scale.start + matrix * per_matrix * qw.scale.np_dtype.itemsize
-    return Source(path, offset, info.dtype, qw.scheme, str(sources[plan.source_shard[qw.scale.name]]),
-                  scale_offset, qw.scale.dtype)
+        *_, rows, cols = info.shape
+        path = str(sources[plan.source_shard[info.name]])
+        return Source(path, info.start + matrix * rows * cols * info.np_dtype.itemsize, info.dtype)
+    return source_of(qw, lambda name: sources[plan.source_shard[name]], matrix)
 
 
 def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, int], dst: Path,
-                    sources: dict[str, Path], allow_nonfinite: bool) -> list[Job]:
-    """Byte copies for kept tensors and carried codes; one job per 2-D matrix (per expert for 3-D)."""
+                    sources: dict[str, Path], options: RunOptions) -> list[Job]:
+    """Byte copies for kept tensors and carried codes; constants; one job per 2-D matrix (per expert
+    for 3-D) writing every tensor its layout declares."""
     jobs = []
-    new_scales = set(plan.scale_of.values())
+    origin = plan.origin
     for entry in shard.entries:
-        if entry.name in new_scales:
-            continue  # written by its weight's jobs (it may share the name of a dropped source scale)
-        decision = plan.decisions[entry.name]
-        info = plan.tensors[entry.name]
+        name = origin[entry.name]
+        decision = plan.decisions[name]
+        info = plan.tensors[name]
         action = decision.action
+        spec = next((s for s in plan.outputs.get(name, []) if s.name == entry.name), None)
+        if spec is not None and spec.data is not None:
+            jobs.append(Job("write", entry.name, Source("", 0, ""), str(dst), offsets[entry.name], len(spec.data),
+                            data=spec.data))
+            continue
+        if spec is not None and spec.role != CODES:
+            continue  # written by its weight's jobs (it may share the name of a dropped source scale)
         if action in (COPY, CARRY):
-            source = Source(str(sources[plan.source_shard[entry.name]]), info.start, info.dtype)
-            jobs.append(Job("copy", entry.name, source, str(dst), offsets[entry.name], info.nbytes))
+            source = Source(str(sources[plan.source_shard[name]]), info.start, info.dtype)
+            jobs.append(Job("copy", name, source, str(dst), offsets[entry.name], info.nbytes))
         if action == CARRY:
-            scale = plan.source_quant[entry.name].scale
-            assert scale is not None
+            scale = plan.source_quant[name].scale
+            target = plan.spec(name, SCALE)
+            assert scale is not None and target is not None
             jobs.append(Job("copy", scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
-                            str(dst), offsets[plan.scale_of[entry.name]], scale.nbytes))
+                            str(dst), offsets[target.name], scale.nbytes))
         if action in (COPY, CARRY):
             continue
-        *lead, rows, cols = info.shape
+        qw = plan.source_quant.get(name)
+        shape = qw.shape if qw is not None else info.shape
+        *lead, rows, cols = shape
         for e in range(math.prod(lead)):
             source = _source_of(plan, info, sources, e)
+            nbytes = rows * source.row_bytes(cols)
             if action == DEQUANTIZE:
-                out_size = SAFETENSORS_DTYPES[plan.output_dtype(entry.name)].itemsize
-                jobs.append(Job("dequantize", entry.name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
-                                rows * cols * info.np_dtype.itemsize, rows, cols, out_dtype=plan.output_dtype(entry.name)))
+                out_size = SAFETENSORS_DTYPES[plan.output_dtype(name)].itemsize
+                jobs.append(Job("dequantize", name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
+                                nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e, matrix_rows=rows,
+                                chunk_bytes=options.chunk_bytes))
                 continue
-            assert plan.scheme is not None
-            grid = plan.scheme.scale_grid(rows, cols)
-            per_matrix = 1 if plan.scheme.granularity == "tensor" else grid[0] * grid[1]
-            jobs.append(Job("quantize", entry.name, source, str(dst), offsets[entry.name] + e * rows * cols,
-                            rows * cols * info.np_dtype.itemsize, rows, cols, scheme=plan.scheme,
-                            scale_offset=offsets[plan.scale_of[entry.name]] + e * per_matrix * 4,
-                            allow_nonfinite=allow_nonfinite))
-    split = [part for job in jobs for part in _split_rows(job)]
+            outputs = tuple((s, offsets[s.name]) for s in plan.outputs[name] if s.data is None)
+            codes = plan.spec(name, CODES)
+            assert codes is not None
+            jobs.append(Job("quantize", name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes, nbytes,
+                            rows, cols,
+                            scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
+                            layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
+                            matrix_rows=rows, chunk_bytes=options.chunk_bytes))
+    split = [part for job in jobs for part in _split_rows(job, options.job_bytes)]
     return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 
 
-def _split_rows(job: Job) -> list[Job]:
+def _split_rows(job: Job, job_bytes: int) -> list[Job]:
     """Cut a large matrix into row ranges of whole tiles (source and target), so the workers share
     one big tensor too. One-scale (tensor) targets need the whole matrix's amax: kept whole."""
-    if job.kind == "copy" or job.nbytes <= JOB_BYTES or (job.scheme and job.scheme.granularity == "tensor"):
+    if job.kind in ("copy", "write") or job.nbytes <= job_bytes or (job.scheme and job.scheme.granularity == "tensor"):
         return [job]
-    src = job.source
-    src_tile = src.tile_rows(job.rows, job.cols)
-    dst_tile = job.scheme.tile(job.rows, job.cols)[0] if job.scheme else 1
-    step = math.lcm(src_tile, dst_tile)
+    step = job.source.tile_rows(job.rows, job.cols)
+    if job.scheme is not None:
+        step = math.lcm(step, target_tile_rows(job.scheme, job.outputs, job.rows, job.cols))
     row_bytes = job.nbytes // job.rows
-    step *= max(1, JOB_BYTES // (row_bytes * step))
-    out_row_bytes = job.cols * (SAFETENSORS_DTYPES[job.out_dtype].itemsize if job.kind == "dequantize" else 1)
+    step *= max(1, job_bytes // (row_bytes * step))
+    if job.kind == "dequantize":
+        out_row_bytes = job.cols * SAFETENSORS_DTYPES[job.out_dtype].itemsize
+    else:  # quantize jobs place their outputs by first_row; dst_offset (their codes) orders them
+        out_row_bytes = next(s for s, _ in job.outputs if s.role == CODES).row_bytes(job.rows)
     parts = []
     for first in range(0, job.rows, step):
         rows = min(step, job.rows - first)
-        scale_offset = src.scale_offset
-        if src.scheme is not None and src.scheme.granularity != "tensor":
-            src_grid_cols = src.scheme.scale_grid(job.rows, job.cols)[1]
-            scale_offset += (first // src_tile) * src_grid_cols * SAFETENSORS_DTYPES[src.scale_dtype].itemsize
-        source = replace(src, offset=src.offset + first * row_bytes, scale_offset=scale_offset)
-        target_scale = job.scale_offset
-        if job.scheme is not None:
-            target_scale += (first // dst_tile) * job.scheme.scale_grid(job.rows, job.cols)[1] * 4
-        parts.append(replace(job, source=source, dst_offset=job.dst_offset + first * out_row_bytes,
-                             nbytes=rows * row_bytes, rows=rows, scale_offset=target_scale))
+        parts.append(replace(job, dst_offset=job.dst_offset + first * out_row_bytes, nbytes=rows * row_bytes,
+                             rows=rows, first_row=first))
     return parts
 
 
@@ -254,8 +258,7 @@ def _indexed_job(item: tuple[int, Job]) -> tuple[int, tuple]:
 def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions, progress: Progress | None = None) -> ConversionResult:
     """Convert SRC into OUT atomically; raises FP8ConvError subclasses with one-line messages."""
     checkpoint, plan = make_plan(source, options)
-    run = RunOptions(options.workers, options.overwrite, options.resume, options.allow_nonfinite)
-    return run_plan(checkpoint, plan, source, out, run, progress)
+    return run_plan(checkpoint, plan, source, out, options.run, progress)
 
 
 def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,
@@ -309,7 +312,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
             fh.truncate(len(header) + shard.nbytes)
         hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes)
         hashers[shard.name].written(0, len(header))
-        jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, sources, options.allow_nonfinite)
+        jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, sources, options)
     return files, jobs_by_shard, hashers
 
 

@@ -1,43 +1,58 @@
-"""Reading any checkpoint's quantization: which weights are quantized, with which scales and scheme.
+"""Reading any checkpoint's quantization: which weights are quantized, with which scales, zero points
+and scheme, and the one routine that reads them back as float32 rows.
 
-Understands compressed-tensors (`<m>.weight_scale`, quant_method compressed-tensors),
-fine-grained FP8 (`<m>.weight_scale_inv`, quant_method fp8, weight_block_size) and fp8conv's
-own layout, whoever wrote them.
+Understands compressed-tensors (`float-quantized`, `int-quantized` with or without zero points,
+`pack-quantized` W4A16 / W8A16), fine-grained FP8 (`<m>.weight_scale_inv`, quant_method fp8,
+weight_block_size) and fp8conv's own layout, whoever wrote them. Anything else that is quantized
+(GPTQ / AWQ `qweight`, bitsandbytes, an unknown quant_method or compressed-tensors format) is
+reported as unsupported: it is refused, never copied through.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from .errors import FP8ConvError, InputError
-from .formats import format_of_tag
-from .kernels import dequantize_rows
-from .safetensors_io import TensorInfo, TensorReader
-from .scheme import Scheme
+from .formats import FORMATS, format_of_tag
+from .safetensors_io import TensorInfo, TensorReader, printable
+from .scheme import GRANULARITIES, Scheme
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
-AUX_SUFFIXES = ("weight_zero_point", "input_scale", "input_zero_point", "weight_g_idx", "output_scale", "k_scale", "v_scale")
+AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
+                "k_scale", "v_scale", "input_global_scale", "weight_global_scale")
+KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv")
+CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense")
+GPTQ_AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+BNB_SUFFIXES = (".absmax", ".quant_map", ".SCB", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
 LAYOUT_LABELS = {
     "none": "none (high precision)",
     "compressed-tensors": "compressed-tensors",
-    "fine-grained-fp8": "fine-grained FP8 (quant_method fp8)",
+    "fp8-native": "fine-grained FP8 (quant_method fp8)",
     "fp8conv": "fp8conv",
+    "unsupported": "unsupported quantization",
 }
 
 
 @dataclass
 class QuantizedWeight:
-    """A quantized weight, its scale and the scheme that its shapes and the config imply."""
+    """A quantized weight: its logical name and shape, the stored codes (packed into int32 or not),
+    its scale, zero points, the scheme its shapes and the config imply, and the tensors that go with it."""
 
     name: str
     weight: TensorInfo
     scale: TensorInfo | None
     scheme: Scheme | None
     problem: str | None = None
+    shape: tuple[int, ...] = ()
+    packed: bool = False
+    zero_point: TensorInfo | None = None
+    zp_packed: bool = False
+    companions: tuple[str, ...] = ()
 
 
 @dataclass
@@ -50,6 +65,7 @@ class CheckpointView:
     orphan_scales: list[str] = field(default_factory=list)
     manifest: dict | None = None
     config_problem: str | None = None
+    unsupported: str | None = None
 
     @property
     def ignored_modules(self) -> list[str] | None:
@@ -59,20 +75,46 @@ class CheckpointView:
                 return [str(m) for m in qc[key]]
         return None
 
+    def refuse_unsupported(self) -> None:
+        if self.unsupported:
+            raise InputError(f"{self.checkpoint.root}: {self.unsupported}")
+
 
 def _layout_of(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str:
     method = (quant_config or {}).get("quant_method")
     if method == "compressed-tensors":
         return "compressed-tensors"
     if method == "fp8":
-        return "fine-grained-fp8"
+        return "fp8-native"
     if method == "fp8conv":
         return "fp8conv"
     if any(n.endswith(".weight_scale_inv") for n in tensors):
-        return "fine-grained-fp8"
-    if any(n.endswith(".weight_scale") for n in tensors):
+        return "fp8-native"
+    if any(n.endswith((".weight_scale", ".weight_packed")) for n in tensors):
         return "compressed-tensors"
     return "none"
+
+
+def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str | None:
+    """Why fp8conv cannot read this checkpoint's quantization, or None."""
+    qc = quant_config or {}
+    method = qc.get("quant_method")
+    if any(n.endswith(BNB_SUFFIXES) for n in tensors) or method == "bitsandbytes":
+        return "holds bitsandbytes-quantized weights, which fp8conv does not read; load it with bitsandbytes instead"
+    if any(n.endswith((".qweight", ".qzeros")) for n in tensors):
+        return (f"holds GPTQ/AWQ packed weights (qweight/qzeros, quant_method {method!r}), which fp8conv does not read; "
+                "dequantize them with their own tool first")
+    if method is not None and method not in KNOWN_METHODS:
+        return (f"quantization_config.quant_method {method!r} is not one fp8conv reads "
+                f"({', '.join(KNOWN_METHODS)}); refusing rather than copying its tensors through")
+    if method == "compressed-tensors":
+        formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()
+                                        if isinstance(g, dict)}
+        unknown = sorted(str(f) for f in formats - {None, *CT_FORMATS})
+        if unknown:
+            return (f"compressed-tensors format {unknown[0]!r} is not one fp8conv reads ({', '.join(CT_FORMATS[:3])}); "
+                    "refusing rather than copying its tensors through")
+    return None
 
 
 def _weight_args(quant_config: dict | None) -> dict:
@@ -87,7 +129,7 @@ def _weight_args(quant_config: dict | None) -> dict:
 
 def _hints(layout: str, quant_config: dict | None) -> dict:
     qc = quant_config or {}
-    if layout == "fine-grained-fp8":
+    if layout == "fp8-native":
         block = qc.get("weight_block_size")
         return {"granularity": "block" if block else "tensor", "block": block}
     if layout == "fp8conv":
@@ -96,23 +138,28 @@ def _hints(layout: str, quant_config: dict | None) -> dict:
     block = args.get("block_structure")
     if isinstance(block, str) and "x" in block:
         block = [int(p) for p in block.split("x")]
-    return {"granularity": args.get("strategy"), "block": block, "group": args.get("group_size")}
+    return {"granularity": args.get("strategy"), "block": block, "group": args.get("group_size"),
+            "symmetric": args.get("symmetric", True) is not False, "num_bits": args.get("num_bits")}
 
 
-def infer_scheme(fmt_name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], hints: dict) -> Scheme:
+def infer_scheme(fmt_name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], hints: dict,
+                 symmetric: bool = True, weight_only: bool = False) -> Scheme:
     """The scheme whose scale grid the stored scale shape is; raises FP8ConvError when none fits."""
     *lead, rows, cols = weight_shape
     per_matrix = math.prod(scale_shape) // max(math.prod(lead), 1) if scale_shape else 1
     granularity = hints.get("granularity")
-    if granularity not in ("block", "channel", "group", "tensor"):
+    if granularity not in GRANULARITIES:
         granularity = "tensor" if per_matrix == 1 else ("channel" if tuple(scale_shape[-2:]) == (rows, 1) else "block")
+        if granularity == "block" and (weight_only or not symmetric) and scale_shape[-2] == rows:
+            granularity = "group"  # weight-only schemes have no blocks
     block = hints.get("block") or [128, 128]
     group = hints.get("group") or 128
     if granularity == "block" and not hints.get("block") and len(scale_shape) >= 2:
         block = [_infer_tile(rows, scale_shape[-2]), _infer_tile(cols, scale_shape[-1])]
     if granularity == "group" and not hints.get("group") and scale_shape:
         group = _infer_tile(cols, scale_shape[-1])
-    scheme = Scheme(format=fmt_name, granularity=granularity, block_size=(int(block[0]), int(block[1])), group_size=int(group))
+    scheme = Scheme(format=fmt_name, granularity=granularity, block_size=(int(block[0]), int(block[1])),
+                    group_size=int(group), symmetric=symmetric, activations="none" if weight_only or not symmetric else None)
     grid = scheme.scale_shape(weight_shape)
     fits = tuple(scale_shape) == grid or (granularity == "tensor" and per_matrix == 1 and
                                           tuple(scale_shape[: len(lead)]) == tuple(lead))
@@ -131,6 +178,60 @@ def _infer_tile(length: int, count: int) -> int:
     return -(-length // count)
 
 
+def _read_small(checkpoint: Checkpoint, info: TensorInfo) -> np.ndarray:
+    with TensorReader(checkpoint.shard_of()[info.name]) as reader:
+        return reader.read_rows(info)
+
+
+def _packed_weight(view: CheckpointView, name: str, info: TensorInfo, hints: dict) -> QuantizedWeight:
+    """compressed-tensors pack-quantized: weight_packed (int32), weight_shape, weight_scale, weight_zero_point."""
+    tensors = view.checkpoint.tensors
+    prefix = name[: -len("weight_packed")]
+    logical = prefix + "weight"
+    scale = tensors.get(prefix + "weight_scale")
+    entry = QuantizedWeight(logical, info, scale, None, packed=True,
+                            companions=tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors))
+    shape_info = tensors.get(prefix + "weight_shape")
+    if info.dtype != "I32" or shape_info is None or shape_info.dtype not in ("I64", "I32") or len(shape_info.shape) != 1:
+        entry.problem = "needs an int32 weight_packed and an int weight_shape tensor"
+        return entry
+    shape = tuple(int(v) for v in _read_small(view.checkpoint, shape_info).tolist())
+    entry.shape = shape
+    bits = hints.get("num_bits")
+    if view.quant_config is None and len(shape) >= 2:  # no config: the packed width tells the bits
+        fits = [b for b in (4, 8) if info.shape[-1] == -(-shape[-1] * b // 32)]
+        bits = fits[0] if len(fits) == 1 else None
+    if view.layout != "compressed-tensors" or bits not in (4, 8):
+        entry.problem = f"is pack-quantized with num_bits {bits!r}; fp8conv reads 4 and 8"
+        return entry
+    fmt = FORMATS["int4" if bits == 4 else "int8"]
+    if len(shape) not in (2, 3) or tuple(info.shape) != (*shape[:-1], fmt.packed_cols(shape[-1])):
+        entry.problem = f"weight_packed {list(info.shape)} does not hold weight_shape {list(shape)} at {bits} bits"
+        return entry
+    if scale is None:
+        entry.problem = "has no weight_scale tensor"
+        return entry
+    symmetric = hints["symmetric"] if view.quant_config is not None else prefix + "weight_zero_point" not in tensors
+    if not symmetric:
+        entry.zero_point, entry.zp_packed = tensors.get(prefix + "weight_zero_point"), True
+        if entry.zero_point is None:
+            entry.problem = "is asymmetric but has no weight_zero_point"
+            return entry
+    try:
+        entry.scheme = infer_scheme(fmt.name, shape, scale.shape, hints, symmetric, weight_only=True)
+    except FP8ConvError as exc:
+        entry.problem = str(exc)
+        return entry
+    if entry.zero_point is not None:
+        *lead, rows, cols = shape
+        grid = entry.scheme.scale_grid(rows, cols)
+        expected = (*lead, fmt.packed_cols(grid[0]), grid[1])
+        if entry.zero_point.dtype != "I32" or tuple(entry.zero_point.shape) != expected:
+            entry.problem = (f"weight_zero_point {entry.zero_point.dtype} {list(entry.zero_point.shape)} is not the "
+                             f"packed int32 {list(expected)} its scales need")
+    return entry
+
+
 def open_view(checkpoint: Checkpoint) -> CheckpointView:
     """Classify every tensor of a checkpoint: quantized weights with scales, orphans, the rest."""
     config_problem = None
@@ -146,16 +247,30 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     except InputError:
         manifest = None
     tensors = checkpoint.tensors
-    layout = _layout_of(quant_config, tensors)
-    view = CheckpointView(checkpoint, config, quant_config, layout, manifest=manifest, config_problem=config_problem)
+    unsupported = _unsupported(quant_config, tensors)
+    layout = "unsupported" if unsupported else _layout_of(quant_config, tensors)
+    view = CheckpointView(checkpoint, config, quant_config, layout, manifest=manifest, config_problem=config_problem,
+                          unsupported=unsupported)
+    if unsupported:
+        return view
     hints = _hints(layout, quant_config)
     used_scales: set[str] = set()
     for name, info in tensors.items():
+        if name.endswith(".weight_packed"):
+            entry = _packed_weight(view, name, info, hints)
+            view.weights[name] = entry
+            used_scales.update(entry.companions)
+            continue
         fmt = format_of_tag(info.dtype)
         if fmt is None or not name.endswith(".weight") or len(info.shape) < 2:
             continue
-        scale = next((tensors[name[:-6] + s] for s in SCALE_SUFFIXES if name[:-6] + s in tensors), None)
-        entry = QuantizedWeight(name, info, scale, None)
+        prefix = name[:-6]
+        scale = next((tensors[prefix + s] for s in SCALE_SUFFIXES if prefix + s in tensors), None)
+        companions = tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors)
+        entry = QuantizedWeight(name, info, scale, None, shape=info.shape, companions=companions)
+        symmetric = hints.get("symmetric", True) or layout != "compressed-tensors"
+        if quant_config is None and layout == "compressed-tensors" and prefix + "weight_zero_point" in tensors:
+            symmetric = False
         if scale is None:
             entry.problem = "has no weight_scale / weight_scale_inv tensor"
         elif scale.dtype not in ("F32", "BF16", "F16"):
@@ -164,14 +279,34 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
         else:
             used_scales.add(scale.name)
             try:
-                entry.scheme = infer_scheme(fmt.name, info.shape, scale.shape, hints)
+                entry.scheme = infer_scheme(fmt.name, info.shape, scale.shape, hints, symmetric)
             except FP8ConvError as exc:
                 entry.problem = str(exc)
+            if not symmetric:
+                entry.zero_point = tensors.get(prefix + "weight_zero_point")
+                if entry.zero_point is None:
+                    entry.problem = "is asymmetric (symmetric: false) but has no weight_zero_point"
+                elif tuple(entry.zero_point.shape) != tuple(scale.shape) or entry.zero_point.dtype not in ("I8", "I32", "I64"):
+                    entry.problem = (f"weight_zero_point {entry.zero_point.dtype} {list(entry.zero_point.shape)} does "
+                                     f"not match its scale {list(scale.shape)}")
         view.weights[name] = entry
     view.orphan_scales = sorted(
         n for n in tensors if n.endswith(SCALE_SUFFIXES) and n not in used_scales
     )
     return view
+
+
+def validate_source_scales(view: CheckpointView, names: list[str]) -> None:
+    """Refuse source scales that are NaN, Inf or <= 0 (they would give garbage weights), naming the tensor."""
+    for name in sorted(names):
+        qw = view.weights[name]
+        if qw.scale is None or qw.scheme is None:
+            continue
+        scales = _read_small(view.checkpoint, qw.scale).astype(np.float32)
+        bad = int(np.count_nonzero(~np.isfinite(scales) | (scales <= 0)))
+        if bad:
+            raise InputError(f"{view.checkpoint.root}: scale {printable(qw.scale.name)} holds {bad} value(s) that are "
+                             "NaN, Inf or <= 0")
 
 
 class Readers:
@@ -186,6 +321,9 @@ class Readers:
         if path not in self._open:
             self._open[path] = TensorReader(path)
         return self._open[path]
+
+    def path(self, tensor_name: str) -> Path:
+        return self._paths[tensor_name]
 
     def read(self, info: TensorInfo, first: int = 0, stop: int | None = None):
         return self.of(info.name).read_rows(info, first, stop)
@@ -206,7 +344,7 @@ def scale_grids(readers: Readers, qw: QuantizedWeight):
     """The float32 scale grids of a quantized weight, one 2-D grid per matrix: [E, gr, gc]."""
     assert qw.scale is not None and qw.scheme is not None
     scales = readers.read(qw.scale).astype(np.float32)
-    *lead, rows, cols = qw.weight.shape
+    *lead, rows, cols = qw.shape
     matrices = math.prod(lead)
     if qw.scheme.granularity == "tensor":
         return scales.reshape(matrices, 1, 1)
@@ -225,18 +363,40 @@ def matrix_chunks(readers: Readers, info: TensorInfo, tile_rows: int, chunk_byte
             yield e, r0, readers.of(info.name).read_array(offset, (n, cols), info.np_dtype, info.name)
 
 
-def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
-    """(matrix index, first row, float32 rows) of w' = q * scale, chunk by chunk."""
+def source_of(qw: QuantizedWeight, path_of, matrix: int):
+    """The jobs.Source of matrix `matrix` of a quantized weight (`path_of(tensor name)` gives its file)."""
+    from .jobs import Part, Source
+
+    assert qw.scheme is not None and qw.scale is not None
     scheme = qw.scheme
-    assert scheme is not None
-    grids = scale_grids(readers, qw)
-    rows, cols = qw.weight.shape[-2:]
-    tile_rows = rows if scheme.granularity == "tensor" else scheme.tile(rows, cols)[0]
-    tile_rows = max(tile_rows, 1)
-    for e, r0, codes in matrix_chunks(readers, qw.weight, 1 if scheme.granularity == "tensor" else tile_rows, chunk_bytes):
-        if scheme.granularity == "tensor":
-            grid = grids[e]
-        else:
-            g0 = r0 // tile_rows
-            grid = grids[e][g0 : g0 + -(-codes.shape[0] // tile_rows)]
-        yield e, r0, dequantize_rows(codes, grid, scheme)
+    *lead, rows, cols = qw.shape
+    matrices = max(math.prod(lead), 1)
+    tile_rows = 0 if scheme.granularity == "tensor" else scheme.tile(rows, cols)[0]
+
+    def part(info: TensorInfo, unit_rows: int, packed: bool = False) -> Part:
+        return Part(str(path_of(info.name)), info.start + matrix * (info.nbytes // matrices), info.dtype, unit_rows, packed)
+
+    zero_point = None
+    if qw.zero_point is not None:
+        unit = tile_rows * scheme.fmt.per_word if qw.zp_packed else tile_rows
+        zero_point = part(qw.zero_point, unit, qw.zp_packed)
+    return Source(str(path_of(qw.weight.name)), qw.weight.start + matrix * (qw.weight.nbytes // matrices),
+                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point)
+
+
+def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
+    """(matrix index, first row, float32 rows) of w' = (q - zp) * scale, chunk by chunk."""
+    from .jobs import Job, close_handles, read_rows
+
+    assert qw.scheme is not None
+    *lead, rows, cols = qw.shape
+    try:
+        for e in range(math.prod(lead)):
+            source = source_of(qw, readers.path, e)
+            step = source.tile_rows(rows, cols)
+            step = max(step, (chunk_bytes // max(source.row_bytes(cols), 1)) // step * step)
+            job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
+            for r0 in range(0, rows, step):
+                yield e, r0, read_rows(job, r0, min(step, rows - r0))
+    finally:
+        close_handles()

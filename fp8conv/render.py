@@ -65,15 +65,22 @@ def _describe(scheme: dict) -> str:
         text += " " + "x".join(map(str, scheme["block_size"]))
     if scheme.get("group_size"):
         text += f" {scheme['group_size']}"
+    if scheme.get("symmetric") is False:
+        text += " asymmetric"
+    if scheme.get("activations") == "none":
+        text += " weight-only"
     return text
 
 
 def dry_run_plan(plan) -> str:
     rows = []
     sizes = {e.name: e.nbytes for shard in plan.shards for e in shard.entries}
+    made_from: dict[str, int] = {}
+    for out_name, src_name in plan.origin.items():
+        made_from[src_name] = made_from.get(src_name, 0) + sizes.get(out_name, 0)
     for name, decision in plan.decisions.items():
         info = plan.tensors[name]
-        after = sizes.get(name, 0) + (sizes.get(plan.scale_of[name], 0) if decision.quantized else 0)
+        after = made_from.get(name, 0)
         rows.append([printable(name), info.dtype, "x".join(map(str, info.shape)) or "scalar", decision.action,
                      human_bytes(info.nbytes), human_bytes(after), decision.reason])
     for module, reason in sorted(plan.tensorless_modules.items()):

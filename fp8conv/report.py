@@ -7,6 +7,7 @@ from collections import Counter
 from . import __version__
 from .conversion import ConversionPlan
 from .kernels import ErrorStats
+from .layouts import CODES, SCALE
 from .plan import COPY
 
 MANIFEST_SCHEMA = 1
@@ -92,12 +93,16 @@ def _quantized_footprint(plan: ConversionPlan) -> tuple[int, int]:
     """(elements, output bytes of codes + scale tensors) over the tensors stored quantized."""
     sizes = {entry.name: entry.nbytes for shard in plan.shards for entry in shard.entries}
     names = [name for name, d in plan.decisions.items() if d.quantized]
-    elements = sum(plan.tensors[name].numel for name in names)
-    return elements, sum(sizes[name] + sizes[plan.scale_of[name]] for name in names)
+    elements = sum(math.prod(plan.source_quant[name].shape) if name in plan.source_quant else plan.tensors[name].numel
+                   for name in names)
+    return elements, sum(sizes[spec.name] for name in names for spec in plan.outputs[name])
 
 
 def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
     out_shard = plan.shard_of_output
+    source_shard_out: dict[str, str] = {}
+    for out_name, src_name in plan.origin.items():
+        source_shard_out.setdefault(src_name, out_shard[out_name])
     tensors = {}
     for name, decision in plan.decisions.items():
         info = plan.tensors[name]
@@ -107,19 +112,18 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
             "source_shard": plan.source_shard[name],
             "source_dtype": info.dtype,
             "shape": list(info.shape),
-            "output_shard": None if decision.action == "drop" else out_shard[name],
+            "output_shard": source_shard_out.get(name),
             "output_dtype": plan.output_dtype(name),
             "scale": None,
         }
         if decision.quantized:
-            assert plan.scheme is not None and plan.layout is not None
-            scale = plan.scale_of[name]
-            record["scale"] = {
-                "name": scale,
-                "shape": list(plan.layout.scale_shape(plan.scheme, info.shape)),
-                "dtype": "F32",
-                "shard": out_shard[scale],
-            }
+            specs = plan.outputs[name]
+            scale = next(s for s in specs if s.role == SCALE)
+            record["scale"] = {"name": scale.name, "shape": list(scale.shape), "dtype": scale.dtype,
+                               "shard": out_shard[scale.name]}
+            if [s.role for s in specs] != [CODES, SCALE] or specs[0].name != name:
+                record["outputs"] = [{"name": s.name, "role": s.role, "dtype": s.dtype, "shape": list(s.shape),
+                                      "shard": out_shard[s.name]} for s in specs]
         tensors[name] = record
     return {
         "schema_version": MANIFEST_SCHEMA,

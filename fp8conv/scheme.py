@@ -1,23 +1,36 @@
-"""A validated quantization scheme: format x granularity x tile size."""
+"""A validated quantization scheme: element format x granularity x tile size x scale format x symmetry."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .errors import SchemeError
-from .formats import FORMATS, QuantFormat
+from .formats import FORMATS, SCALE_FORMATS, ElementFormat, ScaleFormat
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
+ACTIVATIONS = ("dynamic", "none")
 MAX_TILE = 1 << 16
+# scale_format "source": the scale is stored in the dtype of the weight it scales (what
+# compressed-tensors does for pack-quantized); Scheme.for_source() makes it concrete per tensor.
+SOURCE_SCALE = "source"
+_SCALE_OF_SOURCE = {"BF16": "bf16", "F16": "fp16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """How one weight is quantized. Every granularity is a 2-D tile of (rows, cols) sharing a scale."""
+    """How one weight is quantized. Every granularity is a 2-D tile of (rows, cols) sharing a scale
+    (and, when asymmetric, a zero point).
+
+    activations: "dynamic" (the W8A8 schemes engines quantize activations for at run time) or
+    "none" (weight-only: W4A16 / W8A16).
+    """
 
     format: str = "fp8_e4m3"
     granularity: str = "block"
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128
+    symmetric: bool = True
+    activations: str | None = None  # None: "none" for int4 (no engine runs W4A8), "dynamic" otherwise
+    scale_format: str = "float32"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -29,10 +42,60 @@ class Scheme:
         sizes = (*self.block_size, self.group_size)
         if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
             raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
+        if self.activations is None:
+            object.__setattr__(self, "activations", "none" if self.format == "int4" else "dynamic")
+        if self.activations not in ACTIVATIONS:
+            raise SchemeError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:
+            raise SchemeError(f"unknown scale format {self.scale_format!r}")
+        if self.format == "int4" and self.activations != "none":
+            raise SchemeError("int4 is weight-only (W4A16): no engine quantizes activations to int4; "
+                              "use --activations none")
+        if not self.symmetric:
+            if self.fmt.is_float:
+                raise SchemeError(f"--asymmetric applies to integer formats, not {self.format}")
+            if self.activations != "none" or self.granularity not in ("channel", "group"):
+                raise SchemeError("--asymmetric (zero points) is defined for weight-only integer schemes with "
+                                  "--granularity channel or group; add --activations none / pick one of them")
 
     @property
-    def fmt(self) -> QuantFormat:
+    def fmt(self) -> ElementFormat:
         return FORMATS[self.format]
+
+    @property
+    def scale_fmt(self) -> ScaleFormat:
+        if self.scale_format == SOURCE_SCALE:
+            raise SchemeError("internal: scale format 'source' not resolved for a tensor")  # pragma: no cover
+        return SCALE_FORMATS[self.scale_format]
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations == "none"
+
+    @property
+    def full_range(self) -> bool:
+        """Integer weight-only schemes use the whole code range [qmin, qmax] (compressed-tensors'
+        W4A16 / W8A16); the others the symmetric range [-qmax, qmax] (FP8; INT8 W8A8)."""
+        return self.weight_only and not self.fmt.is_float
+
+    @property
+    def code_range(self) -> tuple[float, float]:
+        fmt = self.fmt
+        return (fmt.qmin if self.full_range or not self.symmetric else -fmt.qmax, fmt.qmax)
+
+    @property
+    def symmetric_divisor(self) -> float:
+        """scale = amax / this: qmax, or (qmax - qmin) / 2 over the full range (7.5 int4, 127.5 int8)."""
+        lo, hi = self.code_range
+        return (hi - lo) / 2 if self.full_range else hi
+
+    def for_source(self, source_tag: str) -> "Scheme":
+        """The scheme with a concrete scale format for a weight stored as `source_tag`."""
+        if self.scale_format != SOURCE_SCALE:
+            return self
+        from dataclasses import replace
+
+        return replace(self, scale_format=_SCALE_OF_SOURCE.get(source_tag, "bf16"))
 
     def tile(self, rows: int, cols: int) -> tuple[int, int]:
         """The (rows, cols) of the tile that shares one scale, for a 2-D weight of this shape."""
@@ -56,18 +119,28 @@ class Scheme:
 
     def describe(self) -> str:
         if self.granularity == "block":
-            return f"{self.format} block {self.block_size[0]}x{self.block_size[1]}"
-        if self.granularity == "group":
-            return f"{self.format} group {self.group_size}"
-        return f"{self.format} {self.granularity}"
+            text = f"{self.format} block {self.block_size[0]}x{self.block_size[1]}"
+        elif self.granularity == "group":
+            text = f"{self.format} group {self.group_size}"
+        else:
+            text = f"{self.format} {self.granularity}"
+        if not self.symmetric:
+            text += " asymmetric"
+        if self.weight_only:
+            text += " weight-only"
+        return text
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "format": self.format,
             "granularity": self.granularity,
             "block_size": list(self.block_size) if self.granularity == "block" else None,
             "group_size": self.group_size if self.granularity == "group" else None,
         }
+        # Keys the first release did not write appear only when they differ from it (its bytes are pinned).
+        if not self.symmetric or self.weight_only or self.scale_format != "float32":
+            data.update(symmetric=self.symmetric, activations=self.activations, scale_format=self.scale_format)
+        return data
 
 
 def parse_block_size(text: str) -> tuple[int, int]:

@@ -20,8 +20,7 @@ from .safetensors_io import READ_CHUNK_BYTES, printable, sha256_of
 CHUNK_BYTES = READ_CHUNK_BYTES
 # Thresholds that catch broken conversions (a wrong scale or swapped tensor gives errors >= 50%),
 # set above what each format's rounding gives on heavy-tailed weights.
-DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10}
-ENGINES = ("vllm", "transformers")
+DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10, "int4": 0.25}
 COLUMN_PARALLEL = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|w1|w3|query|key|value|c_attn|c_fc|fc1|dense_h_to_4h)$")
 ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|c_proj|fc2|dense_4h_to_h)$")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -82,6 +81,7 @@ def verify_checkpoint(path: Path, options: VerifyOptions, progress: Callable[[in
     checkpoint = open_checkpoint(path)
     source = open_checkpoint(options.against) if options.against is not None else None
     view = open_view(checkpoint)
+    view.refuse_unsupported()
     result = VerifyResult(Path(path), view.layout)
     _check_integrity(checkpoint, view, result, progress)
     _check_structure(view, result)
@@ -142,7 +142,7 @@ def _expects_quantized(name: str, shape: tuple[int, ...], layout: str) -> bool:
     """
     if not name.endswith(".weight") or len(shape) != 2:
         return False
-    exempt = ("embedding", "lm_head", "MoE router") if layout == "fine-grained-fp8" else ("embedding",)
+    exempt = ("embedding", "lm_head", "MoE router") if layout == "fp8-native" else ("embedding",)
     return default_skip(name) not in exempt
 
 
@@ -163,9 +163,9 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
     ignored = view.ignored_modules or []
     matcher = Matcher(ignored, "ignore")
     tensors = view.checkpoint.tensors
-    for name, qw in view.weights.items():
-        if matcher.first_match(name):
-            result.fail("structure", f"{printable(name)} is quantized but the quantization_config lists it as ignored", name)
+    for qw in view.weights.values():
+        if matcher.first_match(qw.name):
+            result.fail("structure", f"{printable(qw.name)} is quantized but the quantization_config lists it as ignored", qw.name)
     for name, info in tensors.items():
         if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.layout):
             continue
@@ -186,8 +186,8 @@ def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
     expected = None
     if view.layout == "compressed-tensors":
         fmt = qc.get("format")
-        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "naive-quantized": None}.get(fmt, None)
-    elif view.layout == "fine-grained-fp8":
+        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32"}.get(fmt, None)
+    elif view.layout == "fp8-native":
         expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
     if expected is None:
         return
@@ -229,7 +229,10 @@ def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult
 def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_readers: Readers,
              options: VerifyOptions, result: VerifyResult, progress) -> None:
     """Dequantize every quantized tensor and compare with the source; all others bit-identical."""
-    out_tensors, src_tensors = view.checkpoint.tensors, source.tensors
+    src_tensors = source.tensors
+    by_logical = {qw.name: qw for qw in view.weights.values()}
+    out_tensors = {name: info for name, info in view.checkpoint.tensors.items() if name not in view.weights}
+    out_tensors.update({qw.name: qw.weight for qw in view.weights.values()})
     for name in sorted(src_tensors):
         if name not in out_tensors:
             result.fail("numerics", f"{printable(name)} is in the source but missing from the output", name)
@@ -239,9 +242,10 @@ def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_
             result.fail("numerics", f"{printable(name)} is in the output but not in the source", name)
     for name in sorted(set(src_tensors) & set(out_tensors)):
         src, out = src_tensors[name], out_tensors[name]
-        qw = view.weights.get(name)
-        if src.shape != out.shape:
-            result.fail("numerics", f"{printable(name)} has shape {list(out.shape)}, the source {list(src.shape)}", name)
+        qw = by_logical.get(name)
+        shape = qw.shape if qw is not None and qw.shape else out.shape
+        if src.shape != tuple(shape):
+            result.fail("numerics", f"{printable(name)} has shape {list(shape)}, the source {list(src.shape)}", name)
         elif qw is not None and qw.scheme is not None:
             _compare_quantized(qw, readers, src, source_readers, options, result)
         elif qw is None and (src.dtype != out.dtype or not _same_bytes(readers, out, source_readers, src)):
@@ -299,15 +303,21 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
         result.warn("engines", "layout fp8conv is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
         return
     tp = options.tp
-    for name, qw in sorted(view.weights.items()):
+    for qw in sorted(view.weights.values(), key=lambda q: q.name):
         if qw.scheme is None:
             continue
-        rows, cols = qw.weight.shape[-2:]
+        name = qw.name
+        rows, cols = qw.shape[-2:]
         module = module_name(name)
         if COLUMN_PARALLEL.search(module) and rows % tp:
             report("vllm", f"{printable(name)} output dim {rows} does not split over --tp {tp}", name)
         if ROW_PARALLEL.search(module) and cols % tp:
             report("vllm", f"{printable(name)} input dim {cols} does not split over --tp {tp}", name)
+        if qw.scheme.granularity == "group" and qw.scheme.weight_only:
+            group = qw.scheme.group_size
+            if cols % group or (ROW_PARALLEL.search(module) and (cols // tp) % group):
+                report("vllm", f"{printable(name)} input dim {cols} (per --tp {tp} partition {cols // tp}) is not "
+                       f"divisible by group {group}", name)
         if qw.scheme.granularity != "block":
             continue
         bn, bk = qw.scheme.block_size
@@ -315,7 +325,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
             report("vllm", f"{printable(name)} output partition {rows // tp} (tp {tp}) is not divisible by block {bn}", name)
         if tp > 1 and ROW_PARALLEL.search(module) and (cols // tp) % bk:
             report("vllm", f"{printable(name)} input partition {cols // tp} (tp {tp}) is not divisible by block {bk}", name)
-        if view.layout == "fine-grained-fp8" and (rows % bn or cols % bk):
+        if view.layout == "fp8-native" and (rows % bn or cols % bk):
             report("transformers", f"{printable(name)} {rows}x{cols} is not divisible by the {bn}x{bk} block: "
                    "the fine-grained FP8 loader refuses it", name)
     _check_fused(view, report)

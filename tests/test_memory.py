@@ -7,10 +7,28 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv import compiled, jobs, pipeline
-from fp8conv.pipeline import QuantizeOptions
+from fp8conv import compiled, pipeline
+from fp8conv.pipeline import QuantizeOptions, RunOptions
 from fp8conv.scheme import Scheme
 from stfile import entry, write
+
+
+def convert(command: str, src, out, scheme: Scheme | None, run: RunOptions) -> None:
+    """quantize (with `scheme`) or dequantize through the library, with explicit chunk / job sizes."""
+    if command == "dequantize":
+        checkpoint, plan = pipeline.make_dequantize_plan(src, "BF16")
+    else:
+        checkpoint, plan = pipeline.make_plan(src, QuantizeOptions(scheme=scheme, run=run))
+    pipeline.run_plan(checkpoint, plan, src, out, run)
+
+
+QUANTIZED_TARGETS = [
+    ("dequantize", None),
+    ("quantize", Scheme(format="int8", granularity="channel")),
+    ("quantize", Scheme(granularity="tensor")),
+    ("quantize", Scheme(format="int4", granularity="group", group_size=20, symmetric=False)),
+    ("quantize", Scheme(format="int8", granularity="channel", activations="none", symmetric=False)),
+]
 
 ROWS, COLS = 4096, 8192  # one bf16 tensor of 64 MiB
 
@@ -26,8 +44,7 @@ def big_checkpoint(folder):
 @pytest.mark.parametrize("granularity", ["block", "channel", "tensor"])
 def test_peak_memory_bounded_by_chunk_not_tensor(tmp_path, monkeypatch, granularity):
     src = big_checkpoint(tmp_path / "src")
-    monkeypatch.setattr(jobs, "CHUNK_BYTES", 4 << 20)
-    options = QuantizeOptions(scheme=Scheme(granularity=granularity), workers=1)
+    options = QuantizeOptions(scheme=Scheme(granularity=granularity), run=RunOptions(chunk_bytes=4 << 20))
     compiled.preload()  # loading numba once is not conversion memory
     tracemalloc.start()
     try:
@@ -41,42 +58,39 @@ def test_peak_memory_bounded_by_chunk_not_tensor(tmp_path, monkeypatch, granular
     assert (tmp_path / "out" / "model.safetensors").stat().st_size > ROWS * COLS
 
 
-@pytest.mark.parametrize("command,args", [("dequantize", []), ("quantize", ["--format", "int8", "--granularity", "channel"]),
-                                          ("quantize", ["--granularity", "tensor"])])
-def test_chunked_paths_from_quantized_source_match_unchunked(tmp_path, monkeypatch, command, args):
-    """Quantized sources read in many small chunks (tile-aligned) give the same bytes as in one chunk."""
-    from fp8conv import jobs
-    from helpers import run_cli
-
+@pytest.mark.parametrize("packed_source", [False, True])
+@pytest.mark.parametrize("command,scheme", QUANTIZED_TARGETS)
+def test_chunked_paths_from_quantized_source_match_unchunked(tmp_path, command, scheme, packed_source):
+    """Quantized sources (FP8, or int4 pack-quantized with zero points) read in many small chunks
+    (tile- and packed-word-aligned) give the same bytes as in one chunk."""
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(1)
-    data = (rng.standard_normal((736, 1100), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
-    write(src / "model.safetensors", {"w.weight": entry("BF16", [736, 1100], 0, len(data))}, data)
-    run_cli("quantize", src, "-o", tmp_path / "fp8")
-    run_cli(command, tmp_path / "fp8", "-o", tmp_path / "whole", *args)
-    monkeypatch.setattr(jobs, "CHUNK_BYTES", 100_000)
-    run_cli(command, tmp_path / "fp8", "-o", tmp_path / "chunked", *args)
+    data = (rng.standard_normal((737, 1100), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
+    write(src / "model.safetensors", {"w.weight": entry("BF16", [737, 1100], 0, len(data))}, data)
+    first = Scheme(format="int4", granularity="group", group_size=100, symmetric=False) if packed_source else Scheme()
+    convert("quantize", src, tmp_path / "q", first, RunOptions())
+    convert(command, tmp_path / "q", tmp_path / "whole", scheme, RunOptions())
+    convert(command, tmp_path / "q", tmp_path / "chunked", scheme, RunOptions(chunk_bytes=10_000))
     assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (tmp_path / "chunked" / "model.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("command,args,from_quantized", [
-    ("quantize", [], False), ("quantize", ["--granularity", "channel", "--format", "int8"], False),
-    ("quantize", ["--granularity", "channel", "--format", "int8"], True), ("dequantize", [], True)])
-def test_split_jobs_give_the_same_bytes(tmp_path, monkeypatch, command, args, from_quantized):
+@pytest.mark.parametrize("from_quantized", [False, True])
+@pytest.mark.parametrize("command,scheme", [("quantize", Scheme())] + QUANTIZED_TARGETS)
+def test_split_jobs_give_the_same_bytes(tmp_path, command, scheme, from_quantized):
     """Matrices cut into row-range jobs (shared by workers) give the bytes of whole-matrix jobs."""
-    from helpers import run_cli
-
+    if command == "dequantize" and not from_quantized:
+        return
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(2)
     data = (rng.standard_normal((3, 520, 300), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
     write(src / "model.safetensors", {"experts.weight": entry("BF16", [3, 520, 300], 0, len(data))}, data)
     if from_quantized:
-        run_cli("quantize", src, "-o", tmp_path / "q")
+        convert("quantize", src, tmp_path / "q", Scheme(format="int4", granularity="channel", symmetric=False),
+                RunOptions())
         src = tmp_path / "q"
-    run_cli(command, src, "-o", tmp_path / "whole", *args, "--workers", "2")
-    monkeypatch.setattr(pipeline, "JOB_BYTES", 20_000)
-    run_cli(command, src, "-o", tmp_path / "split", *args, "--workers", "2")
+    convert(command, src, tmp_path / "whole", scheme, RunOptions(workers=2))
+    convert(command, src, tmp_path / "split", scheme, RunOptions(workers=2, job_bytes=20_000))
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert whole == (tmp_path / "split" / "model.safetensors").read_bytes()

@@ -197,7 +197,7 @@ def test_deepseek_style_checkpoint_with_scales_in_other_shard(tmp_path):
     source = ff.source_model(tmp_path / "src")
     out = ff.deepseek_fine_grained(tmp_path / "ds", source)
     report = json.loads(run_cli("verify", out, "--against", tmp_path / "src", "--json").stdout)
-    assert report["passed"] and report["layout"] == "fine-grained-fp8"
+    assert report["passed"] and report["layout"] == "fp8-native"
     assert any("320 is not divisible" in f["message"] or "256x320" in f["message"] for f in report["findings"])
 
 
