@@ -20,7 +20,7 @@ from .errors import InputError
 from .formats import FORMATS, SAFETENSORS_DTYPES
 from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, nonfinite_error, quantize_2d,
                       tensor_scale_of)
-from .layouts import SCALE, TensorSpec, decode_codes, decode_zero_points, get_layout
+from .layouts import TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
 from .scheme import Scheme
 
@@ -93,6 +93,7 @@ class Job:
     matrix_rows: int = 0
     data: bytes = b""
     chunk_bytes: int = READ_CHUNK_BYTES
+    backend: str = "auto"
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
@@ -258,13 +259,11 @@ def _quantize(job: Job) -> ErrorStats:
     stats = ErrorStats()
     try:
         for first, chunk in _chunks(job, chunk_rows):
-            q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name)
+            q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name, job.backend)
             row = job.first_row + first
             for spec, start in job.outputs:
                 if spec.data is not None or (not spec.unit_rows and first):
                     continue
-                if spec.role == SCALE and not spec.unit_rows:
-                    q.scales = np.array([[tensor_scale]], np.float32)
                 data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points)
                 write_at(fd, start + spec.offset(job.matrix, row, job.matrix_rows), data)
             stats.merge(q.stats)

@@ -46,6 +46,7 @@ class RunOptions:
     allow_nonfinite: bool = False
     chunk_bytes: int = READ_CHUNK_BYTES
     job_bytes: int = JOB_BYTES
+    backend: str = "auto"  # kernels: auto (numba where it declares the scheme), numpy or numba
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
                             rows, cols,
                             scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
                             layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
-                            matrix_rows=rows, chunk_bytes=options.chunk_bytes))
+                            matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend))
     split = [part for job in jobs for part in _split_rows(job, options.job_bytes)]
     return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 

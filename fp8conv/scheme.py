@@ -43,7 +43,7 @@ class Scheme:
         if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
             raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
         if self.activations is None:
-            object.__setattr__(self, "activations", "none" if self.format == "int4" else "dynamic")
+            object.__setattr__(self, "activations", "none" if self.format == "int4" or not self.symmetric else "dynamic")
         if self.activations not in ACTIVATIONS:
             raise SchemeError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:

@@ -85,3 +85,52 @@ def reference_quantize(w: np.ndarray, fmt: str, granularity: str, block=(128, 12
                 qv = value_table(fmt)[c]
             deq[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc] = qv * float(scale)
     return codes, scales, deq
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def round_scale(value: np.float32, scale_dtype: str) -> np.float32:
+    """A float32 scale rounded to its stored dtype (round to nearest even), as float32."""
+    import ml_dtypes
+
+    dtype = {"float32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}[scale_dtype]
+    return np.float32(np.array([value], np.float32).astype(dtype).astype(np.float32)[0])
+
+
+def reference_quantize_int(w: np.ndarray, bits: int, granularity: str, group: int = 128, symmetric: bool = True,
+                           scale_dtype: str = "float32"):
+    """(int8 codes, float32 scale grid, zero-point grid or None, float64 dequantized) of an integer
+    weight-only scheme over the full code range, following README's numerics step by step:
+    symmetric scale = stored(amax / ((qmax - qmin) / 2)); asymmetric scale = stored((max(0, max) -
+    min(0, min)) / (qmax - qmin)) and zp = clip(rint(qmin - min / scale)); q = rint(clip(w / scale + zp)).
+    Every arithmetic step is a float32 operation; rounding is half to even."""
+    qmin, qmax = int_range(bits)
+    w32 = np.asarray(w, np.float32)
+    rows, cols = w32.shape
+    tc = cols if granularity == "channel" else group
+    gc = -(-cols // tc)
+    scales = np.ones((rows, gc), np.float32)
+    zps = None if symmetric else np.zeros((rows, gc), np.int8)
+    codes = np.zeros((rows, cols), np.int8)
+    deq = np.zeros((rows, cols))
+    for i in range(rows):
+        for j in range(gc):
+            tile = w32[i, j * tc:(j + 1) * tc]
+            if symmetric:
+                amax = np.float32(np.abs(tile).max())
+                scale = round_scale(np.float32(amax / np.float32((qmax - qmin) / 2)), scale_dtype) if amax else np.float32(1)
+                zp = np.float32(0)
+            else:
+                lo, hi = np.float32(min(0.0, tile.min())), np.float32(max(0.0, tile.max()))
+                scale = round_scale(np.float32((hi - lo) / np.float32(qmax - qmin)), scale_dtype) if hi != lo else np.float32(1)
+                zp = np.float32(min(max(np.round(np.float32(qmin) - np.float32(lo / scale)), qmin), qmax))
+                zps[i, j] = int(zp)
+            scales[i, j] = scale
+            x = (tile / scale).astype(np.float32)
+            x = (x + zp).astype(np.float32)
+            q = np.clip(np.round(x.astype(np.float64)), qmin, qmax)
+            codes[i, j * tc:(j + 1) * tc] = q.astype(np.int8)
+            deq[i, j * tc:(j + 1) * tc] = (q - float(zp)) * float(scale)
+    return codes, scales, zps, deq

@@ -7,8 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contextlib import contextmanager
-
 from fp8conv import compiled, dequantize_tensor, quantize_tensor
 from fp8conv.formats import FORMATS
 from reference import QMAX, reference_quantize
@@ -17,17 +15,13 @@ FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
 BACKENDS = ["numpy", "numba"]
 
 
-@contextmanager
-def backend(name: str):
-    """Run the kernels on one path: the numba kernel (when installed) or the numpy fallback."""
-    if name == "numba" and not compiled.AVAILABLE:
+def require(backend: str) -> str:
+    """The backend name to pass to the kernels (numba is part of the test extra: its absence fails)."""
+    if backend == "numba" and not compiled.AVAILABLE:
         pytest.fail("numba is part of the test extra; install it to test the compiled path")
-    saved = compiled.AVAILABLE
-    compiled.AVAILABLE = name == "numba"
-    try:
-        yield
-    finally:
-        compiled.AVAILABLE = saved
+    return backend
+
+
 GRANULARITIES = ["block", "channel", "group", "tensor"]
 
 
@@ -41,8 +35,9 @@ def code_bits(codes: np.ndarray) -> np.ndarray:
     return codes.view(np.uint8) if codes.dtype.itemsize == 1 and codes.dtype != np.int8 else codes
 
 
-def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128):
-    q = quantize_tensor(w, format=fmt, granularity=granularity, block_size=block, group_size=group)
+def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128, backend="auto"):
+    q = quantize_tensor(w, format=fmt, granularity=granularity, block_size=block, group_size=group,
+                        backend=require(backend))
     ref_codes, ref_scales, ref_deq = reference_quantize(w, fmt, granularity, block, group)
     np.testing.assert_array_equal(q.scales, ref_scales, err_msg=f"scales differ ({fmt} {granularity})")
     got = code_bits(q.codes)
@@ -63,9 +58,8 @@ def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128):
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 @pytest.mark.parametrize("shape", [(256, 384), (200, 333), (1, 7), (130, 129)])
 def test_matches_reference(path, fmt, granularity, shape):
-    rng = np.random.default_rng(abs(hash((fmt, granularity, shape))) % 2**32)
-    with backend(path):
-        assert_matches_reference(heavy_tailed(rng, shape), fmt, granularity, block=(128, 128), group=32)
+    rng = np.random.default_rng([FORMAT_NAMES.index(fmt), GRANULARITIES.index(granularity), *shape])
+    assert_matches_reference(heavy_tailed(rng, shape), fmt, granularity, block=(128, 128), group=32, backend=path)
 
 
 @pytest.mark.parametrize("path", BACKENDS)
@@ -73,8 +67,7 @@ def test_matches_reference(path, fmt, granularity, shape):
 @pytest.mark.parametrize("src_dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
 def test_source_dtypes(path, fmt, src_dtype):
     w = heavy_tailed(np.random.default_rng(1), (64, 96), src_dtype)
-    with backend(path):
-        assert_matches_reference(w, fmt, "block", block=(32, 32))
+    assert_matches_reference(w, fmt, "block", block=(32, 32), backend=path)
 
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
@@ -100,8 +93,7 @@ def test_values_at_amax_map_to_qmax(fmt):
 def test_subnormal_results(path, fmt):
     # Values 2^-12 .. 2^-1 of the amax land in the format's subnormal range after scaling.
     w = np.concatenate([[1.0], 2.0 ** -np.arange(1, 24), -(2.0 ** -np.arange(1, 24))]).astype(np.float32)[None, :]
-    with backend(path):
-        assert_matches_reference(w, fmt, "tensor")
+    assert_matches_reference(w, fmt, "tensor", backend=path)
 
 
 def test_3d_experts_one_grid_per_expert():
@@ -125,8 +117,7 @@ def test_scale_grid_shapes():
 @pytest.mark.parametrize("path", BACKENDS)
 def test_error_stats_match_direct_computation(path):
     w = heavy_tailed(np.random.default_rng(3), (150, 260))
-    with backend(path):
-        q = quantize_tensor(w, granularity="block", block_size=64)
+    q = quantize_tensor(w, granularity="block", block_size=64, backend=require(path))
     deq = dequantize_tensor(q.codes, q.scales, granularity="block", block_size=64).astype(np.float64)
     err = w.astype(np.float64) - deq
     assert q.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-4)
@@ -152,8 +143,7 @@ def test_property_matches_reference(fmt, granularity, rows, cols, block, group, 
     rng = np.random.default_rng(seed)
     w = (rng.standard_normal((rows, cols)) * 2.0 ** log_scale).astype(np.float32)
     w[rng.random((rows, cols)) < 0.1] = 0
-    with backend(path):
-        assert_matches_reference(w, fmt, granularity, block, group)
+    assert_matches_reference(w, fmt, granularity, block, group, backend=path)
 
 
 @pytest.mark.parametrize("path", BACKENDS)
@@ -163,9 +153,32 @@ def test_nonfinite_refused_with_counts(path, fmt):
 
     w = np.ones((4, 4), np.float32)
     w[0, 0], w[1, 1], w[2, 2] = np.nan, np.inf, -np.inf
-    with backend(path), pytest.raises(InputError, match="1 NaN and 2 Inf"):
-        quantize_tensor(w, format=fmt)
+    with pytest.raises(InputError, match="1 NaN and 2 Inf"):
+        quantize_tensor(w, format=fmt, backend=require(path))
 
 
 def test_qmax_table():
     assert {name: f.qmax for name, f in FORMATS.items() if name in QMAX} == QMAX and FORMATS["int4"].qmax == 7
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shape", [(300, 2000), (37, 1500), (5, 9)])
+def test_backends_give_identical_statistics(fmt, granularity, shape):
+    """Codes, scales and every error statistic (float sums included) are the same on both paths."""
+    w = heavy_tailed(np.random.default_rng([FORMAT_NAMES.index(fmt), *shape]), shape)
+    a = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(64, 128), group_size=32, backend="numpy")
+    b = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(64, 128), group_size=32,
+                        backend=require("numba"))
+    np.testing.assert_array_equal(code_bits(a.codes), code_bits(b.codes))
+    np.testing.assert_array_equal(a.scales, b.scales)
+    assert a.stats == b.stats
+
+
+def test_numba_declares_the_schemes_it_runs():
+    from fp8conv.scheme import Scheme
+
+    assert compiled.supports(Scheme("int8", "channel")) and compiled.supports(Scheme("fp8_e5m2", "block"))
+    for scheme in (Scheme("int4", "group"), Scheme("int8", "channel", activations="none"),
+                   Scheme("int8", "group", symmetric=False), Scheme("fp8_e4m3", "channel", scale_format="bf16")):
+        assert not compiled.supports(scheme), scheme

@@ -94,3 +94,15 @@ def test_split_jobs_give_the_same_bytes(tmp_path, command, scheme, from_quantize
     convert(command, src, tmp_path / "split", scheme, RunOptions(workers=2, job_bytes=20_000))
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert whole == (tmp_path / "split" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("scheme", [Scheme(), Scheme(format="int8", granularity="channel"), Scheme(granularity="tensor")])
+def test_report_is_the_same_on_both_backends(tmp_path, scheme):
+    """The whole output, fp8conv.report.json included (its float64 error sums), does not depend on the kernel."""
+    from conftest import SAMPLES, tree_digest
+
+    if not compiled.AVAILABLE:
+        pytest.fail("numba is part of the test extra")
+    for backend in ("numpy", "numba"):
+        convert("quantize", SAMPLES / "llama-tiny", tmp_path / backend, scheme, RunOptions(backend=backend))
+    assert tree_digest(tmp_path / "numpy") == tree_digest(tmp_path / "numba")
