@@ -271,7 +271,7 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
 @click.option("--against", type=click.Path(path_type=Path), default=None,
               help="The source checkpoint: dequantize every tensor and compare (others must be bit-identical).")
 @click.option("--max-rel-error", type=click.FloatRange(0, min_open=True), default=None,
-              help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8].")
+              help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8, 0.40 int4].")
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size to check vLLM's partition constraints for.")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(["vllm", "transformers"]), default=("vllm",),
