@@ -34,3 +34,18 @@ def sample(tmp_path):
     yield make
     for target, digest in copies:
         assert tree_digest(target) == digest, f"input {target} was modified"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A real transformers Llama (bf16) whose quantized dims divide 128 (as transformers' FP8 loader and
+    128-groups require)."""
+    torch = pytest.importorskip("torch", reason="needs the test extra (torch CPU 2.13.0)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path

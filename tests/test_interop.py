@@ -23,19 +23,6 @@ W = "model.layers.0.mlp.down_proj.weight"
 IDS = [[1, 5, 9, 33, 100, 200, 300, 7, 42, 11]]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    """A real transformers Llama whose quantized dims divide 128 (as transformers' FP8 loader requires)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
 def torch_codes(codes: np.ndarray):
     if codes.dtype == np.int8:
         return torch.from_numpy(codes.copy())
