@@ -240,10 +240,6 @@ def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_
     _run(checkpoint, plan, src, out, pipeline.RunOptions(workers, overwrite, resume), dry_run, as_json, quiet, "dequantize")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 @main.command(epilog=EXIT_CODES_HELP)
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--tensors", "pattern", is_flag=False, flag_value="*", default=None, metavar="[PATTERN]",
@@ -323,3 +319,7 @@ def _emit_page(page: str, target: Path) -> None:
         return
     html_report.write_page(target, page)
     click.echo(f"fp8conv: wrote {target}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

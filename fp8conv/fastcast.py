@@ -42,8 +42,3 @@ def cast_clamped_to_fp8(values: np.ndarray, fmt: QuantFormat, out: np.ndarray) -
     bits >>= 16
     bits |= sticky
     np.take(bf16_to_code_table(fmt), bits, out=out)
-
-
-def reference_cast(values: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    """The slow, obviously-correct cast that the fast path must equal (uint8 codes)."""
-    return values.astype(fmt.dtype).view(np.uint8)

@@ -111,7 +111,3 @@ def decide(info: TensorInfo, ignore: Matcher, include: Matcher) -> Decision:
     if ndim == 3:
         return Decision(name, QUANTIZE, "3-D stacked experts, one scale grid per expert")
     return Decision(name, QUANTIZE, "2-D weight")
-
-
-def plan_tensors(tensors: dict[str, TensorInfo], ignore: Matcher, include: Matcher) -> dict[str, Decision]:
-    return {name: decide(info, ignore, include) for name, info in tensors.items()}

@@ -56,10 +56,12 @@ def test_quantize_sample(sample, tmp_path, model, fmt, granularity, layout):
         w = source[name].astype(np.float32)
         matrices = w.reshape(-1, *w.shape[-2:])
         codes = result[name].reshape(-1, *w.shape[-2:])
+        scales = result[scale["name"]].reshape(len(matrices), -1)
         for e, matrix in enumerate(matrices):
             ref_codes, ref_scales, _ = reference_quantize(matrix, fmt, granularity, (128, 128), 32)
             got = codes[e].view(np.uint8) if fmt != "int8" else codes[e]
             np.testing.assert_array_equal(got, ref_codes, err_msg=name)
+            np.testing.assert_array_equal(scales[e], ref_scales.reshape(-1), err_msg=f"{name} scales")
     # Every file the manifest lists has its recorded sha256.
     for rel, info in manifest["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == info["sha256"], rel
@@ -247,3 +249,12 @@ def test_internal_error_is_one_line(sample, tmp_path, monkeypatch):
     result = run_cli("quantize", sample("bert-tiny-fp32"), "-o", tmp_path / "out", expect=70)
     assert result.stderr.startswith("fp8conv: error: internal error (RuntimeError: boom)")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_module_help_lists_every_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "fp8conv.cli", "--help"], capture_output=True, text=True, check=True)
+    listed = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.startswith("  ")]
+    assert listed[:4] == ["dequantize", "inspect", "quantize", "verify"]
