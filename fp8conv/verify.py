@@ -335,13 +335,15 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
 
 def _check_fused(view: CheckpointView, report) -> None:
     """vLLM fuses q/k/v and gate/up into one layer: all parts must be quantized alike."""
-    tensors = view.checkpoint.tensors
-    for name in sorted(tensors):
+    by_logical = {qw.name: qw for qw in view.weights.values()}
+    names = set(view.checkpoint.tensors) | set(by_logical)
+    for name in sorted(names):
         for group in FUSED:
             if not name.endswith(f".{group[0]}.weight"):
                 continue
             prefix = name[: -len(f"{group[0]}.weight")]
-            parts = [prefix + p + ".weight" for p in group if prefix + p + ".weight" in tensors]
-            schemes = {(p in view.weights, view.weights[p].scheme.describe() if p in view.weights and view.weights[p].scheme else None) for p in parts}
+            parts = [prefix + p + ".weight" for p in group if prefix + p + ".weight" in names]
+            schemes = {(p in by_logical, by_logical[p].scheme.describe() if p in by_logical and by_logical[p].scheme else None)
+                       for p in parts}
             if len(schemes) > 1:
                 report("vllm", f"fused parts {', '.join(printable(p) for p in parts)} are not quantized alike", name)

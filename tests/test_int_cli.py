@@ -192,3 +192,12 @@ def test_bad_source_scales_refused(tmp_path):
     save_file(tensors, str(tmp_path / "src" / "model.safetensors"))
     result = run_cli("dequantize", tmp_path / "src", "-o", tmp_path / "out", expect=3)
     assert "m.weight_scale holds 1 value(s) that are NaN, Inf or <= 0" in result.stderr
+
+
+def test_verify_checks_fused_packed_parts(sample, tmp_path):
+    """q/k/v of a pack-quantized output are checked as one fused layer too (by their logical names)."""
+    src, out = sample("llama-tiny"), tmp_path / "out"
+    run_cli("quantize", src, "-o", out, "--format", "int4", "--granularity", "channel",
+            "--ignore", "model.layers.0.self_attn.k_proj")
+    report = json.loads(run_cli("verify", out, "--json", expect=1).stdout)
+    assert any("fused parts" in f["message"] and "layers.0.self_attn" in f["message"] for f in report["findings"])
