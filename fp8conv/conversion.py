@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 
 from .architecture import Architecture
 from .checkpoint import CONFIG_NAME, Checkpoint
-from .errors import InputError
-from .errors import SchemeError
-from .layouts import CODES, SCALE, Layout, TensorSpec, packs, unquantized_linear_modules
+from .errors import InputError, SchemeError
+from .layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
 from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide
 from .quantized import CheckpointView, QuantizedWeight, open_view, validate_source_scales
 from .safetensors_io import OutEntry, TensorInfo, printable

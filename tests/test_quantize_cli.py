@@ -257,4 +257,4 @@ def test_module_help_lists_every_command():
 
     result = subprocess.run([sys.executable, "-m", "fp8conv.cli", "--help"], capture_output=True, text=True, check=True)
     listed = [line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.startswith("  ")]
-    assert listed[:4] == ["dequantize", "inspect", "quantize", "verify"]
+    assert {"dequantize", "inspect", "quantize", "verify"} <= set(listed)
