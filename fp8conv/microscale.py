@@ -1,0 +1,361 @@
+"""Microscaling kernels (pure numpy): FP4 e2m1 elements, E8M0 and e4m3 group scales, nibble packing.
+
+Three compressed-tensors formats are built from these pieces (weights [rows, cols], groups along
+cols, rows any number):
+
+- NVFP4 (`nvfp4-pack-quantized`): e2m1 codes, one e4m3 scale per 16, one float32 global scale.
+- MXFP4 (`mxfp4-pack-quantized`): e2m1 codes, one E8M0 scale (uint8, 2^(e-127)) per 32.
+- MXFP8 (`mxfp8-quantized`): e4m3 codes, one E8M0 scale per 32.
+
+Every formula and the order of its roundings is the one compressed-tensors 0.19/0.20 uses, whose scale
+arithmetic runs in the weight's own dtype (`arith`: bf16, fp16 or float32), so that the bytes equal
+its compressor's; README.md ("4-bit and microscaled formats") states them, tests/test_microscale.py
+checks them against float64 references written in the test and tests/test_microscale_interop.py bit
+for bit against the installed package. One deliberate difference: an fp16 NVFP4 global scale that
+overflows fp16 (amax below ~0.041) is computed in float32 here, where compressed-tensors falls back
+to 1.0 and loses most of the e4m3 scale range.
+
+Speed: the e2m1 encode is a 64 Ki-entry table indexed by the bf16 round-to-odd pattern of the
+float32 value (the FP8 path's trick), the E8M0 exponent is integer work on the amax's bits, and
+packing is two shifts on a uint16 view. Work happens in cache-sized windows of whole rows.
+"""
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+
+import ml_dtypes
+import numpy as np
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+WINDOW_ELEMENTS = 1 << 17
+
+NVFP4_GROUP = 16
+MX_GROUP = 32
+E2M1_MAX = np.float32(6.0)
+E4M3_MAX = np.float32(float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max))  # 448
+# The e4m3 scale that replaces a zero group scale: compressed-tensors' "eps" of float8_e4m3fn
+# (calculate_qparams step 5), so a stored scale is never 0.
+NVFP4_ZERO_GROUP_SCALE = np.float32(0.125)
+# floor(log2(element max)): the E8M0 exponent is the amax's minus this (6 -> 2, 448 -> 8).
+EMAX_E2M1 = 2
+EMAX_E4M3 = 8
+E8M0_BIAS = 127
+E8M0_NAN = 255
+
+assert sys.byteorder == "little", "nibble packing below relies on a little-endian uint16 view"
+
+
+# ---- FP4 e2m1 elements --------------------------------------------------------------------------
+
+def e2m1_values() -> np.ndarray:
+    """float32[16]: the value of every e2m1 code (bit 3 sign, bits 2-1 exponent bias 1, bit 0 mantissa)."""
+    codes = np.arange(16)
+    sign = np.where(codes & 8, -1.0, 1.0)
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    magnitude = np.where(exponent == 0, mantissa * 0.5, (1 + mantissa / 2) * 2.0 ** (exponent - 1))
+    return (sign * magnitude).astype(np.float32)
+
+
+@lru_cache(maxsize=None)
+def _bf16_to_e2m1() -> np.ndarray:
+    """uint8[65536]: the e2m1 code of every bf16 bit pattern (RNE, saturating at +-6).
+
+    An exact zero of either sign gets code 0 and any other value keeps its sign, as
+    compressed-tensors does (its cast multiplies by torch.sign, which is 0 for +-0).
+    NaN patterns get +-6; callers refuse NaN before quantizing.
+    """
+    patterns = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(invalid="ignore"):
+        values = (patterns << 16).view(np.float32).astype(np.float64)
+    magnitude = np.abs(values)
+    grid = e2m1_values()[:8].astype(np.float64)
+    # Magnitude code = how many RNE boundaries lie below; a tie goes to the even code, i.e.
+    # the boundary counts as passed only when the code above it is even.
+    code = np.zeros(values.shape, np.uint8)
+    for upper in range(1, 8):
+        midpoint = (grid[upper - 1] + grid[upper]) / 2
+        passed = magnitude > midpoint if upper % 2 else magnitude >= midpoint
+        code += passed
+    code[np.isnan(values)] = 7
+    negative = (patterns & 0x8000) != 0
+    code[negative & (magnitude > 0)] |= 8
+    return code
+
+
+def _round_to_odd_bf16(values: np.ndarray) -> np.ndarray:
+    """uint32 bf16 pattern (in the low 16 bits) of float32 `values`, rounded to odd; destroys `values`.
+
+    Rounding to odd into bf16 (8 significant bits) and then to nearest even into e2m1 (2) equals one
+    rounding to nearest even from float32 (Boldo & Melquiond: two spare bits suffice).
+    """
+    bits = values.view(np.uint32)
+    sticky = np.bitwise_and(bits, 0xFFFF)
+    sticky += 0xFFFF
+    sticky >>= 16
+    bits >>= 16
+    bits |= sticky
+    return bits
+
+
+def e2m1_encode(values: np.ndarray) -> np.ndarray:
+    """uint8 e2m1 codes (0..15) of float32 `values`, any shape; `values` is left unchanged."""
+    work = np.array(values, dtype=np.float32, copy=True)
+    return np.take(_bf16_to_e2m1(), _round_to_odd_bf16(work))
+
+
+def e2m1_decode(codes: np.ndarray) -> np.ndarray:
+    """float32 values of uint8 e2m1 codes (low nibble)."""
+    return np.take(e2m1_values(), np.asarray(codes, np.uint8) & 0xF)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 [..., n/2] from uint8 codes [..., n] (< 16): element 2k in the low nibble of byte k."""
+    codes = np.ascontiguousarray(codes, np.uint8)
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack {codes.shape[-1]} 4-bit codes per row into bytes (odd count)")
+    pairs = codes.view(np.uint16)  # little-endian: low byte = element 2k, high byte = element 2k+1
+    return (pairs | (pairs >> 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., 2n] from packed bytes [..., n] (inverse of pack_nibbles)."""
+    packed = np.ascontiguousarray(packed, np.uint8)
+    wide = packed.astype(np.uint16)
+    pairs = (wide & 0xF) | ((wide & 0xF0) << 4)
+    return pairs.view(np.uint8).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+@lru_cache(maxsize=None)
+def _byte_to_e2m1_pair() -> np.ndarray:
+    """float32[256, 2]: the two e2m1 values (low nibble first) of every packed byte."""
+    byte = np.arange(256)
+    values = e2m1_values()
+    return np.stack([values[byte & 0xF], values[byte >> 4]], axis=1)
+
+
+def unpack_e2m1_values(packed: np.ndarray) -> np.ndarray:
+    """float32 [..., 2n] e2m1 values of packed bytes [..., n]: one table lookup per byte."""
+    packed = np.asarray(packed, np.uint8)
+    pairs = np.take(_byte_to_e2m1_pair(), packed, axis=0)
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+# ---- scales -------------------------------------------------------------------------------------
+
+def round_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> float32 rounded to the nearest even bf16 (finite inputs; what torch does when a bf16
+    result is stored)."""
+    bits = np.array(values, dtype=np.float32, copy=True).view(np.uint32)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    bits &= np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def _in_arith(values: np.ndarray, arith: np.dtype) -> np.ndarray:
+    """float32 `values` rounded to the dtype the scale arithmetic runs in (as torch stores each step)."""
+    if arith == _BF16:
+        return round_bf16(values)
+    if arith == np.float16:
+        with np.errstate(over="ignore"):
+            return np.asarray(values, np.float32).astype(np.float16).astype(np.float32)
+    return np.asarray(values, np.float32)
+
+
+def group_amax(weight: np.ndarray, group: int) -> np.ndarray:
+    """float32 [rows, cols/group]: largest |value| per group of a 2-D bf16/f16/f32 weight (NaN -> NaN).
+
+    Integer max over the magnitude bits: |x| of IEEE values orders like its bit pattern.
+    """
+    rows, cols = weight.shape
+    if cols % group:
+        raise ValueError(f"{cols} columns do not divide into groups of {group}")
+    bits_dtype = {2: np.uint16, 4: np.uint32}[weight.dtype.itemsize]
+    mask = bits_dtype(0x7FFF if weight.dtype.itemsize == 2 else 0x7FFFFFFF)
+    magnitude = np.bitwise_and(np.ascontiguousarray(weight).view(bits_dtype), mask)
+    top = magnitude.reshape(rows, cols // group, group).max(axis=2)
+    return np.asarray(top.view(weight.dtype), np.float32)
+
+
+def tensor_amax(weight: np.ndarray) -> np.float32:
+    """Largest |value| of a bf16/f16/f32 array (NaN if it holds NaN)."""
+    if weight.size == 0:
+        return np.float32(0)
+    bits_dtype = {2: np.uint16, 4: np.uint32}[weight.dtype.itemsize]
+    mask = bits_dtype(0x7FFF if weight.dtype.itemsize == 2 else 0x7FFFFFFF)
+    top = np.bitwise_and(np.ascontiguousarray(weight).view(bits_dtype), mask).max()
+    return np.float32(np.array([top], bits_dtype).view(weight.dtype)[0])
+
+
+def nvfp4_global_scale(amax: float, arith: np.dtype) -> np.float32:
+    """float32 global scale = 448 * 6 / amax, rounded as compressed-tensors' generate_gparam does.
+
+    torch evaluates `2688 / amax` as reciprocal(amax) * 2688, each step rounded to the weight's
+    dtype `arith` (bf16: twice to bf16); amax is clamped below at that dtype's smallest normal; a
+    result that is not finite (amax tiny or zero) becomes 1.0, except that an fp16 overflow is
+    redone in float32. `amax` is over all partners of a fused set.
+    """
+    arith = np.dtype(arith)
+    tiny = np.float32(2.0**-14 if arith == np.float16 else 2.0**-126)
+    with np.errstate(over="ignore", divide="ignore"):
+        amax32 = np.maximum(np.float32(amax), tiny)
+        reciprocal = _in_arith(np.float32(1.0) / amax32, arith)
+        scale = np.float32(_in_arith(reciprocal * np.float32(E4M3_MAX * E2M1_MAX), arith))
+    if not np.isfinite(scale) and arith == np.float16:
+        return nvfp4_global_scale(amax, np.dtype(np.float32))
+    return scale if np.isfinite(scale) else np.float32(1.0)
+
+
+def nvfp4_group_scales(amax: np.ndarray, global_scale: np.float32, arith: np.dtype) -> np.ndarray:
+    """uint8 e4m3 codes of the group scales: e4m3(clamp(global_scale * arith(amax / 6), 448)); a zero
+    scale becomes 0.125 (compressed-tensors' eps)."""
+    local = _in_arith(np.asarray(amax, np.float32) / E2M1_MAX, np.dtype(arith))
+    scaled = np.minimum(np.float32(global_scale) * local, E4M3_MAX).astype(np.float32)
+    codes = scaled.astype(_E4M3).view(np.uint8)
+    codes = np.where(codes & 0x7F, codes, np.float32(NVFP4_ZERO_GROUP_SCALE).astype(_E4M3).view(np.uint8))
+    return codes.astype(np.uint8)
+
+
+def e4m3_decode(codes: np.ndarray) -> np.ndarray:
+    """float32 values of uint8 e4m3 codes."""
+    return np.asarray(codes, np.uint8).view(_E4M3).astype(np.float32)
+
+
+def e8m0_from_amax(amax: np.ndarray, emax: int) -> np.ndarray:
+    """uint8 E8M0 codes of MX group scales from float32 group amax, as compressed-tensors' generate_mx_scales.
+
+    The amax's exponent is rounded up when its significand is >= 1.75 (round_to_power_2 adds half
+    of an e2m1 mantissa step to the bits and truncates), then emax (2 for e2m1, 8 for e4m3) is
+    subtracted and the bias 127 added; clamped to [0, 254]. Zero and subnormal amax give code 0.
+    """
+    bits = np.asarray(amax, np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
+    biased = ((bits + np.uint32(1 << 21)) >> 23).astype(np.int32)  # float32 bias is 127, as E8M0's
+    biased = np.where(biased == 0, 0, biased - emax)
+    return np.clip(biased, 0, E8M0_NAN - 1).astype(np.uint8)
+
+
+def e8m0_decode(codes: np.ndarray) -> np.ndarray:
+    """float32 2^(code - 127) of uint8 E8M0 codes; 255 is NaN."""
+    codes = np.asarray(codes, np.uint8).astype(np.int32)
+    with np.errstate(over="ignore"):
+        values = np.ldexp(np.float32(1.0), codes - E8M0_BIAS).astype(np.float32)
+    return np.where(codes == E8M0_NAN, np.float32(np.nan), values)
+
+
+def e8m0_reciprocal(codes: np.ndarray) -> np.ndarray:
+    """float32 2^(127 - code): multiplying by it is exactly dividing by the scale (power of two)."""
+    codes = np.asarray(codes, np.uint8).astype(np.int32)
+    return np.ldexp(np.float32(1.0), E8M0_BIAS - codes).astype(np.float32)
+
+
+def e8m0_encode(values: np.ndarray) -> np.ndarray:
+    """uint8 E8M0 codes of float32 powers of two (2^-127 .. 2^127) and NaN (-> 255)."""
+    values = np.asarray(values, np.float32)
+    mantissa, exponent = np.frexp(values)  # value = mantissa * 2^exponent, mantissa 0.5 for a power of two
+    codes = np.where(np.isnan(values), E8M0_NAN, exponent - 1 + E8M0_BIAS)
+    return codes.astype(np.uint8)
+
+
+# ---- whole weights ------------------------------------------------------------------------------
+
+def load_float32(src: np.ndarray) -> np.ndarray:
+    """float32 copy of a bf16/f16/f32 array (bf16 by bit shift: exact and fast)."""
+    if src.dtype == _BF16:
+        wide = np.ascontiguousarray(src).view(np.uint16).astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
+    return np.array(src, dtype=np.float32, copy=True)
+
+
+def _row_windows(rows: int, cols: int):
+    step = max(1, WINDOW_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def quantize_nvfp4(weight: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 [rows, cols/2], e4m3 scale codes uint8 [rows, cols/16]) of a 2-D weight.
+
+    Elements: e2m1(w / float32(scale / global_scale)), the quotient in float32 as compressed-tensors
+    computes it (x promoted to float32 by its float32 scale).
+    """
+    rows, cols = weight.shape
+    scales = nvfp4_group_scales(group_amax(weight, NVFP4_GROUP), global_scale, weight.dtype)
+    packed = np.empty((rows, cols // 2), np.uint8)
+    table = _bf16_to_e2m1()
+    gs = np.float32(global_scale)
+    for r0, r1 in _row_windows(rows, cols):
+        values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // NVFP4_GROUP, NVFP4_GROUP)
+        effective = (e4m3_decode(scales[r0:r1]) / gs).astype(np.float32)
+        np.divide(values, effective[:, :, None], out=values)
+        codes = np.take(table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+        packed[r0:r1] = pack_nibbles(codes)
+    return packed, scales
+
+
+def quantize_mx(weight: np.ndarray, element: str) -> tuple[np.ndarray, np.ndarray]:
+    """(element codes, E8M0 scale codes uint8 [rows, cols/32]) of a 2-D weight; element "e2m1" gives
+    packed uint8 [rows, cols/2], "e4m3" uint8 e4m3 codes [rows, cols].
+
+    Elements: w * 2^(127 - code), exact in float32 (a power of two), then e2m1 (saturating at 6) or
+    e4m3 (clamped to 448, RNE).
+    """
+    rows, cols = weight.shape
+    emax = {"e2m1": EMAX_E2M1, "e4m3": EMAX_E4M3}[element]
+    scales = e8m0_from_amax(group_amax(weight, MX_GROUP), emax)
+    shape = (rows, cols // 2) if element == "e2m1" else (rows, cols)
+    out = np.empty(shape, np.uint8)
+    table = _bf16_to_e2m1()
+    for r0, r1 in _row_windows(rows, cols):
+        values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // MX_GROUP, MX_GROUP)
+        values *= e8m0_reciprocal(scales[r0:r1])[:, :, None]
+        if element == "e2m1":
+            codes = np.take(table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+            out[r0:r1] = pack_nibbles(codes)
+        else:
+            np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
+            out[r0:r1] = values.reshape(r1 - r0, cols).astype(_E4M3).view(np.uint8)
+    return out, scales
+
+
+def _to_dtype(values: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype == _BF16:
+        high = round_bf16(values).view(np.uint32) >> 16
+        return high.astype(np.uint16).view(_BF16)
+    return values.astype(out_dtype)
+
+
+def dequantize_nvfp4(packed: np.ndarray, scales: np.ndarray, global_scale: np.float32,
+                     out_dtype: np.dtype | type = _BF16) -> np.ndarray:
+    """[rows, 2*packed cols] = out_dtype(float32(e2m1 * float32(scale / global_scale))): compressed-tensors'
+    decompression, whose product is float32 and whose result is rounded once into the output dtype."""
+    rows, half = packed.shape
+    cols = half * 2
+    out = np.empty((rows, cols), out_dtype)
+    gs = np.float32(global_scale)
+    for r0, r1 in _row_windows(rows, cols):
+        values = unpack_e2m1_values(packed[r0:r1]).reshape(r1 - r0, cols // NVFP4_GROUP, NVFP4_GROUP)
+        effective = (e4m3_decode(scales[r0:r1]) / gs).astype(np.float32)
+        values *= effective[:, :, None]
+        out[r0:r1] = _to_dtype(values.reshape(r1 - r0, cols), out_dtype)
+    return out
+
+
+def dequantize_mx(codes: np.ndarray, scales: np.ndarray, element: str,
+                  out_dtype: np.dtype | type = _BF16) -> np.ndarray:
+    """[rows, cols] = out_dtype(element value * 2^(code - 127)), exact before the one rounding."""
+    rows = codes.shape[0]
+    cols = codes.shape[1] * 2 if element == "e2m1" else codes.shape[1]
+    out = np.empty((rows, cols), out_dtype)
+    for r0, r1 in _row_windows(rows, cols):
+        if element == "e2m1":
+            values = unpack_e2m1_values(codes[r0:r1])
+        else:
+            values = e4m3_decode(codes[r0:r1])
+        values = values.reshape(r1 - r0, cols // MX_GROUP, MX_GROUP)
+        values *= e8m0_decode(scales[r0:r1])[:, :, None]
+        out[r0:r1] = _to_dtype(values.reshape(r1 - r0, cols), out_dtype)
+    return out

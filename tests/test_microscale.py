@@ -1,0 +1,362 @@
+"""Microscaling kernels (fp8conv.microscale) against float64 references written here.
+
+The references build every format from its definition: the e2m1 grid from its bit layout, RNE by
+nearest-with-ties-to-even-code over that grid, E8M0 as 2^(code-127), and the compressed-tensors
+scale formulas with their roundings spelled out step by step in float64 plus an explicit rounding
+to bf16 / float32 / e4m3 after each step (ml_dtypes casts, not the product's bit tricks).
+Failures say which element differs.
+"""
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8conv import microscale as ms
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+RNG_SEED = 20261127
+
+
+# ---- references -----------------------------------------------------------------------------
+
+def ref_e2m1_grid() -> list[float]:
+    """Values of codes 0..15 from the layout s|ee|m, exponent bias 1, subnormal at e == 0."""
+    out = []
+    for code in range(16):
+        s, e, m = code >> 3, (code >> 1) & 3, code & 1
+        mag = m * 2.0 ** (1 - 1) * 0.5 if e == 0 else (1 + m / 2) * 2.0 ** (e - 1)
+        out.append(-mag if s else mag)
+    return out
+
+
+GRID = ref_e2m1_grid()
+
+
+def ref_e2m1_code(x: float) -> int:
+    """Nearest e2m1 value, ties to the even code, saturating at +-6; +-0 -> code 0."""
+    if x == 0:
+        return 0
+    mag = min(abs(x), 6.0)
+    best = min(range(8), key=lambda c: (abs(GRID[c] - mag), c % 2))
+    return best | (8 if x < 0 else 0)
+
+
+def to_bf16(x) -> np.ndarray:
+    return np.asarray(x, np.float64).astype(np.float32).astype(BF16).astype(np.float64)
+
+
+def to_f32(x) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float64).astype(np.float32).astype(np.float64)
+
+
+def to_f16(x) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float64).astype(np.float32).astype(np.float16).astype(np.float64)
+
+
+ROUND = {BF16: to_bf16, np.dtype(np.float16): to_f16, np.dtype(np.float32): to_f32}
+
+
+def ref_global_scale(amax: float, dtype) -> float:
+    """generate_gparam: 2688 / amax as reciprocal(amax) * 2688 in the weight's dtype; fp16 overflow redone in f32."""
+    rnd = ROUND[np.dtype(dtype)]
+    amax_c = max(amax, 2.0**-14 if dtype == np.float16 else 2.0**-126)
+    reciprocal = rnd(to_f32(1.0 / amax_c))
+    gs = float(rnd(to_f32(reciprocal * 2688.0)))
+    if not math.isfinite(gs) and dtype == np.float16:
+        return ref_global_scale(amax, np.float32)
+    return gs if math.isfinite(gs) else 1.0
+
+
+def ref_group_scale(amax: float, gs: float, dtype) -> float:
+    rnd = ROUND[np.dtype(dtype)]
+    local = rnd(to_f32(amax / 6.0))
+    scaled = min(float(to_f32(gs * local)), 448.0)
+    value = float(np.float32(scaled).astype(E4M3).astype(np.float64))
+    return 0.125 if value == 0 else value
+
+
+def ref_e8m0_code(amax: float, emax: int) -> int:
+    if amax == 0 or amax < 2.0**-126:
+        return 0
+    e = math.floor(math.log2(amax))
+    if amax / 2.0**e >= 1.75:
+        e += 1
+    return int(min(max(127 + e - emax, 0), 254))
+
+
+def ref_nvfp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(codes [rows, cols], group scale values [rows, cols/16], global scale) in float64 steps."""
+    x = w.astype(np.float64)
+    gs = ref_global_scale(float(np.abs(x).max(initial=0)), w.dtype)
+    rows, cols = x.shape
+    scales = np.zeros((rows, cols // 16))
+    codes = np.zeros((rows, cols), np.uint8)
+    for r in range(rows):
+        for g in range(cols // 16):
+            group = x[r, g * 16:(g + 1) * 16]
+            s = ref_group_scale(float(np.abs(group).max()), gs, w.dtype)
+            scales[r, g] = s
+            eff = to_f32(s / gs)
+            for j, v in enumerate(group):
+                codes[r, g * 16 + j] = ref_e2m1_code(float(to_f32(v / eff)) if v != 0 else 0.0)
+    return codes, scales, gs
+
+
+def ref_mx(w: np.ndarray, emax: int) -> tuple[np.ndarray, np.ndarray]:
+    """(element values [rows, cols] (e2m1 codes when emax == 2, e4m3 values when 8), E8M0 codes)."""
+    x = w.astype(np.float64)
+    rows, cols = x.shape
+    codes = np.zeros((rows, cols // 32), np.uint8)
+    elems = np.zeros((rows, cols), np.uint8 if emax == 2 else np.float64)
+    for r in range(rows):
+        for g in range(cols // 32):
+            group = x[r, g * 32:(g + 1) * 32]
+            code = ref_e8m0_code(float(np.abs(group).max()), emax)
+            codes[r, g] = code
+            scaled = group / 2.0 ** (code - 127)
+            for j, v in enumerate(scaled):
+                if emax == 2:
+                    elems[r, g * 32 + j] = ref_e2m1_code(v)
+                else:
+                    elems[r, g * 32 + j] = float(np.float32(np.clip(v, -448, 448)).astype(E4M3).astype(np.float64))
+    return elems, codes
+
+
+def ref_unpack(packed: np.ndarray) -> np.ndarray:
+    rows, half = packed.shape
+    out = np.zeros((rows, half * 2), np.uint8)
+    for r in range(rows):
+        for k in range(half):
+            out[r, 2 * k] = packed[r, k] & 0xF
+            out[r, 2 * k + 1] = packed[r, k] >> 4
+    return out
+
+
+def assert_same(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    bad = np.argwhere(~((actual == expected) | (np.isnan(actual.astype(np.float64)) & np.isnan(expected.astype(np.float64)))))
+    assert bad.size == 0, (f"{what}: {len(bad)} differ, first at {tuple(bad[0])}: "
+                           f"{actual[tuple(bad[0])]} != {expected[tuple(bad[0])]}")
+
+
+def weights(rows: int, cols: int, dtype=BF16, seed: int = 0, scale: float = 0.02) -> np.ndarray:
+    rng = np.random.default_rng(RNG_SEED + seed)
+    return (rng.standard_normal((rows, cols)) * scale).astype(np.float32).astype(dtype)
+
+
+# ---- e2m1 ---------------------------------------------------------------------------------------
+
+def test_e2m1_grid_from_bit_layout():
+    assert_same(ms.e2m1_values(), np.array(GRID, np.float32), "e2m1 values")
+    assert sorted(set(abs(v) for v in GRID)) == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+def test_all_16_e2m1_codes_round_trip():
+    codes = np.arange(16, dtype=np.uint8)
+    back = ms.e2m1_encode(ms.e2m1_decode(codes))
+    # -0 (code 8) encodes as +0 (code 0), as compressed-tensors' cast does; every other code is itself.
+    assert_same(back, np.where(codes == 8, 0, codes).astype(np.uint8), "encode(decode(code))")
+    assert_same(ms.e2m1_decode(back), ms.e2m1_decode(codes), "values")
+
+
+def test_e2m1_encode_every_bf16_pattern_matches_reference():
+    values = np.arange(1 << 16, dtype=np.uint16).view(BF16).astype(np.float32)
+    finite = np.isfinite(values)
+    expected = np.array([ref_e2m1_code(float(v)) for v in values[finite]], np.uint8)
+    assert_same(ms.e2m1_encode(values[finite]), expected, "e2m1 of bf16 patterns")
+
+
+def test_e2m1_encode_ties_and_neighbours_in_float32():
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30]
+    values = []
+    for m in mids:
+        m32 = np.float32(m)
+        values += [m32, np.nextafter(m32, np.float32(0)), np.nextafter(m32, np.float32(np.inf))]
+    values = np.array(values + [-v for v in values] + [np.float32(np.inf), np.float32(-np.inf), 1e-45, -1e-45], np.float32)
+    expected = np.array([ref_e2m1_code(float(v)) for v in values], np.uint8)
+    assert_same(ms.e2m1_encode(values), expected, "e2m1 at ties")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-20, 20, width=32), min_size=1, max_size=64))
+def test_e2m1_encode_hypothesis(values):
+    values = np.array(values, np.float32)
+    expected = np.array([ref_e2m1_code(float(v)) for v in values], np.uint8)
+    assert_same(ms.e2m1_encode(values), expected, "e2m1")
+
+
+def test_pack_unpack_nibbles_against_bit_reference():
+    rng = np.random.default_rng(RNG_SEED)
+    codes = rng.integers(0, 16, size=(5, 34), dtype=np.uint8)
+    packed = ms.pack_nibbles(codes)
+    expected = np.array([[codes[r, 2 * k] | (codes[r, 2 * k + 1] << 4) for k in range(17)] for r in range(5)], np.uint8)
+    assert_same(packed, expected, "packed bytes")
+    assert_same(ms.unpack_nibbles(packed), codes, "unpacked codes")
+    every_byte = np.arange(256, dtype=np.uint8).reshape(1, 256)
+    assert_same(ms.unpack_nibbles(every_byte), ref_unpack(every_byte), "unpack of all 256 bytes")
+    assert_same(ms.pack_nibbles(ms.unpack_nibbles(every_byte)), every_byte, "pack(unpack(byte))")
+    pairs = ms.unpack_e2m1_values(every_byte)
+    assert_same(pairs, np.array(GRID, np.float32)[ref_unpack(every_byte)], "e2m1 values of all bytes")
+    with pytest.raises(ValueError, match="odd"):
+        ms.pack_nibbles(np.zeros((2, 3), np.uint8))
+
+
+# ---- E8M0 ---------------------------------------------------------------------------------------
+
+def test_all_256_e8m0_codes_round_trip():
+    codes = np.arange(256, dtype=np.uint8)
+    values = ms.e8m0_decode(codes)
+    expected = np.array([2.0 ** (c - 127) if c < 255 else np.nan for c in range(256)], np.float64)
+    assert_same(values.astype(np.float64), expected, "E8M0 values")
+    assert_same(ms.e8m0_encode(values), codes, "encode(decode(code))")
+    recip = ms.e8m0_reciprocal(codes[:255]).astype(np.float64)
+    assert_same(recip, 1.0 / expected[:255], "E8M0 reciprocals")
+
+
+@pytest.mark.parametrize("emax", [2, 8])
+def test_e8m0_exponent_choice(emax):
+    amax = []
+    for e in range(-140, 128):
+        for sig in (1.0, 1.5, np.nextafter(np.float32(1.75), np.float32(0)) / 1.0, 1.75, 1.9999):
+            value = np.float32(sig) * np.float32(2.0) ** np.float32(e) if e > -127 else np.float32(sig * 2.0**e)
+            amax.append(value)
+    amax = np.array(amax + [0.0, 6.0, 448.0, 7.0, 1.5 * 2**-130], np.float32)
+    amax = amax[np.isfinite(amax)]
+    expected = np.array([ref_e8m0_code(float(a), emax) for a in amax], np.uint8)
+    assert_same(ms.e8m0_from_amax(amax, emax), expected, f"E8M0 codes (emax {emax})")
+
+
+def test_e8m0_rounds_up_at_seven_quarters():
+    # 1.75 * 2^e rounds the scale up (element max 6 = 1.5 * 4 would clip it), just below does not.
+    below = np.nextafter(np.float32(7.0), np.float32(0))
+    assert ms.e8m0_from_amax(np.array([below, 7.0, 4.0, 6.0], np.float32), 2).tolist() == [127, 128, 127, 127]
+
+
+# ---- NVFP4 --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_nvfp4_global_scale_every_bf16_amax(dtype):
+    amax = np.arange(0, 0x7F80, 7, dtype=np.uint16).view(BF16).astype(np.float32)
+    got = np.array([ms.nvfp4_global_scale(a, dtype) for a in amax], np.float32)
+    expected = np.array([ref_global_scale(float(a), dtype) for a in amax], np.float32)
+    assert_same(got, expected, "global scale")
+    if dtype == np.float16:
+        small = float(np.float32(0.001))  # 2688 / 0.001 overflows fp16: redone in float32, not 1.0
+        assert ms.nvfp4_global_scale(small, dtype) == np.float32(ref_global_scale(small, np.float32)) != 1.0
+    else:
+        assert ms.nvfp4_global_scale(0.0, dtype) == np.float32(1.0)
+
+
+def test_nvfp4_global_scale_double_bf16_rounding_is_kept():
+    # bf16(bf16(1/a) * 2688) differs from bf16(2688/a) for some a; torch computes the former.
+    amax = np.arange(0x3C00, 0x4100, dtype=np.uint16).view(BF16).astype(np.float64)
+    single = to_bf16(to_f32(2688.0 / amax))
+    double = np.array([ref_global_scale(a, BF16) for a in amax])
+    assert (single != double).any()
+    got = np.array([ms.nvfp4_global_scale(a, BF16) for a in amax], np.float64)
+    assert_same(got, double, "global scale")
+
+
+def test_nvfp4_group_scales_incl_subnormal_and_zero():
+    gs = np.float32(ref_global_scale(1.0, BF16))
+    # gs * amax / 6 spans zero, e4m3 subnormals (< 2^-6), normals and the 448 clamp.
+    amax = np.array([0, 1e-7, 2.0**-12, 2.0**-9 * 6 / float(gs), 2.0**-7 * 6 / float(gs), 0.01, 0.3, 1.0, 1.01],
+                    np.float32).astype(BF16).astype(np.float32)
+    codes = ms.nvfp4_group_scales(amax, gs, BF16)
+    expected = np.array([ref_group_scale(float(a), float(gs), BF16) for a in amax], np.float64)
+    assert_same(ms.e4m3_decode(codes).astype(np.float64), expected, "group scales")
+    assert ms.e4m3_decode(codes)[0] == 0.125
+    values = ms.e4m3_decode(codes)
+    assert ((values > 0) & (values < 2.0**-6)).any(), "no subnormal e4m3 scale exercised"
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+@pytest.mark.parametrize("rows,cols", [(3, 16), (7, 48), (1, 64)])
+def test_quantize_nvfp4_matches_reference(dtype, rows, cols):
+    w = weights(rows, cols, dtype, seed=rows * cols)
+    w[0, :16] = 0  # an all-zero group
+    if rows > 1:
+        w[1, 3] = np.abs(w.astype(np.float32)).max() * 4  # a saturating tensor amax
+    codes, scales, gs = ref_nvfp4(w)
+    packed, scale_codes = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype))
+    assert np.float32(gs) == ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype)
+    assert_same(ms.e4m3_decode(scale_codes).astype(np.float64), scales, "group scales")
+    assert_same(ms.unpack_nibbles(packed), codes, "e2m1 codes")
+
+
+def test_quantize_nvfp4_all_zero_tensor():
+    w = np.zeros((2, 32), BF16)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), BF16)
+    packed, scales = ms.quantize_nvfp4(w, gs)
+    assert gs == 1.0 and (packed == 0).all() and (ms.e4m3_decode(scales) == 0.125).all()
+
+
+def test_quantize_nvfp4_saturation_points():
+    # A group whose amax maps to exactly 6: elements at +-amax, +-amax * 5/6 (tie 5 -> 4) and just above.
+    amax = np.float32(3.0)
+    row = np.array([amax, -amax, amax * 5 / 6, -amax * 5 / 6, amax * 0.5833, amax / 12, -amax / 12] + [0] * 9, np.float32)
+    w = row.reshape(1, 16)
+    codes, _, gs = ref_nvfp4(w)
+    packed, _ = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype))
+    assert_same(ms.unpack_nibbles(packed), codes, "codes")
+    assert ms.unpack_nibbles(packed)[0, :2].tolist() == [7, 15]
+
+
+def test_dequantize_nvfp4_reference():
+    w = weights(4, 32, BF16, seed=5)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), BF16)
+    packed, scales = ms.quantize_nvfp4(w, gs)
+    codes = ms.unpack_nibbles(packed)
+    eff = to_f32(ms.e4m3_decode(scales).astype(np.float64) / float(gs))
+    expected = to_bf16(to_f32(np.array(GRID)[codes] * np.repeat(eff, 16, axis=1)))
+    assert_same(ms.dequantize_nvfp4(packed, scales, gs).astype(np.float64), expected, "dequantized bf16")
+    expected32 = to_f32(np.array(GRID)[codes] * np.repeat(eff, 16, axis=1))
+    assert_same(ms.dequantize_nvfp4(packed, scales, gs, np.float32).astype(np.float64), expected32, "dequantized f32")
+
+
+# ---- MX -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("element,emax", [("e2m1", 2), ("e4m3", 8)])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_quantize_mx_matches_reference(element, emax, dtype):
+    w = weights(5, 96, dtype, seed=emax)
+    w[0, :32] = 0
+    w[1, :32] = np.float32(7.0)  # significand 1.75: the exponent rounds up
+    w[2, 32:64] = np.float32(1e-30) if dtype != np.float16 else np.float32(1e-7)
+    elems, codes = ref_mx(w, emax)
+    out, scales = ms.quantize_mx(w, element)
+    assert_same(scales, codes, "E8M0 codes")
+    if element == "e2m1":
+        assert_same(ms.unpack_nibbles(out), elems, "e2m1 codes")
+    else:
+        assert_same(ms.e4m3_decode(out).astype(np.float64), elems, "e4m3 values")
+
+
+@pytest.mark.parametrize("element", ["e2m1", "e4m3"])
+def test_dequantize_mx_reference(element):
+    w = weights(3, 64, BF16, seed=9)
+    out, scales = ms.quantize_mx(w, element)
+    values = np.array(GRID)[ms.unpack_nibbles(out)] if element == "e2m1" else ms.e4m3_decode(out).astype(np.float64)
+    expected = values * np.repeat(2.0 ** (scales.astype(np.float64) - 127), 32, axis=1)
+    assert_same(ms.dequantize_mx(out, scales, element, np.float32).astype(np.float64), expected, "f32")
+    assert_same(ms.dequantize_mx(out, scales, element).astype(np.float64), to_bf16(expected), "bf16")
+
+
+def test_group_amax_and_tensor_amax():
+    w = weights(3, 64, BF16, seed=2)
+    x = w.astype(np.float64)
+    assert_same(ms.group_amax(w, 16).astype(np.float64), np.abs(x).reshape(3, 4, 16).max(axis=2), "group amax")
+    assert float(ms.tensor_amax(w)) == np.abs(x).max()
+    w[1, 5] = np.nan
+    assert np.isnan(ms.tensor_amax(w)) and np.isnan(ms.group_amax(w, 32)[1, 0])
+    with pytest.raises(ValueError, match="do not divide"):
+        ms.group_amax(np.zeros((2, 24), BF16), 16)
