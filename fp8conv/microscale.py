@@ -27,6 +27,10 @@ from functools import lru_cache
 import ml_dtypes
 import numpy as np
 
+from . import compiled
+from .fastcast import bf16_to_code_table
+from .formats import FORMATS
+
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 WINDOW_ELEMENTS = 1 << 17
@@ -275,49 +279,87 @@ def _row_windows(rows: int, cols: int):
         yield r0, min(rows, r0 + step)
 
 
-def quantize_nvfp4(weight: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+def _use_compiled(weight: np.ndarray, use_compiled: bool | None) -> bool:
+    if use_compiled is None:
+        use_compiled = compiled.AVAILABLE
+    return bool(use_compiled) and weight.size > 0
+
+
+def _compiled_source(weight: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(bf16 bits as uint16 or float32 values, is_bf16) for the numba kernels."""
+    weight = np.ascontiguousarray(weight)
+    if weight.dtype == _BF16:
+        return weight.view(np.uint16), True
+    return weight.astype(np.float32, copy=False), False
+
+
+def weight_group_amax(weight: np.ndarray, group: int, use_compiled: bool | None = None) -> np.ndarray:
+    """group_amax, by the numba kernel when it is available."""
+    rows, cols = weight.shape
+    if not _use_compiled(weight, use_compiled) or cols % group:
+        return group_amax(weight, group)
+    from . import _numba_microscale
+
+    out = np.empty((rows, cols // group), np.float32)
+    src, is_bf16 = _compiled_source(weight)
+    _numba_microscale.group_amax(src, is_bf16, group, out)
+    return out
+
+
+def _encode_elements(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, element: str,
+                     use_compiled: bool | None) -> np.ndarray:
+    """Element codes of weight / factor (divide) or weight * factor per group: packed e2m1 or e4m3."""
+    rows, cols = weight.shape
+    out = np.empty((rows, cols // 2) if element == "e2m1" else (rows, cols), np.uint8)
+    e4m3_table = bf16_to_code_table(FORMATS["fp8_e4m3"])
+    if _use_compiled(weight, use_compiled):
+        from . import _numba_microscale
+
+        src, is_bf16 = _compiled_source(weight)
+        if element == "e2m1":
+            _numba_microscale.encode_e2m1(src, is_bf16, group, factor, divide, _bf16_to_e2m1(), out)
+        else:
+            _numba_microscale.encode_e4m3(src, is_bf16, group, factor, E4M3_MAX, e4m3_table, out)
+        return out
+    for r0, r1 in _row_windows(rows, cols):
+        values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // group, group)
+        if divide:
+            np.divide(values, factor[r0:r1, :, None], out=values)
+        else:
+            np.multiply(values, factor[r0:r1, :, None], out=values)
+        if element == "e2m1":
+            codes = np.take(_bf16_to_e2m1(), _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+            out[r0:r1] = pack_nibbles(codes)
+        else:
+            np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
+            out[r0:r1] = np.take(e4m3_table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+    return out
+
+
+def quantize_nvfp4(weight: np.ndarray, global_scale: np.float32,
+                   use_compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(packed uint8 [rows, cols/2], e4m3 scale codes uint8 [rows, cols/16]) of a 2-D weight.
 
     Elements: e2m1(w / float32(scale / global_scale)), the quotient in float32 as compressed-tensors
     computes it (x promoted to float32 by its float32 scale).
     """
-    rows, cols = weight.shape
-    scales = nvfp4_group_scales(group_amax(weight, NVFP4_GROUP), global_scale, weight.dtype)
-    packed = np.empty((rows, cols // 2), np.uint8)
-    table = _bf16_to_e2m1()
-    gs = np.float32(global_scale)
-    for r0, r1 in _row_windows(rows, cols):
-        values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // NVFP4_GROUP, NVFP4_GROUP)
-        effective = (e4m3_decode(scales[r0:r1]) / gs).astype(np.float32)
-        np.divide(values, effective[:, :, None], out=values)
-        codes = np.take(table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
-        packed[r0:r1] = pack_nibbles(codes)
-    return packed, scales
+    amax = weight_group_amax(weight, NVFP4_GROUP, use_compiled)
+    scales = nvfp4_group_scales(amax, global_scale, weight.dtype)
+    effective = (e4m3_decode(scales) / np.float32(global_scale)).astype(np.float32)
+    return _encode_elements(weight, NVFP4_GROUP, effective, True, "e2m1", use_compiled), scales
 
 
-def quantize_mx(weight: np.ndarray, element: str) -> tuple[np.ndarray, np.ndarray]:
+def quantize_mx(weight: np.ndarray, element: str,
+                use_compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(element codes, E8M0 scale codes uint8 [rows, cols/32]) of a 2-D weight; element "e2m1" gives
     packed uint8 [rows, cols/2], "e4m3" uint8 e4m3 codes [rows, cols].
 
     Elements: w * 2^(127 - code), exact in float32 (a power of two), then e2m1 (saturating at 6) or
     e4m3 (clamped to 448, RNE).
     """
-    rows, cols = weight.shape
     emax = {"e2m1": EMAX_E2M1, "e4m3": EMAX_E4M3}[element]
-    scales = e8m0_from_amax(group_amax(weight, MX_GROUP), emax)
-    shape = (rows, cols // 2) if element == "e2m1" else (rows, cols)
-    out = np.empty(shape, np.uint8)
-    table = _bf16_to_e2m1()
-    for r0, r1 in _row_windows(rows, cols):
-        values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // MX_GROUP, MX_GROUP)
-        values *= e8m0_reciprocal(scales[r0:r1])[:, :, None]
-        if element == "e2m1":
-            codes = np.take(table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
-            out[r0:r1] = pack_nibbles(codes)
-        else:
-            np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
-            out[r0:r1] = values.reshape(r1 - r0, cols).astype(_E4M3).view(np.uint8)
-    return out, scales
+    scales = e8m0_from_amax(weight_group_amax(weight, MX_GROUP, use_compiled), emax)
+    return _encode_elements(weight, MX_GROUP, e8m0_reciprocal(scales), False, element, use_compiled), scales
 
 
 def _to_dtype(values: np.ndarray, out_dtype: np.dtype) -> np.ndarray:

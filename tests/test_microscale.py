@@ -21,6 +21,7 @@ from fp8conv import microscale as ms
 BF16 = np.dtype(ml_dtypes.bfloat16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 RNG_SEED = 20261127
+BACKENDS = pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
 
 
 # ---- references -----------------------------------------------------------------------------
@@ -279,34 +280,37 @@ def test_nvfp4_group_scales_incl_subnormal_and_zero():
     assert ((values > 0) & (values < 2.0**-6)).any(), "no subnormal e4m3 scale exercised"
 
 
+@BACKENDS
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
 @pytest.mark.parametrize("rows,cols", [(3, 16), (7, 48), (1, 64)])
-def test_quantize_nvfp4_matches_reference(dtype, rows, cols):
+def test_quantize_nvfp4_matches_reference(dtype, rows, cols, compiled):
     w = weights(rows, cols, dtype, seed=rows * cols)
     w[0, :16] = 0  # an all-zero group
     if rows > 1:
         w[1, 3] = np.abs(w.astype(np.float32)).max() * 4  # a saturating tensor amax
     codes, scales, gs = ref_nvfp4(w)
-    packed, scale_codes = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype))
+    packed, scale_codes = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype), compiled)
     assert np.float32(gs) == ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype)
     assert_same(ms.e4m3_decode(scale_codes).astype(np.float64), scales, "group scales")
     assert_same(ms.unpack_nibbles(packed), codes, "e2m1 codes")
 
 
-def test_quantize_nvfp4_all_zero_tensor():
+@BACKENDS
+def test_quantize_nvfp4_all_zero_tensor(compiled):
     w = np.zeros((2, 32), BF16)
     gs = ms.nvfp4_global_scale(ms.tensor_amax(w), BF16)
-    packed, scales = ms.quantize_nvfp4(w, gs)
+    packed, scales = ms.quantize_nvfp4(w, gs, compiled)
     assert gs == 1.0 and (packed == 0).all() and (ms.e4m3_decode(scales) == 0.125).all()
 
 
-def test_quantize_nvfp4_saturation_points():
+@BACKENDS
+def test_quantize_nvfp4_saturation_points(compiled):
     # A group whose amax maps to exactly 6: elements at +-amax, +-amax * 5/6 (tie 5 -> 4) and just above.
     amax = np.float32(3.0)
     row = np.array([amax, -amax, amax * 5 / 6, -amax * 5 / 6, amax * 0.5833, amax / 12, -amax / 12] + [0] * 9, np.float32)
     w = row.reshape(1, 16)
     codes, _, gs = ref_nvfp4(w)
-    packed, _ = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype))
+    packed, _ = ms.quantize_nvfp4(w, ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype), compiled)
     assert_same(ms.unpack_nibbles(packed), codes, "codes")
     assert ms.unpack_nibbles(packed)[0, :2].tolist() == [7, 15]
 
@@ -325,15 +329,16 @@ def test_dequantize_nvfp4_reference():
 
 # ---- MX -----------------------------------------------------------------------------------------
 
+@BACKENDS
 @pytest.mark.parametrize("element,emax", [("e2m1", 2), ("e4m3", 8)])
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
-def test_quantize_mx_matches_reference(element, emax, dtype):
+def test_quantize_mx_matches_reference(element, emax, dtype, compiled):
     w = weights(5, 96, dtype, seed=emax)
     w[0, :32] = 0
     w[1, :32] = np.float32(7.0)  # significand 1.75: the exponent rounds up
     w[2, 32:64] = np.float32(1e-30) if dtype != np.float16 else np.float32(1e-7)
     elems, codes = ref_mx(w, emax)
-    out, scales = ms.quantize_mx(w, element)
+    out, scales = ms.quantize_mx(w, element, compiled)
     assert_same(scales, codes, "E8M0 codes")
     if element == "e2m1":
         assert_same(ms.unpack_nibbles(out), elems, "e2m1 codes")
@@ -351,12 +356,15 @@ def test_dequantize_mx_reference(element):
     assert_same(ms.dequantize_mx(out, scales, element).astype(np.float64), to_bf16(expected), "bf16")
 
 
-def test_group_amax_and_tensor_amax():
-    w = weights(3, 64, BF16, seed=2)
+@BACKENDS
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_group_amax_and_tensor_amax(dtype, compiled):
+    w = weights(3, 64, dtype, seed=2)
     x = w.astype(np.float64)
-    assert_same(ms.group_amax(w, 16).astype(np.float64), np.abs(x).reshape(3, 4, 16).max(axis=2), "group amax")
+    got = ms.weight_group_amax(w, 16, compiled).astype(np.float64)
+    assert_same(got, np.abs(x).reshape(3, 4, 16).max(axis=2), "group amax")
     assert float(ms.tensor_amax(w)) == np.abs(x).max()
     w[1, 5] = np.nan
-    assert np.isnan(ms.tensor_amax(w)) and np.isnan(ms.group_amax(w, 32)[1, 0])
+    assert np.isnan(ms.tensor_amax(w)) and np.isnan(ms.weight_group_amax(w, 32, compiled)[1, 0])
     with pytest.raises(ValueError, match="do not divide"):
         ms.group_amax(np.zeros((2, 24), BF16), 16)
