@@ -17,15 +17,18 @@ import click
 from . import __version__
 from .errors import EXIT_INTERNAL, EXIT_SIGINT, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
+from .microscale import MICROSCALE
 from .layouts import LAYOUTS
 from .plan import DEFAULT_SKIPS
-from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, Scheme, parse_block_size
+from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, Scheme, microscale_scheme, parse_block_size
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
     "4 output not writable (exists, read-only, disk full); 70 internal error (a bug); 130 interrupted (SIGINT); "
     "143 terminated (SIGTERM)."
 )
+# Element formats by name, except fp4_e2m1, which exists only inside nvfp4 / mxfp4.
+FORMAT_CHOICES = [f for f in FORMATS if f != "fp4_e2m1"] + list(MICROSCALE)
 SKIP_HELP = "; ".join(f"{kind}: {' '.join(globs)}" for kind, globs in DEFAULT_SKIPS)
 
 
@@ -95,9 +98,11 @@ def main() -> None:
 def scheme_options(func):
     """--format/--granularity/--block-size/--group-size, shared by the commands that quantize."""
     options = [
-        click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="fp8_e4m3", show_default=True,
+        click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="fp8_e4m3", show_default=True,
                      help="Target format (qmax 448 for e4m3, 57344 for e5m2, 127 for int8, 7 for int4; int4 is "
-                          "weight-only)."),
+                          "weight-only). nvfp4 / mxfp4 / mxfp8: compressed-tensors nvfp4-pack-quantized / "
+                          "mxfp4-pack-quantized / mxfp8-quantized, weight-only, groups of 16 / 32 / 32 fixed by the "
+                          "format."),
         click.option("--granularity", type=click.Choice(GRANULARITIES), default=None,
                      help="block: 2-D tiles; channel: one scale per output row; group: 1-D groups along the last dim; "
                           "tensor: one scale. [default: group for int4, block otherwise]"),
@@ -137,12 +142,24 @@ def run_options(func):
 
 
 def default_granularity(fmt: str, granularity: str | None) -> str:
-    return granularity or ("group" if fmt == "int4" else "block")
+    return granularity or ("group" if fmt in ("int4", *MICROSCALE) else "block")
 
 
 def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size: int, activations: str | None = None,
                  asymmetric: bool = False) -> Scheme:
     from .errors import SchemeError
+
+    if fmt in MICROSCALE:
+        ctx = click.get_current_context()
+        given = [f"--{p.replace('_', '-')}" for p in ("granularity", "block_size", "group_size", "asymmetric",
+                                                      "allow_nonfinite")
+                 if p in ctx.params and ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
+        if activations == "dynamic":
+            given.append("--activations dynamic")
+        if given:
+            raise click.UsageError(f"--format {fmt} fixes its groups ({MICROSCALE[fmt].group} along the input dim), "
+                                   f"symmetric weight-only scales and refuses NaN/Inf; drop {', '.join(given)}")
+        return microscale_scheme(fmt)
 
     try:
         block = parse_block_size(block_size)

@@ -42,6 +42,7 @@ class ConversionPlan:
     out_dtype: str | None = None
     # Modules the engines build that have no tensor of their own (a tied lm_head): kept, with the reason.
     tensorless_modules: dict[str, str] = field(default_factory=dict)
+    global_scales: dict[str, list] = field(default_factory=dict)  # NVFP4: per matrix, set before the jobs run
 
     @property
     def shard_of_output(self) -> dict[str, str]:

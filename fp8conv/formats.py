@@ -153,6 +153,41 @@ class Int4(_Int, name="int4"):
     bits = 4
 
 
+class FP4E2M1(ElementFormat, name="fp4_e2m1"):
+    """FP4 e2m1 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): one code 0..15 per uint8 in memory, stored
+    two per byte (element 2k in the low nibble). The arithmetic lives in microscale.py."""
+
+    is_float = True
+    bits = 4
+    dtype = np.dtype(np.uint8)
+    safetensors_tag = "U8"
+    qmax = 6.0
+    qmin = -6.0
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        from .microscale import e2m1_encode
+
+        out[...] = e2m1_encode(values)
+
+    def decode(self, codes: np.ndarray, out: np.ndarray) -> None:
+        from .microscale import e2m1_decode
+
+        out[...] = e2m1_decode(codes)
+
+    def packed_cols(self, cols: int) -> int:
+        return cols // 2
+
+    def pack(self, codes: np.ndarray) -> np.ndarray:
+        from .microscale import pack_nibbles
+
+        return pack_nibbles(codes)
+
+    def unpack(self, packed: np.ndarray) -> np.ndarray:
+        from .microscale import unpack_nibbles
+
+        return unpack_nibbles(packed)
+
+
 QuantFormat = ElementFormat  # the name the kernels and tests have always used
 FORMATS: dict[str, ElementFormat] = ElementFormat.registry
 
@@ -194,10 +229,38 @@ def _round_bf16(values: np.ndarray) -> np.ndarray:
     return rounded.astype(np.uint16)
 
 
+class MicroScaleFormat(ScaleFormat):
+    """Group scales stored as codes, whose float32 value the weights are divided by comes from the codes
+    (and, for e4m3 scales, a per-tensor float32 global scale): NVFP4's e4m3 and MX's E8M0. They are
+    computed from the group amax by microscale.py, not rounded from amax / qmax."""
+
+    microscale = True
+
+    def round(self, scales: np.ndarray) -> np.ndarray:  # pragma: no cover - never called for these
+        raise TypeError(f"{self.name} scales are computed from the group amax (microscale.py)")
+
+    def store(self, scales: np.ndarray) -> np.ndarray:
+        """The uint8 codes, as the stored dtype (float8_e4m3fn bytes for e4m3)."""
+        return np.ascontiguousarray(scales, np.uint8).view(self.dtype)
+
+    def values(self, codes: np.ndarray, global_scale: float | None = None) -> np.ndarray:
+        """float32 divisor of each group: float32(e4m3 / global) or 2^(code - 127)."""
+        from .microscale import e4m3_decode, e8m0_decode
+
+        codes = np.ascontiguousarray(codes).view(np.uint8)
+        if self.name == "e8m0":
+            return e8m0_decode(codes)
+        return (e4m3_decode(codes) / np.float32(global_scale)).astype(np.float32)
+
+
+ScaleFormat.microscale = False
 SCALE_FORMATS: dict[str, ScaleFormat] = ScaleFormat.registry
 for _name, _tag, _dtype in (("float32", "F32", np.float32), ("bf16", "BF16", _BF16), ("fp16", "F16", np.float16)):
     ScaleFormat(_name, _tag, _dtype)
-SCALE_FORMAT_OF_TAG = {f.tag: f for f in SCALE_FORMATS.values()}
+# NVFP4: e4m3 group scales with a float32 global scale; MX: E8M0 exponents 2^(e - 127) in a uint8.
+MicroScaleFormat("e4m3_global", "F8_E4M3", ml_dtypes.float8_e4m3fn)
+MicroScaleFormat("e8m0", "U8", np.uint8)
+SCALE_FORMAT_OF_TAG = {f.tag: f for f in SCALE_FORMATS.values() if not f.microscale}
 
 # Every dtype tag the safetensors format defines that numpy can hold.
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {

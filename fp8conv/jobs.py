@@ -52,6 +52,7 @@ class Source:
     packed: bool = False
     scale: Part | None = None
     zero_point: Part | None = None
+    global_scale: Part | None = None
 
     def tile_rows(self, rows: int, cols: int) -> int:
         """Row alignment a chunk of this source must keep (whole tiles, whole packed zero-point words)."""
@@ -65,7 +66,8 @@ class Source:
     def row_bytes(self, cols: int) -> int:
         if self.packed:
             assert self.scheme is not None
-            return FORMATS[self.scheme.format].packed_cols(cols) * 4
+            fmt = FORMATS[self.scheme.format]
+            return fmt.packed_cols(cols) * (1 if fmt.name == "fp4_e2m1" else 4)
         return cols * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
@@ -94,6 +96,7 @@ class Job:
     data: bytes = b""
     chunk_bytes: int = READ_CHUNK_BYTES
     backend: str = "auto"
+    global_scale: float | None = None  # NVFP4: the matrix's (or its fused set's) float32 global scale
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
@@ -104,6 +107,8 @@ class Job:
             return [(self.dst_offset, self.dst_offset + size)]
         ranges = []
         for spec, start in self.outputs:
+            if not spec.unit_rows and self.first_row:
+                continue  # one record per matrix: written by the matrix's first row range
             begin = start + spec.offset(self.matrix, self.first_row, self.matrix_rows)
             if not spec.unit_rows:
                 end = begin + spec.row_bytes(self.matrix_rows)
@@ -202,7 +207,14 @@ def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.
     codes = decode_codes(values, scheme.format, src.packed, job.cols)
     assert src.scale is not None
     grid_rows, grid_cols = (1, 1) if scheme.granularity == "tensor" else scheme.scale_grid(job.matrix_rows, job.cols)
-    grid = _read_grid(src.scale, job, first, count, grid_cols).astype(np.float32)
+    grid = _read_grid(src.scale, job, first, count, grid_cols)
+    if scheme.microscale:
+        global_scale = None
+        if src.global_scale is not None:
+            global_scale = _read_grid(src.global_scale, job, 0, 1, 1).astype(np.float32).reshape(-1)[0]
+        grid = scheme.scale_fmt.values(grid, global_scale)
+    else:
+        grid = grid.astype(np.float32)
     zero_points = None
     if src.zero_point is not None:
         zp = src.zero_point
@@ -256,15 +268,19 @@ def _quantize(job: Job) -> ErrorStats:
             return (chunk for _, chunk in _chunks(job, chunk_rows))
 
         tensor_scale = tensor_scale_of(whole_matrix, scheme, job.allow_nonfinite, job.name)
+    elif scheme.microscale == "nvfp4":
+        if job.global_scale is None:  # pragma: no cover - the pipeline computes it before any job
+            raise ValueError(f"internal: no NVFP4 global scale for {job.name}")
+        tensor_scale = np.float32(job.global_scale)
     stats = ErrorStats()
     try:
         for first, chunk in _chunks(job, chunk_rows):
             q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name, job.backend)
             row = job.first_row + first
             for spec, start in job.outputs:
-                if spec.data is not None or (not spec.unit_rows and first):
+                if spec.data is not None or (not spec.unit_rows and (first or job.first_row)):
                     continue
-                data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points)
+                data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points, q.global_scale)
                 write_at(fd, start + spec.offset(job.matrix, row, job.matrix_rows), data)
             stats.merge(q.stats)
     except NonFiniteError:

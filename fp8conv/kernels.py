@@ -76,6 +76,7 @@ class QuantizedTensor:
     scales: np.ndarray
     stats: ErrorStats = field(default_factory=ErrorStats)
     zero_points: np.ndarray | None = None
+    global_scale: np.float32 | None = None  # NVFP4: the float32 global scale the scales are relative to
 
 
 def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
@@ -210,6 +211,8 @@ def quantize_2d(
     installed and it supports the scheme), "numpy" or "numba" (an error when it cannot run it).
     """
     scheme = _resolved(scheme, weight.dtype)
+    if scheme.microscale:
+        return quantize_microscale(weight, scheme, tensor_scale, name, backend)
     fmt = scheme.fmt
     rows, cols = weight.shape
     whole_scale = scheme.granularity == "tensor"
@@ -262,6 +265,66 @@ def quantize_2d(
         stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
         stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
     return QuantizedTensor(codes, scales, stats, zero_points)
+
+
+def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None, name: str = "tensor",
+                        backend: str = "auto") -> QuantizedTensor:
+    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes one per element (e2m1 codes 0..15 or e4m3 codes),
+    `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
+    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
+    NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
+    from . import microscale as ms
+
+    if backend not in BACKENDS:
+        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    use_compiled = None if backend == "auto" else backend == "numba"
+    if use_compiled and not compiled.AVAILABLE:
+        raise SchemeError(f"the numba kernel does not run {scheme.describe()} (numba is not installed)")
+    micro = ms.MICROSCALE[scheme.microscale]
+    rows, cols = weight.shape
+    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
+    if not np.isfinite(amax).all():
+        raise nonfinite_error(name, *count_nonfinite([weight]))
+    if micro.global_scale:
+        if global_scale is None:
+            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+        scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
+        divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
+        packed = ms._encode_elements(weight, micro.group, divisor, True, "e2m1", use_compiled)
+    else:
+        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+        divisor = ms.e8m0_decode(scale_codes)
+        packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
+                                     "e2m1" if micro.packed else "e4m3", use_compiled)
+    codes = ms.unpack_nibbles(packed) if micro.packed else packed.view(scheme.fmt.dtype)
+    stats = _microscale_stats(weight, codes, divisor, scheme)
+    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme) -> ErrorStats:
+    """Error statistics of w' = code value * divisor, in the fixed order of the other schemes' (one
+    numpy routine for both backends, whose codes are identical)."""
+    rows, cols = weight.shape
+    group = scheme.group_size
+    stats = ErrorStats(elements=rows * cols)
+    step = max(1, WINDOW_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        h = min(step, rows - r0)
+        orig = np.empty((h, cols), np.float32)
+        load_float32(orig, weight[r0 : r0 + h])
+        work = np.empty((h, cols), np.float32)
+        scheme.fmt.decode(codes[r0 : r0 + h], work)
+        stats.saturated += int(np.count_nonzero(np.abs(work) >= scheme.fmt.qmax32))
+        work.reshape(h, cols // group, group)[...] *= divisor[r0 : r0 + h, :, None]
+        stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
+        np.subtract(orig, work, out=work)
+        stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
+        sums_ref, sums_err = _RowSums(h), _RowSums(h)
+        sums_ref.add(orig, 0)
+        sums_err.add(work, 0)
+        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
+        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
+    return stats
 
 
 def _use_compiled(backend: str, scheme: Scheme) -> bool:

@@ -21,11 +21,12 @@ import numpy as np
 
 from .errors import SchemeError
 from .formats import FORMATS, SAFETENSORS_DTYPES
+from .microscale import MICROSCALE
 from .plan import module_name
 from .scheme import SOURCE_SCALE, Scheme
 
 LAYOUTS = ("compressed-tensors", "fp8-native", "fp8conv")
-CODES, SCALE, ZERO_POINT, SHAPE = "codes", "scale", "zero_point", "shape"
+CODES, SCALE, ZERO_POINT, SHAPE, GLOBAL_SCALE = "codes", "scale", "zero_point", "shape", "global_scale"
 PACK_QUANTIZED = "pack-quantized"
 
 
@@ -97,6 +98,8 @@ class Layout:
         tile_rows = scheme.tile(rows, cols)[0] if scheme.granularity != "tensor" else 0
         scale = TensorSpec(self.scale_name(weight_name), SCALE, scheme.scale_fmt.tag, self.scale_shape(scheme, shape),
                            tile_rows, matrices)
+        if scheme.microscale:
+            return microscale_tensors(scheme, weight_name, shape, scale)
         if not (self.name == "compressed-tensors" and packs(scheme)):
             return [TensorSpec(weight_name, CODES, fmt.safetensors_tag, tuple(shape), 1, matrices), scale]
         specs = [TensorSpec(prefix + "weight_packed", CODES, "I32", (*lead, rows, fmt.packed_cols(cols)), 1, matrices),
@@ -118,6 +121,11 @@ class Layout:
 
     def check(self, scheme: Scheme) -> None:
         """Refuse combinations an engine would misread, before any byte is written."""
+        if scheme.microscale:
+            if self.name != "compressed-tensors":
+                raise SchemeError(f"{scheme.microscale} is written only by --layout compressed-tensors "
+                                  f"({MICROSCALE[scheme.microscale].ct_format})")
+            return
         if self.name == "fp8conv":
             if scheme.weight_only and scheme.fmt.bits < 8:
                 raise SchemeError(f"--layout fp8conv stores one code per byte; {scheme.format} is written by "
@@ -137,6 +145,8 @@ class Layout:
                               f"channel or group, not {scheme.granularity}")
 
     def quantization_config(self, scheme: Scheme, unquantized_modules: list[str]) -> dict:
+        if self.name == "compressed-tensors" and scheme.microscale:
+            return microscale_config(scheme, unquantized_modules)
         if self.name == "compressed-tensors":
             return compressed_tensors_config(scheme, unquantized_modules)
         if self.name == "fp8-native":
@@ -158,12 +168,16 @@ class Layout:
     # ---- writer and reader of one chunk of rows --------------------------------------------------
 
     def encode(self, spec: TensorSpec, scheme: Scheme, codes: np.ndarray, scales: np.ndarray,
-               zero_points: np.ndarray | None) -> np.ndarray:
+               zero_points: np.ndarray | None, global_scale: np.float32 | None = None) -> np.ndarray:
         """The stored form of a chunk's codes [n, cols] / scale grid rows / zero-point grid rows."""
         if spec.role == CODES:
+            if scheme.microscale:
+                return scheme.fmt.pack(codes) if scheme.fmt.bits == 4 else codes
             return scheme.fmt.pack_int32(codes) if spec.dtype == "I32" else codes
         if spec.role == SCALE:
             return scheme.scale_fmt.store(scales)
+        if spec.role == GLOBAL_SCALE:
+            return np.array([global_scale], np.float32)
         if spec.role == ZERO_POINT:
             assert zero_points is not None
             return scheme.fmt.pack_int32(np.ascontiguousarray(zero_points.T)).T
@@ -171,8 +185,28 @@ class Layout:
 
 
 def decode_codes(raw: np.ndarray, fmt_name: str, packed: bool, cols: int) -> np.ndarray:
-    """Stored codes (rows of int32 words when packed) -> codes [n, cols] in the format's dtype."""
+    """Stored codes (rows of int32 words, or of e2m1 nibble pairs, when packed) -> codes [n, cols]."""
+    if packed and FORMATS[fmt_name].name == "fp4_e2m1":
+        return FORMATS[fmt_name].unpack(raw)
     return FORMATS[fmt_name].unpack_int32(raw, cols) if packed else raw
+
+
+def microscale_tensors(scheme: Scheme, weight_name: str, shape: tuple[int, ...], scale: TensorSpec) -> list[TensorSpec]:
+    """compressed-tensors nvfp4-pack-quantized / mxfp4-pack-quantized / mxfp8-quantized: e2m1 codes two per
+    byte in `weight_packed` (or e4m3 codes in `weight`), the uint8 / e4m3 group scales in `weight_scale`
+    and, NVFP4, the float32 `weight_global_scale` [1] (per matrix of a 3-D stack)."""
+    *lead, rows, cols = shape
+    matrices = math.prod(lead)
+    prefix = weight_name[: -len("weight")]
+    micro = MICROSCALE[scheme.microscale]
+    if micro.packed:
+        codes = TensorSpec(prefix + "weight_packed", CODES, "U8", (*lead, rows, cols // 2), 1, matrices)
+    else:
+        codes = TensorSpec(weight_name, CODES, scheme.fmt.safetensors_tag, tuple(shape), 1, matrices)
+    specs = [codes, replace(scale, unit_rows=1)]
+    if micro.global_scale:
+        specs.append(TensorSpec(prefix + "weight_global_scale", GLOBAL_SCALE, "F32", (*lead, 1), 0, matrices))
+    return specs
 
 
 def decode_zero_points(raw: np.ndarray, fmt_name: str, packed: bool, grid_rows: int) -> np.ndarray:
@@ -257,6 +291,44 @@ def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) ->
         "ignore": unquantized_modules,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,
+    }
+
+
+def microscale_config(scheme: Scheme, unquantized_modules: list[str]) -> dict:
+    """The quantization_config llm-compressor's model_free_ptq writes for NVFP4A16 / MXFP4A16 / MXFP8A16
+    (compressed-tensors 0.19 serialization; the group is named after the preset, as it names it)."""
+    micro = MICROSCALE[scheme.microscale]
+    weights = {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": False,
+        "group_size": micro.group,
+        "num_bits": scheme.fmt.bits,
+        "observer": None,
+        "observer_kwargs": {},
+        "scale_dtype": "torch.float8_e4m3fn" if micro.global_scale else "torch.uint8",
+        "strategy": "tensor_group" if micro.global_scale else "group",
+        "symmetric": True,
+        "type": "float",
+        "zp_dtype": None,
+    }
+    return {
+        "config_groups": {
+            micro.preset: {
+                "format": micro.ct_format,
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": weights,
+            }
+        },
+        "format": micro.ct_format,
+        "global_compression_ratio": None,
+        "ignore": unquantized_modules,
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "transform_config": {},
     }
 
 

@@ -22,6 +22,7 @@ packing is two shifts on a uint16 view. Work happens in cache-sized windows of w
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 
 import ml_dtypes
@@ -49,6 +50,34 @@ E8M0_BIAS = 127
 E8M0_NAN = 255
 
 assert sys.byteorder == "little", "nibble packing below relies on a little-endian uint16 view"
+
+
+@dataclass(frozen=True)
+class Microscale:
+    """One microscaled format: its element format, group size along the input dim, scale format, the
+    compressed-tensors format that stores it and llm-compressor's name for the same scheme."""
+
+    name: str
+    element: str
+    group: int
+    scale_format: str
+    ct_format: str
+    preset: str
+
+    @property
+    def packed(self) -> bool:
+        return self.element == "fp4_e2m1"
+
+    @property
+    def global_scale(self) -> bool:
+        return self.scale_format == "e4m3_global"
+
+
+MICROSCALE: dict[str, Microscale] = {m.name: m for m in (
+    Microscale("nvfp4", "fp4_e2m1", 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16"),
+    Microscale("mxfp4", "fp4_e2m1", 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16"),
+    Microscale("mxfp8", "fp8_e4m3", 32, "e8m0", "mxfp8-quantized", "MXFP8A16"),
+)}
 
 
 # ---- FP4 e2m1 elements --------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from . import compiled, html_report
 from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
@@ -25,7 +27,10 @@ from .kernels import ErrorStats
 from .layouts import CODES, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
-from .quantized import source_of
+from .fusion import fused_sets
+from .kernels import count_nonfinite, nonfinite_error
+from .microscale import nvfp4_global_scale, tensor_amax
+from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
 from .report import build_manifest, build_report
 from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
 from .scheme import Scheme
@@ -146,11 +151,13 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             outputs = tuple((s, offsets[s.name]) for s in plan.outputs[name] if s.data is None)
             codes = plan.spec(name, CODES)
             assert codes is not None
+            gs = plan.global_scales.get(name)
             jobs.append(Job("quantize", name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes, nbytes,
                             rows, cols,
                             scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
                             layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
-                            matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend))
+                            matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend,
+                            global_scale=None if gs is None else float(gs[e])))
     split = [part for job in jobs for part in _split_rows(job, options.job_bytes)]
     return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 
@@ -317,9 +324,42 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
     return files, jobs_by_shard, hashers
 
 
+def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
+    """NVFP4 global scales, one per matrix, computed before any job from the amax of the whole tensor,
+    or of all partners of a fused set (q/k/v, gate/up, w1/w3) wherever their shards are."""
+    names = [n for n, s in plan.schemes.items() if s.microscale == "nvfp4"]
+    if not names:
+        return {}
+    amax: dict[str, list[np.float32]] = {}
+    with Readers(checkpoint) as readers:
+        for name in names:
+            qw = plan.source_quant.get(name)
+            shape = qw.shape if qw is not None else plan.tensors[name].shape
+            per = [np.float32(0)] * math.prod(shape[:-2])
+            chunks = (dequantized_chunks(readers, qw, options.chunk_bytes) if qw is not None
+                      else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))
+            for e, _, rows in chunks:
+                per[e] = np.maximum(per[e], tensor_amax(rows))
+            bad = [e for e, a in enumerate(per) if not np.isfinite(a)]
+            if bad and not options.allow_nonfinite:
+                raise nonfinite_error(name, *count_nonfinite(rows for _, _, rows in (
+                    dequantized_chunks(readers, qw, options.chunk_bytes) if qw is not None
+                    else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))))
+            amax[name] = per
+    arith = {name: SAFETENSORS_DTYPES["F32" if name in plan.source_quant else plan.tensors[name].dtype]
+             for name in names}
+    scales = {name: [nvfp4_global_scale(a, arith[name]) for a in per] for name, per in amax.items()}
+    for group in fused_sets([n for n in names if len(amax[n]) == 1]):
+        shared = nvfp4_global_scale(max(amax[n][0] for n in group), arith[group[0]])
+        for n in group:
+            scales[n] = [shared]
+    return scales
+
+
 def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: RunOptions,
              progress: Progress) -> ConversionResult:
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
+    plan.global_scales = _global_scales(checkpoint, plan, options)
     files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress)
     reused = len(files)
     jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]

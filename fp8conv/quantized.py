@@ -19,13 +19,15 @@ from .checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from .errors import FP8ConvError, InputError
 from .formats import FORMATS, format_of_tag
 from .safetensors_io import TensorInfo, TensorReader, printable
-from .scheme import GRANULARITIES, Scheme
+from .microscale import MICROSCALE
+from .scheme import GRANULARITIES, Scheme, microscale_scheme
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
                 "k_scale", "v_scale", "input_global_scale", "weight_global_scale")
 KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv")
-CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense")
+CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense",
+              "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
 GPTQ_AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 BNB_SUFFIXES = (".absmax", ".quant_map", ".SCB", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
@@ -53,6 +55,7 @@ class QuantizedWeight:
     zero_point: TensorInfo | None = None
     zp_packed: bool = False
     companions: tuple[str, ...] = ()
+    global_scale: TensorInfo | None = None  # NVFP4 weight_global_scale
 
 
 @dataclass
@@ -232,6 +235,50 @@ def _packed_weight(view: CheckpointView, name: str, info: TensorInfo, hints: dic
     return entry
 
 
+def _microscale_of(view: CheckpointView, codes_tag: str, scale: TensorInfo | None, has_global: bool) -> str | None:
+    """nvfp4 / mxfp4 / mxfp8 from the config's format, or (no config) from the stored dtypes."""
+    qc = view.quant_config or {}
+    formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values() if isinstance(g, dict)}
+    for micro in MICROSCALE.values():
+        if micro.ct_format in formats:
+            return micro.name
+    if view.quant_config is not None or scale is None:
+        return None
+    if codes_tag == "U8":
+        return "nvfp4" if scale.dtype == "F8_E4M3" and has_global else "mxfp4" if scale.dtype == "U8" else None
+    return "mxfp8" if codes_tag == "F8_E4M3" and scale.dtype == "U8" else None
+
+
+def _microscale_weight(view: CheckpointView, name: str, info: TensorInfo, micro_name: str) -> QuantizedWeight:
+    """nvfp4-pack-quantized / mxfp4-pack-quantized (`weight_packed` uint8, two e2m1 per byte) and
+    mxfp8-quantized (`weight` float8_e4m3fn): uint8 / e4m3 `weight_scale` per group, NVFP4 `weight_global_scale`."""
+    tensors = view.checkpoint.tensors
+    micro = MICROSCALE[micro_name]
+    prefix = name[: -len("weight_packed")] if name.endswith(".weight_packed") else name[: -len("weight")]
+    scale = tensors.get(prefix + "weight_scale")
+    companions = tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors)
+    cols_stored = info.shape[-1] if len(info.shape) >= 2 else 0
+    shape = (*info.shape[:-1], cols_stored * 2) if micro.packed else tuple(info.shape)
+    entry = QuantizedWeight(prefix + "weight", info, scale, None, shape=shape, packed=micro.packed, companions=companions)
+    scheme = microscale_scheme(micro_name)
+    expected_codes = "U8" if micro.packed else "F8_E4M3"
+    if info.dtype != expected_codes or len(info.shape) not in (2, 3):
+        entry.problem = f"is {micro_name} but its codes are {info.dtype} {list(info.shape)}, not {expected_codes} 2-D or 3-D"
+    elif scale is None:
+        entry.problem = "has no weight_scale tensor"
+    elif scale.dtype != scheme.scale_fmt.tag or tuple(scale.shape) != scheme.scale_shape(shape):
+        entry.problem = (f"weight_scale {scale.dtype} {list(scale.shape)} is not the {scheme.scale_fmt.tag} "
+                         f"{list(scheme.scale_shape(shape))} of {micro_name}")
+    elif micro.global_scale:
+        entry.global_scale = tensors.get(prefix + "weight_global_scale")
+        gs = entry.global_scale
+        if gs is None or gs.dtype != "F32" or gs.numel != max(math.prod(shape[:-2]), 1):
+            entry.problem = "needs a float32 weight_global_scale, one per matrix"
+    if entry.problem is None:
+        entry.scheme = scheme
+    return entry
+
+
 def open_view(checkpoint: Checkpoint) -> CheckpointView:
     """Classify every tensor of a checkpoint: quantized weights with scales, orphans, the rest."""
     config_problem = None
@@ -256,6 +303,16 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     hints = _hints(layout, quant_config)
     used_scales: set[str] = set()
     for name, info in tensors.items():
+        prefix = name[: name.rfind(".") + 1]
+        micro = None
+        if name.endswith((".weight_packed", ".weight")) and info.dtype in ("U8", "F8_E4M3"):
+            micro = _microscale_of(view, info.dtype, tensors.get(prefix + "weight_scale"),
+                                   prefix + "weight_global_scale" in tensors)
+        if micro is not None:
+            entry = _microscale_weight(view, name, info, micro)
+            view.weights[name] = entry
+            used_scales.update(entry.companions)
+            continue
         if name.endswith(".weight_packed"):
             entry = _packed_weight(view, name, info, hints)
             view.weights[name] = entry
@@ -302,7 +359,13 @@ def validate_source_scales(view: CheckpointView, names: list[str]) -> None:
         qw = view.weights[name]
         if qw.scale is None or qw.scheme is None:
             continue
-        scales = _read_small(view.checkpoint, qw.scale).astype(np.float32)
+        scales = _read_small(view.checkpoint, qw.scale)
+        if qw.scheme.microscale:
+            scales = qw.scheme.scale_fmt.values(scales, 1.0)
+            if qw.global_scale is not None:
+                gs = _read_small(view.checkpoint, qw.global_scale).astype(np.float32)
+                scales = np.concatenate([scales.ravel(), gs.ravel()])
+        scales = scales.astype(np.float32)
         bad = int(np.count_nonzero(~np.isfinite(scales) | (scales <= 0)))
         if bad:
             raise InputError(f"{view.checkpoint.root}: scale {printable(qw.scale.name)} holds {bad} value(s) that are "
@@ -343,9 +406,14 @@ class Readers:
 def scale_grids(readers: Readers, qw: QuantizedWeight):
     """The float32 scale grids of a quantized weight, one 2-D grid per matrix: [E, gr, gc]."""
     assert qw.scale is not None and qw.scheme is not None
-    scales = readers.read(qw.scale).astype(np.float32)
+    scales = readers.read(qw.scale)
     *lead, rows, cols = qw.shape
     matrices = math.prod(lead)
+    if qw.scheme.microscale:
+        gs = readers.read(qw.global_scale).astype(np.float32).reshape(-1) if qw.global_scale is not None else None
+        grids = scales.reshape(matrices, *qw.scheme.scale_grid(rows, cols))
+        return np.stack([qw.scheme.scale_fmt.values(g, None if gs is None else gs[e]) for e, g in enumerate(grids)])
+    scales = scales.astype(np.float32)
     if qw.scheme.granularity == "tensor":
         return scales.reshape(matrices, 1, 1)
     return scales.reshape(matrices, *qw.scheme.scale_grid(rows, cols))
@@ -380,8 +448,9 @@ def source_of(qw: QuantizedWeight, path_of, matrix: int):
     if qw.zero_point is not None:
         unit = tile_rows * scheme.fmt.per_word if qw.zp_packed else tile_rows
         zero_point = part(qw.zero_point, unit, qw.zp_packed)
+    global_scale = part(qw.global_scale, 0) if qw.global_scale is not None else None
     return Source(str(path_of(qw.weight.name)), qw.weight.start + matrix * (qw.weight.nbytes // matrices),
-                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point)
+                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point, global_scale)
 
 
 def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):

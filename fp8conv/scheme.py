@@ -43,11 +43,13 @@ class Scheme:
         if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
             raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
         if self.activations is None:
-            object.__setattr__(self, "activations", "none" if self.format == "int4" or not self.symmetric else "dynamic")
+            weight_only = self.format in ("int4", "fp4_e2m1") or self.scale_format in ("e4m3_global", "e8m0")
+            object.__setattr__(self, "activations", "none" if weight_only or not self.symmetric else "dynamic")
         if self.activations not in ACTIVATIONS:
             raise SchemeError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:
             raise SchemeError(f"unknown scale format {self.scale_format!r}")
+        self._check_microscale()
         if self.format == "int4" and self.activations != "none":
             raise SchemeError("int4 is weight-only (W4A16): no engine quantizes activations to int4; "
                               "use --activations none")
@@ -57,6 +59,34 @@ class Scheme:
             if self.activations != "none" or self.granularity not in ("channel", "group"):
                 raise SchemeError("--asymmetric (zero points) is defined for weight-only integer schemes with "
                                   "--granularity channel or group; add --activations none / pick one of them")
+
+    def _check_microscale(self) -> None:
+        from .microscale import MICROSCALE
+
+        micro = self.microscale
+        if micro is None:
+            if self.format == "fp4_e2m1":
+                raise SchemeError("fp4_e2m1 weights are written as --format nvfp4 or --format mxfp4")
+            return
+        m = MICROSCALE[micro]
+        if (self.format, self.granularity, self.group_size) != (m.element, "group", m.group):
+            raise SchemeError(f"{micro} is {m.element} in groups of {m.group} along the input dim; "
+                              f"drop --granularity / --group-size / --block-size (got {self.granularity})")
+        if not self.symmetric or self.activations != "none":
+            raise SchemeError(f"{micro} is symmetric and weight-only (A16): no --asymmetric / --activations dynamic")
+
+    @property
+    def microscale(self) -> str | None:
+        """nvfp4 / mxfp4 / mxfp8 when the scale format is a microscaling one, else None."""
+        from .microscale import MICROSCALE
+
+        for m in MICROSCALE.values():
+            if m.scale_format == self.scale_format and m.element == self.format and m.group == self.group_size:
+                return m.name
+        if self.scale_format in ("e4m3_global", "e8m0"):
+            raise SchemeError(f"scale format {self.scale_format} with {self.format} group {self.group_size} is "
+                              "none of nvfp4 / mxfp4 / mxfp8")
+        return None
 
     @property
     def fmt(self) -> ElementFormat:
@@ -118,6 +148,8 @@ class Scheme:
         return (*lead, *self.scale_grid(rows, cols))
 
     def describe(self) -> str:
+        if self.microscale:
+            return f"{self.microscale} ({self.format} group {self.group_size}, {self.scale_format} scales) weight-only"
         if self.granularity == "block":
             text = f"{self.format} block {self.block_size[0]}x{self.block_size[1]}"
         elif self.granularity == "group":
@@ -141,6 +173,15 @@ class Scheme:
         if not self.symmetric or self.weight_only or self.scale_format != "float32":
             data.update(symmetric=self.symmetric, activations=self.activations, scale_format=self.scale_format)
         return data
+
+
+def microscale_scheme(name: str) -> Scheme:
+    """The scheme of --format nvfp4 / mxfp4 / mxfp8."""
+    from .microscale import MICROSCALE
+
+    m = MICROSCALE[name]
+    return Scheme(format=m.element, granularity="group", group_size=m.group, activations="none",
+                  scale_format=m.scale_format)
 
 
 def parse_block_size(text: str) -> tuple[int, int]:

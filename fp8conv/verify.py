@@ -13,6 +13,7 @@ from .architecture import Architecture
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
 from .plan import Matcher, default_skip, module_name
+from .fusion import fused_sets
 from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
 from .report import error_metrics
 from .safetensors_io import READ_CHUNK_BYTES, printable, sha256_of
@@ -20,7 +21,8 @@ from .safetensors_io import READ_CHUNK_BYTES, printable, sha256_of
 CHUNK_BYTES = READ_CHUNK_BYTES
 # Thresholds that catch broken conversions (a wrong scale or swapped tensor gives errors >= 50%),
 # set above what each format's rounding gives on heavy-tailed weights.
-DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10, "int4": 0.40}
+DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10, "int4": 0.40,
+                         "nvfp4": 0.20, "mxfp4": 0.25, "mxfp8": 0.08}
 COLUMN_PARALLEL = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|w1|w3|query|key|value|c_attn|c_fc|fc1|dense_h_to_4h)$")
 ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|c_proj|fc2|dense_4h_to_h)$")
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -186,7 +188,8 @@ def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
     expected = None
     if view.layout == "compressed-tensors":
         fmt = qc.get("format")
-        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32"}.get(fmt, None)
+        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32",
+                    "nvfp4-pack-quantized": "U8", "mxfp4-pack-quantized": "U8", "mxfp8-quantized": "F8_E4M3"}.get(fmt)
     elif view.layout == "fp8-native":
         expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
     if expected is None:
@@ -279,7 +282,8 @@ def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_reader
         stats.sum_sq_err += float(np.dot(err, err))
         stats.max_abs_err = max(stats.max_abs_err, float(np.abs(err).max(initial=0)))
     metrics = error_metrics(stats)
-    limit = options.max_rel_error if options.max_rel_error is not None else DEFAULT_MAX_REL_ERROR[qw.scheme.format]
+    limit = options.max_rel_error if options.max_rel_error is not None else \
+        DEFAULT_MAX_REL_ERROR[qw.scheme.microscale or qw.scheme.format]
     result.tensors.append({"name": qw.name, "scheme": qw.scheme.describe(), "limit": limit,
                            **{k: metrics[k] for k in ("rel_rms_error", "sqnr_db", "max_abs_error")}})
     if not math.isfinite(metrics["rel_rms_error"]) or metrics["rel_rms_error"] > limit:
@@ -329,6 +333,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
             report("transformers", f"{printable(name)} {rows}x{cols} is not divisible by the {bn}x{bk} block: "
                    "the fine-grained FP8 loader refuses it", name)
     _check_fused(view, report)
+    _check_global_scales(view, report)
     if any(qw.scheme is not None and qw.scheme.granularity == "block" and qw.scheme.fmt.is_float for qw in view.weights.values()):
         result.warn("engines", "vllm: the CPU backend loads block FP8 only with AMX (Sapphire Rapids or newer); GPUs with compute capability >= 8.9 run it natively")
 
@@ -347,3 +352,16 @@ def _check_fused(view: CheckpointView, report) -> None:
                        for p in parts}
             if len(schemes) > 1:
                 report("vllm", f"fused parts {', '.join(printable(p) for p in parts)} are not quantized alike", name)
+
+
+def _check_global_scales(view: CheckpointView, report) -> None:
+    """NVFP4: vLLM runs a fused q/k/v or gate/up matrix with one global scale, so its parts must carry the same."""
+    by_logical = {qw.name: qw for qw in view.weights.values() if qw.global_scale is not None}
+    if not by_logical:
+        return
+    with Readers(view.checkpoint) as readers:
+        for group in fused_sets(list(by_logical)):
+            values = {tuple(readers.read(by_logical[n].global_scale).astype(np.float32).ravel().tolist()) for n in group}
+            if len(values) > 1:
+                report("vllm", f"fused parts {', '.join(printable(n) for n in group)} carry different NVFP4 global "
+                       "scales (the fused layer has one)", group[0])
