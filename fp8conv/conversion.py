@@ -138,6 +138,8 @@ def _quantized_source(view: CheckpointView) -> tuple[dict[str, QuantizedWeight],
 def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
     """Same format, granularity and tile, float32 scales of the same size, codes stored alike: keep the bytes."""
     assert qw.scheme is not None and qw.scale is not None
+    if scheme.microscale or qw.scheme.microscale:  # codes, scales and global scale are the format's own
+        return qw.scheme.microscale == scheme.microscale
     return (
         qw.scheme.describe() == scheme.describe()
         and qw.scheme.symmetric and not qw.packed and not packs(scheme)
@@ -179,6 +181,21 @@ def _refuse_groups(plan: ConversionPlan, scheme: Scheme) -> None:
     raise SchemeError(f"in_features must be divisible by the group size {scheme.group_size} for pack-quantized "
                       f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
                       "or --ignore those tensors")
+
+
+def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
+    """NVFP4 / MXFP4 / MXFP8 groups are fixed by the format (16 / 32 along the input dim): refuse the plan,
+    naming every weight whose input dim does not divide, before anything is written."""
+    if not scheme.microscale:
+        return
+    group = scheme.group_size
+    cols = {name: (plan.source_quant[name].shape if name in plan.source_quant else plan.tensors[name].shape)[-1]
+            for name in plan.outputs}
+    bad = sorted(name for name, c in cols.items() if c % group)
+    if bad:
+        listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
+        raise SchemeError(f"{scheme.microscale} needs input dims divisible by its group of {group}; {len(bad)} "
+                          f"tensor(s) are not: {listed}; keep them in high precision with --ignore")
 
 
 def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | None) -> ConversionPlan:
@@ -243,6 +260,7 @@ def build_plan(
         unquantized_modules=sorted(set(kept) | set(tensorless)), tensorless_modules=tensorless,
     )
     _refuse_groups(plan, scheme)
+    _refuse_microscale_shapes(plan, scheme)
     return _finish(checkpoint, plan, max_shard_size)
 
 

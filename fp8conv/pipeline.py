@@ -24,7 +24,7 @@ from .formats import SAFETENSORS_DTYPES
 from .hashing import PrefixHasher
 from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
 from .kernels import ErrorStats
-from .layouts import CODES, SCALE, get_layout
+from .layouts import CODES, GLOBAL_SCALE, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
 from .fusion import fused_sets
@@ -134,6 +134,10 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             assert scale is not None and target is not None
             jobs.append(Job("copy", scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
                             str(dst), offsets[target.name], scale.nbytes))
+            gs, gs_target = plan.source_quant[name].global_scale, plan.spec(name, GLOBAL_SCALE)
+            if gs is not None and gs_target is not None:
+                jobs.append(Job("copy", gs.name, Source(str(sources[plan.source_shard[gs.name]]), gs.start, gs.dtype),
+                                str(dst), offsets[gs_target.name], gs.nbytes))
         if action in (COPY, CARRY):
             continue
         qw = plan.source_quant.get(name)
@@ -327,7 +331,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
 def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
     """NVFP4 global scales, one per matrix, computed before any job from the amax of the whole tensor,
     or of all partners of a fused set (q/k/v, gate/up, w1/w3) wherever their shards are."""
-    names = [n for n, s in plan.schemes.items() if s.microscale == "nvfp4"]
+    names = [n for n, s in plan.schemes.items() if s.microscale == "nvfp4" and plan.decisions[n].action != CARRY]
     if not names:
         return {}
     amax: dict[str, list[np.float32]] = {}

@@ -41,6 +41,8 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
         f"size: {human_bytes(report['total_bytes_before'])} -> {human_bytes(report['total_bytes_after'])}"
         + (f" ({report['compression_ratio']:.2f}x smaller)" if (report["compression_ratio"] or 0) > 1 else ""),
     ]
+    if report.get("bits_per_weight"):
+        lines.append(f"quantized weights: {report['bits_per_weight']:.3f} bits per weight, scales included")
     dtypes = sorted(set(report["bytes_before"]) | set(report["bytes_after"]))
     lines.append(table(["dtype", "before", "after"], [
         [d, human_bytes(report["bytes_before"].get(d, 0)), human_bytes(report["bytes_after"].get(d, 0))] for d in dtypes
@@ -60,6 +62,9 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
 
 
 def _describe(scheme: dict) -> str:
+    if scheme.get("microscale"):
+        return (f"{scheme['microscale']} ({scheme['format']} group {scheme['group_size']}, "
+                f"{scheme['scale_format']} scales) weight-only")
     text = f"{scheme['format']} {scheme['granularity']}"
     if scheme.get("block_size"):
         text += " " + "x".join(map(str, scheme["block_size"]))

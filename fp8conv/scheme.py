@@ -172,6 +172,8 @@ class Scheme:
         # Keys the first release did not write appear only when they differ from it (its bytes are pinned).
         if not self.symmetric or self.weight_only or self.scale_format != "float32":
             data.update(symmetric=self.symmetric, activations=self.activations, scale_format=self.scale_format)
+        if self.microscale:
+            data["microscale"] = self.microscale
         return data
 
 
