@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import InputError
 from .formats import FORMATS, SAFETENSORS_DTYPES
-from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, nonfinite_error, quantize_2d,
+from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, microscale_nonfinite_error,
+                      nonfinite_error, quantize_2d,
                       tensor_scale_of)
 from .layouts import TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
@@ -290,4 +291,7 @@ def _quantize(job: Job) -> ErrorStats:
 
 def _count_nonfinite(job: Job, chunk_rows: int) -> InputError:
     """The error for NaN/Inf found in one chunk, with the counts over the whole matrix."""
-    return nonfinite_error(job.name, *count_nonfinite(chunk for _, chunk in _chunks(job, chunk_rows)))
+    counts = count_nonfinite(chunk for _, chunk in _chunks(job, chunk_rows))
+    if job.scheme is not None and job.scheme.microscale:
+        return microscale_nonfinite_error(job.name, job.scheme.microscale, *counts)
+    return nonfinite_error(job.name, *counts)

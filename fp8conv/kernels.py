@@ -284,7 +284,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     rows, cols = weight.shape
     amax = ms.weight_group_amax(weight, micro.group, use_compiled)
     if not np.isfinite(amax).all():
-        raise nonfinite_error(name, *count_nonfinite([weight]))
+        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
     if micro.global_scale:
         if global_scale is None:
             global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
@@ -406,6 +406,11 @@ def nonfinite_error(name: str, nan: int, inf: int) -> NonFiniteError:
         f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
         "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
     )
+
+
+def microscale_nonfinite_error(name: str, fmt: str, nan: int, inf: int) -> NonFiniteError:
+    return NonFiniteError(f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; {fmt} has no mapping for "
+                          "them: fix the weights or keep the tensor in high precision with --ignore")
 
 
 def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], scheme: Scheme, allow_nonfinite: bool,

@@ -28,7 +28,7 @@ from .layouts import CODES, GLOBAL_SCALE, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
 from .fusion import fused_sets
-from .kernels import count_nonfinite, nonfinite_error
+from .kernels import count_nonfinite, microscale_nonfinite_error
 from .microscale import nvfp4_global_scale, tensor_amax
 from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
 from .report import build_manifest, build_report
@@ -344,9 +344,8 @@ def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpt
                       else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))
             for e, _, rows in chunks:
                 per[e] = np.maximum(per[e], tensor_amax(rows))
-            bad = [e for e, a in enumerate(per) if not np.isfinite(a)]
-            if bad and not options.allow_nonfinite:
-                raise nonfinite_error(name, *count_nonfinite(rows for _, _, rows in (
+            if not all(np.isfinite(a) for a in per):
+                raise microscale_nonfinite_error(name, "nvfp4", *count_nonfinite(rows for _, _, rows in (
                     dequantized_chunks(readers, qw, options.chunk_bytes) if qw is not None
                     else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))))
             amax[name] = per
