@@ -182,3 +182,74 @@ def test_fp16_nvfp4_small_tensor_keeps_its_global_scale():
     scales, scale_t, deq, deq_t = ours_and_theirs("nvfp4", w)
     assert_bytes(scales, scale_t, "scales where fp16 holds the global scale")
     assert (deq == deq_t).all()
+
+
+# ---- whole checkpoints through the CLI ------------------------------------------------------------
+
+CT_FORMAT = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "mxfp8": "mxfp8-quantized"}
+
+
+def _load(folder):
+    from helpers import load_all
+
+    return load_all(folder)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_checkpoint_is_byte_identical_to_llm_compressor_model_free_ptq(sample, tmp_path, fmt):
+    """The sample Llama (bf16, two shards, q/k/v and gate/up fused): every tensor and the config equal."""
+    import json
+
+    from helpers import run_cli
+    from llmcompressor import model_free_ptq
+
+    src = sample("llama-tiny")
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    run_cli("quantize", src, "-o", ours, "--format", fmt, "-q")
+    model_free_ptq(model_stub=str(src), save_directory=str(theirs), scheme=PRESETS[fmt],
+                   ignore=["lm_head", "model.embed_tokens"], max_workers=1, device="cpu")
+    a, b = _load(ours), _load(theirs)
+    assert set(a) == set(b)
+    for name in sorted(a):
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+    config_a = json.loads((ours / "config.json").read_text())["quantization_config"]
+    config_b = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    config_b.pop("version")  # compressed-tensors' own version, which fp8conv does not claim
+    assert config_a == config_b
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample, tmp_path, fmt):
+    """compressed-tensors' decompressor on each module and transformers' CPU load (dequantized on load)
+    give exactly `fp8conv dequantize`'s bf16 weights."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from helpers import read_json, run_cli
+
+    out, deq = tmp_path / "q", tmp_path / "dq"
+    run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", fmt, "-q")
+    run_cli("dequantize", out, "-o", deq, "-q")
+    ours, stored = _load(deq), _load(out)
+    config = QuantizationConfig.model_validate(read_json(out / "config.json")["quantization_config"])
+    scheme = next(iter(config.config_groups.values()))
+    compressor = BaseCompressor.load_from_registry(CT_FORMAT[fmt])
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16,
+                                                 quantization_config=CompressedTensorsConfig(run_compressed=False))
+    loaded = model.state_dict()
+    checked = 0
+    for name in (n for n in ours if n.endswith("_proj.weight")):
+        prefix = name[: -len("weight")]
+        state = {k[len(prefix):]: torch.from_numpy(v.view(np.uint8).copy()) if v.dtype.itemsize == 1 else
+                 torch.from_numpy(v.copy()) for k, v in stored.items() if k.startswith(prefix)}
+        if "weight_scale" in state and fmt == "nvfp4":
+            state["weight_scale"] = state["weight_scale"].view(torch.float8_e4m3fn)
+        if fmt == "mxfp8":
+            state["weight"] = state["weight"].view(torch.float8_e4m3fn)
+        theirs = compressor.decompress(state, scheme)["weight"]
+        assert_bytes(ours[name].view(np.uint16), to_numpy(theirs).view(np.uint16), f"decompressor {name}")
+        assert_bytes(ours[name].view(np.uint16), to_numpy(loaded[name]).view(np.uint16), f"transformers {name}")
+        checked += 1
+    assert checked == 14
