@@ -269,7 +269,8 @@ def quantize_2d(
 
 def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None, name: str = "tensor",
                         backend: str = "auto") -> QuantizedTensor:
-    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes one per element (e2m1 codes 0..15 or e4m3 codes),
+    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
+    nibble; e4m3 one per element),
     `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
     (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
     NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
@@ -296,24 +297,40 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         divisor = ms.e8m0_decode(scale_codes)
         packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
                                      "e2m1" if micro.packed else "e4m3", use_compiled)
-    codes = ms.unpack_nibbles(packed) if micro.packed else packed.view(scheme.fmt.dtype)
-    stats = _microscale_stats(weight, codes, divisor, scheme)
+    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
+    stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
 
 
-def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme) -> ErrorStats:
-    """Error statistics of w' = code value * divisor, in the fixed order of the other schemes' (one
-    numpy routine for both backends, whose codes are identical)."""
+def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
+                      use_compiled: bool | None) -> ErrorStats:
+    """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
+    order of the other schemes' (_RowSums); the numba kernel reproduces them bit for bit."""
+    from . import microscale as ms
+
     rows, cols = weight.shape
     group = scheme.group_size
+    packed = scheme.fmt.bits == 4
+    if ms._use_compiled(weight, use_compiled):
+        from . import _numba_microscale
+
+        src, is_bf16 = ms._compiled_source(weight)
+        table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
+        out = np.zeros(5)
+        _numba_microscale.error_stats(src, is_bf16, group, codes.view(np.uint8), packed, table, divisor,
+                                      scheme.fmt.qmax32, out)
+        return ErrorStats(rows * cols, float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4]))
     stats = ErrorStats(elements=rows * cols)
     step = max(1, WINDOW_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
         h = min(step, rows - r0)
         orig = np.empty((h, cols), np.float32)
         load_float32(orig, weight[r0 : r0 + h])
-        work = np.empty((h, cols), np.float32)
-        scheme.fmt.decode(codes[r0 : r0 + h], work)
+        if packed:
+            work = ms.unpack_e2m1_values(codes[r0 : r0 + h])
+        else:
+            work = np.empty((h, cols), np.float32)
+            scheme.fmt.decode(codes[r0 : r0 + h], work)
         stats.saturated += int(np.count_nonzero(np.abs(work) >= scheme.fmt.qmax32))
         work.reshape(h, cols // group, group)[...] *= divisor[r0 : r0 + h, :, None]
         stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))

@@ -172,7 +172,7 @@ class Layout:
         """The stored form of a chunk's codes [n, cols] / scale grid rows / zero-point grid rows."""
         if spec.role == CODES:
             if scheme.microscale:
-                return scheme.fmt.pack(codes) if scheme.fmt.bits == 4 else codes
+                return codes  # packed by the microscale kernel already
             return scheme.fmt.pack_int32(codes) if spec.dtype == "I32" else codes
         if spec.role == SCALE:
             return scheme.scale_fmt.store(scales)

@@ -368,3 +368,32 @@ def test_group_amax_and_tensor_amax(dtype, compiled):
     assert np.isnan(ms.tensor_amax(w)) and np.isnan(ms.weight_group_amax(w, 32, compiled)[1, 0])
     with pytest.raises(ValueError, match="do not divide"):
         ms.group_amax(np.zeros((2, 24), BF16), 16)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_backends_give_identical_codes_scales_and_statistics(fmt, dtype):
+    from fp8conv.kernels import quantize_microscale
+    from fp8conv.scheme import microscale_scheme
+
+    scheme = microscale_scheme(fmt)
+    w = weights(37, 96, dtype, seed=11, scale=0.3)
+    w[3, :40] = 0
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
+    a = quantize_microscale(w, scheme, gs, backend="numpy")
+    b = quantize_microscale(w, scheme, gs, backend="numba")
+    assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
+    assert a.stats == b.stats
+    # and the statistics are those of the dequantized weights, in float64
+    if fmt == "mxfp8":
+        deq = ms.dequantize_mx(a.codes.view(np.uint8), a.scales, "e4m3", np.float32)
+    elif fmt == "mxfp4":
+        deq = ms.dequantize_mx(a.codes, a.scales, "e2m1", np.float32)
+    else:
+        deq = ms.dequantize_nvfp4(a.codes, a.scales, gs, np.float32)
+    x = w.astype(np.float64)
+    err = x - deq.astype(np.float64)
+    assert a.stats.sum_sq_ref == pytest.approx((x ** 2).sum(), rel=1e-12)
+    assert a.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-12)
+    assert a.stats.max_abs_err == np.abs(err).max()
+    assert a.stats.flushed_to_zero == int(((deq == 0) & (x != 0)).sum())
