@@ -21,15 +21,14 @@ from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME
 from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError
 from .formats import SAFETENSORS_DTYPES
+from .fusion import fused_sets
 from .hashing import PrefixHasher
 from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
-from .kernels import ErrorStats
+from .kernels import ErrorStats, count_nonfinite, microscale_nonfinite_error
+from .microscale import nvfp4_global_scale, tensor_amax
 from .layouts import CODES, GLOBAL_SCALE, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
-from .fusion import fused_sets
-from .kernels import count_nonfinite, microscale_nonfinite_error
-from .microscale import nvfp4_global_scale, tensor_amax
 from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
 from .report import build_manifest, build_report
 from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
@@ -336,25 +335,29 @@ def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpt
         return {}
     amax: dict[str, list[np.float32]] = {}
     with Readers(checkpoint) as readers:
+
+        def chunks(name: str):
+            qw = plan.source_quant.get(name)
+            if qw is not None:
+                return dequantized_chunks(readers, qw, options.chunk_bytes)
+            return matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes)
+
         for name in names:
             qw = plan.source_quant.get(name)
-            shape = qw.shape if qw is not None else plan.tensors[name].shape
-            per = [np.float32(0)] * math.prod(shape[:-2])
-            chunks = (dequantized_chunks(readers, qw, options.chunk_bytes) if qw is not None
-                      else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))
-            for e, _, rows in chunks:
+            per = [np.float32(0)] * math.prod((qw.shape if qw is not None else plan.tensors[name].shape)[:-2])
+            for e, _, rows in chunks(name):
                 per[e] = np.maximum(per[e], tensor_amax(rows))
             if not all(np.isfinite(a) for a in per):
-                raise microscale_nonfinite_error(name, "nvfp4", *count_nonfinite(rows for _, _, rows in (
-                    dequantized_chunks(readers, qw, options.chunk_bytes) if qw is not None
-                    else matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes))))
+                raise microscale_nonfinite_error(name, "nvfp4", *count_nonfinite(rows for _, _, rows in chunks(name)))
             amax[name] = per
-    arith = {name: SAFETENSORS_DTYPES["F32" if name in plan.source_quant else plan.tensors[name].dtype]
-             for name in names}
-    scales = {name: [nvfp4_global_scale(a, arith[name]) for a in per] for name, per in amax.items()}
-    for group in fused_sets([n for n in names if len(amax[n]) == 1]):
-        shared = nvfp4_global_scale(max(amax[n][0] for n in group), arith[group[0]])
-        for n in group:
+    # The arithmetic dtype is the weight's as the kernel sees it: the source dtype, or float32 when dequantized.
+    arith = {n: SAFETENSORS_DTYPES["F32" if n in plan.source_quant else plan.tensors[n].dtype] for n in names}
+    scales = {n: [nvfp4_global_scale(a, arith[n]) for a in per] for n, per in amax.items()}
+    logical = {plan.source_quant[n].name if n in plan.source_quant else n: n for n in names if len(amax[n]) == 1}
+    for group in fused_sets(list(logical)):
+        members = [logical[m] for m in group]
+        shared = nvfp4_global_scale(max(amax[n][0] for n in members), arith[members[0]])
+        for n in members:
             scales[n] = [shared]
     return scales
 

@@ -255,3 +255,18 @@ def test_verify_fails_when_fused_partners_disagree_on_the_global_scale(sample, t
     result = run_cli("verify", out, "--json", expect=None)
     assert result.exit_code != 0
     assert "different NVFP4 global scales" in result.stdout
+
+
+def test_quantized_source_partners_share_the_global_scale_of_their_dequantized_weights(tmp_path):
+    """FP8 input re-quantized to NVFP4: the fused set is found by the logical weight names and its global
+    scale comes from the dequantized (float32) amax over all partners."""
+    src, _ = sharded_llama(tmp_path / "src", [["q_proj", "k_proj"], ["v_proj", "o_proj", "gate_proj", "up_proj"]])
+    fp8, out, deq = tmp_path / "fp8", tmp_path / "out", tmp_path / "deq"
+    run_cli("quantize", src, "-o", fp8, "-q")
+    run_cli("dequantize", fp8, "-o", deq, "--dtype", "fp32", "-q")
+    run_cli("quantize", fp8, "-o", out, "--format", "nvfp4", "-q")
+    stored, restored = load_all(out), load_all(deq)
+    attn = [f"model.layers.0.self_attn.{m}." for m in ("q_proj", "k_proj", "v_proj")]
+    amax = max(float(np.abs(restored[p + "weight"].astype(np.float64)).max()) for p in attn)
+    expected = np.float32(ref_global_scale(amax, np.dtype(np.float32)))
+    assert [float(stored[p + "weight_global_scale"][0]) for p in attn] == [expected] * 3
