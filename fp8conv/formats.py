@@ -196,6 +196,7 @@ class ScaleFormat:
     """How scales are stored: a safetensors tag, a numpy dtype and the rounding into it."""
 
     registry: ClassVar[dict[str, "ScaleFormat"]] = {}
+    microscale: ClassVar[bool] = False  # MicroScaleFormat: codes computed from the group amax
 
     def __init__(self, name: str, tag: str, dtype: np.dtype) -> None:
         self.name, self.tag, self.dtype = name, tag, np.dtype(dtype)
@@ -234,7 +235,7 @@ class MicroScaleFormat(ScaleFormat):
     (and, for e4m3 scales, a per-tensor float32 global scale): NVFP4's e4m3 and MX's E8M0. They are
     computed from the group amax by microscale.py, not rounded from amax / qmax."""
 
-    microscale = True
+    microscale: ClassVar[bool] = True
 
     def round(self, scales: np.ndarray) -> np.ndarray:  # pragma: no cover - never called for these
         raise TypeError(f"{self.name} scales are computed from the group amax (microscale.py)")
@@ -253,7 +254,6 @@ class MicroScaleFormat(ScaleFormat):
         return (e4m3_decode(codes) / np.float32(global_scale)).astype(np.float32)
 
 
-ScaleFormat.microscale = False
 SCALE_FORMATS: dict[str, ScaleFormat] = ScaleFormat.registry
 for _name, _tag, _dtype in (("float32", "F32", np.float32), ("bf16", "BF16", _BF16), ("fp16", "F16", np.float16)):
     ScaleFormat(_name, _tag, _dtype)
