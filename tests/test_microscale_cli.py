@@ -213,7 +213,7 @@ def test_dequantize_verify_inspect_and_carry(sample, tmp_path, fmt):
     src = sample("llama-tiny")
     out, deq, again = tmp_path / "q", tmp_path / "dq", tmp_path / "again"
     report = json.loads(run_cli("quantize", src, "-o", out, "--format", fmt, "--json").stdout)
-    assert report["bits_per_quantized_weight"] == pytest.approx({"nvfp4": 4.5, "mxfp4": 4.25, "mxfp8": 8.25}[fmt], abs=1e-3)
+    assert report["bits_per_weight"] == pytest.approx({"nvfp4": 4.5, "mxfp4": 4.25, "mxfp8": 8.25}[fmt], abs=1e-3)
     assert report["scheme"]["microscale"] == fmt
     run_cli("dequantize", out, "-o", deq, "--dtype", "fp32", "-q")
     stored, restored, source = load_all(out), load_all(deq), load_all(src)
