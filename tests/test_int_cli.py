@@ -160,7 +160,7 @@ def test_int8_asymmetric_input_honours_zero_points(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["quantize", "dequantize", "verify"])
-@pytest.mark.parametrize("kind", ["gptq", "bitsandbytes", "unknown", "nvfp4"])
+@pytest.mark.parametrize("kind", ["gptq", "bitsandbytes", "unknown", "marlin-24"])
 def test_foreign_quantization_refused(tmp_path, command, kind):
     src = tmp_path / "src"
     src.mkdir()
@@ -175,13 +175,13 @@ def test_foreign_quantization_refused(tmp_path, command, kind):
     elif kind == "unknown":
         config = {"quantization_config": {"quant_method": "hqq"}}
     else:
-        config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}}
+        config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "marlin-24"}}
     save_file(tensors, str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps(config))
     args = [] if command == "verify" else ["-o", tmp_path / "out"]
     result = run_cli(command, src, *args, expect=3)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("fp8conv: error:")
-    assert {"gptq": "GPTQ/AWQ", "bitsandbytes": "bitsandbytes", "unknown": "'hqq'", "nvfp4": "nvfp4"}[kind] in result.stderr
+    assert {"gptq": "GPTQ/AWQ", "bitsandbytes": "bitsandbytes", "unknown": "'hqq'", "marlin-24": "marlin-24"}[kind] in result.stderr
     assert not (tmp_path / "out").exists()
 
 
