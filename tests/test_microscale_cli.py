@@ -270,3 +270,16 @@ def test_quantized_source_partners_share_the_global_scale_of_their_dequantized_w
     amax = max(float(np.abs(restored[p + "weight"].astype(np.float64)).max()) for p in attn)
     expected = np.float32(ref_global_scale(amax, np.dtype(np.float32)))
     assert [float(stored[p + "weight_global_scale"][0]) for p in attn] == [expected] * 3
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dry_run_sizes_count_codes_scales_and_global_scales(sample, tmp_path, fmt):
+    from fp8conv.render import human_bytes
+
+    result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "out", "--format", fmt, "--dry-run")
+    assert not (tmp_path / "out").exists()
+    rows, cols = 256, 704  # model.layers.0.mlp.down_proj.weight
+    codes = rows * cols // 2 if fmt != "mxfp8" else rows * cols
+    expected = codes + rows * cols // GROUP[fmt] + (4 if fmt == "nvfp4" else 0)
+    line = next(l for l in result.stdout.splitlines() if l.startswith("model.layers.0.mlp.down_proj.weight "))
+    assert line.split()[4:6] == human_bytes(rows * cols * 2).split() and " ".join(line.split()[6:8]) == human_bytes(expected)
