@@ -137,6 +137,14 @@ def run_options(func):
         click.option("--dry-run", is_flag=True, help="Print each tensor's decision and sizes; write nothing."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+        click.option("--partition", default=None, metavar="I/N",
+                     help="Convert only part I of N (whole output shards, balanced by bytes) into OUT's parts area; "
+                          "`fp8conv merge OUT` assembles OUT once all N parts are done. Any order, any host."),
+        click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+                     help="Run one Ray task per partition on the Ray cluster at ADDRESS (default: RAY_ADDRESS, or a "
+                          "local one), then merge. Needs `pip install 'fp8conv[ray]'`; SRC and OUT on shared storage."),
+        click.option("--parts", type=click.IntRange(1, 100000), default=None,
+                     help="With --ray: number of partitions (Ray tasks) [default: one per output shard]."),
     ]
     return _apply(options, func)
 
@@ -185,25 +193,21 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @run_options
 @handle_errors
 def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, layout, ignore, include,
-             allow_nonfinite, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
+             allow_nonfinite, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition, ray_address,
+             parts) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
 
     \b
     SRC may itself be quantized (compressed-tensors, fine-grained FP8, fp8conv): its weights are
     dequantized in float32 and re-quantized, or carried over unchanged when the scheme is the same.
     """
-    from . import pipeline
+    from .recipe import Recipe
 
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
-    run = pipeline.RunOptions(workers, overwrite, resume, allow_nonfinite)
-    options = pipeline.QuantizeOptions(
-        scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric), layout=layout,
-        ignore=ignore, include=include, max_shard_size=parse_size(max_shard_size), run=run,
-    )
-    checkpoint, plan = pipeline.make_plan(src, options)
-    if layout == "fp8conv":
-        plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
-    _run(checkpoint, plan, src, out, run, dry_run, as_json, quiet, "quantize")
+    recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric),
+                    layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
+                    max_shard_size=parse_size(max_shard_size))
+    _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
 
 
 def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) -> None:
@@ -219,26 +223,64 @@ def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) ->
         raise click.UsageError(f"--block-size applies to --granularity block, not {granularity}; drop it or use block")
     if overwrite and resume:
         raise click.UsageError("--resume keeps an interrupted run's shards and --overwrite discards them: pass one")
+    if given("partition") and given("ray_address"):
+        raise click.UsageError("--ray runs every partition itself: drop --partition (or --ray to run one part here)")
+    if given("parts") and not given("ray_address"):
+        raise click.UsageError("--parts applies to --ray; for one part of a manual split use --partition I/N")
 
 
-def _run(checkpoint, plan, src: Path, out: Path, run, dry_run: bool, as_json: bool, quiet: bool, verb: str) -> None:
-    """Shared tail of quantize and dequantize: warnings, dry run or the run, then the report."""
+def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
+         quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> None:
+    """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
+    the whole run, and the report."""
     from . import pipeline, render
     from .outdir import Staging
 
+    verb = recipe.command
+    part = _parse_partition(partition)
+    if ray_address is not None and not _given("workers"):
+        workers = 1  # per Ray task; Ray spreads the tasks over the cluster's CPUs
+    checkpoint, plan = pipeline.plan_recipe(src, recipe)
     for warning in plan.warnings:
         click.echo(f"fp8conv: warning: {warning}", err=True)
+    run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "").check()
         click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
                                "modules_without_tensors": plan.tensorless_modules}, indent=2) if as_json
                    else render.dry_run_plan(plan))
         return
-    with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, verb) as bar:
-        result = pipeline.run_plan(checkpoint, plan, src, out, run, progress=bar.update)
+    if ray_address is not None:
+        from .distributed import run_on_ray
+
+        result = run_on_ray(src, out, recipe, parts or len(plan.shards), run, ray_address or None,
+                            on_part=lambda label: quiet or click.echo(f"fp8conv: part {label} done", err=True))
+    else:
+        with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, verb) as bar:
+            result = pipeline.run_plan(checkpoint, plan, src, out, run, bar.update, part, recipe)
     for note in result.notes:
         click.echo(f"fp8conv: warning: {note}", err=True)
+    if result.part is not None:
+        summary = {"partition": result.part.label, "shards": result.shards, "out": str(out)}
+        click.echo(json.dumps(summary, indent=2) if as_json else render.part_summary(summary))
+        return
     click.echo(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
+
+
+def _given(name: str) -> bool:
+    return click.get_current_context().get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _parse_partition(text: str | None):
+    from .errors import SchemeError
+    from .partition import Partition
+
+    if text is None:
+        return None
+    try:
+        return Partition.parse(text)
+    except SchemeError as exc:
+        raise click.BadParameter(str(exc), param_hint="--partition") from None
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -248,13 +290,34 @@ def _run(checkpoint, plan, src: Path, out: Path, run, dry_run: bool, as_json: bo
               help="Output dtype: w = q * scale is computed in float32, then rounded to nearest even.")
 @run_options
 @handle_errors
-def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet) -> None:
+def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition,
+               ray_address, parts) -> None:
     """Turn an FP8/INT8 checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
-    from . import pipeline
+    from .recipe import DEQUANTIZE, Recipe
 
     _refuse_conflicts(None, overwrite, resume)
-    checkpoint, plan = pipeline.make_dequantize_plan(src, HIGH_PRECISION[dtype], parse_size(max_shard_size))
-    _run(checkpoint, plan, src, out, pipeline.RunOptions(workers, overwrite, resume), dry_run, as_json, quiet, "dequantize")
+    recipe = Recipe(DEQUANTIZE, out_dtype=HIGH_PRECISION[dtype], max_shard_size=parse_size(max_shard_size))
+    _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="SRC as seen from this host [default: the path the parts recorded].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@handle_errors
+def merge(out, source, overwrite, as_json) -> None:
+    """Assemble OUT from the N parts of a partitioned run (--partition I/N): checks every part is
+    present and from the same run, then writes index, config, manifest and report and moves OUT
+    into place atomically. Same bytes as a single-machine run."""
+    from . import pipeline, render
+    from .partition import parts_dir
+
+    area = parts_dir(out)
+    result = pipeline.merge_parts(out, source, overwrite)
+    click.echo(json.dumps(result.report, indent=2) if as_json
+               else render.conversion_report(result.report, "merge", str(area), str(out)))
 
 
 @main.command(epilog=EXIT_CODES_HELP)

@@ -29,6 +29,12 @@ class SchemeError(FP8ConvError):
     exit_code = EXIT_USAGE
 
 
+class MissingExtra(FP8ConvError):
+    """An option needs an optional dependency that is not installed (a usage error)."""
+
+    exit_code = EXIT_USAGE
+
+
 class OutputError(FP8ConvError):
     """The output cannot be written (exists, read-only, disk full)."""
 

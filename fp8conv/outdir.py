@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from .errors import OutputError
@@ -34,6 +35,7 @@ class Staging:
         self.run_key = run_key
         self.finished: dict[str, str] = {}
         self.stats: dict[str, dict] = {}
+        self._journal_lock = threading.Lock()  # shards finish on several threads
         src = Path(source).resolve()
         src_root = src if src.is_dir() else src.parent
         real_out = self.out.resolve()
@@ -90,9 +92,10 @@ class Staging:
     def mark_finished(self, shard: str, sha256: str, stats: dict[str, dict]) -> None:
         """Record a shard (and its tensors' error stats) as complete and durable, for --resume."""
         _fsync_path(self.tmp / shard)
-        self.finished[shard] = sha256
-        self.stats.update(stats)
-        self._save_journal()
+        with self._journal_lock:
+            self.finished[shard] = sha256
+            self.stats.update(stats)
+            self._save_journal()
 
     def commit(self) -> None:
         """fsync everything, then rename the staging folder into place."""

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +29,19 @@ from .kernels import ErrorStats, count_nonfinite, microscale_nonfinite_error
 from .microscale import nvfp4_global_scale, tensor_amax
 from .layouts import CODES, GLOBAL_SCALE, SCALE, get_layout
 from .outdir import JOURNAL_NAME, Staging
+from .partition import Partition, PartRecord, assign, check_against_plan, collect, parts_dir, read_record
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
 from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
+from .recipe import DEQUANTIZE as DEQUANTIZE_COMMAND
+from .recipe import Recipe
 from .report import build_manifest, build_report
 from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
 from .scheme import Scheme
 
 Progress = Callable[[int], None]
 JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the workers
+INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
+WORKER_NICENESS = 5  # below the parent, whose per-shard threads hash the output
 
 
 @dataclass(frozen=True)
@@ -67,33 +73,44 @@ class QuantizeOptions:
 
 @dataclass
 class ConversionResult:
+    """A finished OUT (report set), or a finished part of a partitioned run (part and shards set)."""
+
     plan: ConversionPlan
     report: dict
     out: Path
     config_updated: bool
     notes: list[str]
-
+    part: Partition | None = None
+    shards: list[str] = field(default_factory=list)
 
 
 # ---- planning -----------------------------------------------------------------------------------
 
 
-def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, ConversionPlan]:
+def recipe_of(options: QuantizeOptions) -> Recipe:
+    return Recipe(scheme=options.scheme, layout=options.layout, ignore=tuple(options.ignore),
+                  include=tuple(options.include), allow_nonfinite=options.run.allow_nonfinite,
+                  max_shard_size=options.max_shard_size)
+
+
+def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPlan]:
+    """Open SRC and decide every tensor and output byte range for the recipe (reads headers only)."""
     checkpoint = open_checkpoint(source)
-    plan = build_plan(
-        checkpoint,
-        options.scheme,
-        get_layout(options.layout),
-        Matcher(options.ignore, "--ignore"),
-        Matcher(options.include, "--include"),
-        options.max_shard_size,
-    )
+    if recipe.command == DEQUANTIZE_COMMAND:
+        return checkpoint, build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
+    plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
+                      Matcher(recipe.include, "--include"), recipe.max_shard_size)
+    if recipe.layout == "fp8conv":
+        plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
     return checkpoint, plan
 
 
+def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, ConversionPlan]:
+    return plan_recipe(source, recipe_of(options))
+
+
 def make_dequantize_plan(source: Path, out_dtype: str, max_shard_size: int | None = None) -> tuple[Checkpoint, ConversionPlan]:
-    checkpoint = open_checkpoint(source)
-    return checkpoint, build_dequantize_plan(checkpoint, out_dtype, max_shard_size)
+    return plan_recipe(source, Recipe(DEQUANTIZE_COMMAND, out_dtype=out_dtype, max_shard_size=max_shard_size))
 
 
 def _source_of(plan: ConversionPlan, info: TensorInfo, sources: dict[str, Path], matrix: int) -> Source:
@@ -187,17 +204,19 @@ def _split_rows(job: Job, job_bytes: int) -> list[Job]:
     return parts
 
 
-def _run_key(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> str:
-    """Identifies a run for --resume: same source files, same decisions and output layout.
+def run_key(checkpoint: Checkpoint, plan: ConversionPlan, allow_nonfinite: bool) -> str:
+    """Identifies a run (for --resume, and the parts of a partitioned run): the source's shard
+    names, sizes and headers, the decisions and the output layout.
 
-    Not --workers: the output bytes never depend on it."""
+    Nothing that differs between hosts sharing SRC and OUT (no mtimes, hostnames or absolute
+    paths), and not --workers: the output bytes never depend on it."""
     digest = hashlib.sha256()
     for shard in checkpoint.shards:
-        stat = shard.path.stat()
-        digest.update(f"{shard.path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        tensors = sorted((i.name, i.dtype, i.shape, i.start, i.end) for i in shard.tensors.values())
+        digest.update(repr((shard.path.name, shard.file_size, sorted(shard.metadata.items()), tensors)).encode())
     layout = plan.layout.name if plan.layout else None
-    described = [repr(plan.scheme), layout, plan.out_dtype, options.allow_nonfinite,
-                 sorted((n, d.action) for n, d in plan.decisions.items()),
+    described = [repr(plan.scheme), layout, plan.out_dtype, allow_nonfinite, plan.warnings,
+                 sorted((n, d.action, d.reason) for n, d in plan.decisions.items()),
                  [(s.name, [(e.name, e.dtype, e.shape) for e in s.entries]) for s in plan.shards]]
     digest.update(repr(described).encode())
     return digest.hexdigest()
@@ -221,6 +240,10 @@ def _signals_raise() -> Iterator[None]:
 
 
 def _worker_init() -> None:
+    # With a worker per core, the parent's hashing threads (sha256 cannot be split within a file)
+    # would share cores with busy workers and finish last: the serial stage. Lower priority
+    # workers let the hashing keep pace; the workers still get every cycle the parent leaves.
+    os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     forget_handles()
@@ -273,15 +296,89 @@ def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions, progr
 
 
 def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,
-             progress: Progress | None = None) -> ConversionResult:
-    """Write the plan's output atomically: either no OUT, or a complete one."""
-    staging = Staging(out, source, options.overwrite, options.resume, _run_key(checkpoint, plan, options))
+             progress: Progress | None = None, partition: Partition | None = None,
+             recipe: Recipe | None = None) -> ConversionResult:
+    """Write the plan's output atomically: either no OUT, or a complete one. With a partition, write
+    that part's shards into OUT's parts area instead (also atomically); `recipe` is recorded there."""
+    key = run_key(checkpoint, plan, options.allow_nonfinite)
+    progress = progress or (lambda n: None)
+    if partition is None:
+        staging = Staging(out, source, options.overwrite, options.resume, key)
+        with _staged(staging, out):
+            files, stats, notes = _convert(checkpoint, plan, staging, options, progress, [s.name for s in plan.shards])
+            return _finalize(checkpoint, plan, staging, files, stats, notes)
+    assert recipe is not None
+    return _run_part(checkpoint, plan, source, out, options, progress, partition, recipe, key)
+
+
+def _run_part(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,
+              progress: Progress, partition: Partition, recipe: Recipe, key: str) -> ConversionResult:
+    """Part I of N: its whole shards into the parts area; a finished part of the same run is kept."""
+    shards = assign(plan.shards, partition.count)[partition.index - 1]
+    folder = parts_dir(out) / partition.name
+    Staging(out, source, options.overwrite, True, "").check()  # refuse a non-empty OUT before any work
+    if folder.is_dir() and not options.overwrite:
+        try:
+            done = read_record(folder)
+        except InputError:
+            done = None
+        if done is not None and done.run_key == key and done.partition == partition:
+            progress(sum(plan.tensors[e.name].nbytes for s in plan.shards if s.name in shards
+                         for e in s.entries if e.name in plan.tensors))
+            return ConversionResult(plan, {}, out, False, [f"part {partition.label} was already finished"],
+                                    partition, shards)
+    staging = Staging(folder, source, options.overwrite, options.resume, key)
+    with _staged(staging, folder):
+        files, stats, notes = _convert(checkpoint, plan, staging, options, progress, shards)
+        record = PartRecord(folder, partition, key, recipe, os.path.abspath(source), files, stats)
+        record.write(staging.tmp)
+        return ConversionResult(plan, {}, out, False, notes, partition, shards)
+
+
+def merge_parts(out: Path, source: Path | None = None, overwrite: bool = False) -> ConversionResult:
+    """Check that all N parts of a run are present and belong together, then write index, config,
+    manifest and report and move OUT into place atomically (the shards are hard-linked, not copied)."""
+    area = parts_dir(out)
+    records = collect(area)
+    first = records[0]
+    src = Path(source) if source is not None else Path(first.source)
+    checkpoint, plan = plan_recipe(src, first.recipe)
+    key = run_key(checkpoint, plan, first.recipe.allow_nonfinite)
+    if key != first.run_key:
+        raise InputError(f"{src} is not the source the parts in {area} were converted from (or it changed since)")
+    check_against_plan(records, plan.shards)
+    staging = Staging(out, src, overwrite, True, key)
+    with _staged(staging, out):
+        files: dict[str, dict] = {}
+        stats: dict[str, dict] = {}
+        for record in records:
+            for name, meta in record.files.items():
+                _link(record.folder / name, staging.path(name))
+                files[name] = meta
+            stats.update(record.stats)
+        result = _finalize(checkpoint, plan, staging, files, stats, [])
+    shutil.rmtree(area, ignore_errors=True)
+    return result
+
+
+def _link(source: Path, target: Path) -> None:
+    """Put a part's shard into the merged output without copying its bytes (copy where links fail)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+@contextmanager
+def _staged(staging: Staging, out: Path) -> Iterator[None]:
+    """prepare(), the body, commit(); on any failure the staging folder is removed and the error
+    becomes one line (a killed process leaves it, journaled, for --resume)."""
     staging.prepare()
     try:
         with _signals_raise():
-            result = _convert(checkpoint, plan, staging, options, progress or (lambda n: None))
+            yield
             staging.commit()
-        return result
     except KeyboardInterrupt:
         staging.abort()
         raise Interrupted("interrupted (SIGINT); partial output removed", EXIT_SIGINT) from None
@@ -302,12 +399,14 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions, sources: dict[str, Path],
-                    progress: Progress) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
+                    progress: Progress, names: list[str]) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
     """Reuse shards a resumed run finished (sha256-checked); lay out the header of every other one."""
     files: dict[str, dict] = {}
     jobs_by_shard: dict[str, list[Job]] = {}
     hashers: dict[str, PrefixHasher] = {}
     for shard in plan.shards:
+        if shard.name not in names:
+            continue
         path = staging.path(shard.name)
         recorded = staging.finished.pop(shard.name, None)
         if recorded and path.is_file() and sha256_of(path) == recorded:
@@ -363,12 +462,14 @@ def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpt
 
 
 def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: RunOptions,
-             progress: Progress) -> ConversionResult:
+             progress: Progress, names: list[str]) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
+    """Write the shards `names` into the staging folder: ({shard: sha256 and bytes}, {tensor: error
+    stats as JSON}, notes)."""
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
     plan.global_scales = _global_scales(checkpoint, plan, options)
-    files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress)
+    files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress, names)
     reused = len(files)
-    jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
+    jobs = _interleave(jobs_by_shard, {s.name: hashers[s.name].size for s in plan.shards if s.name in hashers})
     job_stats: dict[int, ErrorStats] = {}
     stats: dict[str, ErrorStats] = {name: ErrorStats.from_json(d) for name, d in staging.stats.items()}
 
@@ -377,18 +478,19 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
         files[shard] = {"sha256": digest, "bytes": hashers[shard].size}
         staging.mark_finished(shard, digest, shard_stats)
 
-    # Hashing (of each shard's completed prefix), fsync and journaling run on one helper thread
-    # (they release the GIL) while the workers convert; one thread keeps them in order.
-    with ThreadPoolExecutor(max_workers=1) as finisher:
-        pending = []
-
+    # Each shard's hashing (of its completed prefix), fsync and journaling run on a helper thread
+    # of its own (they release the GIL) while the workers convert: shards hash in parallel, and
+    # one thread per shard keeps that shard's steps in order.
+    finishers = {shard: ThreadPoolExecutor(max_workers=1) for shard in jobs_by_shard}
+    pending = []
+    try:
         def on_result(index: int, result: tuple) -> None:
             _, partial, nbytes = result
             if partial is not None:
                 job_stats[index] = partial
             shard, job = jobs[index]
             for start, end in job.written_ranges():
-                pending.append(finisher.submit(hashers[shard].written, start, end))
+                pending.append(finishers[shard].submit(hashers[shard].written, start, end))
             progress(nbytes)
 
         def on_shard_done(shard: str) -> None:
@@ -398,7 +500,8 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
                     stats.setdefault(job.name, ErrorStats()).merge(job_stats.pop(index))
             names = {e.name for s in plan.shards if s.name == shard for e in s.entries}
             shard_stats = {name: stats[name].to_json() for name in sorted(names & stats.keys())}
-            pending.append(finisher.submit(finish_shard, shard, shard_stats))
+            pending.append(finishers[shard].submit(finish_shard, shard, shard_stats))
+            finishers[shard].shutdown(wait=False)  # its thread ends once the shard is journaled
 
         for shard, shard_jobs in jobs_by_shard.items():
             if not shard_jobs:
@@ -406,10 +509,35 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
         _execute(jobs, options.workers, on_result, on_shard_done)
         for future in pending:
             future.result()
+    finally:
+        for finisher in finishers.values():
+            finisher.shutdown(wait=True, cancel_futures=True)
+    notes = [f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else []
+    return files, {name: stats[name].to_json() for name in sorted(stats)}, notes
+
+
+def _interleave(jobs_by_shard: dict[str, list[Job]], sizes: dict[str, int]) -> list[tuple[str, Job]]:
+    """All jobs, in waves of INTERLEAVED_SHARDS shards whose file orders are interleaved by relative
+    position: the shards of a wave hash in parallel (each on its own thread) and the workers spread
+    their writes over their files; a wave's shards finish (and are journaled, for --resume) before
+    the next wave starts. Deterministic; within a shard, still file order."""
+    names = list(jobs_by_shard)
+    wave = {name: i // INTERLEAVED_SHARDS for i, name in enumerate(names)}
+    order = {name: i for i, name in enumerate(names)}
+    jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
+    return sorted(jobs, key=lambda item: (wave[item[0]], item[1].dst_offset / sizes[item[0]], order[item[0]],
+                                          item[1].dst_offset))
+
+
+def _finalize(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, files: dict[str, dict],
+              stats_json: dict[str, dict], notes: list[str]) -> ConversionResult:
+    """With every shard in the staging folder: index, config, extra files, report, then the
+    manifest of them all. A whole run and `merge` both end here, so their bytes are the same."""
+    stats = {name: ErrorStats.from_json(d) for name, d in stats_json.items()}
     for name, decision in plan.decisions.items():
         if decision.quantized:
             stats.setdefault(name, ErrorStats(elements=plan.tensors[name].numel))
-    notes = [f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else []
+    files = dict(files)
     _write_index(plan, staging, checkpoint)
     config_updated = _write_config(plan, checkpoint, staging, notes)
     _copy_extras(checkpoint, staging)

@@ -28,6 +28,12 @@ def _fmt_float(value: float | None, spec: str) -> str:
     return "exact" if value is None else format(value, spec)
 
 
+def part_summary(summary: dict) -> str:
+    shards = ", ".join(summary["shards"]) or "none (more parts than output shards)"
+    return (f"part {summary['partition']} done: {shards}\n"
+            f"when every part is done: fp8conv merge {printable(summary['out'])}")
+
+
 def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
     scheme = report["scheme"]
     described = f"dequantized to {scheme['dequantized_to']}" if "dequantized_to" in scheme else \

@@ -245,7 +245,7 @@ def test_internal_error_is_one_line(sample, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(pipeline, "make_plan", broken)
+    monkeypatch.setattr(pipeline, "plan_recipe", broken)
     result = run_cli("quantize", sample("bert-tiny-fp32"), "-o", tmp_path / "out", expect=70)
     assert result.stderr.startswith("fp8conv: error: internal error (RuntimeError: boom)")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output

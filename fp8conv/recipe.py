@@ -1,0 +1,62 @@
+"""What a conversion does, as data: the options that decide the output bytes.
+
+A partitioned run writes its recipe into every part, so `fp8conv merge` (on any host) plans the
+same conversion again, and a Ray task receives it instead of a command line. Not in it: anything
+that cannot change the output (--workers, --overwrite, --resume, paths).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .errors import InputError, SchemeError
+from .scheme import Scheme
+
+QUANTIZE = "quantize"
+DEQUANTIZE = "dequantize"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """quantize: scheme, layout, ignore/include, allow_nonfinite; dequantize: out_dtype (a safetensors tag)."""
+
+    command: str = QUANTIZE
+    scheme: Scheme = field(default_factory=Scheme)
+    layout: str = "compressed-tensors"
+    ignore: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+    allow_nonfinite: bool = False
+    out_dtype: str = "BF16"
+    max_shard_size: int | None = None
+
+    def to_json(self) -> dict:
+        common = {"command": self.command, "max_shard_size": self.max_shard_size}
+        if self.command == DEQUANTIZE:
+            return {**common, "out_dtype": self.out_dtype}
+        scheme = {f.name: getattr(self.scheme, f.name) for f in fields(Scheme)}
+        scheme["block_size"] = list(scheme["block_size"])
+        return {**common, "scheme": scheme, "layout": self.layout, "ignore": list(self.ignore),
+                "include": list(self.include), "allow_nonfinite": self.allow_nonfinite}
+
+    @classmethod
+    def from_json(cls, data: object, where: str) -> "Recipe":
+        """Raises InputError naming `where` when the record is not a recipe this version writes."""
+        try:
+            _require(isinstance(data, dict) and data["command"] in (QUANTIZE, DEQUANTIZE))
+            size = data["max_shard_size"]
+            _require(size is None or (isinstance(size, int) and size > 0))
+            if data["command"] == DEQUANTIZE:
+                _require(isinstance(data["out_dtype"], str))
+                return cls(DEQUANTIZE, out_dtype=data["out_dtype"], max_shard_size=size)
+            s = data["scheme"]
+            _require(isinstance(s, dict) and set(s) == {f.name for f in fields(Scheme)})
+            scheme = Scheme(**{**s, "block_size": tuple(s["block_size"])})
+            _require(all(isinstance(p, str) for p in data["ignore"] + data["include"]))
+            return cls(QUANTIZE, scheme, str(data["layout"]), tuple(data["ignore"]), tuple(data["include"]),
+                       bool(data["allow_nonfinite"]), max_shard_size=size)
+        except (ValueError, KeyError, TypeError, SchemeError):
+            raise InputError(f"{where}: not a conversion recipe written by this version of fp8conv") from None
+
+
+def _require(condition: bool) -> None:
+    if not condition:
+        raise ValueError("malformed recipe")
