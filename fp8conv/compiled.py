@@ -1,19 +1,25 @@
-"""Optional numba kernel: the numerics of kernels.py fused into a few loops per row.
+"""The numba kernel: the numerics of kernels.py fused into a few loops per row.
 
-Used when numba is installed (the `fast` extra) for the schemes it declares in `supports`;
+numba is a runtime dependency (FP8CONV_NO_NUMBA=1 turns it off); the kernel runs the schemes it
+declares in `supports`;
 kernels.py runs every other scheme, and any chunk holding NaN/Inf, on the numpy reference path.
 FP8 rounding there is integer arithmetic on the float32 bit pattern (round to nearest even at 3 or
 2 mantissa bits; the subnormal range by rint at the format's fixed step). tests/test_kernels.py
 runs both paths against the float64 reference, and tests/test_fastcast.py against ml_dtypes, bit
 for bit; both give the same error statistics.
 
-numba itself is imported on first use (in the worker processes), not at start-up.
+numba itself is imported on first use (in the worker processes), not at start-up. Its compiled
+code is cached on disk (seconds to compile, well under a second to load): in the package's
+__pycache__ when writable, else in the user's cache dir, else in a per-user temporary dir, so a
+read-only or multi-user install compiles once per user, not on every run. NUMBA_CACHE_DIR wins.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -34,11 +40,56 @@ def kind_of(scheme) -> int:
     return KIND[scheme.format]
 
 
-def quantize_chunk(*args):
-    """See _numba_kernels.quantize_chunk (the first call loads or compiles the kernel)."""
+def _writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing); tried, not guessed from modes."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def cache_dir() -> Path | None:
+    """Where the kernel is cached when the package's own __pycache__ is not writable (None: there,
+    or NUMBA_CACHE_DIR)."""
+    if os.environ.get("NUMBA_CACHE_DIR") or _writable(Path(__file__).parent / "__pycache__"):
+        return None
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "fp8conv" / "numba"
+    if _writable(user):
+        return user
+    return _private_tmp()
+
+
+def _private_tmp() -> Path | None:
+    """A per-user folder in the temporary dir, refused unless it is ours and closed to others
+    (numba's cache holds pickles: loading someone else's would run their code)."""
+    folder = Path(tempfile.gettempdir()) / f"fp8conv-numba-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        stat = folder.lstat()
+    except OSError:
+        return None
+    if stat.st_uid != os.getuid() or stat.st_mode & 0o077 or not folder.is_dir() or folder.is_symlink():
+        return None
+    return folder
+
+
+def _load():
+    if "fp8conv._numba_kernels" not in sys.modules:
+        folder = cache_dir()
+        if folder is not None:
+            import numba
+
+            numba.config.CACHE_DIR = str(folder)  # read when the kernel's cache is set up, at import
     from . import _numba_kernels
 
-    return _numba_kernels.quantize_chunk(*args)
+    return _numba_kernels
+
+
+def quantize_chunk(*args):
+    """See _numba_kernels.quantize_chunk (the first call loads or compiles the kernel)."""
+    return _load().quantize_chunk(*args)
 
 
 def preload(skip_scipy: bool = False) -> None:
