@@ -158,7 +158,7 @@ def test_clipping_helps_on_an_int4_tile_with_an_outlier():
     choice = check(tile, ("sym", -8, 7), "float32")
     assert choice.factor_index[0] > 0
     assert choice.scale[0] < np.float32(np.abs(tile).max()) / np.float32(7)
-    assert choice.error[0] < choice.minmax_error[0] * 0.95
+    assert choice.error[0] < choice.minmax_error[0] * (1 - observers.MARGIN)
 
 
 def test_tile_on_the_minmax_grid_keeps_the_minmax_scale():
