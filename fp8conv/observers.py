@@ -11,9 +11,9 @@ Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes
   applied to every candidate before it is evaluated, and asymmetric schemes get the zero point of
   the shrunk range. Scales stored as powers of two use `E8M0_FACTORS` (the min-max exponent and
   +-1). Factor 1.0 comes first and is the min-max scale itself, so `mse` is never worse than
-  min-max: a candidate replaces the best one only when its float32-computed error is smaller by
-  more than `MARGIN` (relative), far above float32 summation noise, so the choice is also better
-  in exact arithmetic. Ties keep the larger scale. Deterministic: the same input gives the same
+  min-max: a candidate replaces the best one only when its error is smaller by more than `MARGIN`
+  (relative; errors are summed in float64 from exact float32 differences, so this is far above
+  their rounding). Ties keep the larger scale. Deterministic: the same input gives the same
   scales on every path and for any chunking into tiles.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 OBSERVERS = ("minmax", "mse")
 SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(21))
 E8M0_FACTORS: tuple[float, ...] = (1.0, 0.5, 2.0)
-MARGIN = 2.0 ** -12
+MARGIN = 2.0 ** -20
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
 
@@ -53,10 +53,25 @@ def tile_range(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tiles.min(axis=1), tiles.max(axis=1)
 
 
-def squared_error(tiles: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """float64 [n]: sum over each tile of (recon - tiles)^2; `recon` is overwritten."""
-    np.subtract(recon, tiles, out=recon)
-    return np.einsum("ij,ij->i", recon, recon, dtype=np.float64)
+class _Scratch:
+    """Buffers for one batch of tiles, reused for every candidate."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.recon = np.empty((rows, cols), np.float32)
+        self.wide = np.empty((rows, cols), np.float64)
+
+    def error(self, x: np.ndarray, reconstruct: "ReconstructFn", scale: np.ndarray,
+              zero: Optional[np.ndarray]) -> np.ndarray:
+        """float64 [n]: sum over each tile of (reconstruction - x)^2.
+
+        The float32 difference is exact here (Sterbenz: the reconstruction is within a factor of 2 of x
+        or zero) and its square is exact in float64, so the sums carry only float64 rounding."""
+        n = x.shape[0]
+        recon, wide = self.recon[:n], self.wide[:n]
+        reconstruct(x, scale, zero, recon)
+        np.subtract(recon, x, out=recon)
+        np.copyto(wide, recon)
+        return np.einsum("ij,ij->i", wide, wide)
 
 
 def minmax(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn) -> Choice:
@@ -78,19 +93,16 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
     batch = max(1, batch_elements // max(m, 1))
-    scratch = np.empty((min(batch, n), m), np.float32)
+    work = _Scratch(min(batch, n), m)
     for t0 in range(0, n, batch):
         part = slice(t0, min(n, t0 + batch))
         x = tiles[part]
-        recon = scratch[: x.shape[0]]
-        reconstruct(x, scale[part], None if zero is None else zero[part], recon)
-        best = squared_error(x, recon)
+        best = work.error(x, reconstruct, scale[part], None if zero is None else zero[part])
         minmax_error[part] = best
         for k, factor in enumerate(factors[1:], start=1):
             f = np.float32(factor)
             cand_scale, cand_zero = params(lo[part] * f, hi[part] * f)
-            reconstruct(x, cand_scale, cand_zero, recon)
-            err = squared_error(x, recon)
+            err = work.error(x, reconstruct, cand_scale, cand_zero)
             better = err < best * (1.0 - MARGIN)
             if better.any():
                 best = np.where(better, err, best)
@@ -158,14 +170,18 @@ def int_reconstruct(qmin: int, qmax: int) -> ReconstructFn:
     lo, hi = np.float32(qmin), np.float32(qmax)
 
     def reconstruct(x, scale, zero, out):
-        np.divide(x, scale[:, None], out=out)
+        # Scales repeated to the tile shape: numpy broadcasts short rows slowly.
+        full = np.repeat(scale, x.shape[1]).reshape(x.shape)
+        np.divide(x, full, out=out)
         np.rint(out, out=out)
         if zero is not None:
-            out += zero[:, None]
-        np.clip(out, lo, hi, out=out)
+            zfull = np.repeat(zero, x.shape[1]).reshape(x.shape)
+            out += zfull
+        np.minimum(out, hi, out=out)
+        np.maximum(out, lo, out=out)
         if zero is not None:
-            out -= zero[:, None]
-        out *= scale[:, None]
+            out -= zfull
+        out *= full
 
     return reconstruct
 
@@ -175,9 +191,10 @@ def float_reconstruct(encode_decode: Callable[[np.ndarray], None]) -> Reconstruc
     place to the element format's grid (saturating at its largest finite value)."""
 
     def reconstruct(x, scale, zero, out):
-        np.divide(x, scale[:, None], out=out)
+        full = np.repeat(scale, x.shape[1]).reshape(x.shape)
+        np.divide(x, full, out=out)
         encode_decode(out)
-        out *= scale[:, None]
+        out *= full
 
     return reconstruct
 
@@ -190,7 +207,8 @@ def fp8_round(fmt) -> Callable[[np.ndarray], None]:
     table = code_to_float_table(fmt)
 
     def encode_decode(values: np.ndarray) -> None:
-        np.clip(values, -fmt.qmax32, fmt.qmax32, out=values)
+        np.minimum(values, fmt.qmax32, out=values)
+        np.maximum(values, -fmt.qmax32, out=values)
         codes = np.empty(values.shape, np.uint8)
         cast_clamped_to_fp8(values, fmt, codes)
         np.take(table, codes, out=values)

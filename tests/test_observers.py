@@ -105,9 +105,9 @@ def check(tiles: np.ndarray, kind: tuple, stored: str, factors=tuple(observers.S
         if chosen_zero is not None:
             assert choice.zero[i] == chosen_zero, where
         assert errs[k] <= errs[0], f"{where}: mse error {errs[k]} > min-max {errs[0]}"
-        assert errs[k] <= min(errs) * (1 + 2.0 ** -10), f"{where}: chose {k} ({errs[k]}), best {np.argmin(errs)} ({min(errs)})"
-        assert choice.error[i] == pytest.approx(errs[k], rel=1e-4, abs=1e-30), where
-        assert choice.minmax_error[i] == pytest.approx(errs[0], rel=1e-4, abs=1e-30), where
+        assert errs[k] <= min(errs) * (1 + 2.0 ** -18), f"{where}: chose {k} ({errs[k]}), best {np.argmin(errs)} ({min(errs)})"
+        assert choice.error[i] == pytest.approx(errs[k], rel=1e-9, abs=1e-30), where
+        assert choice.minmax_error[i] == pytest.approx(errs[0], rel=1e-9, abs=1e-30), where
     return choice
 
 
