@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -20,7 +21,7 @@ from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
 from .plan import DEFAULT_SKIPS
-from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, Scheme, microscale_scheme, parse_block_size
+from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
@@ -115,6 +116,10 @@ def scheme_options(func):
         click.option("--block-size", default="128", show_default=True, help="Block tile: N or NxM (rows x cols)."),
         click.option("--group-size", type=click.IntRange(1, MAX_TILE), default=128, show_default=True,
                      help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
+        click.option("--observer", type=click.Choice(OBSERVERS), default="minmax", show_default=True,
+                     help="How each tile's scale is chosen: minmax (from the tile's range) or mse (among the min-max "
+                          "range shrunk by 1.00, 0.99, ..., 0.80, the scale with the smallest squared error of the "
+                          "tile; no calibration data)."),
     ]
     return _apply(options, func)
 
@@ -154,7 +159,7 @@ def default_granularity(fmt: str, granularity: str | None) -> str:
 
 
 def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size: int, activations: str | None = None,
-                 asymmetric: bool = False) -> Scheme:
+                 asymmetric: bool = False, observer: str = "minmax") -> Scheme:
     from .errors import SchemeError
 
     if fmt in MICROSCALE:
@@ -167,14 +172,14 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
         if given:
             raise click.UsageError(f"--format {fmt} fixes its groups ({MICROSCALE[fmt].group} along the input dim), "
                                    f"symmetric weight-only scales and refuses NaN/Inf; drop {', '.join(given)}")
-        return microscale_scheme(fmt)
+        return replace(microscale_scheme(fmt), observer=observer)
 
     try:
         block = parse_block_size(block_size)
     except SchemeError as exc:
         raise click.BadParameter(str(exc), param_hint="--block-size") from None
     return Scheme(format=fmt, granularity=default_granularity(fmt, granularity), block_size=block,
-                  group_size=group_size, symmetric=not asymmetric, activations=activations)
+                  group_size=group_size, symmetric=not asymmetric, activations=activations, observer=observer)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -192,7 +197,7 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
 @run_options
 @handle_errors
-def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, layout, ignore, include,
+def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore, include,
              allow_nonfinite, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition, ray_address,
              parts) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
@@ -204,7 +209,7 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
     from .recipe import Recipe
 
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
-    recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric),
+    recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer),
                     layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
                     max_shard_size=parse_size(max_shard_size))
     _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)

@@ -31,9 +31,10 @@ KIND = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
 
 
 def supports(scheme) -> bool:
-    """Symmetric schemes over the restricted range [-qmax, qmax] with float32 scales, in a known format."""
+    """Symmetric schemes over the restricted range [-qmax, qmax] with float32 min-max scales, in a known
+    format (the mse observer's scales come from numpy; the numpy kernel then quantizes with them)."""
     return (scheme.format in KIND and scheme.symmetric and not scheme.full_range
-            and scheme.scale_format == "float32")
+            and scheme.scale_format == "float32" and scheme.observer == "minmax")
 
 
 def kind_of(scheme) -> int:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from . import compiled
+from . import compiled, observers
 from .errors import InputError, SchemeError
 from .formats import TAG_OF_DTYPE, ElementFormat, _round_bf16
 from .safetensors_io import printable
@@ -48,6 +48,9 @@ class ErrorStats:
     saturated: int = 0
     flushed_to_zero: int = 0
     nonfinite: int = 0
+    # With the mse observer: the squared error it measured with its scales and with min-max ones.
+    observed_sum_sq_err: float | None = None
+    minmax_sum_sq_err: float | None = None
 
     def merge(self, other: "ErrorStats") -> None:
         self.elements += other.elements
@@ -57,9 +60,12 @@ class ErrorStats:
         self.saturated += other.saturated
         self.flushed_to_zero += other.flushed_to_zero
         self.nonfinite += other.nonfinite
+        if other.minmax_sum_sq_err is not None:
+            self.observed_sum_sq_err = (self.observed_sum_sq_err or 0.0) + other.observed_sum_sq_err
+            self.minmax_sum_sq_err = (self.minmax_sum_sq_err or 0.0) + other.minmax_sum_sq_err
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> "ErrorStats":
@@ -218,7 +224,12 @@ def quantize_2d(
     whole_scale = scheme.granularity == "tensor"
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
-    if _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size:
+    observed = None
+    if scheme.observer == "mse":
+        # The observer runs in numpy whatever the backend; the numpy kernel then uses its scales.
+        _use_compiled(backend, scheme)  # an explicit backend="numba" is refused: it does not run mse
+        observed = _observe(weight, scheme, allow_nonfinite, name)
+    elif _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size:
         fast = _quantize_compiled(weight, scheme, tensor_scale)
         if fast is not None:
             return fast
@@ -230,6 +241,11 @@ def quantize_2d(
         scales[0, 0] = tensor_scale
     codes = np.empty((rows, cols), fmt.dtype)
     stats = ErrorStats(elements=rows * cols)
+    if observed is not None:
+        scales[...] = observed.scale
+        if zero_points is not None:
+            zero_points[...] = observed.zero
+        stats.observed_sum_sq_err, stats.minmax_sum_sq_err = observed.error, observed.minmax_error
     stripe = _Stripe(window_rows, window_cols, fmt)
     for r0 in range(0, rows, window_rows):
         h = min(window_rows, rows - r0)
@@ -239,11 +255,14 @@ def quantize_2d(
             orig, work = stripe.load(src)
             tiles = (window_rows // tile_rows, tile_rows, window_cols // tile_cols, tile_cols)
             nonfinite, zp = None, None
+            gr, gc = r0 // tile_rows, c0 // tile_cols
             if whole_scale:
                 scale = np.full((tiles[0], tiles[2]), tensor_scale, np.float32)
+            elif observed is not None:
+                scale, zp = _given_params(scales, zero_points, gr, gc, tiles)
+                nonfinite = allow_nonfinite and not np.isfinite(orig).all()
             else:
                 scale, zp, nonfinite = _tile_params(orig, tiles, scheme, allow_nonfinite, name, weight)
-                gr, gc = r0 // tile_rows, c0 // tile_cols
                 grid_part = scales[gr : gr + tiles[0], gc : gc + tiles[2]]
                 grid_part[...] = scale[: grid_part.shape[0], : grid_part.shape[1]]
                 if zp is not None:
@@ -379,6 +398,31 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
         scales = scales[:1, :1].copy()
     return QuantizedTensor(codes, scales, ErrorStats(rows * cols, float(stats[0]), float(stats[1]), float(stats[2]),
                                                       int(stats[3]), int(stats[4])))
+
+
+def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str) -> "observers.GridChoice":
+    """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
+    ignores them)."""
+    values = np.empty(weight.shape, np.float32)
+    load_float32(values, weight)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite([weight]))
+        values[~finite] = 0
+    return observers.mse_grid(values, scheme)
+
+
+def _given_params(scales, zero_points, gr, gc, tiles):
+    """The window's slice of precomputed grids, padded with scale 1 (zero point 0) past the edge."""
+    scale = np.ones((tiles[0], tiles[2]), np.float32)
+    given = scales[gr : gr + tiles[0], gc : gc + tiles[2]]
+    scale[: given.shape[0], : given.shape[1]] = given
+    if zero_points is None:
+        return scale, None
+    zp = np.zeros((tiles[0], tiles[2]), np.float32)
+    zp[: given.shape[0], : given.shape[1]] = zero_points[gr : gr + tiles[0], gc : gc + tiles[2]]
+    return scale, zp
 
 
 def _tile_params(orig, tiles, scheme: Scheme, allow_nonfinite, name, weight):

@@ -240,7 +240,7 @@ def _quant_args(scheme: Scheme, strategy: str, dynamic: bool, group_size: int | 
         "block_structure": block,
         "dynamic": dynamic,
         "actorder": None,
-        "observer": None if dynamic else "minmax",
+        "observer": None if dynamic else scheme.observer,
         "observer_kwargs": {},
     }
     if not scheme.symmetric:

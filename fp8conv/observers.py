@@ -21,10 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
-OBSERVERS = ("minmax", "mse")
 SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(21))
 E8M0_FACTORS: tuple[float, ...] = (1.0, 0.5, 2.0)
 MARGIN = 2.0 ** -20
@@ -114,103 +112,93 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
     return Choice(scale, zero, index, error, minmax_error)
 
 
-# -- building blocks for `params` and `reconstruct` -------------------------------------------------
+# -- params and reconstruct of a scheme -------------------------------------------------------------
 
-def round_scale(scale: np.ndarray, stored: str) -> np.ndarray:
-    """float32 value of a scale after rounding to its stored format (nearest even; E8M0 up to a power of 2)."""
-    scale = np.asarray(scale, np.float32)
-    if stored == "float32":
-        return scale.copy()
-    if stored == "bf16":
-        return scale.astype(ml_dtypes.bfloat16).astype(np.float32)
-    if stored == "fp16":
-        return np.minimum(scale, np.float32(np.finfo(np.float16).max)).astype(np.float16).astype(np.float32)
-    if stored == "e4m3":
-        top = np.float32(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)
-        return np.minimum(scale, top).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-    if stored == "e8m0":
-        # The smallest power of two >= scale: frexp gives scale = m * 2^e with m in [0.5, 1).
-        mant, exp = np.frexp(scale)
-        exp = np.where(mant == 0.5, exp - 1, exp)
-        return np.ldexp(np.float32(1.0), exp).astype(np.float32)
-    raise ValueError(f"unknown stored scale format {stored!r}")
+def factors_for(scheme) -> tuple[float, ...]:
+    """The candidate set of a scheme: +-1 exponent for power-of-two (E8M0) scales, else SHRINK_FACTORS."""
+    return E8M0_FACTORS if scheme.scale_format == "e8m0" else SHRINK_FACTORS
 
 
-def symmetric_params(qmax: float, stored: str = "float32") -> ParamsFn:
-    """scale = max(|lo|, |hi|) / qmax rounded as stored, 1.0 for an all-zero tile; no zero point."""
-    qmax32 = np.float32(qmax)
+def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
+    """params and reconstruct of a resolved scheme.Scheme, with the kernels' arithmetic:
 
-    def params(lo: np.ndarray, hi: np.ndarray):
+    symmetric: scale = stored(max(-lo, hi) / D); asymmetric: lo0 = min(lo, 0), hi0 = max(hi, 0),
+    scale = stored((hi0 - lo0) / (qmax - qmin)), zero = clip(rint(qmin - lo0 / scale), qmin, qmax);
+    scale 1 for an all-zero range, and (unlike the kernels, which refuse the tensor) also where a
+    candidate's scale is not representable in the stored format, so such a candidate repeats min-max.
+    reconstruct: (encode(clip(x / scale + zero, code range)) - zero) * scale, decoded to float32.
+    """
+    fmt, scale_fmt = scheme.fmt, scheme.scale_fmt
+    code_lo, code_hi = (np.float32(v) for v in scheme.code_range)
+    divisor = np.float32(scheme.symmetric_divisor)
+    steps = np.float32(fmt.qmax - fmt.qmin)
+
+    def stored(raw: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            scale = np.array(scale_fmt.round(raw.astype(np.float32)), np.float32)
+        scale[empty | ~np.isfinite(scale) | (scale <= 0)] = np.float32(1.0)
+        return scale
+
+    def symmetric(lo: np.ndarray, hi: np.ndarray):
         amax = np.maximum(-lo, hi)
-        scale = round_scale(amax / qmax32, stored)
-        scale[(amax == 0) | (scale == 0)] = np.float32(1.0)
-        return scale, None
+        return stored(amax / divisor, amax == 0), None
 
-    return params
-
-
-def asymmetric_params(qmin: int, qmax: int, stored: str = "float32") -> ParamsFn:
-    """scale = (max(hi, 0) - min(lo, 0)) / (qmax - qmin) rounded as stored (1.0 for all-zero tiles),
-    zero = clip(round(qmin - min(lo, 0) / scale), qmin, qmax)."""
-    steps = np.float32(qmax - qmin)
-
-    def params(lo: np.ndarray, hi: np.ndarray):
-        lo0 = np.minimum(lo, np.float32(0))
-        span = np.maximum(hi, np.float32(0)) - lo0
-        scale = round_scale(span / steps, stored)
-        scale[(span == 0) | (scale == 0)] = np.float32(1.0)
-        zero = np.clip(np.rint(np.float32(qmin) - lo0 / scale), qmin, qmax).astype(np.float32)
+    def asymmetric(lo: np.ndarray, hi: np.ndarray):
+        lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
+        scale = stored((hi0 - lo0) / steps, hi0 == lo0)
+        zero = np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
         return scale, zero
-
-    return params
-
-
-def int_reconstruct(qmin: int, qmax: int) -> ReconstructFn:
-    """(clip(rint(x / scale) + zero, qmin, qmax) - zero) * scale, in float32."""
-    lo, hi = np.float32(qmin), np.float32(qmax)
 
     def reconstruct(x, scale, zero, out):
         # Scales repeated to the tile shape: numpy broadcasts short rows slowly.
         full = np.repeat(scale, x.shape[1]).reshape(x.shape)
         np.divide(x, full, out=out)
-        np.rint(out, out=out)
         if zero is not None:
             zfull = np.repeat(zero, x.shape[1]).reshape(x.shape)
             out += zfull
-        np.minimum(out, hi, out=out)
-        np.maximum(out, lo, out=out)
+        np.minimum(out, code_hi, out=out)
+        np.maximum(out, code_lo, out=out)
+        if fmt.is_float:
+            codes = np.empty(out.shape, fmt.dtype)
+            fmt.encode(out, codes)
+            fmt.decode(codes, out)
+        else:
+            np.rint(out, out=out)  # what integer encode/decode do, without the int8 round trip
         if zero is not None:
             out -= zfull
         out *= full
 
-    return reconstruct
+    return (symmetric if scheme.symmetric else asymmetric), reconstruct
 
 
-def float_reconstruct(encode_decode: Callable[[np.ndarray], None]) -> ReconstructFn:
-    """decode(encode(x / scale)) * scale, where `encode_decode(values)` rounds float32 values in
-    place to the element format's grid (saturating at its largest finite value)."""
+def tiles_of(weight: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    """float32 [grid_rows * grid_cols, tile_rows * tile_cols]: tiles in row-major grid order, zero-padded."""
+    rows, cols = weight.shape
+    tr, tc = tile
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    if tr == 1 and cols % tc == 0:  # channel, or groups that divide: a view, no copy
+        return np.ascontiguousarray(weight, np.float32).reshape(rows * gc, tc)
+    padded = np.zeros((gr * tr, gc * tc), np.float32)
+    padded[:rows, :cols] = weight
+    return padded.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3).reshape(gr * gc, tr * tc)
 
-    def reconstruct(x, scale, zero, out):
-        full = np.repeat(scale, x.shape[1]).reshape(x.shape)
-        np.divide(x, full, out=out)
-        encode_decode(out)
-        out *= full
 
-    return reconstruct
+@dataclass
+class GridChoice:
+    """mse scales (and zero points) as 2-D grids, and the weight's squared error with them / with min-max."""
+
+    scale: np.ndarray
+    zero: Optional[np.ndarray]
+    error: float
+    minmax_error: float
 
 
-def fp8_round(fmt) -> Callable[[np.ndarray], None]:
-    """In-place float32 -> nearest FP8 value of `fmt` (a formats.QuantFormat), saturating at +-qmax:
-    the same clamp and cast as the quantize kernel."""
-    from .fastcast import cast_clamped_to_fp8, code_to_float_table
-
-    table = code_to_float_table(fmt)
-
-    def encode_decode(values: np.ndarray) -> None:
-        np.minimum(values, fmt.qmax32, out=values)
-        np.maximum(values, -fmt.qmax32, out=values)
-        codes = np.empty(values.shape, np.uint8)
-        cast_clamped_to_fp8(values, fmt, codes)
-        np.take(table, codes, out=values)
-
-    return encode_decode
+def mse_grid(weight: np.ndarray, scheme) -> GridChoice:
+    """The mse choice for a finite float32 2-D weight under a resolved scheme.Scheme (block, channel or
+    group granularity)."""
+    rows, cols = weight.shape
+    params, reconstruct = scheme_functions(scheme)
+    choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme))
+    grid = scheme.scale_grid(rows, cols)
+    zero = None if choice.zero is None else choice.zero.reshape(grid)
+    return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))

@@ -56,11 +56,15 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
     rows = report["tensors"]
     if rows:
         lines.append("worst tensors first:")
+        observed = "rms_error_reduction" in rows[0]
         lines.append(table(
-            ["tensor", "shape", "rel_rms", "sqnr_dB", "max_abs_err", "saturated", "flushed"],
+            ["tensor", "shape", "rel_rms", "sqnr_dB", "max_abs_err", "saturated", "flushed"]
+            + (["minmax_rel_rms", "reduction"] if observed else []),
             [[printable(r["name"]), "x".join(map(str, r["shape"])), f"{r['rel_rms_error']:.4%}",
               _fmt_float(r["sqnr_db"], ".1f"), f"{r['max_abs_error']:.3g}", f"{r['saturated_fraction']:.3%}",
-              f"{r['flushed_fraction']:.3%}"] for r in rows[:WORST_SHOWN]],
+              f"{r['flushed_fraction']:.3%}"]
+             + ([f"{r['minmax_rel_rms_error']:.4%}", f"{r['rms_error_reduction']:.2%}"] if observed else [])
+             for r in rows[:WORST_SHOWN]],
         ))
         if len(rows) > WORST_SHOWN:
             lines.append(f"... {len(rows) - WORST_SHOWN} more in fp8conv.report.json")

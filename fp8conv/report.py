@@ -23,7 +23,7 @@ def error_metrics(stats: ErrorStats) -> dict:
     else:
         rel = math.sqrt(stats.sum_sq_err / stats.sum_sq_ref)
         sqnr = 10 * math.log10(stats.sum_sq_ref / stats.sum_sq_err)
-    return {
+    metrics = {
         "rel_rms_error": rel,
         "sqnr_db": sqnr,
         "max_abs_error": stats.max_abs_err,
@@ -31,6 +31,12 @@ def error_metrics(stats: ErrorStats) -> dict:
         "flushed_fraction": stats.flushed_to_zero / n,
         "nonfinite_values": stats.nonfinite,
     }
+    if stats.minmax_sum_sq_err is not None:
+        # As the observer measured them: RMS error with min-max scales, and how much less it is with its own.
+        minmax, observed = stats.minmax_sum_sq_err, stats.observed_sum_sq_err or 0.0
+        metrics["minmax_rel_rms_error"] = math.sqrt(minmax / stats.sum_sq_ref) if stats.sum_sq_ref else 0.0
+        metrics["rms_error_reduction"] = 1 - math.sqrt(observed / minmax) if minmax else 0.0
+    return metrics
 
 
 def _scheme_json(plan: ConversionPlan) -> dict:

@@ -10,100 +10,105 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8conv import observers
-from fp8conv.formats import FORMATS
+from fp8conv.scheme import Scheme
 from reference import QMAX, round_to_fp8, value_table
 
 FACTORS = [round(1.0 - k / 100, 2) for k in range(21)]  # the documented candidate set, restated
 
 
-def round_stored(s: np.ndarray, stored: str) -> np.ndarray:
-    """float64 reference of the stored rounding of float32 scales, from the formats' definitions."""
-    s = np.asarray(s, np.float64)
-    if stored == "float32":
+def round_stored(s, stored: str) -> float:
+    """float64 reference of the stored rounding of a float32 scale (nearest even), from the formats' bits."""
+    s = float(s)
+    if stored == "float32" or s == 0:
         return s
-    if stored == "e8m0":
-        return 2.0 ** np.ceil(np.log2(s))
-    bits = {"bf16": 8, "fp16": 11, "e4m3": 4}[stored]  # significand bits incl. the implicit one
-    min_exp = {"bf16": -126, "fp16": -14, "e4m3": -6}[stored]  # smallest normal exponent
-    top = {"bf16": math.inf, "fp16": 65504.0, "e4m3": 448.0}[stored]
-    exp = np.maximum(np.floor(np.log2(s)), min_exp)
+    bits, min_exp, top = {"bf16": (8, -126, math.inf), "fp16": (11, -14, 65504.0)}[stored]
+    exp = max(math.floor(math.log2(s)), min_exp)
     quantum = 2.0 ** (exp - (bits - 1))
-    return np.minimum(np.round(s / quantum) * quantum, top)  # np.round: half to even
+    value = float(np.round(s / quantum)) * quantum  # np.round: half to even
+    return math.inf if value > top else value
 
 
-def ref_candidates(tile: np.ndarray, kind: tuple, stored: str, factors) -> list[tuple[float, float | None]]:
-    """(scale, zero) of every candidate, from the float32 range shrunk by each factor."""
-    lo, hi = np.float32(tile.min()), np.float32(tile.max())
-    out = []
-    for f in factors:
-        lo_f, hi_f = np.float64(np.float32(lo * np.float32(f))), np.float64(np.float32(hi * np.float32(f)))
-        if kind[0] == "asym":
-            qmin, qmax = kind[1], kind[2]
-            lo0 = min(lo_f, 0.0)
-            span = np.float32(max(hi_f, 0.0) - lo0)  # float32 arithmetic, as documented
-            scale = 1.0 if span == 0 else float(round_stored(np.float32(span / np.float32(qmax - qmin)), stored))
-            scale = 1.0 if scale == 0 else scale
-            zero = float(np.clip(np.round(np.float32(np.float32(qmin) - np.float32(lo0) / np.float32(scale))), qmin, qmax))
-            out.append((scale, zero))
+class Kind:
+    """The documented arithmetic of one scheme, restated for the reference."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        self.scheme = scheme
+        fmt = scheme.fmt
+        self.float_name = scheme.format if fmt.is_float else None
+        self.symmetric = scheme.symmetric
+        self.stored = scheme.scale_format
+        if self.float_name:
+            self.code_lo, self.code_hi, self.divisor = -QMAX[scheme.format], QMAX[scheme.format], QMAX[scheme.format]
         else:
-            amax = max(-lo_f, hi_f)
-            qmax = QMAX[kind[1]] if kind[0] == "fp8" else kind[2]
-            scale = 1.0 if amax == 0 else float(round_stored(np.float32(np.float32(amax) / np.float32(qmax)), stored))
-            out.append((1.0 if scale == 0 else scale, None))
-    return out
+            qmin, qmax = -(2 ** (fmt.bits - 1)), 2 ** (fmt.bits - 1) - 1
+            full = scheme.activations == "none"  # weight-only integer schemes use [qmin, qmax], D = (qmax - qmin) / 2
+            self.qmin, self.qmax = qmin, qmax
+            self.code_lo, self.code_hi = (qmin if full or not self.symmetric else -qmax), qmax
+            self.divisor = (qmax - qmin) / 2 if full else qmax
 
+    def __repr__(self) -> str:
+        return self.scheme.describe() + f" ({self.stored} scales)"
 
-def ref_error(tile: np.ndarray, kind: tuple, scale: float, zero: float | None) -> float:
-    """Exact squared error of one tile at one (scale, zero): codes from the float32 quotient, weights
-    reconstructed as a float32 loader does (q * scale is exact in float64, then rounded once)."""
-    x = (tile.astype(np.float32) / np.float32(scale)).astype(np.float64)
-    if kind[0] == "fp8":
-        qmax = QMAX[kind[1]]
-        q = value_table(kind[1])[round_to_fp8(np.clip(x, -qmax, qmax), kind[1])]
-        recon = (q * scale).astype(np.float32)
-    else:
-        qmin, qmax = kind[1], kind[2]
+    def candidates(self, tile: np.ndarray, factors) -> list[tuple[float, float | None]]:
+        """(scale, zero) of every candidate, from the float32 range shrunk by each factor (float32 math)."""
+        f32 = np.float32
+        lo, hi = f32(tile.min()), f32(tile.max())
+        out = []
+        for f in factors:
+            lo_f, hi_f = f32(lo * f32(f)), f32(hi * f32(f))
+            if self.symmetric:
+                amax = max(-lo_f, hi_f)
+                raw, empty = f32(amax / f32(self.divisor)), amax == 0
+            else:
+                lo0, hi0 = min(lo_f, f32(0)), max(hi_f, f32(0))
+                raw, empty = f32(f32(hi0 - lo0) / f32(self.qmax - self.qmin)), hi0 == lo0
+            scale = round_stored(raw, self.stored)
+            if empty or not 0 < scale < math.inf:
+                scale = 1.0
+            zero = None
+            if not self.symmetric:
+                zero = float(np.clip(np.round(f32(f32(self.qmin) - f32(lo0) / f32(scale))), self.qmin, self.qmax))
+            out.append((scale, zero))
+        return out
+
+    def error(self, tile: np.ndarray, scale: float, zero: float | None) -> float:
+        """Exact squared error of one tile: codes from the float32 quotient (plus zero point), weights
+        reconstructed as a float32 loader does ((q - zero) * scale exact in float64, rounded once)."""
+        x = (tile.astype(np.float32) / np.float32(scale)).astype(np.float64)
         z = zero or 0.0
-        q = np.clip(np.round(x) + z, qmin, qmax) - z
-        recon = (q * scale).astype(np.float32)
-    return float(((recon.astype(np.float64) - tile.astype(np.float64)) ** 2).sum())
+        x = np.clip(x + z, self.code_lo, self.code_hi)
+        if self.float_name:
+            q = value_table(self.float_name)[round_to_fp8(x, self.float_name)]
+        else:
+            q = np.round(x)
+        recon = ((q - z) * scale).astype(np.float32).astype(np.float64)
+        return float(((recon - tile.astype(np.float64)) ** 2).sum())
 
 
-def make(kind: tuple, stored: str):
-    if kind[0] == "fp8":
-        fmt = FORMATS[kind[1]]
-        return observers.symmetric_params(fmt.qmax, stored), observers.float_reconstruct(observers.fp8_round(fmt))
-    if kind[0] == "asym":
-        return observers.asymmetric_params(kind[1], kind[2], stored), observers.int_reconstruct(kind[1], kind[2])
-    return observers.symmetric_params(kind[2], stored), observers.int_reconstruct(kind[1], kind[2])
-
-
-KINDS = [
-    (("sym", -127, 127), "float32"),
-    (("sym", -8, 7), "float32"),
-    (("sym", -8, 7), "bf16"),
-    (("sym", -8, 7), "fp16"),
-    (("asym", -8, 7), "bf16"),
-    (("asym", -128, 127), "float32"),
-    (("fp8", "fp8_e4m3"), "float32"),
-    (("fp8", "fp8_e5m2"), "float32"),
-    (("fp8", "fp8_e4m3"), "e4m3"),
-    (("sym", -8, 7), "e8m0"),
+SCHEMES = [
+    Scheme("int8", "channel"),                                                        # W8A8: [-127, 127] / 127
+    Scheme("int4", "group", group_size=32, scale_format="bf16"),                      # W4A16: [-8, 7] / 7.5
+    Scheme("int4", "group", group_size=32, scale_format="fp16"),
+    Scheme("int4", "group", group_size=32, symmetric=False, scale_format="bf16"),     # W4A16 asymmetric
+    Scheme("int8", "channel", activations="none", scale_format="bf16"),               # W8A16: / 127.5
+    Scheme("int8", "channel", activations="none", symmetric=False),
+    Scheme("fp8_e4m3", "block"),
+    Scheme("fp8_e5m2", "group", group_size=32),
 ]
+KINDS = [Kind(s) for s in SCHEMES]
 
 
-def check(tiles: np.ndarray, kind: tuple, stored: str, factors=tuple(observers.SHRINK_FACTORS)) -> observers.Choice:
-    params, reconstruct = make(kind, stored)
+def check(tiles: np.ndarray, kind: Kind, factors=observers.SHRINK_FACTORS) -> observers.Choice:
+    params, reconstruct = observers.scheme_functions(kind.scheme)
     choice = observers.mse(tiles, params, reconstruct, factors=factors)
     for i, tile in enumerate(tiles):
-        cands = ref_candidates(tile, kind, stored, factors)
-        errs = [ref_error(tile, kind, s, z) for s, z in cands]
+        cands = kind.candidates(tile, factors)
+        errs = [kind.error(tile, s, z) for s, z in cands]
         k = int(choice.factor_index[i])
-        chosen_scale, chosen_zero = cands[k]
-        where = f"tile {i} of {kind} {stored}"
-        assert choice.scale[i] == np.float32(chosen_scale), where
-        if chosen_zero is not None:
-            assert choice.zero[i] == chosen_zero, where
+        where = f"tile {i} of {kind}"
+        assert choice.scale[i] == np.float32(cands[k][0]), where
+        if cands[k][1] is not None:
+            assert choice.zero[i] == cands[k][1], where
         assert errs[k] <= errs[0], f"{where}: mse error {errs[k]} > min-max {errs[0]}"
         assert errs[k] <= min(errs) * (1 + 2.0 ** -18), f"{where}: chose {k} ({errs[k]}), best {np.argmin(errs)} ({min(errs)})"
         assert choice.error[i] == pytest.approx(errs[k], rel=1e-9, abs=1e-30), where
@@ -138,43 +143,49 @@ def tiles_strategy(max_cols: int = 64):
     return build()
 
 
-@pytest.mark.parametrize("kind,stored", KINDS, ids=[f"{k[0]}{k[1]}-{s}" for k, s in KINDS])
+@pytest.mark.parametrize("kind", KINDS, ids=[repr(k) for k in KINDS])
 @settings(max_examples=40, deadline=None)
 @given(tiles=tiles_strategy())
-def test_mse_is_the_best_candidate_and_never_worse_than_minmax(kind, stored, tiles):
-    factors = observers.E8M0_FACTORS if stored == "e8m0" else observers.SHRINK_FACTORS
-    check(tiles, kind, stored, factors)
+def test_mse_is_the_best_candidate_and_never_worse_than_minmax(kind, tiles):
+    check(tiles, kind)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tiles=tiles_strategy())
+def test_power_of_two_factor_set(tiles):
+    check(tiles, KINDS[1], factors=observers.E8M0_FACTORS)
 
 
 def test_documented_candidate_sets():
-    assert observers.SHRINK_FACTORS == pytest.approx(FACTORS, abs=0) and len(observers.SHRINK_FACTORS) == 21
+    assert list(observers.SHRINK_FACTORS) == FACTORS and len(FACTORS) == 21
     assert observers.E8M0_FACTORS == (1.0, 0.5, 2.0)
+    assert observers.factors_for(KINDS[1].scheme) == observers.SHRINK_FACTORS
 
 
 def test_clipping_helps_on_an_int4_tile_with_an_outlier():
     rng = np.random.default_rng(7)
     tile = rng.normal(size=(1, 64)).astype(np.float32)
     tile[0, 3] = 4.0 * np.abs(tile).max()
-    choice = check(tile, ("sym", -8, 7), "float32")
+    choice = check(tile, KINDS[1])
     assert choice.factor_index[0] > 0
-    assert choice.scale[0] < np.float32(np.abs(tile).max()) / np.float32(7)
+    assert choice.scale[0] < np.float32(np.abs(tile).max()) / np.float32(7.5)
     assert choice.error[0] < choice.minmax_error[0] * (1 - observers.MARGIN)
 
 
 def test_tile_on_the_minmax_grid_keeps_the_minmax_scale():
     scale = np.float32(0.125)
-    tile = (np.arange(-7, 8, dtype=np.float32) * scale)[None]  # every value exact at amax / 7
-    choice = check(tile, ("sym", -8, 7), "float32")
+    tile = (np.arange(-127, 128, dtype=np.float32) * scale)[None]  # every value exact at amax / 127
+    choice = check(tile, KINDS[0])
     assert choice.factor_index[0] == 0 and choice.scale[0] == scale and choice.error[0] == 0.0
     fp8_tile = value_table("fp8_e4m3")[np.arange(0, 127)][None].astype(np.float32)  # all e4m3 values up to 448
-    choice = check(fp8_tile, ("fp8", "fp8_e4m3"), "float32")
+    choice = check(fp8_tile, KINDS[6])
     assert choice.factor_index[0] == 0 and choice.scale[0] == 1.0 and choice.error[0] == 0.0
 
 
 def test_heavy_tailed_int4_groups_gain_on_average():
     rng = np.random.default_rng(11)
     tiles = rng.standard_t(4, size=(256, 64)).astype(np.float32)
-    params, reconstruct = make(("sym", -8, 7), "bf16")
+    params, reconstruct = observers.scheme_functions(KINDS[1].scheme)
     choice = observers.mse(tiles, params, reconstruct)
     assert (choice.error <= choice.minmax_error).all()
     assert choice.error.sum() < 0.9 * choice.minmax_error.sum()
@@ -184,7 +195,7 @@ def test_all_zero_tiles_and_batches():
     rng = np.random.default_rng(3)
     tiles = rng.normal(size=(50, 48)).astype(np.float32)
     tiles[7] = 0
-    params, reconstruct = make(("asym", -8, 7), "bf16")
+    params, reconstruct = observers.scheme_functions(KINDS[3].scheme)
     whole = observers.mse(tiles, params, reconstruct)
     for batch in (1, 48, 48 * 7, 1 << 20):
         part = observers.mse(tiles, params, reconstruct, batch_elements=batch)
@@ -196,24 +207,139 @@ def test_all_zero_tiles_and_batches():
     assert empty.scale.shape == (0,)
 
 
-def test_minmax_choice_is_amax_over_qmax():
-    tiles = np.array([[1.0, -3.5, 2.0], [0.0, 0.0, 0.0]], np.float32)
-    params, reconstruct = make(("sym", -127, 127), "float32")
-    choice = observers.minmax(tiles, params, reconstruct)
-    assert choice.scale.tolist() == [np.float32(3.5) / np.float32(127), 1.0]
-    assert (choice.factor_index == 0).all()
+def test_minmax_choice_is_the_kernels_scale():
+    from fp8conv import kernels
 
-
-@pytest.mark.parametrize("stored", ["bf16", "fp16", "e4m3", "e8m0"])
-def test_round_scale_matches_reference(stored):
-    rng = np.random.default_rng(5)
-    s = (10.0 ** rng.uniform(-4, 2, 2000)).astype(np.float32)
-    if stored == "e4m3":
-        s = np.clip(s, 2.0 ** -6, 448).astype(np.float32)  # normal e4m3 range
-    np.testing.assert_array_equal(observers.round_scale(s, stored), round_stored(s, stored).astype(np.float32))
+    rng = np.random.default_rng(9)
+    tiles = (rng.standard_t(3, size=(64, 32)) * 1e-3).astype(np.float32)
+    tiles[5] = 0
+    for kind in KINDS:
+        params, reconstruct = observers.scheme_functions(kind.scheme)
+        choice = observers.minmax(tiles, params, reconstruct)
+        lo, hi = tiles.min(axis=1), tiles.max(axis=1)
+        if kind.symmetric:
+            np.testing.assert_array_equal(choice.scale, kernels.scale_from_amax(np.maximum(hi, -lo), kind.scheme), str(kind))
+        else:
+            scale, zero = kernels.asymmetric_params(lo, hi, kind.scheme)
+            np.testing.assert_array_equal(choice.scale, scale, str(kind))
+            np.testing.assert_array_equal(choice.zero, zero, str(kind))
+        assert (choice.factor_index == 0).all()
 
 
 def test_first_factor_must_be_one():
-    params, reconstruct = make(("sym", -8, 7), "float32")
+    params, reconstruct = observers.scheme_functions(KINDS[0].scheme)
     with pytest.raises(ValueError):
         observers.mse(np.ones((1, 4), np.float32), params, reconstruct, factors=(0.9, 1.0))
+
+
+# -- the observer inside quantization ---------------------------------------------------------------
+
+WIRED = [Scheme("fp8_e4m3", "block", block_size=(16, 32), observer="mse"),
+         Scheme("int8", "channel", observer="mse"),
+         Scheme("fp8_e5m2", "group", group_size=24, observer="mse"),
+         Scheme("int4", "group", group_size=24, observer="mse"),
+         Scheme("int4", "group", group_size=24, symmetric=False, observer="mse"),
+         Scheme("int8", "channel", activations="none", observer="mse")]
+
+
+def ref_tiles(w: np.ndarray, tile: tuple[int, int]) -> list[np.ndarray]:
+    rows, cols = w.shape
+    return [w[i:i + tile[0], j:j + tile[1]].ravel() for i in range(0, rows, tile[0]) for j in range(0, cols, tile[1])]
+
+
+@pytest.mark.parametrize("scheme", WIRED, ids=[s.describe() for s in WIRED])
+@pytest.mark.parametrize("backend", ["auto", "numpy"])
+def test_quantize_with_mse_scales_is_the_brute_force_choice(scheme, backend):
+    from fp8conv import kernels
+
+    rng = np.random.default_rng(21)
+    w = (rng.standard_t(3, size=(40, 72)) * 0.05).astype(np.float32)
+    q = kernels.quantize_array(w, scheme, backend=backend)
+    kind = Kind(kernels._resolved(scheme, w.dtype))
+    scales = q.scales.ravel()
+    zeros = None if q.zero_points is None else q.zero_points.ravel()
+    total_err = total_minmax = 0.0
+    for i, t in enumerate(ref_tiles(w, scheme.tile(*w.shape))):
+        cands = kind.candidates(t, observers.SHRINK_FACTORS)
+        errs = [kind.error(t, s, z) for s, z in cands]
+        keys = [(np.float32(s), z) for s, z in cands]
+        key = (scales[i], None if zeros is None else float(zeros[i]))
+        assert key in keys, f"tile {i}: {key} is not a candidate"
+        chosen = errs[keys.index(key)]
+        assert chosen <= errs[0] and chosen <= min(errs) * (1 + 2.0 ** -18), f"tile {i}: {chosen} vs best {min(errs)}"
+        total_err += chosen
+        total_minmax += errs[0]
+    # Codes are the plain quantization of the weight with those scales.
+    deq = kernels.dequantize_array(q.codes, q.scales, scheme, zero_points=q.zero_points).astype(np.float64)
+    assert ((deq - w) ** 2).sum() == pytest.approx(total_err, rel=1e-9)
+    assert q.stats.minmax_sum_sq_err == pytest.approx(total_minmax, rel=1e-9)
+    assert q.stats.observed_sum_sq_err == pytest.approx(total_err, rel=1e-9)
+    assert q.stats.sum_sq_err == pytest.approx(total_err, rel=1e-6)
+
+
+def test_numba_backend_refuses_mse():
+    from fp8conv import compiled, kernels
+    from fp8conv.errors import SchemeError
+
+    if not compiled.AVAILABLE:
+        pytest.skip("numba not installed")
+    with pytest.raises(SchemeError, match="numba"):
+        kernels.quantize_array(np.ones((4, 8), np.float32), Scheme("int8", "channel", observer="mse"), backend="numba")
+
+
+def test_mse_with_tensor_granularity_is_refused():
+    from fp8conv.errors import SchemeError
+    from fp8conv.scheme import Scheme
+
+    with pytest.raises(SchemeError, match="mse"):
+        Scheme("int8", "tensor", observer="mse")
+    with pytest.raises(SchemeError, match="observer"):
+        Scheme("int8", "channel", observer="best")
+    assert "observer" not in Scheme("int8", "channel").to_json()  # pinned bytes of minmax outputs
+    assert Scheme("int8", "channel", observer="mse").to_json()["observer"] == "mse"
+
+
+@pytest.mark.parametrize("fmt,granularity", [("fp8_e4m3", "block"), ("int8", "channel")])
+def test_cli_observer_mse_recorded_and_never_worse(sample, tmp_path, fmt, granularity):
+    from helpers import read_json, run_cli
+    from conftest import tree_digest
+
+    src = sample("llama-tiny")
+    outs = {}
+    for observer, workers in (("minmax", "2"), ("mse", "1"), ("mse", "2")):
+        out = tmp_path / f"{observer}-{workers}"
+        run_cli("quantize", src, "-o", out, "--format", fmt, "--granularity", granularity, "--observer", observer,
+                "--workers", workers, "-q")
+        outs[observer, workers] = out
+    mse_out = outs["mse", "1"]
+    weights = read_json(mse_out / "config.json")["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["observer"] == "mse"
+    assert read_json(mse_out / "fp8conv.manifest.json")["scheme"]["observer"] == "mse"
+    minmax_out = outs["minmax", "2"]
+    assert read_json(minmax_out / "config.json")["quantization_config"]["config_groups"]["group_0"]["weights"]["observer"] == "minmax"
+    plain = {r["name"]: r for r in read_json(minmax_out / "fp8conv.report.json")["tensors"]}
+    assert all("rms_error_reduction" not in r for r in plain.values())
+    rows = read_json(mse_out / "fp8conv.report.json")["tensors"]
+    for r in rows:
+        assert r["minmax_rel_rms_error"] == pytest.approx(plain[r["name"]]["rel_rms_error"], rel=1e-5), r["name"]
+        assert r["rel_rms_error"] <= r["minmax_rel_rms_error"] * (1 + 1e-6), r["name"]
+        assert r["rms_error_reduction"] >= 0, r["name"]
+    assert tree_digest(outs["mse", "1"]) == tree_digest(outs["mse", "2"])  # bytes do not depend on --workers
+    run_cli("verify", mse_out, "--against", src)
+
+
+def test_cli_observer_mse_refuses_tensor_granularity(sample, tmp_path):
+    from helpers import run_cli
+
+    result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "o", "--granularity", "tensor",
+                     "--observer", "mse", expect=2)
+    assert "mse" in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_cli_observer_mse_refused_for_microscale_formats(sample, tmp_path, fmt):
+    from helpers import run_cli
+
+    result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "o", "--format", fmt, "--observer", "mse",
+                     expect=2)
+    assert "not implemented" in result.output and fmt in result.output and not (tmp_path / "o").exists()
