@@ -66,7 +66,7 @@ def run(cmd: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {proc.returncode}: {proc.stderr.strip()[-1500:]}")
 
 
 # -- models -----------------------------------------------------------------------------------------
@@ -131,8 +131,15 @@ def llmc_quantize(src: Path, out: Path, scheme: str, observer: str, modules: set
 
 
 def llmc_child(spec: dict) -> None:
+    import llmcompressor.entrypoints.model_free as model_free
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, preset_name_to_scheme
     from llmcompressor import model_free_ptq
+    from safetensors.torch import save_file
+
+    # llm-compressor 0.14's FP8_BLOCK leaves weights whose dims do not divide the block (SmolLM2's 576)
+    # as non-contiguous views, which safetensors refuses to save; storing them contiguous changes no value.
+    model_free.save_file = lambda tensors, path, *a, **k: save_file(
+        {n: t.contiguous() for n, t in tensors.items()}, path, *a, **k)
 
     targets = [f"re:^{re.escape(m)}$" for m in spec["targets"]]
     if isinstance(spec["scheme"], str):
