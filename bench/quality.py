@@ -138,8 +138,10 @@ def llmc_child(spec: dict) -> None:
 
     # llm-compressor 0.14's FP8_BLOCK leaves weights whose dims do not divide the block (SmolLM2's 576)
     # as non-contiguous views, which safetensors refuses to save; storing them contiguous changes no value.
-    model_free.save_file = lambda tensors, path, *a, **k: save_file(
-        {n: t.contiguous() for n, t in tensors.items()}, path, *a, **k)
+    def contiguous_save(tensors, path, *args, **kwargs):
+        save_file({n: t.contiguous() for n, t in tensors.items()}, path, *args, **kwargs)
+
+    model_free.save_file = contiguous_save
 
     targets = [f"re:^{re.escape(m)}$" for m in spec["targets"]]
     if isinstance(spec["scheme"], str):
