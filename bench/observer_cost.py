@@ -2,30 +2,23 @@
 
     PYTHONPATH=$PWD python3 bench/observer_cost.py [--rows 2048] [--cols 2048] [--repeats 5]
 
-For each scheme: the time of `kernels.quantize_2d` (min-max scales + codes + error statistics, the
-numpy path and, when numba is installed, the compiled path) and the time of `observers.mse` over the
-same tiles (the scale search alone, numpy). Median of `--repeats` runs, one process, one thread.
+For each scheme: the time of `kernels.quantize_2d` with min-max scales (scales + codes + error
+statistics; the numpy path and, where numba runs the scheme, the compiled path) and with the mse
+observer (its numpy scale search, then the numpy quantization with those scales). Median of
+`--repeats` runs, one process, one thread. End-to-end times are in bench/QUALITY.md.
 """
 from __future__ import annotations
 
 import argparse
 import time
 
+from dataclasses import replace
+
 import ml_dtypes
 import numpy as np
 
-from fp8conv import compiled, kernels, observers
-from fp8conv.formats import FORMATS
+from fp8conv import compiled, kernels
 from fp8conv.scheme import Scheme
-
-
-def tiles_of(w: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
-    rows, cols = w.shape
-    tr, tc = tile
-    pr, pc = -(-rows // tr) * tr, -(-cols // tc) * tc
-    padded = np.zeros((pr, pc), np.float32)
-    padded[:rows, :cols] = w
-    return np.ascontiguousarray(padded.reshape(pr // tr, tr, pc // tc, tc).transpose(0, 2, 1, 3)).reshape(-1, tr * tc)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -45,27 +38,22 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     w = (rng.standard_t(5, size=(args.rows, args.cols)) * 0.02).astype(ml_dtypes.bfloat16)
-    w32 = w.astype(np.float32)
     cases = [
-        ("fp8_e4m3 block 128", Scheme("fp8_e4m3", "block", (128, 128)),
-         observers.symmetric_params(448.0), observers.float_reconstruct(observers.fp8_round(FORMATS["fp8_e4m3"]))),
-        ("int8 channel", Scheme("int8", "channel"),
-         observers.symmetric_params(127.0), observers.int_reconstruct(-127, 127)),
-        ("int8 group 64 (int4 stand-in: same tiles, int4 search)", Scheme("int8", "group", group_size=64),
-         observers.symmetric_params(7.0, "bf16"), observers.int_reconstruct(-8, 7)),
+        Scheme("fp8_e4m3", "block"),
+        Scheme("int8", "channel"),
+        Scheme("int4", "group", group_size=64, scale_format="bf16"),
+        Scheme("int4", "group", group_size=64, symmetric=False, scale_format="bf16"),
     ]
     print(f"weight {args.rows}x{args.cols} bf16, student-t(5); median of {args.repeats}; numba available: {compiled.AVAILABLE}")
-    print("| scheme | minmax numpy s | minmax numba s | mse search s | mse / minmax numpy | mse / minmax numba |")
+    print("| scheme | minmax numpy s | minmax numba s | mse s | mse / minmax numpy | mse / minmax numba |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for label, scheme, params, reconstruct in cases:
-        available = compiled.AVAILABLE
-        compiled.AVAILABLE = False
-        t_np = median_time(lambda: kernels.quantize_2d(w, scheme), args.repeats)
-        compiled.AVAILABLE = available
-        t_nb = median_time(lambda: kernels.quantize_2d(w, scheme), args.repeats) if available else float("nan")
-        tiles = tiles_of(w32, scheme.tile(*w.shape))
-        t_mse = median_time(lambda: observers.mse(tiles, params, reconstruct), args.repeats)
-        print(f"| {label} | {t_np:.3f} | {t_nb:.3f} | {t_mse:.3f} | {t_mse / t_np:.1f}x | {t_mse / t_nb:.1f}x |")
+    for scheme in cases:
+        mse_scheme = replace(scheme, observer="mse")
+        t_np = median_time(lambda: kernels.quantize_2d(w, scheme, backend="numpy"), args.repeats)
+        fast = compiled.AVAILABLE and compiled.supports(scheme)
+        t_nb = median_time(lambda: kernels.quantize_2d(w, scheme, backend="numba"), args.repeats) if fast else float("nan")
+        t_mse = median_time(lambda: kernels.quantize_2d(w, mse_scheme), args.repeats)
+        print(f"| {scheme.describe()} | {t_np:.3f} | {t_nb:.3f} | {t_mse:.3f} | {t_mse / t_np:.1f}x | {t_mse / t_nb:.1f}x |")
 
 
 if __name__ == "__main__":

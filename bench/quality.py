@@ -21,7 +21,7 @@ Metrics, fixed inputs that are not tuned on:
   per predicted token (4 x 1,023) KL(source || quantized) of the next-token distributions (nats),
   the quantized model's perplexity, and top-1 agreement with the source model;
 - MiniLM: mean-pooled, L2-normalised embeddings of the first 128 sentences (>= 6 words) of
-  /usr/share/common-licenses/Apache-2.0; mean and minimum cosine to the source's embeddings;
+  /usr/share/common-licenses/GFDL-1.3; mean and minimum cosine to the source's embeddings;
 - both: relative RMS error of all quantized weights together (sqrt(sum err^2 / sum w^2)).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 OUT = ROOT / "bench" / "out" / "quality"
 TEXT = Path("/usr/share/common-licenses/GPL-3")
-SENTENCES = Path("/usr/share/common-licenses/Apache-2.0")
+SENTENCES = Path("/usr/share/common-licenses/GFDL-1.3")
 TOKENS, WINDOW = 4096, 1024
 N_SENTENCES = 128
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
