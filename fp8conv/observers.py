@@ -129,6 +129,7 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
     reconstruct: (encode(clip(x / scale + zero, code range)) - zero) * scale, decoded to float32.
     """
     fmt, scale_fmt = scheme.fmt, scheme.scale_fmt
+    round_float = float_rounder(fmt) if fmt.is_float else None
     code_lo, code_hi = (np.float32(v) for v in scheme.code_range)
     divisor = np.float32(scheme.symmetric_divisor)
     steps = np.float32(fmt.qmax - fmt.qmin)
@@ -159,9 +160,7 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
         np.minimum(out, code_hi, out=out)
         np.maximum(out, code_lo, out=out)
         if fmt.is_float:
-            codes = np.empty(out.shape, fmt.dtype)
-            fmt.encode(out, codes)
-            fmt.decode(codes, out)
+            round_float(out)
         else:
             np.rint(out, out=out)  # what integer encode/decode do, without the int8 round trip
         if zero is not None:
@@ -169,6 +168,36 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
         out *= full
 
     return (symmetric if scheme.symmetric else asymmetric), reconstruct
+
+
+def float_rounder(fmt) -> Callable[[np.ndarray], None]:
+    """In place: float32 values (already within +-qmax) -> the nearest value of a float element format
+    with subnormals (FP8 e4m3/e5m2), ties to even: the value of decode(encode(v)), without the tables.
+
+    Normal range: round the float32 significand to the format's mantissa bits on the bit pattern;
+    below the smallest normal, the grid is uniform: rint(v / q) * q with q = 2^(emin - mantissa bits).
+    """
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(fmt.dtype)
+    drop = 23 - int(info.nmant)
+    half = np.uint32((1 << (drop - 1)) - 1)
+    mask = np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
+    smallest_normal = np.float32(2.0 ** int(info.minexp))
+    quantum = np.float32(2.0 ** (int(info.minexp) - int(info.nmant)))
+
+    def round_in_place(values: np.ndarray) -> None:
+        tiny = np.abs(values) < smallest_normal
+        sub = np.rint(values / quantum) * quantum
+        bits = values.view(np.uint32)
+        lsb = bits >> np.uint32(drop)
+        lsb &= np.uint32(1)
+        bits += half
+        bits += lsb
+        bits &= mask
+        np.copyto(values, sub, where=tiny)
+
+    return round_in_place
 
 
 def tiles_of(weight: np.ndarray, tile: tuple[int, int]) -> np.ndarray:

@@ -343,3 +343,27 @@ def test_cli_observer_mse_refused_for_microscale_formats(sample, tmp_path, fmt):
     result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "o", "--format", fmt, "--observer", "mse",
                      expect=2)
     assert "not implemented" in result.output and fmt in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_float_rounder_equals_encode_decode(name):
+    """Every bf16 pattern within +-qmax, plus random float32 values: the observer's rounding is the
+    value the kernel's encode/decode produce."""
+    import ml_dtypes
+
+    from fp8conv.formats import FORMATS
+
+    fmt = FORMATS[name]
+    patterns = np.arange(1 << 16, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
+    rng = np.random.default_rng(4)
+    randoms = (rng.standard_normal(200_000) * 10.0 ** rng.uniform(-12, 5, 200_000)).astype(np.float32)
+    values = np.concatenate([patterns, randoms])
+    values = values[np.isfinite(values) & (np.abs(values) <= fmt.qmax)]
+    expected = np.empty_like(values)
+    codes = np.empty(values.shape, fmt.dtype)
+    fmt.encode(values.copy(), codes)
+    fmt.decode(codes, expected)
+    got = values.copy()
+    observers.float_rounder(fmt)(got)
+    bad = np.flatnonzero(got != expected)
+    assert bad.size == 0, f"{bad.size} values differ, first {values[bad[0]]!r}: {got[bad[0]]} vs {expected[bad[0]]}"
