@@ -150,27 +150,38 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
         zero = np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
         return scale, zero
 
+    buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def scratch(shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        # Large temporaries cost page faults on every allocation: keep one set per batch shape.
+        if shape not in buffers:
+            buffers.clear()
+            buffers[shape] = (np.empty(shape, np.float32), np.empty(shape, np.float32),
+                              np.empty(shape, np.uint32), np.empty(shape, np.bool_))
+        return buffers[shape]
+
     def reconstruct(x, scale, zero, out):
-        # Scales repeated to the tile shape: numpy broadcasts short rows slowly.
-        full = np.repeat(scale, x.shape[1]).reshape(x.shape)
+        full, aux, bits, mask = scratch(x.shape)
+        np.copyto(full, scale[:, None])
         np.divide(x, full, out=out)
         if zero is not None:
-            zfull = np.repeat(zero, x.shape[1]).reshape(x.shape)
-            out += zfull
+            np.copyto(aux, zero[:, None])
+            out += aux
         np.minimum(out, code_hi, out=out)
         np.maximum(out, code_lo, out=out)
         if fmt.is_float:
-            round_float(out)
+            round_float(out, aux, bits, mask)
         else:
             np.rint(out, out=out)  # what integer encode/decode do, without the int8 round trip
         if zero is not None:
-            out -= zfull
+            np.copyto(aux, zero[:, None])
+            out -= aux
         out *= full
 
     return (symmetric if scheme.symmetric else asymmetric), reconstruct
 
 
-def float_rounder(fmt) -> Callable[[np.ndarray], None]:
+def float_rounder(fmt) -> Callable[..., None]:
     """In place: float32 values (already within +-qmax) -> the nearest value of a float element format
     with subnormals (FP8 e4m3/e5m2), ties to even: the value of decode(encode(v)), without the tables.
 
@@ -186,16 +197,24 @@ def float_rounder(fmt) -> Callable[[np.ndarray], None]:
     smallest_normal = np.float32(2.0 ** int(info.minexp))
     quantum = np.float32(2.0 ** (int(info.minexp) - int(info.nmant)))
 
-    def round_in_place(values: np.ndarray) -> None:
-        tiny = np.abs(values) < smallest_normal
-        sub = np.rint(values / quantum) * quantum
+    def round_in_place(values: np.ndarray, aux: Optional[np.ndarray] = None, lsb: Optional[np.ndarray] = None,
+                       tiny: Optional[np.ndarray] = None) -> None:
+        """`aux` (float32), `lsb` (uint32) and `tiny` (bool) are scratch of the values' shape."""
+        aux = np.empty(values.shape, np.float32) if aux is None else aux
+        lsb = np.empty(values.shape, np.uint32) if lsb is None else lsb
+        tiny = np.empty(values.shape, np.bool_) if tiny is None else tiny
+        np.abs(values, out=aux)
+        np.less(aux, smallest_normal, out=tiny)
+        np.divide(values, quantum, out=aux)
+        np.rint(aux, out=aux)
+        aux *= quantum
         bits = values.view(np.uint32)
-        lsb = bits >> np.uint32(drop)
+        np.right_shift(bits, np.uint32(drop), out=lsb)
         lsb &= np.uint32(1)
         bits += half
         bits += lsb
         bits &= mask
-        np.copyto(values, sub, where=tiny)
+        np.copyto(values, aux, where=tiny)
 
     return round_in_place
 
