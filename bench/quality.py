@@ -58,6 +58,9 @@ SCHEMES = {
 }
 
 
+LLMC_OBSERVERS = {"mse": "memoryless_mse"}
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -149,7 +152,9 @@ def llmc_child(spec: dict) -> None:
     else:
         scheme = QuantizationScheme(targets=targets, weights=QuantizationArgs(**spec["scheme"]))
     if spec["observer"] != "minmax":
-        scheme.weights.observer = spec["observer"]
+        # llm-compressor 0.14's model-free entry renames "mse" to "static_mse", which is not registered;
+        # "memoryless_mse" is its one-shot MSE search (shrink 1.00 .. 0.81 by 0.01, |err|^2.4, patience 5).
+        scheme.weights.observer = LLMC_OBSERVERS[spec["observer"]]
     shutil.rmtree(spec["out"], ignore_errors=True)
     model_free_ptq(model_stub=spec["src"], save_directory=spec["out"], scheme=scheme, max_workers=1, device="cpu")
 
@@ -269,6 +274,7 @@ def main() -> None:
     parser.add_argument("--schemes", default="fp8-block,int8-channel")
     parser.add_argument("--observers", default="minmax,mse")
     parser.add_argument("--no-llmcompressor", action="store_true")
+    parser.add_argument("--no-fp8conv", action="store_true", help="only llm-compressor variants")
     parser.add_argument("--llmc-observers", default="minmax", help="observers for llm-compressor runs")
     parser.add_argument("--json", type=Path, default=OUT / "quality.json")
     parser.add_argument("--llmc-child", help=argparse.SUPPRESS)
@@ -286,7 +292,7 @@ def main() -> None:
         log(f"{model_name}: reference ready in {time.time() - t0:.0f} s")
         rows = [{"model": model_name, "scheme": "source", "tool": "-", "observer": "-", **evaluator.baseline()}]
         for scheme in args.schemes.split(","):
-            variants = [("fp8conv", obs) for obs in args.observers.split(",")]
+            variants = [] if args.no_fp8conv else [("fp8conv", obs) for obs in args.observers.split(",")]
             if not args.no_llmcompressor and SCHEMES[scheme]["llmc"]:
                 variants += [("llm-compressor", obs) for obs in args.llmc_observers.split(",")]
             modules: set[str] = set()
