@@ -38,6 +38,8 @@ METRICS = {  # key -> (column label, how the value is written); unknown numeric 
     "flushed_fraction": ("flushed to zero", "pct4"),
     "nonfinite_values": ("NaN/Inf in source", "int"),
     "limit": ("limit", "pct2"),
+    "minmax_rel_rms_error": ("min-max rel. RMS error", "pct4"),
+    "rms_error_reduction": ("RMS error reduction vs min-max", "pct2"),
 }
 
 CSS = """
