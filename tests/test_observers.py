@@ -324,6 +324,8 @@ def test_cli_observer_mse_recorded_and_never_worse(sample, tmp_path, fmt, granul
         assert r["minmax_rel_rms_error"] == pytest.approx(plain[r["name"]]["rel_rms_error"], rel=1e-5), r["name"]
         assert r["rel_rms_error"] <= r["minmax_rel_rms_error"] * (1 + 1e-6), r["name"]
         assert r["rms_error_reduction"] >= 0, r["name"]
+    assert "RMS error reduction vs min-max" in (mse_out / "fp8conv.report.html").read_text()
+    assert "reduction vs min-max" not in (minmax_out / "fp8conv.report.html").read_text()
     assert tree_digest(outs["mse", "1"]) == tree_digest(outs["mse", "2"])  # bytes do not depend on --workers
     run_cli("verify", mse_out, "--against", src)
 
