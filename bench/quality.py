@@ -333,7 +333,9 @@ def _same(a: dict, b: dict) -> bool:
 def markdown(results: list[dict]) -> str:
     lines = []
     for model in ("smollm2", "minilm"):
-        rows = [r for r in results if r["model"] == model]
+        order = {name: i for i, name in enumerate(["source", *SCHEMES])}
+        rows = sorted((r for r in results if r["model"] == model),
+                      key=lambda r: (order.get(r["scheme"], 99), r["tool"] != "fp8conv", r["tool"], r["observer"]))
         if not rows:
             continue
         if model == "smollm2":
