@@ -369,3 +369,11 @@ def test_float_rounder_equals_encode_decode(name):
     observers.float_rounder(fmt)(got)
     bad = np.flatnonzero(got != expected)
     assert bad.size == 0, f"{bad.size} values differ, first {values[bad[0]]!r}: {got[bad[0]]} vs {expected[bad[0]]}"
+
+
+def test_recipe_round_trips_the_observer():
+    """Partitioned and distributed runs ship the scheme as a recipe record: the observer must survive it."""
+    from fp8conv.recipe import Recipe
+
+    recipe = Recipe(scheme=Scheme("int4", "group", group_size=64, observer="mse"))
+    assert Recipe.from_json(recipe.to_json(), "test").scheme.observer == "mse"
