@@ -1,15 +1,73 @@
-"""What a model family looks like to the engines: read from config.json and the tensor names.
+"""What a model family looks like to the engines, read from config.json and the tensor names.
 
-The one place that knows model families: which modules exist in memory without a tensor of their
-own (tied heads), and, later in this module, which tensors each family keeps in high precision.
+The one place that knows model families: which tensors each family keeps in high precision by
+default and why, which 3-D tensors are expert stacks, which modules exist in memory without a
+tensor of their own (tied heads), which layers are MTP / NextN layers, and how transformers names a
+checkpoint's modules in memory (the names an `ignore` list must use).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import re
+from dataclasses import dataclass, field
 
 # Architectures (config.json "architectures") whose class holds an output head module `lm_head`.
 HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "ForImageTextToText")
 HEAD_MODULE = "lm_head"
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A default: tensors of this kind stay in high precision, for `reason`."""
+
+    kind: str
+    globs: tuple[str, ...]
+    reason: str
+    includable: bool = True  # --include may quantize it anyway
+
+    def matches(self, module: str) -> bool:
+        return any(fnmatch.fnmatchcase(module, g) for g in self.globs)
+
+
+EMBEDDING = Rule("embedding", ("*embed_tokens", "*embeddings", "*_embeddings", "*.wte", "*.wpe", "wte", "wpe"),
+                 "input embedding: a lookup table (nn.Embedding), not a Linear; engines load it in high precision")
+LM_HEAD = Rule("lm_head", ("lm_head", "*.lm_head", "*.shared_head.head"),
+               "output head: engines keep it in high precision (the most error-sensitive matrix)")
+ROUTER = Rule("MoE router", ("*.gate", "*.router", "*.router.*", "*.shared_expert_gate"),
+              "MoE router: vLLM builds it without a quantization method (tiny, and routing is accuracy-critical)")
+VISION = Rule("vision tower", (
+    "visual.*", "model.visual.*", "vision_tower.*", "model.vision_tower.*", "vision_model.*", "model.vision_model.*",
+    "multi_modal_projector.*", "model.multi_modal_projector.*", "mm_projector.*", "model.mm_projector.*",
+    "vision_encoder.*", "model.vision_encoder.*"),
+    "vision tower / projector: kept in high precision (a small share of the weights, accuracy-sensitive; "
+    "vLLM does not quantize most vision encoders)")
+MTP_PROJECTION = Rule("MTP projection", ("*.eh_proj",),
+                      "MTP (NextN) input projection: vLLM's DeepSeek MTP runs eh_proj as a plain torch Linear "
+                      "that cannot hold FP8; kept in high precision")
+DEFAULT_RULES = (MTP_PROJECTION, EMBEDDING, LM_HEAD, ROUTER, VISION)
+CONV = ("conv / SSM weight", "3-D weight that is not an expert stack (e.g. a Mamba conv1d [C, 1, K]): convolution "
+        "and SSM weights are not Linear layers, engines never quantize them")
+FUSED_EXPERTS = ("fused experts", "fused 3-D experts stored [E, in, out] without .weight (gpt-oss): transformers "
+                 "5.17 loads them quantized with neither loader (the scale tensor is UNEXPECTED, codes would be read "
+                 "as weights) and vLLM reads quantized gpt-oss experts only per expert; kept in high precision")
+ROUTING_BIAS = "expert-score correction bias (DeepSeek-V3 routing): 1-D, kept as shipped"
+
+# Partitions that engines fuse into one layer: they must share one scheme (vLLM refuses otherwise).
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
+
+# transformers 5.17 conversion_mapping.py: checkpoint name -> in-memory module name, per family.
+_QWEN_VL = ((r"^visual", "model.visual"), (r"^model(?!\.(language_model|visual))", "model.language_model"))
+_LLAVA = ((r"^language_model\.lm_head", "lm_head"), (r"^language_model\.model", "model.language_model"),
+          (r"^language_model", "model.language_model"), (r"^vision_tower", "model.vision_tower"),
+          (r"^multi_modal_projector", "model.multi_modal_projector"))
+RENAMES = {
+    "qwen2_vl": _QWEN_VL, "qwen2_5_vl": _QWEN_VL,
+    **{t: _LLAVA for t in ("llava", "gemma3", "mistral3", "paligemma", "aya_vision", "internvl", "vipllava",
+                           "got_ocr2", "llava_next", "llava_onevision", "llava_next_video")},
+}
+EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+VISION_KEYS = ("vision_config", "vision_tower_config", "visual")
 
 
 def _sub_configs(config: dict) -> list[dict]:
@@ -22,6 +80,20 @@ def _sub_configs(config: dict) -> list[dict]:
     return found
 
 
+def _first_int(configs: list[dict], keys: tuple[str, ...]) -> int | None:
+    for config in configs:
+        for key in keys:
+            value = config.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def module_name(tensor_name: str) -> str:
+    """'model.layers.0.mlp.down_proj.weight' -> 'model.layers.0.mlp.down_proj'."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Facts about a model family that decide what engines expect in each module."""
@@ -29,17 +101,29 @@ class Architecture:
     model_type: str | None = None
     architectures: tuple[str, ...] = ()
     tie_word_embeddings: bool | None = None
+    num_hidden_layers: int | None = None
+    nextn_layers: int = 0
+    num_experts: int | None = None
+    vision: bool = False
+    renames: tuple[tuple[str, str], ...] = field(default=())
 
     @classmethod
     def from_config(cls, config: dict | None) -> "Architecture":
         if not isinstance(config, dict):
             return cls()
+        configs = _sub_configs(config)
         archs = config.get("architectures")
-        tied = [c["tie_word_embeddings"] for c in _sub_configs(config) if isinstance(c.get("tie_word_embeddings"), bool)]
+        tied = [c["tie_word_embeddings"] for c in configs if isinstance(c.get("tie_word_embeddings"), bool)]
+        model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
         return cls(
-            model_type=config.get("model_type") if isinstance(config.get("model_type"), str) else None,
+            model_type=model_type,
             architectures=tuple(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else (),
             tie_word_embeddings=tied[0] if tied else None,
+            num_hidden_layers=_first_int(configs, ("num_hidden_layers",)),
+            nextn_layers=_first_int(configs, ("num_nextn_predict_layers",)) or 0,
+            num_experts=_first_int(configs, EXPERT_COUNT_KEYS),
+            vision=any(isinstance(config.get(k), dict) for k in VISION_KEYS),
+            renames=RENAMES.get(model_type or "", ()),
         )
 
     @property
@@ -62,3 +146,70 @@ class Architecture:
         if tied and (self.has_head or self.tie_word_embeddings):
             return [HEAD_MODULE]
         return []
+
+    def mtp_layer(self, tensor_name: str) -> int | None:
+        """The index of the MTP / NextN layer holding this tensor (layers past num_hidden_layers)."""
+        if not self.nextn_layers or self.num_hidden_layers is None:
+            return None
+        match = LAYER_INDEX.search(tensor_name)
+        if match and int(match.group(1)) >= self.num_hidden_layers:
+            return int(match.group(1))
+        return None
+
+    def is_expert_stack(self, tensor_name: str, shape: tuple[int, ...]) -> bool:
+        """A 3-D `[E, out, in]` stack of expert matrices (not a convolution kernel)."""
+        if len(shape) != 3:
+            return False
+        if ".experts." in f".{tensor_name}":
+            return True
+        return self.num_experts is not None and shape[0] == self.num_experts and min(shape[1:]) > 1
+
+    def rule_for(self, tensor_name: str, shape: tuple[int, ...]) -> Rule | None:
+        """The default that keeps a floating `.weight` tensor (2-D or 3-D) in high precision, if any."""
+        module = module_name(tensor_name)
+        for rule in DEFAULT_RULES:
+            if rule is VISION and not (self.vision or rule.matches(module)):
+                continue
+            if rule.matches(module):
+                return rule
+        if len(shape) == 3 and not self.is_expert_stack(tensor_name, shape):
+            return Rule(CONV[0], (), CONV[1], includable=False)
+        return None
+
+    def fused_experts_rule(self, tensor_name: str, shape: tuple[int, ...]) -> Rule | None:
+        """gpt-oss style fused experts `*.experts.gate_up_proj` / `*.experts.down_proj` (no `.weight`)."""
+        if len(shape) == 3 and re.search(r"\.experts\.(gate_up_proj|down_proj|up_proj|gate_proj)$", tensor_name):
+            return Rule(FUSED_EXPERTS[0], (), FUSED_EXPERTS[1], includable=False)
+        return None
+
+    def copy_reason(self, tensor_name: str) -> str | None:
+        """A family-specific reason for a tensor that is copied anyway (1-D, not a weight)."""
+        if tensor_name.endswith("e_score_correction_bias"):
+            return ROUTING_BIAS
+        return None
+
+    def mtp_reason(self, tensor_name: str) -> str | None:
+        layer = self.mtp_layer(tensor_name)
+        if layer is None:
+            return None
+        return (f"MTP (NextN) layer {layer}: kept, never dropped; quantized like the decoder layers "
+                "(vLLM's MTP block uses the model's quantization config)")
+
+    def loader_names(self, module: str) -> list[str]:
+        """The module's checkpoint name and, where transformers renames it in memory, that name too."""
+        names = [module]
+        for pattern, target in self.renames:
+            renamed, n = re.subn(pattern, target, module, count=1)
+            if n:
+                if renamed != module:
+                    names.append(renamed)
+                break
+        return names
+
+    def fused_group(self, module: str) -> list[str] | None:
+        """The sibling module names an engine fuses with this one (q/k/v, gate/up, MLA q_a/kv_a)."""
+        prefix, _, leaf = module.rpartition(".")
+        for group in FUSED_GROUPS:
+            if leaf in group:
+                return [f"{prefix}.{part}" if prefix else part for part in group]
+        return None

@@ -20,7 +20,7 @@ from .errors import EXIT_INTERNAL, EXIT_SIGINT, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
-from .plan import DEFAULT_SKIPS
+from .architecture import DEFAULT_RULES
 from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size
 
 EXIT_CODES_HELP = (
@@ -30,7 +30,7 @@ EXIT_CODES_HELP = (
 )
 # Element formats by name, except fp4_e2m1, which exists only inside nvfp4 / mxfp4.
 FORMAT_CHOICES = [f for f in FORMATS if f != "fp4_e2m1"] + list(MICROSCALE)
-SKIP_HELP = "; ".join(f"{kind}: {' '.join(globs)}" for kind, globs in DEFAULT_SKIPS)
+SKIP_HELP = "; ".join(f"{rule.kind}: {' '.join(rule.globs)}" for rule in DEFAULT_RULES)
 
 
 def fail(message: str, code: int) -> None:

@@ -104,6 +104,18 @@ def _engine_warnings(plan: ConversionPlan) -> list[str]:
     ]
 
 
+def _kept_expert_warnings(plan: ConversionPlan) -> list[str]:
+    """Expert-sized tensors the scheme asks for but the plan leaves in high precision: said out loud."""
+    if plan.scheme is None:
+        return []
+    kept = [n for n, d in plan.decisions.items() if d.action == COPY and d.reason.startswith("fused experts")]
+    if not kept:
+        return []
+    size = sum(plan.tensors[n].nbytes for n in kept)
+    return [f"{len(kept)} expert tensors ({size / 1e9:.3g} GB, e.g. {printable(kept[0])}) stay in high precision "
+            f"although the scheme asks for {plan.scheme.describe()}: {plan.decisions[kept[0]].reason}"]
+
+
 def _pack(groups: list[tuple[str, list[OutEntry]]], max_shard_size: int | None) -> list[OutShard]:
     """Keep the source grouping, or pack weight+scale units greedily into shards of max_shard_size."""
     if max_shard_size is None:
@@ -149,12 +161,12 @@ def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
 
 
 def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions: set[str], scheme: Scheme,
-                     layout: Layout, ignore: Matcher, include: Matcher) -> Decision:
+                     layout: Layout, ignore: Matcher, include: Matcher, arch: Architecture) -> Decision:
     if name in companions:
         return Decision(name, DROP, "scale or activation parameter of a quantized source weight (replaced)")
     qw = source_quant.get(name)
     if qw is None:
-        return decide(info, ignore, include)
+        return decide(info, ignore, include, arch)
     assert qw.scheme is not None
     pattern = ignore.first_match(name)
     if pattern is not None:
@@ -204,7 +216,7 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
         for name in sorted(shard.tensors):
             groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
     plan.shards = _pack(groups, max_shard_size)
-    plan.warnings = _engine_warnings(plan)
+    plan.warnings = _engine_warnings(plan) + _kept_expert_warnings(plan)
     return plan
 
 
@@ -230,8 +242,9 @@ def build_plan(
     tensors = checkpoint.tensors
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
+    arch = architecture_of(checkpoint)
     decisions = {
-        name: _decide_quantize(name, info, source_quant, companions, scheme, layout, ignore, include)
+        name: _decide_quantize(name, info, source_quant, companions, scheme, layout, ignore, include, arch)
         for name, info in tensors.items()
     }
     validate_source_scales(view, [n for n, d in decisions.items() if n in source_quant and d.action != CARRY])
@@ -250,14 +263,15 @@ def build_plan(
     tensorless = {
         module: "tied to the input embedding (no tensor of its own); listed as ignored so loaders keep it "
                 "in high precision instead of expecting a scale that does not exist"
-        for module in architecture_of(checkpoint).tied_heads(tensors)
+        for module in arch.tied_heads(tensors)
     }
     kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
         shards=[], outputs=outputs, schemes=schemes, source_quant=source_quant, warnings=[],
-        unquantized_modules=sorted(set(kept) | set(tensorless)), tensorless_modules=tensorless,
+        unquantized_modules=sorted({n for m in (*kept, *tensorless) for n in arch.loader_names(m)}),
+        tensorless_modules=tensorless,
     )
     _refuse_groups(plan, scheme)
     _refuse_microscale_shapes(plan, scheme)

@@ -5,9 +5,10 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+from .architecture import Architecture, module_name
 from .errors import SchemeError
 from .formats import QUANTIZABLE_TAGS
-from .safetensors_io import TensorInfo
+from .safetensors_io import TensorInfo, printable
 
 QUANTIZE = "quantize"
 COPY = "copy"
@@ -16,14 +17,6 @@ CARRY = "carry"  # quantized in the source with the requested scheme: codes and 
 DEQUANTIZE = "dequantize"
 DROP = "drop"  # a source scale or activation parameter that the output does not keep
 QUANTIZED_OUTPUT = frozenset({QUANTIZE, REQUANTIZE, CARRY})
-
-# Module-name globs skipped by default: engines keep these in high precision.
-DEFAULT_SKIPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("embedding", ("*embed_tokens", "*embeddings", "*_embeddings", "*.wte", "*.wpe", "wte", "wpe")),
-    ("lm_head", ("lm_head", "*.lm_head")),
-    ("MoE router", ("*.gate", "*.router", "*.router.*", "*.shared_expert_gate")),
-)
-
 
 @dataclass(frozen=True)
 class Decision:
@@ -37,11 +30,6 @@ class Decision:
     def quantized(self) -> bool:
         """Whether the output holds this tensor as codes plus a scale."""
         return self.action in QUANTIZED_OUTPUT
-
-
-def module_name(tensor_name: str) -> str:
-    """'model.layers.0.mlp.down_proj.weight' -> 'model.layers.0.mlp.down_proj'."""
-    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
 
 
 class Matcher:
@@ -71,17 +59,10 @@ class Matcher:
         return None
 
 
-def default_skip(tensor_name: str) -> str | None:
-    """The kind of tensor ('embedding', 'lm_head', 'MoE router') skipped by default, if any."""
-    module = module_name(tensor_name)
-    for kind, globs in DEFAULT_SKIPS:
-        if any(fnmatch.fnmatchcase(module, g) for g in globs):
-            return kind
-    return None
-
-
-def decide(info: TensorInfo, ignore: Matcher, include: Matcher) -> Decision:
-    """Quantize floating 2-D `*.weight` tensors and 3-D stacked experts; copy everything else."""
+def decide(info: TensorInfo, ignore: Matcher, include: Matcher, arch: Architecture | None = None) -> Decision:
+    """Quantize floating 2-D `*.weight` tensors and 3-D expert stacks unless the user or the
+    architecture's defaults (fp8conv.architecture) keep them; copy everything else, with the reason."""
+    arch = arch or Architecture()
     name, ndim = info.name, len(info.shape)
 
     def copy(reason: str) -> Decision:
@@ -91,9 +72,13 @@ def decide(info: TensorInfo, ignore: Matcher, include: Matcher) -> Decision:
         return copy(f"dtype {info.dtype} is not quantized; copied byte-for-byte")
     if ndim == 0:
         return copy("scalar tensor")
+    special = arch.copy_reason(name)
+    if special is not None:
+        return copy(special)
     if ndim == 1:
         return copy("1-D tensor (norm or bias)")
-    if not name.endswith(".weight"):
+    rule = arch.fused_experts_rule(name, info.shape) if not name.endswith(".weight") else None
+    if rule is None and not name.endswith(".weight"):
         return copy("not a .weight tensor")
     if ndim > 3:
         return copy(f"{ndim}-D tensor; only 2-D weights and 3-D stacked experts are quantized")
@@ -102,12 +87,18 @@ def decide(info: TensorInfo, ignore: Matcher, include: Matcher) -> Decision:
     pattern = ignore.first_match(name)
     if pattern is not None:
         return copy(f"matched --ignore {pattern}")
-    kind = default_skip(name)
-    if kind is not None:
+    rule = rule or arch.rule_for(name, info.shape)
+    if rule is not None:
         pattern = include.first_match(name)
         if pattern is None:
-            return copy(f"{kind} kept in high precision by default (--include to quantize)")
-        return Decision(name, QUANTIZE, f"{kind} quantized by --include {pattern}")
+            return copy(f"{rule.kind} kept in high precision by default: {rule.reason}"
+                        + (" (--include to quantize)" if rule.includable else ""))
+        if not rule.includable:
+            raise SchemeError(f"--include {pattern} matches {printable(name)}, which cannot be quantized: {rule.reason}")
+        return Decision(name, QUANTIZE, f"{rule.kind} quantized by --include {pattern}")
+    mtp = arch.mtp_reason(name)
+    if mtp is not None:
+        return Decision(name, QUANTIZE, mtp)
     if ndim == 3:
         return Decision(name, QUANTIZE, "3-D stacked experts, one scale grid per expert")
     return Decision(name, QUANTIZE, "2-D weight")

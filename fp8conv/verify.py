@@ -12,7 +12,7 @@ import numpy as np
 from .architecture import Architecture
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
-from .plan import Matcher, default_skip, module_name
+from .plan import Matcher, module_name
 from .fusion import fused_sets
 from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
 from .report import error_metrics
@@ -136,7 +136,7 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
 # ---- 2. structure -----------------------------------------------------------------------------
 
 
-def _expects_quantized(name: str, shape: tuple[int, ...], layout: str) -> bool:
+def _expects_quantized(name: str, shape: tuple[int, ...], layout: str, arch: Architecture) -> bool:
     """A high-precision Linear weight an engine would load as FP8 unless the config ignores it.
 
     Embeddings are never Linear; fine-grained FP8 loaders also keep lm_head and MoE routers
@@ -144,8 +144,9 @@ def _expects_quantized(name: str, shape: tuple[int, ...], layout: str) -> bool:
     """
     if not name.endswith(".weight") or len(shape) != 2:
         return False
+    rule = arch.rule_for(name, shape)
     exempt = ("embedding", "lm_head", "MoE router") if layout == "fp8-native" else ("embedding",)
-    return default_skip(name) not in exempt
+    return rule is None or rule.kind not in exempt
 
 
 def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
@@ -168,15 +169,21 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
     for qw in view.weights.values():
         if matcher.first_match(qw.name):
             result.fail("structure", f"{printable(qw.name)} is quantized but the quantization_config lists it as ignored", qw.name)
-    for name, info in tensors.items():
-        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.layout):
-            continue
-        if not matcher.first_match(name) and view.layout != "fp8conv":
-            result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
-                        "an engine would expect it in FP8", name)
+    arch = Architecture.from_config(view.config)
     if view.layout == "fp8conv":
         return
-    for module in Architecture.from_config(view.config).tied_heads(tensors):
+    for name, info in tensors.items():
+        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.layout, arch):
+            continue
+        if not matcher.first_match(name):
+            result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
+                        "an engine would expect it in FP8", name)
+            continue
+        for loaded_as in arch.loader_names(module_name(name))[1:]:
+            if not matcher.first_match(loaded_as):
+                result.fail("structure", f"{printable(name)} is ignored under its checkpoint name only: transformers "
+                            f"names the module {printable(loaded_as)} in memory and would expect it quantized", name)
+    for module in arch.tied_heads(tensors):
         if not matcher.first_match(module):
             result.fail("structure", f"{module} is tied to the input embedding (no tensor of its own) but "
                         "quantization_config does not ignore it: transformers would load it as quantized with a "
