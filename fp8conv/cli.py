@@ -16,7 +16,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_INTERNAL, EXIT_SIGINT, FP8ConvError
+from .engines import ENGINES
+from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
@@ -195,11 +196,15 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.option("--include", multiple=True, metavar="PATTERN",
               help=f"Quantize tensors skipped by default that match (same syntax). Skipped by default: {SKIP_HELP}.")
 @click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
+@click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Tensor-parallel size the output must split over (vLLM partition and block divisibility).")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)),
+              help="Refuse (exit 2, nothing written) what this engine could not load; without it those are warnings. Repeatable.")
 @run_options
 @handle_errors
 def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore, include,
-             allow_nonfinite, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition, ray_address,
-             parts) -> None:
+             allow_nonfinite, tp, engines, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition,
+             ray_address, parts) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
 
     \b
@@ -211,7 +216,7 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
     recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer),
                     layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
-                    max_shard_size=parse_size(max_shard_size))
+                    max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines))
     _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
 
 
@@ -252,12 +257,18 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "").check()
         click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
-                               "modules_without_tensors": plan.tensorless_modules}, indent=2) if as_json
+                               "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
+                               "refusals": plan.refusals}, indent=2) if as_json
                    else render.dry_run_plan(plan))
+        for refusal in plan.refusals:
+            click.echo(f"fp8conv: error: {refusal}", err=True)
+        if plan.refusals:
+            sys.exit(EXIT_USAGE)
         return
     if ray_address is not None:
         from .distributed import run_on_ray
 
+        pipeline.refuse_flagged(plan)
         result = run_on_ray(src, out, recipe, parts or len(plan.shards), run, ray_address or None,
                             on_part=lambda label: quiet or click.echo(f"fp8conv: part {label} done", err=True))
     else:
@@ -355,7 +366,7 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
               help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8, 0.40 int4].")
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size to check vLLM's partition constraints for.")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(["vllm", "transformers"]), default=("vllm",),
+@click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)), default=("vllm",),
               show_default=True, help="Engines whose load constraints fail the check (others only warn). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from .architecture import Architecture
 from .checkpoint import CONFIG_NAME, Checkpoint
 from .errors import InputError, SchemeError
+from .engines import fused_constraints, weight_constraints
 from .layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
-from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide
+from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide, module_name
 from .quantized import CheckpointView, QuantizedWeight, open_view, validate_source_scales
 from .safetensors_io import OutEntry, TensorInfo, printable
 from .scheme import Scheme
@@ -43,6 +44,8 @@ class ConversionPlan:
     # Modules the engines build that have no tensor of their own (a tied lm_head): kept, with the reason.
     tensorless_modules: dict[str, str] = field(default_factory=dict)
     global_scales: dict[str, list] = field(default_factory=dict)  # NVFP4: per matrix, set before the jobs run
+    # What the pre-flight refuses (a real run raises, a dry run lists them and exits 2).
+    refusals: list[str] = field(default_factory=list)
 
     @property
     def shard_of_output(self) -> dict[str, str]:
@@ -91,17 +94,26 @@ def _outputs_of(plan: ConversionPlan, info: TensorInfo) -> list[OutEntry]:
     return [OutEntry(info.name, plan.output_dtype(info.name), info.shape)]
 
 
-def _engine_warnings(plan: ConversionPlan) -> list[str]:
-    """transformers refuses fine-grained FP8 weights whose dims do not divide the block (vLLM pads them)."""
-    if plan.layout is None or plan.layout.name != "fp8-native" or plan.scheme is None:
-        return []
-    bn, bk = plan.scheme.block_size
-    return [
-        f"{printable(name)} {info.shape[-2]}x{info.shape[-1]} is not divisible by the {bn}x{bk} block: "
-        "transformers' fine-grained FP8 loader refuses it (vLLM pads and loads it)"
-        for name, info in plan.tensors.items()
-        if plan.decisions[name].quantized and (info.shape[-2] % bn or info.shape[-1] % bk)
-    ]
+def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple[str, ...]) -> None:
+    """Engine load constraints of the planned output (fp8conv.engines), before anything is written:
+    fused partitions quantized differently are refused; the rest are refused for the engines named
+    by --engine and warnings otherwise."""
+    if plan.scheme is None or plan.layout is None:
+        return
+    schemes: dict[str, str | None] = {}
+    found = []
+    for name, info in plan.tensors.items():
+        decision = plan.decisions[name]
+        if decision.action == DROP or len(info.shape) < 2:
+            continue
+        if name.endswith(".weight"):
+            schemes[module_name(name)] = plan.scheme.describe() if decision.quantized else None
+        if decision.quantized:
+            found += weight_constraints(name, info.shape, plan.scheme, plan.layout.name, tp, arch)
+    for constraint in fused_constraints(schemes, arch):
+        plan.refusals.append(constraint.message + " (quantize or --ignore all of its partitions)")
+    for constraint in found:
+        (plan.refusals if constraint.engine in engines else plan.warnings).append(constraint.text())
 
 
 def _kept_expert_warnings(plan: ConversionPlan) -> list[str]:
@@ -216,7 +228,7 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
         for name in sorted(shard.tensors):
             groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
     plan.shards = _pack(groups, max_shard_size)
-    plan.warnings = _engine_warnings(plan) + _kept_expert_warnings(plan)
+    plan.warnings = _kept_expert_warnings(plan)
     return plan
 
 
@@ -235,6 +247,8 @@ def build_plan(
     ignore: Matcher,
     include: Matcher,
     max_shard_size: int | None = None,
+    tp: int = 1,
+    engines: tuple[str, ...] = (),
 ) -> ConversionPlan:
     """Decide every tensor and every output byte range for `quantize`; raises before anything is written."""
     layout.check(scheme)
@@ -275,7 +289,9 @@ def build_plan(
     )
     _refuse_groups(plan, scheme)
     _refuse_microscale_shapes(plan, scheme)
-    return _finish(checkpoint, plan, max_shard_size)
+    plan = _finish(checkpoint, plan, max_shard_size)
+    _preflight(plan, arch, tp, engines)
+    return plan
 
 
 def build_dequantize_plan(checkpoint: Checkpoint, out_dtype: str, max_shard_size: int | None = None) -> ConversionPlan:

@@ -20,7 +20,7 @@ import numpy as np
 from . import compiled, html_report
 from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
 from .formats import SAFETENSORS_DTYPES
 from .fusion import fused_sets
 from .hashing import PrefixHasher
@@ -69,6 +69,8 @@ class QuantizeOptions:
     include: tuple[str, ...] = ()
     max_shard_size: int | None = None
     run: RunOptions = field(default_factory=RunOptions)
+    tp: int = 1
+    engines: tuple[str, ...] = ()  # engines whose load constraints refuse the conversion (others warn)
 
 
 @dataclass
@@ -90,7 +92,7 @@ class ConversionResult:
 def recipe_of(options: QuantizeOptions) -> Recipe:
     return Recipe(scheme=options.scheme, layout=options.layout, ignore=tuple(options.ignore),
                   include=tuple(options.include), allow_nonfinite=options.run.allow_nonfinite,
-                  max_shard_size=options.max_shard_size)
+                  max_shard_size=options.max_shard_size, tp=options.tp, engines=tuple(options.engines))
 
 
 def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPlan]:
@@ -99,7 +101,7 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
     if recipe.command == DEQUANTIZE_COMMAND:
         return checkpoint, build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
     plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
-                      Matcher(recipe.include, "--include"), recipe.max_shard_size)
+                      Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines)
     if recipe.layout == "fp8conv":
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
     return checkpoint, plan
@@ -300,6 +302,7 @@ def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Pa
              recipe: Recipe | None = None) -> ConversionResult:
     """Write the plan's output atomically: either no OUT, or a complete one. With a partition, write
     that part's shards into OUT's parts area instead (also atomically); `recipe` is recorded there."""
+    refuse_flagged(plan)
     key = run_key(checkpoint, plan, options.allow_nonfinite)
     progress = progress or (lambda n: None)
     if partition is None:
@@ -309,6 +312,13 @@ def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Pa
             return _finalize(checkpoint, plan, staging, files, stats, notes)
     assert recipe is not None
     return _run_part(checkpoint, plan, source, out, options, progress, partition, recipe, key)
+
+
+def refuse_flagged(plan: ConversionPlan) -> None:
+    """A real run refuses what the dry run flags, before the first byte."""
+    if plan.refusals:
+        raise SchemeError(f"refused before writing anything: {plan.refusals[0]}"
+                          + (f" (and {len(plan.refusals) - 1} more; --dry-run lists them)" if len(plan.refusals) > 1 else ""))
 
 
 def _run_part(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,

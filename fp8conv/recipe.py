@@ -27,6 +27,10 @@ class Recipe:
     allow_nonfinite: bool = False
     out_dtype: str = "BF16"
     max_shard_size: int | None = None
+    # Pre-flight only (refusals before the first byte, checked by whoever plans the whole run): they
+    # never change the output bytes, so they are not part of the recorded recipe.
+    tp: int = 1
+    engines: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         common = {"command": self.command, "max_shard_size": self.max_shard_size}

@@ -101,7 +101,14 @@ def dry_run_plan(plan) -> str:
     for module, reason in sorted(plan.tensorless_modules.items()):
         rows.append([printable(module), "-", "-", "keep", "-", "-", reason])
     shards = ", ".join(f"{s.name} ({human_bytes(s.nbytes)})" for s in plan.shards)
-    return table(["tensor", "dtype", "shape", "action", "before", "after", "reason"], rows) + f"\noutput shards: {shards}"
+    lines = [table(["tensor", "dtype", "shape", "action", "before", "after", "reason"], rows), f"output shards: {shards}"]
+    if plan.layout is not None:
+        ignored = plan.unquantized_modules
+        lines.append(f"ignore list ({len(ignored)} modules, as vLLM and transformers name them): "
+                     + (", ".join(printable(m) for m in ignored) if ignored else "none"))
+    lines += [f"warning: {w}" for w in plan.warnings] + [f"refused: {r}" for r in plan.refusals]
+    lines.append(f"pre-flight: {'REFUSED (exit 2)' if plan.refusals else 'ok'}")
+    return "\n".join(lines)
 
 
 

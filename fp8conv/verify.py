@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -10,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .architecture import Architecture
+from .engines import fused_constraints, weight_constraints
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
 from .plan import Matcher, module_name
@@ -23,9 +23,6 @@ CHUNK_BYTES = READ_CHUNK_BYTES
 # set above what each format's rounding gives on heavy-tailed weights.
 DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10, "int4": 0.40,
                          "nvfp4": 0.20, "mxfp4": 0.25, "mxfp8": 0.08}
-COLUMN_PARALLEL = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|w1|w3|query|key|value|c_attn|c_fc|fc1|dense_h_to_4h)$")
-ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|c_proj|fc2|dense_4h_to_h)$")
-FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 CHECKS = ("integrity", "structure", "numerics", "engines")
 
 
@@ -301,64 +298,33 @@ def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_reader
 
 
 def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyResult) -> None:
-    """Constraints vLLM and transformers enforce when loading; findings fail for the engines asked for."""
-
-    def report(engine: str, message: str, tensor: str | None = None) -> None:
-        text = f"{engine}: {message}"
-        if engine in options.engines:
-            result.fail("engines", text, tensor)
-        else:
-            result.warn("engines", text, tensor)
-
+    """Constraints vLLM and transformers enforce when loading (fp8conv.engines); findings fail for the
+    engines asked for and are warnings for the others."""
     if view.layout == "fp8conv":
         result.warn("engines", "layout fp8conv is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
         return
-    tp = options.tp
-    for qw in sorted(view.weights.values(), key=lambda q: q.name):
-        if qw.scheme is None:
-            continue
-        name = qw.name
-        rows, cols = qw.shape[-2:]
-        module = module_name(name)
-        if COLUMN_PARALLEL.search(module) and rows % tp:
-            report("vllm", f"{printable(name)} output dim {rows} does not split over --tp {tp}", name)
-        if ROW_PARALLEL.search(module) and cols % tp:
-            report("vllm", f"{printable(name)} input dim {cols} does not split over --tp {tp}", name)
-        if qw.scheme.granularity == "group" and qw.scheme.weight_only:
-            group = qw.scheme.group_size
-            if cols % group or (ROW_PARALLEL.search(module) and (cols // tp) % group):
-                report("vllm", f"{printable(name)} input dim {cols} (per --tp {tp} partition {cols // tp}) is not "
-                       f"divisible by group {group}", name)
-        if qw.scheme.granularity != "block":
-            continue
-        bn, bk = qw.scheme.block_size
-        if tp > 1 and COLUMN_PARALLEL.search(module) and (rows // tp) % bn:
-            report("vllm", f"{printable(name)} output partition {rows // tp} (tp {tp}) is not divisible by block {bn}", name)
-        if tp > 1 and ROW_PARALLEL.search(module) and (cols // tp) % bk:
-            report("vllm", f"{printable(name)} input partition {cols // tp} (tp {tp}) is not divisible by block {bk}", name)
-        if view.layout == "fp8-native" and (rows % bn or cols % bk):
-            report("transformers", f"{printable(name)} {rows}x{cols} is not divisible by the {bn}x{bk} block: "
-                   "the fine-grained FP8 loader refuses it", name)
-    _check_fused(view, report)
+    def report(engine: str, message: str, tensor: str | None = None) -> None:
+        (result.fail if engine in options.engines else result.warn)("engines", f"{engine}: {message}", tensor)
+
+    arch = Architecture.from_config(view.config)
+    by_logical = {qw.name: qw for qw in view.weights.values()}
+    found = []
+    for qw in sorted(by_logical.values(), key=lambda q: q.name):
+        if qw.scheme is not None:
+            found += weight_constraints(qw.name, qw.shape, qw.scheme, view.layout, options.tp, arch)
+    schemes: dict[str, str | None] = {}
+    tensors = view.checkpoint.tensors
+    for name in set(tensors) | set(by_logical):
+        shape = by_logical[name].shape if name in by_logical else tensors[name].shape
+        if len(shape) >= 2 and (name.endswith(".weight") or arch.fused_experts_rule(name, shape)):
+            qw = by_logical.get(name)
+            schemes[module_name(name)] = qw.scheme.describe() if qw is not None and qw.scheme is not None else None
+    found += fused_constraints(schemes, arch)
+    for constraint in found:
+        report(constraint.engine, constraint.message, constraint.tensor)
     _check_global_scales(view, report)
     if any(qw.scheme is not None and qw.scheme.granularity == "block" and qw.scheme.fmt.is_float for qw in view.weights.values()):
         result.warn("engines", "vllm: the CPU backend loads block FP8 only with AMX (Sapphire Rapids or newer); GPUs with compute capability >= 8.9 run it natively")
-
-
-def _check_fused(view: CheckpointView, report) -> None:
-    """vLLM fuses q/k/v and gate/up into one layer: all parts must be quantized alike."""
-    by_logical = {qw.name: qw for qw in view.weights.values()}
-    names = set(view.checkpoint.tensors) | set(by_logical)
-    for name in sorted(names):
-        for group in FUSED:
-            if not name.endswith(f".{group[0]}.weight"):
-                continue
-            prefix = name[: -len(f"{group[0]}.weight")]
-            parts = [prefix + p + ".weight" for p in group if prefix + p + ".weight" in names]
-            schemes = {(p in by_logical, by_logical[p].scheme.describe() if p in by_logical and by_logical[p].scheme else None)
-                       for p in parts}
-            if len(schemes) > 1:
-                report("vllm", f"fused parts {', '.join(printable(p) for p in parts)} are not quantized alike", name)
 
 
 def _check_global_scales(view: CheckpointView, report) -> None:

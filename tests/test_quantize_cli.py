@@ -158,10 +158,10 @@ def test_output_identical_for_any_worker_count(sample, tmp_path):
 
 def test_ignore_and_include(sample, tmp_path):
     src, out = sample("llama-tiny"), tmp_path / "out"
-    run_cli("quantize", src, "-o", out, "--ignore", "re:.*\\.k_proj", "--ignore", "*.layers.1.mlp.*",
+    run_cli("quantize", src, "-o", out, "--ignore", "re:.*\\.[qkv]_proj", "--ignore", "*.layers.1.mlp.*",
             "--include", "lm_head")
     manifest = read_json(out / "fp8conv.manifest.json")["tensors"]
-    assert manifest["model.layers.0.self_attn.k_proj.weight"]["reason"] == "matched --ignore re:.*\\.k_proj"
+    assert manifest["model.layers.0.self_attn.k_proj.weight"]["reason"] == "matched --ignore re:.*\\.[qkv]_proj"
     assert manifest["model.layers.1.mlp.up_proj.weight"]["decision"] == "copy"
     assert manifest["model.layers.0.mlp.up_proj.weight"]["decision"] == "quantize"
     assert manifest["lm_head.weight"]["decision"] == "quantize"
