@@ -206,6 +206,12 @@ class Architecture:
                 break
         return names
 
+    def experts_module(self, tensor_name: str) -> str | None:
+        """`model.layers.0.mlp.experts` for any tensor of that layer's experts: vLLM loads all of them as
+        one fused MoE layer, so they share one scheme and are ignored (or not) together."""
+        index = tensor_name.find(".experts.")
+        return tensor_name[: index + len(".experts")] if index > 0 else None
+
     def fused_group(self, module: str) -> list[str] | None:
         """The sibling module names an engine fuses with this one (q/k/v, gate/up, MLA q_a/kv_a)."""
         prefix, _, leaf = module.rpartition(".")

@@ -106,7 +106,7 @@ def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple
         decision = plan.decisions[name]
         if decision.action == DROP or len(info.shape) < 2:
             continue
-        if name.endswith(".weight"):
+        if name.endswith(".weight") or arch.experts_module(name):
             schemes[module_name(name)] = plan.scheme.describe() if decision.quantized else None
         if decision.quantized:
             found += weight_constraints(name, info.shape, plan.scheme, plan.layout.name, tp, arch)
@@ -232,6 +232,17 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
     return plan
 
 
+def _kept_expert_modules(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], arch: Architecture) -> list[str]:
+    """`*.experts` modules none of whose matrices is quantized: vLLM builds each as one fused MoE layer and
+    picks its quantization method from the ignore list, so the layer itself must be listed."""
+    quantized: dict[str, bool] = {}
+    for name, decision in decisions.items():
+        owner = arch.experts_module(name)
+        if owner is not None and len(tensors[name].shape) >= 2 and decision.action != DROP:
+            quantized[owner] = quantized.get(owner, False) or decision.quantized
+    return [owner for owner, any_quantized in quantized.items() if not any_quantized]
+
+
 def architecture_of(checkpoint: Checkpoint) -> Architecture:
     """The model family from config.json (an unreadable config is reported when it is rewritten)."""
     try:
@@ -280,6 +291,7 @@ def build_plan(
         for module in arch.tied_heads(tensors)
     }
     kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
+    kept += _kept_expert_modules(decisions, tensors, arch)
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},

@@ -95,6 +95,16 @@ def fused_constraints(schemes: dict[str, str | None], arch: Architecture) -> lis
 
     `schemes` maps module names that exist to their scheme description."""
     found = []
+    experts: dict[str, set[str | None]] = {}
+    for module, scheme in schemes.items():
+        owner = arch.experts_module(module)
+        if owner is not None:
+            experts.setdefault(owner, set()).add(scheme)
+    for owner, kinds in sorted(experts.items()):
+        if len(kinds) > 1:
+            described = ", ".join(sorted(k or "high precision" for k in kinds))
+            found.append(Constraint("vllm", owner, f"the experts of {printable(owner)} are quantized differently "
+                                    f"({described}); vLLM loads all experts of a layer as one fused MoE layer"))
     seen: set[str] = set()
     for module in sorted(schemes):
         group = arch.fused_group(module)

@@ -181,3 +181,14 @@ def test_merged_partition_block_rule(tmp_path):
     shapes["model.layers.0.self_attn.q_a_proj.weight"] = (256, 128)
     src = write_model(tmp_path / "src2", config, shapes)
     run_cli("quantize", src, "-o", tmp_path / "out", "--engine", "vllm")  # 576 is the last partition: allowed
+
+
+def test_kept_experts_are_ignored_as_one_fused_layer_and_partial_experts_refused(tmp_path):
+    src = write_model(tmp_path / "src", FAMILY_CONFIG, FAMILY_SHAPES)
+    out = tmp_path / "out"
+    run_cli("quantize", src, "-o", out, "--granularity", "channel")
+    ignored = read_json(out / "config.json")["quantization_config"]["ignore"]
+    assert "model.layers.0.moe.experts" in ignored  # gpt-oss style fused experts kept: vLLM must not expect FP8
+    assert "model.layers.0.mlp.experts" not in ignored
+    refused = run_cli("quantize", src, "-o", tmp_path / "o2", "--ignore", "*.experts.0.down_proj", expect=2)
+    assert "the experts of model.layers.0.mlp.experts are quantized differently" in refused.stderr
