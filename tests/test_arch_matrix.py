@@ -72,7 +72,8 @@ def deepseek_v3(path: Path) -> None:
     for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
         tensors[mtp + name] = torch.ones(hidden, dtype=torch.bfloat16)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    patch_config(path, num_nextn_predict_layers=1)
+    # As DeepSeek-V3 ships: noaux_tc routing with sigmoid scores (vLLM registers e_score_correction_bias then).
+    patch_config(path, num_nextn_predict_layers=1, topk_method="noaux_tc", scoring_func="sigmoid")
 
 
 def gpt_oss(path: Path) -> None:

