@@ -31,26 +31,26 @@ class Rule:
 
 
 EMBEDDING = Rule("embedding", ("*embed_tokens", "*embeddings", "*_embeddings", "*.wte", "*.wpe", "wte", "wpe"),
-                 "input embedding: a lookup table (nn.Embedding), not a Linear; engines load it in high precision")
+                 "a lookup table (nn.Embedding), not a Linear; engines load it unquantized")
 LM_HEAD = Rule("lm_head", ("lm_head", "*.lm_head", "*.shared_head.head"),
-               "output head: engines keep it in high precision (the most error-sensitive matrix)")
+               "engines keep the output head unquantized (the most error-sensitive matrix)")
 ROUTER = Rule("MoE router", ("*.gate", "*.router", "*.router.*", "*.shared_expert_gate"),
-              "MoE router: vLLM builds it without a quantization method (tiny, and routing is accuracy-critical)")
+              "vLLM builds routers without a quantization method (tiny; routing is accuracy-critical)")
 VISION = Rule("vision tower", (
     "visual.*", "model.visual.*", "vision_tower.*", "model.vision_tower.*", "vision_model.*", "model.vision_model.*",
     "multi_modal_projector.*", "model.multi_modal_projector.*", "mm_projector.*", "model.mm_projector.*",
     "vision_encoder.*", "model.vision_encoder.*"),
-    "vision tower / projector: kept in high precision (a small share of the weights, accuracy-sensitive; "
-    "vLLM does not quantize most vision encoders)")
+    "vision towers and projectors are a small share of the weights and accuracy-sensitive; vLLM does not "
+    "quantize most vision encoders")
 MTP_PROJECTION = Rule("MTP projection", ("*.eh_proj",),
-                      "MTP (NextN) input projection: vLLM's DeepSeek MTP runs eh_proj as a plain torch Linear "
-                      "that cannot hold FP8; kept in high precision")
+                      "the MTP (NextN) input projection eh_proj runs as a plain torch Linear in vLLM's DeepSeek "
+                      "MTP, which cannot hold FP8")
 DEFAULT_RULES = (MTP_PROJECTION, EMBEDDING, LM_HEAD, ROUTER, VISION)
-CONV = ("conv / SSM weight", "3-D weight that is not an expert stack (e.g. a Mamba conv1d [C, 1, K]): convolution "
+CONV = ("conv / SSM weight", "3-D weight that is not an expert stack (e.g. a Mamba conv1d [C, 1, K]); convolution "
         "and SSM weights are not Linear layers, engines never quantize them")
 FUSED_EXPERTS = ("fused experts", "fused 3-D experts stored [E, in, out] without .weight (gpt-oss): transformers "
                  "5.17 loads them quantized with neither loader (the scale tensor is UNEXPECTED, codes would be read "
-                 "as weights) and vLLM reads quantized gpt-oss experts only per expert; kept in high precision")
+                 "as weights) and vLLM reads quantized gpt-oss experts only per expert")
 ROUTING_BIAS = "expert-score correction bias (DeepSeek-V3 routing): 1-D, kept as shipped"
 
 # Partitions that engines fuse into one layer: they must share one scheme (vLLM refuses otherwise).
@@ -168,8 +168,6 @@ class Architecture:
         """The default that keeps a floating `.weight` tensor (2-D or 3-D) in high precision, if any."""
         module = module_name(tensor_name)
         for rule in DEFAULT_RULES:
-            if rule is VISION and not (self.vision or rule.matches(module)):
-                continue
             if rule.matches(module):
                 return rule
         if len(shape) == 3 and not self.is_expert_stack(tensor_name, shape):

@@ -302,6 +302,10 @@ def build_plan(
     _refuse_groups(plan, scheme)
     _refuse_microscale_shapes(plan, scheme)
     plan = _finish(checkpoint, plan, max_shard_size)
+    if arch.vision and not any(d.reason.startswith("vision tower") for d in decisions.values()):
+        plan.warnings.append("config.json describes a vision tower (vision_config) but no tensor has a known vision "
+                             "prefix (visual., vision_tower., vision_model., multi_modal_projector., mm_projector.): "
+                             "check the dry run, and --ignore the tower if it is quantized")
     _preflight(plan, arch, tp, engines)
     return plan
 

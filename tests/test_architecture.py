@@ -98,7 +98,7 @@ FAMILY_CONFIG = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model
                  "num_hidden_layers": 1, "num_nextn_predict_layers": 1, "n_routed_experts": 4,
                  "vision_config": {"depth": 1}, "tie_word_embeddings": False}
 EXPECTED = {  # tensor: (decision, words its reason must contain)
-    "model.embed_tokens.weight": ("copy", "input embedding"),
+    "model.embed_tokens.weight": ("copy", "embedding kept in high precision by default"),
     "lm_head.weight": ("copy", "output head"),
     "model.layers.0.self_attn.q_a_proj.weight": ("quantize", "2-D weight"),
     "model.layers.0.mlp.gate.weight": ("copy", "MoE router"),
@@ -192,3 +192,10 @@ def test_kept_experts_are_ignored_as_one_fused_layer_and_partial_experts_refused
     assert "model.layers.0.mlp.experts" not in ignored
     refused = run_cli("quantize", src, "-o", tmp_path / "o2", "--ignore", "*.experts.0.down_proj", expect=2)
     assert "the experts of model.layers.0.mlp.experts are quantized differently" in refused.stderr
+
+
+def test_vision_config_without_known_vision_tensors_warns(tmp_path):
+    config = {**FAMILY_CONFIG, "architectures": ["SomeVLMForConditionalGeneration"], "model_type": "some_vlm"}
+    src = write_model(tmp_path / "src", config, {"image_encoder.blocks.0.fc1.weight": (32, 32)})
+    dry = run_cli("quantize", src, "-o", tmp_path / "out", "--dry-run")
+    assert "config.json describes a vision tower (vision_config) but no tensor has a known vision prefix" in dry.stderr
