@@ -104,12 +104,14 @@ def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple
     found = []
     for name, info in plan.tensors.items():
         decision = plan.decisions[name]
-        if decision.action == DROP or len(info.shape) < 2:
+        qw = plan.source_quant.get(name)
+        logical, shape = (qw.name, qw.shape) if qw is not None else (name, info.shape)
+        if decision.action == DROP or len(shape) < 2:
             continue
-        if name.endswith(".weight") or arch.experts_module(name):
-            schemes[module_name(name)] = plan.scheme.describe() if decision.quantized else None
+        if logical.endswith(".weight") or arch.fused_experts_rule(logical, shape):
+            schemes[module_name(logical)] = plan.schemes[name].describe() if decision.quantized else None
         if decision.quantized:
-            found += weight_constraints(name, info.shape, plan.scheme, plan.layout.name, tp, arch)
+            found += weight_constraints(logical, shape, plan.schemes[name], plan.layout.name, tp, arch)
     for constraint in fused_constraints(schemes, arch):
         plan.refusals.append(constraint.message + " (quantize or --ignore all of its partitions)")
     for constraint in found:
