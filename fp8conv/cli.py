@@ -22,7 +22,8 @@ from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
 from .architecture import DEFAULT_RULES
-from .scheme import ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size
+from .scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size,
+                     parse_override)
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
@@ -196,15 +197,19 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.option("--include", multiple=True, metavar="PATTERN",
               help=f"Quantize tensors skipped by default that match (same syntax). Skipped by default: {SKIP_HELP}.")
 @click.option("--allow-nonfinite", is_flag=True, help="Quantize tensors holding NaN/Inf: NaN -> 0, Inf -> +-qmax.")
+@click.option("--scheme", "overrides", multiple=True, metavar="PATTERN=SPEC",
+              help="Quantize tensors matching PATTERN (--ignore syntax) with SPEC = FORMAT[:GRANULARITY[:SIZE]][:asym] "
+                   "instead of the default scheme, e.g. 're:.*down_proj=int8:channel', '*.mlp.*=int4:group:32'. "
+                   "Repeatable, first match wins; compressed-tensors only (one config group per scheme).")
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size the output must split over (vLLM partition and block divisibility).")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)),
               help="Refuse (exit 2, nothing written) what this engine could not load; without it those are warnings. Repeatable.")
 @run_options
 @handle_errors
-def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore, include,
-             allow_nonfinite, tp, engines, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition,
-             ray_address, parts) -> None:
+def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore,
+             include, allow_nonfinite, overrides, tp, engines, workers, max_shard_size, overwrite, resume, dry_run, as_json,
+             quiet, partition, ray_address, parts) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
 
     \b
@@ -216,8 +221,17 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
     recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer),
                     layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
-                    max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines))
+                    max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines),
+                    schemes=tuple(_with_observer(parse_override(text), observer) for text in overrides))
     _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
+
+
+def _with_observer(override: tuple[str, Scheme], observer: str) -> tuple[str, Scheme]:
+    """--observer applies to --scheme overrides too (their SPEC has no observer field)."""
+    from dataclasses import replace
+
+    pattern, scheme = override
+    return pattern, replace(scheme, observer=observer)
 
 
 def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) -> None:

@@ -46,6 +46,8 @@ class ConversionPlan:
     global_scales: dict[str, list] = field(default_factory=dict)  # NVFP4: per matrix, set before the jobs run
     # What the pre-flight refuses (a real run raises, a dry run lists them and exits 2).
     refusals: list[str] = field(default_factory=list)
+    # --scheme overrides: (scheme, module names) written as extra config_groups.
+    scheme_groups: list[tuple[Scheme, list[str]]] = field(default_factory=list)
 
     @property
     def shard_of_output(self) -> dict[str, str]:
@@ -190,21 +192,23 @@ def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions
     return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
 
 
-def _refuse_groups(plan: ConversionPlan, scheme: Scheme) -> None:
+def _refuse_groups(plan: ConversionPlan) -> None:
     """compressed-tensors and vLLM need in_features % group_size == 0: refuse the whole plan, naming
     every offending tensor and the group sizes that would fit them all."""
-    if not packs(scheme) or scheme.granularity != "group":
+    grouped = {name: s for name, s in plan.schemes.items() if packs(s) and s.granularity == "group"}
+    if not grouped:
         return
     cols = {name: (plan.source_quant[name].shape if name in plan.source_quant else plan.tensors[name].shape)[-1]
-            for name in plan.outputs}
-    bad = sorted(name for name, c in cols.items() if c % scheme.group_size)
+            for name in grouped}
+    bad = sorted(name for name, c in cols.items() if c % grouped[name].group_size)
     if not bad:
         return
+    group_size = grouped[bad[0]].group_size
     common = math.gcd(*cols.values())
     fits = [g for g in (1024, 512, 256, 128, 64, 32, 16, 8) if common % g == 0]
     listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
     fix = (f"--group-size {' / '.join(map(str, fits))} fits every tensor" if fits else "no power-of-two group fits all")
-    raise SchemeError(f"in_features must be divisible by the group size {scheme.group_size} for pack-quantized "
+    raise SchemeError(f"in_features must be divisible by the group size {group_size} for pack-quantized "
                       f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
                       "or --ignore those tensors")
 
@@ -222,6 +226,25 @@ def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
         listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
         raise SchemeError(f"{scheme.microscale} needs input dims divisible by its group of {group}; {len(bad)} "
                           f"tensor(s) are not: {listed}; keep them in high precision with --ignore")
+
+
+def _scheme_groups(schemes: dict[str, Scheme], default: Scheme, stored: list, source_quant: dict,
+                   arch: Architecture) -> list[tuple[Scheme, list[str]]]:
+    """--scheme overrides as (scheme, module names as vLLM and transformers name them), in pattern order:
+    written as extra compressed-tensors config_groups that target those modules by exact name (an exact
+    name wins over the default group's "Linear" target in both engines)."""
+    def key(s: Scheme) -> tuple:
+        return s.describe(), s.symmetric, s.activations
+
+    groups: list[tuple[Scheme, list[str]]] = []
+    for _, override in stored:
+        if key(override) == key(default) or any(key(g) == key(override) for g, _ in groups):
+            continue
+        modules = sorted({loaded for name, s in schemes.items() if key(s) == key(override)
+                          for loaded in arch.loader_names(module_name(source_quant[name].name if name in source_quant else name))})
+        if modules:
+            groups.append((override, modules))
+    return groups
 
 
 def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | None) -> ConversionPlan:
@@ -262,16 +285,33 @@ def build_plan(
     max_shard_size: int | None = None,
     tp: int = 1,
     engines: tuple[str, ...] = (),
+    overrides: tuple[tuple[Matcher, Scheme], ...] = (),
 ) -> ConversionPlan:
-    """Decide every tensor and every output byte range for `quantize`; raises before anything is written."""
+    """Decide every tensor and every output byte range for `quantize`; raises before anything is written.
+
+    `overrides` (--scheme PATTERN=SPEC): the first pattern matching a quantized tensor picks its scheme."""
     layout.check(scheme)
     scheme = layout.stored_scheme(scheme)
+    if overrides and layout.name != "compressed-tensors":
+        raise SchemeError(f"--scheme needs --layout compressed-tensors (several config_groups); "
+                          f"--layout {layout.name} describes one scheme")
+    if overrides and (scheme.microscale or any(o.microscale for _, o in overrides)):
+        raise SchemeError("--scheme does not mix NVFP4 / MXFP4 / MXFP8 with other schemes yet (their config "
+                          "groups carry global / e8m0 scales fp8conv does not write per group)")
+    for _, override in overrides:
+        layout.check(override)
+    stored = [(matcher, layout.stored_scheme(override)) for matcher, override in overrides]
     tensors = checkpoint.tensors
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
     arch = architecture_of(checkpoint)
+
+    def scheme_of(name: str) -> Scheme:
+        """The first --scheme PATTERN matching the tensor, else the default scheme."""
+        return next((s for matcher, s in stored if matcher.first_match(name)), scheme)
+
     decisions = {
-        name: _decide_quantize(name, info, source_quant, companions, scheme, layout, ignore, include, arch)
+        name: _decide_quantize(name, info, source_quant, companions, scheme_of(name), layout, ignore, include, arch)
         for name, info in tensors.items()
     }
     validate_source_scales(view, [n for n, d in decisions.items() if n in source_quant and d.action != CARRY])
@@ -280,7 +320,7 @@ def build_plan(
         if decision.quantized:
             qw = source_quant.get(name)
             logical, shape = (qw.name, qw.shape) if qw else (name, tensors[name].shape)
-            schemes[name] = scheme.for_source(tensors[name].dtype)
+            schemes[name] = scheme_of(name).for_source(tensors[name].dtype)
             outputs[name] = layout.tensors(schemes[name], logical, shape)
     for weight, specs in outputs.items():
         for spec in specs:
@@ -300,8 +340,9 @@ def build_plan(
         shards=[], outputs=outputs, schemes=schemes, source_quant=source_quant, warnings=[],
         unquantized_modules=sorted({n for m in (*kept, *tensorless) for n in arch.loader_names(m)}),
         tensorless_modules=tensorless,
+        scheme_groups=_scheme_groups(schemes, scheme, stored, source_quant, arch),
     )
-    _refuse_groups(plan, scheme)
+    _refuse_groups(plan)
     _refuse_microscale_shapes(plan, scheme)
     plan = _finish(checkpoint, plan, max_shard_size)
     if arch.vision and not any(d.reason.startswith("vision tower") for d in decisions.values()):

@@ -144,11 +144,13 @@ class Layout:
             raise SchemeError(f"compressed-tensors pack-quantized ({scheme.format} weight-only) takes --granularity "
                               f"channel or group, not {scheme.granularity}")
 
-    def quantization_config(self, scheme: Scheme, unquantized_modules: list[str]) -> dict:
+    def quantization_config(self, scheme: Scheme, unquantized_modules: list[str],
+                            groups: list[tuple[Scheme, list[str]]] = ()) -> dict:
+        """`groups`: (scheme, module names) that differ from `scheme` (compressed-tensors only)."""
         if self.name == "compressed-tensors" and scheme.microscale:
             return microscale_config(scheme, unquantized_modules)
         if self.name == "compressed-tensors":
-            return compressed_tensors_config(scheme, unquantized_modules)
+            return compressed_tensors_config(scheme, unquantized_modules, groups)
         if self.name == "fp8-native":
             return {
                 "quant_method": "fp8",
@@ -254,10 +256,7 @@ def compression_format(scheme: Scheme) -> str:
     return "float-quantized" if scheme.fmt.is_float else "int-quantized"
 
 
-def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) -> dict:
-    """W8A8 with dynamic activations where engines define it (FP8_DYNAMIC, FP8_BLOCK, INT8 W8A8);
-    group scales are weight-only (W8A16), since no engine quantizes activations per group of weights;
-    integer weight-only schemes are pack-quantized W4A16 / W8A16."""
+def _config_group(scheme: Scheme, targets: list[str]) -> dict:
     granularity = scheme.granularity
     weights = _quant_args(
         scheme,
@@ -274,20 +273,28 @@ def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str]) ->
         activations = _quant_args(scheme, "token", True, None, None)
     else:
         activations = None
-    fmt = compression_format(scheme)
+    return {"targets": targets, "weights": weights, "input_activations": activations, "output_activations": None,
+            "format": compression_format(scheme)}
+
+
+def compressed_tensors_config(scheme: Scheme, unquantized_modules: list[str],
+                              groups: list[tuple[Scheme, list[str]]] = ()) -> dict:
+    """W8A8 with dynamic activations where engines define it (FP8_DYNAMIC, FP8_BLOCK, INT8 W8A8);
+    group scales are weight-only (W8A16), since no engine quantizes activations per group of weights;
+    integer weight-only schemes are pack-quantized W4A16 / W8A16.
+
+    `groups` (--scheme overrides) become further config_groups targeting modules by exact name, which
+    vLLM and compressed-tensors prefer over the default group's class target "Linear"; the top-level
+    format is "mixed-precision" when the groups' formats differ."""
+    config_groups = {"group_0": _config_group(scheme, ["Linear"])}
+    for i, (override, modules) in enumerate(groups, 1):
+        config_groups[f"group_{i}"] = _config_group(override, list(modules))
+    formats = {group["format"] for group in config_groups.values()}
     return {
         "quant_method": "compressed-tensors",
-        "format": fmt,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
-                "output_activations": None,
-                "format": fmt,
-            }
-        },
+        "config_groups": config_groups,
         "ignore": unquantized_modules,
         "kv_cache_scheme": None,
         "global_compression_ratio": None,

@@ -71,6 +71,7 @@ class QuantizeOptions:
     run: RunOptions = field(default_factory=RunOptions)
     tp: int = 1
     engines: tuple[str, ...] = ()  # engines whose load constraints refuse the conversion (others warn)
+    schemes: tuple[tuple[str, Scheme], ...] = ()  # --scheme PATTERN=SPEC overrides, first match wins
 
 
 @dataclass
@@ -92,7 +93,8 @@ class ConversionResult:
 def recipe_of(options: QuantizeOptions) -> Recipe:
     return Recipe(scheme=options.scheme, layout=options.layout, ignore=tuple(options.ignore),
                   include=tuple(options.include), allow_nonfinite=options.run.allow_nonfinite,
-                  max_shard_size=options.max_shard_size, tp=options.tp, engines=tuple(options.engines))
+                  max_shard_size=options.max_shard_size, tp=options.tp, engines=tuple(options.engines),
+                  schemes=tuple(options.schemes))
 
 
 def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPlan]:
@@ -101,7 +103,8 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
     if recipe.command == DEQUANTIZE_COMMAND:
         return checkpoint, build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
     plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
-                      Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines)
+                      Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines,
+                      tuple((Matcher((pattern,), "--scheme"), scheme) for pattern, scheme in recipe.schemes))
     if recipe.layout == "fp8conv":
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
     return checkpoint, plan
@@ -217,7 +220,8 @@ def run_key(checkpoint: Checkpoint, plan: ConversionPlan, allow_nonfinite: bool)
         tensors = sorted((i.name, i.dtype, i.shape, i.start, i.end) for i in shard.tensors.values())
         digest.update(repr((shard.path.name, shard.file_size, sorted(shard.metadata.items()), tensors)).encode())
     layout = plan.layout.name if plan.layout else None
-    described = [repr(plan.scheme), layout, plan.out_dtype, allow_nonfinite, plan.warnings,
+    described = [repr(plan.scheme), sorted((n, repr(s)) for n, s in plan.schemes.items()), layout, plan.out_dtype,
+                 allow_nonfinite, plan.warnings,
                  sorted((n, d.action, d.reason) for n, d in plan.decisions.items()),
                  [(s.name, [(e.name, e.dtype, e.shape) for e in s.entries]) for s in plan.shards]]
     digest.update(repr(described).encode())
@@ -591,7 +595,8 @@ def _write_config(plan: ConversionPlan, checkpoint: Checkpoint, staging: Staging
         config.pop("compression_config", None)
     else:
         assert plan.scheme is not None
-        config["quantization_config"] = plan.layout.quantization_config(plan.scheme, plan.unquantized_modules)
+        config["quantization_config"] = plan.layout.quantization_config(plan.scheme, plan.unquantized_modules,
+                                                                        plan.scheme_groups)
     _write_json(staging.path(CONFIG_NAME), config)
     return True
 

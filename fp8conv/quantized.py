@@ -10,6 +10,7 @@ reported as unsupported: it is refused, never copied through.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_
                 "k_scale", "v_scale", "input_global_scale", "weight_global_scale")
 KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv")
 CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense",
-              "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized")
+              "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "mixed-precision")
 GPTQ_AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 BNB_SUFFIXES = (".absmax", ".quant_map", ".SCB", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
@@ -120,24 +121,46 @@ def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> s
     return None
 
 
-def _weight_args(quant_config: dict | None) -> dict:
-    """The weights' quantization args of a compressed-tensors config (first config group)."""
-    groups = (quant_config or {}).get("config_groups")
-    if isinstance(groups, dict):
-        for group in groups.values():
-            if isinstance(group, dict) and isinstance(group.get("weights"), dict):
-                return group["weights"]
-    return {}
+class _GroupArgs:
+    """Weights' quantization args of a compressed-tensors config, per module: the config group that names
+    the module exactly, else one whose 're:' target matches it (the order compressed-tensors and vLLM use),
+    else the first group. Exact targets are indexed: mixed configs list thousands of module names."""
+
+    def __init__(self, quant_config: dict | None) -> None:
+        groups = (quant_config or {}).get("config_groups")
+        usable = [g for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)] \
+            if isinstance(groups, dict) else []
+        self.default = usable[0]["weights"] if usable else {}
+        self.exact: dict[str, dict] = {}
+        self.patterns: list[tuple[re.Pattern, dict]] = []
+        for group in usable:
+            for target in group.get("targets") or []:
+                if not isinstance(target, str):
+                    continue
+                if target.startswith("re:"):
+                    try:
+                        self.patterns.append((re.compile(target[3:]), group["weights"]))
+                    except re.error:
+                        continue
+                else:
+                    self.exact.setdefault(target, group["weights"])
+
+    def of(self, module: str | None) -> dict:
+        if module is None:
+            return self.default
+        if module in self.exact:
+            return self.exact[module]
+        return next((args for pattern, args in self.patterns if pattern.match(module)), self.default)
 
 
-def _hints(layout: str, quant_config: dict | None) -> dict:
+def _hints(layout: str, quant_config: dict | None, args: dict | None = None) -> dict:
     qc = quant_config or {}
     if layout == "fp8-native":
         block = qc.get("weight_block_size")
         return {"granularity": "block" if block else "tensor", "block": block}
     if layout == "fp8conv":
         return {"granularity": qc.get("granularity"), "block": qc.get("block_size"), "group": qc.get("group_size")}
-    args = _weight_args(qc)
+    args = _GroupArgs(qc).default if args is None else args
     block = args.get("block_structure")
     if isinstance(block, str) and "x" in block:
         block = [int(p) for p in block.split("x")]
@@ -300,9 +323,11 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
                           unsupported=unsupported)
     if unsupported:
         return view
-    hints = _hints(layout, quant_config)
     used_scales: set[str] = set()
+    group_args = _GroupArgs(quant_config)
     for name, info in tensors.items():
+        # per module: a mixed-precision compressed-tensors config gives each config group its own scheme
+        hints = _hints(layout, quant_config, group_args.of(name.rpartition(".weight")[0]))
         prefix = name[: name.rfind(".") + 1]
         micro = None
         if name.endswith((".weight_packed", ".weight")) and info.dtype in ("U8", "F8_E4M3"):

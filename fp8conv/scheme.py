@@ -211,3 +211,48 @@ def parse_block_size(text: str) -> tuple[int, int]:
     if len(values) != 2:
         raise SchemeError(f"block size {text!r} is not N or NxM (e.g. 128 or 128x64)")
     return values  # type: ignore[return-value]
+
+
+def default_granularity(fmt: str, granularity: str | None) -> str:
+    """int4 is written in groups (W4A16); the other formats in blocks, unless asked otherwise."""
+    return granularity or ("group" if fmt == "int4" else "block")
+
+
+def parse_spec(spec: str) -> Scheme:
+    """'FORMAT[:GRANULARITY[:SIZE]][:asym]' -> Scheme: 'fp8_e4m3:block:128', 'int8:channel', 'int4:group:32:asym'.
+
+    SIZE is the block (N or NxM) for block granularity and the group length for group granularity."""
+    parts = spec.split(":")
+    asymmetric = parts[-1] == "asym"
+    if asymmetric:
+        parts = parts[:-1]
+    if not parts or not parts[0] or len(parts) > 3:
+        raise SchemeError(f"scheme {spec!r} is not FORMAT[:GRANULARITY[:SIZE]][:asym], e.g. fp8_e4m3:block:128 or int8:channel")
+    fmt = parts[0]
+    from .microscale import MICROSCALE
+
+    if fmt in MICROSCALE:
+        if len(parts) > 1 or asymmetric:
+            raise SchemeError(f"scheme {spec!r}: {fmt} fixes its groups and scales; give it alone")
+        return microscale_scheme(fmt)
+    granularity = default_granularity(fmt, parts[1] if len(parts) > 1 else None)
+    sizes: dict = {}
+    if len(parts) == 3:
+        if granularity == "block":
+            sizes["block_size"] = parse_block_size(parts[2])
+        elif granularity == "group":
+            try:
+                sizes["group_size"] = int(parts[2])
+            except ValueError:
+                raise SchemeError(f"scheme {spec!r}: group size {parts[2]!r} is not an integer") from None
+        else:
+            raise SchemeError(f"scheme {spec!r}: a size applies to block or group granularity, not {granularity}")
+    return Scheme(format=fmt, granularity=granularity, symmetric=not asymmetric, **sizes)
+
+
+def parse_override(text: str) -> tuple[str, Scheme]:
+    """'PATTERN=SPEC' (--scheme) -> (pattern, scheme); the pattern uses the --ignore syntax."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise SchemeError(f"--scheme {text!r} is not PATTERN=SPEC, e.g. 're:.*down_proj=int8:channel'")
+    return pattern, parse_spec(spec)
