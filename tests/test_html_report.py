@@ -192,7 +192,8 @@ def test_verify_html_to_stdout_is_a_usage_error(sample, tmp_path):
 def test_verify_html_of_a_failing_checkpoint_says_failed(sample, tmp_path):
     src, out = sample("llama-tiny"), tmp_path / "out"
     convert(src, out)
-    run_cli("verify", out, "--against", src, "--max-rel-error", "0.001", "--html", tmp_path / "v.html", expect=1)
+    run_cli("verify", out, "--against", src, "--max-rel-error", "0.001", "--html", tmp_path / "v.html",
+            "--engine", "transformers", expect=1)
     dom, _ = parse((tmp_path / "v.html").read_text(encoding="utf-8"))
     assert dom.find("h2").text() == "Verification: FAILED"
     assert len(dom.find("section", id="checks").find_all("li", cls="fail")) == 14

@@ -196,8 +196,25 @@ def test_bad_source_scales_refused(tmp_path):
 
 def test_verify_checks_fused_packed_parts(sample, tmp_path):
     """q/k/v of a pack-quantized output are checked as one fused layer too (by their logical names)."""
+    from test_verify import rewrite_shard
+
     src, out = sample("llama-tiny"), tmp_path / "out"
-    run_cli("quantize", src, "-o", out, "--format", "int4", "--granularity", "channel",
-            "--ignore", "model.layers.0.self_attn.k_proj")
+    refused = run_cli("quantize", src, "-o", out, "--format", "int4", "--granularity", "channel",
+                      "--ignore", "model.layers.0.self_attn.k_proj", expect=2)  # the pre-flight refuses it
+    assert "fused layer model.layers.0.self_attn has partitions quantized differently" in refused.stderr
+    run_cli("quantize", src, "-o", out, "--format", "int4", "--granularity", "channel")
+    source = load_all(src)
+    k = "model.layers.0.self_attn.k_proj."
+
+    def keep_k_proj_high_precision(tensors):  # what a tool without the pre-flight could write
+        for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+            tensors.pop(k + suffix, None)
+        tensors[k + "weight"] = source[k + "weight"]
+
+    rewrite_shard(out, keep_k_proj_high_precision)
+    config = read_json(out / "config.json")
+    config["quantization_config"]["ignore"].append(k[:-1])
+    (out / "config.json").write_text(json.dumps(config))
     report = json.loads(run_cli("verify", out, "--json", expect=1).stdout)
-    assert any("fused parts" in f["message"] and "layers.0.self_attn" in f["message"] for f in report["findings"])
+    assert any("partitions quantized differently" in f["message"] and "layers.0.self_attn" in f["message"]
+               for f in report["findings"])
