@@ -55,7 +55,8 @@ def test_mixed_schemes_in_the_dry_run_and_refusals(sample, tmp_path):
     run_cli("quantize", src, "-o", out, "--scheme", "re:.*self_attn.[qkv]_proj=int8:channel", "--dry-run")
     bad = run_cli("quantize", src, "-o", out, "--layout", "fp8-native", "--scheme", "*.down_proj=fp8_e4m3:block:64", expect=2)
     assert "--scheme needs --layout compressed-tensors" in bad.stderr
-    for spec, words in (("*.down_proj", "is not PATTERN=SPEC"), ("*.down_proj=nvfp4", "unknown format 'nvfp4'"),
+    for spec, words in (("*.down_proj", "is not PATTERN=SPEC"), ("*.down_proj=fp9", "unknown format 'fp9'"),
+                        ("*.down_proj=nvfp4", "--scheme does not mix NVFP4 / MXFP4 / MXFP8"),
                         ("*.down_proj=int8:channel:64", "a size applies to block or group"),
                         ("*.down_proj=fp8_e5m2:block", "cannot describe fp8_e5m2")):
         assert words in run_cli("quantize", src, "-o", out, "--scheme", spec, expect=2).stderr, spec
