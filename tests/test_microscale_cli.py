@@ -236,7 +236,8 @@ def test_dequantize_verify_inspect_and_carry(sample, tmp_path, fmt):
         assert (again / shard.name).read_bytes() == shard.read_bytes()
     to_fp8 = tmp_path / "fp8"
     run_cli("quantize", out, "-o", to_fp8, "-q")  # re-quantized from the dequantized float32 weights
-    assert json.loads(run_cli("verify", to_fp8, "--json").stdout)["passed"]
+    # vLLM refuses the sample's 704-row gate_proj in block 128 (test_architecture): check transformers' load
+    assert json.loads(run_cli("verify", to_fp8, "--json", "--engine", "transformers").stdout)["passed"]
 
 
 def test_verify_fails_when_fused_partners_disagree_on_the_global_scale(sample, tmp_path):
