@@ -44,6 +44,19 @@ def test_quantize_parts_merged_equal_one_run(sample, tmp_path, count):
     assert_merged_cleanly(tmp_path / "merged")
 
 
+def test_mixed_scheme_parts_merged_equal_one_run(sample, tmp_path):
+    """--scheme overrides change the output bytes, so the recipe each part records must carry them."""
+    src = sample("llama-tiny")
+    mixed = ["--scheme", "re:.*down_proj=int8:channel", "--scheme", "re:.*self_attn.*=fp8_e4m3:channel"]
+    run_cli("quantize", src, "-o", tmp_path / "single", *SHARDS, *mixed, "-q")
+    for index in (2, 1):
+        run_cli("quantize", src, "-o", tmp_path / "merged", *SHARDS, *mixed, "--partition", f"{index}/2", "-q")
+    run_cli("merge", tmp_path / "merged")
+    assert tree_digest(tmp_path / "merged") == tree_digest(tmp_path / "single")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert len(config["quantization_config"]["config_groups"]) == 3
+
+
 def test_dequantize_parts_merged_equal_one_run(sample, tmp_path):
     src = sample("llama-tiny")
     run_cli("quantize", src, "-o", tmp_path / "fp8", *SHARDS, "-q")
