@@ -327,7 +327,9 @@ def test_cli_observer_mse_recorded_and_never_worse(sample, tmp_path, fmt, granul
     assert "RMS error reduction vs min-max" in (mse_out / "fp8conv.report.html").read_text()
     assert "reduction vs min-max" not in (minmax_out / "fp8conv.report.html").read_text()
     assert tree_digest(outs["mse", "1"]) == tree_digest(outs["mse", "2"])  # bytes do not depend on --workers
-    run_cli("verify", mse_out, "--against", src)
+    # vLLM refuses block-128 on the sample's fused 704-row gate_proj (verify's default engine), so check
+    # the numerics against the loader that takes it.
+    run_cli("verify", mse_out, "--against", src, "--engine", "transformers")
 
 
 def test_cli_observer_mse_refuses_tensor_granularity(sample, tmp_path):
