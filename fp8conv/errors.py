@@ -7,6 +7,8 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_OUTPUT = 4
 EXIT_INTERNAL = 70
+EXIT_WORKER_DIED = 71
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -47,3 +49,9 @@ class Interrupted(FP8ConvError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class WorkerDied(FP8ConvError):
+    """A worker process died without answering (SIGKILL by the OOM killer, a signal, a crash)."""
+
+    exit_code = EXIT_WORKER_DIED

@@ -5,7 +5,6 @@ import errno
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ import numpy as np
 from . import compiled, html_report
 from .checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from .conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
-from .errors import EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
+from .errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
 from .formats import SAFETENSORS_DTYPES
 from .fusion import fused_sets
 from .hashing import PrefixHasher
@@ -35,6 +34,7 @@ from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
 from .recipe import DEQUANTIZE as DEQUANTIZE_COMMAND
 from .recipe import Recipe
 from .report import build_manifest, build_report
+from .runner import run_parallel
 from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
 from .scheme import Scheme
 
@@ -233,16 +233,18 @@ def run_key(checkpoint: Checkpoint, plan: ConversionPlan, allow_nonfinite: bool)
 
 @contextmanager
 def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into an exception so temporaries are removed (SIGINT already raises)."""
+    """Turn SIGTERM and SIGHUP into an exception so temporaries are removed (SIGINT already raises)."""
 
-    def on_term(signum, frame):
-        raise Interrupted("terminated (SIGTERM); partial output removed", EXIT_SIGTERM)
+    def on_signal(signum, frame):
+        name, code = ("SIGHUP", EXIT_SIGHUP) if signum == signal.SIGHUP else ("SIGTERM", EXIT_SIGTERM)
+        raise Interrupted(f"terminated ({name}); partial output removed", code)
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _worker_init() -> None:
@@ -252,6 +254,7 @@ def _worker_init() -> None:
     os.nice(WORKER_NICENESS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     forget_handles()
     compiled.preload(skip_scipy=True)
 
@@ -278,21 +281,7 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
         finally:
             close_handles()
         return
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init)
-    try:
-        for i, result in pool.imap_unordered(_indexed_job, list(enumerate(job for _, job in jobs)), chunksize=1):
-            finished(i, result)
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
-    finally:
-        pool.join()
-
-
-def _indexed_job(item: tuple[int, Job]) -> tuple[int, tuple]:
-    index, job = item
-    return index, run_job(job)
+    run_parallel(run_job, [job for _, job in jobs], workers, finished, initializer=_worker_init)
 
 
 def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions, progress: Progress | None = None) -> ConversionResult:
