@@ -1,12 +1,12 @@
 """A checkpoint on disk: its shards, the index that ties tensors to shards, and its other files."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .safetensors_io import Header, TensorInfo, printable, read_header
+from .safetensors_io import Header, TensorInfo, read_header
+from .untrusted import load_json, printable
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -32,6 +32,12 @@ class Checkpoint:
         return {name: shard.path for shard in self.shards for name in shard.tensors}
 
     @property
+    def files(self) -> list[Path]:
+        """Every file this checkpoint is read from: shards, index, side files."""
+        index = [self.root / INDEX_NAME] if self.index is not None else []
+        return [shard.path for shard in self.shards] + index + list(self.extra_files)
+
+    @property
     def total_bytes(self) -> int:
         return sum(shard.file_size for shard in self.shards)
 
@@ -40,13 +46,21 @@ class Checkpoint:
         path = self.root / name
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise InputError(f"{path}: not readable JSON ({exc})") from None
+        data = load_json(_read_text(path), printable(str(path)), "not readable JSON")
         if not isinstance(data, dict):
-            raise InputError(f"{path}: is not a JSON object")
+            raise InputError(f"{printable(str(path))}: is not a JSON object")
         return data
+
+
+def _read_text(path: Path) -> bytes | str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{printable(str(path))}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{printable(str(path))}: not readable JSON (not UTF-8 text)") from None
 
 
 def _safe_shard_name(name: object, index_path: Path) -> str:
@@ -59,10 +73,7 @@ def _safe_shard_name(name: object, index_path: Path) -> str:
 
 def _load_index(root: Path) -> tuple[dict, list[str]]:
     index_path = root / INDEX_NAME
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{index_path}: not readable JSON ({exc})") from None
+    index = load_json(_read_text(index_path), printable(str(index_path)), "not readable JSON")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise InputError(f"{index_path}: has no weight_map object")

@@ -253,6 +253,13 @@ def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) ->
         raise click.UsageError("--parts applies to --ray; for one part of a manual split use --partition I/N")
 
 
+def _check_output(src: Path, out: Path, overwrite: bool, resume: bool) -> None:
+    """Everything about OUT that can be refused is refused before a byte of SRC is read."""
+    from .outdir import Staging
+
+    Staging(out, src, overwrite, resume, "").check()
+
+
 def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
          quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> None:
     """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
@@ -264,12 +271,14 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     part = _parse_partition(partition)
     if ray_address is not None and not _given("workers"):
         workers = 1  # per Ray task; Ray spreads the tasks over the cluster's CPUs
+    # A part or a Ray run leaves OUT's own staging alone (parts live beside it): as --resume there.
+    _check_output(src, out, overwrite, resume or part is not None or ray_address is not None)
     checkpoint, plan = pipeline.plan_recipe(src, recipe)
     for warning in plan.warnings:
         click.echo(f"fp8conv: warning: {warning}", err=True)
     run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
-        Staging(out, src, run.overwrite, run.resume, "").check()
+        Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
         click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
                                "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
                                "refusals": plan.refusals}, indent=2) if as_json

@@ -1,15 +1,29 @@
-"""Atomic output folders: write into a hidden sibling, journal finished shards, rename when complete."""
+"""Atomic output folders: write into a hidden sibling, journal finished shards, rename when complete.
+
+Beside OUT live three hidden siblings: `.OUT.fp8conv-partial` (the staging folder),
+`.OUT.fp8conv-lock` (held with flock by the one run writing OUT: it dies with its process) and,
+for an instant during the final rename, `.OUT.fp8conv-old`. Nothing is deleted or truncated that
+a source file resolves to: every path is compared after resolving links, and staging files are
+created fresh (unlinked first), never opened for writing through a link left in the folder.
+"""
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import json
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
+from typing import Iterable
 
 from .errors import OutputError
+from .untrusted import load_json, printable
 
 JOURNAL_NAME = "fp8conv.journal.json"
+SUFFIXES = {"tmp": "fp8conv-partial", "lock": "fp8conv-lock", "old": "fp8conv-old"}
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
@@ -24,70 +38,226 @@ def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def _show(path: Path) -> str:
+    return printable(str(path))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _is_plain_file(path: Path) -> bool:
+    """A regular file, not a link, with no other name (a hard link could be a source file)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder entry without following it (a link is unlinked, never its target)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
 class Staging:
     """A conversion's output: either absent, or complete (nothing half-done that looks finished)."""
 
-    def __init__(self, out: Path, source: Path, overwrite: bool, resume: bool, run_key: str) -> None:
-        self.out = Path(os.path.abspath(out))
-        self.tmp = self.out.parent / f".{self.out.name}.fp8conv-partial"
+    def __init__(self, out: Path, source: Path, overwrite: bool, resume: bool, run_key: str,
+                 source_files: Iterable[Path] = ()) -> None:
+        given = Path(os.path.abspath(out))
+        if given.is_symlink() and not given.exists():
+            raise OutputError(f"output {_show(given)} is a link to {_show(Path(os.readlink(given)))}, which does not exist")
+        # OUT given as a link to a folder: the folder is the output (the link keeps pointing at it).
+        self.out = Path(os.path.realpath(given))
+        self.tmp, self.lock_path, self.old = (self.out.parent / f".{self.out.name}.{s}" for s in SUFFIXES.values())
         self.overwrite = overwrite
         self.resume = resume
         self.run_key = run_key
         self.finished: dict[str, str] = {}
         self.stats: dict[str, dict] = {}
         self._journal_lock = threading.Lock()  # shards finish on several threads
-        src = Path(source).resolve()
-        src_root = src if src.is_dir() else src.parent
-        real_out = self.out.resolve()
-        if real_out == src or (src.is_dir() and _inside(real_out, src_root)) or _inside(src, real_out):
-            raise OutputError(f"output {out} overlaps the source {source}; choose a folder outside it")
+        self.notes: list[str] = []
+        self._lock_fd: int | None = None
+        self._check_name()
+        self.check_sources([Path(source)], folder=True)
+        self.check_sources(source_files)
+
+    # ---- checks before any work ---------------------------------------------------------------
+
+    def _check_name(self) -> None:
+        ancestor = _existing_ancestor(self.out.parent)
+        try:
+            limit = os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            limit = 255
+        longest = max(len(os.fsencode(p.name)) for p in (self.out, self.tmp, self.lock_path, self.old))
+        if longest > limit:
+            raise OutputError(f"output name {_show(Path(self.out.name))} is too long: its staging folder "
+                              f"{_show(Path(self.tmp.name))} would exceed the {limit}-byte file-name limit")
+
+    def check_sources(self, files: Iterable[Path], folder: bool = False) -> None:
+        """Refuse when a source file (after resolving links) lies in OUT or in a folder this run
+        deletes or fills (staging, old), or when OUT lies inside the source folder."""
+        for given in files:
+            real = Path(os.path.realpath(given))
+            if folder:
+                root = real if real.is_dir() else real.parent
+                if _inside(real, self.out) or (real.is_dir() and _inside(self.out, root)):
+                    raise OutputError(f"output {_show(self.out)} overlaps the source {_show(given)}; "
+                                      "choose a folder outside it")
+            for area in (self.out, self.tmp, self.old):
+                if _inside(real, area):
+                    raise OutputError(f"source {_show(given)} resolves to {_show(real)}, inside {_show(area)} "
+                                      "that this run would replace; choose another output folder")
 
     def check(self) -> None:
-        """Refuse an existing output before any work (a dry run calls only this)."""
+        """Refuse an output that cannot or must not be written, before any work (a dry run calls
+        only this): not a folder, not empty, leftovers, another run writing it, no write access."""
+        holder = self._holder()
+        if holder is not None:
+            raise OutputError(f"another fp8conv run{holder} is writing {_show(self.out)} "
+                              f"(it holds {_show(self.lock_path)}); wait for it or stop it")
         if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"output {self.out} exists and is not a folder")
+            raise OutputError(f"output {_show(self.out)} exists and is not a folder")
         if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
-            raise OutputError(f"output {self.out} exists and is not empty; pass --overwrite to replace it")
-        if self.tmp.exists() and not (self.resume or self.overwrite):
+            raise OutputError(f"output {_show(self.out)} exists and is not empty; pass --overwrite to replace it")
+        if os.path.lexists(self.tmp) and not (self.resume or self.overwrite):
             raise OutputError(
-                f"an interrupted run left {self.tmp}; pass --resume to continue it or --overwrite to start again"
+                f"an interrupted run left {_show(self.tmp)}; pass --resume to continue it or --overwrite to start again"
             )
+        ancestor = _existing_ancestor(self.out.parent)
+        if not ancestor.is_dir():
+            raise OutputError(f"cannot create {_show(self.out)}: {_show(ancestor)} is not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {_show(self.out)}: {_show(ancestor)} is read-only or not writable")
+
+    def _holder(self) -> str | None:
+        """' (pid N)' when another process holds the lock, None when nobody does."""
+        if self._lock_fd is not None:
+            return None
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return f" (pid {pid})" if pid.isdigit() else ""
+        finally:
+            os.close(fd)
+        return None
+
+    # ---- the lock ----------------------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        """flock the lock file (one writer per OUT); the kernel releases it when the process dies."""
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    self.check()  # names the holder
+                raise
+            # The previous holder may have unlinked the file between our open and our flock.
+            try:
+                same = os.stat(self.lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            os.unlink(self.lock_path)  # still ours: unlinked before the lock is dropped
+        except OSError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    # ---- the run -----------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        self.check()
+        """Take the lock, then reuse (--resume) or start the staging folder."""
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists() and self.resume and self._load_journal():
+            self._acquire()
+        except OSError as exc:
+            raise OutputError(f"cannot create {_show(self.out)} ({exc.strerror or exc})") from None
+        try:
+            self.check()
+            if self.resume and self.tmp.is_dir() and not self.tmp.is_symlink() and self._load_journal():
+                self._keep_only_finished()
                 return
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
+            if os.path.lexists(self.tmp):
+                _remove(self.tmp)
             self.tmp.mkdir()
             self._save_journal()
         except OSError as exc:
-            raise OutputError(f"cannot create {self.tmp} ({exc.strerror or exc})") from None
+            self.release()
+            raise OutputError(f"cannot create {_show(self.tmp)} ({exc.strerror or exc})") from None
+        except BaseException:
+            self.release()
+            raise
 
     def _load_journal(self) -> bool:
+        path = self.tmp / JOURNAL_NAME
+        if not os.path.lexists(path):
+            return False
         try:
-            journal = json.loads((self.tmp / JOURNAL_NAME).read_text())
-        except (OSError, ValueError):
+            if not _is_plain_file(path):
+                raise ValueError("not a regular file")
+            journal = load_json(path.read_text(encoding="utf-8"), JOURNAL_NAME)
+            shards, stats = _valid_journal(journal)
+        except Exception as exc:  # unreadable, not JSON, wrong shape: any garbage means start over
+            self.notes.append(f"the interrupted run's journal is unusable ({printable(str(exc))}); started over")
             return False
-        if not isinstance(journal, dict) or journal.get("run_key") != self.run_key:
+        if journal.get("run_key") != self.run_key:
+            self.notes.append("the interrupted run converted other sources or options; started over")
             return False
-        shards, stats = journal.get("finished_shards"), journal.get("stats")
-        if not isinstance(shards, dict) or not isinstance(stats, dict):
-            return False
-        self.finished, self.stats = dict(shards), dict(stats)
+        self.finished, self.stats = shards, stats
         return True
+
+    def _keep_only_finished(self) -> None:
+        """Only journaled shards that are plain files survive; everything else is removed (links
+        unlinked, not followed), so nothing later writes through a link into someone's file."""
+        for entry in list(self.tmp.iterdir()):
+            keep = entry.name == JOURNAL_NAME or (entry.name in self.finished and _is_plain_file(entry))
+            if not keep:
+                self.finished.pop(entry.name, None)
+                _remove(entry)
+        self.finished = {name: digest for name, digest in self.finished.items() if (self.tmp / name).exists()}
 
     def _save_journal(self) -> None:
         journal = {"run_key": self.run_key, "finished_shards": self.finished, "stats": self.stats}
         data = json.dumps(journal, indent=1, sort_keys=True)
         part = self.tmp / (JOURNAL_NAME + ".part")
+        part.unlink(missing_ok=True)
         part.write_text(data)
         os.replace(part, self.tmp / JOURNAL_NAME)
 
     def path(self, name: str) -> Path:
         return self.tmp / name
+
+    def create(self, name: str) -> int:
+        """A new, empty staging file opened for writing (whatever stood at that name is unlinked)."""
+        path = self.tmp / name
+        path.unlink(missing_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
 
     def mark_finished(self, shard: str, sha256: str, stats: dict[str, dict]) -> None:
         """Record a shard (and its tensors' error stats) as complete and durable, for --resume."""
@@ -103,19 +273,45 @@ class Staging:
         for path in self.tmp.iterdir():
             _fsync_path(path)
         _fsync_path(self.tmp, directory=True)
-        old = None
+        moved_old = False
         if self.out.exists():
             if any(self.out.iterdir()):
-                old = self.out.parent / f".{self.out.name}.fp8conv-old"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.rename(self.out, old)
+                if os.path.lexists(self.old):
+                    _remove(self.old)
+                os.rename(self.out, self.old)
+                moved_old = True
             else:
                 self.out.rmdir()
         os.rename(self.tmp, self.out)
         _fsync_path(self.out.parent, directory=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if moved_old:
+            shutil.rmtree(self.old, ignore_errors=True)
+        self.release()
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._lock_fd is not None:  # never remove a staging folder another run holds
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self.release()
+
+
+def _valid_journal(journal: object) -> tuple[dict[str, str], dict[str, dict]]:
+    """finished_shards: plain file name -> sha256 hex; stats: tensor name -> ErrorStats fields."""
+    from .kernels import ErrorStats
+
+    if not isinstance(journal, dict):
+        raise ValueError("not an object")
+    shards, stats = journal.get("finished_shards"), journal.get("stats")
+    if not isinstance(shards, dict) or not isinstance(stats, dict):
+        raise ValueError("no finished_shards / stats")
+    for name, digest in shards.items():
+        if ("/" in name or name.startswith(".") or not name.endswith(".safetensors") or not isinstance(digest, str)
+                or len(digest) != 64):
+            raise ValueError(f"bad shard entry {printable(name)!r}")
+    fields = {f.name: f.type for f in dataclasses.fields(ErrorStats)}
+    for name, entry in stats.items():
+        if not isinstance(entry, dict) or set(entry) != set(fields):
+            raise ValueError(f"bad stats for {printable(name)!r}")
+        for key, value in entry.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+                raise ValueError(f"bad stats for {printable(name)!r}")
+    return dict(shards), dict(stats)

@@ -35,7 +35,7 @@ from .recipe import DEQUANTIZE as DEQUANTIZE_COMMAND
 from .recipe import Recipe
 from .report import build_manifest, build_report
 from .runner import run_parallel
-from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of
+from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of, write_at
 from .scheme import Scheme
 
 Progress = Callable[[int], None]
@@ -299,7 +299,7 @@ def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Pa
     key = run_key(checkpoint, plan, options.allow_nonfinite)
     progress = progress or (lambda n: None)
     if partition is None:
-        staging = Staging(out, source, options.overwrite, options.resume, key)
+        staging = Staging(out, source, options.overwrite, options.resume, key, checkpoint.files)
         with _staged(staging, out):
             files, stats, notes = _convert(checkpoint, plan, staging, options, progress, [s.name for s in plan.shards])
             return _finalize(checkpoint, plan, staging, files, stats, notes)
@@ -330,7 +330,7 @@ def _run_part(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: P
                          for e in s.entries if e.name in plan.tensors))
             return ConversionResult(plan, {}, out, False, [f"part {partition.label} was already finished"],
                                     partition, shards)
-    staging = Staging(folder, source, options.overwrite, options.resume, key)
+    staging = Staging(folder, source, options.overwrite, options.resume, key, checkpoint.files)
     with _staged(staging, folder):
         files, stats, notes = _convert(checkpoint, plan, staging, options, progress, shards)
         record = PartRecord(folder, partition, key, recipe, os.path.abspath(source), files, stats)
@@ -350,7 +350,7 @@ def merge_parts(out: Path, source: Path | None = None, overwrite: bool = False) 
     if key != first.run_key:
         raise InputError(f"{src} is not the source the parts in {area} were converted from (or it changed since)")
     check_against_plan(records, plan.shards)
-    staging = Staging(out, src, overwrite, True, key)
+    staging = Staging(out, src, overwrite, True, key, checkpoint.files)
     with _staged(staging, out):
         files: dict[str, dict] = {}
         stats: dict[str, dict] = {}
@@ -412,7 +412,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
             continue
         path = staging.path(shard.name)
         recorded = staging.finished.pop(shard.name, None)
-        if recorded and path.is_file() and sha256_of(path) == recorded:
+        if recorded and sha256_of(path) == recorded:
             staging.finished[shard.name] = recorded
             files[shard.name] = {"sha256": recorded, "bytes": path.stat().st_size}
             progress(sum(plan.tensors[e.name].nbytes for e in shard.entries if e.name in plan.tensors))
@@ -420,9 +420,12 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
         for entry in shard.entries:
             staging.stats.pop(entry.name, None)
         header, offsets = build_header(shard.entries)
-        with open(path, "wb") as fh:
-            fh.write(header)
-            fh.truncate(len(header) + shard.nbytes)
+        fd = staging.create(shard.name)
+        try:
+            write_at(fd, 0, header)
+            os.ftruncate(fd, len(header) + shard.nbytes)
+        finally:
+            os.close(fd)
         hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes)
         hashers[shard.name].written(0, len(header))
         jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, sources, options)
@@ -515,7 +518,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     finally:
         for finisher in finishers.values():
             finisher.shutdown(wait=True, cancel_futures=True)
-    notes = [f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else []
+    notes = staging.notes + ([f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else [])
     return files, {name: stats[name].to_json() for name in sorted(stats)}, notes
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import InputError
 from .formats import SAFETENSORS_DTYPES
+from .untrusted import load_json, printable
 
 HEADER_CAP = 100 * 1000 * 1000  # the limit the safetensors format itself enforces
 METADATA_KEY = "__metadata__"
@@ -59,15 +60,6 @@ class Header:
     file_size: int
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    seen: dict = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
-
-
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -76,11 +68,9 @@ def parse_header_bytes(data: bytes, file_size: int, label: str) -> tuple[dict[st
     """Validate a header (the JSON bytes after the length prefix) against the file size."""
     try:
         text = data.decode("utf-8")
-        raw = json.loads(text, object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError:
         raise InputError(f"{label}: header is not UTF-8 text") from None
-    except ValueError as exc:
-        raise InputError(f"{label}: header is not valid JSON ({exc})") from None
+    raw = load_json(text, label, "header is not valid JSON")
     if not isinstance(raw, dict):
         raise InputError(f"{label}: header is not a JSON object")
     metadata = raw.pop(METADATA_KEY, {})
@@ -149,13 +139,6 @@ def read_header(path: Path) -> Header:
         raise InputError(f"{label}: cannot read ({exc.strerror or exc})") from None
     tensors, metadata = parse_header_bytes(data, file_size, label)
     return Header(path, tensors, metadata, file_size)
-
-
-def printable(text: str) -> str:
-    """Escape control characters of untrusted names before they reach a terminal."""
-    if text.isprintable():
-        return text
-    return text.encode("unicode_escape").decode("ascii")
 
 
 class TensorReader:

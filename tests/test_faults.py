@@ -79,3 +79,164 @@ def test_runner_reraises_worker_errors_and_stops_the_rest():
     results = {}
     run_parallel(lambda x: x * x, list(range(20)), 3, results.__setitem__)
     assert results == {i: i * i for i in range(20)}
+
+
+# ---- one writer per OUT ---------------------------------------------------------------------------
+
+SLOW_RUN = """
+import sys, time
+from fp8conv import outdir
+original = outdir.Staging.mark_finished
+def slow(self, *args, **kwargs):
+    original(self, *args, **kwargs)
+    time.sleep(0.5)
+outdir.Staging.mark_finished = slow
+from fp8conv.cli import main
+sys.argv = ["fp8conv"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.parametrize("second", [["--resume"], ["--overwrite"], []])
+def test_second_writer_on_the_same_out_is_refused(tmp_path, second):
+    src = sharded_model(tmp_path / "src", shards=6, rows=64, cols=64)
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "quantize", str(src), "-o", str(out), "--workers", "1",
+                              "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / ".out.fp8conv-partial" / "fp8conv.journal.json").exists():
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        result = cli("quantize", src, "-o", out, *second, "-q")
+        one_line_error(result, 4, f"another fp8conv run (pid {first.pid}) is writing", "fp8conv-lock")
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    clean = tmp_path / "clean"
+    run_cli("quantize", src, "-o", clean, "--workers", "1", "-q")
+    assert tree_digest(out) == tree_digest(clean)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # lock file and staging gone
+
+
+def test_lock_left_by_a_killed_run_does_not_block(tmp_path):
+    """flock dies with its process: a SIGKILLed run's lock file is stale, not held."""
+    from test_reliability import run_hooked
+
+    src = sharded_model(tmp_path / "src", shards=2, rows=64, cols=64)
+    killed = run_hooked("SIGKILL", "quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q")
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / ".out.fp8conv-lock").exists()
+    assert "resumed" in cli("quantize", src, "-o", tmp_path / "out", "--resume", "-q").stderr
+    assert not (tmp_path / ".out.fp8conv-lock").exists()
+
+
+# ---- never delete or truncate what a source file resolves to -------------------------------------
+
+def test_overwrite_refuses_sources_that_link_into_out(sample, tmp_path):
+    real = sample("llama-tiny")
+    out = tmp_path / "out"
+    out.mkdir()
+    src = tmp_path / "linked"
+    src.mkdir()
+    for f in real.iterdir():  # OUT holds the bytes; SRC only links to them
+        (out / f.name).write_bytes(f.read_bytes())
+        (src / f.name).symlink_to(out / f.name)
+    before = tree_digest(out)
+    result = cli("quantize", src, "-o", out, "--overwrite")
+    one_line_error(result, 4, "resolves to", "inside")
+    assert tree_digest(out) == before and tree_digest(src) == before
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_a_staging_folder_that_links_to_the_source_is_unlinked_not_emptied(sample, tmp_path, flag):
+    src = sample("llama-tiny")
+    before = tree_digest(src)
+    (tmp_path / ".out.fp8conv-partial").symlink_to(src)
+    result = cli("quantize", src, "-o", tmp_path / "out", flag, "-q")
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(src) == before and not os.path.lexists(tmp_path / ".out.fp8conv-partial")
+
+
+def test_resume_never_writes_through_links_left_in_staging(tmp_path):
+    from test_reliability import run_hooked
+
+    src = sharded_model(tmp_path / "src", shards=3, rows=64, cols=64)
+    before = tree_digest(src)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious" * 100)
+    run_hooked("SIGKILL", "quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q")
+    staging = tmp_path / ".out.fp8conv-partial"
+    shard = staging / "model-00002-of-00003.safetensors"
+    shard.unlink(missing_ok=True)
+    shard.symlink_to(src / "model-00002-of-00003.safetensors")  # a link to a source shard
+    (staging / "config.json").symlink_to(victim)
+    os.link(src / "model-00003-of-00003.safetensors", staging / "model-00003-of-00003.safetensors.tmp")
+    resumed = cli("quantize", src, "-o", tmp_path / "out", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert tree_digest(src) == before and victim.read_bytes() == b"precious" * 100
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+    run_cli("quantize", src, "-o", tmp_path / "clean", "-q")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
+
+
+@pytest.mark.parametrize("journal", ["{not json", "[" * 100000 + "]" * 100000, '{"run_key": 1, "finished_shards": [], "stats": {}}',
+                                     '{"run_key": "x", "finished_shards": {"a.safetensors": 3}, "stats": {}}',
+                                     '{"run_key": "x", "finished_shards": {}, "stats": {"w": {"elements": "many"}}}',
+                                     '{"run_key": "x", "finished_shards": {"../../etc.safetensors": "' + "0" * 64 + '"}, "stats": {}}',
+                                     '{"a": NaN}'])
+def test_garbage_journal_on_resume_starts_over(tmp_path, journal):
+    src = sharded_model(tmp_path / "src", shards=2, rows=32, cols=32)
+    staging = tmp_path / ".out.fp8conv-partial"
+    staging.mkdir()
+    (staging / "fp8conv.journal.json").write_text(journal)
+    result = cli("quantize", src, "-o", tmp_path / "out", "--resume", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "journal is unusable" in result.stderr and "started over" in result.stderr
+    assert all(line.startswith("fp8conv: warning: ") for line in result.stderr.splitlines())
+    run_cli("quantize", src, "-o", tmp_path / "clean", "-q")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
+
+
+# ---- OUT checked before a byte of SRC is read -----------------------------------------------------
+
+def corrupt_source(root: Path) -> Path:
+    root.mkdir()
+    (root / "model.safetensors").write_bytes(b"\x01\x02")
+    return root
+
+
+def test_out_link_to_an_empty_folder_is_written_through(sample, tmp_path):
+    src = sample("llama-tiny")
+    target = tmp_path / "disk" / "empty"
+    target.mkdir(parents=True)
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    result = cli("quantize", src, "-o", link, "-q")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and (target / "fp8conv.manifest.json").is_file()
+    assert run_cli("verify", link, "--against", src).exit_code == 0
+
+
+@pytest.mark.parametrize("case", ["file", "dangling link", "not empty", "name too long", "parent is a file"])
+def test_out_refused_before_reading_the_source(tmp_path, case):
+    src = corrupt_source(tmp_path / "src")  # reading it would fail with exit 3
+    out = tmp_path / "out"
+    fragment = {"file": "exists and is not a folder", "dangling link": "which does not exist",
+                "not empty": "exists and is not empty", "name too long": "file-name limit",
+                "parent is a file": "is not a folder"}[case]
+    if case == "file":
+        out.write_text("x")
+    elif case == "dangling link":
+        out.symlink_to(tmp_path / "nowhere")
+    elif case == "not empty":
+        out.mkdir()
+        (out / "keep").write_text("x")
+    elif case == "name too long":
+        out = tmp_path / ("o" * 250)
+    else:
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "out"
+    for command in (["quantize"], ["dequantize"]):
+        one_line_error(cli(*command, src, "-o", out), 4, fragment)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
