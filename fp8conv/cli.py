@@ -2,12 +2,13 @@
 
 Exit codes (API): 0 success; 1 a verify check failed; 2 usage error (bad option or combination);
 3 input unreadable, corrupt or refused; 4 output cannot be written; 70 internal error; 130 SIGINT;
-143 SIGTERM.
+141 stdout closed by its reader; 143 SIGTERM; 71 a worker process died; 129 SIGHUP.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -17,27 +18,65 @@ import click
 
 from . import __version__
 from .engines import ENGINES
-from .errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
 from .architecture import DEFAULT_RULES
 from .scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size,
                      parse_override)
+from .untrusted import printable
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
-    "4 output not writable (exists, read-only, disk full); 70 internal error (a bug); 130 interrupted (SIGINT); "
-    "143 terminated (SIGTERM)."
+    "4 output not writable (exists, read-only, disk full, another run writing it); 70 internal error (a bug); "
+    "71 a worker process died (killed, crashed); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM; "
+    "141 stdout closed by its reader."
 )
 # Element formats by name, except fp4_e2m1, which exists only inside nvfp4 / mxfp4.
 FORMAT_CHOICES = [f for f in FORMATS if f != "fp4_e2m1"] + list(MICROSCALE)
 SKIP_HELP = "; ".join(f"{rule.kind}: {' '.join(rule.globs)}" for rule in DEFAULT_RULES)
 
 
+def say(message: str) -> None:
+    """One diagnostic line on stderr, escaped (names in it are untrusted); a closed or broken
+    stderr never stops the work."""
+    try:
+        click.echo(printable(message), err=True)
+    except (OSError, ValueError):
+        pass
+
+
+def emit(text: str, nl: bool = True) -> None:
+    """Data on stdout. A reader that went away (`... | head -c 10`) ends the command quietly with
+    exit 141, as a CLI killed by SIGPIPE would; the work itself is complete."""
+    try:
+        click.echo(text, nl=nl)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not complain
+        os.close(devnull)
+        sys.exit(EXIT_BROKEN_PIPE)
+
+
 def fail(message: str, code: int) -> None:
-    click.echo(f"fp8conv: error: {message}", err=True)
+    say(f"fp8conv: error: {message}")
     sys.exit(code)
+
+
+def _guard_std_streams() -> None:
+    """Started with stdin/stdout/stderr closed (`2>&-`): put /dev/null there, so no file this run
+    opens gets descriptor 1 or 2 (where a stray write would land in an output shard)."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)  # takes the lowest free descriptor: this one
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
 
 
 def handle_errors(func):
@@ -49,6 +88,8 @@ def handle_errors(func):
             return func(*args, **kwargs)
         except FP8ConvError as exc:
             fail(str(exc), exc.exit_code)
+        except BrokenPipeError:
+            emit("")  # only stdout can break here: stderr writes never raise
         except KeyboardInterrupt:
             fail("interrupted", EXIT_SIGINT)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -77,9 +118,12 @@ def parse_size(text: str | None) -> int | None:
     else:
         number, factor = upper, 1
     try:
-        value = int(float(number) * factor)
+        value = float(number) * factor
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
+    value = int(value)
     if value <= 0:
         raise click.BadParameter("must be positive")
     return value
@@ -96,6 +140,7 @@ def progress_bar(total: int, quiet: bool, desc: str):
 @click.version_option(__version__, prog_name="fp8conv")
 def main() -> None:
     """Convert bf16/fp16/fp32 safetensors checkpoints to FP8/INT8, inspect them and verify them."""
+    _guard_std_streams()
 
 
 def scheme_options(func):
@@ -185,8 +230,8 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@click.argument("src", type=click.Path(path_type=Path, readable=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, readable=False), help="Output folder (written atomically).")
 @scheme_options
 @click.option("--layout", type=click.Choice(LAYOUTS), default="compressed-tensors", show_default=True,
               help="compressed-tensors (<m>.weight_scale; vLLM, transformers), fp8-native (<m>.weight_scale_inv; "
@@ -275,16 +320,16 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     _check_output(src, out, overwrite, resume or part is not None or ray_address is not None)
     checkpoint, plan = pipeline.plan_recipe(src, recipe)
     for warning in plan.warnings:
-        click.echo(f"fp8conv: warning: {warning}", err=True)
+        say(f"fp8conv: warning: {warning}")
     run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
-        click.echo(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
-                               "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
-                               "refusals": plan.refusals}, indent=2) if as_json
-                   else render.dry_run_plan(plan))
+        emit(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
+                         "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
+                         "refusals": plan.refusals}, indent=2) if as_json
+             else render.dry_run_plan(plan))
         for refusal in plan.refusals:
-            click.echo(f"fp8conv: error: {refusal}", err=True)
+            say(f"fp8conv: error: {refusal}")
         if plan.refusals:
             sys.exit(EXIT_USAGE)
         return
@@ -293,17 +338,17 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
 
         pipeline.refuse_flagged(plan)
         result = run_on_ray(src, out, recipe, parts or len(plan.shards), run, ray_address or None,
-                            on_part=lambda label: quiet or click.echo(f"fp8conv: part {label} done", err=True))
+                            on_part=lambda label: quiet or say(f"fp8conv: part {label} done"))
     else:
         with progress_bar(sum(i.nbytes for i in plan.tensors.values()), quiet, verb) as bar:
             result = pipeline.run_plan(checkpoint, plan, src, out, run, bar.update, part, recipe)
     for note in result.notes:
-        click.echo(f"fp8conv: warning: {note}", err=True)
+        say(f"fp8conv: warning: {note}")
     if result.part is not None:
         summary = {"partition": result.part.label, "shards": result.shards, "out": str(out)}
-        click.echo(json.dumps(summary, indent=2) if as_json else render.part_summary(summary))
+        emit(json.dumps(summary, indent=2) if as_json else render.part_summary(summary))
         return
-    click.echo(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
+    emit(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
 
 
 def _given(name: str) -> bool:
@@ -323,8 +368,8 @@ def _parse_partition(text: str | None):
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("src", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (written atomically).")
+@click.argument("src", type=click.Path(path_type=Path, readable=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, readable=False), help="Output folder (written atomically).")
 @click.option("--dtype", type=click.Choice(list(HIGH_PRECISION)), default="bf16", show_default=True,
               help="Output dtype: w = q * scale is computed in float32, then rounded to nearest even.")
 @run_options
@@ -355,12 +400,12 @@ def merge(out, source, overwrite, as_json) -> None:
 
     area = parts_dir(out)
     result = pipeline.merge_parts(out, source, overwrite)
-    click.echo(json.dumps(result.report, indent=2) if as_json
+    emit(json.dumps(result.report, indent=2) if as_json
                else render.conversion_report(result.report, "merge", str(area), str(out)))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path, readable=False))
 @click.option("--tensors", "pattern", is_flag=False, flag_value="*", default=None, metavar="[PATTERN]",
               help="List tensors (all, or those whose name or module matches the glob / re:REGEX).")
 @click.option("--stats", is_flag=True, help="Also read the data: min/max/absmax, NaN/Inf counts, zero fraction.")
@@ -378,14 +423,20 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
         total = open_checkpoint(path).total_bytes
     with progress_bar(total, quiet or not stats, "inspect") as bar:
         summary = inspection.inspect_checkpoint(path, pattern, stats, progress=bar.update)
-    click.echo(json.dumps(summary, indent=2) if as_json else render.inspect_summary(summary))
+    emit(json.dumps(summary, indent=2) if as_json else render.inspect_summary(summary))
+
+
+def _finite(ctx, param, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--against", type=click.Path(path_type=Path), default=None,
+@click.argument("path", type=click.Path(path_type=Path, readable=False))
+@click.option("--against", type=click.Path(path_type=Path, readable=False), default=None,
               help="The source checkpoint: dequantize every tensor and compare (others must be bit-identical).")
-@click.option("--max-rel-error", type=click.FloatRange(0, min_open=True), default=None,
+@click.option("--max-rel-error", type=click.FloatRange(0, min_open=True), default=None, callback=_finite,
               help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8, 0.40 int4].")
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size to check vLLM's partition constraints for.")
@@ -407,7 +458,7 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
     options = VerifyOptions(against=against, max_rel_error=max_rel_error, tp=tp, engines=tuple(engines))
     with progress_bar(total_work(path, against), quiet, "verify") as bar:
         result = verify_checkpoint(path, options, progress=bar.update).to_json()
-    click.echo(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
+    emit(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
     if html_path is not None:
         from . import html_report
 
@@ -418,7 +469,7 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path, readable=False))
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Where to write the page ('-' for stdout) [default: OUT/fp8conv.report.html].")
 @handle_errors
@@ -434,10 +485,10 @@ def _emit_page(page: str, target: Path) -> None:
     from . import html_report
 
     if str(target) == "-":
-        click.echo(page, nl=False)
+        emit(page, nl=False)
         return
     html_report.write_page(target, page)
-    click.echo(f"fp8conv: wrote {target}", err=True)
+    say(f"fp8conv: wrote {target}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,13 +101,20 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
     """Open SRC and decide every tensor and output byte range for the recipe (reads headers only)."""
     checkpoint = open_checkpoint(source)
     if recipe.command == DEQUANTIZE_COMMAND:
-        return checkpoint, build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
+        plan = build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
+        plan.warnings += _skipped_warnings(checkpoint)
+        return checkpoint, plan
     plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
                       Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines,
                       tuple((Matcher((pattern,), "--scheme"), scheme) for pattern, scheme in recipe.schemes))
     if recipe.layout == "fp8conv":
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
+    plan.warnings += _skipped_warnings(checkpoint)
     return checkpoint, plan
+
+
+def _skipped_warnings(checkpoint: Checkpoint) -> list[str]:
+    return [f"{path.name}: {reason}" for path, reason in checkpoint.skipped]
 
 
 def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, ConversionPlan]:

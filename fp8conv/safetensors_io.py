@@ -123,7 +123,7 @@ def _check_layout(tensors: dict[str, TensorInfo], data_start: int, data_size: in
 
 def read_header(path: Path) -> Header:
     """Parse and validate the header of a .safetensors file."""
-    label = str(path)
+    label = printable(str(path))
     try:
         with open(path, "rb") as fh:
             file_size = os.fstat(fh.fileno()).st_size

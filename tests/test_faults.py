@@ -240,3 +240,145 @@ def test_out_refused_before_reading_the_source(tmp_path, case):
     for command in (["quantize"], ["dequantize"]):
         one_line_error(cli(*command, src, "-o", out), 4, fragment)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ---- closed streams -------------------------------------------------------------------------------
+
+def test_stdout_closed_by_its_reader_is_quiet(tmp_path, sample):
+    """`fp8conv ... --json | head -c 10`: the reader is gone before anything is written."""
+    src = sample("llama-tiny")
+    for args in (["inspect", src, "--json"], ["verify", src, "--json"], ["quantize", src, "-o", tmp_path / "out", "--json"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        result = subprocess.run([sys.executable, "-m", "fp8conv", *map(str, args)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, env=ENV, timeout=120)
+        os.close(write_end)
+        assert (result.returncode, result.stderr) == (141, ""), args
+    assert (tmp_path / "out" / "fp8conv.manifest.json").is_file()  # the work itself finished
+
+
+@pytest.mark.parametrize("closed", ["stderr", "stdout", "both"])
+def test_closed_stderr_or_stdout_never_fails_a_run(tmp_path, closed):
+    src = sharded_model(tmp_path / "src", shards=2, rows=32, cols=32)
+    (src / "config.json").unlink()  # a warning goes to stderr
+    redirect = {"stderr": "2>&-", "stdout": ">&-", "both": ">&- 2>&-"}[closed]
+    command = f"{sys.executable} -m fp8conv quantize {src} -o {tmp_path / 'out'} {redirect}"
+    result = subprocess.run(["bash", "-c", command], env=ENV, timeout=120)
+    assert result.returncode == 0
+    run_cli("quantize", src, "-o", tmp_path / "clean", "-q")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
+    # an error with stderr closed: still the documented code
+    assert subprocess.run(["bash", "-c", f"{sys.executable} -m fp8conv inspect {tmp_path / 'nowhere'} 2>&-"],
+                          env=ENV, timeout=60).returncode == 3
+
+
+# ---- documented codes where exit 70 was ---------------------------------------------------------
+
+DEEP = "[" * 100000 + "]" * 100000
+
+
+def test_deeply_nested_json_in_a_header_or_index_is_corrupt_input(tmp_path):
+    src = tmp_path / "header"
+    src.mkdir()
+    stfile.write(src / "model.safetensors", '{"a": ' + DEEP + "}")
+    one_line_error(cli("inspect", src), 3, "header is not valid JSON (nested too deeply)")
+    src = sharded_model(tmp_path / "index", shards=1, rows=8, cols=8)
+    (src / "model.safetensors.index.json").write_text('{"weight_map": ' + DEEP + "}")
+    one_line_error(cli("quantize", src, "-o", tmp_path / "out"), 3, "nested too deeply")
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("config", ['{"a": ' + DEEP + "}", '{"model_type": "llama", "rope_theta": NaN}',
+                                    '{"x": Infinity}', '{"a": 1, "a": 2}'])
+def test_config_json_that_is_not_strict_json_is_copied_with_a_warning(tmp_path, config):
+    src = sharded_model(tmp_path / "src", shards=1, rows=8, cols=8)
+    (src / "config.json").write_text(config)
+    result = cli("quantize", src, "-o", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "config.json: not readable JSON" in result.stderr and "quantization_config NOT written" in result.stderr
+    assert (tmp_path / "out" / "config.json").read_text() == config
+    assert run_cli("verify", tmp_path / "out", expect=None).exit_code == 1  # no quantization_config: fails, no crash
+
+
+@pytest.mark.parametrize("size", ["inf", "1e400", "-inf", "nan", "0", "-5GB", "5GiB"])
+def test_bad_max_shard_size_is_a_usage_error(tmp_path, size):
+    src = sharded_model(tmp_path / "src", shards=1, rows=8, cols=8)
+    result = cli("quantize", src, "-o", tmp_path / "out", "--max-shard-size", size)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("limit", ["nan", "inf"])
+def test_max_rel_error_must_be_finite(sample, limit):
+    """NaN would make every comparison pass: `rel > nan` is False."""
+    assert cli("verify", sample("llama-tiny"), "--max-rel-error", limit).returncode == 2
+
+
+# ---- untrusted names escaped in every message -----------------------------------------------------
+
+def test_shard_and_path_names_are_escaped_in_messages(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    evil = "evil\x1b[31m\nname.safetensors"
+    (src / evil).write_bytes(b"\x01")  # too short: the error names the file
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w.weight": evil}}))
+    for args in (["quantize", src, "-o", tmp_path / "out"], ["inspect", src], ["verify", src]):
+        result = cli(*args)
+        one_line_error(result, 3, "evil\\x1b[31m\\nname.safetensors")
+        assert "\x1b" not in result.stderr
+    (src / evil).unlink()
+    result = cli("inspect", src)
+    one_line_error(result, 3, "names shard evil\\x1b[31m\\nname.safetensors, which is missing")
+
+
+# ---- unreadable sources, refused up front -----------------------------------------------------------
+
+def without_root_privileges(args: list[str]) -> list[str]:
+    """Root reads anything: drop the capabilities that bypass file permissions for the child."""
+    if os.geteuid() != 0:
+        return args
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *args]
+
+
+@pytest.mark.parametrize("what", ["tokenizer.json", "config.json", "folder"])
+def test_unreadable_source_is_refused_before_any_work(tmp_path, what):
+    src = sharded_model(tmp_path / "src", shards=2, rows=32, cols=32)
+    (src / "tokenizer.json").write_text("{}")
+    target = src if what == "folder" else src / what
+    target.chmod(0)
+    try:
+        for command in (["quantize", src, "-o", tmp_path / "out"], ["dequantize", src, "-o", tmp_path / "out"]):
+            result = subprocess.run(without_root_privileges([sys.executable, "-m", "fp8conv", *map(str, command)]),
+                                    capture_output=True, text=True, env=ENV, timeout=120)
+            one_line_error(result, 3, str(target), "ermission denied")
+            assert_no_output(tmp_path / "out")
+    finally:
+        target.chmod(0o755)
+
+
+# ---- empty models, unlisted shards, other weight formats ------------------------------------------
+
+def test_empty_weight_map_or_no_tensors_is_refused(tmp_path):
+    src = sharded_model(tmp_path / "src", shards=1, rows=8, cols=8)
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    for command in (["quantize", src, "-o", tmp_path / "out"], ["verify", src], ["inspect", src]):
+        one_line_error(cli(*command), 3, "weight_map is empty")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    stfile.write(empty / "model.safetensors", {"__metadata__": {"format": "pt"}})
+    one_line_error(cli("quantize", empty, "-o", tmp_path / "out"), 3, "holds no tensors")
+    assert_no_output(tmp_path / "out")
+
+
+def test_unlisted_shards_and_other_weight_formats_are_left_out_with_a_warning(tmp_path):
+    src = sharded_model(tmp_path / "src", shards=2, rows=32, cols=32)
+    (src / "consolidated.safetensors").write_bytes((src / "model-00001-of-00002.safetensors").read_bytes())
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    (src / "tokenizer.json").write_text("{}")
+    result = cli("quantize", src, "-o", tmp_path / "out", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "consolidated.safetensors: not listed in model.safetensors.index.json: not converted, not copied" in result.stderr
+    assert "pytorch_model.bin: weights in another format: not copied" in result.stderr
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "tokenizer.json" in names and not names & {"consolidated.safetensors", "pytorch_model.bin"}
