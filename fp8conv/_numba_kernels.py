@@ -7,6 +7,9 @@ from numba import njit
 _SIGN = np.uint32(0x80000000)
 _ABS = np.uint32(0x7FFFFFFF)
 _NONFINITE = np.uint32(0x7F800000)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_SMALLEST_NORMAL = np.float32(np.finfo(np.float32).smallest_normal)
+_SUBNORMAL_STEP = 2.0 ** -149
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -156,6 +159,7 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
     amax = amax_bits.view(np.float32)
     lanes = np.zeros((2, 8), np.float64)
     qmax_bits = _float_bits(qmax)
+    cap = _scale_cap(qmax)
     for band in range(0, rows, tile_rows):
         stop = min(rows, band + tile_rows)
         grid_row = scales[band // tile_rows]
@@ -165,8 +169,10 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                 return True
             if fixed_scale > 0:
                 grid_row[t] = fixed_scale
+            elif amax_bits[t] == 0:
+                grid_row[t] = np.float32(1.0)
             else:
-                grid_row[t] = amax[t] / qmax if amax_bits[t] else np.float32(1.0)
+                grid_row[t] = _scale(amax[t], qmax, cap)
         _expand(grid_row, tile_cols, expanded)
         for r in range(band, stop):
             _load_row(src, r, is_bf16, row, row_bits)
@@ -189,3 +195,21 @@ def _float_bits(value):
     one = np.empty(1, np.float32)
     one[0] = value
     return one.view(np.uint32)[0]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _scale_cap(qmax):
+    """kernels._scale_cap: the largest float32 scale with qmax * scale finite."""
+    cap = np.float32(np.float64(_FLOAT32_MAX) / np.float64(qmax))
+    while np.isinf(np.float32(cap * qmax)):
+        cap = np.nextafter(cap, np.float32(0))
+    return cap
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _scale(amax, qmax, cap):
+    """kernels.scale_from_amax for one tile with amax > 0 (same two ends of the range)."""
+    s = amax / qmax
+    if s < _SMALLEST_NORMAL:
+        s = np.float32(np.ceil(np.float64(amax) / _SUBNORMAL_STEP / np.float64(qmax)) * _SUBNORMAL_STEP)
+    return min(s, cap)

@@ -200,7 +200,13 @@ class ScaleFormat:
 
     def __init__(self, name: str, tag: str, dtype: np.dtype) -> None:
         self.name, self.tag, self.dtype = name, tag, np.dtype(dtype)
+        # Where scales stop being normal, and the spacing below that (kernels round scales up onto it).
+        self.smallest_normal, self.smallest_subnormal = self._range_end()
         ScaleFormat.registry[name] = self
+
+    def _range_end(self) -> tuple[np.float32, float]:
+        info = ml_dtypes.finfo(self.dtype)
+        return np.float32(info.smallest_normal), float(info.smallest_subnormal)
 
     def __repr__(self) -> str:
         return f"<scale format {self.name}>"
@@ -236,6 +242,17 @@ class MicroScaleFormat(ScaleFormat):
     computed from the group amax by microscale.py, not rounded from amax / qmax."""
 
     microscale: ClassVar[bool] = True
+
+    def _range_end(self) -> tuple[np.float32, float]:
+        """The smallest scale a code stores. The range-end rule of the kernels (round a tiny scale up
+        onto the subnormal grid, cap it so codes times scale stay finite) never applies here: these
+        codes follow compressed-tensors byte for byte (microscale.py). E8M0: exponents only, code 0
+        is 2**-127 (never a zero scale), 254 is 2**127 (255, NaN, is never produced); no subnormals.
+        e4m3_global: the e4m3 group scale before the division by the global scale (2**-6 normal,
+        2**-9 step); a zero group scale is stored as 0.125, as compressed-tensors does."""
+        if self.dtype == np.uint8:
+            return np.float32(2.0**-127), 2.0**-127
+        return super()._range_end()
 
     def round(self, scales: np.ndarray) -> np.ndarray:  # pragma: no cover - never called for these
         raise TypeError(f"{self.name} scales are computed from the group amax (microscale.py)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import ml_dtypes
 import numpy as np
 
 from .errors import InputError
@@ -24,6 +25,7 @@ from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_ro
 from .layouts import TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
 from .scheme import Scheme
+from .untrusted import printable
 
 COPY_BYTES = 16 << 20
 
@@ -243,6 +245,13 @@ def _dequantize(job: Job) -> None:
     out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
     # Chunks sized by their float32 form (4 bytes an element), not by the stored codes.
     for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4), out_dtype):
+        overflow = _count_inf(rows)
+        if overflow:
+            limit = float(ml_dtypes.finfo(out_dtype).max)
+            raise InputError(
+                f"tensor {printable(job.name)}: {overflow} dequantized values (rows {first}..{first + len(rows) - 1}) "
+                f"exceed the largest finite {job.out_dtype} ({limit:g}) and would be written as Inf; "
+                "use a wider --dtype (bf16 or fp32)")
         write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows)
 
 
@@ -255,6 +264,15 @@ def target_tile_rows(scheme: Scheme, outputs, rows: int, cols: int) -> int:
         if spec.unit_rows:
             step = math.lcm(step, spec.unit_rows)
     return step
+
+
+def _count_inf(values: np.ndarray) -> int:
+    """Inf values of a float32 / f16 / bf16 array (bit patterns for the 2-byte types: fast)."""
+    if values.dtype.itemsize == 4:
+        return int(np.count_nonzero(np.isinf(values)))
+    bits = values.view(np.uint16) & np.uint16(0x7FFF)
+    inf = 0x7C00 if values.dtype == np.float16 else 0x7F80
+    return int(np.count_nonzero(bits == inf))
 
 
 def _quantize(job: Job) -> ErrorStats:

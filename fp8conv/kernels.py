@@ -19,6 +19,7 @@ order 0..7, the rows added in order. Both backends give the same report, bit for
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterable
 
 import ml_dtypes
@@ -26,7 +27,7 @@ import numpy as np
 
 from . import compiled, observers
 from .errors import InputError, SchemeError
-from .formats import TAG_OF_DTYPE, ElementFormat, _round_bf16
+from .formats import SCALE_FORMATS, TAG_OF_DTYPE, ElementFormat, _round_bf16
 from .safetensors_io import printable
 from .scheme import Scheme
 
@@ -115,22 +116,66 @@ def _resolved(scheme: Scheme, dtype: np.dtype) -> Scheme:
     return scheme.for_source(TAG_OF_DTYPE.get(np.dtype(dtype), "BF16"))
 
 
-def _stored_scales(raw: np.ndarray, scheme: Scheme, zero: np.ndarray, name: str) -> np.ndarray:
-    """Round float32 scales to the scheme's scale format; 1.0 for all-zero tiles."""
-    scale = scheme.scale_fmt.round(raw)
-    scale[zero] = np.float32(1.0)
-    bad = ~np.isfinite(scale) | (scale <= 0)
+def _stored_scales(raw: np.ndarray, exact: np.ndarray, scheme: Scheme, zero: np.ndarray, name: str) -> np.ndarray:
+    """Stored scales from float32 quotients `raw` (and the same quotients in float64, `exact`); 1.0 for
+    all-zero tiles. Rounded to the scheme's scale format (nearest even), with the two ends of the
+    range made safe for every scale format: where the stored value would fall below the format's
+    smallest normal (2**-126 float32 / bf16, 2**-14 fp16) the exact quotient is rounded UP to the
+    format's subnormal grid (2**-149 / 2**-133 / 2**-24), so a scale is never 0 and amax / scale <= D
+    still holds (nearest-even there could drop it to 0, or by up to half its value); and it is capped
+    so that every code times the scale stays finite in float32 (what loaders compute). A quotient
+    beyond the format's largest value (fp16: 65504), or below its smallest step (bf16 / fp16), is
+    refused: capping would saturate the tile, rounding up would decode it to 0."""
+    sf = scheme.scale_fmt
+    scale = sf.round(raw)
+    exact = np.asarray(exact, np.float64)
+    bad = ~np.isfinite(scale) & ~zero
+    if sf.smallest_subnormal > _F32_SUBNORMAL:
+        # Below a bf16 / fp16 scale's smallest step the whole tile would decode to 0: refused. (A
+        # float32 scale of 2**-149 is on the data's own grid and keeps every value.)
+        bad |= (exact < sf.smallest_subnormal) & ~zero
     if bad.any():
-        raise InputError(f"tensor {printable(name)}: a scale {float(raw[bad].flat[0]):.6g} is not representable as "
+        raise InputError(f"tensor {printable(name)}: a scale {float(exact[bad].flat[0]):.6g} is not representable as "
                          f"{scheme.scale_format} (it rounds to {float(scale[bad].flat[0]):g}); use float32 scales")
+    tiny = (scale < sf.smallest_normal) & ~zero
+    if tiny.any():
+        step = sf.smallest_subnormal
+        scale[tiny] = (np.ceil(exact[tiny] / step) * step).astype(np.float32)
+    np.minimum(scale, _scale_cap(scheme.scale_format, _reach(scheme)), out=scale)
+    scale[zero] = np.float32(1.0)
     return scale
 
 
+_F32_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def _reach(scheme: Scheme) -> float:
+    """The largest |q - zp| a code can dequantize from: qmax (symmetric [-qmax, qmax]), -qmin (full
+    range), qmax - qmin (asymmetric)."""
+    lo, hi = scheme.code_range
+    return float(hi - lo) if not scheme.symmetric else float(max(-lo, hi))
+
+
+@lru_cache(maxsize=None)
+def _scale_cap(scale_format: str, reach: float) -> np.float32:
+    """The largest scale of the format whose product with `reach` is finite in float32 (an amax near
+    the float32 maximum would otherwise dequantize to Inf)."""
+    sf = SCALE_FORMATS[scale_format]
+    top = min(float(np.finfo(np.float32).max) / reach, float(ml_dtypes.finfo(sf.dtype).max))
+    cap = np.array([top], np.float64).astype(sf.dtype)
+    bits = cap.view(np.dtype(f"u{sf.dtype.itemsize}"))
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(cap[0]) * np.float32(reach)):
+            bits -= 1  # the next smaller positive value of the format
+    return np.float32(cap[0])
+
+
 def scale_from_amax(amax: np.ndarray, scheme: Scheme, name: str = "tensor") -> np.ndarray:
-    """Symmetric stored scale = stored(amax / D), and 1.0 where the tile is all zeros."""
+    """Symmetric stored scale = stored(amax / D) (see _stored_scales), and 1.0 where the tile is all zeros."""
     amax = np.asarray(amax, np.float32)
-    raw = (amax / np.float32(scheme.symmetric_divisor)).astype(np.float32)
-    return _stored_scales(raw, scheme, amax == 0, name)
+    divisor = scheme.symmetric_divisor
+    raw = (amax / np.float32(divisor)).astype(np.float32)
+    return _stored_scales(raw, amax.astype(np.float64) / divisor, scheme, amax == 0, name)
 
 
 def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
@@ -138,8 +183,13 @@ def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str 
     fmt = scheme.fmt
     lo = np.minimum(lo, np.float32(0)).astype(np.float32)
     hi = np.maximum(hi, np.float32(0)).astype(np.float32)
-    raw = ((hi - lo) / np.float32(fmt.qmax - fmt.qmin)).astype(np.float32)
-    scale = _stored_scales(raw, scheme, hi == lo, name)
+    steps = fmt.qmax - fmt.qmin
+    with np.errstate(over="ignore"):
+        raw = ((hi - lo) / np.float32(steps)).astype(np.float32)
+    exact = (hi.astype(np.float64) - lo.astype(np.float64)) / steps
+    # hi - lo beyond the float32 range (|values| near its maximum on both sides): the float64 quotient.
+    raw = np.where(np.isfinite(raw), raw, exact.astype(np.float32))
+    scale = _stored_scales(raw, exact, scheme, hi == lo, name)
     zp = np.clip(np.rint(fmt.qmin32 - lo / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
     return scale, zp
 
@@ -548,7 +598,8 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
                     values -= expand(zero_points)
                 values *= expand(scales)
             dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
-            dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
+            with np.errstate(over="ignore"):  # beyond the target's range gives Inf; callers count and refuse it
+                dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
     return out
 
 

@@ -57,6 +57,43 @@ def tile_shape(granularity: str, rows: int, cols: int, block: tuple[int, int], g
     return {"block": block, "channel": (1, cols), "group": (1, group), "tensor": (rows, cols)}[granularity]
 
 
+# Per scale format: (exponent of the smallest normal, exponent of the subnormal spacing, significand bits).
+SCALE_GRID = {"float32": (-126, -149, 24), "bf16": (-126, -133, 8), "fp16": (-14, -24, 11)}
+F32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # exact products at or above this round to Inf in float32
+
+
+def round_scale(value: np.float32, scale_dtype: str) -> np.float32:
+    """A float32 scale rounded to its stored dtype (round to nearest even), as float32."""
+    import ml_dtypes
+
+    dtype = {"float32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}[scale_dtype]
+    return np.float32(np.array([value], np.float32).astype(dtype).astype(np.float32)[0])
+
+
+def reference_stored_scale(quotient: np.float32, exact: float, reach: float, scale_dtype: str = "float32") -> np.float32:
+    """A stored scale: the float32 quotient rounded to nearest even in its format; where that is below
+    the format's smallest normal, the exact quotient rounded UP to a multiple of the format's
+    subnormal spacing; then stepped down one unit at a time while reach * scale would round to Inf in
+    float32. Inf (beyond the format, fp16) is returned as is: the kernels refuse it."""
+    emin, esub, bits = SCALE_GRID[scale_dtype]
+    scale = round_scale(np.float32(quotient), scale_dtype)
+    if not math.isfinite(float(scale)):
+        return scale
+    if scale < 2.0 ** emin:
+        scale = np.float32(math.ceil(exact * 2.0 ** -esub) * 2.0 ** esub)
+    while float(scale) * reach >= F32_OVERFLOW:  # exact in float64: both have few bits
+        mantissa, exponent = math.frexp(float(scale))
+        # The spacing just below: half as wide under a power of two.
+        scale = np.float32(float(scale) - 2.0 ** (exponent - bits - (mantissa == 0.5)))
+    return scale
+
+
+def reference_scale(amax: float, qmax: float) -> np.float32:
+    """amax / qmax divided in float32, stored as float32 (reference_stored_scale: never 0, qmax *
+    scale finite)."""
+    return reference_stored_scale(np.float32(np.float32(amax) / np.float32(qmax)), float(amax) / qmax, qmax)
+
+
 def reference_quantize(w: np.ndarray, fmt: str, granularity: str, block=(128, 128), group=128):
     """(codes as uint8 bit patterns / int8, float32 scale grid, float64 dequantized) of a 2-D array."""
     w64 = np.asarray(w, dtype=np.float64)
@@ -71,7 +108,7 @@ def reference_quantize(w: np.ndarray, fmt: str, granularity: str, block=(128, 12
         for j in range(gc):
             tile = w64[i * tr:(i + 1) * tr, j * tc:(j + 1) * tc]
             amax = np.abs(tile).max() if tile.size else 0.0
-            scale = np.float32(1.0) if amax == 0 else np.float32(np.float32(amax) / np.float32(qmax))
+            scale = np.float32(1.0) if amax == 0 else reference_scale(amax, qmax)
             scales[i, j] = scale
             # The documented division is float32; the rounding to the format is done here in float64.
             x = np.clip((tile.astype(np.float32) / scale).astype(np.float64), -qmax, qmax)
@@ -91,19 +128,11 @@ def int_range(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
-def round_scale(value: np.float32, scale_dtype: str) -> np.float32:
-    """A float32 scale rounded to its stored dtype (round to nearest even), as float32."""
-    import ml_dtypes
-
-    dtype = {"float32": np.float32, "bf16": ml_dtypes.bfloat16, "fp16": np.float16}[scale_dtype]
-    return np.float32(np.array([value], np.float32).astype(dtype).astype(np.float32)[0])
-
-
 def reference_quantize_int(w: np.ndarray, bits: int, granularity: str, group: int = 128, symmetric: bool = True,
                            scale_dtype: str = "float32"):
     """(int8 codes, float32 scale grid, zero-point grid or None, float64 dequantized) of an integer
     weight-only scheme over the full code range, following README's numerics step by step:
-    symmetric scale = stored(amax / ((qmax - qmin) / 2)); asymmetric scale = stored((max(0, max) -
+    symmetric scale = stored(amax / ((qmax - qmin) / 2)) (stored: reference_stored_scale); asymmetric scale = stored((max(0, max) -
     min(0, min)) / (qmax - qmin)) and zp = clip(rint(qmin - min / scale)); q = rint(clip(w / scale + zp)).
     Every arithmetic step is a float32 operation; rounding is half to even."""
     qmin, qmax = int_range(bits)
@@ -120,11 +149,19 @@ def reference_quantize_int(w: np.ndarray, bits: int, granularity: str, group: in
             tile = w32[i, j * tc:(j + 1) * tc]
             if symmetric:
                 amax = np.float32(np.abs(tile).max())
-                scale = round_scale(np.float32(amax / np.float32((qmax - qmin) / 2)), scale_dtype) if amax else np.float32(1)
+                half = (qmax - qmin) / 2
+                scale = reference_stored_scale(np.float32(amax / np.float32(half)), float(amax) / half, -qmin,
+                                               scale_dtype) if amax else np.float32(1)
                 zp = np.float32(0)
             else:
                 lo, hi = np.float32(min(0.0, tile.min())), np.float32(max(0.0, tile.max()))
-                scale = round_scale(np.float32((hi - lo) / np.float32(qmax - qmin)), scale_dtype) if hi != lo else np.float32(1)
+                steps = qmax - qmin
+                exact = (float(hi) - float(lo)) / steps
+                with np.errstate(over="ignore"):
+                    quotient = np.float32((hi - lo) / np.float32(steps))
+                if not math.isfinite(float(quotient)):  # hi - lo beyond float32: the exact quotient, once rounded
+                    quotient = np.float32(exact)
+                scale = reference_stored_scale(quotient, exact, steps, scale_dtype) if hi != lo else np.float32(1)
                 zp = np.float32(min(max(np.round(np.float32(qmin) - np.float32(lo / scale)), qmin), qmax))
                 zps[i, j] = int(zp)
             scales[i, j] = scale

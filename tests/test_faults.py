@@ -3,6 +3,7 @@ output, closed pipes, extreme values. Process-level cases run the real CLI in a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -382,3 +383,53 @@ def test_unlisted_shards_and_other_weight_formats_are_left_out_with_a_warning(tm
     assert "pytorch_model.bin: weights in another format: not copied" in result.stderr
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "tokenizer.json" in names and not names & {"consolidated.safetensors", "pytorch_model.bin"}
+
+
+# ---- extreme values end to end, both kernel paths ---------------------------------------------------
+
+def single_tensor_model(root: Path, array: np.ndarray, dtype: str, name: str = "layer.weight") -> Path:
+    root.mkdir(parents=True)
+    data = array.tobytes()
+    stfile.write(root / "model.safetensors", {name: stfile.entry(dtype, list(array.shape), 0, len(data))}, data)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return root
+
+
+@pytest.mark.parametrize("case", ["all subnormal f32", "bf16 near 1e38"])
+@pytest.mark.parametrize("granularity", ["block", "channel", "tensor"])
+def test_extreme_values_convert_identically_on_both_kernel_paths(tmp_path, case, granularity):
+    rng = np.random.default_rng(1)
+    if case == "all subnormal f32":
+        w = (rng.integers(-50, 50, (64, 64)) * 2.0 ** -149).astype(np.float32)
+        src = single_tensor_model(tmp_path / "src", w, "F32")
+    else:
+        w = (rng.standard_normal((64, 64)) * 1e38).clip(-3.3e38, 3.3e38).astype(ml_dtypes.bfloat16)
+        src = single_tensor_model(tmp_path / "src", w, "BF16")
+    outputs = []
+    for numba in ("1", ""):
+        out = tmp_path / f"out{numba}"
+        env = {**ENV, "FP8CONV_NO_NUMBA": "" if numba else "1"}
+        result = subprocess.run([sys.executable, "-m", "fp8conv", "quantize", src, "-o", out, "--granularity",
+                                 granularity, "-q", "--json"], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)["tensors"][0]
+        assert all(math.isfinite(report[k]) for k in ("rel_rms_error", "max_abs_error"))
+        outputs.append(load_all(out))
+    for name in outputs[0]:
+        assert outputs[0][name].tobytes() == outputs[1][name].tobytes(), name
+    scales = outputs[0]["layer.weight_scale"]
+    assert (scales > 0).all() and np.isfinite(scales).all()
+    assert run_cli("verify", tmp_path / "out1", "--against", src, expect=None).exit_code in (0, 1)
+
+
+def test_dequantize_to_fp16_refuses_values_beyond_its_range(tmp_path):
+    w = np.full((4, 8), 0.5, np.float32)
+    w[1, 2] = 70000.0  # beyond fp16's 65504 after dequantization
+    src = single_tensor_model(tmp_path / "src", w, "F32")
+    run_cli("quantize", src, "-o", tmp_path / "fp8", "--granularity", "channel", "-q")
+    result = cli("dequantize", tmp_path / "fp8", "-o", tmp_path / "out", "--dtype", "fp16")
+    one_line_error(result, 3, "tensor layer.weight: 1 dequantized values (rows 0..3)", "largest finite F16 (65504)",
+                   "use a wider --dtype")
+    assert_no_output(tmp_path / "out")
+    assert cli("dequantize", tmp_path / "fp8", "-o", tmp_path / "bf16", "--dtype", "bf16").returncode == 0
+    assert float(load_all(tmp_path / "bf16")["layer.weight"].astype(np.float32)[1, 2]) == pytest.approx(70000, rel=0.07)

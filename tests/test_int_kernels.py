@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fp8conv import dequantize_tensor, quantize_tensor
 from fp8conv.errors import SchemeError
 from fp8conv.formats import FORMATS, SCALE_FORMATS
-from reference import int_range, reference_quantize_int
+from reference import int_range, reference_quantize_int, reference_stored_scale
 
 BITS = {"int4": 4, "int8": 8}
 SEEDS = {"int4": 11, "int8": 12}
@@ -181,3 +181,55 @@ def test_fp16_scale_that_underflows_is_refused():
 
     with pytest.raises(InputError, match="not representable as fp16"):
         quantize_tensor(np.full((1, 4), 1e-12, np.float32), format="int4", granularity="channel", scale_format="fp16")
+
+
+# ---- the two ends of the float32 range (issue #16) for weight-only scales and bf16 / fp16 stored scales ----
+
+F32_MAX = float(np.finfo(np.float32).max)
+EXTREME_ROWS = {
+    "subnormal quotient": np.array([[1e-37, -3e-38, 4e-36, 1e-39]], np.float32),
+    "bf16-subnormal quotient": np.array([[3e-38, -1e-38, 2e-39, 0.0]], np.float32),
+    "f32 max both sides": np.array([[F32_MAX, -F32_MAX, 1.0, 3e38]], np.float32),
+    "f32 max one side": np.array([[F32_MAX, 2e38, 1.0, 0.0]], np.float32),
+}
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("scale_format", ["float32", "bf16"])
+@pytest.mark.parametrize("case", sorted(EXTREME_ROWS))
+def test_extreme_rows_scales_positive_and_every_code_finite(fmt, symmetric, scale_format, case):
+    """Never 0 (rounded up onto the scale format's subnormal grid), never a code that dequantizes
+    to Inf (capped), bit for bit against the reference; the statistics stay finite."""
+    w = EXTREME_ROWS[case]
+    q = check(w, fmt, "channel", 128, symmetric, scale_format)
+    assert (q.scales > 0).all() and np.isfinite(q.scales).all()
+    lo, hi = int_range(BITS[fmt])
+    reach = (hi - lo) if not symmetric else -lo
+    assert np.isfinite(q.scales.astype(np.float32) * np.float32(reach)).all()
+    stats = q.stats
+    assert all(np.isfinite(v) for v in (stats.sum_sq_ref, stats.sum_sq_err, stats.max_abs_err))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int8"])
+def test_bf16_scale_at_the_top_of_the_range_is_capped_finite(fmt):
+    """bf16 scales: nearest even could round amax / qmax up past the largest scale whose qmax * scale
+    is finite in float32; the cap is the largest bf16 below that."""
+    w = np.array([[F32_MAX, -1.0]], np.float32)
+    q = quantize_tensor(w, format=fmt, granularity="channel", scale_format="bf16", backend="numpy")
+    scale = np.float32(q.scales[0, 0])
+    assert np.float32(scale).astype(ml_dtypes.bfloat16).astype(np.float32) == scale
+    qmax = float(FORMATS[fmt].qmax)
+    assert np.isfinite(np.float32(scale) * np.float32(qmax))
+    quotient = np.float32(np.float32(F32_MAX) / np.float32(qmax))
+    assert scale == reference_stored_scale(quotient, F32_MAX / qmax, qmax, "bf16")
+
+
+def test_fp16_scale_in_its_subnormal_range_is_rounded_up():
+    """fp16 scales below 2**-14 lie on the 2**-24 grid: rounded up there, so amax / scale <= 7.5."""
+    w = np.array([[1e-6, -3e-7, 0.0, 5e-7]], np.float32)
+    q = quantize_tensor(w, format="int4", granularity="channel", scale_format="fp16", activations="none")
+    scale = float(q.scales[0, 0])
+    exact = float(np.float32(1e-6)) / 7.5
+    assert scale == np.ceil(exact * 2.0 ** 24) * 2.0 ** -24 and scale >= exact
+    assert int(np.abs(q.codes).max()) <= 8

@@ -1,6 +1,8 @@
 """Kernels against the independent float64 reference in tests/reference.py, bit for bit."""
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -182,3 +184,51 @@ def test_numba_declares_the_schemes_it_runs():
     for scheme in (Scheme("int4", "group"), Scheme("int8", "channel", activations="none"),
                    Scheme("int8", "group", symmetric=False), Scheme("fp8_e4m3", "channel", scale_format="bf16")):
         assert not compiled.supports(scheme), scheme
+
+
+# ---- the two ends of the float32 range (issue #16) ------------------------------------------------
+
+F32_MAX = float(np.finfo(np.float32).max)
+EXTREME_TILES = {
+    "all subnormal": np.array([[1e-45, -3e-45, 1e-42, 5e-40], [0, 2e-44, -7e-45, 1e-39]], np.float32),
+    "subnormal quotient": np.array([[1e-37, -3e-38, 4e-36, 1e-45]], np.float32),
+    "bf16 near its max": np.array([[3.3e38, -1e38, 2.5e38, 1.0]], np.float32).astype(ml_dtypes.bfloat16),
+    "f32 max": np.array([[F32_MAX, -F32_MAX, 1.0, 3e38]], np.float32),
+}
+
+
+@pytest.mark.parametrize("path", BACKENDS)
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("case", sorted(EXTREME_TILES))
+def test_extreme_tiles_match_reference_with_positive_scales_and_finite_stats(path, fmt, granularity, case):
+    w = EXTREME_TILES[case]
+    q = assert_matches_reference(w.astype(np.float32), fmt, granularity, (2, 2), 2, backend=path)
+    q_native = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(2, 2), group_size=2,
+                               backend=require(path))
+    assert (q.scales > 0).all() and np.isfinite(q.scales).all()
+    np.testing.assert_array_equal(q_native.scales, q.scales)
+    stats = q_native.stats
+    assert all(math.isfinite(v) for v in (stats.sum_sq_ref, stats.sum_sq_err, stats.max_abs_err))
+    w64 = w.astype(np.float64)
+    deq = dequantize_tensor(q.codes, q.scales, format=fmt, granularity=granularity, block_size=(2, 2), group_size=2)
+    assert stats.sum_sq_ref == pytest.approx(float((w64 ** 2).sum()), rel=1e-12)
+    # max |w - w'| is taken over the float32 differences: the exact largest one rounded once to float32.
+    assert stats.max_abs_err == float(np.float32(np.abs(w64 - deq.astype(np.float64)).max()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(FORMAT_NAMES), granularity=st.sampled_from(GRANULARITIES),
+       log_scale=st.integers(-170, 140), seed=st.integers(0, 2**16))
+def test_both_paths_agree_over_the_whole_float32_range(fmt, granularity, log_scale, seed):
+    """Codes and scales bit-identical to each other and to the reference; statistics identical
+    (float64 sums in one fixed order on both paths)."""
+    rng = np.random.default_rng(seed)
+    w = np.clip(rng.standard_normal((5, 9)) * 2.0 ** log_scale, -F32_MAX, F32_MAX).astype(np.float32)
+    results = []
+    for path in BACKENDS:
+        results.append(assert_matches_reference(w, fmt, granularity, (2, 4), 4, backend=path))
+    fast, slow = results
+    np.testing.assert_array_equal(fast.scales, slow.scales)
+    assert (fast.scales > 0).all() and np.isfinite(fast.scales).all()
+    assert fast.stats == slow.stats

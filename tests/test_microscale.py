@@ -397,3 +397,21 @@ def test_backends_give_identical_codes_scales_and_statistics(fmt, dtype):
     assert a.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-12)
     assert a.stats.max_abs_err == np.abs(err).max()
     assert a.stats.flushed_to_zero == int(((deq == 0) & (x != 0)).sum())
+
+
+def test_microscale_scale_formats_declare_their_range_ends():
+    """The range-end attributes every scale format carries (the kernels' rule for float32 / bf16 / fp16
+    scales reads them) describe the microscale codes too: E8M0 code 0 is 2**-127 (no zero scale, no
+    subnormals), e4m3 steps by 2**-9 below its normal 2**-6; and the largest finite amax never
+    reaches E8M0's NaN code 255."""
+    from fp8conv.formats import SCALE_FORMATS
+
+    e8m0, e4m3 = SCALE_FORMATS["e8m0"], SCALE_FORMATS["e4m3_global"]
+    assert float(e8m0.smallest_normal) == e8m0.smallest_subnormal == 2.0**-127
+    assert float(ms.e8m0_decode(np.array([0], np.uint8))[0]) == 2.0**-127
+    assert (float(e4m3.smallest_normal), e4m3.smallest_subnormal) == (2.0**-6, 2.0**-9)
+    assert float(ms.e4m3_decode(np.array([1], np.uint8))[0]) == 2.0**-9
+    top = np.array([np.finfo(np.float32).max], np.float32)
+    for emax in (2, 8):
+        code = int(ms.e8m0_from_amax(top, emax)[0])
+        assert code == 128 + 127 - emax <= 254  # 2**128 after rounding up at 1.75, less emax
