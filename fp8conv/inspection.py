@@ -96,7 +96,7 @@ def _stats(checkpoint, view: CheckpointView, scale_names: set[str], progress) ->
 def _raw_float_chunks(readers: Readers, info: TensorInfo):
     """Stored values as floats, chunk by chunk (1-D and scalar tensors in one piece)."""
     if len(info.shape) >= 2:
-        chunks = (raw for _, _, raw in matrix_chunks(readers, info, 1, CHUNK_BYTES))
+        chunks = (raw for _, _, raw in matrix_chunks(readers, info.as_rows(), 1, CHUNK_BYTES))
     else:
         chunks = iter([readers.read(info).reshape(1, -1)])
     for raw in chunks:

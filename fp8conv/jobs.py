@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,9 +22,9 @@ from .formats import FORMATS, SAFETENSORS_DTYPES
 from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, microscale_nonfinite_error,
                       nonfinite_error, quantize_2d,
                       tensor_scale_of)
-from .layouts import TensorSpec, decode_codes, decode_zero_points, get_layout
+from .layouts import CODES, ZERO_POINT, TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
-from .scheme import Scheme
+from .scheme import MAX_TILE, Scheme
 from .untrusted import printable
 
 COPY_BYTES = 16 << 20
@@ -100,20 +100,25 @@ class Job:
     chunk_bytes: int = READ_CHUNK_BYTES
     backend: str = "auto"
     global_scale: float | None = None  # NVFP4: the matrix's (or its fused set's) float32 global scale
+    matrices: int = 1  # consecutive matrices of a 3-D stack (matrix, matrix + 1, ...): a grouped job
+    stack: tuple[Source, ...] = ()  # where each matrix of a grouped job is stored
+    stack_global_scales: tuple[float, ...] = ()  # NVFP4: each matrix's global scale in a grouped job
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
         if self.kind in ("copy", "write"):
             return [(self.dst_offset, self.dst_offset + self.nbytes)]
         if self.kind == "dequantize":
-            size = self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
+            size = self.matrices * self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
             return [(self.dst_offset, self.dst_offset + size)]
         ranges = []
         for spec, start in self.outputs:
             if not spec.unit_rows and self.first_row:
                 continue  # one record per matrix: written by the matrix's first row range
             begin = start + spec.offset(self.matrix, self.first_row, self.matrix_rows)
-            if not spec.unit_rows:
+            if self.matrices > 1:
+                end = begin + self.matrices * spec.matrix_bytes
+            elif not spec.unit_rows:
                 end = begin + spec.row_bytes(self.matrix_rows)
             else:
                 last = self.first_row + self.rows
@@ -121,6 +126,16 @@ class Job:
                 end = begin + stored * spec.row_bytes(self.matrix_rows)
             ranges.append((begin, end))
         return ranges
+
+    def one_matrix(self, m: int) -> "Job":
+        """Matrix m of a grouped job, as a job of its own."""
+        source = self.stack[m]
+        out_bytes = (self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize if self.kind == "dequantize"
+                     else next(s.matrix_bytes for s, _ in self.outputs if s.role == CODES))
+        global_scale = self.stack_global_scales[m] if self.stack_global_scales else self.global_scale
+        return replace(self, source=source, dst_offset=self.dst_offset + m * out_bytes,
+                       nbytes=self.rows * source.row_bytes(self.cols), matrix=self.matrix + m, matrices=1, stack=(),
+                       global_scale=global_scale, stack_global_scales=())
 
 
 # Per-process caches of open files (a worker runs many jobs on the same shards).
@@ -157,6 +172,8 @@ def forget_handles() -> None:
 
 def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
     """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
+    if job.matrices > 1:
+        return job.name, _run_stack(job), job.nbytes
     if job.kind == "copy":
         _copy(job)
         return job.name, None, job.nbytes
@@ -167,6 +184,77 @@ def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
         _dequantize(job)
         return job.name, None, job.nbytes
     return job.name, _quantize(job), job.nbytes
+
+
+def _run_stack(job: Job) -> ErrorStats | None:
+    """Several small matrices of a stack: high-precision sources are read, quantized and written at
+    once where the layout's tensors stack (see _quantize_stack); others run matrix by matrix."""
+    if job.kind == "quantize" and job.source.scheme is None:
+        stats = _quantize_stack(job)
+        if stats is not None:
+            return stats
+    stats = None
+    for m in range(job.matrices):
+        _, part, _ = run_job(job.one_matrix(m))
+        if part is not None:
+            stats = stats or ErrorStats()
+            stats.merge(part)
+    return stats
+
+
+def _quantize_stack(job: Job) -> ErrorStats | None:
+    """Quantize k matrices [rows, cols] as one [k * rows, cols] matrix under a scheme whose tiles
+    cannot straddle two, and write each declared tensor in one piece. None (nothing written) when
+    that would not give every matrix exactly the bytes it gets alone."""
+    scheme, src, rows = job.scheme, job.source, job.rows
+    assert scheme is not None
+    if scheme.microscale == "nvfp4":
+        return None  # each matrix has its own global scale (and global-scale record): matrix by matrix
+    flat = _stacked_scheme(scheme, rows, job.cols)
+    matrix_bytes = rows * src.row_bytes(job.cols)
+    if flat is None or any(s.offset != src.offset + m * matrix_bytes for m, s in enumerate(job.stack)):
+        return None
+    grid_rows = flat.scale_grid(rows, job.cols)[0]
+    for spec, _ in job.outputs:
+        if spec.role == ZERO_POINT and spec.dtype == "I32" and grid_rows % scheme.fmt.per_word:
+            return None  # packed zero points of two matrices would share a word
+    values = _reader(src.path).read_array(src.offset, (job.matrices * rows, job.cols), SAFETENSORS_DTYPES[src.dtype],
+                                          job.name)
+    try:
+        q = quantize_2d(values, flat, None, job.allow_nonfinite, job.name, job.backend)
+    except NonFiniteError:
+        if scheme.microscale:
+            raise microscale_nonfinite_error(job.name, scheme.microscale, *count_nonfinite([values])) from None
+        raise nonfinite_error(job.name, *count_nonfinite([values])) from None
+    layout = get_layout(job.layout)
+    pieces = []
+    for spec, start in job.outputs:
+        if spec.data is not None:
+            continue
+        data = np.ascontiguousarray(layout.encode(spec, flat, q.codes, q.scales, q.zero_points))
+        if data.nbytes != job.matrices * spec.matrix_bytes:
+            return None
+        pieces.append((start + spec.offset(job.matrix, 0, rows), data))
+    fd = _writer(job.dst_path)
+    for offset, data in pieces:
+        write_at(fd, offset, data)
+    return q.stats
+
+
+def _stacked_scheme(scheme: Scheme, rows: int, cols: int) -> Scheme | None:
+    """A scheme that, applied to matrices stacked into one [k * rows, cols] matrix, gives each
+    matrix exactly the codes and scale grid `scheme` gives it alone (None when there is none):
+    tiles must not straddle two matrices. Tensor granularity is the block (rows, cols); a block
+    taller than the matrix is the block as tall as the matrix (zero padding never changes an amax)."""
+    if scheme.granularity in ("channel", "group"):
+        return scheme
+    if scheme.granularity == "tensor":
+        tile = (rows, cols)
+    else:
+        tile = (min(scheme.block_size[0], rows), scheme.block_size[1])
+    if rows % tile[0] or max(tile) > MAX_TILE:
+        return None
+    return replace(scheme, granularity="block", block_size=tile)
 
 
 def _copy(job: Job) -> None:

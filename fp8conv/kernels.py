@@ -101,7 +101,10 @@ def _window(scheme: Scheme, rows: int, cols: int, whole_scale: bool) -> tuple[in
     if whole_scale:
         tile_rows, tile_cols = 1, max(cols, 1)
     else:
+        # A tile larger than the matrix covers it in one band / one column of tiles whatever its
+        # declared size: buffers follow the data (--block-size 65536 on an 8x8 weight), not the tile.
         tile_rows, tile_cols = scheme.tile(rows, cols)
+        tile_rows, tile_cols = min(tile_rows, max(rows, 1)), min(tile_cols, max(cols, 1))
     tiles_across = max(1, min(-(-cols // tile_cols), WINDOW_ELEMENTS // (tile_rows * tile_cols)))
     window_cols = tiles_across * tile_cols
     tiles_down = max(1, min(-(-rows // tile_rows), WINDOW_ELEMENTS // (tile_rows * window_cols)))

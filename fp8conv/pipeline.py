@@ -42,6 +42,7 @@ Progress = Callable[[int], None]
 JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the workers
 INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
 WORKER_NICENESS = 5  # below the parent, whose per-shard threads hash the output
+STACK_BYTES = 16 << 20  # smaller matrices of a 3-D stack are grouped into jobs of about this size
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class RunOptions:
     allow_nonfinite: bool = False
     chunk_bytes: int = READ_CHUNK_BYTES
     job_bytes: int = JOB_BYTES
+    stack_bytes: int = STACK_BYTES  # smaller matrices of a 3-D stack are grouped into jobs of about this size
     backend: str = "auto"  # kernels: auto (numba where it declares the scheme), numpy or numba
 
 
@@ -168,28 +170,39 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
                                 str(dst), offsets[gs_target.name], gs.nbytes))
         if action in (COPY, CARRY):
             continue
+        if info.numel == 0:
+            continue  # nothing to read or write (its scale grid is empty too)
         qw = plan.source_quant.get(name)
         shape = qw.shape if qw is not None else info.shape
         *lead, rows, cols = shape
-        for e in range(math.prod(lead)):
+        matrices = math.prod(lead)
+        first = _source_of(plan, info, sources, 0)
+        # Small matrices of a stack go together (one job, one read): cost follows the bytes, not
+        # the number of matrices ([50000, 1, 1] is 50,000 one-element "experts").
+        per_job = max(1, min(matrices, options.stack_bytes // max(rows * first.row_bytes(cols), 1)))
+        for e in range(0, matrices, per_job):
+            count = min(per_job, matrices - e)
+            stack = tuple(_source_of(plan, info, sources, e + k) for k in range(count)) if count > 1 else ()
             source = _source_of(plan, info, sources, e)
             nbytes = rows * source.row_bytes(cols)
             if action == DEQUANTIZE:
                 out_size = SAFETENSORS_DTYPES[plan.output_dtype(name)].itemsize
                 jobs.append(Job("dequantize", name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
-                                nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e, matrix_rows=rows,
-                                chunk_bytes=options.chunk_bytes))
+                                count * nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e, matrix_rows=rows,
+                                chunk_bytes=options.chunk_bytes, matrices=count, stack=stack))
                 continue
             outputs = tuple((s, offsets[s.name]) for s in plan.outputs[name] if s.data is None)
             codes = plan.spec(name, CODES)
             assert codes is not None
             gs = plan.global_scales.get(name)
-            jobs.append(Job("quantize", name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes, nbytes,
-                            rows, cols,
+            jobs.append(Job("quantize", name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes,
+                            count * nbytes, rows, cols,
                             scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
                             layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
                             matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend,
-                            global_scale=None if gs is None else float(gs[e])))
+                            global_scale=None if gs is None else float(gs[e]), matrices=count, stack=stack,
+                            stack_global_scales=() if gs is None or count == 1 else
+                            tuple(float(g) for g in gs[e:e + count])))
     split = [part for job in jobs for part in _split_rows(job, options.job_bytes)]
     return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 
@@ -197,7 +210,8 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
 def _split_rows(job: Job, job_bytes: int) -> list[Job]:
     """Cut a large matrix into row ranges of whole tiles (source and target), so the workers share
     one big tensor too. One-scale (tensor) targets need the whole matrix's amax: kept whole."""
-    if job.kind in ("copy", "write") or job.nbytes <= job_bytes or (job.scheme and job.scheme.granularity == "tensor"):
+    if (job.kind in ("copy", "write") or job.matrices > 1 or job.nbytes <= job_bytes
+            or (job.scheme and job.scheme.granularity == "tensor")):
         return [job]
     step = job.source.tile_rows(job.rows, job.cols)
     if job.scheme is not None:

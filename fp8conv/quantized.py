@@ -446,6 +446,8 @@ def scale_grids(readers: Readers, qw: QuantizedWeight):
 
 def matrix_chunks(readers: Readers, info: TensorInfo, tile_rows: int, chunk_bytes: int):
     """(matrix index, first row, rows) of a 2-D or stacked 3-D tensor, in chunks of whole tiles."""
+    if info.numel == 0:
+        return  # cost follows the data: a valid [2**62, 0] tensor has nothing to read
     *lead, rows, cols = info.shape
     row_bytes = max(cols * info.np_dtype.itemsize, 1)
     step = max(tile_rows, (chunk_bytes // row_bytes) // tile_rows * tile_rows)

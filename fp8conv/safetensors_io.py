@@ -49,6 +49,14 @@ class TensorInfo:
     def np_dtype(self) -> np.dtype:
         return SAFETENSORS_DTYPES[self.dtype]
 
+    def as_rows(self) -> "TensorInfo":
+        """The same bytes seen as one 2-D matrix [prod(leading dims), last dim]: a reader that
+        does not care where matrices of a stack begin walks it in a few large reads, not one per
+        matrix (a [50000, 1, 1] tensor is 50,000 matrices of one element)."""
+        if len(self.shape) < 2:
+            return self
+        return TensorInfo(self.name, self.dtype, (math.prod(self.shape[:-1]), self.shape[-1]), self.start, self.end)
+
 
 @dataclass(frozen=True)
 class Header:

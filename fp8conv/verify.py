@@ -224,7 +224,7 @@ def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult
             if bad:
                 result.fail("numerics", f"{printable(qw.scale.name)} has {bad} scales that are NaN, Inf or <= 0", qw.scale.name)
         bad_codes = 0
-        for _, _, codes in matrix_chunks(readers, qw.weight, 1, CHUNK_BYTES):
+        for _, _, codes in matrix_chunks(readers, qw.weight.as_rows(), 1, CHUNK_BYTES):
             bad_codes += _bad_codes(codes, qw.weight.dtype)
             progress(codes.nbytes)
         if bad_codes:

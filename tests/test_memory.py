@@ -9,7 +9,8 @@ import pytest
 
 from fp8conv import compiled, pipeline
 from fp8conv.pipeline import QuantizeOptions, RunOptions
-from fp8conv.scheme import Scheme
+from fp8conv.scheme import Scheme, microscale_scheme
+from safetensors import safe_open
 from stfile import entry, write
 
 
@@ -91,9 +92,69 @@ def test_split_jobs_give_the_same_bytes(tmp_path, command, scheme, from_quantize
                 RunOptions())
         src = tmp_path / "q"
     convert(command, src, tmp_path / "whole", scheme, RunOptions(workers=2))
-    convert(command, src, tmp_path / "split", scheme, RunOptions(workers=2, job_bytes=20_000))
+    # stack_bytes=0: one job per matrix, then cut into row ranges (the default groups the 3 experts).
+    convert(command, src, tmp_path / "split", scheme, RunOptions(workers=2, job_bytes=20_000, stack_bytes=0))
     whole = (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert whole == (tmp_path / "split" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("command,scheme", QUANTIZED_TARGETS + [
+    ("quantize", Scheme(format="int4", granularity="channel", activations="none", symmetric=False)),
+    ("quantize", Scheme(format="int4", granularity="group", group_size=8, activations="none")),
+    ("quantize", Scheme(granularity="block", block_size=(4, 8))),
+    ("quantize", Scheme(format="int8", granularity="block", block_size=(128, 128)))])
+@pytest.mark.parametrize("rows", [16, 5])
+@pytest.mark.parametrize("from_quantized", [False, True])
+def test_grouped_small_experts_give_the_bytes_of_one_job_per_expert(tmp_path, command, scheme, rows, from_quantized):
+    """Small matrices of a stack grouped into one job (quantized as one stacked matrix where every
+    declared tensor stacks, matrix by matrix where not: packed zero points of 5-row int4 experts)
+    write exactly what one job per expert writes, in every layout tensor."""
+    if command == "dequantize" and not from_quantized:
+        return
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(rows)
+    shape = [40, rows, 40]
+    data = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16).tobytes()
+    write(src / "model.safetensors", {"experts.weight": entry("BF16", shape, 0, len(data))}, data)
+    if from_quantized:
+        convert("quantize", src, tmp_path / "q", Scheme(format="int4", granularity="channel", symmetric=False),
+                RunOptions())
+        src = tmp_path / "q"
+    convert(command, src, tmp_path / "grouped", scheme, RunOptions(stack_bytes=4000))
+    convert(command, src, tmp_path / "each", scheme, RunOptions(stack_bytes=0))
+    grouped = (tmp_path / "grouped" / "model.safetensors").read_bytes()
+    assert grouped == (tmp_path / "each" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("from_quantized", [False, True])
+def test_grouped_microscale_experts_give_the_bytes_of_one_job_per_expert(tmp_path, fmt, from_quantized):
+    """NVFP4 / MXFP4 / MXFP8 experts grouped into one job: MX formats quantize as one stacked
+    matrix (group scales along a row never straddle two experts); NVFP4 runs matrix by matrix in the
+    job, each expert with its own global scale. Same bytes (codes, scales, global scales) as one job
+    per expert, whose values test_microscale_cli checks against the float64 reference."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(7)
+    shape = [12, 5, 64]
+    # Experts of very different magnitudes, so NVFP4 global scales differ from expert to expert.
+    values = rng.standard_normal(shape, dtype=np.float32) * np.logspace(-3, 2, shape[0], dtype=np.float32)[:, None, None]
+    data = values.astype(ml_dtypes.bfloat16).tobytes()
+    write(src / "model.safetensors", {"experts.weight": entry("BF16", shape, 0, len(data))}, data)
+    if from_quantized:
+        convert("quantize", src, tmp_path / "q", Scheme(format="int8", granularity="channel", activations="none"),
+                RunOptions())
+        src = tmp_path / "q"
+    scheme = microscale_scheme(fmt)
+    convert("quantize", src, tmp_path / "grouped", scheme, RunOptions(stack_bytes=4000))
+    convert("quantize", src, tmp_path / "each", scheme, RunOptions(stack_bytes=0))
+    grouped = (tmp_path / "grouped" / "model.safetensors").read_bytes()
+    assert grouped == (tmp_path / "each" / "model.safetensors").read_bytes()
+    if fmt == "nvfp4":
+        with safe_open(tmp_path / "each" / "model.safetensors", "np") as f:
+            global_scales = f.get_tensor("experts.weight_global_scale")
+        assert len(set(global_scales.reshape(-1).tolist())) == shape[0]
 
 
 @pytest.mark.parametrize("scheme", [Scheme(), Scheme(format="int8", granularity="channel"), Scheme(granularity="tensor")])
