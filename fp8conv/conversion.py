@@ -11,7 +11,8 @@ from .engines import fused_constraints, weight_constraints
 from .layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
 from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide, module_name
 from .quantized import CheckpointView, QuantizedWeight, open_view, validate_source_scales
-from .safetensors_io import OutEntry, TensorInfo, printable
+from .safetensors_io import HEADER_CAP, OutEntry, TensorInfo, build_header
+from .untrusted import printable
 from .scheme import Scheme
 
 
@@ -253,6 +254,7 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
         for name in sorted(shard.tensors):
             groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
     plan.shards = _pack(groups, max_shard_size)
+    _check_headers(plan.shards)
     plan.warnings = _kept_expert_warnings(plan)
     return plan
 
@@ -274,6 +276,17 @@ def architecture_of(checkpoint: Checkpoint) -> Architecture:
         return Architecture.from_config(checkpoint.read_json(CONFIG_NAME))
     except InputError:
         return Architecture()
+
+
+def _check_headers(shards: list[OutShard]) -> None:
+    """Never write a file our own reader (and the safetensors format) would refuse."""
+    for shard in shards:
+        header, _ = build_header(shard.entries)
+        if len(header) - 8 > HEADER_CAP:
+            longest = max((len(e.name) for e in shard.entries), default=0)
+            raise InputError(f"output shard {printable(shard.name)} would have a {len(header) - 8}-byte header, over the "
+                             f"{HEADER_CAP}-byte safetensors limit (tensor names up to {longest} characters); "
+                             "use --max-shard-size to spread the tensors over more shards, or shorter names")
 
 
 def build_plan(

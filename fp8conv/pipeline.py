@@ -249,6 +249,20 @@ def run_key(checkpoint: Checkpoint, plan: ConversionPlan, allow_nonfinite: bool)
     return digest.hexdigest()
 
 
+def resume_key(checkpoint: Checkpoint, key: str) -> str:
+    """The key a staging journal is resumed under: the run's key plus, for each source file, what
+    this host sees of it beyond its name and bytes: mtime, inode and ctime. The ctime cannot be set
+    back by a user (restoring an edited file's mtime sets it), so an in-place edit since the
+    interrupted run starts over instead of mixing old and new shards. Local only: a part's record
+    and `merge` compare the host-independent run key (another host's copy of SRC is a different
+    inode; there a resumed part just starts over)."""
+    digest = hashlib.sha256(key.encode())
+    for shard in checkpoint.shards:
+        info = shard.path.stat()
+        digest.update(f"{shard.path.name}:{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{info.st_ctime_ns}:".encode())
+    return digest.hexdigest()
+
+
 # ---- running ------------------------------------------------------------------------------------
 
 
@@ -320,7 +334,8 @@ def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Pa
     key = run_key(checkpoint, plan, options.allow_nonfinite)
     progress = progress or (lambda n: None)
     if partition is None:
-        staging = Staging(out, source, options.overwrite, options.resume, key, checkpoint.files)
+        staging = Staging(out, source, options.overwrite, options.resume, resume_key(checkpoint, key),
+                          checkpoint.files)
         with _staged(staging, out):
             files, stats, notes = _convert(checkpoint, plan, staging, options, progress, [s.name for s in plan.shards])
             return _finalize(checkpoint, plan, staging, files, stats, notes)
@@ -351,7 +366,8 @@ def _run_part(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: P
                          for e in s.entries if e.name in plan.tensors))
             return ConversionResult(plan, {}, out, False, [f"part {partition.label} was already finished"],
                                     partition, shards)
-    staging = Staging(folder, source, options.overwrite, options.resume, key, checkpoint.files)
+    staging = Staging(folder, source, options.overwrite, options.resume, resume_key(checkpoint, key),
+                      checkpoint.files)
     with _staged(staging, folder):
         files, stats, notes = _convert(checkpoint, plan, staging, options, progress, shards)
         record = PartRecord(folder, partition, key, recipe, os.path.abspath(source), files, stats)

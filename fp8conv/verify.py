@@ -128,6 +128,10 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
             progress(target.stat().st_size)
         if not isinstance(record, dict) or record.get("sha256") != digest:
             result.fail("integrity", f"file {printable(rel)} does not match its sha256 in the manifest")
+    for path in sorted(checkpoint.root.iterdir()):
+        if path.name != MANIFEST_NAME and path.name not in files:
+            result.fail("integrity", f"{printable(path.name)} is in the folder but not in the manifest: "
+                        "nothing vouches for its bytes")
 
 
 # ---- 2. structure -----------------------------------------------------------------------------

@@ -506,3 +506,65 @@ def test_huge_block_on_a_tiny_weight_allocates_what_the_weight_needs(tmp_path):
                             capture_output=True, text=True, env={**ENV, "FP8CONV_NO_NUMBA": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert int(result.stderr.strip().splitlines()[-1]) < 400_000  # KB: no 16 GB buffers
+
+
+# ---- outputs our own reader would refuse are never written ----------------------------------------
+
+def test_output_header_over_the_reader_limit_is_refused_before_writing(tmp_path):
+    """A legal 60 MB tensor name: its scale's name doubles the output header past 100 MB."""
+    name = "m" * 60_000_000 + ".weight"
+    w = np.ones((2, 2), np.float32)
+    src = single_tensor_model(tmp_path / "src", w, "F32", name)
+    assert cli("inspect", src, "-q").returncode == 0  # the source itself is valid
+    result = cli("quantize", src, "-o", tmp_path / "out", "-q")
+    one_line_error(result, 3, "output shard model.safetensors would have a", "over the 100000000-byte safetensors limit")
+    assert len(result.stderr) < 1000
+    assert_no_output(tmp_path / "out")
+
+
+# ---- verify: every file in OUT vouched for by the manifest -----------------------------------------
+
+def test_verify_fails_on_files_the_manifest_does_not_cover(tmp_path):
+    src = sharded_model(tmp_path / "src", shards=2, rows=32, cols=32)
+    out = tmp_path / "out"
+    run_cli("quantize", src, "-o", out, "-q")
+    run_cli("verify", out, "--against", src)
+    manifest = read_json(out / "fp8conv.manifest.json")
+    shard = "model-00002-of-00002.safetensors"
+    del manifest["files"][shard]  # then its bytes could be anything
+    (out / "fp8conv.manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("verify", out, "--json", expect=1)
+    findings = [f["message"] for f in json.loads(result.stdout)["findings"] if f["fatal"]]
+    assert findings == [f"{shard} is in the folder but not in the manifest: nothing vouches for its bytes"]
+    run_cli("quantize", src, "-o", tmp_path / "out2", "-q")
+    (tmp_path / "out2" / "extra.safetensors.bak").write_bytes(b"x")
+    assert "extra.safetensors.bak is in the folder but not in the manifest" in run_cli("verify", tmp_path / "out2", expect=1).stdout
+
+
+# ---- --resume keyed on more than name, size and mtime ----------------------------------------------
+
+@pytest.mark.parametrize("edit", ["data", "header"])
+def test_resume_notices_a_source_edited_in_place_with_its_mtime_restored(tmp_path, edit):
+    from test_reliability import run_hooked
+
+    src = sharded_model(tmp_path / "src", shards=2, rows=64, cols=64)
+    run_hooked("SIGKILL", "quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q")
+    shard = src / "model-00001-of-00002.safetensors"  # finished and journaled by the killed run
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    if edit == "data":
+        data[-200:-100] = bytes(100)
+    else:
+        length = int.from_bytes(data[:8], "little")
+        header = json.loads(bytes(data[8:8 + length]))
+        reordered = json.dumps(dict(reversed(list(header.items())))).encode()  # same tensors, other bytes
+        assert len(reordered) == length and reordered != bytes(data[8:8 + length])
+        data[8:8 + length] = reordered
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert shard.stat().st_mtime_ns == stat.st_mtime_ns and shard.stat().st_size == stat.st_size
+    resumed = cli("quantize", src, "-o", tmp_path / "out", "--resume", "-q")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "reused" not in resumed.stderr and "started over" in resumed.stderr
+    run_cli("quantize", src, "-o", tmp_path / "clean", "-q")
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
