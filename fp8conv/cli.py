@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .engines import ENGINES
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
+from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import FORMATS, HIGH_PRECISION
 from .microscale import MICROSCALE
 from .layouts import LAYOUTS
@@ -58,6 +58,8 @@ def emit(text: str, nl: bool = True) -> None:
         os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not complain
         os.close(devnull)
         sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as exc:  # stdout on a full disk: the output's fault, with its own code
+        fail(f"cannot write to stdout ({exc.strerror or exc})", EXIT_OUTPUT)
 
 
 def fail(message: str, code: int) -> None:

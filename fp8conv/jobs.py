@@ -143,6 +143,9 @@ _readers: dict[str, TensorReader] = {}
 _writers: dict[str, int] = {}
 
 
+MAX_OPEN = 64  # cached handles per process (checked between jobs): thousands of shards stay under the file limit
+
+
 def _reader(path: str) -> TensorReader:
     if path not in _readers:
         _readers[path] = TensorReader(Path(path))
@@ -172,6 +175,8 @@ def forget_handles() -> None:
 
 def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
     """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
+    if len(_readers) + len(_writers) >= MAX_OPEN:  # between jobs: a job holds at most three
+        close_handles()
     if job.matrices > 1:
         return job.name, _run_stack(job), job.nbytes
     if job.kind == "copy":

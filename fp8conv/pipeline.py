@@ -36,6 +36,7 @@ from .recipe import Recipe
 from .report import build_manifest, build_report
 from .runner import run_parallel
 from .safetensors_io import READ_CHUNK_BYTES, TensorInfo, build_header, sha256_of, write_at
+from .untrusted import printable
 from .scheme import Scheme
 
 Progress = Callable[[int], None]
@@ -102,6 +103,7 @@ def recipe_of(options: QuantizeOptions) -> Recipe:
 def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPlan]:
     """Open SRC and decide every tensor and output byte range for the recipe (reads headers only)."""
     checkpoint = open_checkpoint(source)
+    _refuse_reserved(checkpoint)
     if recipe.command == DEQUANTIZE_COMMAND:
         plan = build_dequantize_plan(checkpoint, recipe.out_dtype, recipe.max_shard_size)
         plan.warnings += _skipped_warnings(checkpoint)
@@ -113,6 +115,14 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
         plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
     plan.warnings += _skipped_warnings(checkpoint)
     return checkpoint, plan
+
+
+def _refuse_reserved(checkpoint: Checkpoint) -> None:
+    """A side file named like our journal would be silently dropped from the output."""
+    for path in checkpoint.extra_files:
+        if path.name == JOURNAL_NAME:
+            raise InputError(f"{printable(str(path))}: a source file named like fp8conv's own journal would be lost; "
+                             "rename or remove it (is SRC an interrupted run's staging folder?)")
 
 
 def _skipped_warnings(checkpoint: Checkpoint) -> list[str]:

@@ -157,7 +157,7 @@ class TensorReader:
         try:
             self._fh = open(path, "rb", buffering=0)
         except OSError as exc:
-            raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+            raise InputError(f"{printable(str(path))}: cannot open ({exc.strerror or exc})") from None
 
     def close(self) -> None:
         self._fh.close()
@@ -172,7 +172,7 @@ class TensorReader:
         self._fh.seek(start)
         data = self._fh.read(length)
         if len(data) != length:
-            raise InputError(f"{self.path}: file shrank while being read")
+            raise InputError(f"{printable(str(self.path))}: file shrank while being read")
         return data
 
     def read_rows(self, info: TensorInfo, first: int = 0, stop: int | None = None) -> np.ndarray:
@@ -193,13 +193,16 @@ class TensorReader:
 
     def read_into(self, offset: int, buffer: np.ndarray, name: str) -> None:
         view = memoryview(buffer)
-        self._fh.seek(offset)
         got = 0
-        while got < len(view):
-            n = self._fh.readinto(view[got:])
-            if not n:
-                raise InputError(f"{self.path}: tensor {printable(name)} is truncated")
-            got += n
+        try:
+            self._fh.seek(offset)
+            while got < len(view):
+                n = self._fh.readinto(view[got:])
+                if not n:
+                    raise InputError(f"{printable(str(self.path))}: tensor {printable(name)} is truncated")
+                got += n
+        except OSError as exc:  # EIO on a failing disk is the source's fault, not the output's
+            raise InputError(f"{printable(str(self.path))}: cannot read tensor {printable(name)} ({exc.strerror or exc})") from None
 
 
 @dataclass(frozen=True)

@@ -568,3 +568,71 @@ def test_resume_notices_a_source_edited_in_place_with_its_mtime_restored(tmp_pat
     assert "reused" not in resumed.stderr and "started over" in resumed.stderr
     run_cli("quantize", src, "-o", tmp_path / "clean", "-q")
     assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "clean")
+
+
+# ---- more hostile conditions -----------------------------------------------------------------------
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.update(int(p) for p in text)
+    return found
+
+
+def test_workers_die_with_a_sigkilled_parent(tmp_path):
+    """No orphaned workers burning CPU after the OOM killer takes the parent (PDEATHSIG)."""
+    src = sharded_model(tmp_path / "src", shards=6, rows=64, cols=64)
+    parent = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "quantize", str(src), "-o", str(tmp_path / "out"),
+                               "--workers", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while len(children_of(parent.pid)) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        workers = children_of(parent.pid)
+    finally:
+        parent.kill()
+        parent.communicate()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in workers):
+        assert time.monotonic() < deadline, "workers outlived their parent"
+        time.sleep(0.05)
+
+
+def test_more_shards_than_cached_handles(tmp_path, monkeypatch):
+    from fp8conv import jobs
+
+    monkeypatch.setattr(jobs, "MAX_OPEN", 3)
+    src = sharded_model(tmp_path / "src", shards=9, rows=16, cols=16)
+    run_cli("quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q")
+    run_cli("verify", tmp_path / "out", "--against", src)
+
+
+def test_a_read_error_on_the_source_is_blamed_on_the_source(tmp_path, monkeypatch):
+    import errno as errno_
+
+    from fp8conv import safetensors_io
+
+    src = sharded_model(tmp_path / "src", shards=2, rows=16, cols=16)
+
+    def failing(self, buffer):
+        raise OSError(errno_.EIO, "Input/output error")
+
+    class Failing(safetensors_io.TensorReader):
+        def __init__(self, path):
+            super().__init__(path)
+            self._fh = type("F", (), {"seek": lambda s, o: None, "readinto": failing, "close": lambda s: None})()
+
+    monkeypatch.setattr("fp8conv.jobs.TensorReader", Failing)
+    result = run_cli("quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q", expect=3)
+    assert "cannot read tensor" in result.stderr and "Input/output error" in result.stderr
+    assert_no_output(tmp_path / "out")
+
+
+def test_a_source_file_named_like_the_journal_is_refused_not_lost(tmp_path):
+    src = sharded_model(tmp_path / "src", shards=1, rows=8, cols=8)
+    (src / "fp8conv.journal.json").write_text("{}")
+    one_line_error(cli("quantize", src, "-o", tmp_path / "out"), 3, "named like fp8conv's own journal")
+    assert_no_output(tmp_path / "out")
