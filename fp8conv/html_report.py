@@ -9,7 +9,6 @@ conversion writes is byte-identical across runs and worker counts.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import statistics
@@ -18,7 +17,7 @@ from pathlib import Path
 from .checkpoint import REPORT_HTML_NAME, REPORT_NAME
 from .errors import InputError, OutputError
 from .render import PATH_WORDS
-from .safetensors_io import printable
+from .untrusted import load_json, printable
 
 WORST_SHOWN = 20
 HOTSPOTS_SHOWN = 10
@@ -87,9 +86,10 @@ def load_report(path: Path) -> dict:
     if not file.is_file():
         raise InputError(f"{path} has no {REPORT_NAME}: not an fp8conv output (quantize and dequantize write it)")
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{file} is not readable JSON ({exc})") from None
+    report = load_json(text, str(file), "is not readable JSON")
     if not isinstance(report, dict):
         raise InputError(f"{file} is not a JSON object")
     _check_rows(report.get("tensors", []), file, "tensors")
