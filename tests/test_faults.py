@@ -90,7 +90,7 @@ from fp8conv import outdir
 original = outdir.Staging.mark_finished
 def slow(self, *args, **kwargs):
     original(self, *args, **kwargs)
-    time.sleep(0.5)
+    time.sleep(1.5)
 outdir.Staging.mark_finished = slow
 from fp8conv.cli import main
 sys.argv = ["fp8conv"] + sys.argv[1:]
