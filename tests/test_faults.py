@@ -636,3 +636,52 @@ def test_a_source_file_named_like_the_journal_is_refused_not_lost(tmp_path):
     (src / "fp8conv.journal.json").write_text("{}")
     one_line_error(cli("quantize", src, "-o", tmp_path / "out"), 3, "named like fp8conv's own journal")
     assert_no_output(tmp_path / "out")
+
+
+def test_index_with_a_duplicate_key_is_refused(tmp_path):
+    """json.loads keeps the last of two keys: which shard holds the tensor would be a guess."""
+    src = sharded_model(tmp_path / "src", shards=2, rows=8, cols=8)
+    index = src / "model.safetensors.index.json"
+    text = index.read_text().replace('"weight_map": {', '"weight_map": {"layers.0.proj.weight": "model-00002-of-00002.safetensors", ', 1)
+    index.write_text(text)
+    one_line_error(cli("quantize", src, "-o", tmp_path / "out"), 3, "duplicate key 'layers.0.proj.weight'")
+    assert_no_output(tmp_path / "out")
+
+
+def test_read_only_parent_is_refused_before_reading_the_source(tmp_path):
+    src = corrupt_source(tmp_path / "src")
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        result = subprocess.run(without_root_privileges([sys.executable, "-m", "fp8conv", "quantize", str(src), "-o",
+                                                         str(parent / "out")]), capture_output=True, text=True, env=ENV,
+                                timeout=120)
+        one_line_error(result, 4, "is read-only or not writable")
+    finally:
+        parent.chmod(0o755)
+    assert list(parent.iterdir()) == []
+
+
+SHRINK_SOURCE = """
+import os, sys
+from fp8conv import pipeline
+real = pipeline.run_job
+def shrinking(job):
+    if job.name.startswith("layers.2.") and os.path.getsize(job.source.path) > 100:
+        os.truncate(job.source.path, 100)  # another process rewrites the source under us
+    return real(job)
+pipeline.run_job = shrinking
+from fp8conv.cli import main
+sys.argv = ["fp8conv"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_source_that_shrinks_mid_run_is_blamed_on_the_source(tmp_path, workers):
+    src = sharded_model(tmp_path / "src", shards=4, rows=64, cols=64)
+    result = subprocess.run([sys.executable, "-c", SHRINK_SOURCE, "quantize", src, "-o", tmp_path / "out", "--workers",
+                             workers, "-q"], capture_output=True, text=True, env=ENV, timeout=120)
+    one_line_error(result, 3, "model-00003-of-00004.safetensors", "truncated")
+    assert_no_output(tmp_path / "out")
