@@ -1,8 +1,8 @@
 """The command line: parses arguments, calls the library, formats output. Nothing else.
 
 Exit codes (API): 0 success; 1 a verify check failed; 2 usage error (bad option or combination);
-3 input unreadable, corrupt or refused; 4 output cannot be written; 70 internal error; 130 SIGINT;
-141 stdout closed by its reader; 143 SIGTERM; 71 a worker process died; 129 SIGHUP.
+3 input unreadable, corrupt or refused; 4 output cannot be written; 70 internal error; 71 a worker
+process died; 129 / 130 / 143 SIGHUP / SIGINT / SIGTERM; 141 stdout closed by its reader.
 """
 from __future__ import annotations
 
