@@ -77,7 +77,12 @@ def run_parallel(func: Callable[[Any], Any], items: Sequence[Any], workers: int,
         for _ in range(min(workers, len(items))):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, func, initializer), daemon=True)
-            proc.start()
+            try:
+                proc.start()
+            except OSError as exc:  # EAGAIN / ENOMEM from fork: not the output's fault
+                child.close()
+                parent.close()
+                raise WorkerDied(f"cannot start a worker process ({exc.strerror or exc}); try fewer --workers") from None
             child.close()
             procs[parent] = proc
         pending = iter(enumerate(items))

@@ -685,3 +685,17 @@ def test_a_source_that_shrinks_mid_run_is_blamed_on_the_source(tmp_path, workers
                              workers, "-q"], capture_output=True, text=True, env=ENV, timeout=120)
     one_line_error(result, 3, "model-00003-of-00004.safetensors", "truncated")
     assert_no_output(tmp_path / "out")
+
+
+def test_a_fork_failure_is_not_blamed_on_the_output(tmp_path, monkeypatch):
+    import errno as errno_
+    import multiprocessing.process
+
+    def no_fork(self):
+        raise OSError(errno_.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", no_fork)
+    src = sharded_model(tmp_path / "src", shards=2, rows=16, cols=16)
+    result = run_cli("quantize", src, "-o", tmp_path / "out", "--workers", "2", "-q", expect=71)
+    assert "cannot start a worker process (Resource temporarily unavailable); try fewer --workers" in result.stderr
+    assert_no_output(tmp_path / "out")
