@@ -10,7 +10,10 @@ the amax and cropped after. All arithmetic is float32, in this order:
   zp = clip(rint(qmin - lo_t / scale), qmin, qmax); q = rint(clip(w / scale + zp, qmin, qmax));
 - an all-zero tile gets scale 1 (and zp = qmin - 0 = qmin when asymmetric, so it still decodes to 0);
 - stored(x) rounds to the scheme's scale format (float32: unchanged; bf16 / fp16: nearest even)
-  *before* any weight is divided by it; w' = (q - zp) * scale is then what every loader computes.
+  *before* any weight is divided by it; w' = (q - zp) * scale is then what every loader computes;
+- the two ends of the range (_stored_scales): a stored scale below its dtype's smallest normal is the
+  exact quotient rounded up onto the dtype's subnormal grid (never 0), and every scale is capped so
+  that each code times it stays finite in float32.
 
 Error statistics are float64 sums in one fixed order that the compiled kernel reproduces exactly:
 per row, eight lanes (column c goes to lane c % 8) summed sequentially, the lanes combined in

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
 import signal
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
@@ -27,8 +28,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(conn: Connection, func: Callable[[Any], Any], initializer: Callable[[], None] | None) -> None:
+def _worker(conn: Connection, func: Callable[[Any], Any], initializer: Callable[[], None] | None,
+            parent_pid: int | None = None, inherited: Sequence[Connection] = ()) -> None:
     _die_with_parent()
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(0)  # the parent died before PDEATHSIG was armed: nobody would ever signal us
+    for other in inherited:
+        other.close()  # the parent's ends (ours and earlier workers'): a dead parent then reads as EOF
     if initializer is not None:
         initializer()
     while True:
@@ -76,7 +82,8 @@ def run_parallel(func: Callable[[Any], Any], items: Sequence[Any], workers: int,
     try:
         for _ in range(min(workers, len(items))):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(child, func, initializer), daemon=True)
+            proc = ctx.Process(target=_worker, args=(child, func, initializer, os.getpid(), [parent, *procs]),
+                               daemon=True)
             try:
                 proc.start()
             except OSError as exc:  # EAGAIN / ENOMEM from fork: not the output's fault
