@@ -403,7 +403,7 @@ def merge(out, source, overwrite, as_json) -> None:
     area = parts_dir(out)
     result = pipeline.merge_parts(out, source, overwrite)
     emit(json.dumps(result.report, indent=2) if as_json
-               else render.conversion_report(result.report, "merge", str(area), str(out)))
+         else render.conversion_report(result.report, "merge", str(area), str(out)))
 
 
 @main.command(epilog=EXIT_CODES_HELP)
