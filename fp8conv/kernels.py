@@ -132,24 +132,35 @@ def _stored_scales(raw: np.ndarray, exact: np.ndarray, scheme: Scheme, zero: np.
     so that every code times the scale stays finite in float32 (what loaders compute). A quotient
     beyond the format's largest value (fp16: 65504), or below its smallest step (bf16 / fp16), is
     refused: capping would saturate the tile, rounding up would decode it to 0."""
+    scale, bad = range_end_scales(raw, exact, scheme, zero)
+    if bad.any():
+        exact = np.asarray(exact, np.float64)
+        rounded = scheme.scale_fmt.round(np.asarray(raw, np.float32)[bad].reshape(-1)[:1])
+        raise InputError(f"tensor {printable(name)}: a scale {float(exact[bad].flat[0]):.6g} is not representable as "
+                         f"{scheme.scale_format} (it rounds to {float(rounded[0]):g}); use float32 scales")
+    return scale
+
+
+def range_end_scales(raw: np.ndarray, exact: np.ndarray, scheme: Scheme, zero: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rule of _stored_scales without refusing: (stored scales, mask of the tiles it refuses,
+    whose scale is left undefined). Shared with the mse observer, whose min-max candidate must be
+    exactly the kernels' scale."""
     sf = scheme.scale_fmt
-    scale = sf.round(raw)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        scale = np.array(sf.round(raw), np.float32)
     exact = np.asarray(exact, np.float64)
     bad = ~np.isfinite(scale) & ~zero
     if sf.smallest_subnormal > _F32_SUBNORMAL:
         # Below a bf16 / fp16 scale's smallest step the whole tile would decode to 0: refused. (A
         # float32 scale of 2**-149 is on the data's own grid and keeps every value.)
         bad |= (exact < sf.smallest_subnormal) & ~zero
-    if bad.any():
-        raise InputError(f"tensor {printable(name)}: a scale {float(exact[bad].flat[0]):.6g} is not representable as "
-                         f"{scheme.scale_format} (it rounds to {float(scale[bad].flat[0]):g}); use float32 scales")
-    tiny = (scale < sf.smallest_normal) & ~zero
+    tiny = (scale < sf.smallest_normal) & ~zero & ~bad
     if tiny.any():
         step = sf.smallest_subnormal
         scale[tiny] = (np.ceil(exact[tiny] / step) * step).astype(np.float32)
     np.minimum(scale, _scale_cap(scheme.scale_format, _reach(scheme)), out=scale)
     scale[zero] = np.float32(1.0)
-    return scale
+    return scale, bad
 
 
 _F32_SUBNORMAL = float(np.finfo(np.float32).smallest_subnormal)

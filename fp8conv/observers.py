@@ -134,19 +134,25 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
     divisor = np.float32(scheme.symmetric_divisor)
     steps = np.float32(fmt.qmax - fmt.qmin)
 
-    def stored(raw: np.ndarray, empty: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            scale = np.array(scale_fmt.round(raw.astype(np.float32)), np.float32)
-        scale[empty | ~np.isfinite(scale) | (scale <= 0)] = np.float32(1.0)
+    from .kernels import range_end_scales  # kernels imports this module
+
+    def stored(raw: np.ndarray, exact: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        # The kernels' rule, range ends included (a scale never 0, capped so codes stay finite).
+        scale, bad = range_end_scales(raw.astype(np.float32), exact, scheme, empty)
+        scale[empty | bad] = np.float32(1.0)
         return scale
 
     def symmetric(lo: np.ndarray, hi: np.ndarray):
         amax = np.maximum(-lo, hi)
-        return stored(amax / divisor, amax == 0), None
+        return stored(amax / divisor, amax.astype(np.float64) / float(divisor), amax == 0), None
 
     def asymmetric(lo: np.ndarray, hi: np.ndarray):
         lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
-        scale = stored((hi0 - lo0) / steps, hi0 == lo0)
+        with np.errstate(over="ignore"):
+            raw = (hi0 - lo0) / steps
+        exact = (hi0.astype(np.float64) - lo0.astype(np.float64)) / float(steps)
+        raw = np.where(np.isfinite(raw), raw, exact.astype(np.float32))
+        scale = stored(raw, exact, hi0 == lo0)
         zero = np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
         return scale, zero
 

@@ -11,21 +11,9 @@ from hypothesis import strategies as st
 
 from fp8conv import observers
 from fp8conv.scheme import Scheme
-from reference import QMAX, round_to_fp8, value_table
+from reference import QMAX, SCALE_GRID, reference_stored_scale, round_to_fp8, value_table
 
 FACTORS = [round(1.0 - k / 100, 2) for k in range(21)]  # the documented candidate set, restated
-
-
-def round_stored(s, stored: str) -> float:
-    """float64 reference of the stored rounding of a float32 scale (nearest even), from the formats' bits."""
-    s = float(s)
-    if stored == "float32" or s == 0:
-        return s
-    bits, min_exp, top = {"bf16": (8, -126, math.inf), "fp16": (11, -14, 65504.0)}[stored]
-    exp = max(math.floor(math.log2(s)), min_exp)
-    quantum = 2.0 ** (exp - (bits - 1))
-    value = float(np.round(s / quantum)) * quantum  # np.round: half to even
-    return math.inf if value > top else value
 
 
 class Kind:
@@ -59,11 +47,21 @@ class Kind:
             if self.symmetric:
                 amax = max(-lo_f, hi_f)
                 raw, empty = f32(amax / f32(self.divisor)), amax == 0
+                exact = float(amax) / self.divisor
             else:
                 lo0, hi0 = min(lo_f, f32(0)), max(hi_f, f32(0))
-                raw, empty = f32(f32(hi0 - lo0) / f32(self.qmax - self.qmin)), hi0 == lo0
-            scale = round_stored(raw, self.stored)
-            if empty or not 0 < scale < math.inf:
+                exact = (float(hi0) - float(lo0)) / (self.qmax - self.qmin)
+                with np.errstate(over="ignore"):
+                    raw, empty = f32(f32(hi0 - lo0) / f32(self.qmax - self.qmin)), hi0 == lo0
+                if not math.isfinite(float(raw)):
+                    raw = f32(exact)
+            # The kernels' range-end rule (reference.py): subnormal quotients rounded up onto the
+            # format's subnormal grid, capped so reach * scale stays finite; a bf16 / fp16 quotient
+            # below its smallest step, or beyond the format, is refused there: min-max (1.0) here.
+            reach = (self.code_hi - self.code_lo) if not self.symmetric else max(-self.code_lo, self.code_hi)
+            scale = float(reference_stored_scale(raw, exact, reach, self.stored))
+            refused = self.stored != "float32" and exact < 2.0 ** SCALE_GRID[self.stored][1]
+            if empty or refused or not 0 < scale < math.inf:
                 scale = 1.0
             zero = None
             if not self.symmetric:
@@ -379,3 +377,24 @@ def test_recipe_round_trips_the_observer():
 
     recipe = Recipe(scheme=Scheme("int4", "group", group_size=64, observer="mse"))
     assert Recipe.from_json(recipe.to_json(), "test").scheme.observer == "mse"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=repr)
+def test_minmax_candidate_is_the_kernels_scale_at_the_range_ends(scheme):
+    """Candidate 1.0 of the observer is the kernels' min-max scale, range ends included: a subnormal
+    quotient rounded up (never 0), a quotient near the float32 maximum capped (codes stay finite)."""
+    from fp8conv import kernels
+
+    params, _ = observers.scheme_functions(scheme)
+    smallest = {"float32": 2.0**-140, "bf16": 2.0**-125, "fp16": 2.0**-20}[scheme.scale_format]
+    amax = np.array([smallest, 2.0**-127, 1.0, 3.0e38, float(np.finfo(np.float32).max)], np.float32)
+    amax = amax[(amax >= smallest) & ((amax < 1e5) if scheme.scale_format == "fp16" else True)]  # fp16: 65504 max
+    lo, hi = -amax, amax
+    scale, zero = params(lo, hi)
+    if scheme.symmetric:
+        expected = kernels.scale_from_amax(amax, scheme)
+    else:
+        expected, expected_zero = kernels.asymmetric_params(lo, hi, scheme)
+        np.testing.assert_array_equal(zero, expected_zero)
+    np.testing.assert_array_equal(scale, expected)
+    assert (scale > 0).all() and np.isfinite(scale).all()
