@@ -102,7 +102,10 @@ def test_split_jobs_give_the_same_bytes(tmp_path, command, scheme, from_quantize
     ("quantize", Scheme(format="int4", granularity="channel", activations="none", symmetric=False)),
     ("quantize", Scheme(format="int4", granularity="group", group_size=8, activations="none")),
     ("quantize", Scheme(granularity="block", block_size=(4, 8))),
-    ("quantize", Scheme(format="int8", granularity="block", block_size=(128, 128)))])
+    ("quantize", Scheme(format="int8", granularity="block", block_size=(128, 128))),
+    ("quantize", Scheme(format="int4", granularity="group", group_size=8, activations="none", symmetric=False,
+                        observer="mse")),
+    ("quantize", Scheme(granularity="block", block_size=(4, 8), observer="mse"))])
 @pytest.mark.parametrize("rows", [16, 5])
 @pytest.mark.parametrize("from_quantized", [False, True])
 def test_grouped_small_experts_give_the_bytes_of_one_job_per_expert(tmp_path, command, scheme, rows, from_quantized):
