@@ -307,9 +307,12 @@ def _valid_journal(journal: object) -> tuple[dict[str, str], dict[str, dict]]:
         if ("/" in name or name.startswith(".") or not name.endswith(".safetensors") or not isinstance(digest, str)
                 or len(digest) != 64):
             raise ValueError(f"bad shard entry {printable(name)!r}")
-    fields = {f.name: f.type for f in dataclasses.fields(ErrorStats)}
+    fields = {f.name for f in dataclasses.fields(ErrorStats)}
+    # Fields that default to None (the mse observer's pair) are left out of the JSON when unset.
+    optional = {f.name for f in dataclasses.fields(ErrorStats) if f.default is None}
     for name, entry in stats.items():
-        if not isinstance(entry, dict) or set(entry) != set(fields):
+        if (not isinstance(entry, dict) or not fields - optional <= set(entry) <= fields
+                or len(optional & set(entry)) not in (0, len(optional))):
             raise ValueError(f"bad stats for {printable(name)!r}")
         for key, value in entry.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:

@@ -699,3 +699,18 @@ def test_a_fork_failure_is_not_blamed_on_the_output(tmp_path, monkeypatch):
     result = run_cli("quantize", src, "-o", tmp_path / "out", "--workers", "2", "-q", expect=71)
     assert "cannot start a worker process (Resource temporarily unavailable); try fewer --workers" in result.stderr
     assert_no_output(tmp_path / "out")
+
+
+def test_journal_stats_of_the_mse_observer_are_accepted_as_a_pair():
+    """The mse observer's two optional statistics (left out when unset) pass the strict journal check
+    together, never one without the other."""
+    from fp8conv.kernels import ErrorStats
+    from fp8conv.outdir import _valid_journal
+
+    plain = ErrorStats(elements=4).to_json()
+    observed = dict(plain, observed_sum_sq_err=1.0, minmax_sum_sq_err=2.0)
+    for stats in (plain, observed):
+        assert _valid_journal({"finished_shards": {}, "stats": {"w": stats}})[1] == {"w": stats}
+    for stats in (dict(plain, observed_sum_sq_err=1.0), dict(plain, unknown=1.0), {"elements": 4}):
+        with pytest.raises(ValueError, match="bad stats"):
+            _valid_journal({"finished_shards": {}, "stats": {"w": stats}})
