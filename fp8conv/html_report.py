@@ -549,6 +549,13 @@ def render_conversion(report: dict) -> str:
     return _document("fp8conv conversion report", _scheme_line(report.get("scheme")), [
         _summary_cards(report, rows),
         _warnings_section(report.get("warnings")),
+        *_report_sections(report, rows, with_paths=True),
+    ], REPORT_NAME)
+
+
+def _report_sections(report: dict, rows: list[dict], with_paths: bool) -> list[str]:
+    """The sections a conversion page and a verify page share, in page order."""
+    return [
         _scheme_section(report.get("scheme")),
         _sizes_section(report),
         _heatmap_section(rows),
@@ -556,8 +563,8 @@ def render_conversion(report: dict) -> str:
         _hotspots_section(rows),
         _worst_section(rows),
         _high_precision_section(report.get("high_precision")),
-        _paths_section(report, rows),
-    ], REPORT_NAME)
+        _paths_section(report, rows) if with_paths else "",
+    ]
 
 
 def render_verification(result: dict, report: dict | None = None) -> str:
@@ -580,12 +587,5 @@ def render_verification(result: dict, report: dict | None = None) -> str:
     return _document("fp8conv verification report", subtitle, [
         verdict,
         _summary_cards(report, rows) if report else "",
-        _scheme_section(report.get("scheme")),
-        _sizes_section(report),
-        _heatmap_section(rows),
-        _sqnr_section(rows),
-        _hotspots_section(rows),
-        _worst_section(rows),
-        _high_precision_section(report.get("high_precision")),
-        _paths_section(report, rows) if not measured else "",
+        *_report_sections(report, rows, with_paths=not measured),
     ], f"the verify result{' and ' + REPORT_NAME if report else ''}")
