@@ -97,10 +97,10 @@ def memcpy_gbs() -> float:
     return 3 * a.nbytes / (time.perf_counter() - start) / 1e9
 
 
-def write_gbs(size: int) -> float:
-    """Write `size` bytes to the output disk with fsync, as a conversion's output does."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    target = OUT / "write-ceiling.bin"
+def write_seconds(size: int, folder: Path) -> float:
+    """Seconds to write `size` bytes (64 MiB writes) into `folder` and fsync them, as a conversion's output does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "write-ceiling.bin"
     block = np.random.default_rng(0).integers(0, 255, 64 << 20, dtype=np.uint8).tobytes()
     start = time.perf_counter()
     with open(target, "wb") as fh:
@@ -111,7 +111,12 @@ def write_gbs(size: int) -> float:
         os.fsync(fh.fileno())
     elapsed = time.perf_counter() - start
     target.unlink()
-    return size / elapsed / 1e9
+    return elapsed
+
+
+def write_gbs(size: int) -> float:
+    """Write `size` bytes to the output disk with fsync: GB/s."""
+    return size / write_seconds(size, OUT) / 1e9
 
 
 def ensure_checkpoint(name: str, args: list[str]) -> Path:

@@ -16,7 +16,6 @@ click, tqdm, numba); about 4-6 minutes on 16 cores.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import input_bytes, machine, timed, versions, warm  # noqa: E402  (bench/run.py helpers)
+from run import input_bytes, machine, timed, versions, warm, write_seconds  # noqa: E402  (bench/run.py helpers)
 
 DATA = HERE / "data"
 OUT = HERE / "out"
@@ -45,19 +44,7 @@ def ensure_checkpoint(layers: int) -> Path:
 
 def write_ceiling(size: int, folder: Path) -> float:
     """Seconds to write `size` bytes (64 MiB writes) and fsync them, into `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "fp8conv-write-ceiling.bin"
-    block = os.urandom(64 << 20)
-    start = time.perf_counter()
-    with open(target, "wb") as fh:
-        written = 0
-        while written < size:
-            written += fh.write(block[: min(len(block), size - written)])
-        fh.flush()
-        os.fsync(fh.fileno())
-    elapsed = time.perf_counter() - start
-    target.unlink()
-    return elapsed
+    return write_seconds(size, folder)
 
 
 def output_bytes(path: Path) -> int:

@@ -33,12 +33,22 @@ def code_to_float_table(fmt: QuantFormat) -> np.ndarray:
         return codes.astype(np.float32)
 
 
-def cast_clamped_to_fp8(values: np.ndarray, fmt: QuantFormat, out: np.ndarray) -> None:
-    """Write FP8 codes (uint8 view) of clamped float32 `values` into `out`; `values` is destroyed."""
+def round_to_odd_bf16(values: np.ndarray) -> np.ndarray:
+    """uint32 bf16 pattern (in the low 16 bits) of float32 `values`, rounded to odd; destroys `values`.
+
+    Rounding to odd into bf16 (8 significant bits) and then to nearest even into a format with at
+    most 6 significant bits equals one rounding to nearest even from float32 (Boldo & Melquiond: two
+    spare bits suffice), so a 65536-entry table indexed by the result does the final rounding.
+    """
     bits = values.view(np.uint32)
     sticky = np.bitwise_and(bits, 0xFFFF)
     sticky += 0xFFFF
     sticky >>= 16
     bits >>= 16
     bits |= sticky
-    np.take(bf16_to_code_table(fmt), bits, out=out)
+    return bits
+
+
+def cast_clamped_to_fp8(values: np.ndarray, fmt: QuantFormat, out: np.ndarray) -> None:
+    """Write FP8 codes (uint8 view) of clamped float32 `values` into `out`; `values` is destroyed."""
+    np.take(bf16_to_code_table(fmt), round_to_odd_bf16(values), out=out)

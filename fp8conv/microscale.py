@@ -29,7 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from . import compiled
-from .fastcast import bf16_to_code_table
+from .fastcast import bf16_to_code_table, round_to_odd_bf16
 from .formats import FORMATS
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -118,25 +118,10 @@ def _bf16_to_e2m1() -> np.ndarray:
     return code
 
 
-def _round_to_odd_bf16(values: np.ndarray) -> np.ndarray:
-    """uint32 bf16 pattern (in the low 16 bits) of float32 `values`, rounded to odd; destroys `values`.
-
-    Rounding to odd into bf16 (8 significant bits) and then to nearest even into e2m1 (2) equals one
-    rounding to nearest even from float32 (Boldo & Melquiond: two spare bits suffice).
-    """
-    bits = values.view(np.uint32)
-    sticky = np.bitwise_and(bits, 0xFFFF)
-    sticky += 0xFFFF
-    sticky >>= 16
-    bits >>= 16
-    bits |= sticky
-    return bits
-
-
 def e2m1_encode(values: np.ndarray) -> np.ndarray:
     """uint8 e2m1 codes (0..15) of float32 `values`, any shape; `values` is left unchanged."""
     work = np.array(values, dtype=np.float32, copy=True)
-    return np.take(_bf16_to_e2m1(), _round_to_odd_bf16(work))
+    return np.take(_bf16_to_e2m1(), round_to_odd_bf16(work))
 
 
 def e2m1_decode(codes: np.ndarray) -> np.ndarray:
@@ -357,11 +342,11 @@ def _encode_elements(weight: np.ndarray, group: int, factor: np.ndarray, divide:
         else:
             np.multiply(values, factor[r0:r1, :, None], out=values)
         if element == "e2m1":
-            codes = np.take(_bf16_to_e2m1(), _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+            codes = np.take(_bf16_to_e2m1(), round_to_odd_bf16(values)).reshape(r1 - r0, cols)
             out[r0:r1] = pack_nibbles(codes)
         else:
             np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
-            out[r0:r1] = np.take(e4m3_table, _round_to_odd_bf16(values)).reshape(r1 - r0, cols)
+            out[r0:r1] = np.take(e4m3_table, round_to_odd_bf16(values)).reshape(r1 - r0, cols)
     return out
 
 
