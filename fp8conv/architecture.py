@@ -49,8 +49,9 @@ DEFAULT_RULES = (MTP_PROJECTION, EMBEDDING, LM_HEAD, ROUTER, VISION)
 CONV = ("conv / SSM weight", "3-D weight that is not an expert stack (e.g. a Mamba conv1d [C, 1, K]); convolution "
         "and SSM weights are not Linear layers, engines never quantize them")
 FUSED_EXPERTS = ("fused experts", "fused 3-D experts stored [E, in, out] without .weight (gpt-oss): transformers "
-                 "5.17 loads them quantized with neither loader (the scale tensor is UNEXPECTED, codes would be read "
-                 "as weights) and vLLM reads quantized gpt-oss experts only per expert")
+                 "5.17 has no loader for quantized gpt-oss experts (a scale is UNEXPECTED, codes would be read as "
+                 "weights), vLLM 0.32 reads them quantized only per expert and its CPU build has no quantized MoE "
+                 "kernel for gpt-oss's swigluoai activation; in bf16 both engines load them")
 ROUTING_BIAS = "expert-score correction bias (DeepSeek-V3 routing): 1-D, kept as shipped"
 
 # Partitions that engines fuse into one layer: they must share one scheme (vLLM refuses otherwise).
@@ -66,6 +67,7 @@ RENAMES = {
     **{t: _LLAVA for t in ("llava", "gemma3", "mistral3", "paligemma", "aya_vision", "internvl", "vipllava",
                            "got_ocr2", "llava_next", "llava_onevision", "llava_next_video")},
 }
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the names vLLM's fused MoE checks per expert
 EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 VISION_KEYS = ("vision_config", "vision_tower_config", "visual")
 
@@ -209,6 +211,17 @@ class Architecture:
         one fused MoE layer, so they share one scheme and are ignored (or not) together."""
         index = tensor_name.find(".experts.")
         return tensor_name[: index + len(".experts")] if index > 0 else None
+
+    def kept_experts_names(self, owner: str) -> list[str]:
+        """What an `ignore` list must hold to keep the experts layer `owner` in high precision in every loader.
+
+        vLLM 0.32 (CompressedTensorsMoEMethod.get_moe_method) decides whether a fused MoE layer is ignored from
+        the names of its expert 0 projections `<owner>.0.gate_proj / up_proj / down_proj`, after rewriting the
+        ignore list with the model's checkpoint-name mapper: gpt-oss's maps any name ending in `.down_proj` to
+        `.w2_weight`, so an explicit `<owner>.0.down_proj` stops matching (vLLM then refuses the layer: "All
+        MoE projections need to have same quantization scheme"). `re:` patterns are left alone by the mapper;
+        transformers and compressed-tensors read them too."""
+        return [owner, "re:" + re.escape(owner) + r"\.\d+\.(" + "|".join(EXPERT_PROJECTIONS) + ")$"]
 
     def fused_group(self, module: str) -> list[str] | None:
         """The sibling module names an engine fuses with this one (q/k/v, gate/up, MLA q_a/kv_a)."""

@@ -79,9 +79,14 @@ def deepseek_v3(path: Path) -> None:
 def gpt_oss(path: Path) -> None:
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    config = GptOssConfig(**{**DENSE, "intermediate_size": 256}, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+    config = GptOssConfig(**{**DENSE, "intermediate_size": 384}, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
                           sliding_window=64, layer_types=["sliding_attention", "full_attention"], rope_scaling=None)
-    save(GptOssForCausalLM(config), path)
+    model = GptOssForCausalLM(config)
+    with torch.no_grad():  # transformers initialises expert biases to zero: random ones show a loader that drops them
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj_bias.normal_(0, 0.02)
+            layer.mlp.experts.down_proj_bias.normal_(0, 0.02)
+    save(model, path)
 
 
 def gemma3(path: Path) -> None:

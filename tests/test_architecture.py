@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -190,6 +191,13 @@ def test_kept_experts_are_ignored_as_one_fused_layer_and_partial_experts_refused
     ignored = read_json(out / "config.json")["quantization_config"]["ignore"]
     assert "model.layers.0.moe.experts" in ignored  # gpt-oss style fused experts kept: vLLM must not expect FP8
     assert "model.layers.0.mlp.experts" not in ignored
+    # vLLM decides a fused MoE layer from its expert 0 projections, after its gpt-oss name mapper rewrites any
+    # ignore entry ending in ".down_proj" (to ".w2_weight"): a `re:` pattern is what survives the mapper.
+    pattern = next(i for i in ignored if i.startswith("re:") and "moe" in i)
+    vllm_checks = [f"model.layers.0.moe.experts.{e}.{p}" for e in (0, 3) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert all(re.match(pattern[3:], name) for name in vllm_checks)
+    assert not re.match(pattern[3:], "model.layers.0.moe.experts.0.down_proj_bias")
+    assert not any(i.startswith("re:") and "mlp.experts" in i for i in ignored)
     refused = run_cli("quantize", src, "-o", tmp_path / "o2", "--ignore", "*.experts.0.down_proj", expect=2)
     assert "the experts of model.layers.0.mlp.experts are quantized differently" in refused.stderr
 

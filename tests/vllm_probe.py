@@ -1,4 +1,8 @@
-"""Run by test_vllm.py with the vLLM CPU interpreter: load a checkpoint, print prompt log-probs and a greedy continuation."""
+"""Run by test_vllm.py with the vLLM CPU interpreter: load a checkpoint, print prompt log-probs and a greedy continuation.
+
+With FP8CONV_VLLM_DUMP=path.npz it also saves, as float32, every parameter of the loaded model whose name
+contains FP8CONV_VLLM_DUMP_MATCH (default "experts"): what vLLM's loader put where (the engine core then runs
+in this process, so the model can be reached)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +10,16 @@ import os
 import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+DUMP = os.environ.get("FP8CONV_VLLM_DUMP")
+if DUMP:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # apply_model then runs here, no pickling
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 PROMPT = [1, 5, 9, 33, 100, 200, 300, 7, 42, 11, 64, 128]
+
+
+def loaded_parameters(model) -> dict:
+    match = os.environ.get("FP8CONV_VLLM_DUMP_MATCH", "experts")
+    return {name: p.detach().float().cpu().numpy() for name, p in model.named_parameters() if match in name}
 
 
 def main() -> None:
@@ -15,6 +28,10 @@ def main() -> None:
 
     llm = LLM(model=sys.argv[1], skip_tokenizer_init=True, enforce_eager=True, dtype="bfloat16",
               max_model_len=128, max_num_seqs=1)
+    if DUMP:
+        import numpy as np
+
+        np.savez(DUMP, **llm.apply_model(loaded_parameters)[0])
     params = SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=0, detokenize=False)
     out = llm.generate([TokensPrompt(prompt_token_ids=PROMPT)], params)[0]
     logprobs = [d[token].logprob for d, token in zip(out.prompt_logprobs[1:], PROMPT[1:])]
