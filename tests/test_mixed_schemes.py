@@ -60,3 +60,55 @@ def test_mixed_schemes_in_the_dry_run_and_refusals(sample, tmp_path):
                         ("*.down_proj=int8:channel:64", "a size applies to block or group"),
                         ("*.down_proj=fp8_e5m2:block", "cannot describe fp8_e5m2")):
         assert words in run_cli("quantize", src, "-o", out, "--scheme", spec, expect=2).stderr, spec
+
+
+# (label, quantize options, the scheme each kind of module must get, as transformers' compressed-tensors reads it)
+MIXED_LOADS = [
+    ("fp8-channel+int8-down", ["--granularity", "channel", "--scheme", "re:.*down_proj=int8:channel"],
+     {"down_proj": ("int", 8, "channel"), "gate_proj": ("float", 8, "channel"), "q_proj": ("float", 8, "channel")}),
+    ("fp8-channel+w4a16-mlp", ["--granularity", "channel", "--scheme", "*.mlp.*=int4:group:32"],
+     {"down_proj": ("int", 4, "group"), "gate_proj": ("int", 4, "group"), "q_proj": ("float", 8, "channel")}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label,options,expected", MIXED_LOADS, ids=[m[0] for m in MIXED_LOADS])
+def test_transformers_loads_mixed_schemes_like_our_dequantize(tiny_llama, tmp_path, label, options, expected):
+    """transformers (compressed-tensors, dequantize on load) gives each module the scheme of its config group and
+    its weights: W8A8 ones are codes x scale computed in bf16 (transformers casts the float32 scale to the model
+    dtype first), pack-quantized W4A16 ones (bf16 scales) equal `fp8conv dequantize` bit for bit."""
+    torch = pytest.importorskip("torch")
+    from compressed_tensors.quantization import disable_quantization
+    from transformers import CompressedTensorsConfig, LlamaForCausalLM
+
+    out, deq = tmp_path / "q", tmp_path / "deq"
+    run_cli("quantize", tiny_llama, "-o", out, *options)
+    run_cli("dequantize", out, "-o", deq)
+    model = LlamaForCausalLM.from_pretrained(out, dtype=torch.bfloat16,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    model.apply(disable_quantization)  # weights only: no simulated activation quantization in the logits
+    ours = LlamaForCausalLM.from_pretrained(deq, dtype=torch.bfloat16).eval()
+    written, dequantized = load_all(out), load_all(deq)
+    checked = 0
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf not in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            continue
+        kind = expected.get(leaf, expected["q_proj"] if leaf in ("k_proj", "v_proj", "o_proj") else expected["gate_proj"])
+        args = module.quantization_scheme.weights
+        assert (args.type, args.num_bits, args.strategy) == kind, name
+        got = module.weight.data
+        if kind[1] == 4:
+            reference = torch.from_numpy(dequantized[name + ".weight"].view(np.int16).copy()).view(torch.bfloat16)
+        else:
+            codes = written[name + ".weight"]
+            codes = torch.from_numpy(codes.view(np.uint8).copy()).view(torch.float8_e4m3fn) if kind[0] == "float" \
+                else torch.from_numpy(codes.copy())
+            reference = codes.to(torch.bfloat16) * torch.from_numpy(written[name + ".weight_scale"].copy()).to(torch.bfloat16)
+        assert torch.equal(got, reference), name
+        checked += 1
+    assert checked == 14
+    ids = torch.tensor([[1, 5, 9, 33, 100, 200, 300, 7, 42, 11]])
+    with torch.no_grad():
+        theirs, mine = model(ids).logits.float(), ours(ids).logits.float()
+    assert (theirs - mine).abs().max().item() < 0.03 * mine.abs().max().item()

@@ -234,3 +234,32 @@ def test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss(tmp_path):
     text = result.stdout + result.stderr
     assert "FP8 MoE backend CPU does not support the deployment configuration since kernel does not support " \
            "MoEActivation.SWIGLUOAI activation" in text
+
+
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
+@pytest.mark.parametrize("label,options,held", [
+    ("fp8-channel+int8-down", ["--granularity", "channel", "--scheme", "re:.*down_proj=int8:channel"],
+     {"self_attn.qkv_proj.weight": "torch.float8_e4m3fn", "mlp.gate_up_proj.weight": "torch.float8_e4m3fn",
+      "mlp.down_proj.weight": "torch.int8"}),
+    ("fp8-channel+w4a16-mlp", ["--granularity", "channel", "--scheme", "*.mlp.*=int4:group:32"],
+     {"self_attn.o_proj.weight": "torch.float8_e4m3fn", "mlp.gate_up_proj.weight_packed": "torch.uint8",
+      "mlp.down_proj.weight_packed": "torch.uint8"}),
+])
+def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, held):
+    """Several config_groups in one checkpoint (format mixed-precision): vLLM CPU builds each module with the
+    scheme of its group (the dtypes its layers hold after loading) and stays close to the bf16 model."""
+    out, dump = tmp_path / label, tmp_path / "loaded.npz"
+    run_cli("quantize", tiny_llama, "-o", out, *options, "--engine", "vllm")
+    proc = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900, cwd=out.parent,
+                          env={**os.environ, "FP8CONV_VLLM_DUMP": str(dump), "FP8CONV_VLLM_DUMP_MATCH": "layers."})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"vLLM failed on {label}: {proc.stderr[-3000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    dtypes = json.loads(str(np.load(dump)["dtypes"]))
+    for layer in range(2):
+        for module, dtype in held.items():
+            assert dtypes[f"model.layers.{layer}.{module}"] == dtype, (layer, module)
+    diff = np.abs(np.array(result["prompt_logprobs"]) - source_logprobs(tiny_llama))
+    print(f"{label}: mean |vLLM prompt log-prob - transformers bf16| = {diff.mean():.4f}, max {diff.max():.4f}")
+    assert len(result["generated"]) == 4 and diff.mean() < 0.1

@@ -18,8 +18,14 @@ PROMPT = [1, 5, 9, 33, 100, 200, 300, 7, 42, 11, 64, 128]
 
 
 def loaded_parameters(model) -> dict:
+    """name -> float32 values, and "dtypes" -> JSON {name: torch dtype} (what the kernel holds)."""
     match = os.environ.get("FP8CONV_VLLM_DUMP_MATCH", "experts")
-    return {name: p.detach().float().cpu().numpy() for name, p in model.named_parameters() if match in name}
+    import numpy as np
+
+    found = {name: p for name, p in model.named_parameters() if match in name}
+    values = {name: p.detach().float().cpu().numpy() for name, p in found.items()}
+    values["dtypes"] = np.array(json.dumps({name: str(p.dtype) for name, p in found.items()}))
+    return values
 
 
 def main() -> None:
