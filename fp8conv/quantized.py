@@ -121,16 +121,16 @@ def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> s
     return None
 
 
-class _GroupArgs:
-    """Weights' quantization args of a compressed-tensors config, per module: the config group that names
-    the module exactly, else one whose 're:' target matches it (the order compressed-tensors and vLLM use),
-    else the first group. Exact targets are indexed: mixed configs list thousands of module names."""
+class ConfigGroups:
+    """The config group of a compressed-tensors config that quantizes each module: the group that names the
+    module exactly, else one whose 're:' target matches it (the order compressed-tensors and vLLM use), else
+    the first group. Exact targets are indexed: mixed configs list thousands of module names."""
 
     def __init__(self, quant_config: dict | None) -> None:
         groups = (quant_config or {}).get("config_groups")
         usable = [g for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)] \
             if isinstance(groups, dict) else []
-        self.default = usable[0]["weights"] if usable else {}
+        self.default: dict = usable[0] if usable else {}
         self.exact: dict[str, dict] = {}
         self.patterns: list[tuple[re.Pattern, dict]] = []
         for group in usable:
@@ -139,18 +139,22 @@ class _GroupArgs:
                     continue
                 if target.startswith("re:"):
                     try:
-                        self.patterns.append((re.compile(target[3:]), group["weights"]))
+                        self.patterns.append((re.compile(target[3:]), group))
                     except re.error:
                         continue
                 else:
-                    self.exact.setdefault(target, group["weights"])
+                    self.exact.setdefault(target, group)
 
-    def of(self, module: str | None) -> dict:
+    def group(self, module: str | None) -> dict:
         if module is None:
             return self.default
         if module in self.exact:
             return self.exact[module]
-        return next((args for pattern, args in self.patterns if pattern.match(module)), self.default)
+        return next((group for pattern, group in self.patterns if pattern.match(module)), self.default)
+
+    def of(self, module: str | None) -> dict:
+        """The weights' quantization args of the module's group."""
+        return self.group(module).get("weights", {})
 
 
 def _hints(layout: str, quant_config: dict | None, args: dict | None = None) -> dict:
@@ -160,7 +164,7 @@ def _hints(layout: str, quant_config: dict | None, args: dict | None = None) -> 
         return {"granularity": "block" if block else "tensor", "block": block}
     if layout == "fp8conv":
         return {"granularity": qc.get("granularity"), "block": qc.get("block_size"), "group": qc.get("group_size")}
-    args = _GroupArgs(qc).default if args is None else args
+    args = ConfigGroups(qc).of(None) if args is None else args
     block = args.get("block_structure")
     if isinstance(block, str) and "x" in block:
         block = [int(p) for p in block.split("x")]
@@ -324,7 +328,7 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     if unsupported:
         return view
     used_scales: set[str] = set()
-    group_args = _GroupArgs(quant_config)
+    group_args = ConfigGroups(quant_config)
     for name, info in tensors.items():
         # per module: a mixed-precision compressed-tensors config gives each config group its own scheme
         hints = _hints(layout, quant_config, group_args.of(name.rpartition(".weight")[0]))

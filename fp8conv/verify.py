@@ -14,7 +14,7 @@ from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
 from .plan import Matcher, module_name
 from .fusion import fused_sets
-from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
+from .quantized import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
 from .report import error_metrics
 from .safetensors_io import READ_CHUNK_BYTES, printable, sha256_of
 
@@ -191,20 +191,26 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
                         "scale that does not exist (garbage logits)", module)
 
 
+CT_CODE_DTYPES = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32",
+                  "nvfp4-pack-quantized": "U8", "mxfp4-pack-quantized": "U8", "mxfp8-quantized": "F8_E4M3"}
+
+
 def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
+    """Each quantized weight's stored codes have the dtype its format says: compressed-tensors' format of the
+    config group that targets the module (mixed-precision configs give each group its own), else the top level."""
     qc = view.quant_config or {}
-    expected = None
-    if view.layout == "compressed-tensors":
-        fmt = qc.get("format")
-        expected = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32",
-                    "nvfp4-pack-quantized": "U8", "mxfp4-pack-quantized": "U8", "mxfp8-quantized": "F8_E4M3"}.get(fmt)
-    elif view.layout == "fp8-native":
-        expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
-    if expected is None:
-        return
+    groups = ConfigGroups(qc)
     for name, qw in view.weights.items():
-        if qw.weight.dtype != expected:
-            result.fail("structure", f"{printable(name)} is {qw.weight.dtype} but quantization_config says {expected}", name)
+        if view.layout == "compressed-tensors":
+            fmt = groups.group(module_name(qw.name)).get("format") or qc.get("format")
+            expected, said = CT_CODE_DTYPES.get(fmt), f"its config group's format {fmt}"
+        elif view.layout == "fp8-native":
+            expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
+            said = f"quantization_config fmt {qc.get('fmt', 'e4m3')}"
+        else:
+            return
+        if expected is not None and qw.weight.dtype != expected:
+            result.fail("structure", f"{printable(name)} is {qw.weight.dtype} but {said} stores {expected}", name)
 
 
 # ---- 3. numerics ------------------------------------------------------------------------------

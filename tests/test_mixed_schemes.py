@@ -45,6 +45,30 @@ def test_mixed_schemes_config_groups_read_back_by_compressed_tensors(sample, tmp
     assert manifest["model.layers.0.mlp.down_proj.weight"]["decision"] == "quantize"
 
 
+def test_verify_checks_each_tensor_against_its_config_groups_format(sample, tmp_path):
+    """A mixed-precision config: each weight's codes must have the dtype of the format of the group that
+    targets it; a group that says float-quantized over int8 codes fails on exactly its modules."""
+    src, out = sample("llama-tiny"), tmp_path / "out"
+    run_cli("quantize", src, "-o", out, "--granularity", "channel", *MIXED)
+    run_cli("verify", out)
+    config = read_json(out / "config.json")
+    config["quantization_config"]["config_groups"]["group_1"]["format"] = "float-quantized"  # int8 down_proj
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "fp8conv.manifest.json").unlink()
+    report = json.loads(run_cli("verify", out, "--json", expect=1).stdout)
+    assert report["checks"]["structure"] == "fail"
+    flagged = sorted(f["tensor"] for f in report["findings"] if "config group's format" in f["message"])
+    assert flagged == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert "is I8 but its config group's format float-quantized stores F8_E4M3" in \
+        next(f["message"] for f in report["findings"] if f["tensor"] == flagged[0])
+    config["quantization_config"]["config_groups"]["group_1"]["format"] = "int-quantized"
+    config["quantization_config"]["config_groups"]["group_2"]["format"] = "int-quantized"  # packed int4 mlp
+    (out / "config.json").write_text(json.dumps(config))
+    report = json.loads(run_cli("verify", out, "--json", expect=1).stdout)
+    flagged = sorted(f["tensor"] for f in report["findings"] if "config group's format" in f["message"])
+    assert flagged == [f"model.layers.{i}.mlp.{p}_proj.weight_packed" for i in (0, 1) for p in ("gate", "up")]
+
+
 def test_mixed_schemes_in_the_dry_run_and_refusals(sample, tmp_path):
     src, out = sample("llama-tiny"), tmp_path / "out"
     refused = run_cli("quantize", src, "-o", out, "--scheme", "*.k_proj=int8:channel", "--dry-run", expect=2)

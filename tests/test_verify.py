@@ -130,12 +130,21 @@ def test_config_lists_quantized_module_as_ignored(quantized):
 
 
 def test_config_format_disagrees_with_tensors(quantized):
+    """The format engines use is the config group's (compressed-tensors and vLLM), the top level's when the
+    group names none."""
     _, out = quantized
     config = read_json(out / "config.json")
-    config["quantization_config"]["format"] = "int-quantized"
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = "int-quantized"
     (out / "config.json").write_text(json.dumps(config))
     (out / "fp8conv.manifest.json").unlink()
-    expect_failure(out, "structure", "is F8_E4M3 but quantization_config says I8")
+    expect_failure(out, "structure", "is F8_E4M3 but its config group's format int-quantized stores I8")
+    del config["quantization_config"]["config_groups"]["group_0"]["format"]
+    config["quantization_config"]["format"] = "int-quantized"
+    (out / "config.json").write_text(json.dumps(config))
+    expect_failure(out, "structure", "is F8_E4M3 but its config group's format int-quantized stores I8")
+    config["quantization_config"]["format"] = "float-quantized"
+    (out / "config.json").write_text(json.dumps(config))
+    run_cli("verify", out, "--engine", "transformers")  # (vLLM: the sample's 704-row gate_proj in block 128)
 
 
 def test_high_precision_module_not_ignored(quantized):
