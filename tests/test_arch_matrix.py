@@ -288,3 +288,35 @@ def test_deepseek_576_rows_with_block_128(built, tmp_path):
     run_cli("verify", out, "--engine", "transformers", expect=1)
     with pytest.raises(RuntimeError, match="conversion"):  # "Weight shape (576, 256) not divisible by scale grid"
         load(out, loader_config("fp8-native"))
+
+
+def test_transformers_skips_per_expert_quantized_gpt_oss_experts(built, tmp_path):
+    """Why fp8conv keeps gpt-oss's fused experts in bf16 (with test_vllm's: vLLM's CPU build has no quantized
+    MoE kernel for them): the per-expert form vLLM 0.32's gpt-oss loader reads (experts.{i}.gate_up_proj.weight
+    [in, out] int8 codes, weight_scale [1, out]; it transposes both) loads in transformers 5.17 *without an
+    error*, the experts newly initialised at random: a silent skip. Built by hand here, from fp8conv's output."""
+    from safetensors.torch import load_file, save_file
+
+    src, out = built("gpt_oss"), tmp_path / "q"
+    run_cli("quantize", src, "-o", out, "--format", "int8", "--granularity", "channel")
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        stack = tensors.pop(name).float()
+        for e in range(stack.shape[0]):
+            scale = stack[e].abs().amax(0, keepdim=True) / 127  # one per output column of [in, out]
+            expert = name.replace(".experts.", f".experts.{e}.")
+            tensors[expert + ".weight"] = torch.round(stack[e] / scale).clamp(-127, 127).to(torch.int8)
+            tensors[expert + ".weight_scale"] = scale
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = read_json(out / "config.json")
+    config["quantization_config"]["ignore"] = [m for m in config["quantization_config"]["ignore"] if "experts" not in m]
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "fp8conv.manifest.json").unlink()
+    cls = getattr(transformers, config["architectures"][0])
+    model, info = cls.from_pretrained(out, dtype=torch.bfloat16, output_loading_info=True,
+                                      quantization_config=loader_config("compressed-tensors"))
+    assert {f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")} <= \
+        set(info["missing_keys"])
+    assert "model.layers.0.mlp.experts.3.gate_up_proj.weight" in info["unexpected_keys"]
+    source = load_file(src / "model.safetensors")["model.layers.0.mlp.experts.gate_up_proj"]
+    assert not torch.equal(model.model.layers[0].mlp.experts.gate_up_proj.data, source)
