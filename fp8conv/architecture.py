@@ -212,16 +212,17 @@ class Architecture:
         index = tensor_name.find(".experts.")
         return tensor_name[: index + len(".experts")] if index > 0 else None
 
-    def kept_experts_names(self, owner: str) -> list[str]:
-        """What an `ignore` list must hold to keep the experts layer `owner` in high precision in every loader.
+    def experts_ignore_pattern(self, owner: str) -> str:
+        """The compressed-tensors `ignore` entry, besides `owner` itself, that keeps the experts layer `owner`
+        in high precision in vLLM.
 
         vLLM 0.32 (CompressedTensorsMoEMethod.get_moe_method) decides whether a fused MoE layer is ignored from
         the names of its expert 0 projections `<owner>.0.gate_proj / up_proj / down_proj`, after rewriting the
         ignore list with the model's checkpoint-name mapper: gpt-oss's maps any name ending in `.down_proj` to
         `.w2_weight`, so an explicit `<owner>.0.down_proj` stops matching (vLLM then refuses the layer: "All
         MoE projections need to have same quantization scheme"). `re:` patterns are left alone by the mapper;
-        transformers and compressed-tensors read them too."""
-        return [owner, "re:" + re.escape(owner) + r"\.\d+\.(" + "|".join(EXPERT_PROJECTIONS) + ")$"]
+        compressed-tensors reads them too. (vLLM's fine-grained FP8 loader matches the layer name itself.)"""
+        return "re:" + re.escape(owner) + r"\.\d+\.(" + "|".join(EXPERT_PROJECTIONS) + ")$"
 
     def fused_group(self, module: str) -> list[str] | None:
         """The sibling module names an engine fuses with this one (q/k/v, gate/up, MLA q_a/kv_a)."""

@@ -346,12 +346,13 @@ def build_plan(
         for module in arch.tied_heads(tensors)
     }
     kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
-    kept_experts = [n for owner in _kept_expert_modules(decisions, tensors, arch) for n in arch.kept_experts_names(owner)]
+    kept_experts = _kept_expert_modules(decisions, tensors, arch)
+    patterns = [arch.experts_ignore_pattern(o) for o in kept_experts] if layout.name == "compressed-tensors" else []
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
         shards=[], outputs=outputs, schemes=schemes, source_quant=source_quant, warnings=[],
-        unquantized_modules=sorted({n for m in (*kept, *tensorless) for n in arch.loader_names(m)} | set(kept_experts)),
+        unquantized_modules=sorted({n for m in (*kept, *kept_experts, *tensorless) for n in arch.loader_names(m)} | set(patterns)),
         tensorless_modules=tensorless,
         scheme_groups=_scheme_groups(schemes, scheme, stored, source_quant, arch),
     )
