@@ -68,6 +68,8 @@ RENAMES = {
                            "got_ocr2", "llava_next", "llava_onevision", "llava_next_video")},
 }
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the names vLLM's fused MoE checks per expert
+# vLLM 0.32's checkpoint-name mappers that rewrite module names ending so (also in the ignore list), per family.
+VLLM_RENAMED_SUFFIXES = {"gpt_oss": (".gate_up_proj", ".down_proj")}
 EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 VISION_KEYS = ("vision_config", "vision_tower_config", "visual")
 
@@ -223,6 +225,19 @@ class Architecture:
         MoE projections need to have same quantization scheme"). `re:` patterns are left alone by the mapper;
         compressed-tensors reads them too. (vLLM's fine-grained FP8 loader matches the layer name itself.)"""
         return "re:" + re.escape(owner) + r"\.\d+\.(" + "|".join(EXPERT_PROJECTIONS) + ")$"
+
+    def vllm_sees_ignored(self, module: str, ignore: list[str]) -> bool:
+        """Whether vLLM, after its name mapper rewrote `ignore`, finds `module` in it (`re:` entries: re.match)."""
+        for entry in ignore:
+            if entry.startswith("re:"):
+                try:
+                    if re.match(entry[3:], module):
+                        return True
+                except re.error:
+                    continue
+            elif entry == module and not entry.endswith(VLLM_RENAMED_SUFFIXES.get(self.model_type or "", ())):
+                return True
+        return False
 
     def fused_group(self, module: str) -> list[str] | None:
         """The sibling module names an engine fuses with this one (q/k/v, gate/up, MLA q_a/kv_a)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .architecture import Architecture, module_name
+from .architecture import EXPERT_PROJECTIONS, Architecture, module_name
 from .safetensors_io import printable
 from .scheme import Scheme
 
@@ -118,4 +118,23 @@ def fused_constraints(schemes: dict[str, str | None], arch: Architecture) -> lis
             found.append(Constraint("vllm", present[0] + ".weight",
                                     f"fused layer {printable(module.rpartition('.')[0])} has partitions quantized "
                                     f"differently ({described}); vLLM loads them as one layer and refuses this"))
+    return found
+
+
+def kept_experts_constraints(schemes: dict[str, str | None], ignore: list[str], arch: Architecture) -> list[Constraint]:
+    """compressed-tensors: an experts layer kept in high precision must look ignored to vLLM, which asks about
+    its expert 0's gate/up/down projections after rewriting the ignore list with the family's name mapper."""
+    found = []
+    kept: dict[str, bool] = {}
+    for module, scheme in schemes.items():
+        owner = arch.experts_module(module)
+        if owner is not None:
+            kept[owner] = kept.get(owner, True) and scheme is None
+    for owner in sorted(o for o, all_kept in kept.items() if all_kept):
+        asked = [f"{owner}.0.{p}" for p in EXPERT_PROJECTIONS]
+        if not all(arch.vllm_sees_ignored(name, ignore) for name in asked):
+            found.append(Constraint("vllm", owner, f"the experts of {printable(owner)} are kept in high precision but "
+                                    f"vLLM does not find {', '.join(p.rpartition('.')[2] for p in asked)} of its expert 0 "
+                                    f"ignored (it builds the layer quantized); ignore "
+                                    f"{arch.experts_ignore_pattern(owner)}"))
     return found

@@ -9,7 +9,7 @@ from typing import Callable
 import numpy as np
 
 from .architecture import Architecture
-from .engines import fused_constraints, weight_constraints
+from .engines import fused_constraints, kept_experts_constraints, weight_constraints
 from .checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from .kernels import ErrorStats, load_float32
 from .plan import Matcher, module_name
@@ -330,6 +330,8 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
             qw = by_logical.get(name)
             schemes[module_name(name)] = qw.scheme.describe() if qw is not None and qw.scheme is not None else None
     found += fused_constraints(schemes, arch)
+    if view.layout == "compressed-tensors":
+        found += kept_experts_constraints(schemes, view.ignored_modules or [], arch)
     for constraint in found:
         report(constraint.engine, constraint.message, constraint.tensor)
     _check_global_scales(view, report)

@@ -207,3 +207,32 @@ def test_vision_config_without_known_vision_tensors_warns(tmp_path):
     src = write_model(tmp_path / "src", config, {"image_encoder.blocks.0.fc1.weight": (32, 32)})
     dry = run_cli("quantize", src, "-o", tmp_path / "out", "--dry-run")
     assert "config.json describes a vision tower (vision_config) but no tensor has a known vision prefix" in dry.stderr
+
+
+def test_verify_fails_kept_fused_experts_vllm_does_not_see_ignored(tmp_path):
+    """gpt-oss: vLLM asks whether `<experts>.0.gate_proj / up_proj / down_proj` are ignored after its name
+    mapper rewrote the list (`...down_proj` -> `...w2_weight`): only the `re:` entry fp8conv writes survives."""
+    config = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_hidden_layers": 1,
+              "num_local_experts": 4}
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (32, 32), "model.layers.0.mlp.router.weight": (4, 32),
+              "model.layers.0.mlp.experts.gate_up_proj": (4, 32, 64), "model.layers.0.mlp.experts.down_proj": (4, 32, 32)}
+    src, out = write_model(tmp_path / "src", config, shapes), tmp_path / "out"
+    run_cli("quantize", src, "-o", out, "--granularity", "channel", "--engine", "vllm")
+    run_cli("verify", out, "--against", src, "--engine", "vllm")
+    qc = read_json(out / "config.json")
+    owner = "model.layers.0.mlp.experts"
+    for ignore in ([m for m in qc["quantization_config"]["ignore"] if not m.startswith("re:")],  # earlier fp8conv
+                   [m for m in qc["quantization_config"]["ignore"] if not m.startswith("re:")]
+                   + [f"{owner}.0.{p}" for p in ("gate_proj", "up_proj", "down_proj")]):  # mapped away by vLLM
+        qc["quantization_config"]["ignore"] = ignore
+        (out / "config.json").write_text(json.dumps(qc))
+        (out / "fp8conv.manifest.json").unlink(missing_ok=True)
+        report = json.loads(run_cli("verify", out, "--json", "--engine", "vllm", expect=1).stdout)
+        message = next(f["message"] for f in report["findings"] if f["tensor"] == owner)
+        assert message.startswith(f"vllm: the experts of {owner} are kept in high precision but vLLM does not find "
+                                  "gate_proj, up_proj, down_proj of its expert 0 ignored")
+        assert message.endswith(r"ignore re:model\.layers\.0\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
+    config["model_type"] = "qwen3_moe"  # no vLLM mapper rewrites its names: explicit names are seen
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": qc["quantization_config"]}))
+    report = json.loads(run_cli("verify", out, "--json", "--engine", "vllm").stdout)
+    assert not any(f["tensor"] == owner for f in report["findings"])
