@@ -44,21 +44,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="2 or more (jobs are timed in the pool)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="1 runs the jobs inline, 2 or more in forked workers")
     args = parser.parse_args()
     mark("imports done")
     log_dir = Path(tempfile.mkdtemp(prefix="fp8tl-"))
-    original_job = pipeline._indexed_job
+    original_job = pipeline.run_job
 
-    def timed_job(item):  # runs in the workers (inherited through fork) or inline
+    def timed_job(job):  # runs in the workers (inherited through fork) or inline
         start = time.perf_counter()
-        result = original_job(item)
+        result = original_job(job)
         with open(log_dir / f"{os.getpid()}.txt", "a") as fh:
-            fh.write(f"{start - T0} {time.perf_counter() - T0} {item[1].nbytes}\n")
+            fh.write(f"{start - T0} {time.perf_counter() - T0} {job.nbytes}\n")
         return result
 
-    timed_job.__module__, timed_job.__qualname__ = "fp8conv.pipeline", "_indexed_job"  # pickled by name
-    pipeline._indexed_job = timed_job  # the pool's task function (--workers 2 or more)
+    pipeline.run_job = timed_job  # what _execute runs, inline or in the forked workers
     wrap(outdir.Staging, "mark_finished", "{1}: hashed", "{1}: fsynced + journaled")
     wrap(outdir.Staging, "commit", "commit start", "commit done (fsync all, rename)")
     wrap(pipeline, "_finalize", "all shards done; finalize start", None)

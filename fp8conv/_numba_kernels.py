@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 8  # kernels.LANES (not imported: kernels imports this module's loader)
 
 _SIGN = np.uint32(0x80000000)
 _ABS = np.uint32(0x7FFFFFFF)
@@ -80,51 +85,59 @@ def round_fp8(q, y, codes, mbits, min_normal_bits, sub_step_inv, rebias):
         codes[c] = np.uint8(code | (sign >> np.uint32(24)))
 
 
+@intrinsic
+def _lane_squares(typingctx, a, b):
+    """Per lane, float64 sums of a[c]^2 and of b[c]^2 in kernels.py's fixed order: column c in lane
+    c % 8, each lane summed sequentially (a, b: contiguous float32, a length that is a multiple of 8).
+
+    Written in LLVM IR because numba leaves eight scalar accumulators scalar (the SLP vectoriser does
+    not take loop-carried sums): here each lane is one element of an <8 x double> accumulator, the
+    same additions in the same order (no fast-math flags, so no FMA contraction or reassociation),
+    eight at a time; a and b in one loop give the two independent add chains the latency needs."""
+    for t in (a, b):
+        if not (isinstance(t, types.Array) and t.ndim == 1 and t.dtype == types.float32 and t.layout == "C"):
+            return None
+    sig = types.UniTuple(types.float64, 2 * LANES)(a, b)
+
+    def codegen(context, builder, signature, args):
+        f32s, f64s = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.DoubleType(), LANES)
+        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
+        groups = builder.sdiv(builder.extract_value(arrays[0].shape, 0), ir.Constant(arrays[0].shape.type.element, LANES))
+        bases = [builder.bitcast(x.data, f32s.as_pointer()) for x in arrays]
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(f64s, None)) for _ in arrays]
+        with cgutils.for_range(builder, groups) as loop:
+            for base, acc in zip(bases, sums):
+                wide = builder.fpext(builder.load(builder.gep(base, [loop.index]), align=4), f64s)
+                builder.store(builder.fadd(builder.load(acc), builder.fmul(wide, wide)), acc)
+        lanes = [builder.extract_element(builder.load(acc), ir.Constant(ir.IntType(32), i))
+                 for acc in sums for i in range(LANES)]
+        return context.make_tuple(builder, signature.return_type, lanes)
+
+    return sig, codegen
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def _row_sums(row, y, err, scales, lanes):
-    """sum w^2 and sum err^2 of a row in float64, in kernels.py's fixed order (column c in lane c % 8,
-    each lane sequential, lanes combined 0..7), and the flushed-to-zero count."""
+def _row_stats(row, y, err, scales, qmax_bits, stats, padded_row, padded_err):
+    """Error statistics of w' = y * scale: sum w^2 and sum err^2 in float64 in kernels.py's fixed order
+    (over the row and err buffers zero-padded to a multiple of 8: a padding column adds +0.0 to its
+    lane, which changes nothing), flushed-to-zero count; max |err| and saturation on bit patterns."""
     cols = row.shape[0]
+    err_bits = err.view(np.uint32)
+    y_bits = y.view(np.uint32)
     flushed = 0
-    lanes[:] = 0.0
     for c in range(cols):
         w = row[c]
         deq = y[c] * scales[c]
-        e = w - deq
-        err[c] = e
+        err[c] = w - deq
         flushed += (deq == 0) & (w != 0)
-    for k in range(0, cols - cols % 8, 8):
-        for lane in range(8):
-            w64 = np.float64(row[k + lane])
-            e64 = np.float64(err[k + lane])
-            lanes[0, lane] += w64 * w64
-            lanes[1, lane] += e64 * e64
-    for c in range(cols - cols % 8, cols):
-        w64 = np.float64(row[c])
-        e64 = np.float64(err[c])
-        lanes[0, c % 8] += w64 * w64
-        lanes[1, c % 8] += e64 * e64
-    sum_ref = lanes[0, 0]
-    sum_err = lanes[1, 0]
-    for lane in range(1, 8):
-        sum_ref += lanes[0, lane]
-        sum_err += lanes[1, lane]
-    return sum_ref, sum_err, flushed
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _row_stats(row, y, err, scales, qmax_bits, stats, lanes):
-    """Error statistics of w' = y * scale; max |err| and saturation on bit patterns (vectorise)."""
-    sum_ref, sum_err, flushed = _row_sums(row, y, err, scales, lanes)
-    err_bits = err.view(np.uint32)
-    y_bits = y.view(np.uint32)
     max_err = np.uint32(0)
     saturated = 0
-    for c in range(row.shape[0]):
+    for c in range(cols):
         max_err = max(max_err, err_bits[c] & _ABS)
         saturated += (y_bits[c] & _ABS) == qmax_bits
-    stats[0] += sum_ref
-    stats[1] += sum_err
+    s = _lane_squares(padded_row, padded_err)
+    stats[0] += s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]
+    stats[1] += s[8] + s[9] + s[10] + s[11] + s[12] + s[13] + s[14] + s[15]
     stats[2] = max(stats[2], np.float64(_bits_to_float(max_err)))
     stats[3] += saturated
     stats[4] += flushed
@@ -149,15 +162,17 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
         return True
     rows, cols = src.shape
     n_tiles = scales.shape[1]
-    row = np.empty(cols, np.float32)
+    padded = -(-cols // LANES) * LANES
+    padded_row = np.zeros(padded, np.float32)
+    padded_err = np.zeros(padded, np.float32)
+    row = padded_row[:cols]
     row_bits = row.view(np.uint32)
     q = np.empty(cols, np.float32)
     y = np.empty(cols, np.float32)
-    err = np.empty(cols, np.float32)
+    err = padded_err[:cols]
     expanded = np.empty(cols, np.float32)
     amax_bits = np.empty(n_tiles, np.uint32)
     amax = amax_bits.view(np.float32)
-    lanes = np.zeros((2, 8), np.float64)
     qmax_bits = _float_bits(qmax)
     cap = _scale_cap(qmax)
     for band in range(0, rows, tile_rows):
@@ -186,7 +201,7 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                 round_fp8(q, y, codes[r], 3, np.uint32(0x3C800000), np.float32(512.0), (127 - 7) << 3)
             elif kind == 1:
                 round_fp8(q, y, codes[r], 2, np.uint32(0x38800000), np.float32(65536.0), (127 - 15) << 2)
-            _row_stats(row, y, err, expanded, qmax_bits, stats, lanes)
+            _row_stats(row, y, err, expanded, qmax_bits, stats, padded_row, padded_err)
     return False
 
 

@@ -177,6 +177,39 @@ def test_backends_give_identical_statistics(fmt, granularity, shape):
     assert a.stats == b.stats
 
 
+def fixed_order_sum_of_squares(values: np.ndarray) -> float:
+    """The report's float64 sum of squares, order spelled out: per row eight lanes (column c in lane
+    c % 8), each lane summed in column order, the lanes added 0..7, the rows added in order."""
+    total = 0.0
+    for row in np.asarray(values, np.float64):
+        lanes = [0.0] * 8
+        for c, v in enumerate(row.tolist()):
+            lanes[c % 8] += v * v
+        per_row = lanes[0]
+        for lane in lanes[1:]:
+            per_row += lane
+        total += per_row
+    return total
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+@pytest.mark.parametrize("cols", [1, 7, 8, 9, 17, 130])
+def test_sums_of_squares_follow_the_fixed_order(dtype, cols):
+    """Both backends' sum w^2 and sum err^2 are the fixed-order float64 sums, bit for bit, for every
+    source dtype and widths that are not a multiple of the eight lanes (the compiled kernel pads)."""
+    # Each row: one large value in lane 0, the rest ~2**-26.5 times as large, so their squares sit near
+    # the last bit of the row's sum: adding them in any other order rounds differently.
+    w = np.random.default_rng(cols).uniform(0.5, 2.0, (70, cols)) * 16 * 2.0 ** -26.5
+    w[:, 0] = 16
+    w = w.astype(np.float32).astype(dtype)
+    for path in BACKENDS:
+        q = quantize_tensor(w, format="fp8_e4m3", granularity="block", block_size=(64, 128), backend=require(path))
+        deq = dequantize_tensor(q.codes, q.scales, format="fp8_e4m3", granularity="block", block_size=(64, 128))
+        w32 = w.astype(np.float32)
+        assert q.stats.sum_sq_ref == fixed_order_sum_of_squares(w32), path
+        assert q.stats.sum_sq_err == fixed_order_sum_of_squares(w32 - deq), path
+
+
 def test_numba_declares_the_schemes_it_runs():
     from fp8conv.scheme import Scheme
 
