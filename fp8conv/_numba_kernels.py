@@ -7,7 +7,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LANES = 8  # kernels.LANES (not imported: kernels imports this module's loader)
+LANES = 8  # kernels.LANES, written out: numba's disk cache only notices edits to this file
 
 _SIGN = np.uint32(0x80000000)
 _ABS = np.uint32(0x7FFFFFFF)
