@@ -70,6 +70,9 @@ RENAMES = {
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")  # the names vLLM's fused MoE checks per expert
 # vLLM 0.32's checkpoint-name mappers that rewrite module names ending so (also in the ignore list), per family.
 VLLM_RENAMED_SUFFIXES = {"gpt_oss": (".gate_up_proj", ".down_proj")}
+# Families that ship fused experts in OpenAI's MXFP4 (`<x>_blocks` / `<x>_scales`, quant_method mxfp4), and the
+# fused tensors that form takes: transformers 5.17 (Mxfp4HfQuantizer) and vLLM 0.32 (gpt_oss.py) read exactly these.
+OPENAI_MXFP4_EXPERTS = {"gpt_oss": (".experts.gate_up_proj", ".experts.down_proj")}
 EXPERT_COUNT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 VISION_KEYS = ("vision_config", "vision_tower_config", "visual")
 
@@ -183,6 +186,11 @@ class Architecture:
         if len(shape) == 3 and re.search(r"\.experts\.(gate_up_proj|down_proj|up_proj|gate_proj)$", tensor_name):
             return Rule(FUSED_EXPERTS[0], (), FUSED_EXPERTS[1], includable=False)
         return None
+
+    def openai_mxfp4_expert(self, tensor_name: str, shape: tuple[int, ...]) -> bool:
+        """A fused 3-D experts tensor this family ships in OpenAI MXFP4 (gpt-oss gate_up_proj / down_proj)."""
+        suffixes = OPENAI_MXFP4_EXPERTS.get(self.model_type or "")
+        return bool(suffixes) and len(shape) == 3 and tensor_name.endswith(suffixes)
 
     def copy_reason(self, tensor_name: str) -> str | None:
         """A family-specific reason for a tensor that is copied anyway (1-D, not a weight)."""

@@ -4,12 +4,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .architecture import Architecture
+from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from .checkpoint import CONFIG_NAME, Checkpoint
 from .errors import InputError, SchemeError
 from .engines import fused_constraints, weight_constraints
-from .layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
-from .plan import CARRY, COPY, DEQUANTIZE, DROP, REQUANTIZE, Decision, Matcher, decide, module_name
+from .layouts import CODES, OPENAI_MXFP4, Layout, TensorSpec, packs, unquantized_linear_modules
+from .plan import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
 from .quantized import CheckpointView, QuantizedWeight, open_view, validate_source_scales
 from .safetensors_io import HEADER_CAP, OutEntry, TensorInfo, build_header
 from .untrusted import printable
@@ -114,14 +114,15 @@ def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple
         if logical.endswith(".weight") or arch.fused_experts_rule(logical, shape):
             schemes[module_name(logical)] = plan.schemes[name].describe() if decision.quantized else None
         if decision.quantized:
-            found += weight_constraints(logical, shape, plan.schemes[name], plan.layout.name, tp, arch)
+            found += weight_constraints(logical, plan.layout.quantized_shape(shape), plan.schemes[name],
+                                        plan.layout.name, tp, arch)
     for constraint in fused_constraints(schemes, arch):
         plan.refusals.append(constraint.message + " (quantize or --ignore all of its partitions)")
     for constraint in found:
         (plan.refusals if constraint.engine in engines else plan.warnings).append(constraint.text())
 
 
-def _kept_expert_warnings(plan: ConversionPlan) -> list[str]:
+def _kept_expert_warnings(plan: ConversionPlan, arch: Architecture) -> list[str]:
     """Expert-sized tensors the scheme asks for but the plan leaves in high precision: said out loud."""
     if plan.scheme is None:
         return []
@@ -129,8 +130,11 @@ def _kept_expert_warnings(plan: ConversionPlan) -> list[str]:
     if not kept:
         return []
     size = sum(plan.tensors[n].nbytes for n in kept)
+    shipped = [n for n in kept if arch.openai_mxfp4_expert(n, plan.tensors[n].shape)]
+    hint = (f"; --format mxfp4 --layout {OPENAI_MXFP4} quantizes them in the form gpt-oss ships (OpenAI MXFP4), "
+            "which both engines load" if shipped else "")
     return [f"{len(kept)} expert tensors ({size / 1e9:.3g} GB, e.g. {printable(kept[0])}) stay in high precision "
-            f"although the scheme asks for {plan.scheme.describe()}: {plan.decisions[kept[0]].reason}"]
+            f"although the scheme asks for {plan.scheme.describe()}: {plan.decisions[kept[0]].reason}{hint}"]
 
 
 def _pack(groups: list[tuple[str, list[OutEntry]]], max_shard_size: int | None) -> list[OutShard]:
@@ -193,6 +197,39 @@ def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions
     return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
 
 
+def _fused_experts_only(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], source_quant: dict,
+                        arch: Architecture, layout: Layout) -> dict[str, Decision]:
+    """--layout openai-mxfp4: the family's fused experts quantized, every other tensor kept as in the source
+    (engines load nothing else of this form quantized); refused where the form does not exist or an engine
+    would misread it."""
+    name_of = f"--layout {layout.name}"
+    if arch.model_type not in OPENAI_MXFP4_EXPERTS:
+        raise SchemeError(f"{name_of} is defined for fused experts of {', '.join(OPENAI_MXFP4_EXPERTS)} "
+                          f"(model_type in config.json), not {arch.model_type or 'a checkpoint without model_type'}; "
+                          "use --layout compressed-tensors")
+    if source_quant:
+        raise SchemeError(f"{name_of} quantizes high-precision checkpoints; SRC is quantized already "
+                          f"({printable(next(iter(source_quant)))}): run `fp8conv dequantize` first")
+    out, experts = {}, 0
+    for name, decision in decisions.items():
+        if arch.openai_mxfp4_expert(name, tensors[name].shape) and tensors[name].dtype in ("BF16", "F16", "F32"):
+            if decision.reason.startswith("matched --ignore"):
+                raise SchemeError(f"{name_of}: {decision.reason[8:]} keeps {printable(name)} in high precision, but "
+                                  "vLLM reads every experts layer of an mxfp4 checkpoint as MXFP4; convert all of them")
+            out[name] = Decision(name, QUANTIZE, "fused 3-D experts: OpenAI MXFP4, the transpose [E, out, in] with one "
+                                                 "E8M0 scale per 32 inputs, as gpt-oss ships (transformers and vLLM load it)")
+            experts += 1
+        elif decision.quantized:
+            out[name] = Decision(name, COPY, f"kept as in the source: {name_of} quantizes only the fused experts, as "
+                                             "gpt-oss ships (both engines load every other module unquantized)")
+        else:
+            out[name] = decision
+    if not experts:
+        raise SchemeError(f"{name_of} quantizes fused 3-D experts ({' / '.join(OPENAI_MXFP4_EXPERTS['gpt_oss'])} "
+                          "[E, in, out], high precision); SRC has none")
+    return out
+
+
 def _refuse_groups(plan: ConversionPlan) -> None:
     """compressed-tensors and vLLM need in_features % group_size == 0: refuse the whole plan, naming
     every offending tensor and the group sizes that would fit them all."""
@@ -220,7 +257,9 @@ def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
     if not scheme.microscale:
         return
     group = scheme.group_size
-    cols = {name: (plan.source_quant[name].shape if name in plan.source_quant else plan.tensors[name].shape)[-1]
+    assert plan.layout is not None
+    cols = {name: plan.layout.quantized_shape(plan.source_quant[name].shape if name in plan.source_quant
+                                              else plan.tensors[name].shape)[-1]
             for name in plan.outputs}
     bad = sorted(name for name, c in cols.items() if c % group)
     if bad:
@@ -255,7 +294,7 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
             groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
     plan.shards = _pack(groups, max_shard_size)
     _check_headers(plan.shards)
-    plan.warnings = _kept_expert_warnings(plan)
+    plan.warnings = _kept_expert_warnings(plan, architecture_of(checkpoint))
     return plan
 
 
@@ -327,6 +366,8 @@ def build_plan(
         name: _decide_quantize(name, info, source_quant, companions, scheme_of(name), layout, ignore, include, arch)
         for name, info in tensors.items()
     }
+    if layout.fused_experts_only:
+        decisions = _fused_experts_only(decisions, tensors, source_quant, arch, layout)
     validate_source_scales(view, [n for n, d in decisions.items() if n in source_quant and d.action != CARRY])
     schemes, outputs = {}, {}
     for name, decision in decisions.items():

@@ -46,7 +46,11 @@ class Part:
 @dataclass(frozen=True)
 class Source:
     """Where a matrix's rows are stored: values of `dtype`, or codes (int32-packed or not) with a
-    scale grid and optional zero points (`scheme`)."""
+    scale grid and optional zero points (`scheme`).
+
+    `transposed` (OpenAI MXFP4 experts): the job's matrix [rows, cols] is [out, in], the quantized
+    orientation, while the high-precision side (the source values of a quantize job, the output of a
+    dequantize job) is stored [cols, rows]; such jobs run whole, one matrix at a time."""
 
     path: str
     offset: int
@@ -56,6 +60,7 @@ class Source:
     scale: Part | None = None
     zero_point: Part | None = None
     global_scale: Part | None = None
+    transposed: bool = False
 
     def tile_rows(self, rows: int, cols: int) -> int:
         """Row alignment a chunk of this source must keep (whole tiles, whole packed zero-point words)."""
@@ -217,7 +222,7 @@ def _quantize_stack(job: Job) -> ErrorStats | None:
         return None  # each matrix has its own global scale (and global-scale record): matrix by matrix
     flat = _stacked_scheme(scheme, rows, job.cols)
     matrix_bytes = rows * src.row_bytes(job.cols)
-    if flat is None or any(s.offset != src.offset + m * matrix_bytes for m, s in enumerate(job.stack)):
+    if flat is None or src.transposed or any(s.offset != src.offset + m * matrix_bytes for m, s in enumerate(job.stack)):
         return None
     grid_rows = flat.scale_grid(rows, job.cols)[0]
     for spec, _ in job.outputs:
@@ -274,6 +279,8 @@ def _copy(job: Job) -> None:
 def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = None) -> int:
     """Rows per chunk: about chunk_bytes (of source, or of `element_bytes` per element), whole tiles
     of both source and target."""
+    if job.source.transposed:
+        return job.matrix_rows  # the stored [cols, rows] matrix is read whole and transposed
     row_bytes = max(job.cols * element_bytes if element_bytes else job.source.row_bytes(job.cols), 1)
     step = math.lcm(job.source.tile_rows(job.matrix_rows, job.cols), target_tile_rows)
     return max(step, (job.chunk_bytes // row_bytes) // step * step)
@@ -294,6 +301,10 @@ def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.
     w = (q - zp) * scale computed in float32 (rounded into `out_dtype`)."""
     src = job.source
     first += job.first_row
+    if src.transposed and src.scheme is None:
+        stored = _reader(src.path).read_array(src.offset, (job.cols, job.matrix_rows), SAFETENSORS_DTYPES[src.dtype],
+                                              job.name)
+        return np.ascontiguousarray(stored[:, first : first + count].T)
     values = _reader(src.path).read_array(src.offset + first * src.row_bytes(job.cols),
                                           (count, src.row_bytes(job.cols) // SAFETENSORS_DTYPES[src.dtype].itemsize),
                                           SAFETENSORS_DTYPES[src.dtype], job.name)
@@ -345,6 +356,8 @@ def _dequantize(job: Job) -> None:
                 f"tensor {printable(job.name)}: {overflow} dequantized values (rows {first}..{first + len(rows) - 1}) "
                 f"exceed the largest finite {job.out_dtype} ({limit:g}) and would be written as Inf; "
                 "use a wider --dtype (bf16 or fp32)")
+        if job.source.transposed:  # the whole [out, in] matrix, written [in, out] as the weight is named
+            rows = np.ascontiguousarray(rows.T)
         write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows)
 
 

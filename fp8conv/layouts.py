@@ -11,6 +11,11 @@ engines read. A layout's writer and reader live here together, under one name.
   transformers fine-grained FP8); block granularity and e4m3 only.
 - fp8conv: our own documented layout for combinations no engine defines (e.g. e5m2):
   `<m>.weight_scale` as the full float32 scale grid, `quant_method: fp8conv`.
+- openai-mxfp4: the form gpt-oss ships in (`quant_method: mxfp4`), for fused 3-D experts only:
+  `<x>` [E, in, out] becomes `<x>_blocks` uint8 [E, out, in/32, 16] (the transpose [E, out, in],
+  e2m1 codes two per byte, element 2k in the low nibble) and `<x>_scales` uint8 [E, out, in/32]
+  (E8M0, 2^(s-127)); every other tensor is kept as in the source. Same numerics as
+  compressed-tensors mxfp4 (fp8conv.microscale).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ from .microscale import MICROSCALE
 from .plan import module_name
 from .scheme import SOURCE_SCALE, Scheme
 
-LAYOUTS = ("compressed-tensors", "fp8-native", "fp8conv")
+OPENAI_MXFP4 = "openai-mxfp4"
+LAYOUTS = ("compressed-tensors", "fp8-native", "fp8conv", OPENAI_MXFP4)
 CODES, SCALE, ZERO_POINT, SHAPE, GLOBAL_SCALE = "codes", "scale", "zero_point", "shape", "global_scale"
 PACK_QUANTIZED = "pack-quantized"
 
@@ -80,6 +86,22 @@ class Layout:
     name: str
     scale_suffix: str
 
+    @property
+    def fused_experts_only(self) -> bool:
+        """openai-mxfp4 quantizes the fused 3-D experts (gpt-oss) and keeps every other tensor as shipped."""
+        return self.name == OPENAI_MXFP4
+
+    @property
+    def transposes(self) -> bool:
+        """Whether the weight [.., in, out] is quantized as its transpose [.., out, in] (groups along in)."""
+        return self.name == OPENAI_MXFP4
+
+    def quantized_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The [.., out, in] matrices the scheme quantizes (rows of `in`, groups along it)."""
+        if self.transposes and len(shape) >= 2:
+            return (*shape[:-2], shape[-1], shape[-2])
+        return tuple(shape)
+
     def scale_name(self, weight_name: str) -> str:
         return weight_name[: -len("weight")] + self.scale_suffix
 
@@ -91,6 +113,8 @@ class Layout:
 
     def tensors(self, scheme: Scheme, weight_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
         """Every tensor written for the quantized weight `weight_name` of `shape` (scheme resolved per tensor)."""
+        if self.name == OPENAI_MXFP4:
+            return openai_mxfp4_tensors(weight_name, shape)
         *lead, rows, cols = shape
         matrices = math.prod(lead)
         prefix = weight_name[: -len("weight")]
@@ -121,6 +145,11 @@ class Layout:
 
     def check(self, scheme: Scheme) -> None:
         """Refuse combinations an engine would misread, before any byte is written."""
+        if self.name == OPENAI_MXFP4:
+            if scheme.microscale != "mxfp4":
+                raise SchemeError(f"--layout {OPENAI_MXFP4} writes OpenAI's MXFP4 (the form gpt-oss ships in) and takes "
+                                  f"--format mxfp4 only, not {scheme.describe()}")
+            return
         if scheme.microscale:
             if self.name != "compressed-tensors":
                 raise SchemeError(f"{scheme.microscale} is written only by --layout compressed-tensors "
@@ -147,6 +176,11 @@ class Layout:
     def quantization_config(self, scheme: Scheme, unquantized_modules: list[str],
                             groups: list[tuple[Scheme, list[str]]] = ()) -> dict:
         """`groups`: (scheme, module names) that differ from `scheme` (compressed-tensors only)."""
+        if self.name == OPENAI_MXFP4:
+            # transformers (Mxfp4Config) and vLLM (Mxfp4Config) read these two keys; both quantize only the
+            # fused experts, transformers skipping the modules listed (gpt-oss's own config lists attention,
+            # router, embeddings and head the same way, as globs).
+            return {"quant_method": "mxfp4", "modules_to_not_convert": unquantized_modules}
         if self.name == "compressed-tensors" and scheme.microscale:
             return microscale_config(scheme, unquantized_modules)
         if self.name == "compressed-tensors":
@@ -211,6 +245,20 @@ def microscale_tensors(scheme: Scheme, weight_name: str, shape: tuple[int, ...],
     return specs
 
 
+def openai_mxfp4_tensors(weight_name: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+    """OpenAI MXFP4 (gpt-oss): fused experts `<x>` [E, in, out] -> `<x>_blocks` uint8 [E, out, in/32, 16] and
+    `<x>_scales` uint8 [E, out, in/32] (what transformers' Mxfp4HfQuantizer and vLLM's gpt_oss loader read)."""
+    *lead, rows_in, cols_out = shape
+    matrices = math.prod(lead)
+    group = MICROSCALE["mxfp4"].group
+    return [TensorSpec(weight_name + OPENAI_BLOCKS, CODES, "U8", (*lead, cols_out, rows_in // group, group // 2), 1,
+                       matrices),
+            TensorSpec(weight_name + OPENAI_SCALES, SCALE, "U8", (*lead, cols_out, rows_in // group), 1, matrices)]
+
+
+OPENAI_BLOCKS, OPENAI_SCALES = "_blocks", "_scales"
+
+
 def decode_zero_points(raw: np.ndarray, fmt_name: str, packed: bool, grid_rows: int) -> np.ndarray:
     """Stored zero points -> [grid_rows, grid_cols] float32 (packed ones along dim 0, as compressed-tensors)."""
     if packed:
@@ -222,6 +270,7 @@ LAYOUT_BY_NAME = {
     "compressed-tensors": Layout("compressed-tensors", "weight_scale"),
     "fp8-native": Layout("fp8-native", "weight_scale_inv"),
     "fp8conv": Layout("fp8conv", "weight_scale"),
+    OPENAI_MXFP4: Layout(OPENAI_MXFP4, OPENAI_SCALES),
 }
 
 

@@ -186,14 +186,22 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
         shape = qw.shape if qw is not None else info.shape
         *lead, rows, cols = shape
         matrices = math.prod(lead)
-        first = _source_of(plan, info, sources, 0)
+        # OpenAI MXFP4 experts: the job's matrix is the quantized [out, in]; the [in, out] side is transposed.
+        transposed = qw.transposed if qw is not None else bool(plan.layout and plan.layout.transposes)
+        if transposed:
+            rows, cols = cols, rows
+
+        def source_at(e: int) -> Source:
+            return replace(_source_of(plan, info, sources, e), transposed=transposed)
+
+        first = source_at(0)
         # Small matrices of a stack go together (one job, one read): cost follows the bytes, not
         # the number of matrices ([50000, 1, 1] is 50,000 one-element "experts").
-        per_job = max(1, min(matrices, options.stack_bytes // max(rows * first.row_bytes(cols), 1)))
+        per_job = 1 if transposed else max(1, min(matrices, options.stack_bytes // max(rows * first.row_bytes(cols), 1)))
         for e in range(0, matrices, per_job):
             count = min(per_job, matrices - e)
-            stack = tuple(_source_of(plan, info, sources, e + k) for k in range(count)) if count > 1 else ()
-            source = _source_of(plan, info, sources, e)
+            stack = tuple(source_at(e + k) for k in range(count)) if count > 1 else ()
+            source = source_at(e)
             nbytes = rows * source.row_bytes(cols)
             if action == DEQUANTIZE:
                 out_size = SAFETENSORS_DTYPES[plan.output_dtype(name)].itemsize
@@ -220,7 +228,7 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
 def _split_rows(job: Job, job_bytes: int) -> list[Job]:
     """Cut a large matrix into row ranges of whole tiles (source and target), so the workers share
     one big tensor too. One-scale (tensor) targets need the whole matrix's amax: kept whole."""
-    if (job.kind in ("copy", "write") or job.matrices > 1 or job.nbytes <= job_bytes
+    if (job.kind in ("copy", "write") or job.matrices > 1 or job.nbytes <= job_bytes or job.source.transposed
             or (job.scheme and job.scheme.granularity == "tensor")):
         return [job]
     step = job.source.tile_rows(job.rows, job.cols)

@@ -3,7 +3,8 @@ and scheme, and the one routine that reads them back as float32 rows.
 
 Understands compressed-tensors (`float-quantized`, `int-quantized` with or without zero points,
 `pack-quantized` W4A16 / W8A16), fine-grained FP8 (`<m>.weight_scale_inv`, quant_method fp8,
-weight_block_size) and fp8conv's own layout, whoever wrote them. Anything else that is quantized
+weight_block_size), OpenAI MXFP4 (gpt-oss's fused experts `<x>_blocks` / `<x>_scales`, quant_method
+mxfp4) and fp8conv's own layout, whoever wrote them. Anything else that is quantized
 (GPTQ / AWQ `qweight`, bitsandbytes, an unknown quant_method or compressed-tensors format) is
 reported as unsupported: it is refused, never copied through.
 """
@@ -26,7 +27,8 @@ from .scheme import GRANULARITIES, Scheme, microscale_scheme
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
                 "k_scale", "v_scale", "input_global_scale", "weight_global_scale")
-KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv")
+KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv", "mxfp4")
+OPENAI_BLOCKS, OPENAI_SCALES = "_blocks", "_scales"  # as fp8conv.layouts writes them
 CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense",
               "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "mixed-precision")
 GPTQ_AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
@@ -37,6 +39,7 @@ LAYOUT_LABELS = {
     "compressed-tensors": "compressed-tensors",
     "fp8-native": "fine-grained FP8 (quant_method fp8)",
     "fp8conv": "fp8conv",
+    "openai-mxfp4": "OpenAI MXFP4 (quant_method mxfp4, gpt-oss experts)",
     "unsupported": "unsupported quantization",
 }
 
@@ -57,6 +60,14 @@ class QuantizedWeight:
     zp_packed: bool = False
     companions: tuple[str, ...] = ()
     global_scale: TensorInfo | None = None  # NVFP4 weight_global_scale
+    transposed: bool = False  # OpenAI MXFP4: codes hold the transpose [E, out, in] of the weight [E, in, out]
+
+    @property
+    def matrix_shape(self) -> tuple[int, ...]:
+        """The shape of the matrices the codes and scale grid describe ([.., out, in])."""
+        if self.transposed:
+            return (*self.shape[:-2], self.shape[-1], self.shape[-2])
+        return tuple(self.shape)
 
 
 @dataclass
@@ -92,6 +103,8 @@ def _layout_of(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str
         return "fp8-native"
     if method == "fp8conv":
         return "fp8conv"
+    if method == "mxfp4":
+        return "openai-mxfp4"
     if any(n.endswith(".weight_scale_inv") for n in tensors):
         return "fp8-native"
     if any(n.endswith((".weight_scale", ".weight_packed")) for n in tensors):
@@ -306,6 +319,29 @@ def _microscale_weight(view: CheckpointView, name: str, info: TensorInfo, micro_
     return entry
 
 
+def _openai_weight(view: CheckpointView, name: str, info: TensorInfo) -> QuantizedWeight:
+    """OpenAI MXFP4 (quant_method mxfp4): `<x>_blocks` uint8 [E, out, in/32, 16] (two e2m1 codes a byte, element 2k
+    in the low nibble) and `<x>_scales` uint8 [E, out, in/32] (E8M0) hold the weight `<x>` [E, in, out] transposed."""
+    logical = name[: -len(OPENAI_BLOCKS)]
+    scale = view.checkpoint.tensors.get(logical + OPENAI_SCALES)
+    scheme = microscale_scheme("mxfp4")
+    group = scheme.group_size
+    entry = QuantizedWeight(logical, info, scale, None, packed=True, transposed=True,
+                            companions=(logical + OPENAI_SCALES,) if scale is not None else ())
+    if info.dtype != "U8" or len(info.shape) != 4 or info.shape[-1] != group // 2:
+        entry.problem = f"is OpenAI MXFP4 but its blocks are {info.dtype} {list(info.shape)}, not U8 [E, out, in/32, 16]"
+        return entry
+    experts, out, groups, _ = info.shape
+    entry.shape = (experts, groups * group, out)
+    if scale is None:
+        entry.problem = f"has no {OPENAI_SCALES[1:]} tensor"
+    elif scale.dtype != "U8" or tuple(scale.shape) != (experts, out, groups):
+        entry.problem = f"scales {scale.dtype} {list(scale.shape)} are not the U8 {[experts, out, groups]} its blocks need"
+    else:
+        entry.scheme = scheme
+    return entry
+
+
 def open_view(checkpoint: Checkpoint) -> CheckpointView:
     """Classify every tensor of a checkpoint: quantized weights with scales, orphans, the rest."""
     config_problem = None
@@ -333,6 +369,11 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
         # per module: a mixed-precision compressed-tensors config gives each config group its own scheme
         hints = _hints(layout, quant_config, group_args.of(name.rpartition(".weight")[0]))
         prefix = name[: name.rfind(".") + 1]
+        if layout == "openai-mxfp4" and name.endswith(OPENAI_BLOCKS):
+            entry = _openai_weight(view, name, info)
+            view.weights[name] = entry
+            used_scales.update(entry.companions)
+            continue
         micro = None
         if name.endswith((".weight_packed", ".weight")) and info.dtype in ("U8", "F8_E4M3"):
             micro = _microscale_of(view, info.dtype, tensors.get(prefix + "weight_scale"),
@@ -436,7 +477,7 @@ def scale_grids(readers: Readers, qw: QuantizedWeight):
     """The float32 scale grids of a quantized weight, one 2-D grid per matrix: [E, gr, gc]."""
     assert qw.scale is not None and qw.scheme is not None
     scales = readers.read(qw.scale)
-    *lead, rows, cols = qw.shape
+    *lead, rows, cols = qw.matrix_shape
     matrices = math.prod(lead)
     if qw.scheme.microscale:
         gs = readers.read(qw.global_scale).astype(np.float32).reshape(-1) if qw.global_scale is not None else None
@@ -468,7 +509,7 @@ def source_of(qw: QuantizedWeight, path_of, matrix: int):
 
     assert qw.scheme is not None and qw.scale is not None
     scheme = qw.scheme
-    *lead, rows, cols = qw.shape
+    *lead, rows, cols = qw.matrix_shape
     matrices = max(math.prod(lead), 1)
     tile_rows = 0 if scheme.granularity == "tensor" else scheme.tile(rows, cols)[0]
 
@@ -481,18 +522,23 @@ def source_of(qw: QuantizedWeight, path_of, matrix: int):
         zero_point = part(qw.zero_point, unit, qw.zp_packed)
     global_scale = part(qw.global_scale, 0) if qw.global_scale is not None else None
     return Source(str(path_of(qw.weight.name)), qw.weight.start + matrix * (qw.weight.nbytes // matrices),
-                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point, global_scale)
+                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point, global_scale, qw.transposed)
 
 
 def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
-    """(matrix index, first row, float32 rows) of w' = (q - zp) * scale, chunk by chunk."""
+    """(matrix index, first row, float32 rows) of w' = (q - zp) * scale, chunk by chunk, in the weight's own
+    orientation (a transposed weight's matrix comes whole)."""
     from .jobs import Job, close_handles, read_rows
 
     assert qw.scheme is not None
-    *lead, rows, cols = qw.shape
+    *lead, rows, cols = qw.matrix_shape
     try:
         for e in range(math.prod(lead)):
             source = source_of(qw, readers.path, e)
+            if qw.transposed:
+                job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
+                yield e, 0, np.ascontiguousarray(read_rows(job, 0, rows).T)
+                continue
             step = source.tile_rows(rows, cols)
             step = max(step, (chunk_bytes // max(source.row_bytes(cols), 1)) // step * step)
             job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)

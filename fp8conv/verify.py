@@ -171,6 +171,14 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         if matcher.first_match(qw.name):
             result.fail("structure", f"{printable(qw.name)} is quantized but the quantization_config lists it as ignored", qw.name)
     arch = Architecture.from_config(view.config)
+    if view.layout == "openai-mxfp4":
+        # Both engines quantize only the fused experts here (vLLM every experts layer, whatever the config lists):
+        # one left in high precision would be read as MXFP4 blocks that do not exist.
+        for name, info in tensors.items():
+            if arch.openai_mxfp4_expert(name, info.shape):
+                result.fail("structure", f"{printable(name)} is high precision, but vLLM reads every experts layer of "
+                            "an mxfp4 checkpoint as MXFP4 (<x>_blocks / <x>_scales)", name)
+        return
     if view.layout == "fp8conv":
         return
     for name, info in tensors.items():
@@ -254,8 +262,9 @@ def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_
         if name not in out_tensors:
             result.fail("numerics", f"{printable(name)} is in the source but missing from the output", name)
     aux = tuple("." + s for s in SCALE_SUFFIXES + AUX_SUFFIXES)
+    companions = {c for qw in view.weights.values() for c in qw.companions}
     for name in sorted(out_tensors):
-        if name not in src_tensors and not name.endswith(aux):
+        if name not in src_tensors and not name.endswith(aux) and name not in companions:
             result.fail("numerics", f"{printable(name)} is in the output but not in the source", name)
     for name in sorted(set(src_tensors) & set(out_tensors)):
         src, out = src_tensors[name], out_tensors[name]
@@ -321,7 +330,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
     found = []
     for qw in sorted(by_logical.values(), key=lambda q: q.name):
         if qw.scheme is not None:
-            found += weight_constraints(qw.name, qw.shape, qw.scheme, view.layout, options.tp, arch)
+            found += weight_constraints(qw.name, qw.matrix_shape, qw.scheme, view.layout, options.tp, arch)
     schemes: dict[str, str | None] = {}
     tensors = view.checkpoint.tensors
     for name in set(tensors) | set(by_logical):
