@@ -263,3 +263,59 @@ def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, held
     diff = np.abs(np.array(result["prompt_logprobs"]) - source_logprobs(tiny_llama))
     print(f"{label}: mean |vLLM prompt log-prob - transformers bf16| = {diff.mean():.4f}, max {diff.max():.4f}")
     assert len(result["generated"]) == 4 and diff.mean() < 0.1
+
+
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
+def test_vllm_cpu_loads_gpt_oss_openai_mxfp4_experts(tmp_path):
+    """--format mxfp4 --layout openai-mxfp4: vLLM 0.32's CPU build reads the experts as MXFP4 (its 'CPU' Mxfp4 MoE
+    backend, CPUExpertsMxfp4) and keeps them as uint8 blocks / E8M0 scales; its kernel repacks each expert's
+    codes, so the codes (nibbles) and scales are compared per expert as multisets, and the prompt log-probs
+    against transformers running the model rebuilt by `fp8conv dequantize` (the same weights in bf16)."""
+    torch = pytest.importorskip("torch")
+    from test_arch_matrix import FAMILIES
+
+    from helpers import load_all
+
+    torch.manual_seed(0)
+    source, out, deq = tmp_path / "bf16", tmp_path / "mxfp4", tmp_path / "deq"
+    FAMILIES["gpt_oss"](source)
+    run_cli("quantize", source, "-o", out, "--format", "mxfp4", "--layout", "openai-mxfp4")
+    run_cli("dequantize", out, "-o", deq)
+    dump = tmp_path / "loaded.npz"
+    result = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900,
+                            cwd=out.parent, env={**os.environ, "FP8CONV_VLLM_DUMP": str(dump)})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, f"vLLM failed: {result.stderr[-3000:]}"
+    assert "Using 'CPU' Mxfp4 MoE backend" in result.stdout + result.stderr
+    loaded = dict(np.load(dump))
+    dtypes = json.loads(str(loaded.pop("dtypes")))
+    written = load_all(out)
+
+    def nibbles(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.uint8).ravel()
+        return np.sort(np.concatenate([x & 0xF, x >> 4]))
+
+    checked = 0
+    for layer in range(2):
+        ours = f"model.layers.{layer}.mlp.experts."
+        theirs = f"model.layers.{layer}.mlp.experts.routed_experts."
+        for mine, vllm_name in (("gate_up_proj", "w13"), ("down_proj", "w2")):
+            blocks, scales = written[ours + mine + "_blocks"], written[ours + mine + "_scales"]
+            got, got_scales = loaded[theirs + vllm_name + "_weight"], loaded[theirs + vllm_name + "_weight_scale"]
+            assert dtypes[theirs + vllm_name + "_weight"] == "torch.uint8"
+            assert got.shape == (blocks.shape[0], blocks.shape[1], blocks.shape[2] * 16), got.shape
+            assert got_scales.shape == scales.shape
+            for e in range(blocks.shape[0]):
+                assert np.array_equal(nibbles(got[e]), nibbles(blocks[e])), (vllm_name, e)
+                assert not np.array_equal(nibbles(got[e]), nibbles(blocks[e - 1])), (vllm_name, e)
+                assert np.array_equal(np.sort(got_scales[e], axis=None), np.sort(scales[e], axis=None)), (vllm_name, e)
+            np.testing.assert_array_equal(loaded[theirs + vllm_name + "_bias"],
+                                          written[ours + mine + "_bias"].astype(np.float32))
+            checked += 1
+    assert checked == 4
+    logprobs = np.array(json.loads(lines[-1][len("RESULT "):])["prompt_logprobs"])
+    diff = np.abs(logprobs - source_logprobs(deq))
+    print(f"gpt_oss openai-mxfp4: mean |vLLM prompt log-prob - transformers on the dequantized model| = "
+          f"{diff.mean():.4f}, max {diff.max():.4f}; vs bf16 source {np.abs(logprobs - source_logprobs(source)).mean():.4f}")
+    assert diff.mean() < 0.05
