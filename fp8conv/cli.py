@@ -237,7 +237,8 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @scheme_options
 @click.option("--layout", type=click.Choice(LAYOUTS), default="compressed-tensors", show_default=True,
               help="compressed-tensors (<m>.weight_scale; vLLM, transformers), fp8-native (<m>.weight_scale_inv; "
-                   "DeepSeek-V3 / transformers fine-grained FP8), fp8conv (our own, for combinations no engine defines).")
+                   "DeepSeek-V3 / transformers fine-grained FP8), fp8conv (our own, for combinations no engine defines), "
+                   "openai-mxfp4 (with --format mxfp4: gpt-oss fused experts as <x>_blocks/<x>_scales, as gpt-oss ships).")
 @click.option("--ignore", multiple=True, metavar="PATTERN",
               help="Keep matching tensors in high precision. A glob must match the whole tensor name or its module "
                    "name (name without .weight); 're:REGEX' must match the whole name too. Repeatable.")

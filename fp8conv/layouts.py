@@ -152,8 +152,9 @@ class Layout:
             return
         if scheme.microscale:
             if self.name != "compressed-tensors":
+                also = f", or --layout {OPENAI_MXFP4} (gpt-oss experts)" if scheme.microscale == "mxfp4" else ""
                 raise SchemeError(f"{scheme.microscale} is written only by --layout compressed-tensors "
-                                  f"({MICROSCALE[scheme.microscale].ct_format})")
+                                  f"({MICROSCALE[scheme.microscale].ct_format}){also}")
             return
         if self.name == "fp8conv":
             if scheme.weight_only and scheme.fmt.bits < 8:
