@@ -357,6 +357,10 @@ def build_plan(
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
     arch = architecture_of(checkpoint)
+    transposed = next((qw.name for qw in source_quant.values() if qw.transposed), None)
+    if transposed is not None:
+        raise SchemeError(f"{checkpoint.root}: {printable(transposed)} is OpenAI MXFP4 (quant_method mxfp4); quantize "
+                          "does not re-quantize that form: run `fp8conv dequantize` first")
 
     def scheme_of(name: str) -> Scheme:
         """The first --scheme PATTERN matching the tensor, else the default scheme."""

@@ -226,3 +226,11 @@ def test_transformers_loads_every_expert_as_fp8conv_dequantizes_it(tmp_path):
     assert torch.equal(theirs, logits)  # same weights as the model rebuilt from `fp8conv dequantize`
     assert torch.isfinite(theirs).all()
     assert (theirs - original).abs().max().item() < 0.15 * original.abs().max().item()
+
+
+def test_quantize_refuses_an_openai_mxfp4_source(tmp_path):
+    src, out = write_gpt_oss(tmp_path / "src"), tmp_path / "q"
+    quantize(src, out)
+    result = run_cli("quantize", out, "-o", tmp_path / "again", expect=2)
+    assert "is OpenAI MXFP4 (quant_method mxfp4); quantize does not re-quantize that form" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "again").exists()
