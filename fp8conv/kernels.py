@@ -376,15 +376,25 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         if global_scale is None:
             global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
         scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
+    else:
+        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+    observed = None
+    if scheme.observer == "mse":
+        # Only the group scale codes change; the elements are then encoded as with min-max codes.
+        observed = observers.mse_microscale(ms.load_float32(weight), micro, scale_codes, global_scale)
+        scale_codes = observed.codes
+    if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
         packed = ms._encode_elements(weight, micro.group, divisor, True, "e2m1", use_compiled)
     else:
-        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
         divisor = ms.e8m0_decode(scale_codes)
         packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
                                      "e2m1" if micro.packed else "e4m3", use_compiled)
     codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
     stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+    if observed is not None:
+        stats.observed_sum_sq_err = float(observed.error.sum())
+        stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
 
 

@@ -19,6 +19,7 @@ Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Optional
 
 import numpy as np
@@ -256,3 +257,123 @@ def mse_grid(weight: np.ndarray, scheme) -> GridChoice:
     grid = scheme.scale_grid(rows, cols)
     zero = None if choice.zero is None else choice.zero.reshape(grid)
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
+
+
+# -- microscaled formats (NVFP4, MXFP4, MXFP8) -----------------------------------------------------
+# Their scales are codes (e4m3 under a float32 global scale, or E8M0 exponents), so the candidates are
+# codes next to the min-max one: the search runs on exactly what is stored, the e4m3 rounding of an
+# NVFP4 group scale included. The global scale is the min-max one (compressed-tensors' rule) and is
+# never changed. Steps are in code units; the codes of positive e4m3 values are ordered like the
+# values (1 = 2^-9 ... 126 = 448), and so are E8M0's (0 = 2^-127 ... 254 = 2^127).
+# NVFP4: two codes below min-max and six above (e4m3 steps are 1/16 to 1/8 of the value, so up to
+# 1.375-1.75x): a group scale that maps the amax to 4 instead of 6 often reconstructs a group of 16
+# better, since e2m1's top step (4 -> 6) is coarse. The range was fixed on weight error alone (the
+# squared error of all-MiniLM-L6-v2's and random Gaussian / Student-t weights: codes -4 .. +8 gain
+# nothing over -2 .. +6; -3, -4, +7, +8 are almost never chosen), never on a model's outputs.
+NVFP4_CODE_STEPS: tuple[int, ...] = (0, -1, -2, 1, 2, 3, 4, 5, 6)
+E8M0_CODE_STEPS: tuple[int, ...] = (0, -1, 1)  # the min-max exponent, -1 and +1
+_CODE_LIMITS = {"e4m3_global": (1, 126), "e8m0": (0, 254)}
+
+
+@dataclass
+class MicroChoice:
+    """Per group (row-major [rows, cols / group]): the chosen scale codes and the squared errors (float64)."""
+
+    codes: np.ndarray
+    error: np.ndarray
+    minmax_error: np.ndarray
+
+
+def code_steps_for(scale_format: str) -> tuple[int, ...]:
+    """The documented candidate steps of a microscaling scale format."""
+    return NVFP4_CODE_STEPS if scale_format == "e4m3_global" else E8M0_CODE_STEPS
+
+
+def microscale_candidates(minmax_codes: np.ndarray, scale_format: str) -> list[np.ndarray]:
+    """uint8 codes of every candidate, in search order: min-max code + step, clamped to the positive codes
+    (a clamped candidate repeats an earlier one and never wins)."""
+    low, high = _CODE_LIMITS[scale_format]
+    wide = minmax_codes.astype(np.int32)
+    return [np.clip(wide + step, low, high).astype(np.uint8) for step in code_steps_for(scale_format)]
+
+
+@lru_cache(maxsize=None)
+def _element_value_table(element: str) -> np.ndarray:
+    """float32[65536]: the element value (e2m1 or e4m3) nearest to every bf16 pattern (RNE), indexed by
+    the round-to-odd bf16 pattern of a float32 (fastcast.round_to_odd_bf16); e4m3 inputs clamped first."""
+    from . import microscale as ms
+    from .fastcast import bf16_to_code_table, code_to_float_table
+    from .formats import FORMATS
+
+    if element == "e2m1":
+        return np.take(ms.e2m1_values(), ms._bf16_to_e2m1())
+    fmt = FORMATS["fp8_e4m3"]
+    with np.errstate(invalid="ignore"):
+        return np.take(code_to_float_table(fmt), bf16_to_code_table(fmt))
+
+
+def microscale_divisors(codes: np.ndarray, scale_format: str, global_scale: Optional[float]) -> np.ndarray:
+    """float32 value each group's elements are divided by, as the kernels compute it."""
+    from . import microscale as ms
+
+    if scale_format == "e8m0":
+        return ms.e8m0_decode(codes)
+    return (ms.e4m3_decode(codes) / np.float32(global_scale)).astype(np.float32)
+
+
+def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, element: str,
+                      global_scale: Optional[float]) -> np.ndarray:
+    """float64 [n]: per group (float32 [n, group]), sum over its elements in order of (w' - w)^2.
+
+    w' = element(w / d) * d with d the group's divisor; NVFP4 divides in float32 (as its kernel),
+    MX multiplies by 2^(127 - code) (exact); e4m3 elements are clamped to +-448 first. Each difference
+    is taken in float64 (exact) and squared there; the group's sum runs over its elements in order."""
+    from . import microscale as ms
+    from .fastcast import round_to_odd_bf16
+
+    d = microscale_divisors(codes, scale_format, global_scale)
+    if scale_format == "e8m0":
+        y = tiles * ms.e8m0_reciprocal(codes)[:, None]
+    else:
+        y = tiles / d[:, None]
+    if element == "e4m3":
+        np.clip(y, -ms.E4M3_MAX, ms.E4M3_MAX, out=y)
+    recon = np.take(_element_value_table(element), round_to_odd_bf16(y))
+    recon *= d[:, None]
+    diff = recon.astype(np.float64)
+    diff -= tiles
+    diff *= diff
+    total = diff[:, 0].copy()
+    for j in range(1, diff.shape[1]):
+        total += diff[:, j]
+    return total
+
+
+def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
+                   batch_elements: int = BATCH_ELEMENTS) -> MicroChoice:
+    """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
+    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged)."""
+    group = micro.group
+    element = "e2m1" if micro.packed else "e4m3"
+    tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
+    first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
+    n = tiles.shape[0]
+    codes = first.copy()
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    batch = max(1, batch_elements // group)
+    for t0 in range(0, n, batch):
+        part = slice(t0, min(n, t0 + batch))
+        x = tiles[part]
+        candidates = microscale_candidates(first[part], micro.scale_format)
+        best = microscale_errors(x, candidates[0], micro.scale_format, element, global_scale)
+        minmax_error[part] = best
+        chosen = codes[part]
+        for cand in candidates[1:]:
+            err = microscale_errors(x, cand, micro.scale_format, element, global_scale)
+            better = err < best * (1.0 - MARGIN)
+            best = np.where(better, err, best)
+            chosen[better] = cand[better]
+        error[part] = best
+    shape = minmax_codes.shape
+    return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))

@@ -56,9 +56,6 @@ class Scheme:
         if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:
             raise SchemeError(f"unknown scale format {self.scale_format!r}")
         self._check_microscale()
-        if self.observer == "mse" and self.microscale:
-            raise SchemeError(f"--observer mse is not implemented for {self.microscale} yet (its group scales come "
-                              "from the microscaling kernels); use --observer minmax")
         if self.format == "int4" and self.activations != "none":
             raise SchemeError("int4 is weight-only (W4A16): no engine quantizes activations to int4; "
                               "use --activations none")

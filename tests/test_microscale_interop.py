@@ -219,10 +219,11 @@ def test_checkpoint_is_byte_identical_to_llm_compressor_model_free_ptq(sample, t
     assert config_a == config_b
 
 
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
-def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample, tmp_path, fmt):
+def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample, tmp_path, fmt, observer):
     """compressed-tensors' decompressor on each module and transformers' CPU load (dequantized on load)
-    give exactly `fp8conv dequantize`'s bf16 weights."""
+    give exactly `fp8conv dequantize`'s bf16 weights; with --observer mse too (only scale values differ)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -230,9 +231,10 @@ def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample
     from helpers import read_json, run_cli
 
     out, deq = tmp_path / "q", tmp_path / "dq"
-    run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", fmt, "-q")
+    run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", fmt, "--observer", observer, "-q")
     run_cli("dequantize", out, "-o", deq, "-q")
     ours, stored = _load(deq), _load(out)
+    assert read_json(out / "fp8conv.manifest.json")["scheme"].get("observer", "minmax") == observer
     config = QuantizationConfig.model_validate(read_json(out / "config.json")["quantization_config"])
     scheme = next(iter(config.config_groups.values()))
     compressor = BaseCompressor.load_from_registry(CT_FORMAT[fmt])

@@ -339,12 +339,39 @@ def test_cli_observer_mse_refuses_tensor_granularity(sample, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
-def test_cli_observer_mse_refused_for_microscale_formats(sample, tmp_path, fmt):
-    from helpers import run_cli
+def test_cli_observer_mse_on_microscale_formats(sample, tmp_path, fmt):
+    """Recorded in the manifest and config, never worse than min-max per tensor, the same tensors with
+    only scale values changed (NVFP4 global scales kept), and verify accepts the output."""
+    from helpers import load_all, read_json, run_cli
 
-    result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "o", "--format", fmt, "--observer", "mse",
-                     expect=2)
-    assert "not implemented" in result.output and fmt in result.output and not (tmp_path / "o").exists()
+    src = sample("llama-tiny")
+    outs = {}
+    for observer in ("minmax", "mse"):
+        outs[observer] = tmp_path / observer
+        run_cli("quantize", src, "-o", outs[observer], "--format", fmt, "--observer", observer, "-q")
+    group = next(iter(read_json(outs["mse"] / "config.json")["quantization_config"]["config_groups"].values()))
+    assert group["weights"]["observer"] == "mse"
+    assert read_json(outs["mse"] / "fp8conv.manifest.json")["scheme"]["observer"] == "mse"
+    group = next(iter(read_json(outs["minmax"] / "config.json")["quantization_config"]["config_groups"].values()))
+    assert group["weights"]["observer"] is None  # as llm-compressor writes it: min-max bytes unchanged
+    plain, chosen = load_all(outs["minmax"]), load_all(outs["mse"])
+    assert set(plain) == set(chosen)
+    changed = 0
+    for name in plain:
+        assert plain[name].dtype == chosen[name].dtype and plain[name].shape == chosen[name].shape, name
+        if name.endswith("weight_global_scale") or not name.endswith(("_scale", "_packed", "weight")):
+            assert plain[name].tobytes() == chosen[name].tobytes(), name
+        changed += name.endswith("weight_scale") and plain[name].tobytes() != chosen[name].tobytes()
+    if fmt != "mxfp8":
+        assert changed > 0
+    minmax_rows = {r["name"]: r for r in read_json(outs["minmax"] / "fp8conv.report.json")["tensors"]}
+    rows = [r for r in read_json(outs["mse"] / "fp8conv.report.json")["tensors"] if r["name"] in minmax_rows
+            and "rel_rms_error" in minmax_rows[r["name"]]]
+    assert len(rows) == 14  # q, k, v, o, gate, up, down of both layers
+    for r in rows:
+        assert r["minmax_rel_rms_error"] == pytest.approx(minmax_rows[r["name"]]["rel_rms_error"], rel=1e-5), r["name"]
+        assert r["rel_rms_error"] <= r["minmax_rel_rms_error"] * (1 + 1e-6), r["name"]
+    run_cli("verify", outs["mse"], "--against", src, "--engine", "transformers")
 
 
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
