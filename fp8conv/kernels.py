@@ -293,9 +293,11 @@ def quantize_2d(
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
     if scheme.observer == "mse":
-        # The observer runs in numpy whatever the backend; the numpy kernel then uses its scales.
-        _use_compiled(backend, scheme)  # an explicit backend="numba" is refused: it does not run mse
-        observed = _observe(weight, scheme, allow_nonfinite, name)
+        # The observer's candidates are evaluated by numba when it is installed (backend "auto"; the same
+        # choices as numpy's), then the numpy kernel quantizes with its scales. An explicit
+        # backend="numba" is refused: the compiled quantization kernel does not take given scales.
+        _use_compiled(backend, scheme)
+        observed = _observe(weight, scheme, allow_nonfinite, name, backend == "auto" and compiled.AVAILABLE)
     elif _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size:
         fast = _quantize_compiled(weight, scheme, tensor_scale)
         if fast is not None:
@@ -477,7 +479,8 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
                                                       int(stats[3]), int(stats[4])))
 
 
-def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str) -> "observers.GridChoice":
+def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str,
+             use_compiled: bool = False) -> "observers.GridChoice":
     """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
     ignores them)."""
     values = np.empty(weight.shape, np.float32)
@@ -487,7 +490,7 @@ def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: st
         if not allow_nonfinite:
             raise nonfinite_error(name, *count_nonfinite([weight]))
         values[~finite] = 0
-    return observers.mse_grid(values, scheme)
+    return observers.mse_grid(values, scheme, use_compiled)
 
 
 def _given_params(scales, zero_points, gr, gc, tiles):

@@ -29,6 +29,7 @@ E8M0_FACTORS: tuple[float, ...] = (1.0, 0.5, 2.0)
 MARGIN = 2.0 ** -20
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
+LANES = 8  # error sums: column c of a tile in lane c % 8 (the order both kernel paths use)
 
 # params(lo, hi) -> (scale, zero point or None), float32 [n]; the scale already rounded as stored.
 ParamsFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, Optional[np.ndarray]]"]
@@ -70,7 +71,20 @@ class _Scratch:
         reconstruct(x, scale, zero, recon)
         np.subtract(recon, x, out=recon)
         np.copyto(wide, recon)
-        return np.einsum("ij,ij->i", wide, wide)
+        np.square(wide, out=wide)
+        return lane_sums(wide)
+
+
+def lane_sums(squares: np.ndarray) -> np.ndarray:
+    """float64 [n]: per row of a float64 [n, m] array (m a multiple of LANES), its sum in the fixed order
+    the numba kernel reproduces: column c into lane c % 8, each lane sequential, the lanes added 0..7."""
+    n, m = squares.shape
+    # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
+    lanes = np.add.reduce(squares.reshape(n, m // LANES, LANES), axis=1)
+    total = lanes[:, 0].copy()
+    for lane in range(1, LANES):
+        total += lanes[:, lane]
+    return total
 
 
 def minmax(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn) -> Choice:
@@ -79,15 +93,24 @@ def minmax(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn) -> C
 
 
 def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
-        factors: tuple[float, ...] = SHRINK_FACTORS, batch_elements: int = BATCH_ELEMENTS) -> Choice:
-    """Per tile of a float32 [n, m] array, the candidate scale with the smallest squared error."""
+        factors: tuple[float, ...] = SHRINK_FACTORS, batch_elements: int = BATCH_ELEMENTS,
+        compiled_search: "Optional[Callable[..., None]]" = None) -> Choice:
+    """Per tile of a float32 [n, m] array, the candidate scale with the smallest squared error.
+
+    `compiled_search` (from `scheme_functions`): the numba evaluation of the same candidates, used
+    when given; it returns the same choices and error sums as the numpy loop, bit for bit."""
     if not factors or factors[0] != 1.0:
         raise ValueError("the first factor must be 1.0 (the min-max scale)")
     n, m = tiles.shape
     lo, hi = tile_range(tiles) if n else (np.zeros(0, np.float32), np.zeros(0, np.float32))
+    if m % LANES:  # zero columns add no error (0 reconstructs as 0 with any scale and integer zero point)
+        tiles = np.concatenate([tiles, np.zeros((n, LANES - m % LANES), np.float32)], axis=1)
+        m = tiles.shape[1]
     scale, zero = params(lo, hi)
     scale = np.array(scale, np.float32)
     zero = None if zero is None else np.array(zero, np.float32)
+    if compiled_search is not None and n:
+        return _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero)
     index = np.zeros(n, np.int32)
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
@@ -111,6 +134,28 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
                     zero[part][better] = cand_zero[better]
         error[part] = best
     return Choice(scale, zero, index, error, minmax_error)
+
+
+def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero) -> Choice:
+    n = tiles.shape[0]
+    cand_scales = np.empty((len(factors), n), np.float32)
+    cand_zeros = np.zeros((len(factors), n), np.float32)
+    cand_scales[0] = scale
+    if zero is not None:
+        cand_zeros[0] = zero
+    for k, factor in enumerate(factors[1:], start=1):
+        f = np.float32(factor)
+        cand_scales[k], cand_zero = params(lo * f, hi * f)
+        if cand_zero is not None:
+            cand_zeros[k] = cand_zero
+    index = np.zeros(n, np.int32)
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    compiled_search(np.ascontiguousarray(tiles), cand_scales, cand_zeros, zero is not None, MARGIN, index, error,
+                    minmax_error)
+    chosen = cand_scales[index, np.arange(n)]
+    chosen_zero = None if zero is None else cand_zeros[index, np.arange(n)]
+    return Choice(chosen, chosen_zero, index, error, minmax_error)
 
 
 # -- params and reconstruct of a scheme -------------------------------------------------------------
@@ -188,6 +233,35 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
     return (symmetric if scheme.symmetric else asymmetric), reconstruct
 
 
+def compiled_search_for(scheme) -> Callable[..., None]:
+    """The numba candidate evaluation bound to a resolved scheme's code range and rounding
+    (fp8conv._numba_observers.search); call only when numba is installed."""
+    from . import _numba_observers
+
+    fmt = scheme.fmt
+    lo, hi = (np.float32(v) for v in scheme.code_range)
+    if fmt.is_float:
+        drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
+    else:
+        drop, half, mask, smallest_normal, quantum = np.uint32(0), np.uint32(0), np.uint32(0), np.float32(0), np.float32(1)
+
+    def search(tiles, scales, zeros, has_zero, margin, index, error, minmax_error) -> None:
+        _numba_observers.search(tiles, scales, zeros, has_zero, lo, hi, fmt.is_float, drop, half, mask,
+                                smallest_normal, quantum, margin, index, error, minmax_error)
+
+    return search
+
+
+def _float_rounding(fmt) -> tuple[np.uint32, np.uint32, np.uint32, np.float32, np.float32]:
+    """(dropped significand bits, half - 1, keep mask, smallest normal, subnormal quantum) of an FP8 format."""
+    import ml_dtypes
+
+    info = ml_dtypes.finfo(fmt.dtype)
+    drop = 23 - int(info.nmant)
+    return (np.uint32(drop), np.uint32((1 << (drop - 1)) - 1), np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF),
+            np.float32(2.0 ** int(info.minexp)), np.float32(2.0 ** (int(info.minexp) - int(info.nmant))))
+
+
 def float_rounder(fmt) -> Callable[..., None]:
     """In place: float32 values (already within +-qmax) -> the nearest value of a float element format
     with subnormals (FP8 e4m3/e5m2), ties to even: the value of decode(encode(v)), without the tables.
@@ -195,14 +269,7 @@ def float_rounder(fmt) -> Callable[..., None]:
     Normal range: round the float32 significand to the format's mantissa bits on the bit pattern;
     below the smallest normal, the grid is uniform: rint(v / q) * q with q = 2^(emin - mantissa bits).
     """
-    import ml_dtypes
-
-    info = ml_dtypes.finfo(fmt.dtype)
-    drop = 23 - int(info.nmant)
-    half = np.uint32((1 << (drop - 1)) - 1)
-    mask = np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF)
-    smallest_normal = np.float32(2.0 ** int(info.minexp))
-    quantum = np.float32(2.0 ** (int(info.minexp) - int(info.nmant)))
+    drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
 
     def round_in_place(values: np.ndarray, aux: Optional[np.ndarray] = None, lsb: Optional[np.ndarray] = None,
                        tiny: Optional[np.ndarray] = None) -> None:
@@ -216,7 +283,7 @@ def float_rounder(fmt) -> Callable[..., None]:
         np.rint(aux, out=aux)
         aux *= quantum
         bits = values.view(np.uint32)
-        np.right_shift(bits, np.uint32(drop), out=lsb)
+        np.right_shift(bits, drop, out=lsb)
         lsb &= np.uint32(1)
         bits += half
         bits += lsb
@@ -248,12 +315,14 @@ class GridChoice:
     minmax_error: float
 
 
-def mse_grid(weight: np.ndarray, scheme) -> GridChoice:
+def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoice:
     """The mse choice for a finite float32 2-D weight under a resolved scheme.Scheme (block, channel or
-    group granularity)."""
+    group granularity); the candidates evaluated by numba when `use_compiled` (same result)."""
     rows, cols = weight.shape
     params, reconstruct = scheme_functions(scheme)
-    choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme))
+    search = compiled_search_for(scheme) if use_compiled else None
+    choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme),
+                 compiled_search=search)
     grid = scheme.scale_grid(rows, cols)
     zero = None if choice.zero is None else choice.zero.reshape(grid)
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))

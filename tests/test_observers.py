@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import observers
+from fp8conv import compiled, observers
 from fp8conv.scheme import Scheme
 from reference import QMAX, SCALE_GRID, reference_stored_scale, round_to_fp8, value_table
 
@@ -99,6 +99,12 @@ KINDS = [Kind(s) for s in SCHEMES]
 def check(tiles: np.ndarray, kind: Kind, factors=observers.SHRINK_FACTORS) -> observers.Choice:
     params, reconstruct = observers.scheme_functions(kind.scheme)
     choice = observers.mse(tiles, params, reconstruct, factors=factors)
+    if compiled.AVAILABLE:  # the numba evaluation: the same choices and error sums, bit for bit
+        fast = observers.mse(tiles, params, reconstruct, factors=factors,
+                             compiled_search=observers.compiled_search_for(kind.scheme))
+        for field in ("scale", "zero", "factor_index", "error", "minmax_error"):
+            a, b = getattr(choice, field), getattr(fast, field)
+            assert (a is None and b is None) or a.tobytes() == b.tobytes(), f"{field} of {kind}: numpy {a}, numba {b}"
     for i, tile in enumerate(tiles):
         cands = kind.candidates(tile, factors)
         errs = [kind.error(tile, s, z) for s, z in cands]
