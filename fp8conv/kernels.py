@@ -383,7 +383,8 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     observed = None
     if scheme.observer == "mse":
         # Only the group scale codes change; the elements are then encoded as with min-max codes.
-        observed = observers.mse_microscale(ms.load_float32(weight), micro, scale_codes, global_scale)
+        observed = observers.mse_microscale(ms.load_float32(weight), micro, scale_codes, global_scale,
+                                            use_compiled=ms._use_compiled(weight, use_compiled))
         scale_codes = observed.codes
     if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)

@@ -419,14 +419,17 @@ def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, e
 
 
 def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
-                   batch_elements: int = BATCH_ELEMENTS) -> MicroChoice:
+                   batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False) -> MicroChoice:
     """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
-    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged)."""
+    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged). With
+    `use_compiled`, numba evaluates the candidates (fp8conv._numba_observers; the same result)."""
     group = micro.group
     element = "e2m1" if micro.packed else "e4m3"
     tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
     first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
     n = tiles.shape[0]
+    if use_compiled and n:
+        return _mse_microscale_compiled(tiles, micro, first, element, global_scale, minmax_codes.shape)
     codes = first.copy()
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
@@ -445,4 +448,23 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
             chosen[better] = cand[better]
         error[part] = best
     shape = minmax_codes.shape
+    return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
+
+
+def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape) -> MicroChoice:
+    from . import _numba_observers
+    from .microscale import E4M3_MAX, e8m0_reciprocal
+
+    n = tiles.shape[0]
+    candidates = np.stack(microscale_candidates(first, micro.scale_format))
+    divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
+    divide = micro.scale_format != "e8m0"
+    reciprocals = divisors if divide else e8m0_reciprocal(candidates)
+    clamp = np.float32(E4M3_MAX if element == "e4m3" else 0)
+    index = np.zeros(n, np.int32)
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    _numba_observers.search_microscale(tiles, divisors, reciprocals, divide, clamp, _element_value_table(element),
+                                       MARGIN, index, error, minmax_error)
+    codes = candidates[index, np.arange(n)]
     return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
