@@ -1,18 +1,27 @@
 """Cost of the mse observer against min-max quantization of the same weight (target: mse <= 3x).
 
     PYTHONPATH=$PWD python3 bench/observer_cost.py [--rows 2048] [--cols 2048] [--repeats 5]
+    PYTHONPATH=$PWD python3 bench/observer_cost.py --checkpoint DIR [--workers 2] [--repeats 3]
 
 For each scheme: the CPU time (time.process_time: this process, one thread; robust on a shared,
 loaded machine, unlike wall time) of `kernels.quantize_2d` with min-max scales (scales + codes + error
 statistics; the numpy path and, where numba runs the scheme, the compiled path) and with the mse
 observer (backend "auto": its candidates evaluated by numba when installed, then the quantization with
-those scales; "mse numpy": the numpy reference search). Median of `--repeats` runs. End-to-end
-times are in bench/QUALITY.md.
+those scales; "mse numpy": the numpy reference search). Median of `--repeats` runs.
+
+With --checkpoint: whole `fp8conv quantize` runs of that checkpoint per scheme, min-max and mse, and
+the CPU time (user + system) of the child process and its workers, plus the wall time.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from dataclasses import replace
 
@@ -32,12 +41,54 @@ def median_time(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
+CLI_SCHEMES = {
+    "fp8-block": ["--format", "fp8_e4m3", "--granularity", "block"],
+    "int8-channel": ["--format", "int8", "--granularity", "channel"],
+    "int4-group64": ["--format", "int4", "--granularity", "group", "--group-size", "64"],
+    "nvfp4": ["--format", "nvfp4"],
+    "mxfp4": ["--format", "mxfp4"],
+    "mxfp8": ["--format", "mxfp8"],
+}
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def whole_runs(src: Path, workers: int, repeats: int) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    print(f"checkpoint {src}, --workers {workers}, median of {repeats}; load average before: {os.getloadavg()}")
+    print("| scheme | minmax CPU s | mse CPU s | mse / minmax CPU | minmax wall s | mse wall s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cli in CLI_SCHEMES.items():
+            cpu: dict[str, list[float]] = {"minmax": [], "mse": []}
+            wall: dict[str, list[float]] = {"minmax": [], "mse": []}
+            for _ in range(repeats):
+                for observer in ("minmax", "mse"):
+                    cmd = [sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", f"{tmp}/{name}-{observer}",
+                           "--overwrite", "-q", "--workers", str(workers), "--observer", observer, *cli]
+                    c0, t0 = children_cpu(), time.perf_counter()
+                    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                    wall[observer].append(time.perf_counter() - t0)
+                    cpu[observer].append(children_cpu() - c0)
+            c, w = {k: float(np.median(v)) for k, v in cpu.items()}, {k: float(np.median(v)) for k, v in wall.items()}
+            print(f"| {name} | {c['minmax']:.2f} | {c['mse']:.2f} | {c['mse'] / c['minmax']:.2f}x | {w['minmax']:.2f} "
+                  f"| {w['mse']:.2f} |", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpoint", type=Path, help="time whole conversions of this checkpoint instead")
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
+    if args.checkpoint:
+        return whole_runs(args.checkpoint, args.workers, args.repeats)
     rng = np.random.default_rng(0)
     w = (rng.standard_t(5, size=(args.rows, args.cols)) * 0.02).astype(ml_dtypes.bfloat16)
     cases = [
