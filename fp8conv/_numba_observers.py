@@ -14,7 +14,8 @@ from numba import njit
 @njit(cache=True, nogil=True, error_model="numpy")
 def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, y, y_bits):
     m = x.shape[0]
-    for c in range(m):
+    one = np.uint32(1)
+    for c in range(m):  # branch-free, so that LLVM vectorizes it
         v = x[c] / s
         if has_zero:
             v = v + z
@@ -22,12 +23,10 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
     if is_float:
         for c in range(m):
             v = y[c]
-            if abs(v) < smallest_normal:
-                y[c] = np.rint(v / quantum) * quantum
-            else:
-                b = y_bits[c]
-                b = (b + half + ((b >> drop) & np.uint32(1))) & mask
-                y_bits[c] = b
+            sub = np.rint(v / quantum) * quantum
+            b = y_bits[c]
+            y_bits[c] = (b + half + ((b >> drop) & one)) & mask
+            y[c] = sub if abs(v) < smallest_normal else y[c]
     else:
         for c in range(m):
             y[c] = np.rint(y[c])
@@ -35,9 +34,7 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
         v = y[c]
         if has_zero:
             v = v - z
-        y[c] = v * s
-    for c in range(m):
-        y[c] = y[c] - x[c]  # exact in float32 (the reconstruction is within a factor 2 of x, or 0)
+        y[c] = v * s - x[c]  # two roundings (no fused multiply-add without fastmath); the difference is exact
     l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
     for base in range(0, m, 8):
         a0, a1, a2, a3 = np.float64(y[base]), np.float64(y[base + 1]), np.float64(y[base + 2]), np.float64(y[base + 3])
