@@ -12,33 +12,37 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, y, y_bits):
+def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, y, out):
+    """Squared error of one tile under one candidate; `y` and `out` are float32 scratch rows of the tile's
+    length (separate arrays, simple loops: LLVM vectorizes them)."""
     m = x.shape[0]
     one = np.uint32(1)
-    for c in range(m):  # branch-free, so that LLVM vectorizes it
+    for c in range(m):
         v = x[c] / s
         if has_zero:
             v = v + z
         y[c] = max(min(v, hi), lo)
     if is_float:
+        y_bits, out_bits = y.view(np.uint32), out.view(np.uint32)
         for c in range(m):
-            v = y[c]
-            sub = np.rint(v / quantum) * quantum
             b = y_bits[c]
-            y_bits[c] = (b + half + ((b >> drop) & one)) & mask
-            y[c] = sub if abs(v) < smallest_normal else y[c]
+            out_bits[c] = (b + half + ((b >> drop) & one)) & mask
+        for c in range(m):  # below the smallest normal the grid is uniform
+            v = y[c]
+            if abs(v) < smallest_normal:
+                out[c] = np.rint(v / quantum) * quantum
     else:
         for c in range(m):
-            y[c] = np.rint(y[c])
+            out[c] = np.rint(y[c])
     for c in range(m):
-        v = y[c]
+        v = out[c]
         if has_zero:
             v = v - z
-        y[c] = v * s - x[c]  # two roundings (no fused multiply-add without fastmath); the difference is exact
+        out[c] = v * s - x[c]  # two roundings (no fused multiply-add without fastmath); the difference is exact
     l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
     for base in range(0, m, 8):
-        a0, a1, a2, a3 = np.float64(y[base]), np.float64(y[base + 1]), np.float64(y[base + 2]), np.float64(y[base + 3])
-        a4, a5, a6, a7 = np.float64(y[base + 4]), np.float64(y[base + 5]), np.float64(y[base + 6]), np.float64(y[base + 7])
+        a0, a1, a2, a3 = np.float64(out[base]), np.float64(out[base + 1]), np.float64(out[base + 2]), np.float64(out[base + 3])
+        a4, a5, a6, a7 = np.float64(out[base + 4]), np.float64(out[base + 5]), np.float64(out[base + 6]), np.float64(out[base + 7])
         l0 += a0 * a0
         l1 += a1 * a1
         l2 += a2 * a2
@@ -59,16 +63,16 @@ def search(tiles, scales, zeros, has_zero, lo, hi, is_float, drop, half, mask, s
     n, m = tiles.shape
     k_count = scales.shape[0]
     y = np.empty(m, np.float32)
-    y_bits = y.view(np.uint32)
+    out = np.empty(m, np.float32)
     for i in range(n):
         x = tiles[i]
         best = _tile_error(x, scales[0, i], zeros[0, i], has_zero, lo, hi, is_float, drop, half, mask,
-                           smallest_normal, quantum, y, y_bits)
+                           smallest_normal, quantum, y, out)
         minmax_error[i] = best
         chosen = 0
         for k in range(1, k_count):
             err = _tile_error(x, scales[k, i], zeros[k, i], has_zero, lo, hi, is_float, drop, half, mask,
-                              smallest_normal, quantum, y, y_bits)
+                              smallest_normal, quantum, y, out)
             if err < best * (1.0 - margin):
                 best = err
                 chosen = k
