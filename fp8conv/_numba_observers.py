@@ -81,43 +81,40 @@ def search(tiles, scales, zeros, has_zero, lo, hi, is_float, drop, half, mask, s
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _group_error(x, d, r, divide, clamp, table, y, y_bits):
-    """sum over the group, in order, of (float64(element(x / d or x * r) * d) - float64(x))^2."""
-    m = x.shape[0]
-    for c in range(m):
-        v = x[c] / d if divide else x[c] * r
-        if clamp > 0:
-            v = max(min(v, clamp), -clamp)
-        y[c] = v
-    acc = 0.0
-    for c in range(m):
-        b = y_bits[c]
-        index = (b >> np.uint32(16)) | (((b & np.uint32(0xFFFF)) + np.uint32(0xFFFF)) >> np.uint32(16))
-        recon = table[index] * d
-        diff = np.float64(recon) - np.float64(x[c])
-        acc += diff * diff
-    return acc
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
 def search_microscale(tiles, divisors, reciprocals, divide, clamp, table, margin, index, error, minmax_error):
     """tiles float32 [n, group]; divisors / reciprocals float32 [K, n] of every candidate scale code
     (candidate 0 the min-max one); `table` float32[65536]: the element value of each round-to-odd bf16
     pattern. Per group: index of the candidate with the smallest squared error (a later one wins only
     when smaller by more than the relative margin), its error and candidate 0's; the arithmetic of
-    observers.microscale_errors, element for element."""
+    observers.microscale_errors, element for element, each candidate's sum in element order (the
+    candidates' sums advance together: independent chains the CPU overlaps)."""
     n, m = tiles.shape
-    y = np.empty(m, np.float32)
-    y_bits = y.view(np.uint32)
+    k_count = divisors.shape[0]
+    acc = np.empty(k_count, np.float64)
+    one = np.empty(1, np.float32)
+    one_bits = one.view(np.uint32)
     for i in range(n):
         x = tiles[i]
-        best = _group_error(x, divisors[0, i], reciprocals[0, i], divide, clamp, table, y, y_bits)
+        for k in range(k_count):
+            acc[k] = 0.0
+        for c in range(m):
+            xc = x[c]
+            for k in range(k_count):
+                d = divisors[k, i]
+                v = xc / d if divide else xc * reciprocals[k, i]
+                if clamp > 0:
+                    v = max(min(v, clamp), -clamp)
+                one[0] = v
+                b = one_bits[0]
+                pattern = (b >> np.uint32(16)) | (((b & np.uint32(0xFFFF)) + np.uint32(0xFFFF)) >> np.uint32(16))
+                diff = np.float64(table[pattern] * d) - np.float64(xc)
+                acc[k] += diff * diff
+        best = acc[0]
         minmax_error[i] = best
         chosen = 0
-        for k in range(1, divisors.shape[0]):
-            err = _group_error(x, divisors[k, i], reciprocals[k, i], divide, clamp, table, y, y_bits)
-            if err < best * (1.0 - margin):
-                best = err
+        for k in range(1, k_count):
+            if acc[k] < best * (1.0 - margin):
+                best = acc[k]
                 chosen = k
         index[i] = chosen
         error[i] = best
