@@ -72,9 +72,10 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
 
 
 def _describe(scheme: dict) -> str:
+    observed = f", {scheme['observer']} observer" if scheme.get("observer", "minmax") != "minmax" else ""
     if scheme.get("microscale"):
         return (f"{scheme['microscale']} ({scheme['format']} group {scheme['group_size']}, "
-                f"{scheme['scale_format']} scales) weight-only")
+                f"{scheme['scale_format']} scales) weight-only{observed}")
     text = f"{scheme['format']} {scheme['granularity']}"
     if scheme.get("block_size"):
         text += " " + "x".join(map(str, scheme["block_size"]))
@@ -84,7 +85,7 @@ def _describe(scheme: dict) -> str:
         text += " asymmetric"
     if scheme.get("activations") == "none":
         text += " weight-only"
-    return text
+    return text + observed
 
 
 def dry_run_plan(plan) -> str:

@@ -154,8 +154,10 @@ class Scheme:
         return (*lead, *self.scale_grid(rows, cols))
 
     def describe(self) -> str:
+        observed = f", {self.observer} observer" if self.observer != "minmax" else ""
         if self.microscale:
-            return f"{self.microscale} ({self.format} group {self.group_size}, {self.scale_format} scales) weight-only"
+            return (f"{self.microscale} ({self.format} group {self.group_size}, {self.scale_format} scales) "
+                    f"weight-only{observed}")
         if self.granularity == "block":
             text = f"{self.format} block {self.block_size[0]}x{self.block_size[1]}"
         elif self.granularity == "group":
@@ -166,9 +168,7 @@ class Scheme:
             text += " asymmetric"
         if self.weight_only:
             text += " weight-only"
-        if self.observer != "minmax":
-            text += f", {self.observer} observer"
-        return text
+        return text + observed
 
     def to_json(self) -> dict:
         data = {

@@ -215,3 +215,12 @@ def test_tiny_group_scales_and_large_outliers():
     w[1, 3] = 30.0
     for fmt in ("nvfp4", "mxfp4", "mxfp8"):
         check(w, fmt)
+
+
+def test_scheme_names_the_observer():
+    from fp8conv.render import _describe
+
+    scheme = replace(microscale_scheme("nvfp4"), observer="mse")
+    assert scheme.describe().endswith("weight-only, mse observer")
+    assert _describe(scheme.to_json()) == scheme.describe()
+    assert "observer" not in microscale_scheme("nvfp4").describe()
