@@ -151,10 +151,11 @@ def _bits_to_float(bits):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats):
+def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given):
     """Quantize src[rows, cols] (bf16 bits as uint16, or float32) into uint8 codes + scale grid.
 
-    fixed_scale > 0 means one given scale (tensor granularity). kind: 0 e4m3, 1 e5m2, 2 int8
+    fixed_scale > 0 means one given scale (tensor granularity); given=True means `scales` already
+    holds the grid (the mse observer's choice) and is only read. kind: 0 e4m3, 1 e5m2, 2 int8
     (compiled.KIND). Returns True when a band holds NaN/Inf or the kind is unknown: then nothing is
     valid and the caller takes the numpy path.
     """
@@ -182,6 +183,8 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
         for t in range(n_tiles):
             if amax_bits[t] >= _NONFINITE:
                 return True
+            if given:
+                continue
             if fixed_scale > 0:
                 grid_row[t] = fixed_scale
             elif amax_bits[t] == 0:

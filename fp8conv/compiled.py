@@ -31,10 +31,10 @@ KIND = {"fp8_e4m3": 0, "fp8_e5m2": 1, "int8": 2}
 
 
 def supports(scheme) -> bool:
-    """Symmetric schemes over the restricted range [-qmax, qmax] with float32 min-max scales, in a known
-    format (the mse observer's scales come from numpy; the numpy kernel then quantizes with them)."""
+    """Symmetric schemes over the restricted range [-qmax, qmax] with float32 scales, in a known format
+    (min-max scales computed by the kernel, or the mse observer's scales given to it)."""
     return (scheme.format in KIND and scheme.symmetric and not scheme.full_range
-            and scheme.scale_format == "float32" and scheme.observer == "minmax")
+            and scheme.scale_format == "float32")
 
 
 def kind_of(scheme) -> int:
@@ -108,7 +108,7 @@ def preload(skip_scipy: bool = False) -> None:
     try:
         tile = np.zeros((1, 1), np.uint16)
         quantize_chunk(tile, True, 1, 1, np.float32(0), np.float32(448), 0, np.empty((1, 1), np.uint8),
-                       np.empty((1, 1), np.float32), np.zeros(5))
+                       np.empty((1, 1), np.float32), np.zeros(5), False)
     finally:
         if skip_scipy and saved is absent:
             del sys.modules["scipy"]

@@ -292,13 +292,18 @@ def quantize_2d(
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
+    use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size
     if scheme.observer == "mse":
-        # The observer's candidates are evaluated by numba when it is installed (backend "auto"; the same
-        # choices as numpy's), then the numpy kernel quantizes with its scales. An explicit
-        # backend="numba" is refused: the compiled quantization kernel does not take given scales.
-        _use_compiled(backend, scheme)
-        observed = _observe(weight, scheme, allow_nonfinite, name, backend == "auto" and compiled.AVAILABLE)
-    elif _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size:
+        # The observer's candidates are evaluated by numba when it is installed (the same choices as
+        # numpy's); the weight is then quantized with its scales, by the compiled kernel where it runs
+        # the scheme (the same codes and statistics as the numpy kernel's), else by numpy.
+        observed = _observe(weight, scheme, allow_nonfinite, name, backend != "numpy" and compiled.AVAILABLE)
+        if use_compiled:
+            fast = _quantize_compiled(weight, scheme, None, observed.scale)
+            if fast is not None:
+                fast.stats.observed_sum_sq_err, fast.stats.minmax_sum_sq_err = observed.error, observed.minmax_error
+                return fast
+    elif use_compiled:
         fast = _quantize_compiled(weight, scheme, tensor_scale)
         if fast is not None:
             return fast
@@ -455,9 +460,10 @@ def _use_compiled(backend: str, scheme: Scheme) -> bool:
     return supported
 
 
-def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None) -> QuantizedTensor | None:
-    """The numba path (tensor_scale given for tensor granularity); None when the weight holds NaN/Inf
-    (the numpy path maps them)."""
+def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
+                       given_scales: np.ndarray | None = None) -> QuantizedTensor | None:
+    """The numba path (tensor_scale given for tensor granularity; given_scales: the scale grid to use, the
+    mse observer's); None when the weight holds NaN/Inf (the numpy path maps them)."""
     fmt = scheme.fmt
     rows, cols = weight.shape
     if scheme.granularity == "tensor":
@@ -468,11 +474,12 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     src = np.ascontiguousarray(weight)
     src = src.view(np.uint16) if src.dtype == _BF16 else src.astype(np.float32, copy=False)
     codes = np.empty((rows, cols), fmt.dtype)
-    scales = np.empty(grid, np.float32)
+    given = given_scales is not None
+    scales = np.array(given_scales, np.float32, order="C") if given else np.empty(grid, np.float32)
     stats = np.zeros(5)
     fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
     if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
-                               compiled.kind_of(scheme), codes.view(np.uint8), scales, stats):
+                               compiled.kind_of(scheme), codes.view(np.uint8), scales, stats, given):
         return None
     if scheme.granularity == "tensor":
         scales = scales[:1, :1].copy()
