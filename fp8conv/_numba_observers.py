@@ -39,6 +39,9 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
         if has_zero:
             v = v - z
         out[c] = v * s - x[c]  # two roundings (no fused multiply-add without fastmath); the difference is exact
+    # The same eight-lane sum as _numba_microscale._lane_sum, written here on purpose: numba's disk cache
+    # is invalidated only by edits to the file holding a function, so calling another module's njit
+    # function could run a stale cached copy of it after that module changes.
     l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
     for base in range(0, m, 8):
         a0, a1, a2, a3 = np.float64(out[base]), np.float64(out[base + 1]), np.float64(out[base + 2]), np.float64(out[base + 3])
