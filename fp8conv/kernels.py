@@ -292,7 +292,7 @@ def quantize_2d(
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
-    use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size
+    use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size > 0
     if scheme.observer == "mse":
         # The observer's candidates are evaluated by numba when it is installed (the same choices as
         # numpy's); the weight is then quantized with its scales, by the compiled kernel where it runs

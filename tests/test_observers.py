@@ -287,19 +287,29 @@ COMPILED_MSE = [s for s in WIRED if s.format in ("fp8_e4m3", "fp8_e5m2", "int8")
 
 @pytest.mark.parametrize("scheme", COMPILED_MSE, ids=[s.describe() for s in COMPILED_MSE])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_numba_kernel_with_mse_scales_equals_numpy(scheme, dtype):
+def test_numba_kernel_with_mse_scales_equals_numpy(scheme, dtype, monkeypatch):
     """The compiled kernel given the observer's scales writes the numpy kernel's codes and statistics."""
     import ml_dtypes
     from fp8conv import compiled, kernels
 
     if not compiled.AVAILABLE:
         pytest.skip("numba not installed")
+    calls = []
+    kernel = compiled.quantize_chunk
+
+    def spy(*args):
+        calls.append(args[-1])  # `given`: the observer's scales were handed to the kernel
+        return kernel(*args)
+
+    monkeypatch.setattr(compiled, "quantize_chunk", spy)
     rng = np.random.default_rng(5)
     w = (rng.standard_t(3, size=(40, 72)) * 0.05).astype(np.float32)
     w[3, 5] = 0.0
     w = w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
     fast = kernels.quantize_array(w, scheme, backend="numba")
+    assert calls == [True], "the compiled kernel did not quantize with the given scales"
     ref = kernels.quantize_array(w, scheme, backend="numpy")
+    assert calls == [True]
     assert fast.codes.tobytes() == ref.codes.tobytes()
     assert fast.scales.tobytes() == ref.scales.tobytes()
     assert fast.stats == ref.stats
