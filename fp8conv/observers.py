@@ -5,16 +5,25 @@ Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes
 - `minmax` (the default everywhere): the scale comes from the tile's range, e.g. amax / qmax.
 - `mse`: for each tile, among the documented candidates below, the scale (and zero point) whose
   reconstruction has the smallest squared error  sum((dequant(quant(x)) - x)^2)  over the tile.
-  Candidates are the min-max range shrunk by `factors` (`SHRINK_FACTORS`: 1.00, 0.99, ..., 0.80,
-  the grid of llm-compressor's MSE observer with squared error); each shrunk range goes through the
-  same scale function as min-max, so the stored rounding of the scale (bf16, fp16, e4m3, E8M0) is
-  applied to every candidate before it is evaluated, and asymmetric schemes get the zero point of
-  the shrunk range. Scales stored as powers of two use `E8M0_FACTORS` (the min-max exponent and
-  +-1). Factor 1.0 comes first and is the min-max scale itself, so `mse` is never worse than
-  min-max: a candidate replaces the best one only when its error is smaller by more than `MARGIN`
-  (relative; errors are summed in float64 from exact float32 differences, so this is far above
-  their rounding). Ties keep the larger scale. Deterministic: the same input gives the same
-  scales on every path and for any chunking into tiles.
+  Candidates are the min-max range shrunk by `factors` (`SHRINK_FACTORS`: 1.00, 0.99, ..., 0.90);
+  each shrunk range goes through the same scale function as min-max, so the stored rounding of the
+  scale (bf16, fp16, e4m3) is applied to every candidate before it is evaluated, and asymmetric
+  schemes get the zero point of the shrunk range. Factor 1.0 comes first and is the min-max scale
+  itself, so `mse` is never worse than min-max: a candidate replaces the best one only when its error
+  is smaller by more than `MARGIN` (relative; errors are summed in float64 from exact float32
+  differences, so this is far above their rounding). Ties keep the larger scale. Deterministic: the
+  same input gives the same scales on every path and for any chunking into tiles.
+  Why the shrink stops at 0.90 (llm-compressor's grid goes to 0.81 / 0.80): on SmolLM2-135M and a
+  development text (LGPL-2.1, never the evaluation text), INT4 group-64 KL to the source model was
+  0.392 with 1.00 ... 0.80 and 0.359 with 1.00 ... 0.90 (min-max 0.422), although the squared weight
+  error is lower with the longer grid: a shrink below 0.90 lowers the squared error of a tile by
+  clipping its few largest weights, which the model's outputs pay for (bench/QUALITY.md).
+- Scales stored as powers of two (E8M0: MXFP4, MXFP8) keep the min-max exponent (`E8M0_FACTORS`,
+  `E8M0_CODE_STEPS`), so `mse` writes min-max's scales there. One exponent up never lowers the squared
+  error (min-max maps a group's amax below e2m1's 7 / e4m3's 448, and within that range the coarser
+  grid is a subset of min-max's); one exponent down does in some groups, by clipping their largest
+  elements (an MXFP4 amax lands on 7 .. 14, stored as 6), and on the development text it raised
+  MXFP4's KL from 0.382 (min-max) to 0.403.
 """
 from __future__ import annotations
 
@@ -24,8 +33,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(21))
-E8M0_FACTORS: tuple[float, ...] = (1.0, 0.5, 2.0)
+SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(11))  # 1.00 ... 0.90
+E8M0_FACTORS: tuple[float, ...] = (1.0,)  # the min-max exponent only (module docstring)
 MARGIN = 2.0 ** -20
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
@@ -161,7 +170,7 @@ def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero) 
 # -- params and reconstruct of a scheme -------------------------------------------------------------
 
 def factors_for(scheme) -> tuple[float, ...]:
-    """The candidate set of a scheme: +-1 exponent for power-of-two (E8M0) scales, else SHRINK_FACTORS."""
+    """The candidate set of a scheme: the min-max exponent for power-of-two (E8M0) scales, else SHRINK_FACTORS."""
     return E8M0_FACTORS if scheme.scale_format == "e8m0" else SHRINK_FACTORS
 
 
@@ -340,7 +349,7 @@ def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoi
 # squared error of all-MiniLM-L6-v2's and random Gaussian / Student-t weights: codes -4 .. +8 gain
 # nothing over -2 .. +6; -3, -4, +7, +8 are almost never chosen), never on a model's outputs.
 NVFP4_CODE_STEPS: tuple[int, ...] = (0, -1, -2, 1, 2, 3, 4, 5, 6)
-E8M0_CODE_STEPS: tuple[int, ...] = (0, -1, 1)  # the min-max exponent, -1 and +1
+E8M0_CODE_STEPS: tuple[int, ...] = (0,)  # the min-max exponent only (module docstring: -1 raised KL)
 _CODE_LIMITS = {"e4m3_global": (1, 126), "e8m0": (0, 254)}
 
 

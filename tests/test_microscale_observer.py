@@ -21,7 +21,7 @@ from test_microscale import BF16, GRID, ref_e2m1_code, ref_e8m0_code, ref_global
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 # The documented candidate sets, restated: steps in stored-code units from the min-max code.
 NVFP4_STEPS = [0, -1, -2, 1, 2, 3, 4, 5, 6]
-E8M0_STEPS = [0, -1, 1]
+E8M0_STEPS = [0]  # the min-max exponent only (observers.py: one down raised KL, one up never helps)
 GROUP = {"nvfp4": 16, "mxfp4": 32, "mxfp8": 32}
 MARGIN = 2.0 ** -20
 
@@ -121,10 +121,10 @@ def test_mse_is_the_brute_force_best_and_never_worse_than_minmax(fmt, dtype):
     q = check(w, fmt)
     minmax = quantize_microscale(w, microscale_scheme(fmt), q.global_scale, backend="numpy")
     assert q.scales[0, 0] == minmax.scales[0, 0]
-    if fmt != "mxfp8":  # 4 bits: some groups must gain on heavy-tailed weights
+    if fmt == "nvfp4":  # some groups must gain on heavy-tailed weights
         assert q.stats.sum_sq_err < minmax.stats.sum_sq_err * 0.99
-    else:
-        assert q.stats.sum_sq_err <= minmax.stats.sum_sq_err
+    else:  # E8M0: the min-max exponent, the same bytes
+        assert q.scales.tobytes() == minmax.scales.tobytes() and q.codes.tobytes() == minmax.codes.tobytes()
 
 
 @settings(max_examples=25, deadline=None)
@@ -152,17 +152,35 @@ def test_group_on_the_minmax_grid_keeps_the_minmax_scale(fmt):
     assert q.scales.tobytes() == minmax.scales.tobytes()
 
 
-def test_mxfp4_group_where_clipping_helps_gets_a_smaller_scale():
+def test_mxfp4_keeps_the_minmax_exponent_even_where_clipping_lowers_the_squared_error():
     """31 elements of 0.06 and one of 1.0. Min-max: exponent 2^-2, the 0.06 flush to 0 (0.24 < 0.25), error
-    31 * 0.06^2 = 0.1116. One exponent down (2^-3): 0.48 -> 0.5 (0.0625, error 31 * 0.0025^2) and the
-    1.0 clips to 6 * 2^-3 = 0.75 (error 0.0625): 0.0627 in all, so the scale halves."""
+    31 * 0.06^2 = 0.1116. One exponent down (2^-3) would clip the 1.0 to 0.75 for a total of 0.0627, but
+    E8M0 scales keep the min-max exponent (documented: clipping the largest elements raised KL)."""
     w = np.full((1, 32), 0.06, np.float32)
     w[0, 5] = 1.0
     q = check(w, "mxfp4")
     minmax = quantize_microscale(w, microscale_scheme("mxfp4"), None, backend="numpy")
-    assert int(q.scales[0, 0]) == int(minmax.scales[0, 0]) - 1 == 127 - 3
+    assert int(q.scales[0, 0]) == int(minmax.scales[0, 0]) == 127 - 2
     assert q.stats.minmax_sum_sq_err == pytest.approx(31 * (0.06 - 0.0) ** 2, rel=1e-6)
-    assert q.stats.observed_sum_sq_err == pytest.approx(31 * (0.0625 - 0.06) ** 2 + 0.25 ** 2, rel=1e-6)
+    assert q.stats.observed_sum_sq_err == q.stats.minmax_sum_sq_err
+    down = group_error(w[0].astype(np.float64), "mxfp4", 2.0 ** -3, None)
+    assert down == pytest.approx(31 * (0.0625 - 0.06) ** 2 + 0.25 ** 2, rel=1e-6) and down < q.stats.minmax_sum_sq_err
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), df=st.sampled_from([1.5, 3.0, 30.0]), log_scale=st.floats(-12, 4),
+       fmt=st.sampled_from(["mxfp4", "mxfp8"]))
+def test_one_exponent_up_never_lowers_the_squared_error(seed, df, log_scale, fmt):
+    """Why +1 is not a candidate: for every group, the coarser grid's error is at least min-max's."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_t(df, size=(4, 32)) * 10.0 ** log_scale).astype(np.float32).astype(BF16)
+    x = w.astype(np.float64)
+    for row in x:
+        code = ref_e8m0_code(float(np.abs(row).max()), 2 if fmt == "mxfp4" else 8)
+        if code >= 254:
+            continue
+        at = group_error(row, fmt, 2.0 ** (code - 127), None)
+        assert group_error(row, fmt, 2.0 ** (code + 1 - 127), None) >= at, (fmt, row)
 
 
 def test_nvfp4_group_whose_amax_belongs_on_four_gets_a_larger_scale():
@@ -206,7 +224,7 @@ def test_nvfp4_candidates_cover_subnormal_and_top_codes():
     assert got[:, 1].tolist() == [1, 1, 1, 2, 3, 4, 5, 6, 7]
     assert got[:, 2].tolist() == [60 + s for s in NVFP4_STEPS]
     e8 = np.stack(observers.microscale_candidates(np.array([0, 254, 100], np.uint8), "e8m0"))
-    assert e8.T.tolist() == [[0, 0, 1], [254, 253, 254], [100, 99, 101]]
+    assert e8.T.tolist() == [[0], [254], [100]]
 
 
 def test_tiny_group_scales_and_large_outliers():

@@ -1,0 +1,200 @@
+"""Development harness for the mse observer's candidate sets (not CI, not the evaluation).
+
+Evaluates observer variants on SmolLM2-135M in one process: the source model's next-token
+log-probs on a DEVELOPMENT text are computed once; each variant's dequantized weights
+(dequant(quant(w)) with the variant's scales, the observer's own reconstruction, which is the
+kernels' arithmetic) are swapped into a float32 copy of the model and KL(source || variant) per
+token is measured as in bench/quality.py. Used to choose candidate sets without looking at the
+evaluation text (GPL-3):
+
+    PYTHONPATH=$PWD python3 bench/observer_dev.py --text /usr/share/common-licenses/LGPL-2.1 \
+        --variants int4:minmax,int4:shipped,...
+
+A variant is scheme:name; see VARIANTS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from fp8conv import observers  # noqa: E402
+from fp8conv import microscale as ms  # noqa: E402
+from fp8conv.kernels import _resolved  # noqa: E402
+from fp8conv.scheme import Scheme, microscale_scheme  # noqa: E402
+
+BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
+SCHEMES = {
+    "int4": lambda: Scheme(format="int4", granularity="group", group_size=64, scale_format="source"),
+    "fp8": lambda: Scheme(format="fp8_e4m3", granularity="block", block_size=(128, 128)),
+    "int8": lambda: Scheme(format="int8", granularity="channel"),
+}
+SHRINK = observers.SHRINK_FACTORS
+
+
+def _lp_error(p: float):
+    def error(self, x, reconstruct, scale, zero):
+        n = x.shape[0]
+        recon = self.recon[:n]
+        reconstruct(x, scale, zero, recon)
+        d = np.abs(recon.astype(np.float64) - x)
+        return (d ** p).sum(axis=1)
+    return error
+
+
+def grid_recon(weight: np.ndarray, scheme, factors, p: float | None) -> np.ndarray:
+    """float32 dequant(quant(weight)) with the observer's choice among `factors` (objective |d|^p)."""
+    import ml_dtypes
+
+    scheme = _resolved(scheme, np.dtype(ml_dtypes.bfloat16))
+    rows, cols = weight.shape
+    tr, tc = scheme.tile(rows, cols)
+    params, reconstruct = observers.scheme_functions(scheme)
+    tiles = observers.tiles_of(weight, (tr, tc))
+    saved = observers._Scratch.error
+    if p is not None:
+        observers._Scratch.error = _lp_error(p)
+    try:
+        choice = observers.mse(tiles, params, reconstruct, tuple(factors))
+    finally:
+        observers._Scratch.error = saved
+    out = np.empty_like(tiles)
+    for t0 in range(0, tiles.shape[0], 4096):
+        part = slice(t0, t0 + 4096)
+        reconstruct(tiles[part], choice.scale[part], None if choice.zero is None else choice.zero[part], out[part])
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    full = out.reshape(gr, gc, tr, tc).transpose(0, 2, 1, 3).reshape(gr * tr, gc * tc)
+    return np.ascontiguousarray(full[:rows, :cols])
+
+
+def mx_recon(weight: np.ndarray, steps, p: float | None, element: str = "e2m1", margin: float = 0.0) -> np.ndarray:
+    """MXFP4 (group 32, E8M0): the choice among min-max exponent + steps, objective |d|^p (2 if None)."""
+    group = 32
+    tiles = weight.reshape(-1, group)
+    amax = np.abs(tiles).max(axis=1)
+    first = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if element == "e2m1" else ms.EMAX_E4M3)
+    table = observers._element_value_table(element)
+    from fp8conv.fastcast import round_to_odd_bf16
+
+    def recon_of(codes):
+        y = tiles * ms.e8m0_reciprocal(codes)[:, None]
+        if element == "e4m3":
+            y = np.clip(y, -ms.E4M3_MAX, ms.E4M3_MAX)
+        return np.take(table, round_to_odd_bf16(y)) * ms.e8m0_decode(codes)[:, None]
+
+    def err(r):
+        d = np.abs(r.astype(np.float64) - tiles)
+        return (d ** (p or 2.0)).sum(axis=1)
+
+    best_codes = first.copy()
+    best = err(recon_of(first))
+    rounded_up = amax * ms.e8m0_reciprocal(first) < (4 if element == "e2m1" else 256)  # min-max leaves e2m1's 6 unused
+    for step in steps:
+        cand = np.clip(first.astype(np.int32) + (step if step != "rup" else -1), 0, 254).astype(np.uint8)
+        if step == "rup":
+            cand = np.where(rounded_up, cand, first)
+        e = err(recon_of(cand))
+        better = e < best * (1.0 - max(margin, observers.MARGIN))
+        best = np.where(better, e, best)
+        best_codes[better] = cand[better]
+    return recon_of(best_codes).reshape(weight.shape).astype(np.float32)
+
+
+def variant_recon(spec: str, weight: np.ndarray) -> np.ndarray:
+    scheme_name, name = spec.split(":")
+    p = None
+    if "@p" in name:
+        name, ptext = name.split("@p")
+        p = float(ptext)
+    margin = 0.0
+    if "%" in name:
+        name, mtext = name.split("%")
+        margin = float(mtext) / 100
+    if scheme_name in ("mx", "mx8"):
+        steps = {"minmax": (), "shipped": (-1, 1), "up": (1,), "up2": (1, 2), "rup": ("rup",), "rupup": ("rup", 1)}[name]
+        return mx_recon(weight, steps, p, "e2m1" if scheme_name == "mx" else "e4m3", margin)
+    scheme = SCHEMES[scheme_name]()
+    if name == "minmax":
+        factors = (1.0,)
+    elif name == "shipped":
+        factors = SHRINK
+    elif name.startswith("shrink"):  # shrinkN: 1.00 .. 1-N/100
+        k = int(name[6:])
+        factors = tuple(round(1.0 - i / 100, 2) for i in range(k + 1))
+    elif name.startswith("exp"):  # expK_N: shrink to N, plus expansion up to 1+K/100 by 0.01
+        a, b = name[3:].split("_")
+        factors = tuple(round(1.0 - i / 100, 2) for i in range(int(b) + 1)) + tuple(
+            round(1.0 + i / 100, 2) for i in range(1, int(a) + 1))
+    elif name.startswith("int4q"):  # qmax-aware: also amax/7 (7.5/7) and shrink to N
+        k = int(name[5:])
+        factors = tuple(round(1.0 - i / 100, 2) for i in range(k + 1)) + (7.5 / 7,)
+    else:
+        raise SystemExit(f"unknown variant {spec}")
+    return grid_recon(weight, scheme, factors, p)
+
+
+def main() -> None:
+    import torch
+    from quality import DecoderEval, smollm2_source
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--text", type=Path, required=True)
+    parser.add_argument("--variants", required=True)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "observer_dev.json")
+    args = parser.parse_args()
+    if args.text.resolve() == Path("/usr/share/common-licenses/GPL-3").resolve():
+        raise SystemExit("GPL-3 is the evaluation text: develop on another one")
+    torch.set_num_threads(2)
+    src = smollm2_source()
+    ev = DecoderEval(src, args.text)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    params = {n: p for n, p in ev.model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in targets}
+    source = {n: p.detach().clone() for n, p in params.items()}
+    modules = {n[: -len(".weight")] for n in params}
+    results = json.loads(args.json.read_text()) if args.json.exists() else []
+    for spec in args.variants.split(","):
+        t0 = time.time()
+        for n, p in params.items():
+            w = source[n].numpy()
+            p.data.copy_(torch.from_numpy(variant_recon(spec, w)))
+        tq = time.time() - t0
+        metrics = _evaluate(ev, modules, source)
+        row = {"text": args.text.name, "variant": spec, "quantize_s": round(tq, 1), **metrics}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+        for n, p in params.items():
+            p.data.copy_(source[n])
+
+
+def _evaluate(ev, modules, source) -> dict:
+    import torch
+
+    kl = nll = agree = count = 0.0
+    for window, ref in zip(ev.windows, ev.ref_logp):
+        logp = ev._logp(ev.model, window)
+        kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
+        nll -= float(logp.gather(1, window[1:, None]).sum(dtype=torch.float64))
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        count += ref.shape[0]
+    num = den = 0.0
+    for name, param in ev.model.named_parameters():
+        if name in source:
+            w = source[name].double()
+            num += float(((param.detach().double() - w) ** 2).sum())
+            den += float((w ** 2).sum())
+    return {"kl": kl / count, "ppl": float(np.exp(nll / count)), "top1": agree / count,
+            "weight_rel_rms": (num / den) ** 0.5}
+
+
+if __name__ == "__main__":
+    main()
