@@ -31,7 +31,6 @@ from fp8conv import microscale as ms  # noqa: E402
 from fp8conv.kernels import _resolved  # noqa: E402
 from fp8conv.scheme import Scheme, microscale_scheme  # noqa: E402
 
-BF16 = np.dtype("bfloat16") if hasattr(np, "bfloat16") else None
 SCHEMES = {
     "int4": lambda: Scheme(format="int4", granularity="group", group_size=64, scale_format="source"),
     "fp8": lambda: Scheme(format="fp8_e4m3", granularity="block", block_size=(128, 128)),
