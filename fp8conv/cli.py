@@ -183,7 +183,8 @@ def _apply(options: list, func):
 def run_options(func):
     """--workers/--max-shard-size/--overwrite/--resume/--dry-run/--json/--quiet, shared by the converting commands."""
     options = [
-        click.option("--workers", type=click.IntRange(1, 256), default=os.cpu_count() or 1, show_default="CPU count",
+        click.option("--workers", type=click.IntRange(1, 256), default=None,
+                     show_default="CPU count less 2 per output shard hashed at a time (up to 4), at least 2",
                      help="Worker processes; the output bytes do not depend on it."),
         click.option("--max-shard-size", default=None, metavar="SIZE",
                      help="Re-shard the output (e.g. 5GB); default keeps the source's shards."),
@@ -318,13 +319,15 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
 
     verb = recipe.command
     part = _parse_partition(partition)
-    if ray_address is not None and not _given("workers"):
+    if ray_address is not None and workers is None:
         workers = 1  # per Ray task; Ray spreads the tasks over the cluster's CPUs
     # A part or a Ray run leaves OUT's own staging alone (parts live beside it): as --resume there.
     _check_output(src, out, overwrite, resume or part is not None or ray_address is not None)
     checkpoint, plan = pipeline.plan_recipe(src, recipe)
     for warning in plan.warnings:
         say(f"fp8conv: warning: {warning}")
+    if workers is None:
+        workers = pipeline.default_workers(len(pipeline.shards_to_write(plan, part)))
     run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
@@ -353,10 +356,6 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
         emit(json.dumps(summary, indent=2) if as_json else render.part_summary(summary))
         return
     emit(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
-
-
-def _given(name: str) -> bool:
-    return click.get_current_context().get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
 
 
 def _parse_partition(text: str | None):

@@ -44,6 +44,18 @@ JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the 
 INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
 WORKER_NICENESS = 5  # below the parent, whose per-shard threads hash the output
 STACK_BYTES = 16 << 20  # smaller matrices of a 3-D stack are grouped into jobs of about this size
+KERNEL_FREE = ("copy", "write")  # job kinds that run no kernel: dispatched first in their wave
+
+
+def default_workers(shards: int, cpus: int | None = None) -> int:
+    """--workers when not given: every CPU but two for each output shard hashed at a time (up to
+    INTERLEAVED_SHARDS), never fewer than half the CPUs or 2. A shard's sha256 is one sequential
+    stream on a parent thread, and the run cannot end before the last shard's hash does: with a
+    worker on every CPU the hashing threads share cores with them and finish last (16 cores,
+    2 shards: 12 workers beat 8 and 16; bench/RESULTS.md)."""
+    cpus = cpus or os.cpu_count() or 1
+    hashing = min(INTERLEAVED_SHARDS, max(shards, 1))
+    return max(min(cpus, 2), cpus // 2, cpus - 2 * hashing)
 
 
 @dataclass(frozen=True)
@@ -309,7 +321,20 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     forget_handles()
-    compiled.preload(skip_scipy=True)
+
+
+_kernel_loaded = False
+
+
+def _worker_job(job: Job) -> tuple:
+    """A job in a worker. The compiled kernel (numba, ~0.5 s to import and load from its cache) is
+    loaded before the worker's first converting job, not at fork: copies and constants need none,
+    so the workers that take them (they are dispatched first) write while the others load it."""
+    global _kernel_loaded
+    if not _kernel_loaded and job.kind not in KERNEL_FREE:
+        compiled.preload(skip_scipy=True)
+        _kernel_loaded = True
+    return run_job(job)
 
 
 def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int, tuple], None],
@@ -334,7 +359,7 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
         finally:
             close_handles()
         return
-    run_parallel(run_job, [job for _, job in jobs], workers, finished, initializer=_worker_init)
+    run_parallel(_worker_job, [job for _, job in jobs], workers, finished, initializer=_worker_init)
 
 
 def quantize_checkpoint(source: Path, out: Path, options: QuantizeOptions, progress: Progress | None = None) -> ConversionResult:
@@ -355,10 +380,17 @@ def run_plan(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Pa
         staging = Staging(out, source, options.overwrite, options.resume, resume_key(checkpoint, key),
                           checkpoint.files)
         with _staged(staging, out):
-            files, stats, notes = _convert(checkpoint, plan, staging, options, progress, [s.name for s in plan.shards])
+            files, stats, notes = _convert(checkpoint, plan, staging, options, progress, shards_to_write(plan))
             return _finalize(checkpoint, plan, staging, files, stats, notes)
     assert recipe is not None
     return _run_part(checkpoint, plan, source, out, options, progress, partition, recipe, key)
+
+
+def shards_to_write(plan: ConversionPlan, partition: Partition | None = None) -> list[str]:
+    """The output shards a run writes: all, or a partition's."""
+    if partition is None:
+        return [s.name for s in plan.shards]
+    return assign(plan.shards, partition.count)[partition.index - 1]
 
 
 def refuse_flagged(plan: ConversionPlan) -> None:
@@ -371,7 +403,7 @@ def refuse_flagged(plan: ConversionPlan) -> None:
 def _run_part(checkpoint: Checkpoint, plan: ConversionPlan, source: Path, out: Path, options: RunOptions,
               progress: Progress, partition: Partition, recipe: Recipe, key: str) -> ConversionResult:
     """Part I of N: its whole shards into the parts area; a finished part of the same run is kept."""
-    shards = assign(plan.shards, partition.count)[partition.index - 1]
+    shards = shards_to_write(plan, partition)
     folder = parts_dir(out) / partition.name
     Staging(out, source, options.overwrite, True, "").check()  # refuse a non-empty OUT before any work
     if folder.is_dir() and not options.overwrite:
@@ -581,13 +613,15 @@ def _interleave(jobs_by_shard: dict[str, list[Job]], sizes: dict[str, int]) -> l
     """All jobs, in waves of INTERLEAVED_SHARDS shards whose file orders are interleaved by relative
     position: the shards of a wave hash in parallel (each on its own thread) and the workers spread
     their writes over their files; a wave's shards finish (and are journaled, for --resume) before
-    the next wave starts. Deterministic; within a shard, still file order."""
+    the next wave starts. Within a wave, jobs that run no kernel (byte copies, constants) come first:
+    in the first wave they are written while the workers load the compiled kernel. Deterministic;
+    within a shard, otherwise file order (statistics merge in this order)."""
     names = list(jobs_by_shard)
     wave = {name: i // INTERLEAVED_SHARDS for i, name in enumerate(names)}
     order = {name: i for i, name in enumerate(names)}
     jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
-    return sorted(jobs, key=lambda item: (wave[item[0]], item[1].dst_offset / sizes[item[0]], order[item[0]],
-                                          item[1].dst_offset))
+    return sorted(jobs, key=lambda item: (wave[item[0]], item[1].kind not in KERNEL_FREE,
+                                          item[1].dst_offset / sizes[item[0]], order[item[0]], item[1].dst_offset))
 
 
 def _finalize(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, files: dict[str, dict],
