@@ -17,7 +17,7 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fp8conv import hashing, jobs, outdir, pipeline  # noqa: E402
+from fp8conv import hashing, outdir, pipeline  # noqa: E402
 
 events: list[tuple[float, str]] = []
 
@@ -59,17 +59,17 @@ def main() -> None:
         return result
 
     pipeline.run_job = timed_job  # what _execute runs, inline or in the forked workers
-    if hasattr(jobs, "start_writeback"):  # time the workers' writeback requests (in the job times too)
-        original_writeback = jobs.start_writeback
+    writebacks: list[float] = []  # seconds of each writeback request (the parent's writeback thread)
+    if hasattr(outdir, "start_writeback"):
+        original_writeback = outdir.start_writeback
 
         def timed_writeback(fd, start, end):
             began = time.perf_counter()
             result = original_writeback(fd, start, end)
-            with open(log_dir / f"wb-{os.getpid()}.txt", "a") as fh:
-                fh.write(f"{time.perf_counter() - began}\n")
+            writebacks.append(time.perf_counter() - began)
             return result
 
-        jobs.start_writeback = timed_writeback
+        outdir.start_writeback = timed_writeback
     hashing_time: dict[str, list[float]] = {}  # per shard: seconds hashing, seconds in fadvise, last end
     original_written = hashing.PrefixHasher.written
 
@@ -100,13 +100,9 @@ def main() -> None:
         args.workers = pipeline.default_workers(len(plan.shards))
     pipeline.run_plan(checkpoint, plan, args.src, args.out, pipeline.RunOptions(args.workers, overwrite=True))
     mark("exit")
-    spans, writebacks = [], []
+    spans = []
     for path in log_dir.iterdir():
-        lines = path.read_text().splitlines()
-        if path.name.startswith("wb-"):
-            writebacks += [float(line) for line in lines]
-        else:
-            spans += [tuple(map(float, line.split())) for line in lines]
+        spans += [tuple(map(float, line.split())) for line in path.read_text().splitlines()]
     first, last = min(s[0] for s in spans), max(s[1] for s in spans)
     busy = sum(s[1] - s[0] for s in spans)
     events.extend([(first, "first job started"), (last, "last job finished"),
@@ -114,7 +110,7 @@ def main() -> None:
     events.extend((end, f"{name}: last range hashed") for name, (_, _, end) in hashing_time.items() if end)
     for t, what in sorted(events):
         print(f"{t:7.2f}  {what}")
-    print(f"jobs: {len(spans)} in {len({p.name for p in log_dir.iterdir() if not p.name.startswith('wb-')})} "
+    print(f"jobs: {len(spans)} in {len({p.name for p in log_dir.iterdir()})} "
           f"processes; worker busy {busy / (args.workers * (last - first)):.0%} of {args.workers} x {last - first:.2f} s; "
           f"job seconds per input GB {busy / (sum(s[2] for s in spans) / 1e9):.2f}")
     for name, (hashing_s, fadvise_s, _) in sorted(hashing_time.items()):

@@ -23,7 +23,7 @@ from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_ro
                       nonfinite_error, quantize_2d,
                       tensor_scale_of)
 from .layouts import CODES, ZERO_POINT, TensorSpec, decode_codes, decode_zero_points, get_layout
-from .safetensors_io import READ_CHUNK_BYTES, TensorReader, start_writeback, write_at
+from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
 from .scheme import MAX_TILE, Scheme
 from .untrusted import printable
 
@@ -179,17 +179,9 @@ def forget_handles() -> None:
 
 
 def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
-    """Execute one job; returns (tensor name, error stats or None, source bytes processed). The
-    kernel starts writing the job's output to disk at once (the run's final fsync still waits for it)."""
+    """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
     if len(_readers) + len(_writers) >= MAX_OPEN:  # between jobs: a job holds at most three
         close_handles()
-    result = _run(job)
-    for start, end in job.written_ranges():
-        start_writeback(_writer(job.dst_path), start, end)
-    return result
-
-
-def _run(job: Job) -> tuple[str, ErrorStats | None, int]:
     if job.matrices > 1:
         return job.name, _run_stack(job), job.nbytes
     if job.kind == "copy":

@@ -8,6 +8,7 @@ created fresh (unlinked first), never opened for writing through a link left in 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -16,6 +17,7 @@ import os
 import shutil
 import stat
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +26,60 @@ from .untrusted import load_json, printable
 
 JOURNAL_NAME = "fp8conv.journal.json"
 SUFFIXES = {"tmp": "fp8conv-partial", "lock": "fp8conv-lock", "old": "fp8conv-old"}
+
+
+def _libc_sync_file_range():
+    """Linux's sync_file_range(2) through ctypes (None elsewhere: writeback then starts at the fsync)."""
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # pragma: no cover - not Linux / glibc
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, wait for nothing
+
+
+def start_writeback(fd: int, start: int, end: int) -> bool:
+    """Ask the kernel to start writing bytes [start, end) of `fd` to disk now (it may wait for room
+    in the disk's queue, never for the writes; what is written does not change); False where the
+    system cannot."""
+    if _SYNC_FILE_RANGE is None or end <= start:
+        return False
+    return _SYNC_FILE_RANGE(fd, start, end - start, SYNC_FILE_RANGE_WRITE) == 0
+
+
+class Writeback:
+    """Starts writing each finished output range to disk, on a thread of its own, as soon as a job
+    reports it: the disk then works while later tensors convert instead of at the final fsync (the
+    kernel alone starts only when dirty pages pass its background threshold, GBs on a big machine).
+    The requests wait on the disk's queue here, not in the workers or the hashing threads.
+    Advisory: a failed request changes nothing (the fsync before the rename writes everything)."""
+
+    def __init__(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1)
+        self._fds: dict[Path, int] = {}
+
+    def written(self, path: Path, start: int, end: int) -> None:
+        self._thread.submit(self._start, path, start, end)
+
+    def _start(self, path: Path, start: int, end: int) -> None:
+        try:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            start_writeback(self._fds[path], start, end)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Drop the requests not yet made (the fsync that follows covers them); close the files."""
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:

@@ -27,7 +27,7 @@ from .jobs import Job, Source, close_handles, forget_handles, run_job, target_ti
 from .kernels import ErrorStats, count_nonfinite, microscale_nonfinite_error
 from .microscale import nvfp4_global_scale, tensor_amax
 from .layouts import CODES, GLOBAL_SCALE, SCALE, get_layout
-from .outdir import JOURNAL_NAME, Staging
+from .outdir import JOURNAL_NAME, Staging, Writeback
 from .partition import Partition, PartRecord, assign, check_against_plan, collect, parts_dir, read_record
 from .plan import CARRY, COPY, DEQUANTIZE, Matcher
 from .quantized import Readers, dequantized_chunks, matrix_chunks, source_of
@@ -576,6 +576,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     # one thread per shard keeps that shard's steps in order.
     finishers = {shard: ThreadPoolExecutor(max_workers=1) for shard in jobs_by_shard}
     pending = []
+    writeback = Writeback()
     try:
         def on_result(index: int, result: tuple) -> None:
             _, partial, nbytes = result
@@ -583,6 +584,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
                 job_stats[index] = partial
             shard, job = jobs[index]
             for start, end in job.written_ranges():
+                writeback.written(hashers[shard].path, start, end)
                 pending.append(finishers[shard].submit(hashers[shard].written, start, end))
             progress(nbytes)
 
@@ -600,9 +602,11 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
             if not shard_jobs:
                 on_shard_done(shard)
         _execute(jobs, options.workers, on_result, on_shard_done)
+        writeback.close()  # what it has not started yet, the shards' fsyncs write
         for future in pending:
             future.result()
     finally:
+        writeback.close()
         for finisher in finishers.values():
             finisher.shutdown(wait=True, cancel_futures=True)
     notes = staging.notes + ([f"resumed: reused {reused} finished shard(s), sha256-checked"] if reused else [])

@@ -6,7 +6,6 @@ computed before the first byte (the header is known up front).
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -244,31 +243,6 @@ def write_at(fd: int, offset: int, data: np.ndarray | bytes) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
-
-
-def _libc_sync_file_range():
-    """Linux's sync_file_range(2) through ctypes (None elsewhere: writeback then starts at the fsync)."""
-    try:
-        func = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # pragma: no cover - not Linux / glibc
-        return None
-    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    func.restype = ctypes.c_int
-    return func
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, wait for nothing
-
-
-def start_writeback(fd: int, start: int, end: int) -> bool:
-    """Ask the kernel to start writing bytes [start, end) of `fd` to disk now (no waiting for the
-    disk, no change to what is written); False where the system cannot. Output written this way
-    reaches the disk while later tensors convert, instead of all at the final fsync (the kernel
-    alone would start only when dirty pages pass its background threshold, GBs on a big machine)."""
-    if _SYNC_FILE_RANGE is None or end <= start:
-        return False
-    return _SYNC_FILE_RANGE(fd, start, end - start, SYNC_FILE_RANGE_WRITE) == 0
 
 
 def sha256_of(path: Path) -> str:
