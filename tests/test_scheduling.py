@@ -1,0 +1,115 @@
+"""How a run is scheduled on one machine: job order, default worker count, writeback, prefix hashing.
+None of it may change an output byte (tests/test_golden_bytes.py and the --workers tests check that)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fp8conv import hashing, outdir, pipeline
+from fp8conv.jobs import Job, Source
+
+
+def job(kind: str, shard: str, offset: int) -> Job:
+    return Job(kind, f"{shard}@{offset}", Source("", 0, ""), shard, offset, 10)
+
+
+def test_kernel_free_jobs_go_first_in_their_wave_and_the_rest_keep_their_order():
+    shards = {f"s{i}": [job("quantize", f"s{i}", 0), job("copy", f"s{i}", 100), job("quantize", f"s{i}", 200),
+                        job("write", f"s{i}", 300)] for i in range(pipeline.INTERLEAVED_SHARDS + 1)}
+    order = pipeline._interleave(shards, {name: 400 for name in shards})
+    first_wave = [(s, j) for s, j in order[:4 * pipeline.INTERLEAVED_SHARDS]]
+    kinds = [j.kind for _, j in first_wave]
+    free = 2 * pipeline.INTERLEAVED_SHARDS
+    assert set(kinds[:free]) == {"copy", "write"} and set(kinds[free:]) == {"quantize"}
+    # within the wave, converting jobs stay interleaved by relative file position (the merge order of statistics)
+    assert [(s, j.dst_offset) for s, j in first_wave[free:]] == [
+        (f"s{i}", offset) for offset in (0, 200) for i in range(pipeline.INTERLEAVED_SHARDS)]
+    # the next wave (one shard) starts only after the whole first wave, its copy and constant first
+    last = pipeline.INTERLEAVED_SHARDS
+    assert [(s, j.kind, j.dst_offset) for s, j in order[4 * last:]] == [
+        (f"s{last}", "copy", 100), (f"s{last}", "write", 300), (f"s{last}", "quantize", 0), (f"s{last}", "quantize", 200)]
+
+
+def test_workers_load_the_kernel_before_their_first_converting_job_only(monkeypatch):
+    loads = []
+    monkeypatch.setattr(pipeline.compiled, "preload", lambda skip_scipy=False: loads.append(skip_scipy))
+    monkeypatch.setattr(pipeline, "run_job", lambda j: j.kind)
+    monkeypatch.setattr(pipeline, "_kernel_loaded", False)
+    assert pipeline._worker_job(job("copy", "a", 0)) == "copy"
+    assert pipeline._worker_job(job("write", "a", 10)) == "write"
+    assert loads == []
+    assert pipeline._worker_job(job("quantize", "a", 20)) == "quantize"
+    assert pipeline._worker_job(job("dequantize", "a", 30)) == "dequantize"
+    assert loads == [True]  # once, without numba's scipy probe
+
+
+@pytest.mark.parametrize("cpus, shards, expected", [
+    (1, 1, 1), (2, 1, 2), (2, 9, 2),  # never more workers than CPUs, at least 2 where there are 2
+    (4, 2, 2), (8, 1, 6), (8, 2, 4), (8, 9, 4),  # never below half the CPUs
+    (16, 1, 14), (16, 2, 12), (16, 3, 10), (16, 4, 8), (16, 40, 8),  # two CPUs per shard hashed at a time (up to 4)
+    (64, 2, 60), (64, 40, 56),
+])
+def test_default_workers(cpus, shards, expected):
+    assert pipeline.default_workers(shards, cpus) == expected
+
+
+def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path):
+    from helpers import run_cli
+    from test_reliability import sharded_model
+
+    seen = []
+    real = pipeline.run_plan
+
+    def run_plan(checkpoint, plan, src, out, options, *rest):
+        seen.append(options.workers)
+        return real(checkpoint, plan, src, out, replace(options, workers=2), *rest)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(pipeline, "run_plan", run_plan)
+    run_cli("quantize", str(sharded_model(tmp_path / "src", shards=3, rows=128, cols=128)), "-o", str(tmp_path / "out"), "-q")
+    assert seen == [10]  # 16 CPUs, 3 shards hashed side by side
+
+
+def test_writeback_requests_leave_the_bytes_alone_and_survive_a_vanished_file(tmp_path):
+    path = tmp_path / "shard.bin"
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert outdir.start_writeback(fd, 0, len(data)) == (outdir._SYNC_FILE_RANGE is not None)
+        assert outdir.start_writeback(fd, 10, 10) is False  # empty range: nothing asked
+    finally:
+        os.close(fd)
+    writeback = outdir.Writeback()
+    writeback.written(path, 0, 1 << 20)
+    writeback.written(tmp_path / "gone.bin", 0, 100)  # advisory: a missing file is no error
+    writeback.written(path, 1 << 20, len(data))
+    writeback.close()
+    assert path.read_bytes() == data
+
+
+def test_prefix_hasher_out_of_order_ranges_across_buffer_boundaries(tmp_path):
+    path = tmp_path / "out.bin"
+    size = 3 * hashing.READ_BYTES + 12345
+    data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    hasher = hashing.PrefixHasher(path, size)
+    cuts = [0, 7, hashing.READ_BYTES - 1, hashing.READ_BYTES + 5, 2 * hashing.READ_BYTES + 3, size]
+    ranges = list(zip(cuts, cuts[1:]))
+    for start, end in reversed(ranges[1:]):
+        hasher.written(start, end)
+        assert hasher.position == 0  # nothing contiguous from 0 yet
+    hasher.written(*ranges[0])
+    assert hasher.position == size
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert hasher._buffer is None  # released once the shard is hashed
+
+
+def test_prefix_hasher_holds_no_buffer_before_it_hashes(tmp_path):
+    hashers = [hashing.PrefixHasher(Path(tmp_path / f"{i}.bin"), 10) for i in range(1000)]
+    assert all(h._buffer is None for h in hashers)  # a 1000-shard plan makes 1000 hashers up front
