@@ -52,7 +52,7 @@ def default_workers(shards: int, cpus: int | None = None) -> int:
     INTERLEAVED_SHARDS), never fewer than half the CPUs or 2. A shard's sha256 is one sequential
     stream on a parent thread, and the run cannot end before the last shard's hash does: with a
     worker on every CPU the hashing threads share cores with them and finish last (16 cores,
-    2 shards: 12 workers beat 8 and 16; bench/RESULTS.md)."""
+    2 shards: 8 and 12 workers beat 16; bench/RESULTS.md)."""
     cpus = cpus or os.cpu_count() or 1
     hashing = min(INTERLEAVED_SHARDS, max(shards, 1))
     return max(min(cpus, 2), cpus // 2, cpus - 2 * hashing)
