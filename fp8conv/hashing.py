@@ -49,10 +49,10 @@ class PrefixHasher:
                 raise OSError(f"{self.path} is shorter than expected")
             self._digest.update(view[:n])
             self.position += n
-        # The workers started writing these pages to disk when they wrote them (jobs.run_job);
-        # DONTNEED drops the ones already written and starts any left, so the fsync before the
-        # final rename has little left to wait for and the page cache does not fill up with
-        # output during a long conversion.
+        # Their writeback was asked for when their job reported them (outdir.Writeback, another
+        # thread); DONTNEED drops the pages already on disk and starts any left, so the fsync
+        # before the final rename has little left to wait for and the page cache does not fill
+        # up with output during a long conversion.
         os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def hexdigest(self) -> str:

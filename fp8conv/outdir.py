@@ -59,6 +59,8 @@ class Writeback:
     The requests wait on the disk's queue here, not in the workers or the hashing threads.
     Advisory: a failed request changes nothing (the fsync before the rename writes everything)."""
 
+    MAX_OPEN = 16  # files kept open between requests
+
     def __init__(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1)
         self._fds: dict[Path, int] = {}
@@ -69,6 +71,8 @@ class Writeback:
     def _start(self, path: Path, start: int, end: int) -> None:
         try:
             if path not in self._fds:
+                if len(self._fds) >= self.MAX_OPEN:  # a 1000-shard run: a few shards are written at a time
+                    self._close_files()
                 self._fds[path] = os.open(path, os.O_RDONLY)
             start_writeback(self._fds[path], start, end)
         except OSError:
@@ -77,6 +81,9 @@ class Writeback:
     def close(self) -> None:
         """Drop the requests not yet made (the fsync that follows covers them); close the files."""
         self._thread.shutdown(wait=True, cancel_futures=True)
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

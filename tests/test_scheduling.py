@@ -89,7 +89,14 @@ def test_writeback_requests_leave_the_bytes_alone_and_survive_a_vanished_file(tm
     writeback.written(path, 0, 1 << 20)
     writeback.written(tmp_path / "gone.bin", 0, 100)  # advisory: a missing file is no error
     writeback.written(path, 1 << 20, len(data))
+    for i in range(3 * outdir.Writeback.MAX_OPEN):  # many shards: its open files stay few
+        other = tmp_path / f"other-{i}.bin"
+        other.write_bytes(b"x" * 100)
+        writeback.written(other, 0, 100)
+    writeback._thread.submit(lambda: None).result()  # wait for the requests made so far
+    assert len(writeback._fds) <= outdir.Writeback.MAX_OPEN
     writeback.close()
+    assert writeback._fds == {}
     assert path.read_bytes() == data
 
 
