@@ -1,4 +1,17 @@
-"""numba-compiled kernels (imported lazily by compiled.py, so nothing loads numba until it is used)."""
+"""numba-compiled kernels (imported lazily by compiled.py, so nothing loads numba until it is used).
+
+How it is laid out for speed (the numerics are kernels.py's, bit for bit):
+
+- A band of tile rows (at least ROW_GROUP rows) is processed in column spans of about SPAN_COLS
+  whole tiles, so the band's slice of the source stays in L2 between the amax pass and the
+  quantize pass.
+- Integer work is on 32-bit lanes: numba widens uint32 arithmetic to 64 bits (half the lanes per
+  vector), so the bit-pattern operations go through the small intrinsics below, which keep the width.
+- FP8 rounding is branch-free (round_fp8 explains it), so the whole quantize + statistics loop of a
+  row vectorises.
+- The float64 sums of squares of ROW_GROUP rows run together (_lane_squares): independent add chains
+  instead of one chain per row waiting on the add latency; each row's additions keep their order.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -8,151 +21,263 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 8  # kernels.LANES, written out: numba's disk cache only notices edits to this file
+ROW_GROUP = 4  # rows whose sums of squares run interleaved (8 independent float64 add chains)
+SPAN_COLS = 2048  # columns per pass over a band (whole tiles; a bf16 band of 128 rows: 512 KiB)
 
 _SIGN = np.uint32(0x80000000)
 _ABS = np.uint32(0x7FFFFFFF)
+_EXPONENT = np.uint32(0x7F800000)
 _NONFINITE = np.uint32(0x7F800000)
+_ZERO = np.float32(0)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _SMALLEST_NORMAL = np.float32(np.finfo(np.float32).smallest_normal)
 _SUBNORMAL_STEP = 2.0 ** -149
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _load_row(src, r, is_bf16, row, row_bits):
-    cols = row.shape[0]
-    if is_bf16:
-        for c in range(cols):
-            row_bits[c] = np.uint32(src[r, c]) << np.uint32(16)
-    else:
-        for c in range(cols):
-            row[c] = src[r, c]
+# ---- 32-bit integer operations that stay 32-bit (numba would widen them to int64) ----------------
+
+def _u32_op(build):
+    @intrinsic
+    def op(typingctx, a, b):
+        if a != types.uint32 or b != types.uint32:
+            return None
+        return types.uint32(a, b), lambda context, builder, sig, args: build(builder, *args)
+
+    return op
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _band_amax_bits(src, start, stop, is_bf16, tile_cols, amax_bits):
-    """Max of |x| per tile as float32 bit patterns (integer max: vectorises, and NaN/Inf show
-    up as patterns >= 0x7F800000 instead of being dropped as a float max would).
-
-    Tile loops are written as `base + i`: numba vectorises that form, not range(a, b)."""
-    cols = src.shape[1]
-    amax_bits[:] = 0
-    for r in range(start, stop):
-        for t in range(amax_bits.shape[0]):
-            base = t * tile_cols
-            m = amax_bits[t]
-            if is_bf16:
-                for i in range(min(tile_cols, cols - base)):
-                    m = max(m, (np.uint32(src[r, base + i]) << np.uint32(16)) & _ABS)
-            else:
-                bits = src[r].view(np.uint32)
-                for i in range(min(tile_cols, cols - base)):
-                    m = max(m, bits[base + i] & _ABS)
-            amax_bits[t] = m
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _expand(scale_row, tile_cols, expanded):
-    """One scale per column, so the row loops below are plain vectorisable loops."""
-    cols = expanded.shape[0]
-    for t in range(scale_row.shape[0]):
-        base = t * tile_cols
-        s = scale_row[t]
-        for i in range(min(tile_cols, cols - base)):
-            expanded[base + i] = s
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def round_fp8(q, y, codes, mbits, min_normal_bits, sub_step_inv, rebias):
-    """FP8 codes and their float32 values for clamped q, rounding to nearest even."""
-    qb = q.view(np.uint32)
-    yb = y.view(np.uint32)
-    shift = np.uint32(23 - mbits)
-    half = np.uint32((1 << (23 - mbits - 1)) - 1)
-    keep = np.uint32(0x7FFFFFFF & ~((1 << (23 - mbits)) - 1))
-    for c in range(q.shape[0]):
-        b = qb[c]
-        mag = b & _ABS
-        sign = b & _SIGN
-        rounded = (mag + half + ((mag >> shift) & np.uint32(1))) & keep
-        normal_code = ((rounded >> shift) - np.uint32(rebias)) & np.uint32(0x7F)
-        # Below the smallest normal the step is fixed: round |q| / step to an integer.
-        steps = np.rint(abs(q[c]) * sub_step_inv)
-        sub_value = steps / sub_step_inv
-        is_sub = mag < min_normal_bits
-        y[c] = (-sub_value if sign else sub_value) if is_sub else y[c]
-        yb[c] = yb[c] if is_sub else (rounded | sign)
-        code = np.uint32(steps) if is_sub else normal_code
-        codes[c] = np.uint8(code | (sign >> np.uint32(24)))
+_and = _u32_op(lambda b, x, y: b.and_(x, y))
+_or = _u32_op(lambda b, x, y: b.or_(x, y))
+_add = _u32_op(lambda b, x, y: b.add(x, y))
+_sub = _u32_op(lambda b, x, y: b.sub(x, y))
+_shl = _u32_op(lambda b, x, y: b.shl(x, y))
+_shr = _u32_op(lambda b, x, y: b.lshr(x, y))
+_max = _u32_op(lambda b, x, y: b.select(b.icmp_unsigned(">", x, y), x, y))
 
 
 @intrinsic
-def _lane_squares(typingctx, a, b):
-    """Per lane, float64 sums of a[c]^2 and of b[c]^2 in kernels.py's fixed order: column c in lane
-    c % 8, each lane summed sequentially (a, b: contiguous float32, a length that is a multiple of 8).
+def _bits(typingctx, x):
+    """The float32 bit pattern of a float32, or of a bf16 given as its uint16 bits."""
+    if x == types.float32:
+        return types.uint32(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+    if x == types.uint16:
+        def widen(context, builder, sig, args):
+            return builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+
+        return types.uint32(x), widen
+    return None
+
+
+@intrinsic
+def _float(typingctx, x):
+    """The float32 whose bit pattern is x."""
+    if x != types.uint32:
+        return None
+    return types.float32(x), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+@intrinsic
+def _count(typingctx, x):
+    """A bool as 0 / 1 (uint32)."""
+    if x != types.boolean:
+        return None
+    return types.uint32(x), lambda context, builder, sig, args: builder.zext(args[0], ir.IntType(32))
+
+
+@intrinsic
+def _low_byte(typingctx, x):
+    """The low 8 bits of a uint32, or of the integer value of a float32 (|x| < 2**31)."""
+    if x == types.uint32:
+        return types.uint8(x), lambda context, builder, sig, args: builder.trunc(args[0], ir.IntType(8))
+    if x == types.float32:
+        def low(context, builder, sig, args):
+            return builder.trunc(builder.fptosi(args[0], ir.IntType(32)), ir.IntType(8))
+
+        return types.uint8(x), low
+    return None
+
+
+# ---- FP8 rounding ---------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _fp8(q, magic_shift, magic_floor, rebias, mbits):
+    """(value, code) of float32 q (|q| <= qmax) rounded to nearest even in an FP8 format.
+
+    One float addition does the rounding: with M = 2**(e + 23 - mbits) for |q| in [2**e, 2**(e+1)),
+    |q| + M rounds to a multiple of ulp(M) = 2**(e - mbits), the format's step there (nearest even,
+    as float32 additions round); below the smallest normal M stays at magic_floor, whose ulp is the
+    subnormal step. (|q| + M) - M is exact, and bits(|q| + M) - bits(M) counts steps above M: the
+    mantissa with its implicit bit for a normal, the code itself for a subnormal. The exponent field
+    adds ((bits(M) >> 23) - rebias) << mbits. No branch: the loop around it vectorises."""
+    b = _bits(q)
+    magic = _max(_add(_and(b, _EXPONENT), magic_shift), magic_floor)
+    big = _float(_and(b, _ABS)) + _float(magic)
+    sign = _and(b, _SIGN)
+    value = _float(_or(_bits(big - _float(magic)), sign))
+    exponent = _shl(_sub(_shr(magic, np.uint32(23)), rebias), mbits)
+    code = _or(_add(_sub(_bits(big), magic), exponent), _shr(sign, np.uint32(24)))
+    return value, _low_byte(code)
+
+
+_E4M3 = (np.uint32(20 << 23), np.uint32(0x46800000), np.uint32(127 + 20 - 6), np.uint32(3))  # floor 2**14
+_E5M2 = (np.uint32(21 << 23), np.uint32(0x43000000), np.uint32(127 + 21 - 14), np.uint32(2))  # floor 2**7
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def round_fp8(q, y, codes, mbits):
+    """FP8 codes and their float32 values of clamped float32 q (mbits 3: e4m3, 2: e5m2)."""
+    params = _E4M3 if mbits == 3 else _E5M2
+    for c in range(q.shape[0]):
+        y[c], codes[c] = _fp8(q[c], params[0], params[1], params[2], params[3])
+
+
+# ---- one row segment ------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_row(src, r, c0, n, scale, qmax, kind, qmax_bits, codes, w, err):
+    """Columns [c0, c0 + n) of row r: codes, and the source values and errors w - y * scale (float32)
+    into w[:n] and err[:n] for the sums of squares. Returns (saturated, flushed to zero, max |err|
+    as bits) of the segment."""
+    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loops stay contiguous
+    for i in range(n):
+        w[i] = _float(_bits(src[r, at + np.uint64(i)]))
+    saturated = np.uint32(0)
+    flushed = np.uint32(0)
+    max_err = np.uint32(0)
+    out = codes[r]
+    if kind == 2:
+        for i in range(n):
+            x, s = w[i], scale[i]
+            y = np.rint(min(max(x / s, -qmax), qmax))
+            out[at + np.uint64(i)] = _low_byte(y)
+            deq = y * s
+            e = x - deq
+            err[i] = e
+            flushed = _add(flushed, _count((deq == _ZERO) & (x != _ZERO)))
+            max_err = _max(max_err, _and(_bits(e), _ABS))
+            saturated = _add(saturated, _count(_and(_bits(y), _ABS) == qmax_bits))
+    else:
+        p = _E4M3 if kind == 0 else _E5M2
+        for i in range(n):
+            x, s = w[i], scale[i]
+            y, code = _fp8(min(max(x / s, -qmax), qmax), p[0], p[1], p[2], p[3])
+            out[at + np.uint64(i)] = code
+            deq = y * s
+            e = x - deq
+            err[i] = e
+            flushed = _add(flushed, _count((deq == _ZERO) & (x != _ZERO)))
+            max_err = _max(max_err, _and(_bits(e), _ABS))
+            saturated = _add(saturated, _count(_and(_bits(y), _ABS) == qmax_bits))
+    for i in range(n, -(-n // LANES) * LANES):
+        w[i] = _ZERO  # the sums' padding: +0.0 changes no lane
+        err[i] = _ZERO
+    return saturated, flushed, max_err
+
+
+@intrinsic
+def _lane_squares(typingctx, w, err, n_groups, acc, first):
+    """For each of the ROW_GROUP rows k of w and err (float32 [ROW_GROUP, >= 8 * n_groups], C order):
+    acc[k, l] += w[k, c]^2 and acc[k, 8 + l] += err[k, c]^2 for columns c = 8 * g + l, g = 0 ..
+    n_groups - 1, in that order, in float64: kernels.py's fixed order (column c in lane c % 8, each
+    lane summed sequentially), continued from the values already in acc[first + k] (float64 [rows, 16]).
 
     Written in LLVM IR because numba leaves eight scalar accumulators scalar (the SLP vectoriser does
-    not take loop-carried sums): here each lane is one element of an <8 x double> accumulator, the
-    same additions in the same order (no fast-math flags, so no FMA contraction or reassociation),
-    eight at a time; a and b in one loop give the two independent add chains the latency needs."""
-    for t in (a, b):
-        if not (isinstance(t, types.Array) and t.ndim == 1 and t.dtype == types.float32 and t.layout == "C"):
+    not take loop-carried sums): each lane is one element of an <8 x double> accumulator, the same
+    additions in the same order, eight at a time, and the 2 * ROW_GROUP accumulators are independent
+    chains, so the adds overlap instead of waiting on each other's latency. fma(x, x, a) is exactly
+    a + x * x: the square of a float32 is exact in float64, so the fused add rounds the same sum once."""
+    for t in (w, err):
+        if not (isinstance(t, types.Array) and t.ndim == 2 and t.dtype == types.float32 and t.layout == "C"):
             return None
-    sig = types.UniTuple(types.float64, 2 * LANES)(a, b)
+    if not (isinstance(acc, types.Array) and acc.ndim == 2 and acc.dtype == types.float64 and acc.layout == "C"):
+        return None
+    if n_groups != types.intp or first != types.intp:
+        return None
+    sig = types.void(w, err, n_groups, acc, first)
 
     def codegen(context, builder, signature, args):
         f32s, f64s = ir.VectorType(ir.FloatType(), LANES), ir.VectorType(ir.DoubleType(), LANES)
-        arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args)]
-        groups = builder.sdiv(builder.extract_value(arrays[0].shape, 0), ir.Constant(arrays[0].shape.type.element, LANES))
-        bases = [builder.bitcast(x.data, f32s.as_pointer()) for x in arrays]
-        sums = [cgutils.alloca_once_value(builder, ir.Constant(f64s, None)) for _ in arrays]
+        w_arr, e_arr, groups, acc_arr, first = args
+        arrays = [context.make_array(signature.args[i])(context, builder, v) for i, v in ((0, w_arr), (1, e_arr))]
+        accs = context.make_array(signature.args[3])(context, builder, acc_arr)
+        row_groups = [builder.sdiv(builder.extract_value(a.shape, 1), ir.Constant(a.shape.type.element, LANES))
+                      for a in arrays]  # row stride in vectors of 8
+        bases = [builder.bitcast(a.data, f32s.as_pointer()) for a in arrays]
+        acc_base = builder.bitcast(accs.data, f64s.as_pointer())
+        intp = groups.type
+        slots = []  # (source base, row stride, row, accumulator pointer in acc, alloca)
+        for k in range(ROW_GROUP):
+            for which in range(2):
+                where = builder.gep(acc_base, [builder.add(builder.mul(first, ir.Constant(intp, 2)),
+                                                           ir.Constant(intp, 2 * k + which))])
+                slots.append((bases[which], row_groups[which], k, where,
+                              cgutils.alloca_once_value(builder, builder.load(where, align=8))))
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f64s, [f64s] * 3), f"llvm.fma.v{LANES}f64")
         with cgutils.for_range(builder, groups) as loop:
-            for base, acc in zip(bases, sums):
-                wide = builder.fpext(builder.load(builder.gep(base, [loop.index]), align=4), f64s)
-                builder.store(builder.fadd(builder.load(acc), builder.fmul(wide, wide)), acc)
-        lanes = [builder.extract_element(builder.load(acc), ir.Constant(ir.IntType(32), i))
-                 for acc in sums for i in range(LANES)]
-        return context.make_tuple(builder, signature.return_type, lanes)
+            for base, stride, k, _, slot in slots:
+                offset = builder.add(builder.mul(stride, ir.Constant(intp, k)), loop.index)
+                wide = builder.fpext(builder.load(builder.gep(base, [offset]), align=4), f64s)
+                builder.store(builder.call(fma, [wide, wide, builder.load(slot)]), slot)
+        for _, _, _, where, slot in slots:
+            builder.store(builder.load(slot), where, align=8)
+        return context.get_dummy_value()
 
     return sig, codegen
 
 
+# ---- the chunk ------------------------------------------------------------------------------------
+
 @njit(cache=True, nogil=True, error_model="numpy")
-def _row_stats(row, y, err, scales, qmax_bits, stats, padded_row, padded_err):
-    """Error statistics of w' = y * scale: sum w^2 and sum err^2 in float64 in kernels.py's fixed order
-    (over the row and err buffers zero-padded to a multiple of 8: a padding column adds +0.0 to its
-    lane, which changes nothing), flushed-to-zero count; max |err| and saturation on bit patterns."""
-    cols = row.shape[0]
-    err_bits = err.view(np.uint32)
-    y_bits = y.view(np.uint32)
-    flushed = 0
-    for c in range(cols):
-        w = row[c]
-        deq = y[c] * scales[c]
-        err[c] = w - deq
-        flushed += (deq == 0) & (w != 0)
-    max_err = np.uint32(0)
-    saturated = 0
-    for c in range(cols):
-        max_err = max(max_err, err_bits[c] & _ABS)
-        saturated += (y_bits[c] & _ABS) == qmax_bits
-    s = _lane_squares(padded_row, padded_err)
-    stats[0] += s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7]
-    stats[1] += s[8] + s[9] + s[10] + s[11] + s[12] + s[13] + s[14] + s[15]
-    stats[2] = max(stats[2], np.float64(_bits_to_float(max_err)))
-    stats[3] += saturated
-    stats[4] += flushed
+def _span_amax_bits(src, start, stop, c0, n, tile_cols, colmax, amax_bits, t0):
+    """Max of |x| over rows [start, stop) per tile of columns [c0, c0 + n) (tiles start at c0), as float32
+    bit patterns into amax_bits[t0 ...] (integer max: NaN/Inf show up as patterns >= 0x7F800000 instead
+    of being dropped as a float max would). Column maxima first (a plain vectorised loop per row)."""
+    for i in range(n):
+        colmax[i] = np.uint32(0)
+    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loop stays contiguous
+    for r in range(start, stop):
+        for i in range(n):
+            colmax[i] = _max(colmax[i], _and(_bits(src[r, at + np.uint64(i)]), _ABS))
+    t = t0
+    for base in range(0, n, tile_cols):
+        m = np.uint32(0)
+        for i in range(min(tile_cols, n - base)):
+            m = _max(m, colmax[base + i])
+        amax_bits[t] = m
+        t += 1
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _bits_to_float(bits):
-    one = np.empty(1, np.uint32)
-    one[0] = bits
-    return one.view(np.float32)[0]
+def _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, grid_row):
+    """Scales of tiles [t0, t1) into grid_row (min-max from amax; or the fixed scale; given: already
+    there). Returns True when a tile holds NaN/Inf."""
+    for t in range(t0, t1):
+        if amax_bits[t] >= _NONFINITE:
+            return True
+        if given:
+            continue
+        if fixed_scale > 0:
+            grid_row[t] = fixed_scale
+        elif amax_bits[t] == 0:
+            grid_row[t] = np.float32(1.0)
+        else:
+            grid_row[t] = _scale(_float(amax_bits[t]), qmax, cap)
+    return False
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _expand(grid_row, t0, tile_cols, n, expanded):
+    """One scale per column of a span that starts at tile t0, so the row loops are plain loops."""
+    for base in range(0, n, tile_cols):
+        s = grid_row[t0 + base // tile_cols]
+        for i in range(min(tile_cols, n - base)):
+            expanded[base + i] = s
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given):
-    """Quantize src[rows, cols] (bf16 bits as uint16, or float32) into uint8 codes + scale grid.
+    """Quantize src[rows, cols] (bf16 bits as uint16, or float32; is_bf16 says which, as the dtype does)
+    into uint8 codes + scale grid.
 
     fixed_scale > 0 means one given scale (tensor granularity); given=True means `scales` already
     holds the grid (the mse observer's choice) and is only read. kind: 0 e4m3, 1 e5m2, 2 int8
@@ -163,56 +288,63 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
         return True
     rows, cols = src.shape
     n_tiles = scales.shape[1]
-    padded = -(-cols // LANES) * LANES
-    padded_row = np.zeros(padded, np.float32)
-    padded_err = np.zeros(padded, np.float32)
-    row = padded_row[:cols]
-    row_bits = row.view(np.uint32)
-    q = np.empty(cols, np.float32)
-    y = np.empty(cols, np.float32)
-    err = padded_err[:cols]
-    expanded = np.empty(cols, np.float32)
+    # Spans of whole tiles; a span that does not start on a multiple of the eight lanes would shift
+    # every later column's lane, so tiles whose width is no multiple of 8 take the whole row.
+    span = cols
+    if tile_cols % LANES == 0 and tile_cols < cols:
+        span = max(1, SPAN_COLS // tile_cols) * tile_cols
+    band_rows = -(-ROW_GROUP // tile_rows) * tile_rows  # whole tile rows, at least ROW_GROUP rows
+    bands_per = band_rows // tile_rows
+    padded = -(-min(span, cols) // LANES) * LANES
+    w = np.zeros((ROW_GROUP, padded), np.float32)
+    err = np.zeros((ROW_GROUP, padded), np.float32)
+    acc = np.zeros((-(-band_rows // ROW_GROUP) * ROW_GROUP, 2 * LANES))
+    expanded = np.empty((bands_per, padded), np.float32)
+    colmax = np.empty(padded, np.uint32)
     amax_bits = np.empty(n_tiles, np.uint32)
-    amax = amax_bits.view(np.float32)
-    qmax_bits = _float_bits(qmax)
+    qmax_bits = _bits(qmax)
     cap = _scale_cap(qmax)
-    for band in range(0, rows, tile_rows):
-        stop = min(rows, band + tile_rows)
-        grid_row = scales[band // tile_rows]
-        _band_amax_bits(src, band, stop, is_bf16, tile_cols, amax_bits)
-        for t in range(n_tiles):
-            if amax_bits[t] >= _NONFINITE:
-                return True
-            if given:
-                continue
-            if fixed_scale > 0:
-                grid_row[t] = fixed_scale
-            elif amax_bits[t] == 0:
-                grid_row[t] = np.float32(1.0)
-            else:
-                grid_row[t] = _scale(amax[t], qmax, cap)
-        _expand(grid_row, tile_cols, expanded)
-        for r in range(band, stop):
-            _load_row(src, r, is_bf16, row, row_bits)
-            for c in range(cols):
-                q[c] = min(max(row[c] / expanded[c], -qmax), qmax)
-            if kind == 2:
-                for c in range(cols):
-                    y[c] = np.rint(q[c])
-                    codes[r, c] = np.uint8(np.int32(y[c]) & 0xFF)
-            elif kind == 0:
-                round_fp8(q, y, codes[r], 3, np.uint32(0x3C800000), np.float32(512.0), (127 - 7) << 3)
-            elif kind == 1:
-                round_fp8(q, y, codes[r], 2, np.uint32(0x38800000), np.float32(65536.0), (127 - 15) << 2)
-            _row_stats(row, y, err, expanded, qmax_bits, stats, padded_row, padded_err)
+    saturated = 0
+    flushed = 0
+    max_err = np.uint32(0)
+    for band in range(0, rows, band_rows):
+        stop = min(rows, band + band_rows)
+        acc[:] = 0
+        for c0 in range(0, cols, span):
+            n = min(span, cols - c0)
+            t0 = c0 // tile_cols
+            t1 = t0 + -(-n // tile_cols)
+            for b in range(bands_per):
+                r0 = band + b * tile_rows
+                if r0 >= stop:
+                    break
+                _span_amax_bits(src, r0, min(stop, r0 + tile_rows), c0, n, tile_cols, colmax, amax_bits, t0)
+                grid_row = scales[r0 // tile_rows]
+                if _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, grid_row):
+                    return True
+                _expand(grid_row, t0, tile_cols, n, expanded[b])
+            groups = -(-n // LANES)
+            for g0 in range(band, stop, ROW_GROUP):
+                for k in range(ROW_GROUP):
+                    r = g0 + k
+                    if r >= stop:
+                        w[k, :] = 0  # a missing row adds squares of zeros to an accumulator nobody reads
+                        err[k, :] = 0
+                        continue
+                    sat, flush, big = _quantize_row(src, r, c0, n, expanded[(r - band) // tile_rows], qmax, kind,
+                                                    qmax_bits, codes, w[k], err[k])
+                    saturated += sat
+                    flushed += flush
+                    max_err = _max(max_err, big)
+                _lane_squares(w, err, groups, acc, g0 - band)
+        for i in range(stop - band):
+            a = acc[i]
+            stats[0] += a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]
+            stats[1] += a[8] + a[9] + a[10] + a[11] + a[12] + a[13] + a[14] + a[15]
+    stats[2] = max(stats[2], np.float64(_float(max_err)))
+    stats[3] += saturated
+    stats[4] += flushed
     return False
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _float_bits(value):
-    one = np.empty(1, np.float32)
-    one[0] = value
-    return one.view(np.uint32)[0]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -1,0 +1,50 @@
+"""CPU time per element of the quantize kernels alone (no I/O), best of N, on heavy-tailed bf16 weights.
+
+    python bench/kernel.py                     # FP8 e4m3 block-128, numba kernel, 4096 x 11008
+    python bench/kernel.py --scheme channel --format int8 --repeats 7
+    python bench/kernel.py --backend numpy
+
+time.process_time (this process's CPU time, all threads) rather than wall time, so other work on a
+shared machine matters less; the best of --repeats calls is reported. The first call (numba's cache
+load, or a compile) is not timed. Never run in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from make_checkpoint import heavy_tailed  # noqa: E402
+
+from fp8conv import kernels  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=11008)
+    parser.add_argument("--format", default="fp8_e4m3")
+    parser.add_argument("--granularity", default="block")
+    parser.add_argument("--backend", default="numba")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    weight = heavy_tailed(np.random.default_rng(0), (args.rows, args.cols))
+    scheme = kernels.make_scheme(args.format, args.granularity, 128, 128)
+    kernels.quantize_2d(weight[:128], scheme, backend=args.backend)  # load / compile outside the timing
+    best = float("inf")
+    for _ in range(args.repeats):
+        start = time.process_time()
+        kernels.quantize_2d(weight, scheme, backend=args.backend)
+        best = min(best, time.process_time() - start)
+    print(f"{args.format} {args.granularity} {args.backend} {args.rows}x{args.cols}: "
+          f"{best * 1e9 / weight.size:.3f} ns/element CPU (best of {args.repeats}, {best:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
