@@ -231,10 +231,21 @@ def _lane_squares(typingctx, w, err, n_groups, acc, first):
 def _span_amax_bits(src, start, stop, c0, n, tile_cols, colmax, amax_bits, t0):
     """Max of |x| over rows [start, stop) per tile of columns [c0, c0 + n) (tiles start at c0), as float32
     bit patterns into amax_bits[t0 ...] (integer max: NaN/Inf show up as patterns >= 0x7F800000 instead
-    of being dropped as a float max would). Column maxima first (a plain vectorised loop per row)."""
+    of being dropped as a float max would). Several rows: column maxima first (a plain vectorised loop
+    per row), then per tile; one row: per tile directly."""
+    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loops stay contiguous
+    if stop - start == 1:
+        t = t0
+        for base in range(0, n, tile_cols):
+            m = np.uint32(0)
+            first = at + np.uint64(base)
+            for i in range(min(tile_cols, n - base)):
+                m = _max(m, _and(_bits(src[start, first + np.uint64(i)]), _ABS))
+            amax_bits[t] = m
+            t += 1
+        return
     for i in range(n):
         colmax[i] = np.uint32(0)
-    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loop stays contiguous
     for r in range(start, stop):
         for i in range(n):
             colmax[i] = _max(colmax[i], _and(_bits(src[r, at + np.uint64(i)]), _ABS))
@@ -266,12 +277,16 @@ def _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, grid_row):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _expand(grid_row, t0, tile_cols, n, expanded):
-    """One scale per column of a span that starts at tile t0, so the row loops are plain loops."""
-    for base in range(0, n, tile_cols):
-        s = grid_row[t0 + base // tile_cols]
-        for i in range(min(tile_cols, n - base)):
-            expanded[base + i] = s
+def _expand(grid_row, c0, tile_cols, n, expanded):
+    """The scale of every column in [c0, c0 + n), so the row loops are plain loops."""
+    i = 0
+    while i < n:
+        t = (c0 + i) // tile_cols
+        s = grid_row[t]
+        end = min(n, (t + 1) * tile_cols - c0)
+        for j in range(end - i):
+            expanded[i + j] = s
+        i = end
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -290,17 +305,18 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
     n_tiles = scales.shape[1]
     # Spans of whole tiles; a span that does not start on a multiple of the eight lanes would shift
     # every later column's lane, so tiles whose width is no multiple of 8 take the whole row.
-    span = cols
+    span = cols  # amax spans: whole tiles
     if tile_cols % LANES == 0 and tile_cols < cols:
         span = max(1, SPAN_COLS // tile_cols) * tile_cols
+    step = min(span, SPAN_COLS)  # quantize sub-spans: a multiple of 8 columns, from a span start that is one
     band_rows = -(-ROW_GROUP // tile_rows) * tile_rows  # whole tile rows, at least ROW_GROUP rows
     bands_per = band_rows // tile_rows
-    padded = -(-min(span, cols) // LANES) * LANES
+    padded = -(-min(step, cols) // LANES) * LANES
     w = np.zeros((ROW_GROUP, padded), np.float32)
     err = np.zeros((ROW_GROUP, padded), np.float32)
     acc = np.zeros((-(-band_rows // ROW_GROUP) * ROW_GROUP, 2 * LANES))
     expanded = np.empty((bands_per, padded), np.float32)
-    colmax = np.empty(padded, np.uint32)
+    colmax = np.empty(-(-min(span, cols) // LANES) * LANES, np.uint32)
     amax_bits = np.empty(n_tiles, np.uint32)
     qmax_bits = _bits(qmax)
     cap = _scale_cap(qmax)
@@ -319,24 +335,29 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                 if r0 >= stop:
                     break
                 _span_amax_bits(src, r0, min(stop, r0 + tile_rows), c0, n, tile_cols, colmax, amax_bits, t0)
-                grid_row = scales[r0 // tile_rows]
-                if _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, grid_row):
+                if _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, scales[r0 // tile_rows]):
                     return True
-                _expand(grid_row, t0, tile_cols, n, expanded[b])
-            groups = -(-n // LANES)
-            for g0 in range(band, stop, ROW_GROUP):
-                for k in range(ROW_GROUP):
-                    r = g0 + k
-                    if r >= stop:
-                        w[k, :] = 0  # a missing row adds squares of zeros to an accumulator nobody reads
-                        err[k, :] = 0
-                        continue
-                    sat, flush, big = _quantize_row(src, r, c0, n, expanded[(r - band) // tile_rows], qmax, kind,
-                                                    qmax_bits, codes, w[k], err[k])
-                    saturated += sat
-                    flushed += flush
-                    max_err = _max(max_err, big)
-                _lane_squares(w, err, groups, acc, g0 - band)
+            for s0 in range(c0, c0 + n, step):
+                m = min(step, c0 + n - s0)
+                for b in range(bands_per):
+                    r0 = band + b * tile_rows
+                    if r0 >= stop:
+                        break
+                    _expand(scales[r0 // tile_rows], s0, tile_cols, m, expanded[b])
+                groups = -(-m // LANES)
+                for g0 in range(band, stop, ROW_GROUP):
+                    for k in range(ROW_GROUP):
+                        r = g0 + k
+                        if r >= stop:
+                            w[k, :] = 0  # a missing row adds squares of zeros to an accumulator nobody reads
+                            err[k, :] = 0
+                            continue
+                        sat, flush, big = _quantize_row(src, r, s0, m, expanded[(r - band) // tile_rows], qmax, kind,
+                                                        qmax_bits, codes, w[k], err[k])
+                        saturated += sat
+                        flushed += flush
+                        max_err = _max(max_err, big)
+                    _lane_squares(w, err, groups, acc, g0 - band)
         for i in range(stop - band):
             a = acc[i]
             stats[0] += a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]
