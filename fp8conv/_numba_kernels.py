@@ -7,7 +7,7 @@ How it is laid out for speed (the numerics are kernels.py's, bit for bit):
   quantize pass.
 - Integer work is on 32-bit lanes: numba widens uint32 arithmetic to 64 bits (half the lanes per
   vector), so the bit-pattern operations go through the small intrinsics below, which keep the width.
-- FP8 rounding is branch-free (round_fp8 explains it), so the whole quantize + statistics loop of a
+- FP8 rounding is branch-free (_fp8_magnitude explains it), so the whole quantize + statistics loop of a
   row vectorises.
 - The float64 sums of squares of ROW_GROUP rows run together (_lane_squares): independent add chains
   instead of one chain per row waiting on the add latency; each row's additions keep their order.
@@ -100,78 +100,105 @@ def _low_byte(typingctx, x):
 # ---- FP8 rounding ---------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _fp8(q, magic_shift, magic_floor, rebias, mbits):
-    """(value, code) of float32 q (|q| <= qmax) rounded to nearest even in an FP8 format.
+def _fp8_magnitude(a, magic_shift, magic_floor, code_shift, code_offset):
+    """(value, code) of float32 a in [0, qmax] rounded to nearest even in an FP8 format (code without
+    the sign bit).
 
-    One float addition does the rounding: with M = 2**(e + 23 - mbits) for |q| in [2**e, 2**(e+1)),
-    |q| + M rounds to a multiple of ulp(M) = 2**(e - mbits), the format's step there (nearest even,
-    as float32 additions round); below the smallest normal M stays at magic_floor, whose ulp is the
-    subnormal step. (|q| + M) - M is exact, and bits(|q| + M) - bits(M) counts steps above M: the
-    mantissa with its implicit bit for a normal, the code itself for a subnormal. The exponent field
-    adds ((bits(M) >> 23) - rebias) << mbits. No branch: the loop around it vectorises."""
-    b = _bits(q)
-    magic = _max(_add(_and(b, _EXPONENT), magic_shift), magic_floor)
-    big = _float(_and(b, _ABS)) + _float(magic)
-    sign = _and(b, _SIGN)
-    value = _float(_or(_bits(big - _float(magic)), sign))
-    exponent = _shl(_sub(_shr(magic, np.uint32(23)), rebias), mbits)
-    code = _or(_add(_sub(_bits(big), magic), exponent), _shr(sign, np.uint32(24)))
-    return value, _low_byte(code)
+    One float addition does the rounding: with M = 2**(e + 23 - mbits) for a in [2**e, 2**(e+1)),
+    a + M rounds to a multiple of ulp(M) = 2**(e - mbits), the format's step there (nearest even, as
+    float32 additions round); below the smallest normal M stays at magic_floor, whose ulp is the
+    subnormal step. (a + M) - M is exact, and bits(a + M) - bits(M) counts steps above M: the
+    mantissa with its implicit bit for a normal, the code itself for a subnormal. With bits(M) =
+    (E + rebias) << 23 (E: the code's exponent field), E << mbits = (bits(M) >> (23 - mbits)) -
+    (rebias << mbits): code_shift and code_offset. No branch: the loop around it vectorises."""
+    magic = _max(_add(_and(_bits(a), _EXPONENT), magic_shift), magic_floor)
+    big = a + _float(magic)
+    code = _sub(_add(_sub(_bits(big), magic), _shr(magic, code_shift)), code_offset)
+    return big - _float(magic), code
 
 
-_E4M3 = (np.uint32(20 << 23), np.uint32(0x46800000), np.uint32(127 + 20 - 6), np.uint32(3))  # floor 2**14
-_E5M2 = (np.uint32(21 << 23), np.uint32(0x43000000), np.uint32(127 + 21 - 14), np.uint32(2))  # floor 2**7
+# (magic_shift, magic_floor, code_shift, code_offset) of _fp8_magnitude
+_E4M3 = (np.uint32(20 << 23), np.uint32(0x46800000), np.uint32(20), np.uint32((127 + 20 - 6) << 3))  # floor 2**14
+_E5M2 = (np.uint32(21 << 23), np.uint32(0x43000000), np.uint32(21), np.uint32((127 + 21 - 14) << 2))  # floor 2**7
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def round_fp8(q, y, codes, mbits):
     """FP8 codes and their float32 values of clamped float32 q (mbits 3: e4m3, 2: e5m2)."""
-    params = _E4M3 if mbits == 3 else _E5M2
+    p = _E4M3 if mbits == 3 else _E5M2
     for c in range(q.shape[0]):
-        y[c], codes[c] = _fp8(q[c], params[0], params[1], params[2], params[3])
+        b = _bits(q[c])
+        value, code = _fp8_magnitude(_float(_and(b, _ABS)), p[0], p[1], p[2], p[3])
+        y[c] = _float(_or(_bits(value), _and(b, _SIGN)))
+        codes[c] = _low_byte(_or(code, _and(_shr(b, np.uint32(24)), np.uint32(0x80))))
 
 
 # ---- one row segment ------------------------------------------------------------------------------
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _quantize_row(src, r, c0, n, scale, qmax, kind, qmax_bits, codes, w, err):
-    """Columns [c0, c0 + n) of row r: codes, and the source values and errors w - y * scale (float32)
-    into w[:n] and err[:n] for the sums of squares. Returns (saturated, flushed to zero, max |err|
-    as bits) of the segment."""
-    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loops stay contiguous
-    for i in range(n):
-        w[i] = _float(_bits(src[r, at + np.uint64(i)]))
+def _fp8_row(src, r, at, n, scale, qmax, qmax_bits, out, w, err, magic_shift, magic_floor, code_shift, code_offset):
+    """_quantize_row for an FP8 format, on magnitudes: |w| / scale rounds to the magnitude of w / scale's
+    code (division and rounding are symmetric), the sign bit is w's; the statistics see |w| and
+    |w| - |w'| = -(w - w') for negative w: the same squares, maximum, saturation and flushes."""
     saturated = np.uint32(0)
     flushed = np.uint32(0)
     max_err = np.uint32(0)
+    for i in range(n):
+        b = _bits(src[r, at + np.uint64(i)])
+        a = _float(_and(b, _ABS))
+        w[i] = a
+        s = scale[i]
+        y, code = _fp8_magnitude(min(a / s, qmax), magic_shift, magic_floor, code_shift, code_offset)
+        out[at + np.uint64(i)] = _low_byte(_or(code, _and(_shr(b, np.uint32(24)), np.uint32(0x80))))
+        deq = y * s
+        e = a - deq
+        err[i] = e
+        flushed = _add(flushed, _count((deq == _ZERO) & (a != _ZERO)))
+        max_err = _max(max_err, _and(_bits(e), _ABS))
+        saturated = _add(saturated, _count(_bits(y) == qmax_bits))
+    return saturated, flushed, max_err
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _int8_row(src, r, at, n, scale, qmax, qmax_bits, out, w, err):
+    """_quantize_row for int8: y = rint(clamp(w / scale)), its low byte the code."""
+    saturated = np.uint32(0)
+    flushed = np.uint32(0)
+    max_err = np.uint32(0)
+    for i in range(n):
+        x = _float(_bits(src[r, at + np.uint64(i)]))
+        w[i] = x
+        s = scale[i]
+        y = np.rint(min(max(x / s, -qmax), qmax))
+        out[at + np.uint64(i)] = _low_byte(y)
+        deq = y * s
+        e = x - deq
+        err[i] = e
+        flushed = _add(flushed, _count((deq == _ZERO) & (x != _ZERO)))
+        max_err = _max(max_err, _and(_bits(e), _ABS))
+        saturated = _add(saturated, _count(_and(_bits(y), _ABS) == qmax_bits))
+    return saturated, flushed, max_err
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_row(src, r, c0, n, scale, qmax, kind, qmax_bits, codes, w, err):
+    """Columns [c0, c0 + n) of row r: codes, and the source values and errors w - y * scale (float32)
+    into w[:n] and err[:n] for the sums of squares (padded with zeros to a multiple of 8). Returns
+    (saturated, flushed to zero, max |err| as bits) of the segment."""
+    at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loops stay contiguous
     out = codes[r]
-    if kind == 2:
-        for i in range(n):
-            x, s = w[i], scale[i]
-            y = np.rint(min(max(x / s, -qmax), qmax))
-            out[at + np.uint64(i)] = _low_byte(y)
-            deq = y * s
-            e = x - deq
-            err[i] = e
-            flushed = _add(flushed, _count((deq == _ZERO) & (x != _ZERO)))
-            max_err = _max(max_err, _and(_bits(e), _ABS))
-            saturated = _add(saturated, _count(_and(_bits(y), _ABS) == qmax_bits))
+    if kind == 0:
+        e = _E4M3
+        result = _fp8_row(src, r, at, n, scale, qmax, qmax_bits, out, w, err, e[0], e[1], e[2], e[3])
+    elif kind == 1:
+        e = _E5M2
+        result = _fp8_row(src, r, at, n, scale, qmax, qmax_bits, out, w, err, e[0], e[1], e[2], e[3])
     else:
-        p = _E4M3 if kind == 0 else _E5M2
-        for i in range(n):
-            x, s = w[i], scale[i]
-            y, code = _fp8(min(max(x / s, -qmax), qmax), p[0], p[1], p[2], p[3])
-            out[at + np.uint64(i)] = code
-            deq = y * s
-            e = x - deq
-            err[i] = e
-            flushed = _add(flushed, _count((deq == _ZERO) & (x != _ZERO)))
-            max_err = _max(max_err, _and(_bits(e), _ABS))
-            saturated = _add(saturated, _count(_and(_bits(y), _ABS) == qmax_bits))
+        result = _int8_row(src, r, at, n, scale, qmax, qmax_bits, out, w, err)
     for i in range(n, -(-n // LANES) * LANES):
         w[i] = _ZERO  # the sums' padding: +0.0 changes no lane
         err[i] = _ZERO
-    return saturated, flushed, max_err
+    return result
 
 
 @intrinsic
