@@ -165,7 +165,7 @@ def test_qmax_table():
 
 @pytest.mark.parametrize("fmt", FORMAT_NAMES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("shape", [(300, 2000), (37, 1500), (5, 9)])
+@pytest.mark.parametrize("shape", [(300, 2000), (37, 1500), (5, 9), (70, 4101)])
 def test_backends_give_identical_statistics(fmt, granularity, shape):
     """Codes, scales and every error statistic (float sums included) are the same on both paths."""
     w = heavy_tailed(np.random.default_rng([FORMAT_NAMES.index(fmt), *shape]), shape)
@@ -193,10 +193,11 @@ def fixed_order_sum_of_squares(values: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
-@pytest.mark.parametrize("cols", [1, 7, 8, 9, 17, 130])
+@pytest.mark.parametrize("cols", [1, 7, 8, 9, 17, 130, 4099])
 def test_sums_of_squares_follow_the_fixed_order(dtype, cols):
     """Both backends' sum w^2 and sum err^2 are the fixed-order float64 sums, bit for bit, for every
-    source dtype and widths that are not a multiple of the eight lanes (the compiled kernel pads)."""
+    source dtype and widths that are not a multiple of the eight lanes (the compiled kernel pads; 4099
+    columns: it works in column spans, each row's lanes continue from one span to the next)."""
     # Each row: one large value in lane 0, the rest ~2**-26.5 times as large, so their squares sit near
     # the last bit of the row's sum: adding them in any other order rounds differently.
     w = np.random.default_rng(cols).uniform(0.5, 2.0, (70, cols)) * 16 * 2.0 ** -26.5
