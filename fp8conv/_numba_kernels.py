@@ -2,13 +2,13 @@
 
 How it is laid out for speed (the numerics are kernels.py's, bit for bit):
 
-- A band of tile rows (at least ROW_GROUP rows) is processed in column spans of about SPAN_COLS
-  whole tiles, so the band's slice of the source stays in L2 between the amax pass and the
-  quantize pass.
+- A band of tile rows (at least ROW_GROUP rows) is processed in column spans of whole tiles (about
+  SPAN_COLS columns) for the amax, and quantized in sub-spans of at most SPAN_COLS columns, so the
+  band's slice of the source stays in L2 between the two passes and the row buffers stay in L1.
 - Integer work is on 32-bit lanes: numba widens uint32 arithmetic to 64 bits (half the lanes per
   vector), so the bit-pattern operations go through the small intrinsics below, which keep the width.
 - FP8 rounding is branch-free (_fp8_magnitude explains it), so the whole quantize + statistics loop of a
-  row vectorises.
+  row vectorises, with 512-bit vectors where the CPU has them (_wide_vectors).
 - The float64 sums of squares of ROW_GROUP rows run together (_lane_squares): independent add chains
   instead of one chain per row waiting on the add latency; each row's additions keep their order.
 """
