@@ -39,7 +39,7 @@ def main() -> None:
     weight = heavy_tailed(np.random.default_rng(0), (args.rows, args.cols))
     scheme = kernels.make_scheme(args.format, args.granularity, 128, 128)
     kernels.quantize_2d(weight[:128], scheme, backend=args.backend)  # load / compile outside the timing
-    step = max(128, int(args.chunk_mib * 2**20) // (weight.shape[1] * weight.itemsize) // 128 * 128)
+    step = min(args.rows, max(128, int(args.chunk_mib * 2**20) // (weight.shape[1] * weight.itemsize) // 128 * 128))
     best = float("inf")
     for _ in range(args.repeats):
         start = time.process_time()
