@@ -25,10 +25,8 @@ ITEMS = {  # (file suffix, function name) -> item
     ("~", "<built-in method posix.pwrite>"): "write (pwrite: copy into page cache)",
     ("~", "<built-in method numpy.empty>"): "numpy.empty",
     ("~", "<built-in method posix.fsync>"): "fsync",
-    ("~", "<built-in method _hashlib.openssl_sha256>"): "sha256",
-    ("~", "<method 'update' of '_hashlib.HASH' objects>"): "sha256",
-    ("~", "<built-in method posix.pread>"): "pread (hashing)",
 }
+OTHER = "other Python and numpy on the main thread"
 
 
 def main() -> None:
@@ -65,11 +63,12 @@ def main() -> None:
     totals: dict[str, float] = {}
     for (filename, _, name), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
         item = next((label for (suffix, fn), label in ITEMS.items() if fn == name and filename.endswith(suffix)), None)
-        totals[item or "other Python and numpy on the main thread"] = totals.get(item or "other Python and numpy on the main thread", 0.0) + tottime
+        totals[item or OTHER] = totals.get(item or OTHER, 0.0) + tottime
     print(f"wall {wall:.2f} s; CPU: process {process:.2f} s = main thread {main_thread:.2f} s + helper threads "
           f"(hashing, fsync, journal) {process - main_thread:.2f} s")
     for label, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {label:55s} {seconds:6.2f} s")
+        if seconds >= 0.005:
+            print(f"  {label:55s} {seconds:6.2f} s")
     if args.top:
         stats.sort_stats("tottime").print_stats(15)
     seconds = totals.get("numba kernel (quantize_chunk)", 0.0)
