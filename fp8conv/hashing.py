@@ -60,7 +60,6 @@ class PrefixHasher:
         if self.position != self.size:
             raise AssertionError(f"{self.path}: hashed {self.position} of {self.size} bytes")  # pragma: no cover
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._buffer = None
+            fd, self._fd, self._buffer = self._fd, None, None  # forgotten first: never closed twice
+            os.close(fd)
         return self._digest.hexdigest()

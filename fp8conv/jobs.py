@@ -164,12 +164,13 @@ def _writer(path: str) -> int:
 
 
 def close_handles() -> None:
-    for reader in _readers.values():
-        reader.close()
-    for fd in _writers.values():
-        os.close(fd)
-    _readers.clear()
-    _writers.clear()
+    # Each handle leaves the table before it is closed: a KeyboardInterrupt between the two leaks
+    # one descriptor, never closes it twice (a second close could hit a number another thread has
+    # opened since, e.g. the writeback or hashing threads).
+    while _readers:
+        _readers.popitem()[1].close()
+    while _writers:
+        os.close(_writers.popitem()[1])
 
 
 def forget_handles() -> None:

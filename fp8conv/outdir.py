@@ -84,9 +84,12 @@ class Writeback:
         self._close_files()
 
     def _close_files(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        while self._fds:  # out of the table first: never closed twice (see jobs.close_handles)
+            fd = self._fds.popitem()[1]
+            try:
+                os.close(fd)
+            except OSError:  # advisory: never replaces the error or interrupt being handled
+                pass
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:

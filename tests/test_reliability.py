@@ -321,3 +321,25 @@ def test_signals_remove_temporaries(tmp_path, signal_name, code, word, workers):
     assert result.returncode == code, result.stderr
     assert result.stderr == f"fp8conv: error: {word}; partial output removed\n"
     assert_no_output(tmp_path / "out")
+
+
+def test_close_handles_never_closes_a_descriptor_twice(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside close_handles (SIGINT lands between two bytecodes), then the
+    cleanup's second close_handles: each descriptor is closed once. A second close of a number that
+    the writeback or hashing threads have opened since would close their file (seen as a rare
+    'Bad file descriptor' instead of the interrupt's exit 130)."""
+    fds = [os.open(tmp_path / name, os.O_CREAT | os.O_WRONLY) for name in ("a", "b", "c")]
+    closed: list[int] = []
+
+    def interrupted_close(fd: int) -> None:
+        os.close(fd)  # raises EBADF if this descriptor was closed before
+        closed.append(fd)
+        if len(closed) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "_writers", {str(tmp_path / n): fd for n, fd in zip("abc", fds)})
+    monkeypatch.setattr(jobs, "os", type("Os", (), {"close": staticmethod(interrupted_close)}))
+    with pytest.raises(KeyboardInterrupt):
+        jobs.close_handles()
+    jobs.close_handles()
+    assert sorted(closed) == sorted(fds) and not jobs._writers
