@@ -10,7 +10,11 @@ evaluation text (GPL-3):
     PYTHONPATH=$PWD python3 bench/observer_dev.py --text /usr/share/common-licenses/LGPL-2.1 \
         --variants int4:minmax,int4:shipped,...
 
-A variant is scheme:name; see VARIANTS.
+A variant is scheme:name (see variant_recon). Experiments (bench/QUALITY.md, fourth round):
+`+gP` after the name weights input column j's squared error by |gamma_j|^P, gamma the weight of the
+RMSNorm before q/k/v_proj (input_layernorm) or gate/up_proj (post_attention_layernorm); o_proj and
+down_proj stay unweighted. `nvfp4:` = NVFP4 with the shipped code steps and the global scale shared by
+q/k/v and by gate/up (as fp8conv writes it), `nvfp4u:` the same with a per-tensor global scale.
 """
 from __future__ import annotations
 
@@ -107,8 +111,94 @@ def mx_recon(weight: np.ndarray, steps, p: float | None, element: str = "e2m1", 
     return recon_of(best_codes).reshape(weight.shape).astype(np.float32)
 
 
-def variant_recon(spec: str, weight: np.ndarray) -> np.ndarray:
+def weighted_grid_recon(weight: np.ndarray, scheme, factors, column_weight: np.ndarray) -> np.ndarray:
+    """float32 dequant(quant(weight)) choosing per tile among `factors` the scale with the least
+    sum_j column_weight[j] * (w'_ij - w_ij)^2 (column j of the weight = input feature j)."""
+    import ml_dtypes
+
+    scheme = _resolved(scheme, np.dtype(ml_dtypes.bfloat16))
+    rows, cols = weight.shape
+    tr, tc = scheme.tile(rows, cols)
+    params, reconstruct = observers.scheme_functions(scheme)
+    tiles = observers.tiles_of(weight, (tr, tc))
+    wt = observers.tiles_of(np.broadcast_to(column_weight.astype(np.float32)[None, :], weight.shape), (tr, tc))
+    wt = wt.astype(np.float64)
+    lo, hi = observers.tile_range(tiles)
+    recon = np.empty_like(tiles)
+
+    def err(scale, zero):
+        reconstruct(tiles, scale, zero, recon)
+        d = recon.astype(np.float64) - tiles
+        return (wt * d * d).sum(axis=1)
+
+    scale, zero = params(lo, hi)
+    scale = np.array(scale, np.float32)
+    zero = None if zero is None else np.array(zero, np.float32)
+    best = err(scale, zero)
+    for factor in factors[1:]:
+        f = np.float32(factor)
+        cs, cz = params(lo * f, hi * f)
+        e = err(cs, cz)
+        better = e < best * (1.0 - observers.MARGIN)
+        best = np.where(better, e, best)
+        scale[better] = cs[better]
+        if zero is not None:
+            zero[better] = cz[better]
+    reconstruct(tiles, scale, zero, recon)
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    full = recon.reshape(gr, gc, tr, tc).transpose(0, 2, 1, 3).reshape(gr * tr, gc * tc)
+    return np.ascontiguousarray(full[:rows, :cols])
+
+
+def nvfp4_recon(weight: np.ndarray, steps, column_weight: np.ndarray | None, amax: float | None = None) -> np.ndarray:
+    """NVFP4 (group 16, e4m3 group scales under the min-max global scale of `amax`, the largest |w| over the
+    weight's fused partners, default its own): per group the code among min-max + steps with the least
+    (column-weighted) squared error."""
+    import ml_dtypes
+    from fp8conv.fastcast import round_to_odd_bf16
+
+    group = 16
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    gs = ms.nvfp4_global_scale(float(ms.tensor_amax(weight)) if amax is None else amax, bf16)
+    first = ms.nvfp4_group_scales(ms.group_amax(weight, group), gs, bf16).reshape(-1)
+    tiles = weight.reshape(-1, group)
+    cw = np.ones(weight.shape[1], np.float64) if column_weight is None else column_weight.astype(np.float64)
+    wt = np.broadcast_to(cw[None, :], weight.shape).reshape(-1, group)
+    table = observers._element_value_table("e2m1")
+
+    def recon_of(codes):
+        d = observers.microscale_divisors(codes, "e4m3_global", gs)
+        return np.take(table, round_to_odd_bf16(tiles / d[:, None])) * d[:, None]
+
+    def err(codes):
+        diff = recon_of(codes).astype(np.float64) - tiles
+        return (wt * diff * diff).sum(axis=1)
+
+    low, high = observers._CODE_LIMITS["e4m3_global"]
+    best_codes = first.copy()
+    best = err(first)
+    for step in steps:
+        cand = np.clip(first.astype(np.int32) + step, low, high).astype(np.uint8)
+        e = err(cand)
+        better = e < best * (1.0 - observers.MARGIN)
+        best = np.where(better, e, best)
+        best_codes[better] = cand[better]
+    return recon_of(best_codes).reshape(weight.shape).astype(np.float32)
+
+
+def variant_recon(spec: str, weight: np.ndarray, gamma: np.ndarray | None = None,
+                  amax: float | None = None) -> np.ndarray:
+    """`gamma`: the preceding RMSNorm's weight of this Linear's input (None: no known norm).
+    Suffix +gP weights input column j's squared error by |gamma_j|^P (unweighted where gamma is None)."""
     scheme_name, name = spec.split(":")
+    column_weight = None
+    if "+g" in name:
+        name, ptext = name.split("+g")
+        if gamma is not None:
+            column_weight = np.abs(gamma.astype(np.float64)) ** float(ptext)
+    if scheme_name in ("nvfp4", "nvfp4u"):  # nvfp4: global scale shared by q/k/v and gate/up; nvfp4u: per tensor
+        steps = {"minmax": (), "shipped": observers.NVFP4_CODE_STEPS[1:]}[name]
+        return nvfp4_recon(weight, steps, column_weight, amax if scheme_name == "nvfp4" else None)
     p = None
     if "@p" in name:
         name, ptext = name.split("@p")
@@ -137,6 +227,8 @@ def variant_recon(spec: str, weight: np.ndarray) -> np.ndarray:
         factors = tuple(round(1.0 - i / 100, 2) for i in range(k + 1)) + (7.5 / 7,)
     else:
         raise SystemExit(f"unknown variant {spec}")
+    if column_weight is not None:
+        return weighted_grid_recon(weight, scheme, factors, column_weight)
     return grid_recon(weight, scheme, factors, p)
 
 
@@ -158,12 +250,31 @@ def main() -> None:
     params = {n: p for n, p in ev.model.named_parameters() if n.endswith(".weight") and n.split(".")[-2] in targets}
     source = {n: p.detach().clone() for n, p in params.items()}
     modules = {n[: -len(".weight")] for n in params}
+    named = dict(ev.model.named_parameters())
+    norm_of = {"q_proj": "input_layernorm", "k_proj": "input_layernorm", "v_proj": "input_layernorm",
+               "gate_proj": "post_attention_layernorm", "up_proj": "post_attention_layernorm"}
+
+    def gamma_of(name):  # model.layers.N.self_attn.q_proj.weight -> model.layers.N.input_layernorm.weight
+        parts = name.split(".")
+        if parts[-2] not in norm_of:
+            return None
+        return named[".".join(parts[:3] + [norm_of[parts[-2]], "weight"])].detach().float().numpy()
+
+    fused_amax = {}  # fp8conv fuses the NVFP4 global scale of q/k/v and of gate/up (one amax per set)
+    for n in params:
+        parts = n.split(".")
+        key = (".".join(parts[:4]), norm_of.get(parts[-2], parts[-2]))
+        fused_amax[key] = max(fused_amax.get(key, 0.0), float(source[n].abs().max()))
+
+    def amax_of(name):
+        parts = name.split(".")
+        return fused_amax[(".".join(parts[:4]), norm_of.get(parts[-2], parts[-2]))]
     results = json.loads(args.json.read_text()) if args.json.exists() else []
     for spec in args.variants.split(","):
         t0 = time.time()
         for n, p in params.items():
             w = source[n].numpy()
-            p.data.copy_(torch.from_numpy(variant_recon(spec, w)))
+            p.data.copy_(torch.from_numpy(variant_recon(spec, w, gamma_of(n), amax_of(n))))
         tq = time.time() - t0
         metrics = _evaluate(ev, modules, source)
         row = {"text": args.text.name, "variant": spec, "quantize_s": round(tq, 1), **metrics}
