@@ -17,6 +17,11 @@ from typing import Any, Callable, Sequence
 from .errors import WorkerDied
 
 STOP_GRACE_S = 2.0
+# Signals that stop a worker (the parent sends SIGTERM in _stop). A forked worker would inherit the
+# parent's Python handlers for them (the CLI turns them into an exception that cleans up the output),
+# so the parent blocks them across the fork and the worker restores their default action before
+# unblocking them: a worker signalled while it still starts dies by the signal, printing nothing.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def _die_with_parent() -> None:
@@ -30,6 +35,9 @@ def _die_with_parent() -> None:
 
 def _worker(conn: Connection, func: Callable[[Any], Any], initializer: Callable[[], None] | None,
             parent_pid: int | None = None, inherited: Sequence[Connection] = ()) -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
     if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)  # the parent died before PDEATHSIG was armed: nobody would ever signal us
@@ -84,12 +92,15 @@ def run_parallel(func: Callable[[Any], Any], items: Sequence[Any], workers: int,
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_worker, args=(child, func, initializer, os.getpid(), [parent, *procs]),
                                daemon=True)
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
                 proc.start()
             except OSError as exc:  # EAGAIN / ENOMEM from fork: not the output's fault
                 child.close()
                 parent.close()
                 raise WorkerDied(f"cannot start a worker process ({exc.strerror or exc}); try fewer --workers") from None
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child.close()
             procs[parent] = proc
         pending = iter(enumerate(items))

@@ -82,6 +82,37 @@ def test_runner_reraises_worker_errors_and_stops_the_rest():
     assert results == {i: i * i for i in range(20)}
 
 
+STARTING_WORKER_SIGNALLED = """
+import os, signal, sys, time
+from fp8conv.errors import WorkerDied
+from fp8conv.runner import run_parallel
+
+def parent_handler(signum, frame):  # what the CLI installs: a forked worker must not run it
+    raise RuntimeError("the parent's SIGTERM handler ran in a worker")
+
+signal.signal(signal.SIGTERM, parent_handler)
+
+def starting():
+    os.kill(os.getpid(), signal.SIGTERM)  # as the parent's _stop does while this worker still starts
+    time.sleep(10)
+
+try:
+    run_parallel(abs, [1], 1, lambda index, value: None, initializer=starting)
+except WorkerDied as exc:
+    print(exc)
+"""
+
+
+def test_worker_signalled_while_starting_dies_by_the_signal_quietly():
+    """A forked worker does not inherit the parent's Python SIGTERM handler (it would raise in the
+    worker and print a traceback): signalled before its first job, it dies by SIGTERM, silently."""
+    result = subprocess.run([sys.executable, "-c", STARTING_WORKER_SIGNALLED], capture_output=True, text=True,
+                            env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "killed by SIGTERM" in result.stdout, result.stdout
+
+
 # ---- one writer per OUT ---------------------------------------------------------------------------
 
 SLOW_RUN = """
