@@ -62,7 +62,10 @@ def default_workers(shards: int, cpus: int | None = None) -> int:
 class RunOptions:
     """How to run a plan: parallelism, what to do with an existing output, and the memory knobs
     (rows are read in chunks of about chunk_bytes; matrices over job_bytes are split into row-range
-    jobs that workers share). The output bytes depend on none of them."""
+    jobs that workers share). The tensors' bytes depend on none of them. The report's float64
+    error sums are merged chunk by chunk and job by job, so their last bits depend on chunk_bytes
+    and job_bytes (module constants, not CLI options: every run, any --workers or --partition, uses
+    the same ones); workers and backend change nothing."""
 
     workers: int = 1
     overwrite: bool = False
