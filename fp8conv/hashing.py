@@ -8,23 +8,31 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import mmap
 import os
 from pathlib import Path
+from typing import Callable
 
-READ_BYTES = 1 << 20  # one reused buffer this size: the copy out of the page cache stays in the CPU's cache
+# Hashed through a read-only mapping of this many bytes at a time, straight from the page cache:
+# no copy into a buffer, and one GIL release per window instead of two per read. Measured on a
+# 16-core machine, one 1.7 GB shard: 1.25 GB/s against 0.85-1.06 with 1-8 MiB reads (1.12-1.17
+# against 0.96-0.99 beside 12 busy processes): the hash of each shard is the end of a big run.
+WINDOW_BYTES = 64 << 20
 
 
 class PrefixHasher:
     """Feed it the byte ranges written to a file; it hashes [0, n) as far as n is contiguous."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, hashed: Callable[[Path, int, int], None] | None = None) -> None:
+        """`hashed(path, start, end)` is told of each range once it is hashed (to drop its pages
+        from the page cache elsewhere); without it, this thread drops them."""
         self.path = path
+        self._hashed = hashed
         self.size = size
         self.position = 0
         self._digest = hashlib.sha256()
         self._pending: list[tuple[int, int]] = []
-        self._fd: int | None = None
-        self._buffer: bytearray | None = None  # while hashing: not one per shard of a 1000-shard plan
+        self._fd: int | None = None  # while hashing: not one per shard of a 1000-shard plan
 
     def written(self, start: int, end: int) -> None:
         """Record [start, end) as final; hash whatever prefix became contiguous."""
@@ -40,26 +48,31 @@ class PrefixHasher:
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-            self._buffer = bytearray(READ_BYTES)
+        # A mapped page past the end of the file would kill the process (SIGBUS), not raise: the
+        # file is the run's own staging file, only ever extended, so checked once per call.
+        if os.fstat(self._fd).st_size < end:
+            raise OSError(f"{self.path} is shorter than expected")
         start = self.position
-        view = memoryview(self._buffer)
         while self.position < end:
-            n = os.preadv(self._fd, [view[:min(READ_BYTES, end - self.position)]], self.position)
-            if not n:
-                raise OSError(f"{self.path} is shorter than expected")
-            self._digest.update(view[:n])
-            self.position += n
-        # Their writeback was asked for when their job reported them (outdir.Writeback, another
-        # thread); DONTNEED drops the pages already on disk and starts any left, so the fsync
-        # before the final rename has little left to wait for and the page cache does not fill
-        # up with output during a long conversion.
-        os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
+            base = self.position - self.position % mmap.ALLOCATIONGRANULARITY
+            stop = min(end, base + WINDOW_BYTES)
+            with mmap.mmap(self._fd, stop - base, prot=mmap.PROT_READ, offset=base) as window:
+                with memoryview(window) as view, view[self.position - base:] as piece:
+                    self._digest.update(piece)
+            self.position = stop
+        # DONTNEED drops the pages already on disk and starts any left, so the fsync before the
+        # final rename has little left to wait for and the page cache does not fill up with
+        # output during a long conversion.
+        if self._hashed is not None:
+            self._hashed(self.path, start, end)
+        else:
+            os.posix_fadvise(self._fd, start, end - start, os.POSIX_FADV_DONTNEED)
 
     def hexdigest(self) -> str:
         """The file's sha256; every byte must have been reported written."""
         if self.position != self.size:
             raise AssertionError(f"{self.path}: hashed {self.position} of {self.size} bytes")  # pragma: no cover
         if self._fd is not None:
-            fd, self._fd, self._buffer = self._fd, None, None  # forgotten first: never closed twice
+            fd, self._fd = self._fd, None  # forgotten first: never closed twice
             os.close(fd)
         return self._digest.hexdigest()

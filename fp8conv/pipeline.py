@@ -492,7 +492,8 @@ def _os_reason(exc: OSError) -> str:
 
 
 def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions, sources: dict[str, Path],
-                    progress: Progress, names: list[str]) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
+                    progress: Progress, names: list[str], writeback: Writeback
+                    ) -> tuple[dict[str, dict], dict[str, list[Job]], dict[str, PrefixHasher]]:
     """Reuse shards a resumed run finished (sha256-checked); lay out the header of every other one."""
     files: dict[str, dict] = {}
     jobs_by_shard: dict[str, list[Job]] = {}
@@ -516,7 +517,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
             os.ftruncate(fd, len(header) + shard.nbytes)
         finally:
             os.close(fd)
-        hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes)
+        hashers[shard.name] = PrefixHasher(path, len(header) + shard.nbytes, writeback.hashed)
         hashers[shard.name].written(0, len(header))
         jobs_by_shard[shard.name] = _jobs_for_shard(plan, shard, offsets, path, sources, options)
     return files, jobs_by_shard, hashers
@@ -563,7 +564,12 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     stats as JSON}, notes)."""
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
     plan.global_scales = _global_scales(checkpoint, plan, options)
-    files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress, names)
+    writeback = Writeback()
+    try:
+        files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress, names, writeback)
+    except BaseException:
+        writeback.close()
+        raise
     reused = len(files)
     jobs = _interleave(jobs_by_shard, {s.name: hashers[s.name].size for s in plan.shards if s.name in hashers})
     job_stats: dict[int, ErrorStats] = {}
@@ -579,7 +585,6 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     # one thread per shard keeps that shard's steps in order.
     finishers = {shard: ThreadPoolExecutor(max_workers=1) for shard in jobs_by_shard}
     pending = []
-    writeback = Writeback()
     try:
         def on_result(index: int, result: tuple) -> None:
             _, partial, nbytes = result

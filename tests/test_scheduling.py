@@ -3,6 +3,7 @@ None of it may change an output byte (tests/test_golden_bytes.py and the --worke
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -100,13 +101,35 @@ def test_writeback_requests_leave_the_bytes_alone_and_survive_a_vanished_file(tm
     assert path.read_bytes() == data
 
 
-def test_prefix_hasher_out_of_order_ranges_across_buffer_boundaries(tmp_path):
+def test_writeback_drops_hashed_ranges_on_its_thread_and_ignores_requests_after_close(tmp_path, monkeypatch):
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"y" * (2 << 20))
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(outdir.os, "posix_fadvise",
+                        lambda fd, start, length, advice: calls.append((start, length, advice)) or real(fd, start, length, advice))
+    writeback = outdir.Writeback()
+    hasher = hashing.PrefixHasher(path, 2 << 20, writeback.hashed)
+    hasher.written(0, 1 << 20)
+    hasher.written(1 << 20, 2 << 20)
+    writeback._thread.submit(lambda: None).result()
+    assert calls == [(0, 1 << 20, os.POSIX_FADV_DONTNEED), (1 << 20, 1 << 20, os.POSIX_FADV_DONTNEED)]
+    writeback.close()
+    writeback.hashed(path, 0, 10)  # a hashing thread finishing after the run's writeback closed
+    writeback.written(path, 0, 10)
+    assert len(calls) == 2 and writeback._fds == {}
+    assert hasher.hexdigest() == hashlib.sha256(b"y" * (2 << 20)).hexdigest()
+
+
+@pytest.mark.parametrize("window", [hashing.WINDOW_BYTES, 2 * mmap.ALLOCATIONGRANULARITY])
+def test_prefix_hasher_out_of_order_ranges_across_window_boundaries(tmp_path, monkeypatch, window):
+    monkeypatch.setattr(hashing, "WINDOW_BYTES", window)
     path = tmp_path / "out.bin"
-    size = 3 * hashing.READ_BYTES + 12345
+    size = 3 * window + 12345
     data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8).tobytes()
     path.write_bytes(data)
     hasher = hashing.PrefixHasher(path, size)
-    cuts = [0, 7, hashing.READ_BYTES - 1, hashing.READ_BYTES + 5, 2 * hashing.READ_BYTES + 3, size]
+    cuts = [0, 7, window - 1, window + 5, 2 * window + 3, 2 * window + 4, size]
     ranges = list(zip(cuts, cuts[1:]))
     for start, end in reversed(ranges[1:]):
         hasher.written(start, end)
@@ -114,9 +137,24 @@ def test_prefix_hasher_out_of_order_ranges_across_buffer_boundaries(tmp_path):
     hasher.written(*ranges[0])
     assert hasher.position == size
     assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
-    assert hasher._buffer is None  # released once the shard is hashed
+    assert hasher._fd is None  # closed once the shard is hashed
+    # In order, one range at a time: every window starts at an unaligned position.
+    hasher = hashing.PrefixHasher(path, size)
+    for start, end in ranges:
+        hasher.written(start, end)
+        assert hasher.position == end
+    assert hasher.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-def test_prefix_hasher_holds_no_buffer_before_it_hashes(tmp_path):
+def test_prefix_hasher_refuses_a_file_shorter_than_its_ranges(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"x" * 100)
+    hasher = hashing.PrefixHasher(path, 200)
+    with pytest.raises(OSError, match="shorter than expected"):
+        hasher.written(0, 200)  # an error, never a SIGBUS from a mapped page past the end
+    os.close(hasher._fd)
+
+
+def test_prefix_hasher_holds_no_descriptor_before_it_hashes(tmp_path):
     hashers = [hashing.PrefixHasher(Path(tmp_path / f"{i}.bin"), 10) for i in range(1000)]
-    assert all(h._buffer is None for h in hashers)  # a 1000-shard plan makes 1000 hashers up front
+    assert all(h._fd is None for h in hashers)  # a 1000-shard plan makes 1000 hashers up front
