@@ -19,8 +19,8 @@ import numpy as np
 
 from .errors import InputError
 from .formats import FORMATS, SAFETENSORS_DTYPES
-from .kernels import (ErrorStats, NonFiniteError, count_nonfinite, dequantize_rows, microscale_nonfinite_error,
-                      nonfinite_error, quantize_2d,
+from .kernels import (ErrorStats, NonFiniteError, compiled_rows, count_nonfinite, dequantize_rows,
+                      microscale_nonfinite_error, nonfinite_error, quantize_2d, quantize_rows_into, stats_of,
                       tensor_scale_of)
 from .layouts import CODES, ZERO_POINT, TensorSpec, decode_codes, decode_zero_points, get_layout
 from .safetensors_io import READ_CHUNK_BYTES, TensorReader, write_at
@@ -28,6 +28,7 @@ from .scheme import MAX_TILE, Scheme
 from .untrusted import printable
 
 COPY_BYTES = 16 << 20
+PIECE_BYTES = 4 << 20  # the compiled kernel's reads: a piece stays in cache from the read to the write
 
 
 @dataclass(frozen=True)
@@ -399,19 +400,52 @@ def _quantize(job: Job) -> ErrorStats:
             raise ValueError(f"internal: no NVFP4 global scale for {job.name}")
         tensor_scale = np.float32(job.global_scale)
     stats = ErrorStats()
+
+    def emit(q, first: int) -> None:
+        row = job.first_row + first
+        for spec, start in job.outputs:
+            if spec.data is not None or (not spec.unit_rows and (first or job.first_row)):
+                continue
+            data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points, q.global_scale)
+            write_at(fd, start + spec.offset(job.matrix, row, job.matrix_rows), data)
+
+    # The compiled kernel takes a chunk in pieces of about PIECE_BYTES, carrying its sums: the same
+    # codes, scales and statistics (merged chunk by chunk, as before) from reads that stay in cache.
+    piece_rows = _chunk_rows(replace(job, chunk_bytes=PIECE_BYTES), target_tile_rows(scheme, job.outputs,
+                                                                                    job.matrix_rows, job.cols))
+    pieces = piece_rows < chunk_rows and compiled_rows(scheme, _row_dtype(job), job.backend)
     try:
-        for first, chunk in _chunks(job, chunk_rows):
-            q = quantize_2d(chunk, scheme, tensor_scale, job.allow_nonfinite, job.name, job.backend)
-            row = job.first_row + first
-            for spec, start in job.outputs:
-                if spec.data is not None or (not spec.unit_rows and (first or job.first_row)):
-                    continue
-                data = layout.encode(spec, scheme, q.codes, q.scales, q.zero_points, q.global_scale)
-                write_at(fd, start + spec.offset(job.matrix, row, job.matrix_rows), data)
+        for first in range(0, job.rows, chunk_rows):
+            count = min(chunk_rows, job.rows - first)
+            if pieces and _quantize_pieces(job, scheme, tensor_scale, first, count, piece_rows, emit, stats):
+                continue
+            q = quantize_2d(read_rows(job, first, count), scheme, tensor_scale, job.allow_nonfinite, job.name,
+                            job.backend)
+            emit(q, first)
             stats.merge(q.stats)
     except NonFiniteError:
         raise _count_nonfinite(job, chunk_rows) from None
     return stats
+
+
+def _quantize_pieces(job: Job, scheme: Scheme, tensor_scale, first: int, count: int, piece_rows: int, emit,
+                     stats: ErrorStats) -> bool:
+    """Rows [first, first + count) by the compiled kernel, piece by piece; False (the chunk's
+    statistics untouched) when a piece holds NaN/Inf: the caller redoes the chunk (quantize_2d maps
+    or refuses them, and rewrites the same bytes for the pieces written)."""
+    carried = np.zeros(5)
+    for at in range(first, first + count, piece_rows):
+        q = quantize_rows_into(read_rows(job, at, min(piece_rows, first + count - at)), scheme, tensor_scale, carried)
+        if q is None:
+            return False
+        emit(q, at)
+    stats.merge(stats_of(count * job.cols, carried))
+    return True
+
+
+def _row_dtype(job: Job) -> np.dtype:
+    """The dtype read_rows gives: the stored one, float32 for a quantized source."""
+    return np.dtype(np.float32) if job.source.scheme is not None else SAFETENSORS_DTYPES[job.source.dtype]
 
 
 def _count_nonfinite(job: Job, chunk_rows: int) -> InputError:

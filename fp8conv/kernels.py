@@ -460,10 +460,38 @@ def _use_compiled(backend: str, scheme: Scheme) -> bool:
     return supported
 
 
+def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> bool:
+    """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
+    that `quantize_rows_into` can take a chunk's rows piece by piece."""
+    scheme = _resolved(scheme, dtype)
+    return (not scheme.microscale and scheme.observer != "mse" and np.dtype(dtype) in _COMPILED_SOURCES
+            and _use_compiled(backend, scheme))
+
+
+def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
+                       stats: np.ndarray) -> QuantizedTensor | None:
+    """The compiled kernel on some whole tile rows of a chunk (where `compiled_rows` holds), adding
+    its error sums into `stats` (float64[5], carried from the chunk's earlier pieces): the kernel
+    adds each row's sums in row order, so pieces taken in order give the chunk's statistics to the
+    last bit (`stats_of`) while each piece stays in the CPU's cache from the read to the write.
+    The result's own stats are not filled in. None when the piece holds NaN/Inf: quantize_2d then
+    takes the whole chunk."""
+    if weight.size == 0:
+        return None
+    return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats)
+
+
+def stats_of(elements: int, stats: np.ndarray) -> ErrorStats:
+    """ErrorStats of a chunk from the compiled kernel's carried sums."""
+    return ErrorStats(elements, float(stats[0]), float(stats[1]), float(stats[2]), int(stats[3]), int(stats[4]))
+
+
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
-                       given_scales: np.ndarray | None = None) -> QuantizedTensor | None:
+                       given_scales: np.ndarray | None = None, carried: np.ndarray | None = None
+                       ) -> QuantizedTensor | None:
     """The numba path (tensor_scale given for tensor granularity; given_scales: the scale grid to use, the
-    mse observer's); None when the weight holds NaN/Inf (the numpy path maps them)."""
+    mse observer's; carried: sums to add into, see quantize_rows_into); None when the weight holds
+    NaN/Inf (the numpy path maps them)."""
     fmt = scheme.fmt
     rows, cols = weight.shape
     if scheme.granularity == "tensor":
@@ -476,15 +504,14 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     codes = np.empty((rows, cols), fmt.dtype)
     given = given_scales is not None
     scales = np.array(given_scales, np.float32, order="C") if given else np.empty(grid, np.float32)
-    stats = np.zeros(5)
+    stats = np.zeros(5) if carried is None else carried
     fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
     if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
                                compiled.kind_of(scheme), codes.view(np.uint8), scales, stats, given):
         return None
     if scheme.granularity == "tensor":
         scales = scales[:1, :1].copy()
-    return QuantizedTensor(codes, scales, ErrorStats(rows * cols, float(stats[0]), float(stats[1]), float(stats[2]),
-                                                      int(stats[3]), int(stats[4])))
+    return QuantizedTensor(codes, scales, ErrorStats() if carried is not None else stats_of(rows * cols, stats))
 
 
 def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str,

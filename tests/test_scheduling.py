@@ -3,6 +3,7 @@ None of it may change an output byte (tests/test_golden_bytes.py and the --worke
 from __future__ import annotations
 
 import hashlib
+import json
 import mmap
 import os
 import subprocess
@@ -10,11 +11,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv import hashing, outdir, pipeline
+import stfile
+from fp8conv import hashing, jobs, outdir, pipeline
 from fp8conv.jobs import Job, Source
+from helpers import run_cli
 
 
 def job(kind: str, shard: str, offset: int) -> Job:
@@ -188,3 +192,57 @@ def test_keep_big_buffers_reuses_chunk_buffers_instead_of_faulting_in_fresh_page
     huge_pages = pipeline.READ_CHUNK_BYTES // (2 << 20)  # the fewest faults of a fresh mapping (2 MiB pages)
     assert faults("default") >= huge_pages  # glibc maps each 32 MiB buffer afresh: its pages fault in
     assert faults("keep") < huge_pages // 4  # kept on the heap: the next chunk reuses the same pages
+
+
+@pytest.mark.parametrize("options", [[], ["--granularity", "channel"], ["--format", "int8"],
+                                     ["--granularity", "tensor"], ["--format", "fp8_e5m2", "--block-size", "64x128", "--layout", "fp8conv"],
+                                     ["--format", "int8", "--granularity", "group", "--group-size", "128"]])
+def test_kernel_pieces_give_the_bytes_and_report_of_whole_chunks(tmp_path, monkeypatch, options):
+    """The compiled kernel reads a chunk in pieces and carries its sums: every output file, the
+    report's float sums and the manifest included, equals that of whole-chunk calls."""
+    pytest.importorskip("numba")
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((1000, 1536)) * 0.02).astype(np.float32)
+    w[:, ::97] *= 30  # heavy columns: scales differ from tile to tile
+    stfile.write(src / "model.safetensors", {"layers.0.proj.weight": stfile.entry("BF16", [1000, 1536], 0, w.size * 2)},
+                 w.astype(ml_dtypes.bfloat16).tobytes())
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    outputs = {}
+    calls = []
+    real = jobs.quantize_rows_into
+    monkeypatch.setattr(jobs, "quantize_rows_into", lambda *args: calls.append(args[0].shape) or real(*args))
+    for label, piece in (("pieces", 64 << 10), ("whole", 1 << 40)):
+        monkeypatch.setattr(jobs, "PIECE_BYTES", piece)
+        out = tmp_path / label
+        run_cli("quantize", str(src), "-o", str(out), "-q", "--workers", "1", *options)
+        outputs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        if label == "pieces":
+            assert len(calls) >= 8 and sum(shape[0] for shape in calls) == 1000  # the chunk went in pieces
+            pieces = len(calls)
+    assert len(calls) == pieces  # the whole-chunk run made no piece calls
+    assert outputs["pieces"].keys() == outputs["whole"].keys()
+    for name in outputs["whole"]:
+        assert outputs["pieces"][name] == outputs["whole"][name], name
+
+
+def test_kernel_pieces_hand_a_chunk_with_nan_to_the_numpy_path(tmp_path, monkeypatch):
+    pytest.importorskip("numba")
+    src = tmp_path / "src"
+    src.mkdir()
+    w = (np.random.default_rng(3).standard_normal((512, 1024)) * 0.02).astype(np.float32)
+    w[300, 5] = np.nan  # in the third 64 KiB piece of the only chunk
+    stfile.write(src / "model.safetensors", {"layers.0.proj.weight": stfile.entry("BF16", [512, 1024], 0, w.size * 2)},
+                 w.astype(ml_dtypes.bfloat16).tobytes())
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    outputs = {}
+    for label, piece in (("pieces", 64 << 10), ("whole", 1 << 40)):
+        monkeypatch.setattr(jobs, "PIECE_BYTES", piece)
+        out = tmp_path / label
+        run_cli("quantize", str(src), "-o", str(out), "-q", "--workers", "1", "--allow-nonfinite")
+        outputs[label] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert outputs["pieces"] == outputs["whole"]
+    report = json.loads(outputs["pieces"]["fp8conv.report.json"])
+    [row] = [row for row in report["tensors"] if row["name"] == "layers.0.proj.weight"]
+    assert row["nonfinite_values"] == 1
