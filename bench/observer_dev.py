@@ -15,6 +15,17 @@ A variant is scheme:name (see variant_recon). Experiments (bench/QUALITY.md, fou
 RMSNorm before q/k/v_proj (input_layernorm) or gate/up_proj (post_attention_layernorm); o_proj and
 down_proj stay unweighted. `nvfp4:` = NVFP4 with the shipped code steps and the global scale shared by
 q/k/v and by gate/up (as fp8conv writes it), `nvfp4u:` the same with a per-tensor global scale.
+Fifth round (INT4 group 64): `int4:fineN` = factors 1.000, 0.995, ..., 1 - N/100 (step 0.005);
+`int4:bfN` = every bf16 scale from the stored 1 - N/100 shrink up to the min-max scale (each storable
+value once, in descending order); `int4:lsN` = shrinkN, then per tile two least-squares refits of the
+scale for the tile's codes (s = <w, q> / <q, q>, not below the stored 1 - N/100 shrink, rounded to
+bf16, codes re-rounded), each kept only where it lowers the squared error; `int4:lsnN` = the same, but
+both bf16 neighbours of the refit are tried. `@p` applies to fine / bf too. `llmc:minmax` /
+`%M` (a smaller scale must lower the error by M%) and `~b` (each tile's error rounded to bf16
+before it is compared, strict improvement: llm-compressor's CPU arithmetic) apply to shrink / fine.
+`llmc:mse` = llm-compressor's INT4 group-64 output (its `memoryless_mse` for mse; data-free, so
+quantized once, dequantized by `fp8conv dequantize --dtype fp32` and cached under
+bench/out/observer_dev/), loaded instead of a reconstruction.
 """
 from __future__ import annotations
 
@@ -43,18 +54,25 @@ SCHEMES = {
 SHRINK = observers.SHRINK_FACTORS
 
 
-def _lp_error(p: float):
-    def error(self, x, reconstruct, scale, zero):
+def _lp_error(p: float, bf16_sum: bool = False):
+    def errors(self, x, reconstruct, scale, zero, exponent):  # replaces observers._Scratch.errors
+        import ml_dtypes
+
         n = x.shape[0]
         recon = self.recon[:n]
         reconstruct(x, scale, zero, recon)
         d = np.abs(recon.astype(np.float64) - x)
-        return (d ** p).sum(axis=1)
-    return error
+        e = (d ** p).sum(axis=1)
+        # ~b: the tile's error rounded to bf16 before the comparison (llm-compressor's CPU path sums in bf16)
+        e = e.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64) if bf16_sum else e
+        return e, e
+    return errors
 
 
-def grid_recon(weight: np.ndarray, scheme, factors, p: float | None) -> np.ndarray:
-    """float32 dequant(quant(weight)) with the observer's choice among `factors` (objective |d|^p)."""
+def grid_recon(weight: np.ndarray, scheme, factors, p: float | None, margin: float = 0.0,
+               bf16_sum: bool = False) -> np.ndarray:
+    """float32 dequant(quant(weight)) with the observer's choice among `factors` (objective |d|^p;
+    `margin`: relative improvement a smaller scale must bring, at least MARGIN)."""
     import ml_dtypes
 
     scheme = _resolved(scheme, np.dtype(ml_dtypes.bfloat16))
@@ -62,13 +80,14 @@ def grid_recon(weight: np.ndarray, scheme, factors, p: float | None) -> np.ndarr
     tr, tc = scheme.tile(rows, cols)
     params, reconstruct = observers.scheme_functions(scheme)
     tiles = observers.tiles_of(weight, (tr, tc))
-    saved = observers._Scratch.error
-    if p is not None:
-        observers._Scratch.error = _lp_error(p)
+    saved, saved_margin = observers._Scratch.errors, observers.MARGIN
+    if p is not None or bf16_sum:
+        observers._Scratch.errors = _lp_error(2.0 if p is None else p, bf16_sum)
+    observers.MARGIN = max(margin, saved_margin) if not bf16_sum else 0.0
     try:
         choice = observers.mse(tiles, params, reconstruct, tuple(factors))
     finally:
-        observers._Scratch.error = saved
+        observers._Scratch.errors, observers.MARGIN = saved, saved_margin
     out = np.empty_like(tiles)
     for t0 in range(0, tiles.shape[0], 4096):
         part = slice(t0, t0 + 4096)
@@ -186,6 +205,123 @@ def nvfp4_recon(weight: np.ndarray, steps, column_weight: np.ndarray | None, ama
     return recon_of(best_codes).reshape(weight.shape).astype(np.float32)
 
 
+def _int4_setup(weight: np.ndarray):
+    import ml_dtypes
+
+    scheme = _resolved(SCHEMES["int4"](), np.dtype(ml_dtypes.bfloat16))
+    rows, cols = weight.shape
+    tile = scheme.tile(rows, cols)
+    params, reconstruct = observers.scheme_functions(scheme)
+    return scheme, tile, params, reconstruct, observers.tiles_of(weight, tile)
+
+
+def _untile(recon: np.ndarray, shape, tile) -> np.ndarray:
+    rows, cols = shape
+    tr, tc = tile
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    full = recon.reshape(gr, gc, tr, tc).transpose(0, 2, 1, 3).reshape(gr * tr, gc * tc)
+    return np.ascontiguousarray(full[:rows, :cols])
+
+
+def _tile_err(tiles, reconstruct, scale, p: float | None):
+    recon = np.empty_like(tiles)
+    reconstruct(tiles, scale, None, recon)
+    d = np.abs(recon.astype(np.float64) - tiles)
+    return d * d if p is None else d ** p, recon
+
+
+def candidates_recon(weight: np.ndarray, cands: np.ndarray, p: float | None) -> np.ndarray:
+    """INT4 group 64: per tile the candidate scale (float32 [K, n], row 0 = min-max, already stored
+    values) with the least sum |d|^p (2 if None); a later one wins only when smaller by MARGIN."""
+    scheme, tile, params, reconstruct, tiles = _int4_setup(weight)
+    best = _tile_err(tiles, reconstruct, cands[0], p)[0].sum(axis=1)
+    scale = cands[0].copy()
+    for k in range(1, cands.shape[0]):
+        e = _tile_err(tiles, reconstruct, cands[k], p)[0].sum(axis=1)
+        better = e < best * (1.0 - observers.MARGIN)
+        best = np.where(better, e, best)
+        scale[better] = cands[k][better]
+    recon = np.empty_like(tiles)
+    reconstruct(tiles, scale, None, recon)
+    return _untile(recon, weight.shape, tile)
+
+
+def bf16_candidates(weight: np.ndarray, floor_factor: float) -> np.ndarray:
+    """float32 [K, n]: the min-max scale, then every smaller bf16 value down to the stored shrink by
+    floor_factor (rows past the floor repeat the min-max scale, which never wins)."""
+    scheme, tile, params, reconstruct, tiles = _int4_setup(weight)
+    lo, hi = observers.tile_range(tiles)
+    smm = params(lo, hi)[0].astype(np.float32)
+    floor = params(lo * np.float32(floor_factor), hi * np.float32(floor_factor))[0].astype(np.float32)
+    bits = smm.view(np.uint32) >> np.uint32(16)
+    rows = [smm]
+    for k in range(1, 40):
+        c = ((bits - np.uint32(k)) << np.uint32(16)).view(np.float32)
+        rows.append(np.where((c >= floor) & (smm > 0), c, smm))
+    return np.stack(rows)
+
+
+def ls_recon(weight: np.ndarray, k: int, iterations: int, neighbours: bool) -> np.ndarray:
+    """shrinkK's choice, then least-squares refits of each tile's scale for its codes (see docstring)."""
+    import ml_dtypes
+
+    scheme, tile, params, reconstruct, tiles = _int4_setup(weight)
+    factors = tuple(round(1.0 - i / 100, 2) for i in range(k + 1))
+    choice = observers.mse(tiles, params, reconstruct, factors)
+    lo, hi = observers.tile_range(tiles)
+    floor = params(lo * np.float32(factors[-1]), hi * np.float32(factors[-1]))[0].astype(np.float32)
+    scale = choice.scale.astype(np.float32).copy()
+    best = _tile_err(tiles, reconstruct, scale, None)[0].sum(axis=1)
+    code_lo, code_hi = (np.float32(v) for v in scheme.code_range)
+    for _ in range(iterations):
+        q = np.clip(np.rint(tiles / scale[:, None]), code_lo, code_hi).astype(np.float64)
+        num = (q * tiles.astype(np.float64)).sum(axis=1)
+        den = (q * q).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ls = np.where(den > 0, num / np.where(den > 0, den, 1.0), scale)
+        ls = np.maximum(ls, floor.astype(np.float64)).astype(np.float32)
+        rounded = ls.astype(ml_dtypes.bfloat16).astype(np.float32)
+        cands = [rounded]
+        if neighbours:
+            b = ls.view(np.uint32) >> np.uint32(16)
+            down = (b << np.uint32(16)).view(np.float32)  # truncation: the bf16 value at or below
+            up = ((b + np.uint32(1)) << np.uint32(16)).view(np.float32)
+            cands = [np.maximum(down, floor), up]
+        for c in cands:
+            c = np.where(hi - lo > 0, c, scale)
+            e = _tile_err(tiles, reconstruct, c, None)[0].sum(axis=1)
+            better = e < best * (1.0 - observers.MARGIN)
+            best = np.where(better, e, best)
+            scale = np.where(better, c, scale)
+    recon = np.empty_like(tiles)
+    reconstruct(tiles, scale, None, recon)
+    return _untile(recon, weight.shape, tile)
+
+
+_LOADED: dict[str, dict] = {}
+
+
+def llmc_weights(observer: str, src: Path) -> dict:
+    """llm-compressor's INT4 group-64 output dequantized to float32, built once per observer and cached."""
+    if observer in _LOADED:
+        return _LOADED[observer]
+    import quality
+    from safetensors.numpy import load_file
+
+    base = ROOT / "bench" / "out" / "observer_dev"
+    qdir, ddir = base / f"llmc-int4-group-{observer}", base / f"llmc-int4-group-{observer}-deq"
+    if not (ddir / "model.safetensors").exists():
+        probe = base / "modules-probe"
+        quality.fp8conv_quantize(src, probe, "int4-group", "minmax")
+        modules = quality.quantized_modules(probe)
+        t0 = time.time()
+        quality.llmc_quantize(src, qdir, "int4-group", observer, modules)
+        print(f"llm-compressor int4-group {observer}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        quality.dequantize(qdir, ddir)
+    _LOADED[observer] = load_file(str(ddir / "model.safetensors"))
+    return _LOADED[observer]
+
+
 def variant_recon(spec: str, weight: np.ndarray, gamma: np.ndarray | None = None,
                   amax: float | None = None) -> np.ndarray:
     """`gamma`: the preceding RMSNorm's weight of this Linear's input (None: no known norm).
@@ -207,9 +343,21 @@ def variant_recon(spec: str, weight: np.ndarray, gamma: np.ndarray | None = None
     if "%" in name:
         name, mtext = name.split("%")
         margin = float(mtext) / 100
+    bf16_sum = name.endswith("~b")
+    name = name.removesuffix("~b")
     if scheme_name in ("mx", "mx8"):
         steps = {"minmax": (), "shipped": (-1, 1), "up": (1,), "up2": (1, 2), "rup": ("rup",), "rupup": ("rup", 1)}[name]
         return mx_recon(weight, steps, p, "e2m1" if scheme_name == "mx" else "e4m3", margin)
+    if scheme_name == "int4" and name.startswith(("fine", "bf", "lsn", "ls")):
+        if name.startswith("fine"):  # fineN: 1.000, 0.995, ..., 1 - N/100
+            k = int(name[4:])
+            factors = tuple(round(1.0 - i / 200, 3) for i in range(2 * k + 1))
+            return grid_recon(weight, SCHEMES["int4"](), factors, p, margin, bf16_sum)
+        if name.startswith("bf"):
+            return candidates_recon(weight, bf16_candidates(weight, round(1.0 - int(name[2:]) / 100, 2)), p)
+        if name.startswith("lsn"):
+            return ls_recon(weight, int(name[3:]), 2, True)
+        return ls_recon(weight, int(name[2:]), 2, False)
     scheme = SCHEMES[scheme_name]()
     if name == "minmax":
         factors = (1.0,)
@@ -229,7 +377,7 @@ def variant_recon(spec: str, weight: np.ndarray, gamma: np.ndarray | None = None
         raise SystemExit(f"unknown variant {spec}")
     if column_weight is not None:
         return weighted_grid_recon(weight, scheme, factors, column_weight)
-    return grid_recon(weight, scheme, factors, p)
+    return grid_recon(weight, scheme, factors, p, margin, bf16_sum)
 
 
 def main() -> None:
@@ -272,7 +420,11 @@ def main() -> None:
     results = json.loads(args.json.read_text()) if args.json.exists() else []
     for spec in args.variants.split(","):
         t0 = time.time()
+        loaded = llmc_weights(spec.split(":")[1], src) if spec.startswith("llmc:") else None
         for n, p in params.items():
+            if loaded is not None:
+                p.data.copy_(torch.from_numpy(loaded[n]))
+                continue
             w = source[n].numpy()
             p.data.copy_(torch.from_numpy(variant_recon(spec, w, gamma_of(n), amax_of(n))))
         tq = time.time() - t0

@@ -69,9 +69,15 @@ class Kind:
             out.append((scale, zero))
         return out
 
-    def error(self, tile: np.ndarray, scale: float, zero: float | None) -> float:
-        """Exact squared error of one tile: codes from the float32 quotient (plus zero point), weights
-        reconstructed as a float32 loader does ((q - zero) * scale exact in float64, rounded once)."""
+    @property
+    def exponent(self) -> int:
+        """The documented objective: sum |error|^3 for 4-bit integers, the squared error otherwise."""
+        return 3 if not self.float_name and self.qmax == 7 else 2
+
+    def error(self, tile: np.ndarray, scale: float, zero: float | None, exponent: int = 2) -> float:
+        """Exact sum |error|^exponent of one tile (default: the squared error): codes from the float32
+        quotient (plus zero point), weights reconstructed as a float32 loader does ((q - zero) * scale
+        exact in float64, rounded once)."""
         x = (tile.astype(np.float32) / np.float32(scale)).astype(np.float64)
         z = zero or 0.0
         x = np.clip(x + z, self.code_lo, self.code_hi)
@@ -80,7 +86,7 @@ class Kind:
         else:
             q = np.round(x)
         recon = ((q - z) * scale).astype(np.float32).astype(np.float64)
-        return float(((recon - tile.astype(np.float64)) ** 2).sum())
+        return float((np.abs(recon - tile.astype(np.float64)) ** exponent).sum())
 
 
 SCHEMES = [
@@ -96,27 +102,33 @@ SCHEMES = [
 KINDS = [Kind(s) for s in SCHEMES]
 
 
-def check(tiles: np.ndarray, kind: Kind, factors=observers.SHRINK_FACTORS) -> observers.Choice:
+def check(tiles: np.ndarray, kind: Kind, factors=observers.SHRINK_FACTORS, exponent: int | None = None) -> observers.Choice:
+    """The observer's choice under `exponent` (default: the scheme's documented one) against the brute
+    force: the best candidate on that objective, never worse than min-max on it; the squared errors and
+    the objective sums reported are the reference's."""
+    exponent = kind.exponent if exponent is None else exponent
     params, reconstruct = observers.scheme_functions(kind.scheme)
-    choice = observers.mse(tiles, params, reconstruct, factors=factors)
+    choice = observers.mse(tiles, params, reconstruct, factors=factors, exponent=exponent)
     if compiled.AVAILABLE:  # the numba evaluation: the same choices and error sums, bit for bit
-        fast = observers.mse(tiles, params, reconstruct, factors=factors,
+        fast = observers.mse(tiles, params, reconstruct, factors=factors, exponent=exponent,
                              compiled_search=observers.compiled_search_for(kind.scheme))
-        for field in ("scale", "zero", "factor_index", "error", "minmax_error"):
+        for field in ("scale", "zero", "factor_index", "error", "minmax_error", "objective", "minmax_objective"):
             a, b = getattr(choice, field), getattr(fast, field)
             assert (a is None and b is None) or a.tobytes() == b.tobytes(), f"{field} of {kind}: numpy {a}, numba {b}"
     for i, tile in enumerate(tiles):
         cands = kind.candidates(tile, factors)
-        errs = [kind.error(tile, s, z) for s, z in cands]
+        objs = [kind.error(tile, s, z, exponent) for s, z in cands]
         k = int(choice.factor_index[i])
-        where = f"tile {i} of {kind}"
+        where = f"tile {i} of {kind}, exponent {exponent}"
         assert choice.scale[i] == np.float32(cands[k][0]), where
         if cands[k][1] is not None:
             assert choice.zero[i] == cands[k][1], where
-        assert errs[k] <= errs[0], f"{where}: mse error {errs[k]} > min-max {errs[0]}"
-        assert errs[k] <= min(errs) * (1 + 2.0 ** -18), f"{where}: chose {k} ({errs[k]}), best {np.argmin(errs)} ({min(errs)})"
-        assert choice.error[i] == pytest.approx(errs[k], rel=1e-9, abs=1e-30), where
-        assert choice.minmax_error[i] == pytest.approx(errs[0], rel=1e-9, abs=1e-30), where
+        assert objs[k] <= objs[0], f"{where}: mse objective {objs[k]} > min-max {objs[0]}"
+        assert objs[k] <= min(objs) * (1 + 2.0 ** -18), f"{where}: chose {k} ({objs[k]}), best {np.argmin(objs)} ({min(objs)})"
+        assert choice.objective[i] == pytest.approx(objs[k], rel=1e-9, abs=1e-30), where
+        assert choice.minmax_objective[i] == pytest.approx(objs[0], rel=1e-9, abs=1e-30), where
+        assert choice.error[i] == pytest.approx(kind.error(tile, *cands[k]), rel=1e-9, abs=1e-30), where
+        assert choice.minmax_error[i] == pytest.approx(kind.error(tile, *cands[0]), rel=1e-9, abs=1e-30), where
     return choice
 
 
@@ -154,12 +166,78 @@ def test_mse_is_the_best_candidate_and_never_worse_than_minmax(kind, tiles):
     check(tiles, kind)
 
 
+@pytest.mark.parametrize("kind", [KINDS[0], KINDS[6]], ids=repr)
+@settings(max_examples=25, deadline=None)
+@given(tiles=tiles_strategy())
+def test_cubic_objective_on_other_formats_is_searched_like_int4(kind, tiles):
+    """The exponent-3 search is not tied to INT4: on INT8 / FP8 tiles it is the brute force's best too."""
+    check(tiles, kind, exponent=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiles=tiles_strategy())
+def test_squared_objective_on_int4_is_still_searched_exactly(tiles):
+    check(tiles, KINDS[1], exponent=2)
+
+
+def test_documented_objectives():
+    """INT4 (symmetric or not, any stored scale format) minimises sum |error|^3, every other grid scheme the
+    squared error; the search accepts only those two exponents."""
+    for kind in KINDS:
+        assert observers.exponent_for(kind.scheme) == kind.exponent, repr(kind)
+    assert [k.exponent for k in KINDS] == [2, 3, 3, 3, 2, 2, 2, 2]
+    assert observers.INT4_EXPONENT == 3
+    params, reconstruct = observers.scheme_functions(KINDS[0].scheme)
+    with pytest.raises(ValueError, match="exponent"):
+        observers.mse(np.ones((1, 8), np.float32), params, reconstruct, exponent=4)
+
+
+def test_int4_cubic_objective_against_a_float64_reference():
+    """A float64 restatement of the INT4 group rule, independent of the observer's code: every candidate
+    scale is bf16(f * amax / 7.5) (f = 1.00 ... 0.90), codes clip(rint(w / s), -8, 7), and the chosen scale
+    is the first one with the smallest sum |w - q * s|^3 (ties keep the larger scale); never worse than
+    min-max on that sum, and both kernel paths agree bit for bit."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(31)
+    tiles = rng.standard_t(3, size=(300, 64)).astype(np.float32) * np.float32(0.02)
+    tiles[::7, 5] *= 6  # outliers: clipping them is tempting for the squared error
+    params, reconstruct = observers.scheme_functions(KINDS[1].scheme)
+    got = observers.mse(tiles, params, reconstruct, exponent=3)
+    if compiled.AVAILABLE:
+        fast = observers.mse(tiles, params, reconstruct, exponent=3,
+                             compiled_search=observers.compiled_search_for(KINDS[1].scheme))
+        assert fast.scale.tobytes() == got.scale.tobytes() and fast.objective.tobytes() == got.objective.tobytes()
+        assert fast.error.tobytes() == got.error.tobytes() and fast.minmax_error.tobytes() == got.minmax_error.tobytes()
+    w = tiles.astype(np.float64)
+    amax = np.abs(tiles).max(axis=1)
+    best = np.full(len(tiles), np.inf)
+    chosen = np.zeros(len(tiles), np.float64)
+    for f in FACTORS:
+        raw = (amax * np.float32(f)) / np.float32(7.5)  # float32 arithmetic, as the kernels
+        s = raw.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+        q = np.clip(np.round((tiles / s.astype(np.float32)[:, None]).astype(np.float64)), -8, 7)
+        recon = (q * s[:, None]).astype(np.float32).astype(np.float64)
+        obj = (np.abs(recon - w) ** 3).sum(axis=1)
+        if f == 1.0:
+            minmax_obj, minmax_sq = obj, ((recon - w) ** 2).sum(axis=1)
+        better = obj < best * (1 - 2.0 ** -20)
+        best = np.where(better, obj, best)
+        chosen = np.where(better, s, chosen)
+    np.testing.assert_array_equal(got.scale.astype(np.float64), chosen)
+    np.testing.assert_allclose(got.objective, best, rtol=1e-9)
+    np.testing.assert_allclose(got.minmax_error, minmax_sq, rtol=1e-9)
+    assert (got.objective <= minmax_obj * (1 + 1e-12)).all()
+    assert (got.factor_index > 0).sum() > 30  # the search did move scales
+
+
 @settings(max_examples=30, deadline=None)
 @given(tiles=tiles_strategy())
 def test_power_of_two_factor_set_is_minmax(tiles):
     """E8M0 scales keep the min-max exponent: the search then reproduces min-max and its error."""
     choice = check(tiles, KINDS[1], factors=observers.E8M0_FACTORS)
     assert (choice.factor_index == 0).all() and (choice.error == choice.minmax_error).all()
+    assert (choice.objective == choice.minmax_objective).all()
 
 
 @settings(max_examples=30, deadline=None)
@@ -178,11 +256,14 @@ def test_documented_candidate_sets():
 def test_clipping_helps_on_an_int4_tile_with_an_outlier():
     rng = np.random.default_rng(7)
     tile = rng.normal(size=(1, 64)).astype(np.float32)
-    tile[0, 3] = 4.0 * np.abs(tile).max()
-    choice = check(tile, KINDS[1])
+    # A negative outlier (INT4's code -8 is one step longer than +7): with the cubic objective a +4x one
+    # keeps min-max on this tile, this one is clipped by the 0.90 shrink.
+    tile[0, 3] = -4.0 * np.abs(tile).max()
+    choice = check(tile, KINDS[1])  # INT4: the cubic objective
     assert choice.factor_index[0] > 0
     assert choice.scale[0] < np.float32(np.abs(tile).max()) / np.float32(7.5)
-    assert choice.error[0] < choice.minmax_error[0] * (1 - observers.MARGIN)
+    assert choice.objective[0] < choice.minmax_objective[0] * (1 - observers.MARGIN)
+    assert choice.error[0] < choice.minmax_error[0]
 
 
 def test_tile_on_the_minmax_grid_keeps_the_minmax_scale():
@@ -199,9 +280,11 @@ def test_heavy_tailed_int4_groups_gain_on_average():
     rng = np.random.default_rng(11)
     tiles = rng.standard_t(4, size=(256, 64)).astype(np.float32)
     params, reconstruct = observers.scheme_functions(KINDS[1].scheme)
-    choice = observers.mse(tiles, params, reconstruct)
-    assert (choice.error <= choice.minmax_error).all()
-    assert choice.error.sum() < 0.9 * choice.minmax_error.sum()
+    for exponent in (2, 3):
+        choice = observers.mse(tiles, params, reconstruct, exponent=exponent)
+        assert (choice.objective <= choice.minmax_objective).all()
+        assert choice.objective.sum() < 0.95 * choice.minmax_objective.sum()
+        assert choice.error.sum() < 0.95 * choice.minmax_error.sum()  # the squared error falls with either
 
 
 def test_all_zero_tiles_and_batches():
@@ -275,12 +358,13 @@ def test_quantize_with_mse_scales_is_the_brute_force_choice(scheme, backend):
     for i, t in enumerate(ref_tiles(w, scheme.tile(*w.shape))):
         cands = kind.candidates(t, observers.SHRINK_FACTORS)
         errs = [kind.error(t, s, z) for s, z in cands]
+        objs = [kind.error(t, s, z, kind.exponent) for s, z in cands]
         keys = [(np.float32(s), z) for s, z in cands]
         key = (scales[i], None if zeros is None else float(zeros[i]))
         assert key in keys, f"tile {i}: {key} is not a candidate"
-        chosen = errs[keys.index(key)]
-        assert chosen <= errs[0] and chosen <= min(errs) * (1 + 2.0 ** -18), f"tile {i}: {chosen} vs best {min(errs)}"
-        total_err += chosen
+        chosen = objs[keys.index(key)]
+        assert chosen <= objs[0] and chosen <= min(objs) * (1 + 2.0 ** -18), f"tile {i}: {chosen} vs best {min(objs)}"
+        total_err += errs[keys.index(key)]
         total_minmax += errs[0]
     # Codes are the plain quantization of the weight with those scales.
     deq = kernels.dequantize_array(q.codes, q.scales, scheme, zero_points=q.zero_points).astype(np.float64)
