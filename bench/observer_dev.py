@@ -25,7 +25,9 @@ both bf16 neighbours of the refit are tried. `@p` applies to fine / bf too. `llm
 before it is compared, strict improvement: llm-compressor's CPU arithmetic) apply to shrink / fine.
 `llmc:mse` = llm-compressor's INT4 group-64 output (its `memoryless_mse` for mse; data-free, so
 quantized once, dequantized by `fp8conv dequantize --dtype fp32` and cached under
-bench/out/observer_dev/), loaded instead of a reconstruction.
+bench/out/observer_dev/), loaded instead of a reconstruction. Sixth round: `llmc-fp8:minmax` /
+`llmc-fp8:mse` = the same for llm-compressor's FP8_BLOCK (e4m3, 128x128 blocks), to compare with
+`fp8:minmax`, `fp8:shrink10` (the shipped FP8 mse) and `fp8:shrink10@pP`.
 """
 from __future__ import annotations
 
@@ -301,25 +303,30 @@ def ls_recon(weight: np.ndarray, k: int, iterations: int, neighbours: bool) -> n
 _LOADED: dict[str, dict] = {}
 
 
-def llmc_weights(observer: str, src: Path) -> dict:
-    """llm-compressor's INT4 group-64 output dequantized to float32, built once per observer and cached."""
-    if observer in _LOADED:
-        return _LOADED[observer]
+LLMC_SCHEMES = {"llmc": "int4-group", "llmc-fp8": "fp8-block"}  # variant prefix -> bench/quality.py scheme
+
+
+def llmc_weights(observer: str, src: Path, scheme: str = "int4-group") -> dict:
+    """llm-compressor's output for `scheme` (bench/quality.py's name: int4-group = INT4 group 64,
+    fp8-block = FP8_BLOCK, e4m3 128x128) dequantized to float32, built once per (scheme, observer) and cached."""
+    key = f"{scheme}-{observer}"
+    if key in _LOADED:
+        return _LOADED[key]
     import quality
     from safetensors.numpy import load_file
 
     base = ROOT / "bench" / "out" / "observer_dev"
-    qdir, ddir = base / f"llmc-int4-group-{observer}", base / f"llmc-int4-group-{observer}-deq"
+    qdir, ddir = base / f"llmc-{key}", base / f"llmc-{key}-deq"
     if not (ddir / "model.safetensors").exists():
-        probe = base / "modules-probe"
-        quality.fp8conv_quantize(src, probe, "int4-group", "minmax")
+        probe = base / f"modules-probe-{scheme}"
+        quality.fp8conv_quantize(src, probe, scheme, "minmax")
         modules = quality.quantized_modules(probe)
         t0 = time.time()
-        quality.llmc_quantize(src, qdir, "int4-group", observer, modules)
-        print(f"llm-compressor int4-group {observer}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        quality.llmc_quantize(src, qdir, scheme, observer, modules)
+        print(f"llm-compressor {scheme} {observer}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         quality.dequantize(qdir, ddir)
-    _LOADED[observer] = load_file(str(ddir / "model.safetensors"))
-    return _LOADED[observer]
+    _LOADED[key] = load_file(str(ddir / "model.safetensors"))
+    return _LOADED[key]
 
 
 def variant_recon(spec: str, weight: np.ndarray, gamma: np.ndarray | None = None,
@@ -420,7 +427,8 @@ def main() -> None:
     results = json.loads(args.json.read_text()) if args.json.exists() else []
     for spec in args.variants.split(","):
         t0 = time.time()
-        loaded = llmc_weights(spec.split(":")[1], src) if spec.startswith("llmc:") else None
+        prefix, name = spec.split(":")
+        loaded = llmc_weights(name, src, LLMC_SCHEMES[prefix]) if prefix in LLMC_SCHEMES else None
         for n, p in params.items():
             if loaded is not None:
                 p.data.copy_(torch.from_numpy(loaded[n]))
