@@ -2,7 +2,8 @@
 installed). Same arithmetic as observers.py's numpy path, element for element and in the same order:
 float32 x / scale (+ zero), clamp to the code range, round (rint, or the FP8 grid by the bit rule of
 observers.float_rounder), (- zero) * scale; the float32 difference squared in float64 (and, for the
-exponent-3 objective, that square times |difference|) and summed in eight lanes (column c -> lane c % 8,
+exponent-3 objective, that square times |difference|; for exponent 4, that square squared) and summed in
+eight lanes (column c -> lane c % 8,
 sequential per lane), the lanes added 0..7. tests/test_observers.py
 checks that both paths give the same choices and the same error sums, bit for bit.
 """
@@ -13,8 +14,8 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, cubic, y, out):
-    """(sum |error|^3 if cubic else the squared error, squared error) of one tile under one candidate; `y`
+def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, exponent, y, out):
+    """(sum |error|^exponent, squared error) of one tile under one candidate (exponent 2, 3 or 4); `y`
     and `out` are float32 scratch rows of the tile's length (separate arrays, simple loops: LLVM
     vectorizes them)."""
     m = x.shape[0]
@@ -44,7 +45,9 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
     # The same eight-lane sum as _numba_microscale._lane_sum, written here on purpose: numba's disk cache
     # is invalidated only by edits to the file holding a function, so calling another module's njit
     # function could run a stale cached copy of it after that module changes. Exponent 3: a second set of
-    # lanes sums d^2 * |d| (observers._Scratch.errors: the same product, one rounding).
+    # lanes sums d^2 * |d|, exponent 4: d^2 * d^2 (observers._Scratch.errors: the same products, one rounding).
+    cubic = exponent == 3
+    quartic = exponent == 4
     l0 = l1 = l2 = l3 = l4 = l5 = l6 = l7 = 0.0
     c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0.0
     for base in range(0, m, 8):
@@ -68,8 +71,17 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
             c5 += abs(a5) * s5
             c6 += abs(a6) * s6
             c7 += abs(a7) * s7
+        elif quartic:
+            c0 += s0 * s0
+            c1 += s1 * s1
+            c2 += s2 * s2
+            c3 += s3 * s3
+            c4 += s4 * s4
+            c5 += s5 * s5
+            c6 += s6 * s6
+            c7 += s7 * s7
     squared = l0 + l1 + l2 + l3 + l4 + l5 + l6 + l7
-    if cubic:
+    if cubic or quartic:
         return c0 + c1 + c2 + c3 + c4 + c5 + c6 + c7, squared
     return squared, squared
 
@@ -78,24 +90,23 @@ def _tile_error(x, s, z, has_zero, lo, hi, is_float, drop, half, mask, smallest_
 def search(tiles, scales, zeros, has_zero, lo, hi, is_float, drop, half, mask, smallest_normal, quantum, margin,
            exponent, index, sums):
     """tiles float32 [n, m] (m a multiple of 8); scales / zeros float32 [K, n], candidate 0 the min-max one;
-    exponent 2 or 3. Per tile: index of the candidate with the smallest sum |error|^exponent (a later one
+    exponent 2, 3 or 4. Per tile: index of the candidate with the smallest sum |error|^exponent (a later one
     replaces the best only when smaller by more than the relative margin), and in sums float64 [4, n] its
     objective, its squared error, candidate 0's objective and candidate 0's squared error."""
     n, m = tiles.shape
     k_count = scales.shape[0]
-    cubic = exponent == 3
     y = np.empty(m, np.float32)
     out = np.empty(m, np.float32)
     for i in range(n):
         x = tiles[i]
         best, best_sq = _tile_error(x, scales[0, i], zeros[0, i], has_zero, lo, hi, is_float, drop, half, mask,
-                                    smallest_normal, quantum, cubic, y, out)
+                                    smallest_normal, quantum, exponent, y, out)
         sums[2, i] = best
         sums[3, i] = best_sq
         chosen = 0
         for k in range(1, k_count):
             err, sq = _tile_error(x, scales[k, i], zeros[k, i], has_zero, lo, hi, is_float, drop, half, mask,
-                                  smallest_normal, quantum, cubic, y, out)
+                                  smallest_normal, quantum, exponent, y, out)
             if err < best * (1.0 - margin):
                 best = err
                 best_sq = sq

@@ -48,8 +48,9 @@ import numpy as np
 SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(11))  # 1.00 ... 0.90
 E8M0_FACTORS: tuple[float, ...] = (1.0,)  # the min-max exponent only (module docstring)
 MARGIN = 2.0 ** -20
-EXPONENTS = (2, 3)  # the error exponents the search evaluates (module docstring)
+EXPONENTS = (2, 3, 4)  # the error exponents the search evaluates (module docstring)
 INT4_EXPONENT = 3  # INT4's objective: sum |error|^3 (module docstring)
+FP8_BLOCK_EXPONENT = 4  # FP8 e4m3 block's objective: sum |error|^4 (module docstring)
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
 LANES = 8  # error sums: column c of a tile in lane c % 8 (the order both kernel paths use)
@@ -98,8 +99,8 @@ class _Scratch:
         d = reconstruction - x.
 
         The float32 difference is exact here (Sterbenz: the reconstruction is within a factor of 2 of x
-        or zero) and its square is exact in float64; |d|^3 is computed as d^2 * |d| (one float64
-        rounding per element), so the sums carry only float64 rounding."""
+        or zero) and its square is exact in float64; |d|^3 is computed as d^2 * |d| and d^4 as d^2 * d^2
+        (one float64 rounding per element), so the sums carry only float64 rounding."""
         n = x.shape[0]
         recon, wide = self.recon[:n], self.wide[:n]
         reconstruct(x, scale, zero, recon)
@@ -110,6 +111,10 @@ class _Scratch:
             squared = lane_sums(wide)
             return squared, squared
         power = self.power[:n]
+        if exponent == 4:
+            np.square(wide, out=wide)
+            np.multiply(wide, wide, out=power)
+            return lane_sums(power), lane_sums(wide)
         np.abs(wide, out=power)
         np.square(wide, out=wide)
         power *= wide
@@ -137,7 +142,7 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
         factors: tuple[float, ...] = SHRINK_FACTORS, batch_elements: int = BATCH_ELEMENTS,
         compiled_search: "Optional[Callable[..., None]]" = None, exponent: int = 2) -> Choice:
     """Per tile of a float32 [n, m] array, the candidate scale with the smallest sum |error|^exponent
-    (2: squared error; 3: `exponent_for` INT4).
+    (2: squared error; 3: `exponent_for` INT4; 4: `exponent_for` FP8 e4m3 block).
 
     `compiled_search` (from `scheme_functions`): the numba evaluation of the same candidates, used
     when given; it returns the same choices and error sums as the numpy loop, bit for bit."""
@@ -209,8 +214,13 @@ def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, 
 # -- params and reconstruct of a scheme -------------------------------------------------------------
 
 def exponent_for(scheme) -> int:
-    """The error exponent of a scheme's search: INT4_EXPONENT for 4-bit integers, else 2 (squared error)."""
-    return INT4_EXPONENT if not scheme.fmt.is_float and scheme.fmt.bits == 4 else 2
+    """The error exponent of a scheme's search: INT4_EXPONENT for 4-bit integers, FP8_BLOCK_EXPONENT for
+    FP8 e4m3 with block granularity (the one FP8 scheme measured), else 2 (squared error)."""
+    if not scheme.fmt.is_float and scheme.fmt.bits == 4:
+        return INT4_EXPONENT
+    if scheme.format == "fp8_e4m3" and scheme.granularity == "block":
+        return FP8_BLOCK_EXPONENT
+    return 2
 
 
 def factors_for(scheme) -> tuple[float, ...]:
