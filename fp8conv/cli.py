@@ -167,8 +167,8 @@ def scheme_options(func):
                      help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
         click.option("--observer", type=click.Choice(OBSERVERS), default="minmax", show_default=True,
                      help="How each tile's scale is chosen: minmax (from the tile's range) or mse (among the min-max "
-                          "range shrunk by 1.00, 0.99, ..., 0.90, the scale with the smallest squared error of the "
-                          "tile; nvfp4: e4m3 group scale codes min-max -2..+6; mxfp4/mxfp8: the min-max E8M0 "
+                          "range shrunk by 1.00, 0.99, ..., 0.90, the scale with the smallest error of the tile: "
+                          "sum |error|^3 for int4, ^4 for fp8_e4m3 block, the squared error otherwise; nvfp4: e4m3 group scale codes min-max -2..+6; mxfp4/mxfp8: the min-max E8M0 "
                           "exponent is kept; no calibration data)."),
     ]
     return _apply(options, func)
