@@ -198,6 +198,25 @@ def test_squared_objective_on_fp8_block_is_still_searched_exactly(tiles):
     check(tiles, KINDS[6], exponent=2)
 
 
+def _first_smallest(tiles, candidate, power):
+    """Per tile, over FACTORS in order, the first candidate scale with the smallest sum |recon - w|^power
+    (a later one must be smaller by more than 2^-20, relative): (chosen scale, its sum, min-max's sum,
+    min-max's squared error), all float64. `candidate(amax, f)` -> (scales, reconstructions)."""
+    w = tiles.astype(np.float64)
+    amax = np.abs(tiles).max(axis=1)
+    best = np.full(len(tiles), np.inf)
+    chosen = np.zeros(len(tiles), np.float64)
+    for f in FACTORS:
+        s, recon = candidate(amax, f)
+        obj = (np.abs(recon - w) ** power).sum(axis=1)
+        if f == 1.0:
+            minmax_obj, minmax_sq = obj, ((recon - w) ** 2).sum(axis=1)
+        better = obj < best * (1 - 2.0 ** -20)
+        best = np.where(better, obj, best)
+        chosen = np.where(better, s, chosen)
+    return chosen, best, minmax_obj, minmax_sq
+
+
 def test_fp8_block_quartic_objective_against_a_float64_reference():
     """A float64 restatement of the FP8 e4m3 block rule, independent of the observer's code: every candidate
     scale is float32(f * amax) / 448 (f = 1.00 ... 0.90, float32 scales), codes the nearest e4m3 value of
@@ -217,20 +236,12 @@ def test_fp8_block_quartic_objective_against_a_float64_reference():
                              compiled_search=observers.compiled_search_for(scheme))
         for field in ("scale", "factor_index", "objective", "error", "minmax_objective", "minmax_error"):
             assert getattr(fast, field).tobytes() == getattr(got, field).tobytes(), field
-    w = tiles.astype(np.float64)
-    amax = np.abs(tiles).max(axis=1)
-    best = np.full(len(tiles), np.inf)
-    chosen = np.zeros(len(tiles), np.float64)
-    for f in FACTORS:
+    def candidate(amax, f):
         s = (amax * np.float32(f)) / np.float32(448)  # float32 arithmetic, as the kernels; stored as float32
         y = np.clip(tiles / s[:, None], -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
-        recon = (y * s.astype(np.float64)[:, None]).astype(np.float32).astype(np.float64)
-        obj = ((recon - w) ** 4).sum(axis=1)
-        if f == 1.0:
-            minmax_obj, minmax_sq = obj, ((recon - w) ** 2).sum(axis=1)
-        better = obj < best * (1 - 2.0 ** -20)
-        best = np.where(better, obj, best)
-        chosen = np.where(better, s, chosen)
+        return s.astype(np.float64), (y * s.astype(np.float64)[:, None]).astype(np.float32).astype(np.float64)
+
+    chosen, best, minmax_obj, minmax_sq = _first_smallest(tiles, candidate, 4)
     np.testing.assert_array_equal(got.scale.astype(np.float64), chosen)
     np.testing.assert_allclose(got.objective, best, rtol=1e-9)
     np.testing.assert_allclose(got.minmax_objective, minmax_obj, rtol=1e-9)
@@ -274,21 +285,13 @@ def test_int4_cubic_objective_against_a_float64_reference():
                              compiled_search=observers.compiled_search_for(KINDS[1].scheme))
         assert fast.scale.tobytes() == got.scale.tobytes() and fast.objective.tobytes() == got.objective.tobytes()
         assert fast.error.tobytes() == got.error.tobytes() and fast.minmax_error.tobytes() == got.minmax_error.tobytes()
-    w = tiles.astype(np.float64)
-    amax = np.abs(tiles).max(axis=1)
-    best = np.full(len(tiles), np.inf)
-    chosen = np.zeros(len(tiles), np.float64)
-    for f in FACTORS:
+    def candidate(amax, f):
         raw = (amax * np.float32(f)) / np.float32(7.5)  # float32 arithmetic, as the kernels
         s = raw.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
         q = np.clip(np.round((tiles / s.astype(np.float32)[:, None]).astype(np.float64)), -8, 7)
-        recon = (q * s[:, None]).astype(np.float32).astype(np.float64)
-        obj = (np.abs(recon - w) ** 3).sum(axis=1)
-        if f == 1.0:
-            minmax_obj, minmax_sq = obj, ((recon - w) ** 2).sum(axis=1)
-        better = obj < best * (1 - 2.0 ** -20)
-        best = np.where(better, obj, best)
-        chosen = np.where(better, s, chosen)
+        return s, (q * s[:, None]).astype(np.float32).astype(np.float64)
+
+    chosen, best, minmax_obj, minmax_sq = _first_smallest(tiles, candidate, 3)
     np.testing.assert_array_equal(got.scale.astype(np.float64), chosen)
     np.testing.assert_allclose(got.objective, best, rtol=1e-9)
     np.testing.assert_allclose(got.minmax_error, minmax_sq, rtol=1e-9)
