@@ -1,7 +1,6 @@
 """The only module that combines checkpoint I/O with the kernels: runs a ConversionPlan."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import gc
 import hashlib
@@ -317,30 +316,11 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
-BIG_BUFFER_BYTES = 4 * READ_CHUNK_BYTES  # above every chunk buffer a job allocates
-
-
-def keep_big_buffers() -> bool:
-    """Have malloc serve and keep the chunk buffers (32 MiB) on its heap: by default glibc maps
-    each one afresh and unmaps it when freed, so every chunk read first faults in zeroed pages
-    (~0.5 CPU s of a 2 GB conversion on 2 cores). Freed buffers are reused by the next chunk; the
-    process keeps at most what it held at its peak. Larger allocations are still mapped. False
-    where the C library has no mallopt (the defaults then stay)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, BIG_BUFFER_BYTES) and mallopt(M_TRIM_THRESHOLD, 2 * BIG_BUFFER_BYTES))
-
-
 def _worker_init() -> None:
     # With a worker per core, the parent's hashing threads (sha256 cannot be split within a file)
     # would share cores with busy workers and finish last: the serial stage. Lower priority
     # workers let the hashing keep pace; the workers still get every cycle the parent leaves.
     os.nice(WORKER_NICENESS)
-    keep_big_buffers()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
@@ -380,7 +360,6 @@ def _execute(jobs: list[tuple[str, Job]], workers: int, on_result: Callable[[int
             on_shard_done(shard)
 
     if workers <= 1 or len(jobs) <= 1:
-        keep_big_buffers()
         try:
             for i, (_, job) in enumerate(jobs):
                 finished(i, run_job(job))

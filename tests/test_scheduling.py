@@ -6,8 +6,6 @@ import hashlib
 import json
 import mmap
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -164,34 +162,6 @@ def test_prefix_hasher_refuses_a_file_shorter_than_its_ranges(tmp_path):
 def test_prefix_hasher_holds_no_descriptor_before_it_hashes(tmp_path):
     hashers = [hashing.PrefixHasher(Path(tmp_path / f"{i}.bin"), 10) for i in range(1000)]
     assert all(h._fd is None for h in hashers)  # a 1000-shard plan makes 1000 hashers up front
-
-
-FAULTS_SCRIPT = """
-import resource, sys
-import numpy as np
-from fp8conv import pipeline
-if sys.argv[1] == "keep":
-    assert pipeline.keep_big_buffers()
-def chunk_faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    buf = np.empty(pipeline.READ_CHUNK_BYTES, np.uint8)
-    buf.fill(1)
-    del buf
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-chunk_faults()
-print(min(chunk_faults() for _ in range(3)))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning")
-def test_keep_big_buffers_reuses_chunk_buffers_instead_of_faulting_in_fresh_pages():
-    def faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout)
-
-    huge_pages = pipeline.READ_CHUNK_BYTES // (2 << 20)  # the fewest faults of a fresh mapping (2 MiB pages)
-    assert faults("default") >= huge_pages  # glibc maps each 32 MiB buffer afresh: its pages fault in
-    assert faults("keep") < huge_pages // 4  # kept on the heap: the next chunk reuses the same pages
 
 
 @pytest.mark.parametrize("options", [[], ["--granularity", "channel"], ["--format", "int8"],
