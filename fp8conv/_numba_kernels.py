@@ -277,13 +277,15 @@ def _span_amax_bits(src, start, stop, c0, n, tile_cols, colmax, amax_bits, t0):
     at = np.uint64(c0)  # unsigned indices: no negative-index wraparound, so the loops stay contiguous
     if stop - start == 1:
         t = t0
-        for base in range(0, n, tile_cols):
+        base = 0
+        while base < n:  # while loops, here and below: a range with a variable step could raise
             m = np.uint32(0)
             first = at + np.uint64(base)
             for i in range(min(tile_cols, n - base)):
                 m = _max(m, _and(_bits(src[start, first + np.uint64(i)]), _ABS))
             amax_bits[t] = m
             t += 1
+            base += tile_cols
         return
     for i in range(n):
         colmax[i] = np.uint32(0)
@@ -291,12 +293,14 @@ def _span_amax_bits(src, start, stop, c0, n, tile_cols, colmax, amax_bits, t0):
         for i in range(n):
             colmax[i] = _max(colmax[i], _and(_bits(src[r, at + np.uint64(i)]), _ABS))
     t = t0
-    for base in range(0, n, tile_cols):
+    base = 0
+    while base < n:
         m = np.uint32(0)
         for i in range(min(tile_cols, n - base)):
             m = _max(m, colmax[base + i])
         amax_bits[t] = m
         t += 1
+        base += tile_cols
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -331,19 +335,9 @@ def _expand(grid_row, c0, tile_cols, n, expanded):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given):
-    """Quantize src[rows, cols] (bf16 bits as uint16, or float32; is_bf16 says which, as the dtype does)
-    into uint8 codes + scale grid.
-
-    fixed_scale > 0 means one given scale (tensor granularity); given=True means `scales` already
-    holds the grid (the mse observer's choice) and is only read. kind: 0 e4m3, 1 e5m2, 2 int8
-    (compiled.KIND). Returns True when a band holds NaN/Inf or the kind is unknown: then nothing is
-    valid and the caller takes the numpy path.
-    """
-    if kind < 0 or kind > 2:
-        return True
-    rows, cols = src.shape
-    n_tiles = scales.shape[1]
+def _layout(cols, tile_rows, tile_cols):
+    """How quantize_chunk walks a chunk of `cols` columns, and the sizes of its scratch arrays:
+    (span, step, band_rows, bands_per, padded, acc_rows, colmax_len)."""
     # Spans of whole tiles; a span that does not start on a multiple of the eight lanes would shift
     # every later column's lane, so tiles whose width is no multiple of 8 take the whole row.
     span = cols  # amax spans: whole tiles
@@ -353,21 +347,48 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
     band_rows = -(-ROW_GROUP // tile_rows) * tile_rows  # whole tile rows, at least ROW_GROUP rows
     bands_per = band_rows // tile_rows
     padded = -(-min(step, cols) // LANES) * LANES
-    w = np.zeros((ROW_GROUP, padded), np.float32)
-    err = np.zeros((ROW_GROUP, padded), np.float32)
-    acc = np.zeros((-(-band_rows // ROW_GROUP) * ROW_GROUP, 2 * LANES))
-    expanded = np.empty((bands_per, padded), np.float32)
-    colmax = np.empty(-(-min(span, cols) // LANES) * LANES, np.uint32)
-    amax_bits = np.empty(n_tiles, np.uint32)
+    acc_rows = -(-band_rows // ROW_GROUP) * ROW_GROUP
+    colmax_len = -(-min(span, cols) // LANES) * LANES
+    return span, step, band_rows, bands_per, padded, acc_rows, colmax_len
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given):
+    """Quantize src[rows, cols] (bf16 bits as uint16, or float32; is_bf16 says which, as the dtype does)
+    into uint8 codes + scale grid.
+
+    fixed_scale > 0 means one given scale (tensor granularity); given=True means `scales` already
+    holds the grid (the mse observer's choice) and is only read. kind: 0 e4m3, 1 e5m2, 2 int8
+    (compiled.KIND). Returns True when a band holds NaN/Inf or the kind is unknown: then nothing is
+    valid and the caller takes the numpy path. (Allocates its scratch arrays: native_entry, the
+    ahead-compiled entry, is this with the scratch given.)
+    """
+    span, step, band_rows, bands_per, padded, acc_rows, colmax_len = _layout(src.shape[1], tile_rows, tile_cols)
+    return _quantize_into(src, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given,
+                          np.zeros((ROW_GROUP, padded), np.float32), np.zeros((ROW_GROUP, padded), np.float32),
+                          np.zeros((acc_rows, 2 * LANES)), np.empty((bands_per, padded), np.float32),
+                          np.empty(colmax_len, np.uint32), np.empty(scales.shape[1], np.uint32))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _quantize_into(src, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given,
+                   w, err, acc, expanded, colmax, amax_bits):
+    """quantize_chunk with its scratch arrays given (shapes from _layout; contents need not be set)."""
+    if kind < 0 or kind > 2:
+        return True
+    rows, cols = src.shape
+    span, step, band_rows, bands_per, padded, acc_rows, colmax_len = _layout(cols, tile_rows, tile_cols)
     qmax_bits = _bits(qmax)
     cap = _scale_cap(qmax)
     saturated = 0
     flushed = 0
     max_err = np.uint32(0)
-    for band in range(0, rows, band_rows):
+    band = 0
+    while band < rows:  # while loops: a range with a variable step could raise (the compiled entry raises nothing)
         stop = min(rows, band + band_rows)
         acc[:] = 0
-        for c0 in range(0, cols, span):
+        c0 = 0
+        while c0 < cols:
             n = min(span, cols - c0)
             t0 = c0 // tile_cols
             t1 = t0 + -(-n // tile_cols)
@@ -378,7 +399,8 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                 _span_amax_bits(src, r0, min(stop, r0 + tile_rows), c0, n, tile_cols, colmax, amax_bits, t0)
                 if _fill_scales(amax_bits, t0, t1, fixed_scale, given, qmax, cap, scales[r0 // tile_rows]):
                     return True
-            for s0 in range(c0, c0 + n, step):
+            s0 = c0
+            while s0 < c0 + n:
                 m = min(step, c0 + n - s0)
                 for b in range(bands_per):
                     r0 = band + b * tile_rows
@@ -399,10 +421,13 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
                         flushed += flush
                         max_err = _max(max_err, big)
                     _lane_squares(w, err, groups, acc, g0 - band)
+                s0 += step
+            c0 += span
         for i in range(stop - band):
             a = acc[i]
             stats[0] += a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7]
             stats[1] += a[8] + a[9] + a[10] + a[11] + a[12] + a[13] + a[14] + a[15]
+        band += band_rows
     stats[2] = max(stats[2], np.float64(_float(max_err)))
     stats[3] += saturated
     stats[4] += flushed
@@ -411,10 +436,11 @@ def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def _scale_cap(qmax):
-    """kernels._scale_cap: the largest float32 scale with qmax * scale finite."""
+    """kernels._scale_cap: the largest float32 scale with qmax * scale finite (one float32 step toward
+    zero is the bit pattern minus one for a positive finite float32)."""
     cap = np.float32(np.float64(_FLOAT32_MAX) / np.float64(qmax))
     while np.isinf(np.float32(cap * qmax)):
-        cap = np.nextafter(cap, np.float32(0))
+        cap = _float(_sub(_bits(cap), np.uint32(1)))
     return cap
 
 
@@ -425,3 +451,74 @@ def _scale(amax, qmax, cap):
     if s < _SMALLEST_NORMAL:
         s = np.float32(np.ceil(np.float64(amax) / _SUBNORMAL_STEP / np.float64(qmax)) * _SUBNORMAL_STEP)
     return min(s, cap)
+
+
+# ---- the ahead-compiled entry (aot.py) -----------------------------------------------------------
+
+@intrinsic
+def _advance(typingctx, ptr, n):
+    """ptr + n elements (a typed pointer)."""
+    if not isinstance(ptr, types.CPointer) or n != types.int64:
+        return None
+    return ptr(ptr, n), lambda context, builder, sig, args: builder.gep(args[0], [args[1]])
+
+
+NATIVE_OK, NATIVE_NONFINITE, NATIVE_SCRATCH, NATIVE_ARGUMENTS = 0, 1, 2, 3
+
+
+def native_entry():
+    """quantize_chunk as a C function over raw pointers (compiled here, on demand: a cfunc compiles when
+    it is defined), with its scratch given by the caller, so the machine code calls nothing outside
+    itself (no allocator, no exception machinery) and aot.py can cache and load it without numba.
+
+    int32 entry(src, is_bf16, rows, cols, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales,
+                grid_rows, n_tiles, stats, given, f64, n_f64, f32, n_f32, u32, n_u32, need):
+    src: rows x cols of uint16 (bf16 bits; is_bf16 = 1) or float32, C order; codes: rows x cols uint8;
+    scales: grid_rows x n_tiles float32; stats: float64[5]; f64 / f32 / u32: scratch of n_* elements.
+    Returns NATIVE_OK, NATIVE_NONFINITE (quantize_chunk's True), NATIVE_SCRATCH (the scratch is too
+    small: need[0..2] then holds the element counts it needs) or NATIVE_ARGUMENTS (shapes that do not
+    fit together; nothing written)."""
+    from numba import carray, cfunc
+
+    i64, f32 = types.int64, types.float32
+    signature = types.int32(types.voidptr, i64, i64, i64, i64, i64, f32, f32, i64, types.CPointer(types.uint8),
+                            types.CPointer(f32), i64, i64, types.CPointer(types.float64), i64,
+                            types.CPointer(types.float64), i64, types.CPointer(f32), i64,
+                            types.CPointer(types.uint32), i64, types.CPointer(i64))
+
+    @cfunc(signature, nogil=True, error_model="numpy")
+    def entry(src, is_bf16, rows, cols, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales,
+              grid_rows, n_tiles, stats, given, f64, n_f64, f32, n_f32, u32, n_u32, need):
+        if (rows < 0 or cols < 0 or tile_rows < 1 or tile_cols < 1
+                or grid_rows < -(-rows // tile_rows) or n_tiles < -(-cols // tile_cols)):
+            return NATIVE_ARGUMENTS
+        span, step, band_rows, bands_per, padded, acc_rows, colmax_len = _layout(cols, tile_rows, tile_cols)
+        wants_f64 = acc_rows * 2 * LANES
+        wants_f32 = (2 * ROW_GROUP + bands_per) * padded
+        wants_u32 = colmax_len + n_tiles
+        if n_f64 < wants_f64 or n_f32 < wants_f32 or n_u32 < wants_u32:
+            out = carray(need, (3,))
+            out[0] = wants_f64
+            out[1] = wants_f32
+            out[2] = wants_u32
+            return NATIVE_SCRATCH
+        w = carray(f32, (ROW_GROUP, padded))
+        err = carray(_advance(f32, ROW_GROUP * padded), (ROW_GROUP, padded))
+        expanded = carray(_advance(f32, 2 * ROW_GROUP * padded), (bands_per, padded))
+        acc = carray(f64, (acc_rows, 2 * LANES))
+        colmax = carray(u32, (colmax_len,))
+        amax_bits = carray(_advance(u32, colmax_len), (n_tiles,))
+        out_codes = carray(codes, (rows, cols))
+        grid = carray(scales, (grid_rows, n_tiles))
+        sums = carray(stats, (5,))
+        if is_bf16:
+            nonfinite = _quantize_into(carray(src, (rows, cols), np.uint16), tile_rows, tile_cols, fixed_scale,
+                                       qmax, kind, out_codes, grid, sums, given != 0, w, err, acc, expanded,
+                                       colmax, amax_bits)
+        else:
+            nonfinite = _quantize_into(carray(src, (rows, cols), np.float32), tile_rows, tile_cols, fixed_scale,
+                                       qmax, kind, out_codes, grid, sums, given != 0, w, err, acc, expanded,
+                                       colmax, amax_bits)
+        return NATIVE_NONFINITE if nonfinite else NATIVE_OK
+
+    return entry

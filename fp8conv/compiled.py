@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import aot
+
 AVAILABLE = not os.environ.get("FP8CONV_NO_NUMBA") and importlib.util.find_spec("numba") is not None
 
 # The element formats the kernel knows, with the rounding it applies to each (an unknown kind makes
@@ -62,6 +64,16 @@ def cache_dir() -> Path | None:
     return _private_tmp()
 
 
+def kernel_cache_dir() -> Path | None:
+    """The folder the kernel's caches live in (numba's and aot.py's): NUMBA_CACHE_DIR, else the
+    package's __pycache__ when writable, else cache_dir()'s choice; None when there is none."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        folder = Path(os.environ["NUMBA_CACHE_DIR"])
+        return folder if _writable(folder) else None
+    own = Path(__file__).parent / "__pycache__"
+    return own if _writable(own) else cache_dir()
+
+
 def _private_tmp() -> Path | None:
     """A per-user folder in the temporary dir, refused unless it is ours and closed to others
     (numba's cache holds pickles: loading someone else's would run their code)."""
@@ -76,7 +88,8 @@ def _private_tmp() -> Path | None:
     return folder
 
 
-def _load():
+def load_numba():
+    """numba's dispatcher of the kernel (imports numba, pointed at the kernel's cache folder)."""
     if "fp8conv._numba_kernels" not in sys.modules:
         folder = cache_dir()
         if folder is not None:
@@ -88,9 +101,12 @@ def _load():
     return _numba_kernels
 
 
-def quantize_chunk(*args):
-    """See _numba_kernels.quantize_chunk (the first call loads or compiles the kernel)."""
-    return _load().quantize_chunk(*args)
+def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given) -> bool:
+    """See _numba_kernels.quantize_chunk: through the ahead-compiled object (aot.py) where it loads,
+    else numba's dispatcher (the first call loads or compiles the kernel)."""
+    native = aot.entry()
+    kernel = native if native is not None else load_numba().quantize_chunk
+    return kernel(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given)
 
 
 def preload(skip_scipy: bool = False) -> None:

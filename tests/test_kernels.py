@@ -9,19 +9,36 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import compiled, dequantize_tensor, quantize_tensor
+from fp8conv import aot, compiled, dequantize_tensor, quantize_tensor
 from fp8conv.formats import FORMATS
 from reference import QMAX, reference_quantize
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
-BACKENDS = ["numpy", "numba"]
+# numba: the kernel as compiled ahead and loaded without numba (aot.py); numba-jit: the same kernel
+# through numba's dispatcher, the fallback where the ahead-compiled object cannot be had.
+BACKENDS = ["numpy", "numba", "numba-jit"]
+NATIVE = aot.entry() if compiled.AVAILABLE else None
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_choice():
+    saved = dict(aot._loaded)
+    yield
+    aot._loaded.clear()
+    aot._loaded.update(saved)
 
 
 def require(backend: str) -> str:
-    """The backend name to pass to the kernels (numba is part of the test extra: its absence fails)."""
-    if backend == "numba" and not compiled.AVAILABLE:
+    """The backend name to pass to the kernels, with the compiled kernel's loading chosen (numba is
+    part of the test extra, and the ahead-compiled kernel must load where it is: their absence fails)."""
+    if backend == "numpy":
+        return backend
+    if not compiled.AVAILABLE:
         pytest.fail("numba is part of the test extra; install it to test the compiled path")
-    return backend
+    if NATIVE is None:
+        pytest.fail("the ahead-compiled kernel (aot.py) did not load")
+    aot._loaded["entry"] = NATIVE if backend == "numba" else None
+    return "numba"
 
 
 GRANULARITIES = ["block", "channel", "group", "tensor"]
@@ -39,7 +56,7 @@ def code_bits(codes: np.ndarray) -> np.ndarray:
 
 def assert_matches_reference(w, fmt, granularity, block=(128, 128), group=128, backend="auto"):
     q = quantize_tensor(w, format=fmt, granularity=granularity, block_size=block, group_size=group,
-                        backend=require(backend))
+                        backend=require(backend) if backend != "auto" else backend)
     ref_codes, ref_scales, ref_deq = reference_quantize(w, fmt, granularity, block, group)
     np.testing.assert_array_equal(q.scales, ref_scales, err_msg=f"scales differ ({fmt} {granularity})")
     got = code_bits(q.codes)
@@ -170,11 +187,12 @@ def test_backends_give_identical_statistics(fmt, granularity, shape):
     """Codes, scales and every error statistic (float sums included) are the same on both paths."""
     w = heavy_tailed(np.random.default_rng([FORMAT_NAMES.index(fmt), *shape]), shape)
     a = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(64, 128), group_size=32, backend="numpy")
-    b = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(64, 128), group_size=32,
-                        backend=require("numba"))
-    np.testing.assert_array_equal(code_bits(a.codes), code_bits(b.codes))
-    np.testing.assert_array_equal(a.scales, b.scales)
-    assert a.stats == b.stats
+    for path in BACKENDS[1:]:
+        b = quantize_tensor(w, format=fmt, granularity=granularity, block_size=(64, 128), group_size=32,
+                            backend=require(path))
+        np.testing.assert_array_equal(code_bits(a.codes), code_bits(b.codes), err_msg=path)
+        np.testing.assert_array_equal(a.scales, b.scales, err_msg=path)
+        assert a.stats == b.stats, path
 
 
 def fixed_order_sum_of_squares(values: np.ndarray) -> float:
@@ -262,7 +280,8 @@ def test_both_paths_agree_over_the_whole_float32_range(fmt, granularity, log_sca
     results = []
     for path in BACKENDS:
         results.append(assert_matches_reference(w, fmt, granularity, (2, 4), 4, backend=path))
-    fast, slow = results
-    np.testing.assert_array_equal(fast.scales, slow.scales)
-    assert (fast.scales > 0).all() and np.isfinite(fast.scales).all()
-    assert fast.stats == slow.stats
+    slow, *fast = results
+    for q in fast:
+        np.testing.assert_array_equal(q.scales, slow.scales)
+        assert (q.scales > 0).all() and np.isfinite(q.scales).all()
+        assert q.stats == slow.stats
