@@ -193,12 +193,16 @@ def build(ll) -> tuple[str, bytes]:
     builder = ll.create_pass_builder(machine, ll.PipelineTuningOptions(speed_level=3))
     builder.getModulePassManager().run(module, builder)
     module.verify()
-    external = sorted({f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
-                      - ALLOWED_EXTERNALS)
-    external += sorted(g.name for g in module.global_variables if g.is_declaration)
-    if external:
-        raise Unavailable(f"the kernel still calls {', '.join(external[:5])}")
+    outside = external_symbols(module)
+    if outside:
+        raise Unavailable(f"the kernel still refers to {', '.join(outside[:5])}")
     return symbol, machine.emit_object(module)
+
+
+def external_symbols(module) -> list[str]:
+    """What an LLVM module needs from outside itself, beyond LLVM intrinsics and ALLOWED_EXTERNALS."""
+    functions = {f.name for f in module.functions if f.is_declaration and not f.name.startswith("llvm.")}
+    return sorted(functions - ALLOWED_EXTERNALS) + sorted(g.name for g in module.global_variables if g.is_declaration)
 
 
 _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,

@@ -1,4 +1,5 @@
-"""The numba kernel's disk cache works from a read-only install: the second run loads, not compiles."""
+"""The kernel's disk caches (numba's, and aot.py's object) work from a read-only install: the second
+run loads, not compiles, and loads the object without importing numba."""
 from __future__ import annotations
 
 import os
@@ -15,12 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 PROBE = """
 import json, sys
-from fp8conv import compiled
+import numpy as np
+from fp8conv import aot, compiled
 compiled.preload()
-from fp8conv import _numba_kernels
-stats = _numba_kernels.quantize_chunk.stats
+native, numba_at_preload = aot.entry() is not None, "numba" in sys.modules
+dispatcher = compiled.load_numba().quantize_chunk
+dispatcher(np.zeros((1, 1), np.uint16), True, 1, 1, np.float32(0), np.float32(448), 0, np.empty((1, 1), np.uint8),
+           np.empty((1, 1), np.float32), np.zeros(5), False)
+stats = dispatcher.stats
 print(json.dumps({"dir": str(compiled.cache_dir()), "hits": sum(stats.cache_hits.values()),
-                  "misses": sum(stats.cache_misses.values())}))
+                  "misses": sum(stats.cache_misses.values()), "native": native, "numba_at_preload": numba_at_preload}))
 """
 
 
@@ -67,6 +72,9 @@ def test_read_only_install_caches_the_kernel_once(home_writable):
         assert first["misses"] >= 1 and first["hits"] == 0  # compiled, and saved ...
         assert second["misses"] == 0 and second["hits"] >= 1  # ... then loaded, not compiled again
         assert list(expected.rglob("*.nbi")), "no numba index in the fallback cache dir"
+        assert first["native"] and second["native"] and not second["numba_at_preload"]
+        assert len(list(expected.glob("fp8conv-kernel-*.o"))) == 1, "the ahead-compiled object is not cached there"
+        assert not list(install.rglob("*.o"))
         assert not list(install.rglob("__pycache__/*.nbi"))
         if not home_writable:
             assert stat.S_IMODE(expected.stat().st_mode) == 0o700

@@ -1,0 +1,176 @@
+"""The ahead-compiled kernel (aot.py): its cache, what it refuses, and a worker that never imports numba.
+
+Its numerics are tests/test_kernels.py's: every compiled-path test there runs both through the
+loaded object and through numba's dispatcher, against the float64 reference."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fp8conv import aot, compiled
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = {"build": 1, "source": "x" * 64, "numba": "0", "llvmlite": "0", "triple": "t", "cpu": "c", "features": "+f"}
+
+
+def test_a_cache_file_round_trips(tmp_path):
+    path = aot.cache_file(tmp_path, KEY)
+    aot.write(path, KEY, "entry", b"\x7fELF" + bytes(range(256)))
+    assert aot.read(path, KEY) == ("entry", b"\x7fELF" + bytes(range(256)))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert aot.cache_file(tmp_path, {**KEY, "cpu": "other"}) != path  # another CPU: another file
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "appended", "other key", "bad header",
+                                    "writable by others", "symlink", "not ours"])
+def test_a_damaged_or_foreign_cache_file_is_not_used(tmp_path, damage):
+    """Loading machine code runs it: a file is used only when ours, closed to others and intact."""
+    path = aot.cache_file(tmp_path, KEY)
+    aot.write(path, KEY, "entry", bytes(range(200)))
+    data = path.read_bytes()
+    key = KEY
+    if damage == "flipped byte":
+        path.write_bytes(data[:-7] + bytes([data[-7] ^ 1]) + data[-6:])
+    elif damage == "truncated":
+        path.write_bytes(data[:-1])
+    elif damage == "appended":
+        path.write_bytes(data + b"\0")
+    elif damage == "other key":
+        key = {**KEY, "numba": "1"}
+    elif damage == "bad header":
+        path.write_bytes(aot.MAGIC + b"{not json\n" + bytes(range(200)))
+    elif damage == "writable by others":
+        path.chmod(0o666)
+    elif damage == "symlink":
+        target = tmp_path / "elsewhere.o"
+        path.rename(target)
+        path.symlink_to(target)
+    elif damage == "not ours":
+        if os.getuid() != 0:
+            pytest.skip("changing a file's owner needs root")  # CI runs as root: this case runs there
+        os.chown(path, 12345, 12345)
+    assert aot.read(path, key) is None
+
+
+def test_an_object_that_calls_outside_itself_is_refused():
+    """The object may need nothing from numba's runtime or helpers: the check that build() applies."""
+    import llvmlite.binding as ll
+
+    module = ll.parse_assembly("""
+        declare i32 @numba_do_raise(ptr)
+        declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
+        declare ptr @memset(ptr, i32, i64)
+        @PyExc_RuntimeError = external global i8
+        define i32 @entry(ptr %p) {
+          %r = call i32 @numba_do_raise(ptr @PyExc_RuntimeError)
+          ret i32 %r
+        }""")
+    assert aot.external_symbols(module) == ["numba_do_raise", "PyExc_RuntimeError"]
+    clean = ll.parse_assembly("""
+        declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
+        define void @entry(ptr %p) {
+          call void @llvm.memset.p0.i64(ptr %p, i8 0, i64 8, i1 false)
+          ret void
+        }""")
+    assert aot.external_symbols(clean) == []
+
+
+def native():
+    kernel = aot.entry()
+    if kernel is None:
+        pytest.fail("the ahead-compiled kernel did not load (llvmlite and numba are in the test extra)")
+    return kernel
+
+
+def test_the_loaded_kernel_refuses_arguments_that_do_not_fit():
+    kernel = native()
+    src = np.zeros((10, 16), np.uint16)
+    codes = np.empty((10, 16), np.uint8)
+    stats = np.zeros(5)
+    with pytest.raises(ValueError, match="do not fit"):  # 10 rows of 2-row tiles need 5 grid rows
+        kernel(src, True, 2, 8, np.float32(0), np.float32(448), 0, codes, np.empty((4, 2), np.float32), stats, False)
+    with pytest.raises(ValueError, match="src must be a C-contiguous uint16"):
+        kernel(src.astype(np.int16), True, 2, 8, np.float32(0), np.float32(448), 0, codes,
+               np.empty((5, 2), np.float32), stats, False)
+    with pytest.raises(ValueError, match="codes must be"):
+        kernel(src, True, 2, 8, np.float32(0), np.float32(448), 0, np.empty((16, 10), np.uint8).T,
+               np.empty((5, 2), np.float32), stats, False)
+    with pytest.raises(ValueError, match="stats must be"):
+        kernel(src, True, 2, 8, np.float32(0), np.float32(448), 0, codes, np.empty((5, 2), np.float32),
+               np.zeros(4), False)
+
+
+def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
+    """Chunks of growing width (the scratch grows between calls), NaN (the numpy path's cue) and an
+    unknown kind: the loaded object and numba's dispatcher answer alike, to the last bit."""
+    kernel = native()
+    dispatcher = compiled.load_numba().quantize_chunk
+    rng = np.random.default_rng(7)
+    for rows, cols, tile in [(3, 5, (1, 5)), (130, 300, (128, 128)), (64, 4099, (1, 4099)), (9, 2500, (1, 32))]:
+        w = (rng.standard_normal((rows, cols)) * 0.03).astype(np.float32)
+        grid = (-(-rows // tile[0]), -(-cols // tile[1]))
+        for src in (w, (w.view(np.uint32) >> 16).astype(np.uint16)):
+            results = []
+            for run in (kernel, dispatcher):
+                codes, scales, stats = np.empty((rows, cols), np.uint8), np.empty(grid, np.float32), np.zeros(5)
+                flag = run(src, src.dtype == np.uint16, tile[0], tile[1], np.float32(0), np.float32(448), 0,
+                           codes, scales, stats, False)
+                results.append((flag, codes.tobytes(), scales.tobytes(), stats.tobytes()))
+            assert results[0] == results[1] and results[0][0] is False
+    w[1, 2] = np.nan
+    for run in (kernel, dispatcher):
+        assert run(w, False, 1, 32, np.float32(0), np.float32(448), 0, np.empty(w.shape, np.uint8),
+                   np.empty((w.shape[0], 79), np.float32), np.zeros(5), False) is True
+        assert run(w[:1, :8].copy(), False, 1, 8, np.float32(0), np.float32(448), 7, np.empty((1, 8), np.uint8),
+                   np.empty((1, 1), np.float32), np.zeros(5), False) is True  # an unknown kind
+
+
+PROBE = """
+import json, sys
+import numpy as np
+from fp8conv import aot, compiled, kernels
+compiled.preload()
+w = np.random.default_rng(3).standard_normal((256, 384)).astype(np.float32)
+fast = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numba")
+slow = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numpy")
+print(json.dumps({"native": aot.entry() is not None, "numba_imported": "numba" in sys.modules,
+                  "same": fast.codes.tobytes() == slow.codes.tobytes() and fast.scales.tobytes() == slow.scales.tobytes()
+                  and fast.stats == slow.stats}))
+"""
+
+
+def probe(cache: Path, *extra_env: tuple[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NUMBA_", "FP8CONV_"))}
+    env.update(PYTHONPATH=str(ROOT), NUMBA_CACHE_DIR=str(cache), **dict(extra_env))
+    return subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def answer(process: subprocess.Popen) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.slow
+def test_processes_build_the_object_once_then_load_it_without_numba(tmp_path):
+    """Two processes on an empty cache: one builds (the other waits on the lock), both quantize as the
+    numpy reference does; a later process loads the object and never imports numba. FP8CONV_NO_AOT=1
+    gives numba's dispatcher, same bytes."""
+    first = [probe(tmp_path), probe(tmp_path)]
+    for result in map(answer, first):
+        assert result["native"] and result["same"]
+    objects = list(tmp_path.glob("fp8conv-kernel-*.o"))
+    assert len(objects) == 1, objects
+    built = objects[0].stat().st_mtime_ns
+    later = answer(probe(tmp_path))
+    assert later == {"native": True, "numba_imported": False, "same": True}
+    assert objects[0].stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert answer(probe(tmp_path, ("FP8CONV_NO_AOT", "1"))) == {"native": False, "numba_imported": True, "same": True}
