@@ -466,9 +466,10 @@ def _advance(typingctx, ptr, n):
 NATIVE_OK, NATIVE_NONFINITE, NATIVE_SCRATCH, NATIVE_ARGUMENTS = 0, 1, 2, 3
 
 
-def native_entry():
-    """quantize_chunk as a C function over raw pointers (compiled here, on demand: a cfunc compiles when
-    it is defined), with its scratch given by the caller, so the machine code calls nothing outside
+def native_entry(bf16: bool):
+    """quantize_chunk for one source type (bf16 bits, or float32) as a C function over raw pointers
+    (compiled here, on demand: a cfunc compiles when it is defined; one type, so a first run compiles
+    only what it needs), with its scratch given by the caller, so the machine code calls nothing outside
     itself (no allocator, no exception machinery) and aot.py can cache and load it without numba.
 
     int32 entry(src, is_bf16, rows, cols, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales,
@@ -477,9 +478,10 @@ def native_entry():
     scales: grid_rows x n_tiles float32; stats: float64[5]; f64 / f32 / u32: scratch of n_* elements.
     Returns NATIVE_OK, NATIVE_NONFINITE (quantize_chunk's True), NATIVE_SCRATCH (the scratch is too
     small: need[0..2] then holds the element counts it needs) or NATIVE_ARGUMENTS (shapes that do not
-    fit together; nothing written)."""
+    fit together, or is_bf16 not this entry's type; nothing written)."""
     from numba import carray, cfunc
 
+    source_type = np.uint16 if bf16 else np.float32
     i64, f32 = types.int64, types.float32
     signature = types.int32(types.voidptr, i64, i64, i64, i64, i64, f32, f32, i64, types.CPointer(types.uint8),
                             types.CPointer(f32), i64, i64, types.CPointer(types.float64), i64,
@@ -489,7 +491,7 @@ def native_entry():
     @cfunc(signature, nogil=True, error_model="numpy")
     def entry(src, is_bf16, rows, cols, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales,
               grid_rows, n_tiles, stats, given, f64, n_f64, f32, n_f32, u32, n_u32, need):
-        if (rows < 0 or cols < 0 or tile_rows < 1 or tile_cols < 1
+        if (rows < 0 or (is_bf16 != 0) != bf16 or cols < 0 or tile_rows < 1 or tile_cols < 1
                 or grid_rows < -(-rows // tile_rows) or n_tiles < -(-cols // tile_cols)):
             return NATIVE_ARGUMENTS
         span, step, band_rows, bands_per, padded, acc_rows, colmax_len = _layout(cols, tile_rows, tile_cols)
@@ -511,14 +513,9 @@ def native_entry():
         out_codes = carray(codes, (rows, cols))
         grid = carray(scales, (grid_rows, n_tiles))
         sums = carray(stats, (5,))
-        if is_bf16:
-            nonfinite = _quantize_into(carray(src, (rows, cols), np.uint16), tile_rows, tile_cols, fixed_scale,
-                                       qmax, kind, out_codes, grid, sums, given != 0, w, err, acc, expanded,
-                                       colmax, amax_bits)
-        else:
-            nonfinite = _quantize_into(carray(src, (rows, cols), np.float32), tile_rows, tile_cols, fixed_scale,
-                                       qmax, kind, out_codes, grid, sums, given != 0, w, err, acc, expanded,
-                                       colmax, amax_bits)
+        nonfinite = _quantize_into(carray(src, (rows, cols), source_type), tile_rows, tile_cols, fixed_scale,
+                                   qmax, kind, out_codes, grid, sums, given != 0, w, err, acc, expanded, colmax,
+                                   amax_bits)
         return NATIVE_NONFINITE if nonfinite else NATIVE_OK
 
     return entry

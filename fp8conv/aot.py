@@ -37,7 +37,7 @@ ALLOWED_EXTERNALS = {"memset", "memcpy", "memmove"}
 _STATUS_OK, _STATUS_NONFINITE, _STATUS_SCRATCH, _STATUS_ARGUMENTS = 0, 1, 2, 3  # _numba_kernels.NATIVE_*
 
 _lock = threading.Lock()
-_loaded: dict = {}  # "entry": NativeKernel or None, once tried in this process
+_loaded: dict = {}  # bf16 (True) / float32 (False) source: its NativeKernel, or None, once tried in this process
 
 
 class Unavailable(Exception):
@@ -48,22 +48,24 @@ def enabled() -> bool:
     return not os.environ.get("FP8CONV_NO_AOT") and importlib.util.find_spec("llvmlite") is not None
 
 
-def entry() -> "NativeKernel | None":
-    """The loaded kernel (built into the cache first if missing), or None where it cannot be had."""
-    if "entry" in _loaded:
-        return _loaded["entry"]
+def entry(bf16: bool = True) -> "NativeKernel | None":
+    """The loaded kernel for bf16 (uint16 bits) or float32 sources, built into the cache first if
+    missing; None where it cannot be had."""
+    bf16 = bool(bf16)
+    if bf16 in _loaded:
+        return _loaded[bf16]
     with _lock:
-        if "entry" not in _loaded:
+        if bf16 not in _loaded:
             kernel = None
             if enabled():
                 from . import compiled
 
                 try:
-                    kernel = load(compiled.kernel_cache_dir())
+                    kernel = load(compiled.kernel_cache_dir(), bf16)
                 except Unavailable:
                     kernel = None
-            _loaded["entry"] = kernel
-    return _loaded["entry"]
+            _loaded[bf16] = kernel
+    return _loaded[bf16]
 
 
 def _llvm():
@@ -80,10 +82,10 @@ def _target_machine(ll):
                                         opt=3, jit=True)
 
 
-def cache_key(ll) -> dict:
+def cache_key(ll, bf16: bool) -> dict:
     """What a cached object depends on."""
     source = importlib.util.find_spec("fp8conv._numba_kernels").origin
-    return {"build": BUILD_VERSION, "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+    return {"build": BUILD_VERSION, "source_type": "bf16" if bf16 else "float32", "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
             "numba": importlib.metadata.version("numba"), "llvmlite": importlib.metadata.version("llvmlite"),
             "triple": ll.get_process_triple(), "cpu": ll.get_host_cpu_name(),
             "features": ll.get_host_cpu_features().flatten()}
@@ -94,25 +96,26 @@ def cache_file(folder: Path, key: dict) -> Path:
     return folder / f"fp8conv-kernel-{digest[:24]}.o"
 
 
-def load(folder: Path | None) -> "NativeKernel":
-    """Load the kernel from `folder`'s cache, building it there first when missing or unusable."""
+def load(folder: Path | None, bf16: bool) -> "NativeKernel":
+    """Load the kernel for one source type from `folder`'s cache, building it there first when missing
+    or unusable."""
     if folder is None:
         raise Unavailable("no writable cache folder")
     try:
         ll = _llvm()
     except Exception as exc:
         raise Unavailable(f"llvmlite: {exc}") from exc
-    key = cache_key(ll)
+    key = cache_key(ll, bf16)
     path = cache_file(folder, key)
     found = read(path, key)
     if found is None:
         with _build_lock(folder):
             found = read(path, key)  # another process may have built it while we waited
             if found is None:
-                found = build(ll)
+                found = build(ll, bf16)
                 write(path, key, *found)
     symbol, code = found
-    return NativeKernel(ll, symbol, code)
+    return NativeKernel(ll, symbol, code, bf16)
 
 
 class _build_lock:
@@ -173,15 +176,16 @@ def write(path: Path, key: dict, symbol: str, code: bytes) -> None:
         pass  # a cache we cannot write only costs the next process a build
 
 
-def build(ll) -> tuple[str, bytes]:
-    """(entry symbol, object code) of _numba_kernels.native_entry for this CPU (imports numba)."""
+def build(ll, bf16: bool) -> tuple[str, bytes]:
+    """(entry symbol, object code) of _numba_kernels.native_entry for one source type and this CPU
+    (imports numba)."""
     try:
         from . import compiled
 
         compiled.load_numba()
         from . import _numba_kernels
 
-        native = _numba_kernels.native_entry()
+        native = _numba_kernels.native_entry(bf16)
     except Exception as exc:
         raise Unavailable(f"numba: {exc}") from exc
     module = ll.parse_assembly(native.inspect_llvm())
@@ -217,7 +221,8 @@ _SCRATCH_TYPES = (np.float64, np.float32, np.uint32)
 class NativeKernel:
     """_numba_kernels.quantize_chunk's arguments in, its answer out, through the loaded machine code."""
 
-    def __init__(self, ll, symbol: str, code: bytes):
+    def __init__(self, ll, symbol: str, code: bytes, bf16: bool):
+        self.bf16 = bf16
         self._engine = ll.create_mcjit_compiler(ll.parse_assembly(""), _target_machine(ll))  # keeps the code alive
         self._engine.add_object_file(ll.ObjectFileRef.from_data(code))
         self._engine.finalize_object()
@@ -230,14 +235,14 @@ class NativeKernel:
     def __call__(self, src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats,
                  given) -> bool:
         rows, cols = src.shape
-        _check(src, np.uint16 if is_bf16 else np.float32, (rows, cols), "src")
+        _check(src, np.uint16 if self.bf16 else np.float32, (rows, cols), "src")
         _check(codes, np.uint8, (rows, cols), "codes")
         _check(scales, np.float32, scales.shape, "scales")
         _check(stats, np.float64, (5,), "stats")
         need = np.zeros(3, np.int64)
         while True:
             f64, f32, u32 = self._buffers(need)
-            status = self._function(src.ctypes.data, int(is_bf16), rows, cols, tile_rows, tile_cols,
+            status = self._function(src.ctypes.data, int(bool(is_bf16)), rows, cols, tile_rows, tile_cols,
                                     float(fixed_scale), float(qmax), kind, codes.ctypes.data, scales.ctypes.data,
                                     scales.shape[0], scales.shape[1], stats.ctypes.data, int(given),
                                     f64.ctypes.data, f64.size, f32.ctypes.data, f32.size, u32.ctypes.data,

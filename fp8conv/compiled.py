@@ -104,7 +104,7 @@ def load_numba():
 def quantize_chunk(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given) -> bool:
     """See _numba_kernels.quantize_chunk: through the ahead-compiled object (aot.py) where it loads,
     else numba's dispatcher (the first call loads or compiles the kernel)."""
-    native = aot.entry()
+    native = aot.entry(is_bf16)
     kernel = native if native is not None else load_numba().quantize_chunk
     return kernel(src, is_bf16, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales, stats, given)
 

@@ -82,8 +82,8 @@ def test_an_object_that_calls_outside_itself_is_refused():
     assert aot.external_symbols(clean) == []
 
 
-def native():
-    kernel = aot.entry()
+def native(bf16: bool = True):
+    kernel = aot.entry(bf16)
     if kernel is None:
         pytest.fail("the ahead-compiled kernel did not load (llvmlite and numba are in the test extra)")
     return kernel
@@ -96,8 +96,8 @@ def test_the_loaded_kernel_refuses_arguments_that_do_not_fit():
     stats = np.zeros(5)
     with pytest.raises(ValueError, match="do not fit"):  # 10 rows of 2-row tiles need 5 grid rows
         kernel(src, True, 2, 8, np.float32(0), np.float32(448), 0, codes, np.empty((4, 2), np.float32), stats, False)
-    with pytest.raises(ValueError, match="src must be a C-contiguous uint16"):
-        kernel(src.astype(np.int16), True, 2, 8, np.float32(0), np.float32(448), 0, codes,
+    with pytest.raises(ValueError, match="src must be a C-contiguous uint16"):  # the bf16 entry
+        kernel(src.view(np.float16), True, 2, 8, np.float32(0), np.float32(448), 0, codes,
                np.empty((5, 2), np.float32), stats, False)
     with pytest.raises(ValueError, match="codes must be"):
         kernel(src, True, 2, 8, np.float32(0), np.float32(448), 0, np.empty((16, 10), np.uint8).T,
@@ -110,7 +110,7 @@ def test_the_loaded_kernel_refuses_arguments_that_do_not_fit():
 def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
     """Chunks of growing width (the scratch grows between calls), NaN (the numpy path's cue) and an
     unknown kind: the loaded object and numba's dispatcher answer alike, to the last bit."""
-    kernel = native()
+    kernels = {True: native(True), False: native(False)}
     dispatcher = compiled.load_numba().quantize_chunk
     rng = np.random.default_rng(7)
     for rows, cols, tile in [(3, 5, (1, 5)), (130, 300, (128, 128)), (64, 4099, (1, 4099)), (9, 2500, (1, 32))]:
@@ -118,14 +118,14 @@ def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
         grid = (-(-rows // tile[0]), -(-cols // tile[1]))
         for src in (w, (w.view(np.uint32) >> 16).astype(np.uint16)):
             results = []
-            for run in (kernel, dispatcher):
+            for run in (kernels[src.dtype == np.uint16], dispatcher):
                 codes, scales, stats = np.empty((rows, cols), np.uint8), np.empty(grid, np.float32), np.zeros(5)
                 flag = run(src, src.dtype == np.uint16, tile[0], tile[1], np.float32(0), np.float32(448), 0,
                            codes, scales, stats, False)
                 results.append((flag, codes.tobytes(), scales.tobytes(), stats.tobytes()))
             assert results[0] == results[1] and results[0][0] is False
     w[1, 2] = np.nan
-    for run in (kernel, dispatcher):
+    for run in (kernels[False], dispatcher):
         assert run(w, False, 1, 32, np.float32(0), np.float32(448), 0, np.empty(w.shape, np.uint8),
                    np.empty((w.shape[0], 79), np.float32), np.zeros(5), False) is True
         assert run(w[:1, :8].copy(), False, 1, 8, np.float32(0), np.float32(448), 7, np.empty((1, 8), np.uint8),
@@ -140,7 +140,7 @@ compiled.preload()
 w = np.random.default_rng(3).standard_normal((256, 384)).astype(np.float32)
 fast = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numba")
 slow = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numpy")
-print(json.dumps({"native": aot.entry() is not None, "numba_imported": "numba" in sys.modules,
+print(json.dumps({"native": aot.entry(True) is not None and aot.entry(False) is not None, "numba_imported": "numba" in sys.modules,
                   "same": fast.codes.tobytes() == slow.codes.tobytes() and fast.scales.tobytes() == slow.scales.tobytes()
                   and fast.stats == slow.stats}))
 """
@@ -168,9 +168,9 @@ def test_processes_build_the_object_once_then_load_it_without_numba(tmp_path):
     for result in map(answer, first):
         assert result["native"] and result["same"]
     objects = list(tmp_path.glob("fp8conv-kernel-*.o"))
-    assert len(objects) == 1, objects
-    built = objects[0].stat().st_mtime_ns
+    assert len(objects) == 2, objects  # one per source type
+    built = [o.stat().st_mtime_ns for o in objects]
     later = answer(probe(tmp_path))
     assert later == {"native": True, "numba_imported": False, "same": True}
-    assert objects[0].stat().st_mtime_ns == built  # loaded, not rebuilt
+    assert [o.stat().st_mtime_ns for o in objects] == built  # loaded, not rebuilt
     assert answer(probe(tmp_path, ("FP8CONV_NO_AOT", "1"))) == {"native": False, "numba_imported": True, "same": True}

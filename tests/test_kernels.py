@@ -17,7 +17,7 @@ FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
 # numba: the kernel as compiled ahead and loaded without numba (aot.py); numba-jit: the same kernel
 # through numba's dispatcher, the fallback where the ahead-compiled object cannot be had.
 BACKENDS = ["numpy", "numba", "numba-jit"]
-NATIVE = aot.entry() if compiled.AVAILABLE else None
+NATIVE = {bf16: aot.entry(bf16) for bf16 in (True, False)} if compiled.AVAILABLE else {}
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +35,9 @@ def require(backend: str) -> str:
         return backend
     if not compiled.AVAILABLE:
         pytest.fail("numba is part of the test extra; install it to test the compiled path")
-    if NATIVE is None:
+    if None in NATIVE.values():
         pytest.fail("the ahead-compiled kernel (aot.py) did not load")
-    aot._loaded["entry"] = NATIVE if backend == "numba" else None
+    aot._loaded.update({bf16: kernel if backend == "numba" else None for bf16, kernel in NATIVE.items()})
     return "numba"
 
 
