@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -84,6 +83,8 @@ def _target_machine(ll):
 
 def cache_key(ll, bf16: bool) -> dict:
     """What a cached object depends on."""
+    import importlib.metadata  # ~10 ms: only where the kernel is loaded, not at every start
+
     source = importlib.util.find_spec("fp8conv._numba_kernels").origin
     return {"build": BUILD_VERSION, "source_type": "bf16" if bf16 else "float32", "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
             "numba": importlib.metadata.version("numba"), "llvmlite": importlib.metadata.version("llvmlite"),
