@@ -26,7 +26,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import input_bytes, machine, timed, versions, warm, write_seconds  # noqa: E402  (bench/run.py helpers)
+from run import compile_bytecode, input_bytes, machine, timed, versions, warm, write_seconds  # noqa: E402  (bench/run.py helpers)
 
 DATA = HERE / "data"
 OUT = HERE / "out"
@@ -46,12 +46,6 @@ def ensure_checkpoint(layers: int) -> Path:
 def write_ceiling(size: int, folder: Path) -> float:
     """Seconds to write `size` bytes (64 MiB writes) and fsync them, into `folder`."""
     return write_seconds(size, folder)
-
-
-def compile_bytecode(tree: Path) -> None:
-    """Write the package's bytecode, as `pip install` does: a source checkout run with
-    PYTHONDONTWRITEBYTECODE=1 would otherwise compile every module in every timed run (~0.3 s)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "fp8conv")], check=True)
 
 
 def output_bytes(path: Path) -> int:
@@ -74,9 +68,10 @@ def main() -> None:
     size = input_bytes(src)
     out = args.out_dir / "fp8conv-scaling-out"
 
-    def run(label: str, tree: Path, workers: int, repeats: int, env: dict | None = None) -> tuple[str, float, int, list]:
-        cmd = [sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", str(out), "-q", "--overwrite",
-               "--workers", str(workers)]
+    def run(label: str, tree: Path, workers: int | None, repeats: int, env: dict | None = None
+            ) -> tuple[str, float, int, list]:
+        cmd = [sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", str(out), "-q", "--overwrite"]
+        cmd += ["--workers", str(workers)] if workers is not None else []
         walls, peaks = [], []
         for _ in range(repeats):
             shutil.rmtree(out, ignore_errors=True)
@@ -96,6 +91,11 @@ def main() -> None:
     ceiling = write_ceiling(out_size, args.out_dir)
     print(f"write+fsync of {out_size / 1e9:.2f} GB: {ceiling:.2f} s", flush=True)
     rows = [run(f"fp8conv --workers {w}", REPO, w, args.repeats) for w in args.workers]
+    sys.path.insert(0, str(REPO))
+    from fp8conv import pipeline  # noqa: E402  (this tree's default for this checkpoint: 2 shards, FP8 min-max)
+
+    default = pipeline.default_workers(2, hash_bound=True)
+    rows.append(run(f"fp8conv, --workers not given (the default here: {default})", REPO, None, args.repeats))
     with tempfile.TemporaryDirectory(prefix="numba-cold-") as cold:
         rows.append(run(f"fp8conv --workers {max(args.workers)}, first run with an empty numba cache", REPO,
                         max(args.workers), 1, {"NUMBA_CACHE_DIR": cold}))

@@ -97,7 +97,7 @@ def main() -> None:
     checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions())
     mark("plan done")
     if args.workers is None:
-        args.workers = pipeline.default_workers(len(plan.shards))
+        args.workers = pipeline.default_workers(len(plan.shards), hash_bound=pipeline.hash_bound(plan))
     pipeline.run_plan(checkpoint, plan, args.src, args.out, pipeline.RunOptions(args.workers, overwrite=True))
     mark("exit")
     spans = []

@@ -327,7 +327,8 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     for warning in plan.warnings:
         say(f"fp8conv: warning: {warning}")
     if workers is None:
-        workers = pipeline.default_workers(len(pipeline.shards_to_write(plan, part)))
+        workers = pipeline.default_workers(len(pipeline.shards_to_write(plan, part)),
+                                           hash_bound=verb == "quantize" and pipeline.hash_bound(plan))
     run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
         Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()

@@ -43,20 +43,37 @@ from .scheme import Scheme
 Progress = Callable[[int], None]
 JOB_BYTES = 64 << 20  # larger matrices are split into row ranges shared by the workers
 INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
+WORKERS_PER_HASH = 2  # default_workers where the hashing is the limit
 WORKER_NICENESS = 5  # below the parent, whose per-shard threads hash the output
 STACK_BYTES = 16 << 20  # smaller matrices of a 3-D stack are grouped into jobs of about this size
 KERNEL_FREE = ("copy", "write")  # job kinds that run no kernel: dispatched first in their wave
 
 
-def default_workers(shards: int, cpus: int | None = None) -> int:
-    """--workers when not given: every CPU but two for each output shard hashed at a time (up to
-    INTERLEAVED_SHARDS), never fewer than half the CPUs or 2. A shard's sha256 is one sequential
-    stream on a parent thread, and the run cannot end before the last shard's hash does: with a
-    worker on every CPU the hashing threads share cores with them and finish last (16 cores,
-    2 shards: 8 and 12 workers beat 16; bench/RESULTS.md)."""
+def default_workers(shards: int, cpus: int | None = None, hash_bound: bool = False) -> int:
+    """--workers when not given. A shard's sha256 is one sequential stream on a parent thread (up to
+    INTERLEAVED_SHARDS shards are hashed side by side), and the run cannot end before the last
+    shard's hash does.
+
+    hash_bound (the compiled FP8 / INT8 min-max kernel converts every tensor, `hash_bound()`): a
+    worker then writes about 0.57 GB/s of output and a hash stream reads about 1.2 GB/s, so
+    WORKERS_PER_HASH workers per shard hashed at a time keep the hashing fed, and more only contend
+    for the page cache and the disk (16 cores, 2 shards, three machines: 4 workers 0.93-0.99x the
+    write ceiling against 1.05-1.31x for 12; bench/RESULTS.md). Otherwise (4-bit formats, the mse
+    observer, the numpy path: the CPU is the limit): every CPU but two per shard hashed at a time,
+    never fewer than half the CPUs. Never more than the CPUs, never fewer than 2 where there are 2."""
     cpus = cpus or os.cpu_count() or 1
     hashing = min(INTERLEAVED_SHARDS, max(shards, 1))
+    if hash_bound:
+        return max(min(cpus, 2), min(cpus, WORKERS_PER_HASH * hashing))
     return max(min(cpus, 2), cpus // 2, cpus - 2 * hashing)
+
+
+def hash_bound(plan: ConversionPlan) -> bool:
+    """Whether every tensor `plan` quantizes goes through the compiled FP8 / INT8 kernel with min-max
+    scales (default_workers)."""
+    schemes = set(plan.schemes.values()) or ({plan.scheme} if plan.scheme is not None else set())
+    return bool(schemes) and all(compiled.AVAILABLE and compiled.supports(s) and s.observer == "minmax"
+                                 for s in schemes)
 
 
 @dataclass(frozen=True)

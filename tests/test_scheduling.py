@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 from pathlib import Path
 
 import ml_dtypes
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 import stfile
-from fp8conv import hashing, jobs, outdir, pipeline
+from fp8conv import compiled, hashing, jobs, outdir, pipeline
 from fp8conv.jobs import Job, Source
 from helpers import run_cli
 
@@ -59,11 +60,26 @@ def test_workers_load_the_kernel_before_their_first_converting_job_only(monkeypa
     (16, 1, 14), (16, 2, 12), (16, 3, 10), (16, 4, 8), (16, 40, 8),  # two CPUs per shard hashed at a time (up to 4)
     (64, 2, 60), (64, 40, 56),
 ])
-def test_default_workers(cpus, shards, expected):
+def test_default_workers_where_the_cpu_is_the_limit(cpus, shards, expected):
     assert pipeline.default_workers(shards, cpus) == expected
 
 
-def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path):
+@pytest.mark.parametrize("cpus, shards, expected", [
+    (1, 1, 1), (2, 1, 2), (2, 9, 2), (3, 1, 2), (4, 2, 4),
+    (16, 1, 2), (16, 2, 4), (16, 3, 6), (16, 4, 8), (16, 40, 8),  # two workers per shard hashed at a time (up to 4)
+    (64, 2, 4), (64, 40, 8),
+])
+def test_default_workers_where_the_hashing_is_the_limit(cpus, shards, expected):
+    assert pipeline.default_workers(shards, cpus, hash_bound=True) == expected
+
+
+@pytest.mark.parametrize("options, expected", [
+    ((), 6),  # FP8 block min-max: the compiled kernel, hash-bound: 2 per shard hashed side by side
+    (("--format", "int8", "--granularity", "channel"), 6),
+    (("--observer", "mse"), 10),  # the CPU is the limit: every CPU but two per hashed shard
+    (("--format", "nvfp4"), 10),
+])
+def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path, options, expected):
     from helpers import run_cli
     from test_reliability import sharded_model
 
@@ -76,8 +92,23 @@ def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     monkeypatch.setattr(pipeline, "run_plan", run_plan)
-    run_cli("quantize", str(sharded_model(tmp_path / "src", shards=3, rows=128, cols=128)), "-o", str(tmp_path / "out"), "-q")
-    assert seen == [10]  # 16 CPUs, 3 shards hashed side by side
+    run_cli("quantize", str(sharded_model(tmp_path / "src", shards=3, rows=128, cols=128)), "-o", str(tmp_path / "out"),
+            "-q", *options)
+    assert seen == [expected]  # 16 CPUs, 3 shards hashed side by side
+
+
+def test_hash_bound_needs_numba():
+    from fp8conv.scheme import Scheme
+
+    plan = SimpleNamespace(schemes={"w": Scheme()}, scheme=Scheme())
+    assert pipeline.hash_bound(plan)
+    saved = compiled.AVAILABLE
+    try:
+        compiled.AVAILABLE = False  # FP8CONV_NO_NUMBA=1: the numpy path, CPU-bound
+        assert not pipeline.hash_bound(plan)
+    finally:
+        compiled.AVAILABLE = saved
+    assert not pipeline.hash_bound(SimpleNamespace(schemes={}, scheme=None))
 
 
 def test_writeback_requests_leave_the_bytes_alone_and_survive_a_vanished_file(tmp_path):
