@@ -97,7 +97,7 @@ def main() -> None:
     default = pipeline.default_workers(2, hash_bound=True)
     rows.append(run(f"fp8conv, --workers not given (the default here: {default})", REPO, None, args.repeats))
     with tempfile.TemporaryDirectory(prefix="numba-cold-") as cold:
-        rows.append(run(f"fp8conv --workers {max(args.workers)}, first run with an empty numba cache", REPO,
+        rows.append(run(f"fp8conv --workers {max(args.workers)}, first run with empty kernel caches", REPO,
                         max(args.workers), 1, {"NUMBA_CACHE_DIR": cold}))
     if args.compare is not None:
         compile_bytecode(args.compare)
