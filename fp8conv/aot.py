@@ -5,16 +5,17 @@ and target registries, its runtime) for 40 KB of machine code: a sixth of a 2-co
 2 GB checkpoint, paid again by every worker. So numba compiles the kernel's C entry
 (`_numba_kernels.native_entry`) once; its LLVM IR, with every function but the entry made internal and
 optimised again (the exception paths of numba's calling convention then fold away: nothing in the
-kernel can raise), is emitted as an object file for this CPU and cached; a process loads it with
-llvmlite's MCJIT (about 0.05 s) and calls it through ctypes (which releases the GIL).
+kernel can raise), is emitted as an object file for this CPU and cached; a process maps it into
+executable memory (elfload.py on x86-64, about 1 ms; elsewhere llvmlite's MCJIT, about 0.05 s) and
+calls it through ctypes (which releases the GIL).
 
 The object is built only when its IR calls nothing outside itself but LLVM intrinsics and
 memset / memcpy / memmove, so it needs neither numba's runtime nor its helpers. A cache file is
 used only when it is ours (owner, not writable by others), its key matches (kernel source, this
-file's build version, numba and llvmlite versions, target triple, CPU name and features) and its
-checksum holds; anything else is rebuilt. On any failure `entry()` returns None and compiled.py
-runs numba's own dispatcher (same numerics, bit for bit: tests/test_aot.py). FP8CONV_NO_AOT=1 turns
-this off.
+file's build version, numba and llvmlite versions, machine, the CPU's model and feature flags) and
+its checksum holds; anything else is rebuilt. On any failure `entry()` returns None and compiled.py
+runs numba's own dispatcher (same numerics, bit for bit: tests/test_kernels.py runs both).
+FP8CONV_NO_AOT=1 turns this off.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import tempfile
 import threading
 from pathlib import Path
@@ -61,7 +63,7 @@ def entry(bf16: bool = True) -> "NativeKernel | None":
 
                 try:
                     kernel = load(compiled.kernel_cache_dir(), bf16)
-                except Unavailable:
+                except Exception:  # noqa: BLE001 - any failure here only costs speed (tests require it loads)
                     kernel = None
             _loaded[bf16] = kernel
     return _loaded[bf16]
@@ -81,15 +83,43 @@ def _target_machine(ll):
                                         opt=3, jit=True)
 
 
-def cache_key(ll, bf16: bool) -> dict:
-    """What a cached object depends on."""
-    import importlib.metadata  # ~10 ms: only where the kernel is loaded, not at every start
+def cache_key(bf16: bool) -> dict:
+    """What a cached object depends on (without loading LLVM: the CPU as the kernel describes it)."""
+    import llvmlite  # the package alone: its version, not the 100 MB library
 
     source = importlib.util.find_spec("fp8conv._numba_kernels").origin
-    return {"build": BUILD_VERSION, "source_type": "bf16" if bf16 else "float32", "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
-            "numba": importlib.metadata.version("numba"), "llvmlite": importlib.metadata.version("llvmlite"),
-            "triple": ll.get_process_triple(), "cpu": ll.get_host_cpu_name(),
-            "features": ll.get_host_cpu_features().flatten()}
+    return {"build": BUILD_VERSION, "source_type": "bf16" if bf16 else "float32",
+            "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
+            "numba": _numba_version(), "llvmlite": llvmlite.__version__, "machine": platform.machine(),
+            "cpu": _cpu_identity()}
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (/proc/cpuinfo's first processor): code built for one CPU is
+    never run on another whose flags differ; LLVM's own names where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            lines = [line for line in fh.read().split("\n\n")[0].splitlines()
+                     if line.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features", "CPU part")]
+        if lines:
+            return "cpuinfo:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    except OSError:
+        pass
+    ll = _llvm()
+    return f"llvm:{ll.get_process_triple()}:{ll.get_host_cpu_name()}:{ll.get_host_cpu_features().flatten()}"
+
+
+def _numba_version() -> str:
+    """numba's version without importing numba (0.35 s) or scanning installed distributions
+    (importlib.metadata: ~25 ms): the digest of its _version.py, which holds the full version."""
+    spec = importlib.util.find_spec("numba")
+    for folder in spec.submodule_search_locations or ():
+        stamp = Path(folder) / "_version.py"
+        if stamp.is_file():
+            return "sha256:" + hashlib.sha256(stamp.read_bytes()).hexdigest()
+    from importlib import metadata
+
+    return metadata.version("numba")
 
 
 def cache_file(folder: Path, key: dict) -> Path:
@@ -102,21 +132,40 @@ def load(folder: Path | None, bf16: bool) -> "NativeKernel":
     or unusable."""
     if folder is None:
         raise Unavailable("no writable cache folder")
-    try:
-        ll = _llvm()
-    except Exception as exc:
-        raise Unavailable(f"llvmlite: {exc}") from exc
-    key = cache_key(ll, bf16)
+    key = cache_key(bf16)
     path = cache_file(folder, key)
     found = read(path, key)
     if found is None:
         with _build_lock(folder):
             found = read(path, key)  # another process may have built it while we waited
             if found is None:
-                found = build(ll, bf16)
+                found = build(_llvm(), bf16)
                 write(path, key, *found)
     symbol, code = found
-    return NativeKernel(ll, symbol, code, bf16)
+    return NativeKernel(map_object(symbol, code), bf16)
+
+
+def map_object(symbol: str, code: bytes, loader: str = "auto"):
+    """(keep-alive handle, address of `symbol`) of the object in executable memory: by elfload
+    (x86-64, no LLVM: about 1 ms) where it can, else by llvmlite's MCJIT (loader "elf" / "llvm"
+    forces one)."""
+    if loader in ("auto", "elf"):
+        from . import elfload
+
+        try:
+            loaded = elfload.load(code, {name: elfload.libc_address(name) for name in ALLOWED_EXTERNALS})
+            return loaded, loaded.address(symbol)
+        except elfload.NotLoadable:
+            if loader == "elf":
+                raise
+    ll = _llvm()
+    engine = ll.create_mcjit_compiler(ll.parse_assembly(""), _target_machine(ll))
+    engine.add_object_file(ll.ObjectFileRef.from_data(code))
+    engine.finalize_object()
+    address = engine.get_function_address(symbol)
+    if not address:
+        raise Unavailable(f"{symbol} is not in the cached object")
+    return engine, address
 
 
 class _build_lock:
@@ -222,14 +271,9 @@ _SCRATCH_TYPES = (np.float64, np.float32, np.uint32)
 class NativeKernel:
     """_numba_kernels.quantize_chunk's arguments in, its answer out, through the loaded machine code."""
 
-    def __init__(self, ll, symbol: str, code: bytes, bf16: bool):
+    def __init__(self, mapped: tuple, bf16: bool):
         self.bf16 = bf16
-        self._engine = ll.create_mcjit_compiler(ll.parse_assembly(""), _target_machine(ll))  # keeps the code alive
-        self._engine.add_object_file(ll.ObjectFileRef.from_data(code))
-        self._engine.finalize_object()
-        address = self._engine.get_function_address(symbol)
-        if not address:
-            raise Unavailable(f"{symbol} is not in the cached object")
+        self._code, address = mapped  # the handle keeps the code mapped
         self._function = ctypes.CFUNCTYPE(ctypes.c_int32, *_ARGS)(address)
         self._scratch = threading.local()
 

@@ -141,6 +141,7 @@ w = np.random.default_rng(3).standard_normal((256, 384)).astype(np.float32)
 fast = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numba")
 slow = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numpy")
 print(json.dumps({"native": aot.entry(True) is not None and aot.entry(False) is not None, "numba_imported": "numba" in sys.modules,
+                  "llvm_loaded": "llvmlite.binding" in sys.modules,
                   "same": fast.codes.tobytes() == slow.codes.tobytes() and fast.scales.tobytes() == slow.scales.tobytes()
                   and fast.stats == slow.stats}))
 """
@@ -163,7 +164,7 @@ def answer(process: subprocess.Popen) -> dict:
 def test_processes_build_the_object_once_then_load_it_without_numba(tmp_path):
     """Two processes on an empty cache: one builds (the other waits on the lock), both quantize as the
     numpy reference does; a later process loads the object and never imports numba. FP8CONV_NO_AOT=1
-    gives numba's dispatcher, same bytes."""
+    gives numba's dispatcher, same bytes. (x86-64: the later process maps the object without LLVM.)"""
     first = [probe(tmp_path), probe(tmp_path)]
     for result in map(answer, first):
         assert result["native"] and result["same"]
@@ -171,6 +172,63 @@ def test_processes_build_the_object_once_then_load_it_without_numba(tmp_path):
     assert len(objects) == 2, objects  # one per source type
     built = [o.stat().st_mtime_ns for o in objects]
     later = answer(probe(tmp_path))
-    assert later == {"native": True, "numba_imported": False, "same": True}
+    assert later == {"native": True, "numba_imported": False, "llvm_loaded": False, "same": True}  # elfload mapped it
     assert [o.stat().st_mtime_ns for o in objects] == built  # loaded, not rebuilt
-    assert answer(probe(tmp_path, ("FP8CONV_NO_AOT", "1"))) == {"native": False, "numba_imported": True, "same": True}
+    assert answer(probe(tmp_path, ("FP8CONV_NO_AOT", "1"))) == {"native": False, "numba_imported": True,
+                                                                "llvm_loaded": True, "same": True}
+
+
+def cached_object(bf16: bool = True) -> tuple[str, bytes]:
+    native(bf16)  # built into the cache if missing
+    key = aot.cache_key(bf16)
+    found = aot.read(aot.cache_file(compiled.kernel_cache_dir(), key), key)
+    assert found is not None
+    return found
+
+
+def test_both_loaders_run_the_same_machine_code():
+    """elfload (no LLVM) and llvmlite's MCJIT map the same object; the kernel answers alike."""
+    symbol, code = cached_object(True)
+    rng = np.random.default_rng(11)
+    src = (rng.standard_normal((200, 300)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    answers = []
+    for loader in ("elf", "llvm"):
+        kernel = aot.NativeKernel(aot.map_object(symbol, code, loader), True)
+        codes, scales, stats = np.empty((200, 300), np.uint8), np.empty((2, 3), np.float32), np.zeros(5)
+        assert kernel(src, True, 128, 128, np.float32(0), np.float32(448), 0, codes, scales, stats, False) is False
+        answers.append((codes.tobytes(), scales.tobytes(), stats.tobytes()))
+    assert answers[0] == answers[1]
+
+
+def test_elfload_refuses_what_it_does_not_handle():
+    from fp8conv import elfload
+
+    symbol, code = cached_object(True)
+    memset = {"memset": elfload.libc_address("memset")}
+    assert elfload.load(code, memset).address(symbol)
+    with pytest.raises(elfload.NotLoadable, match="needs 'memset'"):
+        elfload.load(code, {})
+    with pytest.raises(elfload.NotLoadable, match="not a 64-bit"):
+        elfload.load(b"\x7fELF\x01\x01" + bytes(64), memset)
+    with pytest.raises(elfload.NotLoadable):
+        elfload.load(code[: len(code) // 2], memset)  # sections and tables past the end
+    with pytest.raises(elfload.NotLoadable, match="not an x86-64"):
+        elfload.load(code[:18] + (183).to_bytes(2, "little") + code[20:], memset)  # EM_AARCH64
+    # Every relocation rewritten to R_X86_64_PC32 (type 2): refused, not applied wrongly.
+    import struct
+
+    data = bytearray(code)
+    (shoff,) = struct.unpack_from("<Q", data, 40)
+    (shnum,) = struct.unpack_from("<H", data, 60)
+    changed = 0
+    for i in range(shnum):
+        _, kind, _, _, offset, size, *_ = struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * 64)
+        if kind == elfload.SHT_RELA:
+            for r in range(size // 24):
+                info_at = offset + r * 24 + 8
+                (info,) = struct.unpack_from("<Q", data, info_at)
+                struct.pack_into("<Q", data, info_at, (info >> 32) << 32 | 2)
+                changed += 1
+    assert changed
+    with pytest.raises(elfload.NotLoadable, match="relocation type 2"):
+        elfload.load(bytes(data), memset)
