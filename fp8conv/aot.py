@@ -25,7 +25,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import platform
 import tempfile
 import threading
 from pathlib import Path
@@ -85,12 +84,10 @@ def _target_machine(ll):
 
 def cache_key(bf16: bool) -> dict:
     """What a cached object depends on (without loading LLVM: the CPU as the kernel describes it)."""
-    import llvmlite  # the package alone: its version, not the 100 MB library
-
     source = importlib.util.find_spec("fp8conv._numba_kernels").origin
     return {"build": BUILD_VERSION, "source_type": "bf16" if bf16 else "float32",
             "source": hashlib.sha256(Path(source).read_bytes()).hexdigest(),
-            "numba": _numba_version(), "llvmlite": llvmlite.__version__, "machine": platform.machine(),
+            "numba": _version_of("numba"), "llvmlite": _version_of("llvmlite"), "machine": os.uname().machine,
             "cpu": _cpu_identity()}
 
 
@@ -109,17 +106,17 @@ def _cpu_identity() -> str:
     return f"llvm:{ll.get_process_triple()}:{ll.get_host_cpu_name()}:{ll.get_host_cpu_features().flatten()}"
 
 
-def _numba_version() -> str:
-    """numba's version without importing numba (0.35 s) or scanning installed distributions
-    (importlib.metadata: ~25 ms): the digest of its _version.py, which holds the full version."""
-    spec = importlib.util.find_spec("numba")
-    for folder in spec.submodule_search_locations or ():
+def _version_of(package: str) -> str:
+    """A package's version without importing it (numba: 0.35 s) or scanning the installed
+    distributions (importlib.metadata: ~25 ms): the digest of its _version.py, which holds it."""
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or ()) if spec else ():
         stamp = Path(folder) / "_version.py"
         if stamp.is_file():
             return "sha256:" + hashlib.sha256(stamp.read_bytes()).hexdigest()
     from importlib import metadata
 
-    return metadata.version("numba")
+    return metadata.version(package)
 
 
 def cache_file(folder: Path, key: dict) -> Path:
