@@ -95,9 +95,13 @@ def _cpu_identity() -> str:
     """The CPU's model and feature flags (/proc/cpuinfo's first processor): code built for one CPU is
     never run on another whose flags differ; LLVM's own names where /proc/cpuinfo is missing."""
     try:
+        lines = []
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            lines = [line for line in fh.read().split("\n\n")[0].splitlines()
-                     if line.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features", "CPU part")]
+            for line in fh:  # the first processor's block ends at the first blank line
+                if not line.strip():
+                    break
+                if line.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features", "CPU part"):
+                    lines.append(line.rstrip("\n"))
         if lines:
             return "cpuinfo:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
     except OSError:

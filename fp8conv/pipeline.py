@@ -57,10 +57,11 @@ def default_workers(shards: int, cpus: int | None = None, hash_bound: bool = Fal
     hash_bound (the compiled FP8 / INT8 min-max kernel converts every tensor, `hash_bound()`): a
     worker then writes about 0.57 GB/s of output and a hash stream reads about 1.2 GB/s, so
     WORKERS_PER_HASH workers per shard hashed at a time keep the hashing fed, and more only contend
-    for the page cache and the disk (16 cores, 2 shards, three machines: 4 workers 0.93-0.99x the
-    write ceiling against 1.05-1.31x for 12; bench/RESULTS.md). Otherwise (4-bit formats, the mse
-    observer, the numpy path: the CPU is the limit): every CPU but two per shard hashed at a time,
-    never fewer than half the CPUs. Never more than the CPUs, never fewer than 2 where there are 2."""
+    for the page cache and the disk (16 cores, 2 shards, five runs on four machines: 4 workers
+    0.91-1.01x the write ceiling against 1.05-1.31x for 12; bench/RESULTS.md). Otherwise (4-bit
+    formats, the mse observer, the numpy path: the CPU is the limit): every CPU but two per shard
+    hashed at a time, never fewer than half the CPUs. Never more than the CPUs, never fewer than 2
+    where there are 2."""
     cpus = cpus or os.cpu_count() or 1
     hashing = min(INTERLEAVED_SHARDS, max(shards, 1))
     if hash_bound:
@@ -348,14 +349,15 @@ _kernel_loaded = False
 
 
 def _worker_job(job: Job) -> tuple:
-    """A job in a worker. The compiled kernel (numba, ~0.5 s to import and load from its cache) is
-    loaded before the worker's first converting job, not at fork: copies and constants need none,
-    so the workers that take them (they are dispatched first) write while the others load it."""
+    """A job in a worker. The compiled kernel (the ahead-compiled object: ~0.025 s; through numba,
+    where that cannot load: ~0.8 s) is loaded before the worker's first converting job, not at fork:
+    copies and constants need none, so the workers that take them (they are dispatched first) write
+    while the others load it."""
     global _kernel_loaded
     if not _kernel_loaded and job.kind not in KERNEL_FREE:
         compiled.preload(skip_scipy=True)
-        # The objects of every import so far (numba's are most) live as long as the worker: out of
-        # the collector's generations, each collection no longer walks them all (~0.1 CPU s a run).
+        # The objects of every import so far (numba's, where it loads the kernel) live as long as the
+        # worker: out of the collector's generations, each collection no longer walks them all.
         gc.freeze()
         _kernel_loaded = True
     return run_job(job)
