@@ -466,6 +466,15 @@ def _advance(typingctx, ptr, n):
 NATIVE_OK, NATIVE_NONFINITE, NATIVE_SCRATCH, NATIVE_ARGUMENTS = 0, 1, 2, 3
 
 
+def native_signature():
+    """native_entry's C signature (aot._ARGS is its ctypes twin: tests/test_aot.py compares them)."""
+    i64, f32 = types.int64, types.float32
+    return types.int32(types.voidptr, i64, i64, i64, i64, i64, f32, f32, i64, types.CPointer(types.uint8),
+                       types.CPointer(f32), i64, i64, types.CPointer(types.float64), i64,
+                       types.CPointer(types.float64), i64, types.CPointer(f32), i64,
+                       types.CPointer(types.uint32), i64, types.CPointer(i64))
+
+
 def native_entry(bf16: bool):
     """quantize_chunk for one source type (bf16 bits, or float32) as a C function over raw pointers
     (compiled here, on demand: a cfunc compiles when it is defined; one type, so a first run compiles
@@ -482,13 +491,8 @@ def native_entry(bf16: bool):
     from numba import carray, cfunc
 
     source_type = np.uint16 if bf16 else np.float32
-    i64, f32 = types.int64, types.float32
-    signature = types.int32(types.voidptr, i64, i64, i64, i64, i64, f32, f32, i64, types.CPointer(types.uint8),
-                            types.CPointer(f32), i64, i64, types.CPointer(types.float64), i64,
-                            types.CPointer(types.float64), i64, types.CPointer(f32), i64,
-                            types.CPointer(types.uint32), i64, types.CPointer(i64))
 
-    @cfunc(signature, nogil=True, error_model="numpy")
+    @cfunc(native_signature(), nogil=True, error_model="numpy")
     def entry(src, is_bf16, rows, cols, tile_rows, tile_cols, fixed_scale, qmax, kind, codes, scales,
               grid_rows, n_tiles, stats, given, f64, n_f64, f32, n_f32, u32, n_u32, need):
         if (rows < 0 or (is_bf16 != 0) != bf16 or cols < 0 or tile_rows < 1 or tile_cols < 1

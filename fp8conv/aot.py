@@ -260,6 +260,8 @@ def external_symbols(module) -> list[str]:
     return sorted(functions - ALLOWED_EXTERNALS) + sorted(g.name for g in module.global_variables if g.is_declaration)
 
 
+# _numba_kernels.native_signature() in ctypes (it cannot be read here without importing numba;
+# tests/test_aot.py checks the two agree).
 _ARGS = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
          ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
          ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,

@@ -55,25 +55,27 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def cache_dir() -> Path | None:
-    """Where the kernel is cached when the package's own __pycache__ is not writable (None: there,
-    or NUMBA_CACHE_DIR)."""
-    if os.environ.get("NUMBA_CACHE_DIR") or _writable(Path(__file__).parent / "__pycache__"):
-        return None
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "fp8conv" / "numba"
-    if _writable(user):
-        return user
-    return _private_tmp()
-
-
 def kernel_cache_dir() -> Path | None:
     """The folder the kernel's caches live in (numba's and aot.py's): NUMBA_CACHE_DIR, else the
-    package's __pycache__ when writable, else cache_dir()'s choice; None when there is none."""
+    package's __pycache__ when writable, else the user's cache dir, else a private per-user
+    temporary dir; None when none of them is writable."""
     if os.environ.get("NUMBA_CACHE_DIR"):
         folder = Path(os.environ["NUMBA_CACHE_DIR"])
         return folder if _writable(folder) else None
-    own = Path(__file__).parent / "__pycache__"
-    return own if _writable(own) else cache_dir()
+    for folder in (Path(__file__).parent / "__pycache__",
+                   Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "fp8conv" / "numba"):
+        if _writable(folder):
+            return folder
+    return _private_tmp()
+
+
+def cache_dir() -> Path | None:
+    """Where numba must be pointed to cache the kernel: kernel_cache_dir() where that is not numba's
+    own default (None: the package's __pycache__, or NUMBA_CACHE_DIR)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return None
+    folder = kernel_cache_dir()
+    return None if folder == Path(__file__).parent / "__pycache__" else folder
 
 
 def _private_tmp() -> Path | None:

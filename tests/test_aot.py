@@ -4,6 +4,7 @@ Its numerics are tests/test_kernels.py's: every compiled-path test there runs bo
 loaded object and through numba's dispatcher, against the float64 reference."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -82,6 +83,19 @@ def test_an_object_that_calls_outside_itself_is_refused():
     assert aot.external_symbols(clean) == []
 
 
+def test_the_ctypes_arguments_match_the_entry_signature():
+    from numba import types
+
+    from fp8conv import _numba_kernels
+
+    signature = _numba_kernels.native_signature()
+    as_ctypes = {types.int64: ctypes.c_int64, types.float32: ctypes.c_float}
+    expected = [ctypes.c_void_p if isinstance(t, (types.CPointer, types.RawPointer)) else as_ctypes[t]
+                for t in signature.args]
+    assert list(aot._ARGS) == expected
+    assert signature.return_type == types.int32
+
+
 def native(bf16: bool = True):
     kernel = aot.entry(bf16)
     if kernel is None:
@@ -110,9 +124,10 @@ def test_the_loaded_kernel_refuses_arguments_that_do_not_fit():
 def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
     """Chunks of growing width (the scratch grows between calls), NaN (the numpy path's cue) and an
     unknown kind: the loaded object and numba's dispatcher answer alike, to the last bit."""
-    kernels = {True: native(True), False: native(False)}
+    kernels = {bf16: aot.NativeKernel(aot.map_object(*cached_object(bf16)), bf16) for bf16 in (True, False)}
     dispatcher = compiled.load_numba().quantize_chunk
     rng = np.random.default_rng(7)
+    sizes = []  # the bf16 kernel's scratch (float64, float32, uint32 elements) after each shape
     for rows, cols, tile in [(3, 5, (1, 5)), (130, 300, (128, 128)), (64, 4099, (1, 4099)), (9, 2500, (1, 32))]:
         w = (rng.standard_normal((rows, cols)) * 0.03).astype(np.float32)
         grid = (-(-rows // tile[0]), -(-cols // tile[1]))
@@ -124,6 +139,9 @@ def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
                            codes, scales, stats, False)
                 results.append((flag, codes.tobytes(), scales.tobytes(), stats.tobytes()))
             assert results[0] == results[1] and results[0][0] is False
+        sizes.append(tuple(a.size for a in kernels[True]._scratch.arrays))
+    assert all(a <= b for earlier, later in zip(sizes, sizes[1:]) for a, b in zip(earlier, later))  # never shrinks
+    assert sizes[-1][0] > sizes[0][0] and sizes[-1][1] > sizes[0][1] and sizes[-1][2] > sizes[0][2], sizes
     w[1, 2] = np.nan
     for run in (kernels[False], dispatcher):
         assert run(w, False, 1, 32, np.float32(0), np.float32(448), 0, np.empty(w.shape, np.uint8),
