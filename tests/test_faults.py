@@ -128,6 +128,21 @@ sys.argv = ["fp8conv"] + sys.argv[1:]
 main()
 """
 
+# Slow jobs (in the workers, which inherit the patch at fork): the workers stay alive for seconds
+# whatever the kernel's start-up costs.
+SLOW_JOBS = """
+import sys, time
+from fp8conv import pipeline
+original = pipeline.run_job
+def slow(job):
+    time.sleep(1.0)
+    return original(job)
+pipeline.run_job = slow
+from fp8conv.cli import main
+sys.argv = ["fp8conv"] + sys.argv[1:]
+main()
+"""
+
 
 @pytest.mark.parametrize("second", [["--resume"], ["--overwrite"], []])
 def test_second_writer_on_the_same_out_is_refused(tmp_path, second):
@@ -615,7 +630,7 @@ def children_of(pid: int) -> set[int]:
 def test_workers_die_with_a_sigkilled_parent(tmp_path):
     """No orphaned workers burning CPU after the OOM killer takes the parent (PDEATHSIG)."""
     src = sharded_model(tmp_path / "src", shards=6, rows=64, cols=64)
-    parent = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "quantize", str(src), "-o", str(tmp_path / "out"),
+    parent = subprocess.Popen([sys.executable, "-c", SLOW_JOBS, "quantize", str(src), "-o", str(tmp_path / "out"),
                                "--workers", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     try:
         deadline = time.monotonic() + 60
