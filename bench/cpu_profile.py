@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fp8conv import pipeline
+from fp8conv.run import pipeline
 
 ITEMS = {  # (file suffix, function name) -> item
     ("_numba_kernels.py", "quantize_chunk"): "numba kernel (quantize_chunk)",
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions())
-    from fp8conv import compiled
+    from fp8conv.accel import compiled
 
     compiled.preload()  # load (or compile) the kernel outside the measurement
     elements = 0

@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fp8conv.checkpoint import open_checkpoint  # noqa: E402
-from fp8conv.quantized import Readers, open_view  # noqa: E402
+from fp8conv.io.checkpoint import open_checkpoint  # noqa: E402
+from fp8conv.layouts.read import Readers, open_view  # noqa: E402
 
 BLOCK = 128
 FP8 = torch.float8_e4m3fn

@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # fp8conv from PYTHONPATH when set, else this checkout
 from make_checkpoint import heavy_tailed  # noqa: E402
 
-from fp8conv import kernels  # noqa: E402
+from fp8conv.numerics import kernels  # noqa: E402
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def median_run(cmd: list[str], repeats: int, src: Path, out: Path) -> tuple[floa
 
 def rel_errors(source: Path, quantized: Path, scratch: Path) -> dict[str, float]:
     """Relative RMS error per quantized weight: fp8conv dequantize (fp32) against the source."""
-    from fp8conv.safetensors_io import TensorReader, read_header
+    from fp8conv.io.safetensors import TensorReader, read_header
 
     shutil.rmtree(scratch, ignore_errors=True)
     timed([sys.executable, "-m", "fp8conv", "dequantize", str(quantized), "-o", str(scratch), "--dtype", "fp32", "-q"])
@@ -115,7 +115,7 @@ def main() -> None:
 
 
 def _same_tensors(a: Path, b: Path, weight: str) -> bool:
-    from fp8conv.safetensors_io import TensorReader, read_header
+    from fp8conv.io.safetensors import TensorReader, read_header
 
     def stored(folder: Path) -> dict[str, bytes]:
         prefix = weight[: -len("weight")]

@@ -28,8 +28,9 @@ from dataclasses import replace
 import ml_dtypes
 import numpy as np
 
-from fp8conv import compiled, kernels
-from fp8conv.scheme import Scheme, microscale_scheme
+from fp8conv.accel import compiled
+from fp8conv.numerics import kernels
+from fp8conv.plan.scheme import Scheme, microscale_scheme
 
 
 def median_time(fn, repeats: int) -> float:

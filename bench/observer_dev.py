@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from fp8conv import observers  # noqa: E402
-from fp8conv import microscale as ms  # noqa: E402
-from fp8conv.kernels import _resolved  # noqa: E402
-from fp8conv.scheme import Scheme, microscale_scheme  # noqa: E402
+from fp8conv.numerics import observers  # noqa: E402
+from fp8conv.numerics import microscale as ms  # noqa: E402
+from fp8conv.numerics.kernels import _resolved  # noqa: E402
+from fp8conv.plan.scheme import Scheme, microscale_scheme  # noqa: E402
 
 SCHEMES = {
     "int4": lambda: Scheme(format="int4", granularity="group", group_size=64, scale_format="source"),
@@ -106,7 +106,7 @@ def mx_recon(weight: np.ndarray, steps, p: float | None, element: str = "e2m1", 
     amax = np.abs(tiles).max(axis=1)
     first = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if element == "e2m1" else ms.EMAX_E4M3)
     table = observers._element_value_table(element)
-    from fp8conv.fastcast import round_to_odd_bf16
+    from fp8conv.formats.fastcast import round_to_odd_bf16
 
     def recon_of(codes):
         y = tiles * ms.e8m0_reciprocal(codes)[:, None]
@@ -176,7 +176,7 @@ def nvfp4_recon(weight: np.ndarray, steps, column_weight: np.ndarray | None, ama
     weight's fused partners, default its own): per group the code among min-max + steps with the least
     (column-weighted) squared error."""
     import ml_dtypes
-    from fp8conv.fastcast import round_to_odd_bf16
+    from fp8conv.formats.fastcast import round_to_odd_bf16
 
     group = 16
     bf16 = np.dtype(ml_dtypes.bfloat16)

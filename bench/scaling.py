@@ -92,7 +92,7 @@ def main() -> None:
     print(f"write+fsync of {out_size / 1e9:.2f} GB: {ceiling:.2f} s", flush=True)
     rows = [run(f"fp8conv --workers {w}", REPO, w, args.repeats) for w in args.workers]
     sys.path.insert(0, str(REPO))
-    from fp8conv import pipeline  # noqa: E402  (this tree's default for this checkpoint: 2 shards, FP8 min-max)
+    from fp8conv.run import pipeline  # noqa: E402  (this tree's default for this checkpoint: 2 shards, FP8 min-max)
 
     default = pipeline.default_workers(2, hash_bound=True)
     rows.append(run(f"fp8conv, --workers not given (the default here: {default})", REPO, None, args.repeats))

@@ -17,7 +17,8 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from fp8conv import hashing, outdir, pipeline  # noqa: E402
+from fp8conv.io import hashing, outdir  # noqa: E402
+from fp8conv.run import pipeline
 
 events: list[tuple[float, str]] = []
 

@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .kernels import QuantizedTensor, dequantize_tensor, quantize_tensor  # noqa: E402
+from .numerics.kernels import QuantizedTensor, dequantize_tensor, quantize_tensor  # noqa: E402
 
 __all__ = ["QuantizedTensor", "dequantize_tensor", "quantize_tensor", "__version__"]

@@ -17,15 +17,14 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .engines import ENGINES
+from .plan.engines import ENGINES
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
-from .formats import FORMATS, HIGH_PRECISION
-from .microscale import MICROSCALE
-from .layouts import LAYOUTS
-from .architecture import DEFAULT_RULES
-from .scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size,
+from .formats import FORMATS, HIGH_PRECISION, MICROSCALE
+from .layouts.write import LAYOUTS
+from .plan.architecture import DEFAULT_RULES
+from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size,
                      parse_override)
-from .untrusted import printable
+from .io.untrusted import printable
 
 EXIT_CODES_HELP = (
     "\b\nExit codes: 0 ok; 1 a check failed; 2 usage error; 3 input unreadable, corrupt or refused; "
@@ -280,7 +279,7 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
     SRC may itself be quantized (compressed-tensors, fine-grained FP8, fp8conv): its weights are
     dequantized in float32 and re-quantized, or carried over unchanged when the scheme is the same.
     """
-    from .recipe import Recipe
+    from .plan.recipe import Recipe
 
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
     recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer),
@@ -319,7 +318,7 @@ def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) ->
 
 def _check_output(src: Path, out: Path, overwrite: bool, resume: bool) -> None:
     """Everything about OUT that can be refused is refused before a byte of SRC is read."""
-    from .outdir import Staging
+    from .io.outdir import Staging
 
     Staging(out, src, overwrite, resume, "").check()
 
@@ -328,8 +327,9 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
          quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> None:
     """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
     the whole run, and the report."""
-    from . import pipeline, render
-    from .outdir import Staging
+    from .run import pipeline
+    from .report import text as render
+    from .io.outdir import Staging
 
     verb = recipe.command
     part = _parse_partition(partition)
@@ -356,7 +356,7 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
             sys.exit(EXIT_USAGE)
         return
     if ray_address is not None:
-        from .distributed import run_on_ray
+        from .run.distributed import run_on_ray
 
         pipeline.refuse_flagged(plan)
         result = run_on_ray(src, out, recipe, parts or len(plan.shards), run, ray_address or None,
@@ -375,7 +375,7 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
 
 def _parse_partition(text: str | None):
     from .errors import SchemeError
-    from .partition import Partition
+    from .run.partition import Partition
 
     if text is None:
         return None
@@ -395,7 +395,7 @@ def _parse_partition(text: str | None):
 def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition,
                ray_address, parts) -> None:
     """Turn an FP8/INT8 checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
-    from .recipe import DEQUANTIZE, Recipe
+    from .plan.recipe import DEQUANTIZE, Recipe
 
     _refuse_conflicts(None, overwrite, resume)
     recipe = Recipe(DEQUANTIZE, out_dtype=HIGH_PRECISION[dtype], max_shard_size=parse_size(max_shard_size))
@@ -413,8 +413,9 @@ def merge(out, source, overwrite, as_json) -> None:
     """Assemble OUT from the N parts of a partitioned run (--partition I/N): checks every part is
     present and from the same run, then writes index, config, manifest and report and moves OUT
     into place atomically. Same bytes as a single-machine run."""
-    from . import pipeline, render
-    from .partition import parts_dir
+    from .run import pipeline
+    from .report import text as render
+    from .run.partition import parts_dir
 
     area = parts_dir(out)
     result = pipeline.merge_parts(out, source, overwrite)
@@ -432,11 +433,12 @@ def merge(out, source, overwrite, as_json) -> None:
 @handle_errors
 def inspect(path, pattern, stats, as_json, quiet) -> None:
     """Show what is in a checkpoint: shards, tensors, dtypes, sizes and quantization scheme."""
-    from . import inspection, render
+    from .commands import inspection
+    from .report import text as render
 
     total = 0
     if stats:
-        from .checkpoint import open_checkpoint
+        from .io.checkpoint import open_checkpoint
 
         total = open_checkpoint(path).total_bytes
     with progress_bar(total, quiet or not stats, "inspect") as bar:
@@ -467,9 +469,9 @@ def _finite(ctx, param, value: float | None) -> float | None:
 @handle_errors
 def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet) -> None:
     """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails."""
-    from . import render
+    from .report import text as render
     from .errors import EXIT_CHECK_FAILED
-    from .verify import VerifyOptions, total_work, verify_checkpoint
+    from .commands.verify import VerifyOptions, total_work, verify_checkpoint
 
     if html_path is not None and str(html_path) == "-":
         raise click.UsageError("--html - would mix the page with the summary on stdout; give a file name")
@@ -478,7 +480,7 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
         result = verify_checkpoint(path, options, progress=bar.update).to_json()
     emit(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
     if html_path is not None:
-        from . import html_report
+        from .report import html_page as html_report
 
         conversion = html_report.load_report(path) if html_report.has_report(path) else None
         _emit_page(html_report.render_verification(result, conversion), html_path)
@@ -493,14 +495,14 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
 @handle_errors
 def report(out, html_path) -> None:
     """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json."""
-    from . import html_report
+    from .report import html_page as html_report
 
     page = html_report.render_conversion(html_report.load_report(out))
     _emit_page(page, html_path if html_path is not None else html_report.default_page_path(out))
 
 
 def _emit_page(page: str, target: Path) -> None:
-    from . import html_report
+    from .report import html_page as html_report
 
     if str(target) == "-":
         emit(page, nl=False)

@@ -8,7 +8,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from fp8conv.cli import main
-from fp8conv.safetensors_io import TensorReader, read_header
+from fp8conv.io.safetensors import TensorReader, read_header
 
 
 def run_cli(*args: str, expect: int | None = 0):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fp8conv import aot, compiled
+from fp8conv.accel import aot, compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = {"build": 1, "source": "x" * 64, "numba": "0", "llvmlite": "0", "triple": "t", "cpu": "c", "features": "+f"}
@@ -86,7 +86,7 @@ def test_an_object_that_calls_outside_itself_is_refused():
 def test_the_ctypes_arguments_match_the_entry_signature():
     from numba import types
 
-    from fp8conv import _numba_kernels
+    from fp8conv.accel import _numba_kernels
 
     signature = _numba_kernels.native_signature()
     as_ctypes = {types.int64: ctypes.c_int64, types.float32: ctypes.c_float}
@@ -153,7 +153,8 @@ def test_the_loaded_kernel_grows_its_scratch_and_matches_the_dispatcher():
 PROBE = """
 import json, sys
 import numpy as np
-from fp8conv import aot, compiled, kernels
+from fp8conv.accel import aot, compiled
+from fp8conv.numerics import kernels
 compiled.preload()
 w = np.random.default_rng(3).standard_normal((256, 384)).astype(np.float32)
 fast = kernels.quantize_array(w, kernels.Scheme("fp8_e4m3", "block"), backend="numba")
@@ -219,7 +220,7 @@ def test_both_loaders_run_the_same_machine_code():
 
 
 def test_elfload_refuses_what_it_does_not_handle():
-    from fp8conv import elfload
+    from fp8conv.accel import elfload
 
     symbol, code = cached_object(True)
     memset = {"memset": elfload.libc_address("memset")}

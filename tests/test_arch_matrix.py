@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fp8conv.architecture import Architecture
+from fp8conv.plan.architecture import Architecture
 from helpers import load_all, read_json, run_cli
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fp8conv.architecture import Architecture
+from fp8conv.plan.architecture import Architecture
 from safetensors.numpy import save_file
 
 from helpers import load_all, read_json, run_cli

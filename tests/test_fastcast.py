@@ -5,7 +5,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv.fastcast import cast_clamped_to_fp8, code_to_float_table
+from fp8conv.formats.fastcast import cast_clamped_to_fp8, code_to_float_table
 from fp8conv.formats import FORMATS
 from reference import fp8_value
 
@@ -77,11 +77,11 @@ def test_ml_dtypes_does_not_saturate():
 @pytest.mark.parametrize("low_bits", [0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF])
 def test_compiled_rounding_equals_ml_dtypes(name, mbits, low_bits):
     """The numba kernel's arithmetic rounding, on every bf16 pattern with several low-bit endings."""
-    from fp8conv import compiled
+    from fp8conv.accel import compiled
 
     if not compiled.AVAILABLE:
         pytest.fail("numba is part of the test extra")
-    from fp8conv._numba_kernels import round_fp8
+    from fp8conv.accel._numba_kernels import round_fp8
 
     fmt = FORMATS[name]
     values = ((np.arange(1 << 16, dtype=np.uint32) << 16) | low_bits).view(np.float32)
@@ -105,7 +105,7 @@ def test_compiled_rounding_equals_ml_dtypes(name, mbits, low_bits):
 
 
 def test_round_to_bf16_equals_ml_dtypes():
-    from fp8conv.kernels import round_to_bf16
+    from fp8conv.numerics.kernels import round_to_bf16
 
     rng = np.random.default_rng(3)
     patterns = rng.integers(0, 2**32, size=1 << 21, dtype=np.uint64).astype(np.uint32)

@@ -41,7 +41,7 @@ def one_line_error(result, code: int, *fragments: str) -> None:
 
 KILL_WORKER = """
 import os, signal, sys, ctypes
-from fp8conv import pipeline
+from fp8conv.run import pipeline
 how = sys.argv[1]
 real = pipeline.run_job
 def dying(job):
@@ -72,7 +72,7 @@ def test_dead_worker_is_noticed_cleaned_up_and_named(tmp_path, how, word):
 
 
 def test_runner_reraises_worker_errors_and_stops_the_rest():
-    from fp8conv.runner import run_parallel
+    from fp8conv.run.runner import run_parallel
 
     seen = []
     with pytest.raises(ZeroDivisionError):
@@ -85,7 +85,7 @@ def test_runner_reraises_worker_errors_and_stops_the_rest():
 STARTING_WORKER_SIGNALLED = """
 import os, signal, sys, time
 from fp8conv.errors import WorkerDied
-from fp8conv.runner import run_parallel
+from fp8conv.run.runner import run_parallel
 
 def parent_handler(signum, frame):  # what the CLI installs: a forked worker must not run it
     raise RuntimeError("the parent's SIGTERM handler ran in a worker")
@@ -117,7 +117,7 @@ def test_worker_signalled_while_starting_dies_by_the_signal_quietly():
 
 SLOW_RUN = """
 import sys, time
-from fp8conv import outdir
+from fp8conv.io import outdir
 original = outdir.Staging.mark_finished
 def slow(self, *args, **kwargs):
     original(self, *args, **kwargs)
@@ -132,7 +132,7 @@ main()
 # whatever the kernel's start-up costs.
 SLOW_JOBS = """
 import sys, time
-from fp8conv import pipeline
+from fp8conv.run import pipeline
 original = pipeline.run_job
 def slow(job):
     time.sleep(1.0)
@@ -529,7 +529,8 @@ def test_many_small_experts_cost_what_their_bytes_cost(tmp_path, numba, shape, g
 def test_huge_block_on_a_tiny_weight_allocates_what_the_weight_needs(tmp_path):
     import tracemalloc
 
-    from fp8conv import compiled, dequantize_tensor, quantize_tensor
+    from fp8conv.accel import compiled
+    from fp8conv import dequantize_tensor, quantize_tensor
     from reference import reference_quantize
 
     w = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
@@ -649,7 +650,7 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path):
 
 
 def test_more_shards_than_cached_handles(tmp_path, monkeypatch):
-    from fp8conv import jobs
+    from fp8conv.run import jobs
 
     monkeypatch.setattr(jobs, "MAX_OPEN", 3)
     src = sharded_model(tmp_path / "src", shards=9, rows=16, cols=16)
@@ -660,7 +661,7 @@ def test_more_shards_than_cached_handles(tmp_path, monkeypatch):
 def test_a_read_error_on_the_source_is_blamed_on_the_source(tmp_path, monkeypatch):
     import errno as errno_
 
-    from fp8conv import safetensors_io
+    from fp8conv.io import safetensors as safetensors_io
 
     src = sharded_model(tmp_path / "src", shards=2, rows=16, cols=16)
 
@@ -672,7 +673,7 @@ def test_a_read_error_on_the_source_is_blamed_on_the_source(tmp_path, monkeypatc
             super().__init__(path)
             self._fh = type("F", (), {"seek": lambda s, o: None, "readinto": failing, "close": lambda s: None})()
 
-    monkeypatch.setattr("fp8conv.jobs.TensorReader", Failing)
+    monkeypatch.setattr("fp8conv.run.jobs.TensorReader", Failing)
     result = run_cli("quantize", src, "-o", tmp_path / "out", "--workers", "1", "-q", expect=3)
     assert "cannot read tensor" in result.stderr and "Input/output error" in result.stderr
     assert_no_output(tmp_path / "out")
@@ -712,7 +713,7 @@ def test_read_only_parent_is_refused_before_reading_the_source(tmp_path):
 
 SHRINK_SOURCE = """
 import os, sys
-from fp8conv import pipeline
+from fp8conv.run import pipeline
 real = pipeline.run_job
 def shrinking(job):
     if job.name.startswith("layers.2.") and os.path.getsize(job.source.path) > 100:
@@ -751,8 +752,8 @@ def test_a_fork_failure_is_not_blamed_on_the_output(tmp_path, monkeypatch):
 def test_journal_stats_of_the_mse_observer_are_accepted_as_a_pair():
     """The mse observer's two optional statistics (left out when unset) pass the strict journal check
     together, never one without the other."""
-    from fp8conv.kernels import ErrorStats
-    from fp8conv.outdir import _valid_journal
+    from fp8conv.numerics.kernels import ErrorStats
+    from fp8conv.io.outdir import _valid_journal
 
     plain = ErrorStats(elements=4).to_json()
     observed = dict(plain, observed_sum_sq_err=1.0, minmax_sum_sq_err=2.0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fp8conv.fusion import fused_sets, partners_of
+from fp8conv.plan.fusion import fused_sets, partners_of
 
 LLAMA = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

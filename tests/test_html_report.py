@@ -20,8 +20,8 @@ from helpers import read_json, run_cli
 from htmldom import equals, parse
 from test_architecture import tied_llama  # noqa: F401  (fixture)
 
-from fp8conv import html_report
-from fp8conv.safetensors_io import printable
+from fp8conv.report import html_page as html_report
+from fp8conv.io.safetensors import printable
 
 LLAMA_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", "h3", "p", "section", "div", "b",

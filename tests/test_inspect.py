@@ -5,7 +5,7 @@ import json
 
 
 import stfile
-from fp8conv.safetensors_io import TensorReader
+from fp8conv.io.safetensors import TensorReader
 from helpers import run_cli
 
 GOLDEN_LLAMA_FP8 = """\

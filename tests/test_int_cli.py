@@ -119,13 +119,13 @@ def test_verify_fails_on_wrong_zero_points(sample, tmp_path):
 
 
 def load_all_names(path):
-    from fp8conv.safetensors_io import read_header
+    from fp8conv.io.safetensors import read_header
 
     return read_header(path).tensors
 
 
 def rewrite(shard, replacements: dict) -> None:
-    from fp8conv.safetensors_io import TensorReader, read_header
+    from fp8conv.io.safetensors import TensorReader, read_header
 
     header = read_header(shard)
     with TensorReader(shard) as reader:

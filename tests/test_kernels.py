@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import aot, compiled, dequantize_tensor, quantize_tensor
+from fp8conv.accel import aot, compiled
+from fp8conv import dequantize_tensor, quantize_tensor
 from fp8conv.formats import FORMATS
 from reference import QMAX, reference_quantize
 
@@ -230,7 +231,7 @@ def test_sums_of_squares_follow_the_fixed_order(dtype, cols):
 
 
 def test_numba_declares_the_schemes_it_runs():
-    from fp8conv.scheme import Scheme
+    from fp8conv.plan.scheme import Scheme
 
     assert compiled.supports(Scheme("int8", "channel")) and compiled.supports(Scheme("fp8_e5m2", "block"))
     for scheme in (Scheme("int4", "group"), Scheme("int8", "channel", activations="none"),

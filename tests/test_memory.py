@@ -7,9 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv import compiled, pipeline
-from fp8conv.pipeline import QuantizeOptions, RunOptions
-from fp8conv.scheme import Scheme, microscale_scheme
+from fp8conv.accel import compiled
+from fp8conv.run import pipeline
+from fp8conv.run.pipeline import QuantizeOptions, RunOptions
+from fp8conv.plan.scheme import Scheme, microscale_scheme
 from safetensors import safe_open
 from stfile import entry, write
 

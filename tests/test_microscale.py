@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import microscale as ms
+from fp8conv.numerics import microscale as ms
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -373,8 +373,8 @@ def test_group_amax_and_tensor_amax(dtype, compiled):
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
 def test_backends_give_identical_codes_scales_and_statistics(fmt, dtype):
-    from fp8conv.kernels import quantize_microscale
-    from fp8conv.scheme import microscale_scheme
+    from fp8conv.numerics.kernels import quantize_microscale
+    from fp8conv.plan.scheme import microscale_scheme
 
     scheme = microscale_scheme(fmt)
     w = weights(37, 96, dtype, seed=11, scale=0.3)

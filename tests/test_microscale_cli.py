@@ -149,8 +149,8 @@ def test_fused_partners_split_across_shards_share_one_global_scale(tmp_path):
 
 
 def test_bytes_do_not_depend_on_workers_or_job_splitting(tmp_path):
-    from fp8conv import pipeline
-    from fp8conv.scheme import microscale_scheme
+    from fp8conv.run import pipeline
+    from fp8conv.plan.scheme import microscale_scheme
 
     src, _ = sharded_llama(tmp_path / "src", [["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]], cols=128)
     outs = []
@@ -245,7 +245,7 @@ def test_verify_fails_when_fused_partners_disagree_on_the_global_scale(sample, t
     run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", "nvfp4", "-q")
     index = read_json(out / "model.safetensors.index.json")["weight_map"]
     name = "model.layers.0.self_attn.k_proj.weight_global_scale"
-    from fp8conv.safetensors_io import read_header
+    from fp8conv.io.safetensors import read_header
 
     path = out / index[name]
     header = read_header(path)
@@ -275,7 +275,7 @@ def test_quantized_source_partners_share_the_global_scale_of_their_dequantized_w
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dry_run_sizes_count_codes_scales_and_global_scales(sample, tmp_path, fmt):
-    from fp8conv.render import human_bytes
+    from fp8conv.report.text import human_bytes
 
     result = run_cli("quantize", sample("llama-tiny"), "-o", tmp_path / "out", "--format", fmt, "--dry-run")
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv import microscale as ms
+from fp8conv.numerics import microscale as ms
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch", reason="interop tests need the test extra (torch CPU 2.13.0)")

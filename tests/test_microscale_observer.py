@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import compiled
-from fp8conv import microscale as ms
-from fp8conv.kernels import quantize_microscale
-from fp8conv.scheme import microscale_scheme
+from fp8conv.accel import compiled
+from fp8conv.numerics import microscale as ms
+from fp8conv.numerics.kernels import quantize_microscale
+from fp8conv.plan.scheme import microscale_scheme
 from test_microscale import BF16, GRID, ref_e2m1_code, ref_e8m0_code, ref_global_scale, ref_group_scale, to_f32
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -216,7 +216,7 @@ def test_both_kernel_paths_write_the_same_bytes(fmt, dtype):
 def test_nvfp4_candidates_cover_subnormal_and_top_codes():
     """Steps are clamped to the positive e4m3 codes 1..126: a group at the tensor amax (code 126, 448) only
     shrinks, a group whose scale is an e4m3 subnormal only grows down to code 1."""
-    from fp8conv import observers
+    from fp8conv.numerics import observers
 
     codes = observers.microscale_candidates(np.array([126, 1, 60], np.uint8), "e4m3_global")
     got = np.stack(codes)
@@ -236,7 +236,7 @@ def test_tiny_group_scales_and_large_outliers():
 
 
 def test_scheme_names_the_observer():
-    from fp8conv.render import _describe
+    from fp8conv.report.text import _describe
 
     scheme = replace(microscale_scheme("nvfp4"), observer="mse")
     assert scheme.describe().endswith("weight-only, mse observer")

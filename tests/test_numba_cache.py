@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 PROBE = """
 import json, sys
 import numpy as np
-from fp8conv import aot, compiled
+from fp8conv.accel import aot, compiled
 compiled.preload()
 native, numba_at_preload = aot.entry() is not None, "numba" in sys.modules
 dispatcher = compiled.load_numba().quantize_chunk

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv import compiled, observers
-from fp8conv.scheme import Scheme
+from fp8conv.accel import compiled
+from fp8conv.numerics import observers
+from fp8conv.plan.scheme import Scheme
 from reference import QMAX, SCALE_GRID, reference_stored_scale, round_to_fp8, value_table
 
 FACTORS = [round(1.0 - k / 100, 2) for k in range(11)]  # the documented candidate set (1.00 ... 0.90), restated
@@ -372,7 +373,7 @@ def test_all_zero_tiles_and_batches():
 
 
 def test_minmax_choice_is_the_kernels_scale():
-    from fp8conv import kernels
+    from fp8conv.numerics import kernels
 
     rng = np.random.default_rng(9)
     tiles = (rng.standard_t(3, size=(64, 32)) * 1e-3).astype(np.float32)
@@ -414,7 +415,7 @@ def ref_tiles(w: np.ndarray, tile: tuple[int, int]) -> list[np.ndarray]:
 @pytest.mark.parametrize("scheme", WIRED, ids=[s.describe() for s in WIRED])
 @pytest.mark.parametrize("backend", ["auto", "numpy"])
 def test_quantize_with_mse_scales_is_the_brute_force_choice(scheme, backend):
-    from fp8conv import kernels
+    from fp8conv.numerics import kernels
 
     rng = np.random.default_rng(21)
     w = (rng.standard_t(3, size=(40, 72)) * 0.05).astype(np.float32)
@@ -451,7 +452,8 @@ COMPILED_MSE = [s for s in WIRED if s.format in ("fp8_e4m3", "fp8_e5m2", "int8")
 def test_numba_kernel_with_mse_scales_equals_numpy(scheme, dtype, monkeypatch):
     """The compiled kernel given the observer's scales writes the numpy kernel's codes and statistics."""
     import ml_dtypes
-    from fp8conv import compiled, kernels
+    from fp8conv.accel import compiled
+    from fp8conv.numerics import kernels
 
     if not compiled.AVAILABLE:
         pytest.skip("numba not installed")
@@ -480,7 +482,8 @@ def test_numba_kernel_with_mse_scales_equals_numpy(scheme, dtype, monkeypatch):
 
 
 def test_numba_backend_refuses_mse_schemes_it_does_not_run():
-    from fp8conv import compiled, kernels
+    from fp8conv.accel import compiled
+    from fp8conv.numerics import kernels
     from fp8conv.errors import SchemeError
 
     if not compiled.AVAILABLE:
@@ -492,7 +495,7 @@ def test_numba_backend_refuses_mse_schemes_it_does_not_run():
 
 def test_mse_with_tensor_granularity_is_refused():
     from fp8conv.errors import SchemeError
-    from fp8conv.scheme import Scheme
+    from fp8conv.plan.scheme import Scheme
 
     with pytest.raises(SchemeError, match="mse"):
         Scheme("int8", "tensor", observer="mse")
@@ -629,7 +632,7 @@ def test_float_rounder_equals_encode_decode(name):
 
 def test_recipe_round_trips_the_observer():
     """Partitioned and distributed runs ship the scheme as a recipe record: the observer must survive it."""
-    from fp8conv.recipe import Recipe
+    from fp8conv.plan.recipe import Recipe
 
     recipe = Recipe(scheme=Scheme("int4", "group", group_size=64, observer="mse"))
     assert Recipe.from_json(recipe.to_json(), "test").scheme.observer == "mse"
@@ -639,7 +642,7 @@ def test_recipe_round_trips_the_observer():
 def test_minmax_candidate_is_the_kernels_scale_at_the_range_ends(scheme):
     """Candidate 1.0 of the observer is the kernels' min-max scale, range ends included: a subnormal
     quotient rounded up (never 0), a quotient near the float32 maximum capped (codes stay finite)."""
-    from fp8conv import kernels
+    from fp8conv.numerics import kernels
 
     params, _ = observers.scheme_functions(scheme)
     smallest = {"float32": 2.0**-140, "bf16": 2.0**-125, "fp16": 2.0**-20}[scheme.scale_format]

@@ -123,7 +123,7 @@ def test_experts_written_as_openai_mxfp4_against_float64_reference(tmp_path):
 def test_verify_fails_a_tampered_scale_and_a_kept_expert(tmp_path):
     src, out = write_gpt_oss(tmp_path / "src"), tmp_path / "q"
     quantize(src, out)
-    from fp8conv.safetensors_io import read_header
+    from fp8conv.io.safetensors import read_header
 
     path = out / "model.safetensors"
     info = read_header(path).tensors[EXPERTS[1] + "_scales"]

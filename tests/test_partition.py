@@ -9,9 +9,9 @@ import signal
 import pytest
 
 from conftest import tree_digest
-from fp8conv.conversion import OutShard
-from fp8conv.partition import assign
-from fp8conv.safetensors_io import OutEntry
+from fp8conv.plan.conversion import OutShard
+from fp8conv.run.partition import assign
+from fp8conv.io.safetensors import OutEntry
 from helpers import run_cli
 from test_reliability import run_hooked, sharded_model
 

@@ -240,7 +240,7 @@ def test_missing_source(tmp_path):
 
 
 def test_internal_error_is_one_line(sample, tmp_path, monkeypatch):
-    from fp8conv import pipeline
+    from fp8conv.run import pipeline
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

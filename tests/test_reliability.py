@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import stfile
 from conftest import tree_digest
-from fp8conv import jobs
-from fp8conv.checkpoint import open_checkpoint
+from fp8conv.run import jobs
+from fp8conv.io.checkpoint import open_checkpoint
 from fp8conv.errors import InputError
 from helpers import load_all, read_json, run_cli
 
@@ -252,7 +252,7 @@ def test_source_inside_out_refused(sample, tmp_path):
 
 HOOKED_CLI = """
 import os, signal, sys, time
-from fp8conv import outdir
+from fp8conv.io import outdir
 sig = getattr(signal, sys.argv[1])
 # As from a terminal: a shell running the suite in the background hands its children SIGINT ignored,
 # which Python (and fp8conv) rightly honour; this test is about what an interactive Ctrl-C does.

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import stfile
 from fp8conv.errors import InputError
-from fp8conv.safetensors_io import OutEntry, TensorReader, build_header, printable, read_header, write_at
+from fp8conv.io.safetensors import OutEntry, TensorReader, build_header, printable, read_header, write_at
 
 GOOD = {"a": stfile.entry("F32", [2], 0, 8), "b": stfile.entry("I8", [3], 8, 11)}
 GOOD_DATA = b"\x00" * 11

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 import stfile
-from fp8conv import compiled, hashing, jobs, outdir, pipeline
-from fp8conv.jobs import Job, Source
+from fp8conv.accel import compiled
+from fp8conv.io import hashing, outdir
+from fp8conv.run import jobs, pipeline
+from fp8conv.run.jobs import Job, Source
 from helpers import run_cli
 
 
@@ -98,7 +100,7 @@ def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path, options, exp
 
 
 def test_hash_bound_needs_numba():
-    from fp8conv.scheme import Scheme
+    from fp8conv.plan.scheme import Scheme
 
     plan = SimpleNamespace(schemes={"w": Scheme()}, scheme=Scheme())
     assert pipeline.hash_bound(plan)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import formats_fixtures as ff
-from fp8conv.safetensors_io import read_header
+from fp8conv.io.safetensors import read_header
 from helpers import group_option, load_all, read_json, run_cli
 
 MODELS = ["llama-tiny", "bert-tiny-fp32", "moe-tiny"]

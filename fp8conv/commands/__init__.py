@@ -1,0 +1,1 @@
+"""The library side of the read-only commands: inspect and verify (cli.py parses and prints)."""

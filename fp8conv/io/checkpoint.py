@@ -1,0 +1,181 @@
+"""A checkpoint on disk: its shards, the index that ties tensors to shards, and its other files."""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from .safetensors import Header, TensorInfo, read_header
+from .untrusted import load_json, printable
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+MANIFEST_NAME = "fp8conv.manifest.json"
+REPORT_NAME = "fp8conv.report.json"
+REPORT_HTML_NAME = "fp8conv.report.html"
+
+
+@dataclass
+class Checkpoint:
+    """Shards in order, every tensor's location, and the non-weight files beside them."""
+
+    root: Path
+    shards: list[Header]
+    index: dict | None = None
+    extra_files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # files beside the weights left out, and why
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {name: info for shard in self.shards for name, info in shard.tensors.items()}
+
+    def shard_of(self) -> dict[str, Path]:
+        return {name: shard.path for shard in self.shards for name in shard.tensors}
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file this checkpoint is read from: shards, index, side files."""
+        index = [self.root / INDEX_NAME] if self.index is not None else []
+        return [shard.path for shard in self.shards] + index + list(self.extra_files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard.file_size for shard in self.shards)
+
+    def read_json(self, name: str) -> dict | None:
+        """A JSON object file of the checkpoint folder, or None when absent; raises when corrupt."""
+        path = self.root / name
+        if not path.is_file():
+            return None
+        data = load_json(_read_text(path), printable(str(path)), "not readable JSON")
+        if not isinstance(data, dict):
+            raise InputError(f"{printable(str(path))}: is not a JSON object")
+        return data
+
+
+def _read_text(path: Path) -> bytes | str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{printable(str(path))}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{printable(str(path))}: not readable JSON (not UTF-8 text)") from None
+
+
+def _safe_shard_name(name: object, index_path: Path) -> str:
+    if not isinstance(name, str) or not name.endswith(".safetensors"):
+        raise InputError(f"{printable(str(index_path))}: shard name {printable(str(name))} is not a .safetensors file name")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise InputError(f"{printable(str(index_path))}: shard name {printable(name)} tries to leave the checkpoint folder")
+    return name
+
+
+def _load_index(root: Path) -> tuple[dict, list[str]]:
+    index_path = root / INDEX_NAME
+    index = load_json(_read_text(index_path), printable(str(index_path)), "not readable JSON")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{printable(str(index_path))}: has no weight_map object")
+    if not weight_map:
+        raise InputError(f"{printable(str(index_path))}: weight_map is empty (a checkpoint with no tensors)")
+    shard_names: list[str] = []
+    for tensor, shard in weight_map.items():
+        name = _safe_shard_name(shard, index_path)
+        if name not in shard_names:
+            shard_names.append(name)
+    for name in shard_names:
+        if not (root / name).is_file():
+            raise InputError(f"{printable(str(index_path))}: names shard {printable(name)}, which is missing")
+    return index, sorted(shard_names)
+
+
+def _check_index_agrees(index: dict, shards: list[Header], index_path: Path) -> None:
+    weight_map: dict[str, str] = index["weight_map"]
+    for shard in shards:
+        for name in shard.tensors:
+            listed = weight_map.get(name)
+            if listed is None:
+                raise InputError(f"{printable(str(shard.path))}: tensor {printable(name)} is not listed in {INDEX_NAME}")
+            if listed != shard.path.name:
+                raise InputError(f"{printable(str(index_path))}: tensor {printable(name)} is listed in {printable(listed)} but stored in {printable(shard.path.name)}")
+    stored = {name for shard in shards for name in shard.tensors}
+    for name, shard in weight_map.items():
+        if name not in stored:
+            raise InputError(f"{printable(str(index_path))}: tensor {printable(name)} is missing from shard {printable(shard)}")
+
+
+def _check_unique(shards: list[Header]) -> None:
+    seen: dict[str, Path] = {}
+    for shard in shards:
+        for name in shard.tensors:
+            if name in seen:
+                raise InputError(f"tensor {printable(name)} is stored twice: in {printable(seen[name].name)} and {printable(shard.path.name)}")
+            seen[name] = shard.path
+
+
+# Weights of other formats: never copied into an output (they would hold the unconverted model).
+OTHER_WEIGHT_GLOBS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.gguf",
+                      "*.h5", "*.msgpack", "*.onnx", "*.safetensors.index.json")
+
+
+def _list_folder(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir())
+    except OSError as exc:
+        raise InputError(f"{printable(str(path))}: cannot read the folder ({exc.strerror or exc})") from None
+
+
+def _check_readable(path: Path) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{printable(str(path))}: cannot read ({exc.strerror or exc})") from None
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """Open a .safetensors file, a folder with an index, or a folder of shards; validate every
+    header, and check up front that every other file of the folder can be read."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise InputError(f"{printable(str(path))}: not a .safetensors file or a checkpoint folder")
+        checkpoint = Checkpoint(path.parent, [read_header(path)])
+        _refuse_empty(checkpoint, path)
+        return checkpoint
+    if not path.is_dir():
+        raise InputError(f"{printable(str(path))}: no such file or folder")
+    entries = [p for p in _list_folder(path) if p.is_file()]
+    index = None
+    found = [p.name for p in entries if p.name.endswith(".safetensors")]
+    if any(p.name == INDEX_NAME for p in entries):
+        index, names = _load_index(path)
+    else:
+        names = found
+        if not names:
+            raise InputError(f"{printable(str(path))}: no .safetensors files and no {INDEX_NAME}")
+    shards = [read_header(path / name) for name in names]
+    _check_unique(shards)
+    if index is not None:
+        _check_index_agrees(index, shards, path / INDEX_NAME)
+    checkpoint = Checkpoint(path, shards, index)
+    _refuse_empty(checkpoint, path)
+    for entry in entries:
+        if entry.name in names or entry.name == INDEX_NAME:
+            continue
+        if entry.name.endswith(".safetensors"):
+            checkpoint.skipped.append((entry, f"not listed in {INDEX_NAME}: not converted, not copied"))
+        elif any(fnmatch.fnmatchcase(entry.name, glob) for glob in OTHER_WEIGHT_GLOBS):
+            checkpoint.skipped.append((entry, "weights in another format: not copied (they would hold the unconverted model)"))
+        else:
+            _check_readable(entry)
+            checkpoint.extra_files.append(entry)
+    return checkpoint
+
+
+def _refuse_empty(checkpoint: Checkpoint, path: Path) -> None:
+    if not any(shard.tensors for shard in checkpoint.shards):
+        raise InputError(f"{printable(str(path))}: holds no tensors (an empty weight_map or empty shards)")

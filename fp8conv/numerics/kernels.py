@@ -1,0 +1,649 @@
+"""Pure numpy quantization kernels: no I/O, no logging. The reference implementation.
+
+Every granularity is one code path: a 2-D weight is cut into tiles (tile_rows x tile_cols) that
+share one scale (and, asymmetric, one zero point); shapes that do not divide are zero-padded for
+the amax and cropped after. All arithmetic is float32, in this order:
+
+- symmetric: scale = stored(amax / D), D = qmax (FP8, INT8 W8A8) or (qmax - qmin) / 2 (integer
+  weight-only: 7.5 for int4, 127.5 for int8); q = rint(clip(w / scale, lo, qmax));
+- asymmetric: lo_t = min(0, min w), hi_t = max(0, max w); scale = stored((hi_t - lo_t) / (qmax - qmin));
+  zp = clip(rint(qmin - lo_t / scale), qmin, qmax); q = rint(clip(w / scale + zp, qmin, qmax));
+- an all-zero tile gets scale 1 (and zp = qmin - 0 = qmin when asymmetric, so it still decodes to 0);
+- stored(x) rounds to the scheme's scale format (float32: unchanged; bf16 / fp16: nearest even)
+  *before* any weight is divided by it; w' = (q - zp) * scale is then what every loader computes;
+- the two ends of the range (_stored_scales): a stored scale below its dtype's smallest normal is the
+  exact quotient rounded up onto the dtype's subnormal grid (never 0), and every scale is capped so
+  that each code times it stays finite in float32.
+
+Error statistics are float64 sums in one fixed order that the compiled kernel reproduces exactly:
+per row, eight lanes (column c goes to lane c % 8) summed sequentially, the lanes combined in
+order 0..7, the rows added in order. Both backends give the same report, bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+
+from ..accel import compiled
+from ..errors import InputError, SchemeError
+from ..formats import TAG_OF_DTYPE, ElementFormat
+from ..formats.core import _round_bf16
+from ..io.untrusted import printable
+from ..plan.scheme import Scheme
+from . import microscale as ms
+from . import observers
+from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
+from .stats import ErrorStats
+
+WINDOW_ELEMENTS = 1 << 17
+LANES = 8
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_COMPILED_SOURCES = (_BF16, np.dtype(np.float32), np.dtype(np.float16))
+BACKENDS = ("auto", "numpy", "numba")
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes (the weight's shape, the format's dtype: int4 codes one per int8), the scale grid
+    ([E,] rows, cols; float32 values of the stored scales) and, asymmetric, the zero-point grid
+    (same shape, int8 values)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    stats: ErrorStats = field(default_factory=ErrorStats)
+    zero_points: np.ndarray | None = None
+    global_scale: np.float32 | None = None  # NVFP4: the float32 global scale the scales are relative to
+
+
+def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy a bf16/f16/f32 array into a float32 array (bf16 by bit shift: exact and fast)."""
+    if src.dtype == _BF16:
+        wide = dst.view(np.uint32)
+        np.copyto(wide, src.view(np.uint16), casting="unsafe")
+        wide <<= 16
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def _window(scheme: Scheme, rows: int, cols: int, whole_scale: bool) -> tuple[int, int, int, int]:
+    """(tile_rows, tile_cols, window_rows, window_cols): windows are whole tiles near WINDOW_ELEMENTS."""
+    if whole_scale:
+        tile_rows, tile_cols = 1, max(cols, 1)
+    else:
+        # A tile larger than the matrix covers it in one band / one column of tiles whatever its
+        # declared size: buffers follow the data (--block-size 65536 on an 8x8 weight), not the tile.
+        tile_rows, tile_cols = scheme.tile(rows, cols)
+        tile_rows, tile_cols = min(tile_rows, max(rows, 1)), min(tile_cols, max(cols, 1))
+    tiles_across = max(1, min(-(-cols // tile_cols), WINDOW_ELEMENTS // (tile_rows * tile_cols)))
+    window_cols = tiles_across * tile_cols
+    tiles_down = max(1, min(-(-rows // tile_rows), WINDOW_ELEMENTS // (tile_rows * window_cols)))
+    return tile_rows, tile_cols, tiles_down * tile_rows, window_cols
+
+
+class NonFiniteError(InputError):
+    """A tensor to quantize holds NaN or Inf (refused unless explicitly allowed)."""
+
+
+def _resolved(scheme: Scheme, dtype: np.dtype) -> Scheme:
+    return scheme.for_source(TAG_OF_DTYPE.get(np.dtype(dtype), "BF16"))
+
+
+class _Stripe:
+    """Scratch buffers for one window, reused across windows of a call."""
+
+    def __init__(self, rows: int, cols: int, fmt: ElementFormat) -> None:
+        self.work = np.zeros((rows, cols), np.float32)
+        self.orig = np.zeros((rows, cols), np.float32)
+        self.codes = np.zeros((rows, cols), fmt.dtype)
+
+    def load(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = src.shape
+        if rows < self.orig.shape[0] or cols < self.orig.shape[1]:
+            self.orig.fill(0)
+        load_float32(self.orig[:rows, :cols], src)
+        return self.orig, self.work
+
+
+def amax_2d(weight: np.ndarray) -> np.float32:
+    """Largest |value| of a 2-D bf16/f16/f32 array, computed in float32 windows."""
+    rows, cols = weight.shape
+    window_rows = max(1, WINDOW_ELEMENTS // max(cols, 1))
+    buf = np.empty((window_rows, cols), np.float32)
+    amax = np.float32(0)
+    for r0 in range(0, rows, window_rows):
+        part = buf[: min(window_rows, rows - r0)]
+        load_float32(part, weight[r0 : r0 + window_rows])
+        if part.size:
+            # np.maximum propagates NaN (Python's max would silently drop it).
+            amax = np.maximum(amax, np.maximum(part.max(), -part.min()))
+    return np.float32(amax)
+
+
+class _RowSums:
+    """Per-row float64 sums of squares in the fixed lane order (see the module docstring)."""
+
+    def __init__(self, rows: int) -> None:
+        self.lanes = np.zeros((rows, LANES), np.float64)
+
+    def add(self, values: np.ndarray, first_col: int) -> None:
+        """Continue each row's lanes with float32 `values` [rows, n] that start at column first_col."""
+        rows, n = values.shape
+        skip = first_col % LANES
+        buf = np.zeros((rows, 1 + -(-(skip + n) // LANES), LANES), np.float64)
+        buf[:, 0] = self.lanes[:rows]
+        flat = buf[:, 1:].reshape(rows, -1)
+        np.square(values, out=flat[:, skip : skip + n], dtype=np.float64)
+        # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
+        self.lanes[:rows] = np.add.reduce(buf, axis=1)
+
+    def fold_into(self, total: float, rows: int) -> float:
+        """total + row 0 + row 1 + ..., each row its lanes combined in order 0..7."""
+        per_row = self.lanes[:rows, 0].copy()
+        for lane in range(1, LANES):
+            per_row += self.lanes[:rows, lane]
+        for value in per_row.tolist():
+            total += value
+        return total
+
+
+def quantize_2d(
+    weight: np.ndarray,
+    scheme: Scheme,
+    tensor_scale: np.float32 | None = None,
+    allow_nonfinite: bool = False,
+    name: str = "tensor",
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Quantize a 2-D bf16/f16/f32 weight [rows, cols] into codes [rows, cols] + scale grid (+ zero points).
+
+    `tensor_scale` is the one scale of tensor granularity when the weight is only a row chunk of
+    the tensor (the caller computed the amax over the whole tensor). backend: "auto" (numba when
+    installed and it supports the scheme), "numpy" or "numba" (an error when it cannot run it).
+    """
+    scheme = _resolved(scheme, weight.dtype)
+    if scheme.microscale:
+        return quantize_microscale(weight, scheme, tensor_scale, name, backend)
+    fmt = scheme.fmt
+    rows, cols = weight.shape
+    whole_scale = scheme.granularity == "tensor"
+    if whole_scale and tensor_scale is None:
+        tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
+    observed = None
+    use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size > 0
+    if scheme.observer == "mse":
+        # The observer's candidates are evaluated by numba when it is installed (the same choices as
+        # numpy's); the weight is then quantized with its scales, by the compiled kernel where it runs
+        # the scheme (the same codes and statistics as the numpy kernel's), else by numpy.
+        observed = _observe(weight, scheme, allow_nonfinite, name, backend != "numpy" and compiled.AVAILABLE)
+        if use_compiled:
+            fast = _quantize_compiled(weight, scheme, None, observed.scale)
+            if fast is not None:
+                fast.stats.observed_sum_sq_err, fast.stats.minmax_sum_sq_err = observed.error, observed.minmax_error
+                return fast
+    elif use_compiled:
+        fast = _quantize_compiled(weight, scheme, tensor_scale)
+        if fast is not None:
+            return fast
+    tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
+    grid = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
+    scales = np.empty(grid, np.float32)
+    zero_points = None if scheme.symmetric else np.empty(grid, np.int8)
+    if whole_scale:
+        scales[0, 0] = tensor_scale
+    codes = np.empty((rows, cols), fmt.dtype)
+    stats = ErrorStats(elements=rows * cols)
+    if observed is not None:
+        scales[...] = observed.scale
+        if zero_points is not None:
+            zero_points[...] = observed.zero
+        stats.observed_sum_sq_err, stats.minmax_sum_sq_err = observed.error, observed.minmax_error
+    stripe = _Stripe(window_rows, window_cols, fmt)
+    for r0 in range(0, rows, window_rows):
+        h = min(window_rows, rows - r0)
+        sums_ref, sums_err = _RowSums(h), _RowSums(h)
+        for c0 in range(0, cols, window_cols):
+            src = weight[r0 : r0 + window_rows, c0 : c0 + window_cols]
+            orig, work = stripe.load(src)
+            tiles = (window_rows // tile_rows, tile_rows, window_cols // tile_cols, tile_cols)
+            nonfinite, zp = None, None
+            gr, gc = r0 // tile_rows, c0 // tile_cols
+            if whole_scale:
+                scale = np.full((tiles[0], tiles[2]), tensor_scale, np.float32)
+            elif observed is not None:
+                scale, zp = _given_params(scales, zero_points, gr, gc, tiles)
+                nonfinite = allow_nonfinite and not np.isfinite(orig).all()
+            else:
+                scale, zp, nonfinite = _tile_params(orig, tiles, scheme, allow_nonfinite, name, weight)
+                grid_part = scales[gr : gr + tiles[0], gc : gc + tiles[2]]
+                grid_part[...] = scale[: grid_part.shape[0], : grid_part.shape[1]]
+                if zp is not None:
+                    zp_part = zero_points[gr : gr + tiles[0], gc : gc + tiles[2]]
+                    zp_part[...] = zp[: zp_part.shape[0], : zp_part.shape[1]]
+            np.divide(orig.reshape(tiles), scale[:, None, :, None], out=work.reshape(tiles))
+            if nonfinite or (whole_scale and allow_nonfinite):
+                _saturate_nonfinite(orig, work, stats)
+            if zp is not None:
+                work.reshape(tiles)[...] += zp[:, None, :, None]
+            lo, hi = scheme.code_range
+            np.clip(work, np.float32(lo), np.float32(hi), out=work)
+            fmt.encode(work, stripe.codes)
+            w = src.shape[1]
+            codes[r0 : r0 + h, c0 : c0 + w] = stripe.codes[:h, :w]
+            _accumulate_stats(stats, orig, stripe.codes, scale, zp, tiles, scheme, work)
+            sums_ref.add(orig[:h, :w], c0)
+            sums_err.add(work[:h, :w], c0)
+        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
+        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
+    return QuantizedTensor(codes, scales, stats, zero_points)
+
+
+def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None, name: str = "tensor",
+                        backend: str = "auto") -> QuantizedTensor:
+    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
+    nibble; e4m3 one per element),
+    `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
+    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
+    NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
+    if backend not in BACKENDS:
+        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    use_compiled = None if backend == "auto" else backend == "numba"
+    if use_compiled and not compiled.AVAILABLE:
+        raise SchemeError(f"the numba kernel does not run {scheme.describe()} (numba is not installed)")
+    micro = ms.MICROSCALE[scheme.microscale]
+    rows, cols = weight.shape
+    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
+    if not np.isfinite(amax).all():
+        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
+    if micro.global_scale:
+        if global_scale is None:
+            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+        scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
+    else:
+        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+    observed = None
+    if scheme.observer == "mse":
+        # Only the group scale codes change; the elements are then encoded as with min-max codes.
+        observed = observers.mse_microscale(ms.load_float32(weight), micro, scale_codes, global_scale,
+                                            use_compiled=ms._use_compiled(weight, use_compiled))
+        scale_codes = observed.codes
+    if micro.global_scale:
+        divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
+        packed = ms._encode_elements(weight, micro.group, divisor, True, "e2m1", use_compiled)
+    else:
+        divisor = ms.e8m0_decode(scale_codes)
+        packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
+                                     "e2m1" if micro.packed else "e4m3", use_compiled)
+    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
+    stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+    if observed is not None:
+        stats.observed_sum_sq_err = float(observed.error.sum())
+        stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
+    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
+                      use_compiled: bool | None) -> ErrorStats:
+    """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
+    order of the other schemes' (_RowSums); the numba kernel reproduces them bit for bit."""
+    rows, cols = weight.shape
+    group = scheme.group_size
+    packed = scheme.fmt.bits == 4
+    if ms._use_compiled(weight, use_compiled):
+        from ..accel import _numba_microscale
+
+        src, is_bf16 = ms._compiled_source(weight)
+        table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
+        out = np.zeros(5)
+        _numba_microscale.error_stats(src, is_bf16, group, codes.view(np.uint8), packed, table, divisor,
+                                      scheme.fmt.qmax32, out)
+        return ErrorStats(rows * cols, float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4]))
+    stats = ErrorStats(elements=rows * cols)
+    step = max(1, WINDOW_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        h = min(step, rows - r0)
+        orig = np.empty((h, cols), np.float32)
+        load_float32(orig, weight[r0 : r0 + h])
+        if packed:
+            work = ms.unpack_e2m1_values(codes[r0 : r0 + h])
+        else:
+            work = np.empty((h, cols), np.float32)
+            scheme.fmt.decode(codes[r0 : r0 + h], work)
+        stats.saturated += int(np.count_nonzero(np.abs(work) >= scheme.fmt.qmax32))
+        work.reshape(h, cols // group, group)[...] *= divisor[r0 : r0 + h, :, None]
+        stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
+        np.subtract(orig, work, out=work)
+        stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
+        sums_ref, sums_err = _RowSums(h), _RowSums(h)
+        sums_ref.add(orig, 0)
+        sums_err.add(work, 0)
+        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
+        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
+    return stats
+
+
+def _use_compiled(backend: str, scheme: Scheme) -> bool:
+    if backend not in BACKENDS:
+        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "numpy":
+        return False
+    supported = compiled.AVAILABLE and compiled.supports(scheme)
+    if backend == "numba" and not supported:
+        raise SchemeError(f"the numba kernel does not run {scheme.describe()} "
+                          f"({'numba is not installed' if not compiled.AVAILABLE else 'not a scheme it declares'})")
+    return supported
+
+
+def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> bool:
+    """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
+    that `quantize_rows_into` can take a chunk's rows piece by piece."""
+    scheme = _resolved(scheme, dtype)
+    return (not scheme.microscale and scheme.observer != "mse" and np.dtype(dtype) in _COMPILED_SOURCES
+            and _use_compiled(backend, scheme))
+
+
+def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
+                       stats: np.ndarray) -> QuantizedTensor | None:
+    """The compiled kernel on some whole tile rows of a chunk (where `compiled_rows` holds), adding
+    its error sums into `stats` (float64[5], carried from the chunk's earlier pieces): the kernel
+    adds each row's sums in row order, so pieces taken in order give the chunk's statistics to the
+    last bit (`stats_of`) while each piece stays in the CPU's cache from the read to the write.
+    The result's own stats are not filled in. None when the piece holds NaN/Inf: quantize_2d then
+    takes the whole chunk."""
+    if weight.size == 0:
+        return None
+    return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats)
+
+
+def stats_of(elements: int, stats: np.ndarray) -> ErrorStats:
+    """ErrorStats of a chunk from the compiled kernel's carried sums."""
+    return ErrorStats(elements, float(stats[0]), float(stats[1]), float(stats[2]), int(stats[3]), int(stats[4]))
+
+
+def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
+                       given_scales: np.ndarray | None = None, carried: np.ndarray | None = None
+                       ) -> QuantizedTensor | None:
+    """The numba path (tensor_scale given for tensor granularity; given_scales: the scale grid to use, the
+    mse observer's; carried: sums to add into, see quantize_rows_into); None when the weight holds
+    NaN/Inf (the numpy path maps them)."""
+    fmt = scheme.fmt
+    rows, cols = weight.shape
+    if scheme.granularity == "tensor":
+        tile_rows, tile_cols, grid = 1, cols, (rows, 1)
+    else:
+        tile_rows, tile_cols = scheme.tile(rows, cols)
+        grid = scheme.scale_grid(rows, cols)
+    src = np.ascontiguousarray(weight)
+    src = src.view(np.uint16) if src.dtype == _BF16 else src.astype(np.float32, copy=False)
+    codes = np.empty((rows, cols), fmt.dtype)
+    given = given_scales is not None
+    scales = np.array(given_scales, np.float32, order="C") if given else np.empty(grid, np.float32)
+    stats = np.zeros(5) if carried is None else carried
+    fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
+    if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
+                               compiled.kind_of(scheme), codes.view(np.uint8), scales, stats, given):
+        return None
+    if scheme.granularity == "tensor":
+        scales = scales[:1, :1].copy()
+    return QuantizedTensor(codes, scales, ErrorStats() if carried is not None else stats_of(rows * cols, stats))
+
+
+def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str,
+             use_compiled: bool = False) -> "observers.GridChoice":
+    """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
+    ignores them)."""
+    values = np.empty(weight.shape, np.float32)
+    load_float32(values, weight)
+    finite = np.isfinite(values)
+    if not finite.all():
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite([weight]))
+        values[~finite] = 0
+    return observers.mse_grid(values, scheme, use_compiled)
+
+
+def _given_params(scales, zero_points, gr, gc, tiles):
+    """The window's slice of precomputed grids, padded with scale 1 (zero point 0) past the edge."""
+    scale = np.ones((tiles[0], tiles[2]), np.float32)
+    given = scales[gr : gr + tiles[0], gc : gc + tiles[2]]
+    scale[: given.shape[0], : given.shape[1]] = given
+    if zero_points is None:
+        return scale, None
+    zp = np.zeros((tiles[0], tiles[2]), np.float32)
+    zp[: given.shape[0], : given.shape[1]] = zero_points[gr : gr + tiles[0], gc : gc + tiles[2]]
+    return scale, zp
+
+
+def _tile_params(orig, tiles, scheme: Scheme, allow_nonfinite, name, weight):
+    """(scales, zero points or None, whether NaN/Inf were found) of the tiles of a window."""
+    view = orig.reshape(tiles)
+    hi, lo = view.max(axis=(1, 3)), view.min(axis=(1, 3))
+    nonfinite = None
+    if not (np.isfinite(hi).all() and np.isfinite(lo).all()):
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite([weight]))
+        finite = np.where(np.isfinite(view), view, 0)
+        hi, lo, nonfinite = finite.max(axis=(1, 3)), finite.min(axis=(1, 3)), True
+    if scheme.symmetric:
+        return scale_from_amax(np.maximum(hi, -lo), scheme, name), None, nonfinite
+    scale, zp = asymmetric_params(lo, hi, scheme, name)
+    return scale, zp, nonfinite
+
+
+def _saturate_nonfinite(orig, work, stats) -> None:
+    """Documented mapping under --allow-nonfinite: NaN -> 0, +-Inf -> the ends of the code range."""
+    mask = ~np.isfinite(orig)
+    stats.nonfinite += int(mask.sum())
+    work[np.isnan(orig)] = 0
+    big = np.float32(np.finfo(np.float32).max / 4)  # clipped to the code range after the zero point
+    work[np.isposinf(orig)] = big
+    work[np.isneginf(orig)] = -big
+    orig[mask] = 0  # excluded from the error statistics
+
+
+def count_nonfinite(chunks: Iterable[np.ndarray]) -> tuple[int, int]:
+    """(NaN count, Inf count) over arrays of bf16/f16/f32 values."""
+    nan = inf = 0
+    for chunk in chunks:
+        values = chunk.astype(np.float32)
+        nan += int(np.isnan(values).sum())
+        inf += int(np.isinf(values).sum())
+    return nan, inf
+
+
+def nonfinite_error(name: str, nan: int, inf: int) -> NonFiniteError:
+    return NonFiniteError(
+        f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
+        "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
+    )
+
+
+def microscale_nonfinite_error(name: str, fmt: str, nan: int, inf: int) -> NonFiniteError:
+    return NonFiniteError(f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; {fmt} has no mapping for "
+                          "them: fix the weights or keep the tensor in high precision with --ignore")
+
+
+def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], scheme: Scheme, allow_nonfinite: bool,
+                    name: str) -> np.float32:
+    """The one (stored) scale of tensor granularity, over a tensor seen as row chunks (`chunks()` is
+    called again, to count or skip NaN/Inf, only when the amax is not finite)."""
+    amax = np.float32(0)
+    dtype = None
+    for chunk in chunks():
+        dtype = chunk.dtype
+        amax = np.maximum(amax, amax_2d(chunk))
+    if not np.isfinite(amax):
+        if not allow_nonfinite:
+            raise nonfinite_error(name, *count_nonfinite(chunks()))
+        amax = np.float32(0)
+        for chunk in chunks():
+            values = chunk.astype(np.float32)
+            amax = np.maximum(amax, np.float32(np.abs(values[np.isfinite(values)]).max(initial=0)))
+    scheme = _resolved(scheme, dtype if dtype is not None else np.float32)
+    return scale_from_amax(np.array([amax], np.float32), scheme, name)[0]
+
+
+def _accumulate_stats(stats, orig, codes, scale, zp, tiles, scheme: Scheme, work) -> None:
+    """Counts and max error of the dequantized window w' = (q - zp) * scale (padding contributes 0);
+    leaves the float32 error w - w' in `work` for the fixed-order sums."""
+    scheme.fmt.decode(codes, work)
+    lo, hi = scheme.code_range
+    stats.saturated += int(np.count_nonzero((work <= lo) | (work >= hi)))
+    wview = work.reshape(tiles)
+    if zp is not None:
+        wview -= zp[:, None, :, None]
+    wview *= scale[:, None, :, None]
+    stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
+    np.subtract(orig, work, out=work)
+    stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
+
+
+def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np.ndarray | None = None,
+                  out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
+    """[rows, cols] = (code value - zero point) * scale of its tile, computed in float32 in
+    cache-sized windows, then rounded to nearest even into `out_dtype` (float32, bf16 or f16)."""
+    fmt = scheme.fmt
+    rows, cols = codes.shape
+    whole_scale = scheme.granularity == "tensor"
+    expected = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
+    if scales.size == 1 and whole_scale:
+        scales = scales.reshape(1, 1)
+    if tuple(scales.shape) != expected:
+        raise SchemeError(f"scale grid {tuple(scales.shape)} does not fit weight {codes.shape} under {scheme.describe()}")
+    if zero_points is not None:
+        zero_points = np.asarray(zero_points, np.float32).reshape(scales.shape)
+    if out is None:
+        out = np.empty((rows, cols), out_dtype)
+    tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
+    scratch = np.empty((min(window_rows, rows), min(window_cols, cols)), np.float32)
+    for r0 in range(0, rows, window_rows):
+        for c0 in range(0, cols, window_cols):
+            part = codes[r0 : r0 + window_rows, c0 : c0 + window_cols]
+            values = scratch[: part.shape[0], : part.shape[1]]
+            fmt.decode(part, values)
+            if whole_scale:
+                if zero_points is not None:
+                    values -= zero_points[0, 0]
+                values *= scales[0, 0]
+            else:
+                gr, gc = r0 // tile_rows, c0 // tile_cols
+                cut = (slice(gr, gr + -(-part.shape[0] // tile_rows)), slice(gc, gc + -(-part.shape[1] // tile_cols)))
+
+                def expand(grid: np.ndarray) -> np.ndarray:
+                    big = np.repeat(np.repeat(grid[cut], tile_rows, axis=0), tile_cols, axis=1)
+                    return big[: part.shape[0], : part.shape[1]]
+
+                if zero_points is not None:
+                    values -= expand(zero_points)
+                values *= expand(scales)
+            dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
+            with np.errstate(over="ignore"):  # beyond the target's range gives Inf; callers count and refuse it
+                dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
+    return out
+
+
+def round_to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bf16, rounding to nearest even on the bit pattern (what ml_dtypes' cast does, several
+    times faster); inputs must be finite, as dequantized weights are."""
+    return _round_bf16(values).view(_BF16)
+
+
+def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,
+                    out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
+    """A row chunk of codes, given the scale-grid (and zero-point) rows that cover it (whole tiles).
+
+    For tensor granularity the grid is the single scale, whatever the chunk.
+    """
+    if scheme.granularity == "tensor":
+        # Every row has the same scale: one scale per row is the same arithmetic.
+        per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)
+        zp = None if zero_points is None else np.full((codes.shape[0], 1), np.asarray(zero_points).reshape(-1)[0], np.float32)
+        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel", activations=scheme.activations,
+                                                    symmetric=scheme.symmetric), out_dtype=out_dtype, zero_points=zp)
+    return dequantize_2d(codes, grid_rows, scheme, out_dtype=out_dtype, zero_points=zero_points)
+
+
+def _per_expert(shape: tuple[int, ...]) -> bool:
+    if len(shape) not in (2, 3):
+        raise SchemeError(f"only 2-D weights and 3-D stacked experts are quantized, got shape {shape}")
+    return len(shape) == 3
+
+
+def quantize_tensor(
+    array: np.ndarray,
+    format: str = "fp8_e4m3",
+    granularity: str = "block",
+    block_size: int | tuple[int, int] = 128,
+    group_size: int = 128,
+    symmetric: bool = True,
+    activations: str | None = None,
+    scale_format: str = "float32",
+    backend: str = "auto",
+) -> QuantizedTensor:
+    """Public API: quantize a 2-D weight [out, in] or 3-D experts [E, out, in] (bf16/f16/f32)."""
+    scheme = make_scheme(format, granularity, block_size, group_size, symmetric, activations, scale_format)
+    return quantize_array(array, scheme, backend=backend)
+
+
+def quantize_array(array: np.ndarray, scheme: Scheme, name: str = "tensor", allow_nonfinite: bool = False,
+                   backend: str = "auto") -> QuantizedTensor:
+    """Quantize 2-D or per expert for 3-D; scales (and zero points) are [E, grid...] for experts."""
+    if not _per_expert(array.shape):
+        return quantize_2d(array, scheme, name=name, allow_nonfinite=allow_nonfinite, backend=backend)
+    parts = [quantize_2d(expert, scheme, name=f"{name}[{i}]", allow_nonfinite=allow_nonfinite, backend=backend)
+             for i, expert in enumerate(array)]
+    stats = ErrorStats()
+    for part in parts:
+        stats.merge(part.stats)
+    grid = scheme.scale_grid(*array.shape[1:])
+    codes = np.stack([p.codes for p in parts]) if parts else np.empty(array.shape, scheme.fmt.dtype)
+    scales = np.stack([p.scales for p in parts]) if parts else np.empty((0, *grid), np.float32)
+    zps = None
+    if not scheme.symmetric:
+        zps = np.stack([p.zero_points for p in parts]) if parts else np.empty((0, *grid), np.int8)
+    return QuantizedTensor(codes, scales, stats, zps)
+
+
+def dequantize_tensor(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    format: str = "fp8_e4m3",
+    granularity: str = "block",
+    block_size: int | tuple[int, int] = 128,
+    group_size: int = 128,
+    zero_points: np.ndarray | None = None,
+    activations: str | None = None,
+) -> np.ndarray:
+    """Public API: float32 weights w' = (q - zp) * scale from codes and their scale (zero-point) grid."""
+    scheme = make_scheme(format, granularity, block_size, group_size, zero_points is None, activations)
+    return dequantize_array(codes, scales, scheme, zero_points)
+
+
+def dequantize_array(codes: np.ndarray, scales: np.ndarray, scheme: Scheme,
+                     zero_points: np.ndarray | None = None) -> np.ndarray:
+    if not _per_expert(codes.shape):
+        return dequantize_2d(codes, _as_grid(scales, 2), scheme, zero_points=zero_points)
+    out = np.empty(codes.shape, np.float32)
+    grids = _as_grid(scales, 3)
+    if grids.shape[0] != codes.shape[0]:
+        raise SchemeError(f"scales for {grids.shape[0]} experts do not fit weight {codes.shape}")
+    for i in range(codes.shape[0]):
+        dequantize_2d(codes[i], grids[i], scheme, out=out[i], zero_points=None if zero_points is None else zero_points[i])
+    return out
+
+
+def _as_grid(scales: np.ndarray, ndim: int) -> np.ndarray:
+    """Accept the stored shapes of a per-tensor scale ((), (1,), [E, 1]) as a 2-D grid."""
+    scales = np.asarray(scales, dtype=np.float32)
+    while scales.ndim < ndim:
+        scales = scales.reshape(*scales.shape, 1) if scales.ndim else scales.reshape(1)
+    return scales
+
+
+def make_scheme(format: str, granularity: str, block_size: int | tuple[int, int], group_size: int,
+                symmetric: bool = True, activations: str | None = None, scale_format: str = "float32") -> Scheme:
+    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    return Scheme(format=format, granularity=granularity, block_size=block, group_size=group_size,
+                  symmetric=symmetric, activations=activations, scale_format=scale_format)

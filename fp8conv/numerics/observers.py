@@ -1,0 +1,539 @@
+"""Scale observers: how the scale (and zero point) of each tile is chosen. Pure numpy, no I/O.
+
+Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes no error).
+
+- `minmax` (the default everywhere): the scale comes from the tile's range, e.g. amax / qmax.
+- `mse`: for each tile, among the documented candidates below, the scale (and zero point) whose
+  reconstruction has the smallest error  sum(|dequant(quant(x)) - x|^P)  over the tile, P =
+  `exponent_for(scheme)`: **P = 3 for INT4** (`INT4_EXPONENT`), **P = 4 for FP8 e4m3 with block
+  granularity** (`FP8_BLOCK_EXPONENT`), P = 2 (the squared error) for every other grid scheme (FP8 e4m3
+  channel / group, FP8 e5m2, INT8). INT4 and FP8 e4m3 block are therefore not squared-error searches (see
+  "Why INT4 uses |error|^3" and "Why FP8 e4m3 block uses |error|^4" below); the report still shows the
+  squared (RMS) error of the chosen and the min-max scales, which for those two can be larger than
+  min-max's.
+  Candidates are the min-max range shrunk by `factors` (`SHRINK_FACTORS`: 1.00, 0.99, ..., 0.90);
+  each shrunk range goes through the same scale function as min-max, so the stored rounding of the
+  scale (bf16, fp16, e4m3) is applied to every candidate before it is evaluated, and asymmetric
+  schemes get the zero point of the shrunk range. Factor 1.0 comes first and is the min-max scale
+  itself, so `mse` is never worse than min-max on its objective: a candidate replaces the best one
+  only when its error is smaller by more than `MARGIN` (relative; errors are summed in float64 from
+  exact float32 differences d, d^2 exact, |d|^3 = d^2 * |d| and d^4 = d^2 * d^2 rounded once, so this is
+  far above their rounding). Ties keep the larger scale. Deterministic: the same input gives the same scales on every
+  path and for any chunking into tiles.
+  Why INT4 uses |error|^3: on SmolLM2-135M and three development texts (LGPL-2.1, MPL-1.1, dpkg's
+  triggers.txt; never the evaluation text), INT4 group-64 KL to the source model fell monotonically
+  from P = 2 to 2.4 to 3 on all three (0.359 / 0.440 / 0.386 -> 0.351 / 0.432 / 0.373 -> 0.348 / 0.409 /
+  0.360), P = 4 was worse again on all three (triggers.txt by 0.1% only), and P = 3 was the only variant tried that was below
+  llm-compressor's mse observer on all three (0.367 / 0.414 / 0.385). A larger exponent weighs a tile's
+  largest errors more, so a shrink that clips its few largest weights must buy more; the squared weight
+  error is slightly higher (rel. RMS 0.0995 vs 0.0983, min-max 0.1074) (bench/QUALITY.md, fifth round).
+  Why FP8 e4m3 block uses |error|^4: on the same model and development texts, FP8 e4m3 128x128-block KL
+  fell on all three from P = 2 (0.01715 / 0.02058 / 0.01688; worse than min-max's 0.01780 / 0.02300 /
+  0.01405 on triggers.txt) to P = 3 (0.01584 / 0.02007 / 0.01409) to P = 4 (0.01499 / 0.01952 / 0.01383),
+  and P = 4 was the only variant tried below both llm-compressor's FP8_BLOCK mse observer (0.01626 /
+  0.02010 / 0.01407) and our min-max on all three (bench/QUALITY.md, sixth round; P > 4 was not tried).
+  Only e4m3 with block granularity was measured, so FP8 e4m3 channel / group, FP8 e5m2 and INT8 keep
+  the squared error.
+  Why the shrink stops at 0.90 (llm-compressor's grid goes to 0.81 / 0.80): on SmolLM2-135M and a
+  development text (LGPL-2.1, never the evaluation text), INT4 group-64 KL to the source model was
+  0.392 with 1.00 ... 0.80 and 0.359 with 1.00 ... 0.90 (min-max 0.422), although the squared weight
+  error is lower with the longer grid: a shrink below 0.90 lowers the squared error of a tile by
+  clipping its few largest weights, which the model's outputs pay for (bench/QUALITY.md).
+- Scales stored as powers of two (E8M0: MXFP4, MXFP8) keep the min-max exponent (`E8M0_FACTORS`,
+  `E8M0_CODE_STEPS`), so `mse` writes min-max's scales there. One exponent up never lowers the squared
+  error (min-max maps a group's amax below e2m1's 7 / e4m3's 448, and within that range the coarser
+  grid is a subset of min-max's); one exponent down does in some groups, by clipping their largest
+  elements (an MXFP4 amax lands on 7 .. 14, stored as 6), and on the development text it raised
+  MXFP4's KL from 0.382 (min-max) to 0.403.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, Optional
+
+import ml_dtypes
+import numpy as np
+
+from ..formats import FORMATS
+from ..formats.fastcast import bf16_to_code_table, code_to_float_table, round_to_odd_bf16
+from . import microscale as ms
+from .microscale import E4M3_MAX, e8m0_reciprocal
+from .scales import range_end_scales
+
+SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(11))  # 1.00 ... 0.90
+E8M0_FACTORS: tuple[float, ...] = (1.0,)  # the min-max exponent only (module docstring)
+MARGIN = 2.0 ** -20
+EXPONENTS = (2, 3, 4)  # the error exponents the search evaluates (module docstring)
+INT4_EXPONENT = 3  # INT4's objective: sum |error|^3 (module docstring)
+FP8_BLOCK_EXPONENT = 4  # FP8 e4m3 block's objective: sum |error|^4 (module docstring)
+# Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
+BATCH_ELEMENTS = 1 << 16
+LANES = 8  # error sums: column c of a tile in lane c % 8 (the order both kernel paths use)
+
+# params(lo, hi) -> (scale, zero point or None), float32 [n]; the scale already rounded as stored.
+ParamsFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, Optional[np.ndarray]]"]
+# reconstruct(tiles, scale, zero, out): out[n, m] = dequant(quant(tiles)) in float32.
+ReconstructFn = Callable[[np.ndarray, np.ndarray, "Optional[np.ndarray]", np.ndarray], None]
+
+
+@dataclass
+class Choice:
+    """Per tile: chosen scale and zero point, index into the factors, the squared errors (float64) with
+    it and with min-max, and the objective (sum |error|^exponent) with it and with min-max (the same
+    arrays as the squared errors' when the exponent is 2)."""
+
+    scale: np.ndarray
+    zero: Optional[np.ndarray]
+    factor_index: np.ndarray
+    error: np.ndarray
+    minmax_error: np.ndarray
+    objective: Optional[np.ndarray] = None
+    minmax_objective: Optional[np.ndarray] = None
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective, self.minmax_objective = self.error, self.minmax_error
+
+
+def tile_range(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile (min, max) of a float32 [n, m] array, as float32 [n] each."""
+    return tiles.min(axis=1), tiles.max(axis=1)
+
+
+class _Scratch:
+    """Buffers for one batch of tiles, reused for every candidate."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.recon = np.empty((rows, cols), np.float32)
+        self.wide = np.empty((rows, cols), np.float64)
+        self.power = np.empty((rows, cols), np.float64)
+
+    def errors(self, x: np.ndarray, reconstruct: "ReconstructFn", scale: np.ndarray,
+               zero: Optional[np.ndarray], exponent: int) -> "tuple[np.ndarray, np.ndarray]":
+        """float64 [n] each: per tile, the objective sum |d|^exponent and the squared error sum d^2,
+        d = reconstruction - x.
+
+        The float32 difference is exact here (Sterbenz: the reconstruction is within a factor of 2 of x
+        or zero) and its square is exact in float64; |d|^3 is computed as d^2 * |d| and d^4 as d^2 * d^2
+        (one float64 rounding per element), so the sums carry only float64 rounding."""
+        n = x.shape[0]
+        recon, wide = self.recon[:n], self.wide[:n]
+        reconstruct(x, scale, zero, recon)
+        np.subtract(recon, x, out=recon)
+        np.copyto(wide, recon)
+        if exponent == 2:
+            np.square(wide, out=wide)
+            squared = lane_sums(wide)
+            return squared, squared
+        power = self.power[:n]
+        if exponent == 4:
+            np.square(wide, out=wide)
+            np.multiply(wide, wide, out=power)
+            return lane_sums(power), lane_sums(wide)
+        np.abs(wide, out=power)
+        np.square(wide, out=wide)
+        power *= wide
+        return lane_sums(power), lane_sums(wide)
+
+
+def lane_sums(squares: np.ndarray) -> np.ndarray:
+    """float64 [n]: per row of a float64 [n, m] array (m a multiple of LANES), its sum in the fixed order
+    the numba kernel reproduces: column c into lane c % 8, each lane sequential, the lanes added 0..7."""
+    n, m = squares.shape
+    # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
+    lanes = np.add.reduce(squares.reshape(n, m // LANES, LANES), axis=1)
+    total = lanes[:, 0].copy()
+    for lane in range(1, LANES):
+        total += lanes[:, lane]
+    return total
+
+
+def minmax(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn) -> Choice:
+    """The min-max scale of every tile, with its error (for the report's comparison)."""
+    return mse(tiles, params, reconstruct, factors=(1.0,))
+
+
+def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
+        factors: tuple[float, ...] = SHRINK_FACTORS, batch_elements: int = BATCH_ELEMENTS,
+        compiled_search: "Optional[Callable[..., None]]" = None, exponent: int = 2) -> Choice:
+    """Per tile of a float32 [n, m] array, the candidate scale with the smallest sum |error|^exponent
+    (2: squared error; 3: `exponent_for` INT4; 4: `exponent_for` FP8 e4m3 block).
+
+    `compiled_search` (from `scheme_functions`): the numba evaluation of the same candidates, used
+    when given; it returns the same choices and error sums as the numpy loop, bit for bit."""
+    if not factors or factors[0] != 1.0:
+        raise ValueError("the first factor must be 1.0 (the min-max scale)")
+    if exponent not in EXPONENTS:
+        raise ValueError(f"error exponent {exponent}: one of {EXPONENTS}")
+    n, m = tiles.shape
+    lo, hi = tile_range(tiles) if n else (np.zeros(0, np.float32), np.zeros(0, np.float32))
+    if m % LANES:  # zero columns add no error (0 reconstructs as 0 with any scale and integer zero point)
+        tiles = np.concatenate([tiles, np.zeros((n, LANES - m % LANES), np.float32)], axis=1)
+        m = tiles.shape[1]
+    scale, zero = params(lo, hi)
+    scale = np.array(scale, np.float32)
+    zero = None if zero is None else np.array(zero, np.float32)
+    if compiled_search is not None and n:
+        return _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, exponent)
+    index = np.zeros(n, np.int32)
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    objective = error if exponent == 2 else np.zeros(n, np.float64)
+    minmax_objective = minmax_error if exponent == 2 else np.zeros(n, np.float64)
+    batch = max(1, batch_elements // max(m, 1))
+    work = _Scratch(min(batch, n), m)
+    for t0 in range(0, n, batch):
+        part = slice(t0, min(n, t0 + batch))
+        x = tiles[part]
+        best, best_sq = work.errors(x, reconstruct, scale[part], None if zero is None else zero[part], exponent)
+        minmax_objective[part], minmax_error[part] = best, best_sq
+        for k, factor in enumerate(factors[1:], start=1):
+            f = np.float32(factor)
+            cand_scale, cand_zero = params(lo[part] * f, hi[part] * f)
+            err, sq = work.errors(x, reconstruct, cand_scale, cand_zero, exponent)
+            better = err < best * (1.0 - MARGIN)
+            if better.any():
+                best = np.where(better, err, best)
+                best_sq = np.where(better, sq, best_sq)
+                index[part][better] = k
+                scale[part][better] = cand_scale[better]
+                if zero is not None:
+                    zero[part][better] = cand_zero[better]
+        objective[part], error[part] = best, best_sq
+    return Choice(scale, zero, index, error, minmax_error, objective, minmax_objective)
+
+
+def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, exponent) -> Choice:
+    n = tiles.shape[0]
+    cand_scales = np.empty((len(factors), n), np.float32)
+    cand_zeros = np.zeros((len(factors), n), np.float32)
+    cand_scales[0] = scale
+    if zero is not None:
+        cand_zeros[0] = zero
+    for k, factor in enumerate(factors[1:], start=1):
+        f = np.float32(factor)
+        cand_scales[k], cand_zero = params(lo * f, hi * f)
+        if cand_zero is not None:
+            cand_zeros[k] = cand_zero
+    index = np.zeros(n, np.int32)
+    sums = np.zeros((4, n), np.float64)  # objective, squared error; min-max's objective, squared error
+    compiled_search(np.ascontiguousarray(tiles), cand_scales, cand_zeros, zero is not None, MARGIN, exponent, index,
+                    sums)
+    chosen = cand_scales[index, np.arange(n)]
+    chosen_zero = None if zero is None else cand_zeros[index, np.arange(n)]
+    if exponent == 2:
+        return Choice(chosen, chosen_zero, index, sums[1], sums[3])
+    return Choice(chosen, chosen_zero, index, sums[1], sums[3], sums[0], sums[2])
+
+
+# -- params and reconstruct of a scheme -------------------------------------------------------------
+
+def exponent_for(scheme) -> int:
+    """The error exponent of a scheme's search: INT4_EXPONENT for 4-bit integers, FP8_BLOCK_EXPONENT for
+    FP8 e4m3 with block granularity (the one FP8 scheme measured), else 2 (squared error)."""
+    if not scheme.fmt.is_float and scheme.fmt.bits == 4:
+        return INT4_EXPONENT
+    if scheme.format == "fp8_e4m3" and scheme.granularity == "block":
+        return FP8_BLOCK_EXPONENT
+    return 2
+
+
+def factors_for(scheme) -> tuple[float, ...]:
+    """The candidate set of a scheme: the min-max exponent for power-of-two (E8M0) scales, else SHRINK_FACTORS."""
+    return E8M0_FACTORS if scheme.scale_format == "e8m0" else SHRINK_FACTORS
+
+
+def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
+    """params and reconstruct of a resolved scheme.Scheme, with the kernels' arithmetic:
+
+    symmetric: scale = stored(max(-lo, hi) / D); asymmetric: lo0 = min(lo, 0), hi0 = max(hi, 0),
+    scale = stored((hi0 - lo0) / (qmax - qmin)), zero = clip(rint(qmin - lo0 / scale), qmin, qmax);
+    scale 1 for an all-zero range, and (unlike the kernels, which refuse the tensor) also where a
+    candidate's scale is not representable in the stored format, so such a candidate repeats min-max.
+    reconstruct: (encode(clip(x / scale + zero, code range)) - zero) * scale, decoded to float32.
+    """
+    fmt, scale_fmt = scheme.fmt, scheme.scale_fmt
+    round_float = float_rounder(fmt) if fmt.is_float else None
+    code_lo, code_hi = (np.float32(v) for v in scheme.code_range)
+    divisor = np.float32(scheme.symmetric_divisor)
+    steps = np.float32(fmt.qmax - fmt.qmin)
+
+    def stored(raw: np.ndarray, exact: np.ndarray, empty: np.ndarray) -> np.ndarray:
+        # The kernels' rule, range ends included (a scale never 0, capped so codes stay finite).
+        scale, bad = range_end_scales(raw.astype(np.float32), exact, scheme, empty)
+        scale[empty | bad] = np.float32(1.0)
+        return scale
+
+    def symmetric(lo: np.ndarray, hi: np.ndarray):
+        amax = np.maximum(-lo, hi)
+        return stored(amax / divisor, amax.astype(np.float64) / float(divisor), amax == 0), None
+
+    def asymmetric(lo: np.ndarray, hi: np.ndarray):
+        lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
+        with np.errstate(over="ignore"):
+            raw = (hi0 - lo0) / steps
+        exact = (hi0.astype(np.float64) - lo0.astype(np.float64)) / float(steps)
+        raw = np.where(np.isfinite(raw), raw, exact.astype(np.float32))
+        scale = stored(raw, exact, hi0 == lo0)
+        zero = np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
+        return scale, zero
+
+    buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
+
+    def scratch(shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        # Large temporaries cost page faults on every allocation: keep one set per batch shape.
+        if shape not in buffers:
+            buffers.clear()
+            buffers[shape] = (np.empty(shape, np.float32), np.empty(shape, np.float32),
+                              np.empty(shape, np.uint32), np.empty(shape, np.bool_))
+        return buffers[shape]
+
+    def reconstruct(x, scale, zero, out):
+        full, aux, bits, mask = scratch(x.shape)
+        np.copyto(full, scale[:, None])
+        np.divide(x, full, out=out)
+        if zero is not None:
+            np.copyto(aux, zero[:, None])
+            out += aux
+        np.minimum(out, code_hi, out=out)
+        np.maximum(out, code_lo, out=out)
+        if fmt.is_float:
+            round_float(out, aux, bits, mask)
+        else:
+            np.rint(out, out=out)  # what integer encode/decode do, without the int8 round trip
+        if zero is not None:
+            np.copyto(aux, zero[:, None])
+            out -= aux
+        out *= full
+
+    return (symmetric if scheme.symmetric else asymmetric), reconstruct
+
+
+def compiled_search_for(scheme) -> Callable[..., None]:
+    """The numba candidate evaluation bound to a resolved scheme's code range and rounding
+    (fp8conv._numba_observers.search); call only when numba is installed."""
+    from ..accel import _numba_observers
+
+    fmt = scheme.fmt
+    lo, hi = (np.float32(v) for v in scheme.code_range)
+    if fmt.is_float:
+        drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
+    else:
+        drop, half, mask, smallest_normal, quantum = np.uint32(0), np.uint32(0), np.uint32(0), np.float32(0), np.float32(1)
+
+    def search(tiles, scales, zeros, has_zero, margin, exponent, index, sums) -> None:
+        _numba_observers.search(tiles, scales, zeros, has_zero, lo, hi, fmt.is_float, drop, half, mask,
+                                smallest_normal, quantum, margin, exponent, index, sums)
+
+    return search
+
+
+def _float_rounding(fmt) -> tuple[np.uint32, np.uint32, np.uint32, np.float32, np.float32]:
+    """(dropped significand bits, half - 1, keep mask, smallest normal, subnormal quantum) of an FP8 format."""
+
+    info = ml_dtypes.finfo(fmt.dtype)
+    drop = 23 - int(info.nmant)
+    return (np.uint32(drop), np.uint32((1 << (drop - 1)) - 1), np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF),
+            np.float32(2.0 ** int(info.minexp)), np.float32(2.0 ** (int(info.minexp) - int(info.nmant))))
+
+
+def float_rounder(fmt) -> Callable[..., None]:
+    """In place: float32 values (already within +-qmax) -> the nearest value of a float element format
+    with subnormals (FP8 e4m3/e5m2), ties to even: the value of decode(encode(v)), without the tables.
+
+    Normal range: round the float32 significand to the format's mantissa bits on the bit pattern;
+    below the smallest normal, the grid is uniform: rint(v / q) * q with q = 2^(emin - mantissa bits).
+    """
+    drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
+
+    def round_in_place(values: np.ndarray, aux: Optional[np.ndarray] = None, lsb: Optional[np.ndarray] = None,
+                       tiny: Optional[np.ndarray] = None) -> None:
+        """`aux` (float32), `lsb` (uint32) and `tiny` (bool) are scratch of the values' shape."""
+        aux = np.empty(values.shape, np.float32) if aux is None else aux
+        lsb = np.empty(values.shape, np.uint32) if lsb is None else lsb
+        tiny = np.empty(values.shape, np.bool_) if tiny is None else tiny
+        np.abs(values, out=aux)
+        np.less(aux, smallest_normal, out=tiny)
+        np.divide(values, quantum, out=aux)
+        np.rint(aux, out=aux)
+        aux *= quantum
+        bits = values.view(np.uint32)
+        np.right_shift(bits, drop, out=lsb)
+        lsb &= np.uint32(1)
+        bits += half
+        bits += lsb
+        bits &= mask
+        np.copyto(values, aux, where=tiny)
+
+    return round_in_place
+
+
+def tiles_of(weight: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+    """float32 [grid_rows * grid_cols, tile_rows * tile_cols]: tiles in row-major grid order, zero-padded."""
+    rows, cols = weight.shape
+    tr, tc = tile
+    gr, gc = -(-rows // tr), -(-cols // tc)
+    if tr == 1 and cols % tc == 0:  # channel, or groups that divide: a view, no copy
+        return np.ascontiguousarray(weight, np.float32).reshape(rows * gc, tc)
+    padded = np.zeros((gr * tr, gc * tc), np.float32)
+    padded[:rows, :cols] = weight
+    return padded.reshape(gr, tr, gc, tc).transpose(0, 2, 1, 3).reshape(gr * gc, tr * tc)
+
+
+@dataclass
+class GridChoice:
+    """mse scales (and zero points) as 2-D grids, and the weight's squared error with them / with min-max."""
+
+    scale: np.ndarray
+    zero: Optional[np.ndarray]
+    error: float
+    minmax_error: float
+
+
+def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoice:
+    """The mse choice for a finite float32 2-D weight under a resolved scheme.Scheme (block, channel or
+    group granularity); the candidates evaluated by numba when `use_compiled` (same result)."""
+    rows, cols = weight.shape
+    params, reconstruct = scheme_functions(scheme)
+    search = compiled_search_for(scheme) if use_compiled else None
+    choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme),
+                 compiled_search=search, exponent=exponent_for(scheme))
+    grid = scheme.scale_grid(rows, cols)
+    zero = None if choice.zero is None else choice.zero.reshape(grid)
+    return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
+
+
+# -- microscaled formats (NVFP4, MXFP4, MXFP8) -----------------------------------------------------
+# Their scales are codes (e4m3 under a float32 global scale, or E8M0 exponents), so the candidates are
+# codes next to the min-max one: the search runs on exactly what is stored, the e4m3 rounding of an
+# NVFP4 group scale included. The global scale is the min-max one (compressed-tensors' rule) and is
+# never changed. Steps are in code units; the codes of positive e4m3 values are ordered like the
+# values (1 = 2^-9 ... 126 = 448), and so are E8M0's (0 = 2^-127 ... 254 = 2^127).
+# NVFP4: two codes below min-max and six above (e4m3 steps are 1/16 to 1/8 of the value, so up to
+# 1.375-1.75x): a group scale that maps the amax to 4 instead of 6 often reconstructs a group of 16
+# better, since e2m1's top step (4 -> 6) is coarse. The range was fixed on weight error alone (the
+# squared error of all-MiniLM-L6-v2's and random Gaussian / Student-t weights: codes -4 .. +8 gain
+# nothing over -2 .. +6; -3, -4, +7, +8 are almost never chosen), never on a model's outputs.
+NVFP4_CODE_STEPS: tuple[int, ...] = (0, -1, -2, 1, 2, 3, 4, 5, 6)
+E8M0_CODE_STEPS: tuple[int, ...] = (0,)  # the min-max exponent only (module docstring: -1 raised KL)
+_CODE_LIMITS = {"e4m3_global": (1, 126), "e8m0": (0, 254)}
+
+
+@dataclass
+class MicroChoice:
+    """Per group (row-major [rows, cols / group]): the chosen scale codes and the squared errors (float64)."""
+
+    codes: np.ndarray
+    error: np.ndarray
+    minmax_error: np.ndarray
+
+
+def code_steps_for(scale_format: str) -> tuple[int, ...]:
+    """The documented candidate steps of a microscaling scale format."""
+    return NVFP4_CODE_STEPS if scale_format == "e4m3_global" else E8M0_CODE_STEPS
+
+
+def microscale_candidates(minmax_codes: np.ndarray, scale_format: str) -> list[np.ndarray]:
+    """uint8 codes of every candidate, in search order: min-max code + step, clamped to the positive codes
+    (a clamped candidate repeats an earlier one and never wins)."""
+    low, high = _CODE_LIMITS[scale_format]
+    wide = minmax_codes.astype(np.int32)
+    return [np.clip(wide + step, low, high).astype(np.uint8) for step in code_steps_for(scale_format)]
+
+
+@lru_cache(maxsize=None)
+def _element_value_table(element: str) -> np.ndarray:
+    """float32[65536]: the element value (e2m1 or e4m3) nearest to every bf16 pattern (RNE), indexed by
+    the round-to-odd bf16 pattern of a float32 (fastcast.round_to_odd_bf16); e4m3 inputs clamped first."""
+
+    if element == "e2m1":
+        return np.take(ms.e2m1_values(), ms._bf16_to_e2m1())
+    fmt = FORMATS["fp8_e4m3"]
+    with np.errstate(invalid="ignore"):
+        return np.take(code_to_float_table(fmt), bf16_to_code_table(fmt))
+
+
+def microscale_divisors(codes: np.ndarray, scale_format: str, global_scale: Optional[float]) -> np.ndarray:
+    """float32 value each group's elements are divided by, as the kernels compute it."""
+
+    if scale_format == "e8m0":
+        return ms.e8m0_decode(codes)
+    return (ms.e4m3_decode(codes) / np.float32(global_scale)).astype(np.float32)
+
+
+def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, element: str,
+                      global_scale: Optional[float]) -> np.ndarray:
+    """float64 [n]: per group (float32 [n, group]), sum over its elements in order of (w' - w)^2.
+
+    w' = element(w / d) * d with d the group's divisor; NVFP4 divides in float32 (as its kernel),
+    MX multiplies by 2^(127 - code) (exact); e4m3 elements are clamped to +-448 first. Each difference
+    is taken in float64 (exact) and squared there; the group's sum runs over its elements in order."""
+
+    d = microscale_divisors(codes, scale_format, global_scale)
+    if scale_format == "e8m0":
+        y = tiles * ms.e8m0_reciprocal(codes)[:, None]
+    else:
+        y = tiles / d[:, None]
+    if element == "e4m3":
+        np.clip(y, -ms.E4M3_MAX, ms.E4M3_MAX, out=y)
+    recon = np.take(_element_value_table(element), round_to_odd_bf16(y))
+    recon *= d[:, None]
+    diff = recon.astype(np.float64)
+    diff -= tiles
+    diff *= diff
+    total = diff[:, 0].copy()
+    for j in range(1, diff.shape[1]):
+        total += diff[:, j]
+    return total
+
+
+def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
+                   batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False) -> MicroChoice:
+    """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
+    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged). With
+    `use_compiled`, numba evaluates the candidates (fp8conv._numba_observers; the same result)."""
+    group = micro.group
+    element = "e2m1" if micro.packed else "e4m3"
+    tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
+    first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
+    n = tiles.shape[0]
+    if use_compiled and n:
+        return _mse_microscale_compiled(tiles, micro, first, element, global_scale, minmax_codes.shape)
+    codes = first.copy()
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    batch = max(1, batch_elements // group)
+    for t0 in range(0, n, batch):
+        part = slice(t0, min(n, t0 + batch))
+        x = tiles[part]
+        candidates = microscale_candidates(first[part], micro.scale_format)
+        best = microscale_errors(x, candidates[0], micro.scale_format, element, global_scale)
+        minmax_error[part] = best
+        chosen = codes[part]
+        for cand in candidates[1:]:
+            err = microscale_errors(x, cand, micro.scale_format, element, global_scale)
+            better = err < best * (1.0 - MARGIN)
+            best = np.where(better, err, best)
+            chosen[better] = cand[better]
+        error[part] = best
+    shape = minmax_codes.shape
+    return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
+
+
+def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape) -> MicroChoice:
+    from ..accel import _numba_observers
+
+    n = tiles.shape[0]
+    candidates = np.stack(microscale_candidates(first, micro.scale_format))
+    divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
+    divide = micro.scale_format != "e8m0"
+    reciprocals = divisors if divide else e8m0_reciprocal(candidates)
+    clamp = np.float32(E4M3_MAX if element == "e4m3" else 0)
+    index = np.zeros(n, np.int32)
+    error = np.zeros(n, np.float64)
+    minmax_error = np.zeros(n, np.float64)
+    _numba_observers.search_microscale(tiles, divisors, reciprocals, divide, clamp, _element_value_table(element),
+                                       MARGIN, index, error, minmax_error)
+    codes = candidates[index, np.arange(n)]
+    return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))

@@ -1,0 +1,247 @@
+"""A validated quantization scheme: element format x granularity x tile size x scale format x symmetry."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import SchemeError
+from ..formats import FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat
+
+GRANULARITIES = ("block", "channel", "group", "tensor")
+ACTIVATIONS = ("dynamic", "none")
+OBSERVERS = ("minmax", "mse")
+MAX_TILE = 1 << 16
+# scale_format "source": the scale is stored in the dtype of the weight it scales (what
+# compressed-tensors does for pack-quantized); Scheme.for_source() makes it concrete per tensor.
+SOURCE_SCALE = "source"
+_SCALE_OF_SOURCE = {"BF16": "bf16", "F16": "fp16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight is quantized. Every granularity is a 2-D tile of (rows, cols) sharing a scale
+    (and, when asymmetric, a zero point).
+
+    activations: "dynamic" (the W8A8 schemes engines quantize activations for at run time) or
+    "none" (weight-only: W4A16 / W8A16).
+    """
+
+    format: str = "fp8_e4m3"
+    granularity: str = "block"
+    block_size: tuple[int, int] = (128, 128)
+    group_size: int = 128
+    symmetric: bool = True
+    activations: str | None = None  # None: "none" for int4 (no engine runs W4A8), "dynamic" otherwise
+    scale_format: str = "float32"
+    observer: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise SchemeError(f"unknown format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.granularity not in GRANULARITIES:
+            raise SchemeError(
+                f"unknown granularity {self.granularity!r}; choose one of {', '.join(GRANULARITIES)}"
+            )
+        if self.observer not in OBSERVERS:
+            raise SchemeError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.observer == "mse" and self.granularity == "tensor":
+            raise SchemeError("the mse observer chooses one scale per tile; use it with block, channel or group granularity")
+        sizes = (*self.block_size, self.group_size)
+        if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
+            raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
+        if self.activations is None:
+            weight_only = self.format in ("int4", "fp4_e2m1") or self.scale_format in ("e4m3_global", "e8m0")
+            object.__setattr__(self, "activations", "none" if weight_only or not self.symmetric else "dynamic")
+        if self.activations not in ACTIVATIONS:
+            raise SchemeError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:
+            raise SchemeError(f"unknown scale format {self.scale_format!r}")
+        self._check_microscale()
+        if self.format == "int4" and self.activations != "none":
+            raise SchemeError("int4 is weight-only (W4A16): no engine quantizes activations to int4; "
+                              "use --activations none")
+        if not self.symmetric:
+            if self.fmt.is_float:
+                raise SchemeError(f"--asymmetric applies to integer formats, not {self.format}")
+            if self.activations != "none" or self.granularity not in ("channel", "group"):
+                raise SchemeError("--asymmetric (zero points) is defined for weight-only integer schemes with "
+                                  "--granularity channel or group; add --activations none / pick one of them")
+
+    def _check_microscale(self) -> None:
+        micro = self.microscale
+        if micro is None:
+            if self.format == "fp4_e2m1":
+                raise SchemeError("fp4_e2m1 weights are written as --format nvfp4 or --format mxfp4")
+            return
+        m = MICROSCALE[micro]
+        if (self.format, self.granularity, self.group_size) != (m.element, "group", m.group):
+            raise SchemeError(f"{micro} is {m.element} in groups of {m.group} along the input dim; "
+                              f"drop --granularity / --group-size / --block-size (got {self.granularity})")
+        if not self.symmetric or self.activations != "none":
+            raise SchemeError(f"{micro} is symmetric and weight-only (A16): no --asymmetric / --activations dynamic")
+
+    @property
+    def microscale(self) -> str | None:
+        """nvfp4 / mxfp4 / mxfp8 when the scale format is a microscaling one, else None."""
+        for m in MICROSCALE.values():
+            if m.scale_format == self.scale_format and m.element == self.format and m.group == self.group_size:
+                return m.name
+        if self.scale_format in ("e4m3_global", "e8m0"):
+            raise SchemeError(f"scale format {self.scale_format} with {self.format} group {self.group_size} is "
+                              "none of nvfp4 / mxfp4 / mxfp8")
+        return None
+
+    @property
+    def fmt(self) -> ElementFormat:
+        return FORMATS[self.format]
+
+    @property
+    def scale_fmt(self) -> ScaleFormat:
+        if self.scale_format == SOURCE_SCALE:
+            raise SchemeError("internal: scale format 'source' not resolved for a tensor")  # pragma: no cover
+        return SCALE_FORMATS[self.scale_format]
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activations == "none"
+
+    @property
+    def full_range(self) -> bool:
+        """Integer weight-only schemes use the whole code range [qmin, qmax] (compressed-tensors'
+        W4A16 / W8A16); the others the symmetric range [-qmax, qmax] (FP8; INT8 W8A8)."""
+        return self.weight_only and not self.fmt.is_float
+
+    @property
+    def code_range(self) -> tuple[float, float]:
+        fmt = self.fmt
+        return (fmt.qmin if self.full_range or not self.symmetric else -fmt.qmax, fmt.qmax)
+
+    @property
+    def symmetric_divisor(self) -> float:
+        """scale = amax / this: qmax, or (qmax - qmin) / 2 over the full range (7.5 int4, 127.5 int8)."""
+        lo, hi = self.code_range
+        return (hi - lo) / 2 if self.full_range else hi
+
+    def for_source(self, source_tag: str) -> "Scheme":
+        """The scheme with a concrete scale format for a weight stored as `source_tag`."""
+        if self.scale_format != SOURCE_SCALE:
+            return self
+        from dataclasses import replace
+
+        return replace(self, scale_format=_SCALE_OF_SOURCE.get(source_tag, "bf16"))
+
+    def tile(self, rows: int, cols: int) -> tuple[int, int]:
+        """The (rows, cols) of the tile that shares one scale, for a 2-D weight of this shape."""
+        if self.granularity == "block":
+            return self.block_size
+        if self.granularity == "channel":
+            return (1, max(cols, 1))
+        if self.granularity == "group":
+            return (1, self.group_size)
+        return (max(rows, 1), max(cols, 1))
+
+    def scale_grid(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape of the 2-D scale grid: ceil(rows / tile_rows) x ceil(cols / tile_cols)."""
+        tile_rows, tile_cols = self.tile(rows, cols)
+        return (-(-rows // tile_rows), -(-cols // tile_cols))
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Scale grid for a 2-D weight, or [E, ...] grids for 3-D stacked experts."""
+        *lead, rows, cols = shape
+        return (*lead, *self.scale_grid(rows, cols))
+
+    def describe(self) -> str:
+        observed = f", {self.observer} observer" if self.observer != "minmax" else ""
+        if self.microscale:
+            return (f"{self.microscale} ({self.format} group {self.group_size}, {self.scale_format} scales) "
+                    f"weight-only{observed}")
+        if self.granularity == "block":
+            text = f"{self.format} block {self.block_size[0]}x{self.block_size[1]}"
+        elif self.granularity == "group":
+            text = f"{self.format} group {self.group_size}"
+        else:
+            text = f"{self.format} {self.granularity}"
+        if not self.symmetric:
+            text += " asymmetric"
+        if self.weight_only:
+            text += " weight-only"
+        return text + observed
+
+    def to_json(self) -> dict:
+        data = {
+            "format": self.format,
+            "granularity": self.granularity,
+            "block_size": list(self.block_size) if self.granularity == "block" else None,
+            "group_size": self.group_size if self.granularity == "group" else None,
+        }
+        # Keys the first release did not write appear only when they differ from it (its bytes are pinned).
+        if not self.symmetric or self.weight_only or self.scale_format != "float32":
+            data.update(symmetric=self.symmetric, activations=self.activations, scale_format=self.scale_format)
+        if self.microscale:
+            data["microscale"] = self.microscale
+        if self.observer != "minmax":
+            data["observer"] = self.observer
+        return data
+
+
+def microscale_scheme(name: str) -> Scheme:
+    """The scheme of --format nvfp4 / mxfp4 / mxfp8."""
+    m = MICROSCALE[name]
+    return Scheme(format=m.element, granularity="group", group_size=m.group, activations="none",
+                  scale_format=m.scale_format)
+
+
+def parse_block_size(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '128x64' -> (128, 64)."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise SchemeError(f"block size {text!r} is not N or NxM (e.g. 128 or 128x64)") from None
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2:
+        raise SchemeError(f"block size {text!r} is not N or NxM (e.g. 128 or 128x64)")
+    return values  # type: ignore[return-value]
+
+
+def default_granularity(fmt: str, granularity: str | None) -> str:
+    """int4 is written in groups (W4A16); the other formats in blocks, unless asked otherwise."""
+    return granularity or ("group" if fmt == "int4" else "block")
+
+
+def parse_spec(spec: str) -> Scheme:
+    """'FORMAT[:GRANULARITY[:SIZE]][:asym]' -> Scheme: 'fp8_e4m3:block:128', 'int8:channel', 'int4:group:32:asym'.
+
+    SIZE is the block (N or NxM) for block granularity and the group length for group granularity."""
+    parts = spec.split(":")
+    asymmetric = parts[-1] == "asym"
+    if asymmetric:
+        parts = parts[:-1]
+    if not parts or not parts[0] or len(parts) > 3:
+        raise SchemeError(f"scheme {spec!r} is not FORMAT[:GRANULARITY[:SIZE]][:asym], e.g. fp8_e4m3:block:128 or int8:channel")
+    fmt = parts[0]
+    if fmt in MICROSCALE:
+        if len(parts) > 1 or asymmetric:
+            raise SchemeError(f"scheme {spec!r}: {fmt} fixes its groups and scales; give it alone")
+        return microscale_scheme(fmt)
+    granularity = default_granularity(fmt, parts[1] if len(parts) > 1 else None)
+    sizes: dict = {}
+    if len(parts) == 3:
+        if granularity == "block":
+            sizes["block_size"] = parse_block_size(parts[2])
+        elif granularity == "group":
+            try:
+                sizes["group_size"] = int(parts[2])
+            except ValueError:
+                raise SchemeError(f"scheme {spec!r}: group size {parts[2]!r} is not an integer") from None
+        else:
+            raise SchemeError(f"scheme {spec!r}: a size applies to block or group granularity, not {granularity}")
+    return Scheme(format=fmt, granularity=granularity, symmetric=not asymmetric, **sizes)
+
+
+def parse_override(text: str) -> tuple[str, Scheme]:
+    """'PATTERN=SPEC' (--scheme) -> (pattern, scheme); the pattern uses the --ignore syntax."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern:
+        raise SchemeError(f"--scheme {text!r} is not PATTERN=SPEC, e.g. 're:.*down_proj=int8:channel'")
+    return pattern, parse_spec(spec)

@@ -1,0 +1,591 @@
+"""The HTML report: one self-contained page (inline CSS and SVG, no script) rendered from report.json.
+
+Every number on the page is read from the report dict (conversion) or the verify result (measured
+errors); nothing is recomputed from tensors. Format names are never interpreted: the scheme is shown
+as the key/value pairs it has, and any numeric per-tensor field a future format adds gets a column.
+The output is a pure function of its input (sorted iteration, fixed float formats), so the page a
+conversion writes is byte-identical across runs and worker counts.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import statistics
+from pathlib import Path
+
+from ..io.checkpoint import REPORT_HTML_NAME, REPORT_NAME
+from ..errors import InputError, OutputError
+from .text import PATH_WORDS
+from ..io.untrusted import load_json, printable
+
+WORST_SHOWN = 20
+HOTSPOTS_SHOWN = 10
+AGGREGATES_SHOWN = 20
+NAMES_PER_REASON = 40
+PATH_ROWS_SHOWN = 50
+HEAT_METRIC = "rel_rms_error"
+# Perceptually uniform (viridis) anchors: low error dark, high error bright; readable light and dark.
+PALETTE = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725")
+CATEGORICAL = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
+TEXT_FIELDS = ("shape", "path", "scheme")
+METRICS = {  # key -> (column label, how the value is written); unknown numeric keys get a generic column
+    "rel_rms_error": ("rel. RMS error", "pct4"),
+    "sqnr_db": ("SQNR dB", "db"),
+    "max_abs_error": ("max abs error", "g4"),
+    "saturated_fraction": ("saturated", "pct4"),
+    "flushed_fraction": ("flushed to zero", "pct4"),
+    "nonfinite_values": ("NaN/Inf in source", "int"),
+    "limit": ("limit", "pct2"),
+    "minmax_rel_rms_error": ("min-max rel. RMS error", "pct4"),
+    "rms_error_reduction": ("RMS error reduction vs min-max", "pct2"),
+}
+
+CSS = """
+:root{color-scheme:light dark;--bg:#fff;--fg:#1c1d21;--muted:#5f6368;--line:#d5d8dd;--card:#f4f5f7;--bad:#b3261e;--good:#1e7d34;--accent:#2f5bd3}
+@media (prefers-color-scheme:dark){:root{--bg:#15161a;--fg:#e6e8eb;--muted:#9aa0a6;--line:#3a3d42;--card:#1f2126;--bad:#f2b8b5;--good:#8fd19e;--accent:#9db8ff}}
+*{box-sizing:border-box}
+body{margin:0 auto;max-width:1120px;padding:24px;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;padding-bottom:4px;border-bottom:1px solid var(--line)}
+p.sub,.muted{color:var(--muted)}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:16px 0}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:150px}
+.card b{display:block;font-size:20px;font-variant-numeric:tabular-nums}.card span{color:var(--muted);font-size:12px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
+th,td{border-bottom:1px solid var(--line);padding:3px 10px;text-align:left;vertical-align:top}
+th{font-weight:600;color:var(--muted)}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.name,td.names{word-break:break-all;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+td.names{color:var(--muted)}
+.pass{color:var(--good);font-weight:600}.fail{color:var(--bad);font-weight:600}.warn{color:var(--muted)}
+svg{max-width:100%;height:auto;display:block}
+svg text{fill:var(--fg);font:11px system-ui,sans-serif}
+svg .axis{stroke:var(--muted);stroke-width:1}
+svg .bar{fill:var(--accent)}
+svg text.in{font-size:10px}
+ul{margin:4px 0;padding-left:20px}
+footer{margin-top:32px;color:var(--muted);font-size:12px}
+@media print{:root{--bg:#fff;--fg:#000;--muted:#444;--line:#bbb;--card:#fff;--accent:#2f5bd3}
+body{max-width:none;padding:0;font-size:11px}section{break-inside:avoid}h2{break-after:avoid}
+.card{border-color:#999}svg,svg *{print-color-adjust:exact;-webkit-print-color-adjust:exact}}
+"""
+
+
+def esc(value: object) -> str:
+    """Untrusted text (tensor names, messages) made inert: control characters escaped, then HTML."""
+    return html.escape(printable(str(value)), quote=True)
+
+
+# ---- loading and writing ------------------------------------------------------------------------
+
+
+def load_report(path: Path) -> dict:
+    """OUT/fp8conv.report.json (or the JSON file itself), checked enough to render; raises InputError."""
+    path = Path(path)
+    file = path / REPORT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise InputError(f"{path} has no {REPORT_NAME}: not an fp8conv output (quantize and dequantize write it)")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{file} is not readable JSON ({exc})") from None
+    report = load_json(text, str(file), "is not readable JSON")
+    if not isinstance(report, dict):
+        raise InputError(f"{file} is not a JSON object")
+    _check_rows(report.get("tensors", []), file, "tensors")
+    _check_rows(report.get("high_precision", []), file, "high_precision")
+    return report
+
+
+def has_report(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / REPORT_NAME).is_file()
+
+
+def _check_rows(rows: object, file: Path, key: str) -> None:
+    if not isinstance(rows, list):
+        raise InputError(f"{file}: {key} is not a list")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("name"), str):
+            raise InputError(f"{file}: {key}[{i}] has no tensor name")
+        for k, v in row.items():
+            if k in METRICS and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InputError(f"{file}: {key}[{i}] ({printable(row['name'])}) has a non-numeric {k}")
+
+
+def write_page(path: Path, page: str) -> None:
+    """Write atomically (temp file + rename); raises OutputError."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.part"
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def default_page_path(out: Path) -> Path:
+    return Path(out) / REPORT_HTML_NAME if Path(out).is_dir() else Path(out).with_suffix(".html")
+
+
+# ---- formatting ----------------------------------------------------------------------------------
+
+
+def fmt(key: str, value: object) -> str:
+    """How a per-tensor value is written on the page (the tests parse these back)."""
+    style = METRICS.get(key, (None, "g4"))[1]
+    if value is None:
+        return "exact" if style == "db" else "–"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return esc(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if style == "pct4":
+        return f"{value:.4%}"
+    if style == "pct2":
+        return f"{value:.2%}"
+    if style == "db":
+        return f"{value:.2f}"
+    if style == "int" or isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}"
+
+
+def human_bytes(n: int) -> str:
+    size, unit = float(n), "B"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            break
+        size /= 1000
+    return f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
+
+
+def fmt_bytes(n: int) -> str:
+    """Exact bytes with separators, then a human size."""
+    return f'{n:,} <span class="muted">({human_bytes(n)})</span>'
+
+
+def _svg_open(cls: str, width: float, height: float, label: str) -> str:
+    return (f'<svg class="{cls}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{label}">')
+
+
+def _text(value: object) -> str:
+    if isinstance(value, list):
+        return esc("x".join(str(v) for v in value)) or "scalar"
+    return esc(PATH_WORDS.get(value, value)) if isinstance(value, str) else fmt("", value)
+
+
+def _table(headers: list[str], rows: list[list[str]], classes: list[str], attrs: list[str] | None = None) -> str:
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cells = "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in zip(row, classes))
+        body.append(f"<tr{attrs[i] if attrs else ''}>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _section(anchor: str, title: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{title}</h2>{body}</section>'
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+# ---- sections -----------------------------------------------------------------------------------
+
+
+def _scheme_section(scheme: object) -> str:
+    if not isinstance(scheme, dict) or not scheme:
+        return ""
+    rows = [[esc(k), _text(v) if v is not None else "–"] for k, v in scheme.items()]
+    return _section("scheme", "Scheme", _table(["setting", "value"], rows, ["", "name"]))
+
+
+def _cards(items: list[tuple[str, str, str]]) -> str:
+    cards = "".join(f'<div class="card" data-key="{key}"><b>{value}</b><span>{label}</span></div>'
+                    for key, value, label in items)
+    return f'<div class="cards">{cards}</div>'
+
+
+def _summary_cards(report: dict, rows: list[dict]) -> str:
+    items = []
+    before, after = report.get("total_bytes_before"), report.get("total_bytes_after")
+    if isinstance(before, int) and isinstance(after, int):
+        items.append(("total_bytes_after", human_bytes(after), f"after, from {human_bytes(before)}"))
+    for key, label, spec in (("compression_ratio", "compression ratio (x smaller)", ".3f"),
+                             ("bits_per_weight", "bits per quantized weight, scales included", ".3f"),
+                             ("bits_per_parameter", "bits per parameter, whole model", ".3f")):
+        value = _number(report.get(key))
+        if value is not None:
+            items.append((key, format(value, spec), label))
+    quantized, total = report.get("tensors_quantized", len(rows)), report.get("tensors_total")
+    if isinstance(quantized, int) and isinstance(total, int):
+        items.append(("tensors_quantized", f"{quantized:,} / {total:,}", "tensors quantized / total"))
+    worst = max((r for r in rows if _number(r.get(HEAT_METRIC)) is not None), key=lambda r: r[HEAT_METRIC], default=None)
+    if worst is not None:
+        items.append(("worst_rel_rms_error", fmt(HEAT_METRIC, worst[HEAT_METRIC]), "worst relative RMS error"))
+    return _cards(items) if items else ""
+
+
+def _sizes_section(report: dict) -> str:
+    before, after = report.get("bytes_before"), report.get("bytes_after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return ""
+    dtypes = sorted(set(before) | set(after))
+    rows = [[esc(d), fmt_bytes(int(before.get(d, 0))), fmt_bytes(int(after.get(d, 0)))] for d in dtypes]
+    attrs = [f' data-dtype="{esc(d)}"' for d in dtypes]
+    total_before, total_after = report.get("total_bytes_before"), report.get("total_bytes_after")
+    if isinstance(total_before, int) and isinstance(total_after, int):
+        rows.append(["<b>total</b>", fmt_bytes(total_before), fmt_bytes(total_after)])
+        attrs.append(' data-dtype="total"')
+    lines = [_table(["dtype", "before (bytes)", "after (bytes)"], rows, ["", "num", "num"], attrs),
+             _size_bars(dtypes, before, after)]
+    facts = []
+    for key, label in (("parameters_total", "parameters"), ("parameters_quantized", "parameters stored quantized"),
+                       ("bytes_quantized_with_scales", "bytes of quantized codes + scales")):
+        if isinstance(report.get(key), int):
+            facts.append(f'<li data-key="{key}">{label}: <b>{report[key]:,}</b></li>')
+    if facts:
+        lines.append(f"<ul>{''.join(facts)}</ul>")
+    return _section("sizes", "Sizes", "".join(lines))
+
+
+def _size_bars(dtypes: list[str], before: dict, after: dict) -> str:
+    """Two stacked horizontal bars (before, after), one colour per dtype."""
+    total = max(sum(int(v) for v in before.values()), sum(int(v) for v in after.values()), 1)
+    width, left, bar_h = 640, 60, 22
+    parts = [_svg_open("sizes", width + 20, 2 * (bar_h + 10) + 34, "bytes per dtype before and after")]
+    for i, (label, sizes) in enumerate((("before", before), ("after", after))):
+        y = 4 + i * (bar_h + 10)
+        parts.append(f'<text x="0" y="{y + 15}">{label}</text>')
+        x = float(left)
+        for j, dtype in enumerate(dtypes):
+            w = (width - left) * int(sizes.get(dtype, 0)) / total
+            if w > 0:
+                parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{CATEGORICAL[j % len(CATEGORICAL)]}">'
+                             f"<title>{esc(dtype)} {label}: {int(sizes.get(dtype, 0)):,} bytes</title></rect>")
+            x += w
+    x, y = float(left), 2 * (bar_h + 10) + 20
+    for j, dtype in enumerate(dtypes):
+        parts.append(f'<rect x="{x:.0f}" y="{y - 9}" width="10" height="10" fill="{CATEGORICAL[j % len(CATEGORICAL)]}"/>'
+                     f'<text x="{x + 14:.0f}" y="{y}">{esc(dtype)}</text>')
+        x += 24 + 7 * len(dtype)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def heat_cell(name: str) -> tuple[tuple[int, str, int], str, str | None]:
+    """Where a tensor sits in the heatmap: (row key, module column, member such as the expert index).
+
+    The first all-digit segment of the dotted name is the layer; later all-digit segments (experts)
+    become '*' so those tensors aggregate into one cell. Names without a layer go to a last row."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] == "weight":
+        parts = parts[:-1]
+    layer_at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if layer_at is None:
+        return (1, "", 0), ".".join(parts), None
+    rest = parts[layer_at + 1:]
+    members = [p for p in rest if p.isdigit()]
+    module = ".".join("*" if p.isdigit() else p for p in rest) or "(layer)"
+    return (0, ".".join(parts[:layer_at]), int(parts[layer_at])), module, ".".join(members) or None
+
+
+def _color(t: float) -> str:
+    """Linear interpolation along the palette, t in [0, 1]."""
+    t = min(max(t, 0.0), 1.0) * (len(PALETTE) - 1)
+    i = min(int(t), len(PALETTE) - 2)
+    frac = t - i
+    a, b = PALETTE[i], PALETTE[i + 1]
+    mix = [round(int(a[k:k + 2], 16) * (1 - frac) + int(b[k:k + 2], 16) * frac) for k in (1, 3, 5)]
+    return "#" + "".join(f"{c:02x}" for c in mix)
+
+
+def _heatmap_section(rows: list[dict]) -> str:
+    cells: dict[tuple, dict] = {}
+    for row in rows:
+        value = _number(row.get(HEAT_METRIC))
+        if value is None:
+            continue
+        key, module, member = heat_cell(row["name"])
+        cell = cells.setdefault((key, module), {"count": 0, "worst": None, "value": -1.0, "member": None})
+        cell["count"] += 1
+        if value > cell["value"] or (value == cell["value"] and row["name"] < cell["worst"]):
+            cell.update(value=value, worst=row["name"], member=member)
+    if not cells:
+        return ""
+    row_keys = sorted({k for k, _ in cells})
+    modules = sorted({m for _, m in cells})
+    stacks = {k[1] for k in row_keys if k[0] == 0}
+    labels = {k: ("other" if k[0] else (f"{k[1]}.{k[2]}" if len(stacks) > 1 else str(k[2]))) for k in row_keys}
+    finite = [c["value"] for c in cells.values() if math.isfinite(c["value"]) and c["value"] > 0]
+    lo, hi = (min(finite), max(finite)) if finite else (1.0, 1.0)
+    span = math.log(hi / lo) if hi > lo else 0.0
+    cw, ch = 64, (20 if len(row_keys) <= 48 else 14)
+    left = 12 + 7 * max(len(labels[k]) for k in row_keys)
+    top = 16 + min(180, int(5.2 * max(len(m) for m in modules)))
+    width, height = left + cw * len(modules) + 150, top + max(ch * len(row_keys), 130) + 10
+    out = [_svg_open("heatmap", width, height, "relative RMS error by layer and module")]
+    for j, module in enumerate(modules):
+        x = left + cw * j + cw / 2
+        out.append(f'<text transform="translate({x:.0f},{top - 6}) rotate(-40)">{esc(module)}</text>')
+    for i, key in enumerate(row_keys):
+        out.append(f'<text x="{left - 6}" y="{top + ch * i + ch / 2 + 4:.0f}" text-anchor="end">{esc(labels[key])}</text>')
+    for (key, module), cell in sorted(cells.items()):
+        i, j = row_keys.index(key), modules.index(module)
+        value = cell["value"]
+        t = 1.0 if not math.isfinite(value) else (0.5 if span == 0 else math.log(value / lo) / span) if value > 0 else None
+        fill = "#9aa0a6" if t is None else _color(t)
+        ink = "#000" if t is None or t > 0.62 else "#fff"
+        label = "exact" if value == 0 else (f"{value * 100:.2f}" if math.isfinite(value) else "inf")
+        member = f", worst of {cell['count']}: {esc(cell['member'])}" if cell["count"] > 1 and cell["member"] else ""
+        x, y = left + cw * j, top + ch * i
+        out.append(f'<g class="cell" data-layer="{esc(labels[key])}" data-module="{esc(module)}" data-value="{value!r}" '
+                   f'data-worst="{esc(cell["worst"])}" data-count="{cell["count"]}">'
+                   f'<rect x="{x + 1}" y="{y + 1}" width="{cw - 2}" height="{ch - 2}" rx="2" fill="{fill}"/>'
+                   f'<text class="in" x="{x + cw / 2:.0f}" y="{y + ch / 2 + 3.5:.1f}" text-anchor="middle" style="fill:{ink}">{label}</text>'
+                   f"<title>layer {esc(labels[key])} {esc(module)}: {fmt(HEAT_METRIC, value)}{member} "
+                   f"({esc(cell['worst'])})</title></g>")
+    out.append(_legend(left + cw * len(modules) + 20, top, lo, hi))
+    out.append("</svg>")
+    note = (f'<p class="muted">Relative RMS error in percent, worst tensor of each cell; colour on a log scale '
+            f"from {fmt(HEAT_METRIC, lo)} to {fmt(HEAT_METRIC, hi)}. Rows: layers; columns: modules; "
+            "numbered members (experts) are aggregated into one cell (<code>*</code>).</p>")
+    return _section("heatmap", "Error by layer and module", note + "".join(out) + _aggregates(cells, labels))
+
+
+def _legend(x: int, y: int, lo: float, hi: float) -> str:
+    stops = "".join(f'<stop offset="{i / (len(PALETTE) - 1):.3f}" stop-color="{c}"/>' for i, c in enumerate(PALETTE))
+    return (f'<defs><linearGradient id="heat" x1="0" y1="1" x2="0" y2="0">{stops}</linearGradient></defs>'
+            f'<rect x="{x}" y="{y}" width="14" height="120" fill="url(#heat)"/>'
+            f'<text x="{x + 20}" y="{y + 10}">{fmt(HEAT_METRIC, hi)}</text>'
+            f'<text x="{x + 20}" y="{y + 120}">{fmt(HEAT_METRIC, lo)}</text>')
+
+
+def _aggregates(cells: dict, labels: dict) -> str:
+    merged = [(c["value"], k, m, c) for (k, m), c in cells.items() if c["count"] > 1]
+    if not merged:
+        return ""
+    merged.sort(key=lambda item: (-item[0], item[1], item[2]))
+    rows = [[esc(labels[k]), esc(m), f"{c['count']:,}", esc(c["member"] or ""), f'<span title="{esc(c["worst"])}">{fmt(HEAT_METRIC, v)}</span>']
+            for v, k, m, c in merged[:AGGREGATES_SHOWN]]
+    more = f'<p class="muted">{len(merged) - AGGREGATES_SHOWN:,} more aggregated cells in the heatmap.</p>' if len(merged) > AGGREGATES_SHOWN else ""
+    return ("<h3>Aggregated cells, worst member named</h3>"
+            + _table(["layer", "module", "members", "worst member", "rel. RMS error"], rows, ["", "name", "num", "name", "num"]) + more)
+
+
+def _nice_step(span: float, bins: int) -> float:
+    raw = max(span / bins, 1e-9)
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+
+
+def _sqnr_section(rows: list[dict]) -> str:
+    if not any("sqnr_db" in r for r in rows):
+        return ""
+    values = sorted(v for r in rows if (v := _number(r.get("sqnr_db"))) is not None and math.isfinite(v))
+    exact = sum(1 for r in rows if "sqnr_db" in r and r["sqnr_db"] is None)
+    note = f'<p class="muted" data-key="sqnr_exact">{exact:,} tensor(s) reproduced exactly (no SQNR).</p>' if exact else ""
+    if not values:
+        return _section("sqnr", "SQNR distribution", note or "<p>No SQNR values.</p>")
+    step = _nice_step(values[-1] - values[0], min(24, max(5, round(2 * math.sqrt(len(values))))))
+    start = math.floor(values[0] / step) * step
+    n = max(1, math.floor((values[-1] - start) / step) + 1)
+    counts = [0] * n
+    for v in values:
+        counts[min(n - 1, math.floor((v - start) / step))] += 1
+    width, height, left, bottom = 680, 220, 40, 36
+    bw = (width - left - 10) / n
+    peak = max(counts)
+    out = [_svg_open("sqnr", width, height, "histogram of per-tensor SQNR"),
+           f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}"/>']
+    decimals = max(0, -math.floor(math.log10(step)))
+    label_every = max(1, math.ceil(n / 12))
+    for i, count in enumerate(counts):
+        x = left + i * bw
+        h = (height - bottom - 20) * count / peak
+        edge = start + i * step
+        out.append(f'<rect class="bar" data-lo="{edge:.{decimals}f}" data-count="{count}" x="{x + 1:.1f}" '
+                   f'y="{height - bottom - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}">'
+                   f"<title>{edge:.{decimals}f} to {edge + step:.{decimals}f} dB: {count}</title></rect>")
+        if count:
+            out.append(f'<text x="{x + bw / 2:.1f}" y="{height - bottom - h - 3:.1f}" text-anchor="middle">{count}</text>')
+        if i % label_every == 0:
+            out.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{edge:.{decimals}f}</text>')
+    out.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 4}" text-anchor="middle">'
+               f"SQNR (dB), {len(values):,} tensors, bins of {step:g} dB</text>")
+    out.append("</svg>")
+    facts = (f'<p>median <b data-key="sqnr_median">{fmt("sqnr_db", statistics.median(values))}</b> dB, lowest '
+             f'<b data-key="sqnr_min">{fmt("sqnr_db", values[0])}</b> dB, '
+             f'highest <b data-key="sqnr_max">{fmt("sqnr_db", values[-1])}</b> dB.</p>')
+    return _section("sqnr", "SQNR distribution", facts + note + "".join(out))
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    present: dict[str, None] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "name" and (key in TEXT_FIELDS or key in METRICS or _number(value) is not None or value is None):
+                present.setdefault(key, None)
+    known = [k for k in TEXT_FIELDS + tuple(METRICS) if k in present]
+    return known + sorted(k for k in present if k not in known)
+
+
+def _tensor_table(rows: list[dict], anchor: str) -> str:
+    columns = _columns(rows)
+    headers = ["tensor"] + [esc(METRICS.get(c, (c.replace("_", " "),))[0]) for c in columns]
+    classes = ["name"] + ["" if c in TEXT_FIELDS else "num" for c in columns]
+    body = [[esc(r["name"])] + [_text(r.get(c)) if c in TEXT_FIELDS else fmt(c, r.get(c)) for c in columns] for r in rows]
+    attrs = [f' data-name="{esc(r["name"])}"' for r in rows]
+    # The column keys ride along so that a machine (the tests) can read the page back.
+    return _table(headers, body, classes, attrs).replace(
+        "<table>", f'<table class="tensors" data-table="{esc(anchor)}" data-columns="{esc(",".join(columns))}">', 1)
+
+
+def _worst_section(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    ranked = sorted(rows, key=lambda r: (-(_number(r.get(HEAT_METRIC)) or 0.0), r["name"]))[:WORST_SHOWN]
+    title = f"Worst {len(ranked)} tensors" + (f" of {len(rows):,}" if len(rows) > len(ranked) else "")
+    return _section("worst", title, _tensor_table(ranked, "worst"))
+
+
+def _hotspots_section(rows: list[dict]) -> str:
+    found = {k for r in rows for k in r if k.endswith("_fraction") and _number(r[k]) is not None}
+    keys = [k for k in METRICS if k in found] + sorted(found - set(METRICS))
+    parts = []
+    for key in keys:
+        hot = sorted((r for r in rows if (_number(r.get(key)) or 0) > 0), key=lambda r: (-r[key], r["name"]))
+        label = METRICS.get(key, (key.replace("_", " "),))[0]
+        if not hot:
+            parts.append(f'<p data-key="{esc(key)}">{esc(label)}: no values in any tensor.</p>')
+            continue
+        peak = hot[0][key]
+        body = [[esc(r["name"]), fmt(key, r[key]),
+                 f'<svg width="120" height="10" viewBox="0 0 120 10">'
+                 f'<rect class="bar" width="{max(1.0, 120 * r[key] / peak):.1f}" height="10"/></svg>']
+                for r in hot[:HOTSPOTS_SHOWN]]
+        attrs = [f' data-name="{esc(r["name"])}"' for r in hot[:HOTSPOTS_SHOWN]]
+        parts.append(f"<h3>{esc(label)}: {len(hot):,} tensor(s) affected, highest first</h3>"
+                     + _table(["tensor", esc(label), ""], body, ["name", "num", ""], attrs)
+                     .replace("<table>", f'<table class="hotspots" data-key="{esc(key)}">', 1))
+    if not parts:
+        return ""
+    return _section("hotspots", "Saturation and flush-to-zero hot spots",
+                    '<p class="muted">Fraction of each tensor\'s values clipped to the largest code (saturated) or '
+                    "rounded to zero although non-zero (flushed).</p>" + "".join(parts))
+
+
+def _high_precision_section(kept: object) -> str:
+    if not isinstance(kept, list):
+        return ""
+    if not kept:
+        return _section("high-precision", "Tensors kept in high precision", "<p>None.</p>")
+    by_reason: dict[str, list[str]] = {}
+    for row in kept:
+        by_reason.setdefault(str(row.get("reason", "")), []).append(row["name"])
+    rows = []
+    for reason, names in sorted(by_reason.items(), key=lambda item: (-len(item[1]), item[0])):
+        shown = ", ".join(esc(n) for n in names[:NAMES_PER_REASON])
+        if len(names) > NAMES_PER_REASON:
+            shown += f" … and {len(names) - NAMES_PER_REASON:,} more (in {REPORT_NAME})"
+        rows.append([esc(reason), f"{len(names):,}", shown])
+    return _section("high-precision", f"Tensors kept in high precision ({len(kept):,})",
+                    _table(["reason", "tensors", "names"], rows, ["", "num", "names"]))
+
+
+def _paths_section(report: dict, rows: list[dict]) -> str:
+    by_path = report.get("tensors_by_path")
+    if not isinstance(by_path, dict) or not by_path:
+        return ""
+    table = _table(["path", "tensors"], [[_text(k), fmt("", v)] for k, v in sorted(by_path.items())], ["", "num"],
+                   [f' data-path="{esc(k)}"' for k, _ in sorted(by_path.items())])
+    detail = []
+    for path in sorted({r.get("path") for r in rows if isinstance(r.get("path"), str)} - {"quantize"}):
+        chosen = sorted((r for r in rows if r.get("path") == path), key=lambda r: r["name"])
+        shown = chosen[:PATH_ROWS_SHOWN]
+        more = f'<p class="muted">… and {len(chosen) - len(shown):,} more in {REPORT_NAME}.</p>' if len(chosen) > len(shown) else ""
+        detail.append(f"<h3>{_text(path)} ({len(chosen):,})</h3>" + _tensor_table(shown, path) + more)
+    intro = ('<p class="muted">For a quantized source: <i>carried over</i> keeps codes and scales byte for byte; '
+             "<i>re-quantized</i> dequantizes in float32 and quantizes again.</p>" if detail else "")
+    return _section("paths", "What happened to each tensor", table + intro + "".join(detail))
+
+
+def _warnings_section(warnings: object) -> str:
+    if not isinstance(warnings, list) or not warnings:
+        return ""
+    return _section("warnings", "Warnings", "<ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
+
+
+def _document(title: str, subtitle: str, body: list[str], origin: str) -> str:
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            # No script, no network: the page is opened on air-gapped machines, and names are untrusted.
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{esc(title)}</title><style>{CSS.strip()}</style></head><body>"
+            f"<header><h1>{esc(title)}</h1><p class=\"sub\">{subtitle}</p></header>"
+            + "".join(b for b in body if b)
+            + f"<footer>Rendered by fp8conv from {origin}; every number above is read from it.</footer>"
+            "</body></html>\n")
+
+
+def _scheme_line(scheme: object) -> str:
+    if not isinstance(scheme, dict):
+        return ""
+    return " · ".join(f"{esc(k)} {_text(v)}" for k, v in scheme.items() if v is not None)
+
+
+# ---- pages --------------------------------------------------------------------------------------
+
+
+def render_conversion(report: dict) -> str:
+    """The page of a conversion, from its report dict (fp8conv.report.json)."""
+    rows = [r for r in report.get("tensors", []) if isinstance(r, dict)]
+    return _document("fp8conv conversion report", _scheme_line(report.get("scheme")), [
+        _summary_cards(report, rows),
+        _warnings_section(report.get("warnings")),
+        *_report_sections(report, rows, with_paths=True),
+    ], REPORT_NAME)
+
+
+def _report_sections(report: dict, rows: list[dict], with_paths: bool) -> list[str]:
+    """The sections a conversion page and a verify page share, in page order."""
+    return [
+        _scheme_section(report.get("scheme")),
+        _sizes_section(report),
+        _heatmap_section(rows),
+        _sqnr_section(rows),
+        _hotspots_section(rows),
+        _worst_section(rows),
+        _high_precision_section(report.get("high_precision")),
+        _paths_section(report, rows) if with_paths else "",
+    ]
+
+
+def render_verification(result: dict, report: dict | None = None) -> str:
+    """The page of `fp8conv verify`: its checks and measured errors, plus the conversion's report if any."""
+    report = report or {}
+    measured = bool(result.get("compared_against_source"))
+    rows = result.get("tensors", []) if measured else [r for r in report.get("tensors", []) if isinstance(r, dict)]
+    status = '<span class="pass">passed</span>' if result.get("passed") else '<span class="fail">FAILED</span>'
+    checks = _table(["check", "result"], [[esc(c), f'<span class="{esc(s)}">{esc(s)}</span>'] for c, s in result.get("checks", {}).items()],
+                    ["", ""], [f' data-check="{esc(c)}"' for c in result.get("checks", {})])
+    findings = "".join(f'<li class="{"fail" if f.get("fatal") else "warn"}">{esc(f.get("check"))}: {esc(f.get("message"))}</li>'
+                       for f in result.get("findings", []))
+    source = ("Errors below were measured by dequantizing every tensor and comparing it with the source (--against)."
+              if measured else
+              "Numerics were not compared with the source (pass --against SRC); errors below are the ones recorded at conversion."
+              if rows else "Numerics were not compared with the source (pass --against SRC).")
+    verdict = _section("checks", f"Verification: {status}", checks + (f"<ul>{findings}</ul>" if findings else "")
+                       + f'<p class="muted">{source}</p>')
+    subtitle = f"{esc(result.get('path', ''))} · layout {esc(result.get('layout', ''))}"
+    return _document("fp8conv verification report", subtitle, [
+        verdict,
+        _summary_cards(report, rows) if report else "",
+        *_report_sections(report, rows, with_paths=not measured),
+    ], f"the verify result{' and ' + REPORT_NAME if report else ''}")
