@@ -11,6 +11,34 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# Every test belongs to one layer (pyproject.toml's markers): its file's layer below, unless the test
+# carries a layer marker of its own. A test file missing here, with an unmarked test, stops the run.
+LAYERS = ("unit", "conformance", "cli", "faults", "interop")
+LAYER_OF_FILE = {
+    "test_fastcast.py": "unit", "test_safetensors_io.py": "unit", "test_observers.py": "unit",
+    "test_microscale_observer.py": "unit", "test_fusion.py": "unit", "test_architecture.py": "unit",
+    "test_aot.py": "unit", "test_scheduling.py": "unit", "test_codec_registry.py": "unit",
+    "test_kernels.py": "conformance", "test_int_kernels.py": "conformance", "test_microscale.py": "conformance",
+    "test_golden_bytes.py": "conformance",
+    "test_quantize_cli.py": "cli", "test_int_cli.py": "cli", "test_microscale_cli.py": "cli", "test_dequantize.py": "cli",
+    "test_inspect.py": "cli", "test_verify.py": "cli", "test_html_report.py": "cli", "test_mixed_schemes.py": "cli",
+    "test_openai_mxfp4.py": "cli", "test_partition.py": "cli", "test_new_format.py": "cli",
+    "test_faults.py": "faults", "test_reliability.py": "faults", "test_memory.py": "faults", "test_numba_cache.py": "faults",
+    "test_interop.py": "interop", "test_int_interop.py": "interop", "test_microscale_interop.py": "interop",
+    "test_vllm.py": "interop", "test_ray.py": "interop", "test_arch_matrix.py": "interop",
+}
+
+
+def pytest_itemcollected(item):
+    """Give the test its file's layer (before -m selects), unless it names its own."""
+    if any(item.get_closest_marker(layer) for layer in LAYERS):
+        return
+    layer = LAYER_OF_FILE.get(Path(str(item.fspath)).name)
+    if layer is None:
+        raise pytest.UsageError(f"{item.nodeid} has no test layer: mark it with one of {', '.join(LAYERS)} "
+                                "or add its file to LAYER_OF_FILE in tests/conftest.py")
+    item.add_marker(layer)
+
 
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under path (following links), to prove inputs are never modified."""
