@@ -19,11 +19,11 @@ import click
 from . import __version__
 from .plan.engines import ENGINES
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
-from .formats import FORMATS, HIGH_PRECISION, MICROSCALE
-from .layouts.write import LAYOUTS
+from .formats import DEFAULT_FORMAT, HIGH_PRECISION, MICROSCALE, format_choices
+from .layouts.write import DEFAULT_LAYOUT, LAYOUTS
 from .plan.architecture import DEFAULT_RULES
-from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, microscale_scheme, parse_block_size,
-                     parse_override)
+from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity,
+                          microscale_scheme, parse_block_size, parse_override)
 from .io.untrusted import printable
 
 EXIT_CODES_HELP = (
@@ -32,9 +32,24 @@ EXIT_CODES_HELP = (
     "71 a worker process died (killed, crashed); 129 / 130 / 143 stopped by SIGHUP / SIGINT / SIGTERM; "
     "141 stdout closed by its reader."
 )
-# Element formats by name, except fp4_e2m1, which exists only inside nvfp4 / mxfp4.
-FORMAT_CHOICES = [f for f in FORMATS if f != "fp4_e2m1"] + list(MICROSCALE)
 SKIP_HELP = "; ".join(f"{rule.kind}: {' '.join(rule.globs)}" for rule in DEFAULT_RULES)
+
+
+class RegistryChoice(click.Choice):
+    """A choice among what a registry holds when the command line is parsed (a codec registered after
+    import is accepted too)."""
+
+    def __init__(self, source) -> None:
+        self._source = source
+        super().__init__(source())
+
+    @property
+    def choices(self):
+        return self._source()
+
+    @choices.setter
+    def choices(self, value) -> None:
+        pass
 
 
 def say(message: str) -> None:
@@ -161,7 +176,7 @@ def main() -> None:
 def scheme_options(func):
     """--format/--granularity/--block-size/--group-size, shared by the commands that quantize."""
     options = [
-        click.option("--format", "fmt", type=click.Choice(FORMAT_CHOICES), default="fp8_e4m3", show_default=True,
+        click.option("--format", "fmt", type=RegistryChoice(format_choices), default=DEFAULT_FORMAT, show_default=True,
                      help="Target format (qmax 448 for e4m3, 57344 for e5m2, 127 for int8, 7 for int4; int4 is "
                           "weight-only). nvfp4 / mxfp4 / mxfp8: compressed-tensors nvfp4-pack-quantized / "
                           "mxfp4-pack-quantized / mxfp8-quantized, weight-only, groups of 16 / 32 / 32 fixed by the "
@@ -218,10 +233,6 @@ def run_options(func):
     return _apply(options, func)
 
 
-def default_granularity(fmt: str, granularity: str | None) -> str:
-    return granularity or ("group" if fmt in ("int4", *MICROSCALE) else "block")
-
-
 def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size: int, activations: str | None = None,
                  asymmetric: bool = False, observer: str = "minmax") -> Scheme:
     from .errors import SchemeError
@@ -250,7 +261,7 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.argument("src", type=click.Path(path_type=Path, readable=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, readable=False), help="Output folder (written atomically).")
 @scheme_options
-@click.option("--layout", type=click.Choice(LAYOUTS), default="compressed-tensors", show_default=True,
+@click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
               help="compressed-tensors (<m>.weight_scale; vLLM, transformers), fp8-native (<m>.weight_scale_inv; "
                    "DeepSeek-V3 / transformers fine-grained FP8), fp8conv (our own, for combinations no engine defines), "
                    "openai-mxfp4 (with --format mxfp4: gpt-oss fused experts as <x>_blocks/<x>_scales, as gpt-oss ships).")

@@ -20,10 +20,6 @@ from ..report.manifest import error_metrics
 from ..io.safetensors import READ_CHUNK_BYTES, printable, sha256_of
 
 CHUNK_BYTES = READ_CHUNK_BYTES
-# Thresholds that catch broken conversions (a wrong scale or swapped tensor gives errors >= 50%),
-# set above what each format's rounding gives on heavy-tailed weights.
-DEFAULT_MAX_REL_ERROR = {"fp8_e4m3": 0.08, "fp8_e5m2": 0.15, "int8": 0.10, "int4": 0.40,
-                         "nvfp4": 0.20, "mxfp4": 0.25, "mxfp8": 0.08}
 CHECKS = ("integrity", "structure", "numerics", "engines")
 
 
@@ -307,7 +303,7 @@ def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_reader
         stats.max_abs_err = max(stats.max_abs_err, float(np.abs(err).max(initial=0)))
     metrics = error_metrics(stats)
     limit = options.max_rel_error if options.max_rel_error is not None else \
-        DEFAULT_MAX_REL_ERROR[qw.scheme.microscale or qw.scheme.format]
+        qw.scheme.max_rel_error
     result.tensors.append({"name": qw.name, "scheme": qw.scheme.describe(), "limit": limit,
                            **{k: metrics[k] for k in ("rel_rms_error", "sqnr_db", "max_abs_error")}})
     if not math.isfinite(metrics["rel_rms_error"]) or metrics["rel_rms_error"] > limit:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .codec import FORMATS, ElementFormat
+from .scales import SCALE_FORMATS, MicroScaleFormat
+
 
 @dataclass(frozen=True)
 class Microscale:
@@ -16,18 +19,36 @@ class Microscale:
     scale_format: str
     ct_format: str
     preset: str
+    max_rel_error: float  # verify's default limit of the relative RMS error
+
+    @property
+    def codec(self) -> ElementFormat:
+        return FORMATS[self.element]
+
+    @property
+    def scale(self) -> MicroScaleFormat:
+        return SCALE_FORMATS[self.scale_format]  # type: ignore[return-value]
 
     @property
     def packed(self) -> bool:
-        return self.element == "fp4_e2m1"
+        """Codes narrower than a byte, stored packed (two e2m1 per byte)."""
+        return self.codec.bits < 8
 
     @property
     def global_scale(self) -> bool:
-        return self.scale_format == "e4m3_global"
+        return self.scale.global_scale
 
 
 MICROSCALE: dict[str, Microscale] = {m.name: m for m in (
-    Microscale("nvfp4", "fp4_e2m1", 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16"),
-    Microscale("mxfp4", "fp4_e2m1", 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16"),
-    Microscale("mxfp8", "fp8_e4m3", 32, "e8m0", "mxfp8-quantized", "MXFP8A16"),
+    Microscale("nvfp4", "fp4_e2m1", 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16", 0.20),
+    Microscale("mxfp4", "fp4_e2m1", 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16", 0.25),
+    Microscale("mxfp8", "fp8_e4m3", 32, "e8m0", "mxfp8-quantized", "MXFP8A16", 0.08),
 )}
+
+
+def microscale_of_tags(codes_tag: str, scale_tag: str, has_global: bool) -> str | None:
+    """The microscaled format stored with these dtypes (a checkpoint without a config), if one."""
+    for micro in MICROSCALE.values():
+        if (micro.codec.safetensors_tag, micro.scale.tag) == (codes_tag, scale_tag) and (has_global or not micro.global_scale):
+            return micro.name
+    return None

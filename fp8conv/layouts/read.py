@@ -19,7 +19,7 @@ import numpy as np
 
 from ..io.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from ..errors import FP8ConvError, InputError
-from ..formats import FORMATS, MICROSCALE, format_of_tag
+from ..formats import FORMATS, MICROSCALE, format_of_tag, integer_format, microscale_of_tags
 from ..io.safetensors import TensorInfo, TensorReader, printable
 from ..plan.scheme import GRANULARITIES, Scheme, microscale_scheme
 from ..run.jobs import Job, Part, Source, close_handles, read_rows
@@ -242,12 +242,13 @@ def _packed_weight(view: CheckpointView, name: str, info: TensorInfo, hints: dic
     entry.shape = shape
     bits = hints.get("num_bits")
     if view.quant_config is None and len(shape) >= 2:  # no config: the packed width tells the bits
-        fits = [b for b in (4, 8) if info.shape[-1] == -(-shape[-1] * b // 32)]
+        fits = [f.bits for f in FORMATS.values() if f.packs_int32 and info.shape[-1] == f.packed_cols(shape[-1])]
         bits = fits[0] if len(fits) == 1 else None
-    if view.layout != "compressed-tensors" or bits not in (4, 8):
-        entry.problem = f"is pack-quantized with num_bits {bits!r}; fp8conv reads 4 and 8"
+    fmt = integer_format(bits) if isinstance(bits, int) else None
+    if view.layout != "compressed-tensors" or fmt is None:
+        readable = " and ".join(str(f.bits) for f in FORMATS.values() if f.packs_int32)
+        entry.problem = f"is pack-quantized with num_bits {bits!r}; fp8conv reads {readable}"
         return entry
-    fmt = FORMATS["int4" if bits == 4 else "int8"]
     if len(shape) not in (2, 3) or tuple(info.shape) != (*shape[:-1], fmt.packed_cols(shape[-1])):
         entry.problem = f"weight_packed {list(info.shape)} does not hold weight_shape {list(shape)} at {bits} bits"
         return entry
@@ -284,9 +285,7 @@ def _microscale_of(view: CheckpointView, codes_tag: str, scale: TensorInfo | Non
             return micro.name
     if view.quant_config is not None or scale is None:
         return None
-    if codes_tag == "U8":
-        return "nvfp4" if scale.dtype == "F8_E4M3" and has_global else "mxfp4" if scale.dtype == "U8" else None
-    return "mxfp8" if codes_tag == "F8_E4M3" and scale.dtype == "U8" else None
+    return microscale_of_tags(codes_tag, scale.dtype, has_global)
 
 
 def _microscale_weight(view: CheckpointView, name: str, info: TensorInfo, micro_name: str) -> QuantizedWeight:
@@ -301,7 +300,7 @@ def _microscale_weight(view: CheckpointView, name: str, info: TensorInfo, micro_
     shape = (*info.shape[:-1], cols_stored * 2) if micro.packed else tuple(info.shape)
     entry = QuantizedWeight(prefix + "weight", info, scale, None, shape=shape, packed=micro.packed, companions=companions)
     scheme = microscale_scheme(micro_name)
-    expected_codes = "U8" if micro.packed else "F8_E4M3"
+    expected_codes = micro.codec.safetensors_tag
     if info.dtype != expected_codes or len(info.shape) not in (2, 3):
         entry.problem = f"is {micro_name} but its codes are {info.dtype} {list(info.shape)}, not {expected_codes} 2-D or 3-D"
     elif scale is None:

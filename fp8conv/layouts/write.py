@@ -31,6 +31,7 @@ from ..plan.scheme import SOURCE_SCALE, Scheme
 
 OPENAI_MXFP4 = "openai-mxfp4"
 LAYOUTS = ("compressed-tensors", "fp8-native", "fp8conv", OPENAI_MXFP4)
+DEFAULT_LAYOUT = LAYOUTS[0]
 CODES, SCALE, ZERO_POINT, SHAPE, GLOBAL_SCALE = "codes", "scale", "zero_point", "shape", "global_scale"
 PACK_QUANTIZED = "pack-quantized"
 
@@ -77,7 +78,7 @@ class TensorSpec:
 
 def packs(scheme: Scheme) -> bool:
     """compressed-tensors pack-quantized: integer weight-only schemes."""
-    return scheme.weight_only and not scheme.fmt.is_float
+    return scheme.weight_only and scheme.fmt.packs_int32
 
 
 @dataclass(frozen=True)
@@ -222,9 +223,7 @@ class Layout:
 
 def decode_codes(raw: np.ndarray, fmt_name: str, packed: bool, cols: int) -> np.ndarray:
     """Stored codes (rows of int32 words, or of e2m1 nibble pairs, when packed) -> codes [n, cols]."""
-    if packed and FORMATS[fmt_name].name == "fp4_e2m1":
-        return FORMATS[fmt_name].unpack(raw)
-    return FORMATS[fmt_name].unpack_int32(raw, cols) if packed else raw
+    return FORMATS[fmt_name].unpack_codes(raw, cols) if packed else raw
 
 
 def microscale_tensors(scheme: Scheme, weight_name: str, shape: tuple[int, ...], scale: TensorSpec) -> list[TensorSpec]:

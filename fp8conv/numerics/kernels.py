@@ -29,8 +29,8 @@ import numpy as np
 
 from ..accel import compiled
 from ..errors import InputError, SchemeError
-from ..formats import TAG_OF_DTYPE, ElementFormat
-from ..formats.core import _round_bf16
+from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE, ElementFormat
+from ..formats.scales import _round_bf16
 from ..io.untrusted import printable
 from ..plan.scheme import Scheme
 from . import microscale as ms
@@ -271,11 +271,11 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         scale_codes = observed.codes
     if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
-        packed = ms._encode_elements(weight, micro.group, divisor, True, "e2m1", use_compiled)
+        packed = ms._encode_elements(weight, micro.group, divisor, True, micro.codec.short_name, use_compiled)
     else:
         divisor = ms.e8m0_decode(scale_codes)
         packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
-                                     "e2m1" if micro.packed else "e4m3", use_compiled)
+                                     micro.codec.short_name, use_compiled)
     codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
     stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
     if observed is not None:
@@ -573,7 +573,7 @@ def _per_expert(shape: tuple[int, ...]) -> bool:
 
 def quantize_tensor(
     array: np.ndarray,
-    format: str = "fp8_e4m3",
+    format: str = DEFAULT_FORMAT,
     granularity: str = "block",
     block_size: int | tuple[int, int] = 128,
     group_size: int = 128,
@@ -609,7 +609,7 @@ def quantize_array(array: np.ndarray, scheme: Scheme, name: str = "tensor", allo
 def dequantize_tensor(
     codes: np.ndarray,
     scales: np.ndarray,
-    format: str = "fp8_e4m3",
+    format: str = DEFAULT_FORMAT,
     granularity: str = "block",
     block_size: int | tuple[int, int] = 128,
     group_size: int = 128,

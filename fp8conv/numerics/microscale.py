@@ -27,10 +27,12 @@ import numpy as np
 from ..accel import compiled
 from ..formats import FORMATS
 from ..formats.fastcast import bf16_to_code_table, round_to_odd_bf16
+from ..formats.fp8 import FP8E4M3
 from ..formats.microscaled import MICROSCALE, Microscale  # noqa: F401  (re-exported)
-from ..formats.minifloat import (E8M0_BIAS, E8M0_NAN, _bf16_to_e2m1, e2m1_decode, e2m1_encode, e2m1_values,  # noqa: F401
-                                 e4m3_decode, e8m0_decode, e8m0_encode, e8m0_from_amax, e8m0_reciprocal,
-                                 pack_nibbles, unpack_e2m1_values, unpack_nibbles)
+from ..formats.fp4 import (_bf16_to_e2m1, e2m1_decode, e2m1_encode, e2m1_values, pack_nibbles,  # noqa: F401
+                          unpack_e2m1_values, unpack_nibbles)
+from ..formats.scales import (E8M0_BIAS, E8M0_NAN, e4m3_decode, e8m0_decode, e8m0_encode,  # noqa: F401
+                              e8m0_from_amax, e8m0_reciprocal)
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -173,7 +175,7 @@ def _encode_elements(weight: np.ndarray, group: int, factor: np.ndarray, divide:
     """Element codes of weight / factor (divide) or weight * factor per group: packed e2m1 or e4m3."""
     rows, cols = weight.shape
     out = np.empty((rows, cols // 2) if element == "e2m1" else (rows, cols), np.uint8)
-    e4m3_table = bf16_to_code_table(FORMATS["fp8_e4m3"])
+    e4m3_table = bf16_to_code_table(FORMATS[FP8E4M3.name])
     if _use_compiled(weight, use_compiled):
         from ..accel import _numba_microscale
 

@@ -55,7 +55,9 @@ from typing import Callable, Optional
 import ml_dtypes
 import numpy as np
 
-from ..formats import FORMATS
+from ..formats import FORMATS, SCALE_FORMATS
+from ..formats.fp8 import FP8_BLOCK_EXPONENT, FP8E4M3  # noqa: F401  (FP8_BLOCK_EXPONENT re-exported)
+from ..formats.integer import INT4_EXPONENT  # noqa: F401  (re-exported)
 from ..formats.fastcast import bf16_to_code_table, code_to_float_table, round_to_odd_bf16
 from . import microscale as ms
 from .microscale import E4M3_MAX, e8m0_reciprocal
@@ -65,8 +67,6 @@ SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range
 E8M0_FACTORS: tuple[float, ...] = (1.0,)  # the min-max exponent only (module docstring)
 MARGIN = 2.0 ** -20
 EXPONENTS = (2, 3, 4)  # the error exponents the search evaluates (module docstring)
-INT4_EXPONENT = 3  # INT4's objective: sum |error|^3 (module docstring)
-FP8_BLOCK_EXPONENT = 4  # FP8 e4m3 block's objective: sum |error|^4 (module docstring)
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
 LANES = 8  # error sums: column c of a tile in lane c % 8 (the order both kernel paths use)
@@ -232,16 +232,13 @@ def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, 
 def exponent_for(scheme) -> int:
     """The error exponent of a scheme's search: INT4_EXPONENT for 4-bit integers, FP8_BLOCK_EXPONENT for
     FP8 e4m3 with block granularity (the one FP8 scheme measured), else 2 (squared error)."""
-    if not scheme.fmt.is_float and scheme.fmt.bits == 4:
-        return INT4_EXPONENT
-    if scheme.format == "fp8_e4m3" and scheme.granularity == "block":
-        return FP8_BLOCK_EXPONENT
-    return 2
+    return scheme.fmt.mse_exponent(scheme.granularity)
 
 
 def factors_for(scheme) -> tuple[float, ...]:
     """The candidate set of a scheme: the min-max exponent for power-of-two (E8M0) scales, else SHRINK_FACTORS."""
-    return E8M0_FACTORS if scheme.scale_format == "e8m0" else SHRINK_FACTORS
+    power_of_two = scheme.scale_format in SCALE_FORMATS and SCALE_FORMATS[scheme.scale_format].power_of_two
+    return E8M0_FACTORS if power_of_two else SHRINK_FACTORS
 
 
 def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
@@ -417,7 +414,6 @@ def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoi
 # nothing over -2 .. +6; -3, -4, +7, +8 are almost never chosen), never on a model's outputs.
 NVFP4_CODE_STEPS: tuple[int, ...] = (0, -1, -2, 1, 2, 3, 4, 5, 6)
 E8M0_CODE_STEPS: tuple[int, ...] = (0,)  # the min-max exponent only (module docstring: -1 raised KL)
-_CODE_LIMITS = {"e4m3_global": (1, 126), "e8m0": (0, 254)}
 
 
 @dataclass
@@ -431,13 +427,13 @@ class MicroChoice:
 
 def code_steps_for(scale_format: str) -> tuple[int, ...]:
     """The documented candidate steps of a microscaling scale format."""
-    return NVFP4_CODE_STEPS if scale_format == "e4m3_global" else E8M0_CODE_STEPS
+    return NVFP4_CODE_STEPS if SCALE_FORMATS[scale_format].global_scale else E8M0_CODE_STEPS
 
 
 def microscale_candidates(minmax_codes: np.ndarray, scale_format: str) -> list[np.ndarray]:
     """uint8 codes of every candidate, in search order: min-max code + step, clamped to the positive codes
     (a clamped candidate repeats an earlier one and never wins)."""
-    low, high = _CODE_LIMITS[scale_format]
+    low, high = SCALE_FORMATS[scale_format].code_limits
     wide = minmax_codes.astype(np.int32)
     return [np.clip(wide + step, low, high).astype(np.uint8) for step in code_steps_for(scale_format)]
 
@@ -449,7 +445,7 @@ def _element_value_table(element: str) -> np.ndarray:
 
     if element == "e2m1":
         return np.take(ms.e2m1_values(), ms._bf16_to_e2m1())
-    fmt = FORMATS["fp8_e4m3"]
+    fmt = FORMATS[FP8E4M3.name]
     with np.errstate(invalid="ignore"):
         return np.take(code_to_float_table(fmt), bf16_to_code_table(fmt))
 
@@ -457,9 +453,7 @@ def _element_value_table(element: str) -> np.ndarray:
 def microscale_divisors(codes: np.ndarray, scale_format: str, global_scale: Optional[float]) -> np.ndarray:
     """float32 value each group's elements are divided by, as the kernels compute it."""
 
-    if scale_format == "e8m0":
-        return ms.e8m0_decode(codes)
-    return (ms.e4m3_decode(codes) / np.float32(global_scale)).astype(np.float32)
+    return SCALE_FORMATS[scale_format].values(codes, global_scale)
 
 
 def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, element: str,
@@ -471,7 +465,7 @@ def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, e
     is taken in float64 (exact) and squared there; the group's sum runs over its elements in order."""
 
     d = microscale_divisors(codes, scale_format, global_scale)
-    if scale_format == "e8m0":
+    if SCALE_FORMATS[scale_format].power_of_two:
         y = tiles * ms.e8m0_reciprocal(codes)[:, None]
     else:
         y = tiles / d[:, None]
@@ -494,7 +488,7 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
     uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged). With
     `use_compiled`, numba evaluates the candidates (fp8conv._numba_observers; the same result)."""
     group = micro.group
-    element = "e2m1" if micro.packed else "e4m3"
+    element = micro.codec.short_name
     tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
     first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
     n = tiles.shape[0]
@@ -527,7 +521,7 @@ def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape) 
     n = tiles.shape[0]
     candidates = np.stack(microscale_candidates(first, micro.scale_format))
     divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
-    divide = micro.scale_format != "e8m0"
+    divide = not micro.scale.power_of_two
     reciprocals = divisors if divide else e8m0_reciprocal(candidates)
     clamp = np.float32(E4M3_MAX if element == "e4m3" else 0)
     index = np.zeros(n, np.int32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SchemeError
-from ..formats import FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat
+from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
 ACTIVATIONS = ("dynamic", "none")
@@ -25,7 +25,7 @@ class Scheme:
     "none" (weight-only: W4A16 / W8A16).
     """
 
-    format: str = "fp8_e4m3"
+    format: str = DEFAULT_FORMAT
     granularity: str = "block"
     block_size: tuple[int, int] = (128, 128)
     group_size: int = 128
@@ -49,16 +49,16 @@ class Scheme:
         if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
             raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
         if self.activations is None:
-            weight_only = self.format in ("int4", "fp4_e2m1") or self.scale_format in ("e4m3_global", "e8m0")
+            weight_only = self.fmt.weight_only or self._scale_is_microscale
             object.__setattr__(self, "activations", "none" if weight_only or not self.symmetric else "dynamic")
         if self.activations not in ACTIVATIONS:
             raise SchemeError(f"unknown activations {self.activations!r}; choose one of {', '.join(ACTIVATIONS)}")
         if self.scale_format != SOURCE_SCALE and self.scale_format not in SCALE_FORMATS:
             raise SchemeError(f"unknown scale format {self.scale_format!r}")
         self._check_microscale()
-        if self.format == "int4" and self.activations != "none":
-            raise SchemeError("int4 is weight-only (W4A16): no engine quantizes activations to int4; "
-                              "use --activations none")
+        if self.fmt.weight_only and self.activations != "none":
+            raise SchemeError(f"{self.format} is weight-only (W{self.fmt.bits}A16): no engine quantizes activations to "
+                              f"{self.format}; use --activations none")
         if not self.symmetric:
             if self.fmt.is_float:
                 raise SchemeError(f"--asymmetric applies to integer formats, not {self.format}")
@@ -69,8 +69,9 @@ class Scheme:
     def _check_microscale(self) -> None:
         micro = self.microscale
         if micro is None:
-            if self.format == "fp4_e2m1":
-                raise SchemeError("fp4_e2m1 weights are written as --format nvfp4 or --format mxfp4")
+            if not self.fmt.standalone:
+                hosts = " or ".join(f"--format {m.name}" for m in MICROSCALE.values() if m.element == self.format)
+                raise SchemeError(f"{self.format} weights are written as {hosts}")
             return
         m = MICROSCALE[micro]
         if (self.format, self.granularity, self.group_size) != (m.element, "group", m.group):
@@ -85,10 +86,24 @@ class Scheme:
         for m in MICROSCALE.values():
             if m.scale_format == self.scale_format and m.element == self.format and m.group == self.group_size:
                 return m.name
-        if self.scale_format in ("e4m3_global", "e8m0"):
+        if self._scale_is_microscale:
             raise SchemeError(f"scale format {self.scale_format} with {self.format} group {self.group_size} is "
                               "none of nvfp4 / mxfp4 / mxfp8")
         return None
+
+    @property
+    def _scale_is_microscale(self) -> bool:
+        return self.scale_format in SCALE_FORMATS and SCALE_FORMATS[self.scale_format].microscale
+
+    @property
+    def global_scale(self) -> bool:
+        """Scales relative to a per-tensor float32 global scale (NVFP4)."""
+        return self._scale_is_microscale and SCALE_FORMATS[self.scale_format].global_scale
+
+    @property
+    def max_rel_error(self) -> float:
+        """verify's default limit of the relative RMS error for this scheme."""
+        return MICROSCALE[self.microscale].max_rel_error if self.microscale else self.fmt.max_rel_error
 
     @property
     def fmt(self) -> ElementFormat:
@@ -205,8 +220,13 @@ def parse_block_size(text: str) -> tuple[int, int]:
 
 
 def default_granularity(fmt: str, granularity: str | None) -> str:
-    """int4 is written in groups (W4A16); the other formats in blocks, unless asked otherwise."""
-    return granularity or ("group" if fmt == "int4" else "block")
+    """The granularity asked for, else the format's own (groups for int4 and the microscaled formats,
+    blocks for the others); an unknown format is left to Scheme to refuse."""
+    if granularity:
+        return granularity
+    if fmt in MICROSCALE:
+        return "group"
+    return FORMATS[fmt].default_granularity if fmt in FORMATS else "block"
 
 
 def parse_spec(spec: str) -> Scheme:

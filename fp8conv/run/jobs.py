@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
-from ..formats import FORMATS, SAFETENSORS_DTYPES
+from ..formats import SAFETENSORS_DTYPES
 from ..numerics.kernels import (NonFiniteError, compiled_rows, count_nonfinite, dequantize_rows, microscale_nonfinite_error,
                                 nonfinite_error, quantize_2d, quantize_rows_into, stats_of, tensor_scale_of)
 from ..numerics.stats import ErrorStats
@@ -75,8 +75,7 @@ class Source:
     def row_bytes(self, cols: int) -> int:
         if self.packed:
             assert self.scheme is not None
-            fmt = FORMATS[self.scheme.format]
-            return fmt.packed_cols(cols) * (1 if fmt.name == "fp4_e2m1" else 4)
+            return self.scheme.fmt.packed_bytes(cols)
         return cols * SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
@@ -220,7 +219,7 @@ def _quantize_stack(job: Job) -> ErrorStats | None:
     that would not give every matrix exactly the bytes it gets alone."""
     scheme, src, rows = job.scheme, job.source, job.rows
     assert scheme is not None
-    if scheme.microscale == "nvfp4":
+    if scheme.global_scale:
         return None  # each matrix has its own global scale (and global-scale record): matrix by matrix
     flat = _stacked_scheme(scheme, rows, job.cols)
     matrix_bytes = rows * src.row_bytes(job.cols)
@@ -328,7 +327,7 @@ def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.
     if src.zero_point is not None:
         zp = src.zero_point
         if zp.packed:
-            per = FORMATS[scheme.format].per_word
+            per = scheme.fmt.per_word
             tile = zp.unit_rows // per
             p0 = first // zp.unit_rows
             raw = _read_grid(zp, job, first, count, grid_cols)
@@ -395,9 +394,9 @@ def _quantize(job: Job) -> ErrorStats:
             return (chunk for _, chunk in _chunks(job, chunk_rows))
 
         tensor_scale = tensor_scale_of(whole_matrix, scheme, job.allow_nonfinite, job.name)
-    elif scheme.microscale == "nvfp4":
+    elif scheme.global_scale:
         if job.global_scale is None:  # pragma: no cover - the pipeline computes it before any job
-            raise ValueError(f"internal: no NVFP4 global scale for {job.name}")
+            raise ValueError(f"internal: no {scheme.microscale} global scale for {job.name}")
         tensor_scale = np.float32(job.global_scale)
     stats = ErrorStats()
 

@@ -551,7 +551,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
 def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
     """NVFP4 global scales, one per matrix, computed before any job from the amax of the whole tensor,
     or of all partners of a fused set (q/k/v, gate/up, w1/w3) wherever their shards are."""
-    names = [n for n, s in plan.schemes.items() if s.microscale == "nvfp4" and plan.decisions[n].action != CARRY]
+    names = [n for n, s in plan.schemes.items() if s.global_scale and plan.decisions[n].action != CARRY]
     if not names:
         return {}
     amax: dict[str, list[np.float32]] = {}
@@ -569,7 +569,7 @@ def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpt
             for e, _, rows in chunks(name):
                 per[e] = np.maximum(per[e], tensor_amax(rows))
             if not all(np.isfinite(a) for a in per):
-                raise microscale_nonfinite_error(name, "nvfp4", *count_nonfinite(rows for _, _, rows in chunks(name)))
+                raise microscale_nonfinite_error(name, plan.schemes[name].microscale, *count_nonfinite(rows for _, _, rows in chunks(name)))
             amax[name] = per
     # The arithmetic dtype is the weight's as the kernel sees it: the source dtype, or float32 when dequantized.
     arith = {n: SAFETENSORS_DTYPES["F32" if n in plan.source_quant else plan.tensors[n].dtype] for n in names}

@@ -1,19 +1,14 @@
-"""Bit-level codecs of the small float formats: FP4 e2m1 elements (codes, nibble packing) and the
-E8M0 / e4m3 scale codes of the microscaled formats. Pure numpy, no dependency inside fp8conv beyond
-formats/fastcast.py, so the format registry (formats/core.py) can use them directly."""
+"""FP4 e2m1 codec: codes 0..15 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives), two per byte when stored.
+Pure numpy; NVFP4 and MXFP4 (formats/microscaled.py) are built from it."""
 from __future__ import annotations
 
 import sys
 from functools import lru_cache
 
-import ml_dtypes
 import numpy as np
 
+from .codec import ElementFormat
 from .fastcast import round_to_odd_bf16
-
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
-E8M0_BIAS = 127
-E8M0_NAN = 255
 
 assert sys.byteorder == "little", "nibble packing below relies on a little-endian uint16 view"
 
@@ -99,43 +94,36 @@ def unpack_e2m1_values(packed: np.ndarray) -> np.ndarray:
     return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-# ---- scale codes ---------------------------------------------------------------------------------
+class FP4E2M1(ElementFormat, name="fp4_e2m1"):
+    """FP4 e2m1 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): one code 0..15 per uint8 in memory, stored
+    two per byte (element 2k in the low nibble). Its bit arithmetic is below."""
 
-def e4m3_decode(codes: np.ndarray) -> np.ndarray:
-    """float32 values of uint8 e4m3 codes."""
-    return np.asarray(codes, np.uint8).view(_E4M3).astype(np.float32)
+    is_float = True
+    bits = 4
+    dtype = np.dtype(np.uint8)
+    safetensors_tag = "U8"
+    qmax = 6.0
+    qmin = -6.0
+    standalone = False  # written as nvfp4 / mxfp4 (formats/microscaled.py)
+    weight_only = True
+    default_granularity = "group"
+    short_name = "e2m1"
+    max_rel_error = 0.25
 
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        out[...] = e2m1_encode(values)
 
-def e8m0_from_amax(amax: np.ndarray, emax: int) -> np.ndarray:
-    """uint8 E8M0 codes of MX group scales from float32 group amax, as compressed-tensors' generate_mx_scales.
+    def decode(self, codes: np.ndarray, out: np.ndarray) -> None:
+        out[...] = e2m1_decode(codes)
 
-    The amax's exponent is rounded up when its significand is >= 1.75 (round_to_power_2 adds half
-    of an e2m1 mantissa step to the bits and truncates), then emax (2 for e2m1, 8 for e4m3) is
-    subtracted and the bias 127 added; clamped to [0, 254]. Zero and subnormal amax give code 0.
-    """
-    bits = np.asarray(amax, np.float32).view(np.uint32) & np.uint32(0x7FFFFFFF)
-    biased = ((bits + np.uint32(1 << 21)) >> 23).astype(np.int32)  # float32 bias is 127, as E8M0's
-    biased = np.where(biased == 0, 0, biased - emax)
-    return np.clip(biased, 0, E8M0_NAN - 1).astype(np.uint8)
+    def packed_cols(self, cols: int) -> int:
+        return cols // 2
 
+    def packed_bytes(self, cols: int) -> int:
+        return cols // 2
 
-def e8m0_decode(codes: np.ndarray) -> np.ndarray:
-    """float32 2^(code - 127) of uint8 E8M0 codes; 255 is NaN."""
-    codes = np.asarray(codes, np.uint8).astype(np.int32)
-    with np.errstate(over="ignore"):
-        values = np.ldexp(np.float32(1.0), codes - E8M0_BIAS).astype(np.float32)
-    return np.where(codes == E8M0_NAN, np.float32(np.nan), values)
+    def pack_codes(self, codes: np.ndarray) -> np.ndarray:
+        return pack_nibbles(codes)
 
-
-def e8m0_reciprocal(codes: np.ndarray) -> np.ndarray:
-    """float32 2^(127 - code): multiplying by it is exactly dividing by the scale (power of two)."""
-    codes = np.asarray(codes, np.uint8).astype(np.int32)
-    return np.ldexp(np.float32(1.0), E8M0_BIAS - codes).astype(np.float32)
-
-
-def e8m0_encode(values: np.ndarray) -> np.ndarray:
-    """uint8 E8M0 codes of float32 powers of two (2^-127 .. 2^127) and NaN (-> 255)."""
-    values = np.asarray(values, np.float32)
-    mantissa, exponent = np.frexp(values)  # value = mantissa * 2^exponent, mantissa 0.5 for a power of two
-    codes = np.where(np.isnan(values), E8M0_NAN, exponent - 1 + E8M0_BIAS)
-    return codes.astype(np.uint8)
+    def unpack_codes(self, packed: np.ndarray, cols: int) -> np.ndarray:
+        return unpack_nibbles(packed)

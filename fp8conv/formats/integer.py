@@ -1,0 +1,86 @@
+"""Integer codecs (int8, int4): two's complement codes held one per int8, packed into int32 words as
+compressed-tensors' pack-quantized does."""
+from __future__ import annotations
+
+import numpy as np
+
+from .codec import ElementFormat
+
+# INT4's mse objective: sum |error|^3 (numerics/observers.py's docstring has the measurements).
+INT4_EXPONENT = 3
+
+
+class _Int(ElementFormat):
+    """Two's complement integers of `bits` bits, held one per int8 in memory."""
+
+    is_float = False
+    packs_int32 = True
+    dtype = np.dtype(np.int8)
+    safetensors_tag = "I8"
+
+    def __init_subclass__(cls, name: str = "", **kwargs) -> None:
+        cls.qmin = float(-(1 << (cls.bits - 1)))
+        cls.qmax = float((1 << (cls.bits - 1)) - 1)
+        super().__init_subclass__(name=name, **kwargs)
+
+    def encode(self, values: np.ndarray, out: np.ndarray) -> None:
+        np.rint(values, out=values)
+        np.copyto(out, values, casting="unsafe")
+
+    def decode(self, codes: np.ndarray, out: np.ndarray) -> None:
+        np.copyto(out, codes, casting="unsafe")
+
+    @property
+    def per_word(self) -> int:
+        """Codes per int32 word when packed."""
+        return 32 // self.bits
+
+    def packed_cols(self, cols: int) -> int:
+        return -(-cols // self.per_word)
+
+    def packed_bytes(self, cols: int) -> int:
+        return self.packed_cols(cols) * 4
+
+    def pack_codes(self, codes: np.ndarray) -> np.ndarray:
+        return self.pack_int32(codes)
+
+    def unpack_codes(self, packed: np.ndarray, cols: int) -> np.ndarray:
+        return self.unpack_int32(packed, cols)
+
+    def pack_int32(self, codes: np.ndarray) -> np.ndarray:
+        """[rows, cols] codes -> [rows, ceil(cols / per_word)] int32, as compressed-tensors'
+        pack_to_int32: code + 2^(bits-1) as an unsigned field, element j of a word at bit j * bits
+        (little end first), the last word zero-padded."""
+        rows, cols = codes.shape
+        per = self.per_word
+        padded = np.zeros((rows, self.packed_cols(cols) * per), np.uint32)
+        padded[:, :cols] = (codes.astype(np.int32) + (1 << (self.bits - 1))).astype(np.uint32)
+        fields = padded.reshape(rows, -1, per)
+        words = np.zeros(fields.shape[:2], np.uint32)
+        for j in range(per):
+            words |= fields[:, :, j] << np.uint32(j * self.bits)
+        return words.view(np.int32)
+
+    def unpack_int32(self, words: np.ndarray, cols: int) -> np.ndarray:
+        """Inverse of pack_int32: [rows, words] int32 -> [rows, cols] int8 codes."""
+        per, mask = self.per_word, np.uint32((1 << self.bits) - 1)
+        bits = np.ascontiguousarray(words).view(np.uint32)
+        fields = np.empty((*bits.shape, per), np.int16)
+        for j in range(per):
+            fields[:, :, j] = (bits >> np.uint32(j * self.bits)) & mask
+        fields -= 1 << (self.bits - 1)
+        return fields.reshape(bits.shape[0], -1)[:, :cols].astype(np.int8)
+
+
+class Int8(_Int, name="int8"):
+    bits = 8
+
+
+class Int4(_Int, name="int4"):
+    bits = 4
+    weight_only = True
+    default_granularity = "group"
+    max_rel_error = 0.40
+
+    def mse_exponent(self, granularity: str) -> int:
+        return INT4_EXPONENT
