@@ -20,7 +20,7 @@ from . import __version__
 from .plan.engines import ENGINES
 from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import DEFAULT_FORMAT, HIGH_PRECISION, MICROSCALE, format_choices
-from .layouts.write import DEFAULT_LAYOUT, LAYOUTS
+from .layouts import DEFAULT_LAYOUT, layout_names
 from .plan.architecture import DEFAULT_RULES
 from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity,
                           microscale_scheme, parse_block_size, parse_override)
@@ -261,7 +261,7 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.argument("src", type=click.Path(path_type=Path, readable=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path, readable=False), help="Output folder (written atomically).")
 @scheme_options
-@click.option("--layout", type=click.Choice(LAYOUTS), default=DEFAULT_LAYOUT, show_default=True,
+@click.option("--layout", type=RegistryChoice(layout_names), default=DEFAULT_LAYOUT, show_default=True,
               help="compressed-tensors (<m>.weight_scale; vLLM, transformers), fp8-native (<m>.weight_scale_inv; "
                    "DeepSeek-V3 / transformers fine-grained FP8), fp8conv (our own, for combinations no engine defines), "
                    "openai-mxfp4 (with --format mxfp4: gpt-oss fused experts as <x>_blocks/<x>_scales, as gpt-oss ships).")

@@ -15,6 +15,7 @@ from ..numerics.kernels import load_float32
 from ..numerics.stats import ErrorStats
 from ..plan.decisions import Matcher, module_name
 from ..plan.fusion import fused_sets
+from ..layouts import Layout
 from ..layouts.read import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
 from ..report.manifest import error_metrics
 from ..io.safetensors import READ_CHUNK_BYTES, printable, sha256_of
@@ -134,7 +135,7 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
 # ---- 2. structure -----------------------------------------------------------------------------
 
 
-def _expects_quantized(name: str, shape: tuple[int, ...], layout: str, arch: Architecture) -> bool:
+def _expects_quantized(name: str, shape: tuple[int, ...], layout: Layout, arch: Architecture) -> bool:
     """A high-precision Linear weight an engine would load as FP8 unless the config ignores it.
 
     Embeddings are never Linear; fine-grained FP8 loaders also keep lm_head and MoE routers
@@ -143,8 +144,7 @@ def _expects_quantized(name: str, shape: tuple[int, ...], layout: str, arch: Arc
     if not name.endswith(".weight") or len(shape) != 2:
         return False
     rule = arch.rule_for(name, shape)
-    exempt = ("embedding", "lm_head", "MoE router") if layout == "fp8-native" else ("embedding",)
-    return rule is None or rule.kind not in exempt
+    return rule is None or rule.kind not in layout.implicit_unquantized
 
 
 def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
@@ -155,7 +155,7 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
             result.fail("structure", f"{printable(qw.name)} {qw.problem}", qw.name)
     for scale in view.orphan_scales:
         result.fail("structure", f"orphan scale {printable(scale)}: no quantized weight uses it", scale)
-    if view.layout == "none":
+    if view.format is None:
         return
     if view.quant_config is None:
         result.fail("structure", "quantized tensors but config.json has no quantization_config: engines would misread them")
@@ -168,7 +168,7 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         if matcher.first_match(qw.name):
             result.fail("structure", f"{printable(qw.name)} is quantized but the quantization_config lists it as ignored", qw.name)
     arch = Architecture.from_config(view.config)
-    if view.layout == "openai-mxfp4":
+    if view.format.fused_experts_only:
         # Both engines quantize only the fused experts here (vLLM every experts layer, whatever the config lists):
         # one left in high precision would be read as MXFP4 blocks that do not exist.
         for name, info in tensors.items():
@@ -176,10 +176,10 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
                 result.fail("structure", f"{printable(name)} is high precision, but vLLM reads every experts layer of "
                             "an mxfp4 checkpoint as MXFP4 (<x>_blocks / <x>_scales)", name)
         return
-    if view.layout == "fp8conv":
+    if not view.format.engine_loadable:
         return
     for name, info in tensors.items():
-        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.layout, arch):
+        if name in view.weights or info.dtype not in ("BF16", "F16", "F32") or not _expects_quantized(name, info.shape, view.format, arch):
             continue
         if not matcher.first_match(name):
             result.fail("structure", f"{printable(name)} is high precision but not ignored in quantization_config: "
@@ -196,24 +196,16 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
                         "scale that does not exist (garbage logits)", module)
 
 
-CT_CODE_DTYPES = {"float-quantized": "F8_E4M3", "int-quantized": "I8", "pack-quantized": "I32",
-                  "nvfp4-pack-quantized": "U8", "mxfp4-pack-quantized": "U8", "mxfp8-quantized": "F8_E4M3"}
-
-
 def _check_config_format(view: CheckpointView, result: VerifyResult) -> None:
     """Each quantized weight's stored codes have the dtype its format says: compressed-tensors' format of the
     config group that targets the module (mixed-precision configs give each group its own), else the top level."""
     qc = view.quant_config or {}
     groups = ConfigGroups(qc)
     for name, qw in view.weights.items():
-        if view.layout == "compressed-tensors":
-            fmt = groups.group(module_name(qw.name)).get("format") or qc.get("format")
-            expected, said = CT_CODE_DTYPES.get(fmt), f"its config group's format {fmt}"
-        elif view.layout == "fp8-native":
-            expected = "F8_E4M3" if qc.get("fmt", "e4m3") == "e4m3" else "F8_E5M2"
-            said = f"quantization_config fmt {qc.get('fmt', 'e4m3')}"
-        else:
+        implied = view.format.config_code_dtype(qc, groups.group(module_name(qw.name)).get("format") or qc.get("format"))
+        if implied is None:
             return
+        expected, said = implied
         if expected is not None and qw.weight.dtype != expected:
             result.fail("structure", f"{printable(name)} is {qw.weight.dtype} but {said} stores {expected}", name)
 
@@ -316,8 +308,8 @@ def _compare_quantized(qw: QuantizedWeight, readers: Readers, src, source_reader
 def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyResult) -> None:
     """Constraints vLLM and transformers enforce when loading (fp8conv.engines); findings fail for the
     engines asked for and are warnings for the others."""
-    if view.layout == "fp8conv":
-        result.warn("engines", "layout fp8conv is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
+    if view.format is not None and not view.format.engine_loadable:
+        result.warn("engines", f"layout {view.layout} is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
         return
     def report(engine: str, message: str, tensor: str | None = None) -> None:
         (result.fail if engine in options.engines else result.warn)("engines", f"{engine}: {message}", tensor)
@@ -327,7 +319,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
     found = []
     for qw in sorted(by_logical.values(), key=lambda q: q.name):
         if qw.scheme is not None:
-            found += weight_constraints(qw.name, qw.matrix_shape, qw.scheme, view.layout, options.tp, arch)
+            found += weight_constraints(qw.name, qw.matrix_shape, qw.scheme, view.format, options.tp, arch)
     schemes: dict[str, str | None] = {}
     tensors = view.checkpoint.tensors
     for name in set(tensors) | set(by_logical):
@@ -336,7 +328,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
             qw = by_logical.get(name)
             schemes[module_name(name)] = qw.scheme.describe() if qw is not None and qw.scheme is not None else None
     found += fused_constraints(schemes, arch)
-    if view.layout == "compressed-tensors":
+    if view.format is not None and view.format.regex_ignore:
         found += kept_experts_constraints(schemes, view.ignored_modules or [], arch)
     for constraint in found:
         report(constraint.engine, constraint.message, constraint.tensor)

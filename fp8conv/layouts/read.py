@@ -23,25 +23,20 @@ from ..formats import FORMATS, MICROSCALE, format_of_tag, integer_format, micros
 from ..io.safetensors import TensorInfo, TensorReader, printable
 from ..plan.scheme import GRANULARITIES, Scheme, microscale_scheme
 from ..run.jobs import Job, Part, Source, close_handles, read_rows
+from .base import Layout
+from .compressed_tensors import CT_FORMATS, CompressedTensors
+from .openai_mxfp4 import OPENAI_BLOCKS, OPENAI_SCALES, OpenAIMXFP4
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
                 "k_scale", "v_scale", "input_global_scale", "weight_global_scale")
-KNOWN_METHODS = ("compressed-tensors", "fp8", "fp8conv", "mxfp4")
-OPENAI_BLOCKS, OPENAI_SCALES = "_blocks", "_scales"  # as fp8conv.layouts writes them
-CT_FORMATS = ("float-quantized", "int-quantized", "pack-quantized", "naive-quantized", "dense",
-              "nvfp4-pack-quantized", "mxfp4-pack-quantized", "mxfp8-quantized", "mixed-precision")
 GPTQ_AWQ_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
 BNB_SUFFIXES = (".absmax", ".quant_map", ".SCB", ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
 
-LAYOUT_LABELS = {
-    "none": "none (high precision)",
-    "compressed-tensors": "compressed-tensors",
-    "fp8-native": "fine-grained FP8 (quant_method fp8)",
-    "fp8conv": "fp8conv",
-    "openai-mxfp4": "OpenAI MXFP4 (quant_method mxfp4, gpt-oss experts)",
-    "unsupported": "unsupported quantization",
-}
+NONE, UNSUPPORTED = "none", "unsupported"  # view.layout of a checkpoint without quantization / one fp8conv refuses
+LAYOUT_LABELS = {NONE: "none (high precision)", **{n: lay.label for n, lay in Layout.registry.items()},
+                 UNSUPPORTED: "unsupported quantization"}
+KNOWN_METHODS = tuple(layout.quant_method for layout in Layout.registry.values())
 
 
 @dataclass
@@ -90,26 +85,19 @@ class CheckpointView:
                 return [str(m) for m in qc[key]]
         return None
 
+    @property
+    def format(self) -> Layout | None:
+        """The layout object (None for a checkpoint without quantization, or one fp8conv refuses)."""
+        return Layout.registry.get(self.layout)
+
     def refuse_unsupported(self) -> None:
         if self.unsupported:
             raise InputError(f"{self.checkpoint.root}: {self.unsupported}")
 
 
 def _layout_of(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str:
-    method = (quant_config or {}).get("quant_method")
-    if method == "compressed-tensors":
-        return "compressed-tensors"
-    if method == "fp8":
-        return "fp8-native"
-    if method == "fp8conv":
-        return "fp8conv"
-    if method == "mxfp4":
-        return "openai-mxfp4"
-    if any(n.endswith(".weight_scale_inv") for n in tensors):
-        return "fp8-native"
-    if any(n.endswith((".weight_scale", ".weight_packed")) for n in tensors):
-        return "compressed-tensors"
-    return "none"
+    layout = Layout.detect(quant_config, tensors)
+    return layout.name if layout is not None else NONE
 
 
 def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str | None:
@@ -124,7 +112,7 @@ def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> s
     if method is not None and method not in KNOWN_METHODS:
         return (f"quantization_config.quant_method {method!r} is not one fp8conv reads "
                 f"({', '.join(KNOWN_METHODS)}); refusing rather than copying its tensors through")
-    if method == "compressed-tensors":
+    if method == CompressedTensors.quant_method:
         formats = {qc.get("format")} | {g.get("format") for g in (qc.get("config_groups") or {}).values()
                                         if isinstance(g, dict)}
         unknown = sorted(str(f) for f in formats - {None, *CT_FORMATS})
@@ -171,18 +159,10 @@ class ConfigGroups:
 
 
 def _hints(layout: str, quant_config: dict | None, args: dict | None = None) -> dict:
-    qc = quant_config or {}
-    if layout == "fp8-native":
-        block = qc.get("weight_block_size")
-        return {"granularity": "block" if block else "tensor", "block": block}
-    if layout == "fp8conv":
-        return {"granularity": qc.get("granularity"), "block": qc.get("block_size"), "group": qc.get("group_size")}
-    args = ConfigGroups(qc).of(None) if args is None else args
-    block = args.get("block_structure")
-    if isinstance(block, str) and "x" in block:
-        block = [int(p) for p in block.split("x")]
-    return {"granularity": args.get("strategy"), "block": block, "group": args.get("group_size"),
-            "symmetric": args.get("symmetric", True) is not False, "num_bits": args.get("num_bits")}
+    found = Layout.registry.get(layout)
+    if found is None:
+        return {}
+    return found.hints(quant_config, ConfigGroups(quant_config).of(None) if args is None else args)
 
 
 def infer_scheme(fmt_name: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], hints: dict,
@@ -245,7 +225,7 @@ def _packed_weight(view: CheckpointView, name: str, info: TensorInfo, hints: dic
         fits = [f.bits for f in FORMATS.values() if f.packs_int32 and info.shape[-1] == f.packed_cols(shape[-1])]
         bits = fits[0] if len(fits) == 1 else None
     fmt = integer_format(bits) if isinstance(bits, int) else None
-    if view.layout != "compressed-tensors" or fmt is None:
+    if view.format is None or not view.format.zero_points or fmt is None:
         readable = " and ".join(str(f.bits) for f in FORMATS.values() if f.packs_int32)
         entry.problem = f"is pack-quantized with num_bits {bits!r}; fp8conv reads {readable}"
         return entry
@@ -323,7 +303,7 @@ def _openai_weight(view: CheckpointView, name: str, info: TensorInfo) -> Quantiz
     in the low nibble) and `<x>_scales` uint8 [E, out, in/32] (E8M0) hold the weight `<x>` [E, in, out] transposed."""
     logical = name[: -len(OPENAI_BLOCKS)]
     scale = view.checkpoint.tensors.get(logical + OPENAI_SCALES)
-    scheme = microscale_scheme("mxfp4")
+    scheme = microscale_scheme(OpenAIMXFP4.microscale)
     group = scheme.group_size
     entry = QuantizedWeight(logical, info, scale, None, packed=True, transposed=True,
                             companions=(logical + OPENAI_SCALES,) if scale is not None else ())
@@ -368,7 +348,7 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
         # per module: a mixed-precision compressed-tensors config gives each config group its own scheme
         hints = _hints(layout, quant_config, group_args.of(name.rpartition(".weight")[0]))
         prefix = name[: name.rfind(".") + 1]
-        if layout == "openai-mxfp4" and name.endswith(OPENAI_BLOCKS):
+        if view.format is not None and view.format.reads_blocks(name):
             entry = _openai_weight(view, name, info)
             view.weights[name] = entry
             used_scales.update(entry.companions)
@@ -394,8 +374,9 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
         scale = next((tensors[prefix + s] for s in SCALE_SUFFIXES if prefix + s in tensors), None)
         companions = tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors)
         entry = QuantizedWeight(name, info, scale, None, shape=info.shape, companions=companions)
-        symmetric = hints.get("symmetric", True) or layout != "compressed-tensors"
-        if quant_config is None and layout == "compressed-tensors" and prefix + "weight_zero_point" in tensors:
+        zero_points = view.format is not None and view.format.zero_points
+        symmetric = hints.get("symmetric", True) or not zero_points
+        if quant_config is None and zero_points and prefix + "weight_zero_point" in tensors:
             symmetric = False
         if scale is None:
             entry.problem = "has no weight_scale / weight_scale_inv tensor"

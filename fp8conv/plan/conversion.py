@@ -8,7 +8,7 @@ from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from ..io.checkpoint import CONFIG_NAME, Checkpoint
 from ..errors import InputError, SchemeError
 from .engines import fused_constraints, weight_constraints
-from ..layouts.write import CODES, OPENAI_MXFP4, Layout, TensorSpec, packs, unquantized_linear_modules
+from ..layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
 from ..layouts.read import CheckpointView, QuantizedWeight, open_view, validate_source_scales
 from ..io.safetensors import HEADER_CAP, OutEntry, TensorInfo, build_header
@@ -115,7 +115,7 @@ def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple
             schemes[module_name(logical)] = plan.schemes[name].describe() if decision.quantized else None
         if decision.quantized:
             found += weight_constraints(logical, plan.layout.quantized_shape(shape), plan.schemes[name],
-                                        plan.layout.name, tp, arch)
+                                        plan.layout, tp, arch)
     for constraint in fused_constraints(schemes, arch):
         plan.refusals.append(constraint.message + " (quantize or --ignore all of its partitions)")
     for constraint in found:
@@ -131,8 +131,9 @@ def _kept_expert_warnings(plan: ConversionPlan, arch: Architecture) -> list[str]
         return []
     size = sum(plan.tensors[n].nbytes for n in kept)
     shipped = [n for n in kept if arch.openai_mxfp4_expert(n, plan.tensors[n].shape)]
-    hint = (f"; --format mxfp4 --layout {OPENAI_MXFP4} quantizes them in the form gpt-oss ships (OpenAI MXFP4), "
-            "which both engines load" if shipped else "")
+    experts_layout = next((lay for lay in Layout.registry.values() if lay.fused_experts_only), None)
+    hint = (f"; --format {experts_layout.microscale} --layout {experts_layout.name} quantizes them in the form "
+            "gpt-oss ships (OpenAI MXFP4), which both engines load" if shipped and experts_layout else "")
     return [f"{len(kept)} expert tensors ({size / 1e9:.3g} GB, e.g. {printable(kept[0])}) stay in high precision "
             f"although the scheme asks for {plan.scheme.describe()}: {plan.decisions[kept[0]].reason}{hint}"]
 
@@ -344,8 +345,9 @@ def build_plan(
     `overrides` (--scheme PATTERN=SPEC): the first pattern matching a quantized tensor picks its scheme."""
     layout.check(scheme)
     scheme = layout.stored_scheme(scheme)
-    if overrides and layout.name != "compressed-tensors":
-        raise SchemeError(f"--scheme needs --layout compressed-tensors (several config_groups); "
+    if overrides and not layout.per_module_schemes:
+        writers = " or ".join(n for n, lay in Layout.registry.items() if lay.per_module_schemes)
+        raise SchemeError(f"--scheme needs --layout {writers} (several config_groups); "
                           f"--layout {layout.name} describes one scheme")
     if overrides and (scheme.microscale or any(o.microscale for _, o in overrides)):
         raise SchemeError("--scheme does not mix NVFP4 / MXFP4 / MXFP8 with other schemes yet (their config "
@@ -392,7 +394,7 @@ def build_plan(
     }
     kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
     kept_experts = _kept_expert_modules(decisions, tensors, arch)
-    patterns = [arch.experts_ignore_pattern(o) for o in kept_experts] if layout.name == "compressed-tensors" else []
+    patterns = [arch.experts_ignore_pattern(o) for o in kept_experts] if layout.regex_ignore else []
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .architecture import EXPERT_PROJECTIONS, Architecture, module_name
 from ..io.safetensors import printable
+from ..layouts import Layout
 from .scheme import Scheme
 
 ENGINES = ("vllm", "transformers")
@@ -42,12 +43,12 @@ class Constraint:
         return f"{self.engine}: {self.message}"
 
 
-def weight_constraints(name: str, shape: tuple[int, ...], scheme: Scheme, layout: str, tp: int,
+def weight_constraints(name: str, shape: tuple[int, ...], scheme: Scheme, layout: Layout, tp: int,
                        arch: Architecture) -> list[Constraint]:
     """What vLLM and transformers require of one quantized weight ([out, in] or [E, out, in]).
 
-    `layout` is the checkpoint layout: 'compressed-tensors', 'fp8-native' or 'fp8conv'."""
-    if layout == "fp8conv" or len(shape) < 2:
+    `layout` is the checkpoint's layout object (its flags say what the engines' loaders do with it)."""
+    if not layout.engine_loadable or len(shape) < 2:
         return []
     rows, cols = shape[-2:]
     module = module_name(name)
@@ -78,13 +79,13 @@ def weight_constraints(name: str, shape: tuple[int, ...], scheme: Scheme, layout
         not_last = module != group[-1]
         if expert and leaf in ("gate_proj", "up_proj"):
             vllm(f"expert partition {rows} is not divisible by block {bn} (vLLM's fused MoE needs whole blocks)")
-        elif not_last and layout == "compressed-tensors":
+        elif not_last and layout.strict_fused_blocks:
             vllm(f"{rows} rows are not divisible by block {bn}, and vLLM fuses it with "
                  f"{', '.join(g.rpartition('.')[2] for g in group if g != module)} (only the last part may hold a partial block)")
-    if layout == "fp8-native" and (rows % bn or cols % bk):
+    if layout.whole_blocks_only and (rows % bn or cols % bk):
         found.append(Constraint("transformers", name, f"{printable(name)} {rows}x{cols} is not divisible by the "
                                 f"{bn}x{bk} block: the fine-grained FP8 loader refuses it (vLLM pads it)"))
-    if layout == "compressed-tensors" and ".experts." in f".{name}" and scheme.fmt.is_float and (rows > bn or cols > bk):
+    if layout.moe_single_block and ".experts." in f".{name}" and scheme.fmt.is_float and (rows > bn or cols > bk):
         found.append(Constraint("transformers", name, f"{printable(name)} is an expert with block scales larger than one "
                                 "block: transformers' compressed-tensors MoE loader cannot expand them (use channel scales)"))
     return found

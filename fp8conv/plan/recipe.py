@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from ..errors import InputError, SchemeError
+from ..layouts import DEFAULT_LAYOUT
 from .scheme import Scheme
 
 QUANTIZE = "quantize"
@@ -21,7 +22,7 @@ class Recipe:
 
     command: str = QUANTIZE
     scheme: Scheme = field(default_factory=Scheme)
-    layout: str = "compressed-tensors"
+    layout: str = DEFAULT_LAYOUT
     ignore: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     allow_nonfinite: bool = False

@@ -7,7 +7,7 @@ from collections import Counter
 from .. import __version__
 from ..plan.conversion import ConversionPlan
 from ..numerics.stats import ErrorStats
-from ..layouts.write import CODES, SCALE
+from ..layouts import CODES, SCALE
 from ..plan.decisions import COPY
 
 MANIFEST_SCHEMA = 1

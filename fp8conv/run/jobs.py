@@ -22,7 +22,7 @@ from ..formats import SAFETENSORS_DTYPES
 from ..numerics.kernels import (NonFiniteError, compiled_rows, count_nonfinite, dequantize_rows, microscale_nonfinite_error,
                                 nonfinite_error, quantize_2d, quantize_rows_into, stats_of, tensor_scale_of)
 from ..numerics.stats import ErrorStats
-from ..layouts.write import CODES, ZERO_POINT, TensorSpec, decode_codes, decode_zero_points, get_layout
+from ..layouts import CODES, ZERO_POINT, TensorSpec, decode_codes, decode_zero_points, get_layout
 from ..io.safetensors import READ_CHUNK_BYTES, TensorReader, write_at
 from ..plan.scheme import MAX_TILE, Scheme
 from ..io.untrusted import printable

@@ -29,7 +29,7 @@ from .jobs import Job, Source, close_handles, forget_handles, run_job, target_ti
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
-from ..layouts.write import CODES, GLOBAL_SCALE, SCALE, get_layout
+from ..layouts import DEFAULT_LAYOUT, CODES, GLOBAL_SCALE, SCALE, get_layout
 from ..io.outdir import JOURNAL_NAME, Staging, Writeback
 from .partition import Partition, PartRecord, assign, check_against_plan, collect, parts_dir, read_record
 from ..plan.decisions import CARRY, COPY, DEQUANTIZE, Matcher
@@ -103,7 +103,7 @@ class QuantizeOptions:
     """Everything `fp8conv quantize` was asked to do, validated: what to produce, and how to run."""
 
     scheme: Scheme = field(default_factory=Scheme)
-    layout: str = "compressed-tensors"
+    layout: str = DEFAULT_LAYOUT
     ignore: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     max_shard_size: int | None = None
@@ -147,8 +147,8 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
     plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
                       Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines,
                       tuple((Matcher((pattern,), "--scheme"), scheme) for pattern, scheme in recipe.schemes))
-    if recipe.layout == "fp8conv":
-        plan.warnings.append("--layout fp8conv is fp8conv's own layout: no inference engine loads it")
+    if not plan.layout.engine_loadable:
+        plan.warnings.append(f"--layout {recipe.layout} is fp8conv's own layout: no inference engine loads it")
     plan.warnings += _skipped_warnings(checkpoint)
     return checkpoint, plan
 
