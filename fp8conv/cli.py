@@ -159,11 +159,13 @@ class _NoBar:
 
 
 def progress_bar(total: int, quiet: bool, desc: str):
+    """Bytes done of `total`, on a terminal's stderr, shown once the work has taken a second (a run that
+    ends sooner prints nothing); no bar with --quiet or a redirected stderr."""
     if quiet or not sys.stderr.isatty():
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False, delay=1.0)
 
 
 @click.group(epilog=EXIT_CODES_HELP)
@@ -338,6 +340,7 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
          quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> None:
     """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
     the whole run, and the report."""
+    from .accel import native
     from .run import pipeline
     from .report import text as render
     from .io.outdir import Staging
@@ -349,6 +352,9 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     # A part or a Ray run leaves OUT's own staging alone (parts live beside it): as --resume there.
     _check_output(src, out, overwrite, resume or part is not None or ray_address is not None)
     checkpoint, plan = pipeline.plan_recipe(src, recipe)
+    fallback = native.fallback_warning()
+    if fallback and verb == "quantize":
+        say(f"fp8conv: {fallback}")
     for warning in plan.warnings:
         say(f"fp8conv: warning: {warning}")
     if workers is None:

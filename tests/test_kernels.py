@@ -9,37 +9,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv.accel import aot, compiled
 from fp8conv import dequantize_tensor, quantize_tensor
+from fp8conv.accel import native
 from fp8conv.formats import FORMATS
 from reference import QMAX, reference_quantize
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
-# numba: the kernel as compiled ahead and loaded without numba (aot.py); numba-jit: the same kernel
-# through numba's dispatcher, the fallback where the ahead-compiled object cannot be had.
-BACKENDS = ["numpy", "numba", "numba-jit"]
-NATIVE = {bf16: aot.entry(bf16) for bf16 in (True, False)} if compiled.AVAILABLE else {}
-
-
-@pytest.fixture(autouse=True)
-def _restore_kernel_choice():
-    saved = dict(aot._loaded)
-    yield
-    aot._loaded.clear()
-    aot._loaded.update(saved)
+BACKENDS = ["numpy", "native"]
 
 
 def require(backend: str) -> str:
-    """The backend name to pass to the kernels, with the compiled kernel's loading chosen (numba is
-    part of the test extra, and the ahead-compiled kernel must load where it is: their absence fails)."""
-    if backend == "numpy":
-        return backend
-    if not compiled.AVAILABLE:
-        pytest.fail("numba is part of the test extra; install it to test the compiled path")
-    if None in NATIVE.values():
-        pytest.fail("the ahead-compiled kernel (aot.py) did not load")
-    aot._loaded.update({bf16: kernel if backend == "numba" else None for bf16, kernel in NATIVE.items()})
-    return "numba"
+    """The backend name to pass to the kernels; the C extension is built by `pip install -e .` (its
+    absence fails: tests/test_install.py covers the install without a compiler)."""
+    if backend != "numpy" and not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    return backend
 
 
 GRANULARITIES = ["block", "channel", "group", "tensor"]
@@ -228,15 +212,6 @@ def test_sums_of_squares_follow_the_fixed_order(dtype, cols):
         w32 = w.astype(np.float32)
         assert q.stats.sum_sq_ref == fixed_order_sum_of_squares(w32), path
         assert q.stats.sum_sq_err == fixed_order_sum_of_squares(w32 - deq), path
-
-
-def test_numba_declares_the_schemes_it_runs():
-    from fp8conv.plan.scheme import Scheme
-
-    assert compiled.supports(Scheme("int8", "channel")) and compiled.supports(Scheme("fp8_e5m2", "block"))
-    for scheme in (Scheme("int4", "group"), Scheme("int8", "channel", activations="none"),
-                   Scheme("int8", "group", symmetric=False), Scheme("fp8_e4m3", "channel", scale_format="bf16")):
-        assert not compiled.supports(scheme), scheme
 
 
 # ---- the two ends of the float32 range (issue #16) ------------------------------------------------

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from fp8conv.accel import compiled
+from fp8conv.accel import native
 from fp8conv.run import pipeline
 from fp8conv.run.pipeline import QuantizeOptions, RunOptions
 from fp8conv.plan.scheme import Scheme, microscale_scheme
@@ -47,7 +47,6 @@ def big_checkpoint(folder):
 def test_peak_memory_bounded_by_chunk_not_tensor(tmp_path, monkeypatch, granularity):
     src = big_checkpoint(tmp_path / "src")
     options = QuantizeOptions(scheme=Scheme(granularity=granularity), run=RunOptions(chunk_bytes=4 << 20))
-    compiled.preload()  # loading numba once is not conversion memory
     tracemalloc.start()
     try:
         pipeline.quantize_checkpoint(src, tmp_path / "out", options)
@@ -161,13 +160,18 @@ def test_grouped_microscale_experts_give_the_bytes_of_one_job_per_expert(tmp_pat
         assert len(set(global_scales.reshape(-1).tolist())) == shape[0]
 
 
-@pytest.mark.parametrize("scheme", [Scheme(), Scheme(format="int8", granularity="channel"), Scheme(granularity="tensor")])
+@pytest.mark.parametrize("scheme", [Scheme(), Scheme(format="int8", granularity="channel"), Scheme(granularity="tensor"),
+                                    Scheme(format="int4", granularity="group", group_size=32, symmetric=False),
+                                    Scheme(format="int8", granularity="channel", scale_format="bf16"),
+                                    Scheme(format="fp8_e4m3", granularity="group", group_size=32, observer="mse"),
+                                    Scheme(format="fp4_e2m1", granularity="group", group_size=16,
+                                           scale_format="e4m3_global")])
 def test_report_is_the_same_on_both_backends(tmp_path, scheme):
     """The whole output, fp8conv.report.json included (its float64 error sums), does not depend on the kernel."""
     from conftest import SAMPLES, tree_digest
 
-    if not compiled.AVAILABLE:
-        pytest.fail("numba is part of the test extra")
-    for backend in ("numpy", "numba"):
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    for backend in ("numpy", "native"):
         convert("quantize", SAMPLES / "llama-tiny", tmp_path / backend, scheme, RunOptions(backend=backend))
-    assert tree_digest(tmp_path / "numpy") == tree_digest(tmp_path / "numba")
+    assert tree_digest(tmp_path / "numpy") == tree_digest(tmp_path / "native")

@@ -21,7 +21,7 @@ from fp8conv.numerics import microscale as ms
 BF16 = np.dtype(ml_dtypes.bfloat16)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 RNG_SEED = 20261127
-BACKENDS = pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "numba"])
+BACKENDS = pytest.mark.parametrize("compiled", [False, True], ids=["numpy", "native"])
 
 
 # ---- references -----------------------------------------------------------------------------
@@ -381,7 +381,7 @@ def test_backends_give_identical_codes_scales_and_statistics(fmt, dtype):
     w[3, :40] = 0
     gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
     a = quantize_microscale(w, scheme, gs, backend="numpy")
-    b = quantize_microscale(w, scheme, gs, backend="numba")
+    b = quantize_microscale(w, scheme, gs, backend="native")
     assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
     assert a.stats == b.stats
     # and the statistics are those of the dequantized weights, in float64

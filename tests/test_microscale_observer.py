@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fp8conv.accel import compiled
+from fp8conv.accel import native
 from fp8conv.numerics import microscale as ms
 from fp8conv.numerics.kernels import quantize_microscale
 from fp8conv.plan.scheme import microscale_scheme
@@ -200,15 +200,16 @@ def test_nvfp4_group_whose_amax_belongs_on_four_gets_a_larger_scale():
     assert q.stats.observed_sum_sq_err < q.stats.minmax_sum_sq_err * 0.01
 
 
-@pytest.mark.skipif(not compiled.AVAILABLE, reason="numba not installed")
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
 def test_both_kernel_paths_write_the_same_bytes(fmt, dtype):
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
     scheme = replace(microscale_scheme(fmt), observer="mse")
     w = heavy(37, 128, 5, dtype)
     gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
     a = quantize_microscale(w, scheme, gs, backend="numpy")
-    b = quantize_microscale(w, scheme, gs, backend="numba")
+    b = quantize_microscale(w, scheme, gs, backend="native")
     assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
     assert a.stats == b.stats
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import stfile
-from fp8conv.accel import compiled
+from fp8conv.accel import native
 from fp8conv.io import hashing, outdir
-from fp8conv.run import jobs, pipeline
+from fp8conv.run import cpus, jobs, pipeline
 from fp8conv.run.jobs import Job, Source
 from helpers import run_cli
 
@@ -41,19 +41,6 @@ def test_kernel_free_jobs_go_first_in_their_wave_and_the_rest_keep_their_order()
     last = pipeline.INTERLEAVED_SHARDS
     assert [(s, j.kind, j.dst_offset) for s, j in order[4 * last:]] == [
         (f"s{last}", "copy", 100), (f"s{last}", "write", 300), (f"s{last}", "quantize", 0), (f"s{last}", "quantize", 200)]
-
-
-def test_workers_load_the_kernel_before_their_first_converting_job_only(monkeypatch):
-    loads = []
-    monkeypatch.setattr(pipeline.compiled, "preload", lambda skip_scipy=False: loads.append(skip_scipy))
-    monkeypatch.setattr(pipeline, "run_job", lambda j: j.kind)
-    monkeypatch.setattr(pipeline, "_kernel_loaded", False)
-    assert pipeline._worker_job(job("copy", "a", 0)) == "copy"
-    assert pipeline._worker_job(job("write", "a", 10)) == "write"
-    assert loads == []
-    assert pipeline._worker_job(job("quantize", "a", 20)) == "quantize"
-    assert pipeline._worker_job(job("dequantize", "a", 30)) == "dequantize"
-    assert loads == [True]  # once, without numba's scipy probe
 
 
 @pytest.mark.parametrize("cpus, shards, expected", [
@@ -92,25 +79,51 @@ def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path, options, exp
         seen.append(options.workers)
         return real(checkpoint, plan, src, out, replace(options, workers=2), *rest)
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 16)
     monkeypatch.setattr(pipeline, "run_plan", run_plan)
     run_cli("quantize", str(sharded_model(tmp_path / "src", shards=3, rows=128, cols=128)), "-o", str(tmp_path / "out"),
             "-q", *options)
     assert seen == [expected]  # 16 CPUs, 3 shards hashed side by side
 
 
-def test_hash_bound_needs_numba():
+def test_hash_bound_needs_the_compiled_kernel(monkeypatch):
     from fp8conv.plan.scheme import Scheme
 
     plan = SimpleNamespace(schemes={"w": Scheme()}, scheme=Scheme())
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
     assert pipeline.hash_bound(plan)
-    saved = compiled.AVAILABLE
-    try:
-        compiled.AVAILABLE = False  # FP8CONV_NO_NUMBA=1: the numpy path, CPU-bound
-        assert not pipeline.hash_bound(plan)
-    finally:
-        compiled.AVAILABLE = saved
+    monkeypatch.setenv("FP8CONV_BACKEND", "numpy")  # the numpy path: CPU-bound
+    assert not pipeline.hash_bound(plan)
+    monkeypatch.delenv("FP8CONV_BACKEND")
     assert not pipeline.hash_bound(SimpleNamespace(schemes={}, scheme=None))
+    assert not pipeline.hash_bound(SimpleNamespace(schemes={"w": Scheme("int4", "group")}, scheme=None))
+
+
+def test_available_cpus_reads_the_affinity_mask_and_the_cgroup_quota(tmp_path, monkeypatch):
+    """taskset / Slurm (affinity) and containers (cgroup v2 cpu.max, v1 cfs quota, on the process's own
+    cgroup or an ancestor) each cap the CPUs; os.cpu_count() (the machine's) is never the answer."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    proc = tmp_path / "cgroup"
+    root = tmp_path / "fs"
+    (root / "job" / "step").mkdir(parents=True)
+    proc.write_text("0::/job/step\n")
+    assert cpus.available_cpus(proc, root) == 8  # no cpu.max: the affinity mask
+    (root / "job" / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs on the parent cgroup
+    (root / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    assert cpus.available_cpus(proc, root) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5})
+    assert cpus.available_cpus(proc, root) == 2
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "docker").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "docker" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "docker" / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("4:memory:/docker\n3:cpu,cpuacct:/docker\n")
+    assert cpus.available_cpus(proc, v1) == 1
+    (v1 / "cpu,cpuacct" / "docker" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cpus.available_cpus(proc, v1) == 2
+    assert cpus.available_cpus(tmp_path / "missing", root) == 2
 
 
 def test_writeback_requests_leave_the_bytes_alone_and_survive_a_vanished_file(tmp_path):
@@ -203,7 +216,6 @@ def test_prefix_hasher_holds_no_descriptor_before_it_hashes(tmp_path):
 def test_kernel_pieces_give_the_bytes_and_report_of_whole_chunks(tmp_path, monkeypatch, options):
     """The compiled kernel reads a chunk in pieces and carries its sums: every output file, the
     report's float sums and the manifest included, equals that of whole-chunk calls."""
-    pytest.importorskip("numba")
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(7)
@@ -231,7 +243,6 @@ def test_kernel_pieces_give_the_bytes_and_report_of_whole_chunks(tmp_path, monke
 
 
 def test_kernel_pieces_hand_a_chunk_with_nan_to_the_numpy_path(tmp_path, monkeypatch):
-    pytest.importorskip("numba")
     src = tmp_path / "src"
     src.mkdir()
     w = (np.random.default_rng(3).standard_normal((512, 1024)) * 0.02).astype(np.float32)

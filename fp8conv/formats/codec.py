@@ -39,6 +39,9 @@ class ElementFormat:
     max_rel_error: ClassVar[float] = 0.10
     short_name: ClassVar[str] = ""  # e4m3 / e5m2 / e2m1: the name inside other formats' configs
     packs_int32: ClassVar[bool] = False  # stored as compressed-tensors pack-quantized int32 words when weight-only
+    # A float format with subnormals, for the compiled kernels' rounding (accel/native.py); 0 / 0: integers.
+    mantissa_bits: ClassVar[int] = 0
+    exponent_bias: ClassVar[int] = 0
 
     def __init_subclass__(cls, name: str = "", **kwargs) -> None:
         super().__init_subclass__(**kwargs)

@@ -109,6 +109,8 @@ class FP4E2M1(ElementFormat, name="fp4_e2m1"):
     default_granularity = "group"
     short_name = "e2m1"
     max_rel_error = 0.25
+    mantissa_bits = 1
+    exponent_bias = 1
 
     def encode(self, values: np.ndarray, out: np.ndarray) -> None:
         out[...] = e2m1_encode(values)

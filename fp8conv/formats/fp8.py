@@ -16,8 +16,10 @@ class _FP8(ElementFormat):
     bits = 8
 
     def __init_subclass__(cls, name: str = "", **kwargs) -> None:
-        cls.qmax = float(ml_dtypes.finfo(cls.dtype).max)
+        info = ml_dtypes.finfo(cls.dtype)
+        cls.qmax = float(info.max)
         cls.qmin = -cls.qmax
+        cls.mantissa_bits, cls.exponent_bias = int(info.nmant), 1 - int(info.minexp)
         super().__init_subclass__(name=name, **kwargs)
 
     def encode(self, values: np.ndarray, out: np.ndarray) -> None:

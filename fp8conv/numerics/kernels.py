@@ -15,7 +15,7 @@ the amax and cropped after. All arithmetic is float32, in this order:
   exact quotient rounded up onto the dtype's subnormal grid (never 0), and every scale is capped so
   that each code times it stays finite in float32.
 
-Error statistics are float64 sums in one fixed order that the compiled kernel reproduces exactly:
+Error statistics are float64 sums in one fixed order that the compiled kernels (native.py) reproduce exactly:
 per row, eight lanes (column c goes to lane c % 8) summed sequentially, the lanes combined in
 order 0..7, the rows added in order. Both backends give the same report, bit for bit.
 """
@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from ..accel import compiled
+from ..accel import native
 from ..errors import InputError, SchemeError
 from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE, ElementFormat
 from ..formats.scales import _round_bf16
@@ -42,7 +42,7 @@ WINDOW_ELEMENTS = 1 << 17
 LANES = 8
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _COMPILED_SOURCES = (_BF16, np.dtype(np.float32), np.dtype(np.float16))
-BACKENDS = ("auto", "numpy", "numba")
+BACKENDS = native.BACKENDS
 
 
 @dataclass
@@ -160,8 +160,8 @@ def quantize_2d(
     """Quantize a 2-D bf16/f16/f32 weight [rows, cols] into codes [rows, cols] + scale grid (+ zero points).
 
     `tensor_scale` is the one scale of tensor granularity when the weight is only a row chunk of
-    the tensor (the caller computed the amax over the whole tensor). backend: "auto" (numba when
-    installed and it supports the scheme), "numpy" or "numba" (an error when it cannot run it).
+    the tensor (the caller computed the amax over the whole tensor). backend: "auto" (FP8CONV_BACKEND,
+    else the compiled kernels where they are built), "numpy" or "native" (an error when not built).
     """
     scheme = _resolved(scheme, weight.dtype)
     if scheme.microscale:
@@ -174,17 +174,16 @@ def quantize_2d(
     observed = None
     use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size > 0
     if scheme.observer == "mse":
-        # The observer's candidates are evaluated by numba when it is installed (the same choices as
-        # numpy's); the weight is then quantized with its scales, by the compiled kernel where it runs
-        # the scheme (the same codes and statistics as the numpy kernel's), else by numpy.
-        observed = _observe(weight, scheme, allow_nonfinite, name, backend != "numpy" and compiled.AVAILABLE)
+        # The observer's candidates are evaluated by the compiled kernels where they run (the same choices
+        # as numpy's); the weight is then quantized with its scales (the same codes and statistics).
+        observed = _observe(weight, scheme, allow_nonfinite, name, native.use_native(backend))
         if use_compiled:
-            fast = _quantize_compiled(weight, scheme, None, observed.scale)
+            fast = _quantize_compiled(weight, scheme, None, (observed.scale, observed.zero), name=name)
             if fast is not None:
                 fast.stats.observed_sum_sq_err, fast.stats.minmax_sum_sq_err = observed.error, observed.minmax_error
                 return fast
     elif use_compiled:
-        fast = _quantize_compiled(weight, scheme, tensor_scale)
+        fast = _quantize_compiled(weight, scheme, tensor_scale, name=name)
         if fast is not None:
             return fast
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
@@ -232,7 +231,7 @@ def quantize_2d(
             fmt.encode(work, stripe.codes)
             w = src.shape[1]
             codes[r0 : r0 + h, c0 : c0 + w] = stripe.codes[:h, :w]
-            _accumulate_stats(stats, orig, stripe.codes, scale, zp, tiles, scheme, work)
+            _accumulate_stats(stats, orig, stripe.codes, scale, zp, tiles, scheme, work, (h, w))
             sums_ref.add(orig[:h, :w], c0)
             sums_err.add(work[:h, :w], c0)
         stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
@@ -247,11 +246,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
     (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
     NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
-    if backend not in BACKENDS:
-        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    use_compiled = None if backend == "auto" else backend == "numba"
-    if use_compiled and not compiled.AVAILABLE:
-        raise SchemeError(f"the numba kernel does not run {scheme.describe()} (numba is not installed)")
+    use_compiled = _use_compiled(backend, scheme)
     micro = ms.MICROSCALE[scheme.microscale]
     rows, cols = weight.shape
     amax = ms.weight_group_amax(weight, micro.group, use_compiled)
@@ -287,19 +282,14 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
 def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
                       use_compiled: bool | None) -> ErrorStats:
     """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
-    order of the other schemes' (_RowSums); the numba kernel reproduces them bit for bit."""
+    order of the other schemes' (_RowSums); the compiled kernel reproduces them bit for bit."""
     rows, cols = weight.shape
     group = scheme.group_size
     packed = scheme.fmt.bits == 4
     if ms._use_compiled(weight, use_compiled):
-        from ..accel import _numba_microscale
-
-        src, is_bf16 = ms._compiled_source(weight)
-        table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
-        out = np.zeros(5)
-        _numba_microscale.error_stats(src, is_bf16, group, codes.view(np.uint8), packed, table, divisor,
-                                      scheme.fmt.qmax32, out)
-        return ErrorStats(rows * cols, float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4]))
+        with np.errstate(invalid="ignore"):
+            table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
+        return stats_of(rows * cols, native.micro_stats(weight, group, codes, packed, table, divisor, scheme.fmt.qmax))
     stats = ErrorStats(elements=rows * cols)
     step = max(1, WINDOW_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
@@ -325,15 +315,11 @@ def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray
 
 
 def _use_compiled(backend: str, scheme: Scheme) -> bool:
-    if backend not in BACKENDS:
-        raise SchemeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "numpy":
-        return False
-    supported = compiled.AVAILABLE and compiled.supports(scheme)
-    if backend == "numba" and not supported:
-        raise SchemeError(f"the numba kernel does not run {scheme.describe()} "
-                          f"({'numba is not installed' if not compiled.AVAILABLE else 'not a scheme it declares'})")
-    return supported
+    """Whether the compiled kernels run (every scheme: they declare no exceptions)."""
+    try:
+        return native.use_native(backend)
+    except native.BackendError as exc:
+        raise SchemeError(str(exc)) from None
 
 
 def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> bool:
@@ -345,7 +331,7 @@ def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> boo
 
 
 def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
-                       stats: np.ndarray) -> QuantizedTensor | None:
+                       stats: np.ndarray, name: str = "tensor") -> QuantizedTensor | None:
     """The compiled kernel on some whole tile rows of a chunk (where `compiled_rows` holds), adding
     its error sums into `stats` (float64[5], carried from the chunk's earlier pieces): the kernel
     adds each row's sums in row order, so pieces taken in order give the chunk's statistics to the
@@ -354,7 +340,7 @@ def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     takes the whole chunk."""
     if weight.size == 0:
         return None
-    return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats)
+    return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats, name)
 
 
 def stats_of(elements: int, stats: np.ndarray) -> ErrorStats:
@@ -363,37 +349,45 @@ def stats_of(elements: int, stats: np.ndarray) -> ErrorStats:
 
 
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
-                       given_scales: np.ndarray | None = None, carried: np.ndarray | None = None
-                       ) -> QuantizedTensor | None:
-    """The numba path (tensor_scale given for tensor granularity; given_scales: the scale grid to use, the
-    mse observer's; carried: sums to add into, see quantize_rows_into); None when the weight holds
-    NaN/Inf (the numpy path maps them)."""
+                       given: tuple[np.ndarray, np.ndarray | None] | None = None, carried: np.ndarray | None = None,
+                       name: str = "tensor") -> QuantizedTensor | None:
+    """The compiled path (native.py): tile ranges by the kernel, scales and zero points from them by this
+    module's rules (scale_from_amax, asymmetric_params), codes and statistics by the kernel. tensor_scale:
+    tensor granularity's one scale; given: the (scale, zero point) grids to use, the mse observer's;
+    carried: sums to add into (quantize_rows_into). None when the weight holds NaN/Inf (the numpy path
+    maps or refuses them)."""
     fmt = scheme.fmt
     rows, cols = weight.shape
+    zeros = None
     if scheme.granularity == "tensor":
-        tile_rows, tile_cols, grid = 1, cols, (rows, 1)
+        tile = (max(rows, 1), max(cols, 1))
+        scales = np.full((1, 1), tensor_scale, np.float32)
+    elif given is not None:
+        tile = scheme.tile(rows, cols)
+        scales, zeros = given
     else:
-        tile_rows, tile_cols = scheme.tile(rows, cols)
-        grid = scheme.scale_grid(rows, cols)
-    src = np.ascontiguousarray(weight)
-    src = src.view(np.uint16) if src.dtype == _BF16 else src.astype(np.float32, copy=False)
-    codes = np.empty((rows, cols), fmt.dtype)
-    given = given_scales is not None
-    scales = np.array(given_scales, np.float32, order="C") if given else np.empty(grid, np.float32)
+        tile = scheme.tile(rows, cols)
+        ranges = native.tile_range(weight, tile, not scheme.symmetric)
+        if ranges is None:
+            return None
+        lo, hi = ranges
+        if scheme.symmetric:
+            scales = scale_from_amax(hi, scheme, name)
+        else:
+            scales, zeros = asymmetric_params(lo, hi, scheme, name)
     stats = np.zeros(5) if carried is None else carried
-    fixed = np.float32(tensor_scale) if tensor_scale is not None else np.float32(0)
-    if compiled.quantize_chunk(src, src.dtype == np.uint16, tile_rows, tile_cols, fixed, fmt.qmax32,
-                               compiled.kind_of(scheme), codes.view(np.uint8), scales, stats, given):
+    codes = native.quantize(weight, tile, scales, zeros, fmt, scheme.code_range, stats)
+    if codes is None:
         return None
-    if scheme.granularity == "tensor":
-        scales = scales[:1, :1].copy()
-    return QuantizedTensor(codes, scales, ErrorStats() if carried is not None else stats_of(rows * cols, stats))
+    zero_points = None if zeros is None else np.asarray(zeros).astype(np.int8)
+    return QuantizedTensor(codes, np.array(scales, np.float32), ErrorStats() if carried is not None
+                           else stats_of(rows * cols, stats), zero_points)
 
 
 def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str,
              use_compiled: bool = False) -> "observers.GridChoice":
     """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
-    ignores them)."""
+    ignores them); the candidates evaluated by the compiled kernel when `use_compiled`."""
     values = np.empty(weight.shape, np.float32)
     load_float32(values, weight)
     finite = np.isfinite(values)
@@ -485,12 +479,15 @@ def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], scheme: Scheme, 
     return scale_from_amax(np.array([amax], np.float32), scheme, name)[0]
 
 
-def _accumulate_stats(stats, orig, codes, scale, zp, tiles, scheme: Scheme, work) -> None:
-    """Counts and max error of the dequantized window w' = (q - zp) * scale (padding contributes 0);
-    leaves the float32 error w - w' in `work` for the fixed-order sums."""
+def _accumulate_stats(stats, orig, codes, scale, zp, tiles, scheme: Scheme, work, real: tuple[int, int]) -> None:
+    """Counts and max error of the dequantized window w' = (q - zp) * scale (padding contributes 0, and is
+    not counted as saturated where an asymmetric zero point sits at an end of the range; `real`: the
+    window's rows and columns that are the weight's); leaves the float32 error w - w' in `work` for the
+    fixed-order sums."""
     scheme.fmt.decode(codes, work)
     lo, hi = scheme.code_range
-    stats.saturated += int(np.count_nonzero((work <= lo) | (work >= hi)))
+    inside = work[: real[0], : real[1]]
+    stats.saturated += int(np.count_nonzero((inside <= lo) | (inside >= hi)))
     wview = work.reshape(tiles)
     if zp is not None:
         wview -= zp[:, None, :, None]

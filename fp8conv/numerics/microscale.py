@@ -24,7 +24,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from ..accel import compiled
+from ..accel import native
 from ..formats import FORMATS
 from ..formats.fastcast import bf16_to_code_table, round_to_odd_bf16
 from ..formats.fp8 import FP8E4M3
@@ -144,47 +144,33 @@ def _row_windows(rows: int, cols: int):
 
 
 def _use_compiled(weight: np.ndarray, use_compiled: bool | None) -> bool:
+    """Whether the compiled kernels (native.py) take this weight; None: the process's default backend."""
     if use_compiled is None:
-        use_compiled = compiled.AVAILABLE
-    return bool(use_compiled) and weight.size > 0
-
-
-def _compiled_source(weight: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(bf16 bits as uint16 or float32 values, is_bf16) for the numba kernels."""
-    weight = np.ascontiguousarray(weight)
-    if weight.dtype == _BF16:
-        return weight.view(np.uint16), True
-    return weight.astype(np.float32, copy=False), False
+        use_compiled = native.use_native()
+    return bool(use_compiled) and weight.size > 0 and native.source(weight) is not None
 
 
 def weight_group_amax(weight: np.ndarray, group: int, use_compiled: bool | None = None) -> np.ndarray:
-    """group_amax, by the numba kernel when it is available."""
+    """group_amax, by the compiled kernel where it runs (NaN / Inf: the numpy path, which shows them)."""
     rows, cols = weight.shape
-    if not _use_compiled(weight, use_compiled) or cols % group:
-        return group_amax(weight, group)
-    from ..accel import _numba_microscale
-
-    out = np.empty((rows, cols // group), np.float32)
-    src, is_bf16 = _compiled_source(weight)
-    _numba_microscale.group_amax(src, is_bf16, group, out)
-    return out
+    if _use_compiled(weight, use_compiled) and not cols % group:
+        ranges = native.tile_range(weight, (1, group), False)
+        if ranges is not None:
+            return ranges[1]
+    return group_amax(weight, group)
 
 
 def _encode_elements(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, element: str,
                      use_compiled: bool | None) -> np.ndarray:
     """Element codes of weight / factor (divide) or weight * factor per group: packed e2m1 or e4m3."""
     rows, cols = weight.shape
+    if _use_compiled(weight, use_compiled):
+        fmt = next(f for f in FORMATS.values() if f.short_name == element)
+        codes = native.micro_encode(weight, group, factor, divide, fmt)
+        if codes is not None:
+            return codes
     out = np.empty((rows, cols // 2) if element == "e2m1" else (rows, cols), np.uint8)
     e4m3_table = bf16_to_code_table(FORMATS[FP8E4M3.name])
-    if _use_compiled(weight, use_compiled):
-        from ..accel import _numba_microscale
-
-        src, is_bf16 = _compiled_source(weight)
-        if element == "e2m1":
-            _numba_microscale.encode_e2m1(src, is_bf16, group, factor, divide, _bf16_to_e2m1(), out)
-        else:
-            _numba_microscale.encode_e4m3(src, is_bf16, group, factor, E4M3_MAX, e4m3_table, out)
-        return out
     for r0, r1 in _row_windows(rows, cols):
         values = load_float32(weight[r0:r1]).reshape(r1 - r0, cols // group, group)
         if divide:

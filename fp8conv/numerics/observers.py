@@ -55,6 +55,7 @@ from typing import Callable, Optional
 import ml_dtypes
 import numpy as np
 
+from ..accel import native
 from ..formats import FORMATS, SCALE_FORMATS
 from ..formats.fp8 import FP8_BLOCK_EXPONENT, FP8E4M3  # noqa: F401  (FP8_BLOCK_EXPONENT re-exported)
 from ..formats.integer import INT4_EXPONENT  # noqa: F401  (re-exported)
@@ -139,7 +140,7 @@ class _Scratch:
 
 def lane_sums(squares: np.ndarray) -> np.ndarray:
     """float64 [n]: per row of a float64 [n, m] array (m a multiple of LANES), its sum in the fixed order
-    the numba kernel reproduces: column c into lane c % 8, each lane sequential, the lanes added 0..7."""
+    the compiled kernel reproduces: column c into lane c % 8, each lane sequential, the lanes added 0..7."""
     n, m = squares.shape
     # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
     lanes = np.add.reduce(squares.reshape(n, m // LANES, LANES), axis=1)
@@ -160,7 +161,7 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
     """Per tile of a float32 [n, m] array, the candidate scale with the smallest sum |error|^exponent
     (2: squared error; 3: `exponent_for` INT4; 4: `exponent_for` FP8 e4m3 block).
 
-    `compiled_search` (from `scheme_functions`): the numba evaluation of the same candidates, used
+    `compiled_search` (`compiled_search_for`): the compiled evaluation of the same candidates, used
     when given; it returns the same choices and error sums as the numpy loop, bit for bit."""
     if not factors or factors[0] != 1.0:
         raise ValueError("the first factor must be 1.0 (the min-max scale)")
@@ -308,27 +309,17 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
 
 
 def compiled_search_for(scheme) -> Callable[..., None]:
-    """The numba candidate evaluation bound to a resolved scheme's code range and rounding
-    (fp8conv._numba_observers.search); call only when numba is installed."""
-    from ..accel import _numba_observers
-
-    fmt = scheme.fmt
-    lo, hi = (np.float32(v) for v in scheme.code_range)
-    if fmt.is_float:
-        drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
-    else:
-        drop, half, mask, smallest_normal, quantum = np.uint32(0), np.uint32(0), np.uint32(0), np.float32(0), np.float32(1)
+    """The compiled candidate evaluation (native.mse_search) bound to a resolved scheme's format and code
+    range; call only where the compiled kernels run."""
 
     def search(tiles, scales, zeros, has_zero, margin, exponent, index, sums) -> None:
-        _numba_observers.search(tiles, scales, zeros, has_zero, lo, hi, fmt.is_float, drop, half, mask,
-                                smallest_normal, quantum, margin, exponent, index, sums)
+        native.mse_search(tiles, scales, zeros, has_zero, scheme.fmt, scheme.code_range, margin, exponent, index, sums)
 
     return search
 
 
 def _float_rounding(fmt) -> tuple[np.uint32, np.uint32, np.uint32, np.float32, np.float32]:
     """(dropped significand bits, half - 1, keep mask, smallest normal, subnormal quantum) of an FP8 format."""
-
     info = ml_dtypes.finfo(fmt.dtype)
     drop = 23 - int(info.nmant)
     return (np.uint32(drop), np.uint32((1 << (drop - 1)) - 1), np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF),
@@ -390,7 +381,7 @@ class GridChoice:
 
 def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoice:
     """The mse choice for a finite float32 2-D weight under a resolved scheme.Scheme (block, channel or
-    group granularity); the candidates evaluated by numba when `use_compiled` (same result)."""
+    group granularity); the candidates evaluated by the compiled kernel when `use_compiled` (same result)."""
     rows, cols = weight.shape
     params, reconstruct = scheme_functions(scheme)
     search = compiled_search_for(scheme) if use_compiled else None
@@ -486,7 +477,7 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
                    batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False) -> MicroChoice:
     """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
     uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged). With
-    `use_compiled`, numba evaluates the candidates (fp8conv._numba_observers; the same result)."""
+    `use_compiled`, the compiled kernel evaluates the candidates (native.py; the same result)."""
     group = micro.group
     element = micro.codec.short_name
     tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
@@ -516,18 +507,15 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
 
 
 def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape) -> MicroChoice:
-    from ..accel import _numba_observers
-
     n = tiles.shape[0]
     candidates = np.stack(microscale_candidates(first, micro.scale_format))
     divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
     divide = not micro.scale.power_of_two
     reciprocals = divisors if divide else e8m0_reciprocal(candidates)
-    clamp = np.float32(E4M3_MAX if element == "e4m3" else 0)
     index = np.zeros(n, np.int32)
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
-    _numba_observers.search_microscale(tiles, divisors, reciprocals, divide, clamp, _element_value_table(element),
-                                       MARGIN, index, error, minmax_error)
+    native.mse_search_micro(tiles, divisors, reciprocals, divide, FORMATS[micro.element], MARGIN, index, error,
+                            minmax_error)
     codes = candidates[index, np.arange(n)]
     return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))

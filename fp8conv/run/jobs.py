@@ -434,7 +434,8 @@ def _quantize_pieces(job: Job, scheme: Scheme, tensor_scale, first: int, count: 
     or refuses them, and rewrites the same bytes for the pieces written)."""
     carried = np.zeros(5)
     for at in range(first, first + count, piece_rows):
-        q = quantize_rows_into(read_rows(job, at, min(piece_rows, first + count - at)), scheme, tensor_scale, carried)
+        q = quantize_rows_into(read_rows(job, at, min(piece_rows, first + count - at)), scheme, tensor_scale, carried,
+                               job.name)
         if q is None:
             return False
         emit(q, at)

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..accel import compiled
+from ..accel import native
 from ..report import html_page as html_report
 from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from ..plan.conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
@@ -25,6 +25,7 @@ from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interru
 from ..formats import SAFETENSORS_DTYPES
 from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
+from .cpus import available_cpus
 from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
@@ -56,15 +57,15 @@ def default_workers(shards: int, cpus: int | None = None, hash_bound: bool = Fal
     INTERLEAVED_SHARDS shards are hashed side by side), and the run cannot end before the last
     shard's hash does.
 
-    hash_bound (the compiled FP8 / INT8 min-max kernel converts every tensor, `hash_bound()`): a
+    hash_bound (the compiled kernel converts every tensor to FP8 / INT8 with min-max scales, `hash_bound()`): a
     worker then writes about 0.57 GB/s of output and a hash stream reads about 1.2 GB/s, so
     WORKERS_PER_HASH workers per shard hashed at a time keep the hashing fed, and more only contend
     for the page cache and the disk (16 cores, 2 shards, five runs on four machines: 4 workers
     0.91-1.01x the write ceiling against 1.05-1.31x for 12; bench/RESULTS.md). Otherwise (4-bit
     formats, the mse observer, the numpy path: the CPU is the limit): every CPU but two per shard
     hashed at a time, never fewer than half the CPUs. Never more than the CPUs, never fewer than 2
-    where there are 2."""
-    cpus = cpus or os.cpu_count() or 1
+    where there are 2. cpus: those this process may use (affinity mask, cgroup quota: cpus.py)."""
+    cpus = cpus or available_cpus()
     hashing = min(INTERLEAVED_SHARDS, max(shards, 1))
     if hash_bound:
         return max(min(cpus, 2), min(cpus, WORKERS_PER_HASH * hashing))
@@ -72,11 +73,13 @@ def default_workers(shards: int, cpus: int | None = None, hash_bound: bool = Fal
 
 
 def hash_bound(plan: ConversionPlan) -> bool:
-    """Whether every tensor `plan` quantizes goes through the compiled FP8 / INT8 kernel with min-max
-    scales (default_workers)."""
+    """Whether every tensor `plan` quantizes goes through the compiled kernel to 8-bit symmetric codes
+    over [-qmax, qmax] with float32 min-max scales: the schemes whose rate the hash-bound rule of
+    default_workers was measured on (FP8 / INT8; bench/RESULTS.md)."""
     schemes = set(plan.schemes.values()) or ({plan.scheme} if plan.scheme is not None else set())
-    return bool(schemes) and all(compiled.AVAILABLE and compiled.supports(s) and s.observer == "minmax"
-                                 for s in schemes)
+    return bool(schemes) and native.use_native() and all(
+        s.fmt.bits == 8 and s.symmetric and not s.full_range and s.scale_format == "float32"
+        and s.microscale is None and s.observer == "minmax" for s in schemes)
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class RunOptions:
     chunk_bytes: int = READ_CHUNK_BYTES
     job_bytes: int = JOB_BYTES
     stack_bytes: int = STACK_BYTES  # smaller matrices of a 3-D stack are grouped into jobs of about this size
-    backend: str = "auto"  # kernels: auto (numba where it declares the scheme), numpy or numba
+    backend: str = "auto"  # kernels: auto (FP8CONV_BACKEND, else native where built), numpy or native
 
 
 @dataclass(frozen=True)
@@ -345,23 +348,14 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     forget_handles()
-
-
-_kernel_loaded = False
+    # The objects of every import so far live as long as the worker: out of the collector's generations,
+    # each collection no longer walks them all.
+    gc.freeze()
 
 
 def _worker_job(job: Job) -> tuple:
-    """A job in a worker. The compiled kernel (the ahead-compiled object: ~0.025 s; through numba,
-    where that cannot load: ~0.8 s) is loaded before the worker's first converting job, not at fork:
-    copies and constants need none, so the workers that take them (they are dispatched first) write
-    while the others load it."""
-    global _kernel_loaded
-    if not _kernel_loaded and job.kind not in KERNEL_FREE:
-        compiled.preload(skip_scipy=True)
-        # The objects of every import so far (numba's, where it loads the kernel) live as long as the
-        # worker: out of the collector's generations, each collection no longer walks them all.
-        gc.freeze()
-        _kernel_loaded = True
+    """A job in a worker (the compiled kernels are an extension module: imported with fp8conv, nothing
+    to load)."""
     return run_job(job)
 
 

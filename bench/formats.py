@@ -1,0 +1,134 @@
+"""Every format, whole process, one or more fp8conv trees side by side (before / after a change), in one run.
+
+    python3 bench/formats.py --tree before=/path/old --tree after=. --cores 0,1 --workers 2 \
+        --checkpoint bench/data/llama-1g --make "--layers 2 --vocab 16000 --shard-bytes 0.35e9" --out t.md
+
+Each row: `fp8conv quantize` of the checkpoint (read once from the page cache before each timing), wall time
+median of --repeats, pinned to --cores with taskset; --workers N or "default" (fp8conv picks). With --cold,
+one more run per tree and scheme comes first with empty caches: the package's bytecode removed and, for a
+tree that has numba, an empty NUMBA_CACHE_DIR (a fresh install's first run). With --ceiling, the write+fsync
+time of the largest output (64 MiB writes, one stream, the same disk). Never run in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from run import input_bytes, timed, warm, write_seconds  # noqa: E402  (bench/run.py helpers)
+
+SCHEMES = {
+    "FP8 e4m3 block 128": [],
+    "FP8 e4m3 channel": ["--granularity", "channel"],
+    "FP8 e5m2 block 128": ["--format", "fp8_e5m2"],
+    "INT8 channel (W8A8)": ["--format", "int8", "--granularity", "channel"],
+    "INT4 group 128 (W4A16)": ["--format", "int4"],
+    "INT4 group 128 asymmetric": ["--format", "int4", "--asymmetric"],
+    "INT8 group 128 weight-only asymmetric": ["--format", "int8", "--granularity", "group", "--activations", "none",
+                                              "--asymmetric"],
+    "NVFP4": ["--format", "nvfp4"],
+    "MXFP4": ["--format", "mxfp4"],
+    "MXFP8": ["--format", "mxfp8"],
+    "FP8 e4m3 block 128 --observer mse": ["--observer", "mse"],
+    "INT4 group 128 --observer mse": ["--format", "int4", "--observer", "mse"],
+    "NVFP4 --observer mse": ["--format", "nvfp4", "--observer", "mse"],
+}
+
+
+def output_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", action="append", required=True, help="NAME=PATH of an fp8conv checkout")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--make", default="", help="bench/make_checkpoint.py arguments when the checkpoint is missing")
+    parser.add_argument("--cores", default="", help="taskset -c list (empty: all)")
+    parser.add_argument("--workers", default="2")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--ceiling", action="store_true")
+    parser.add_argument("--env", action="append", default=[], help="NAME:VAR=VALUE: extra environment for one tree")
+    parser.add_argument("--out", type=Path, required=True, help="markdown table (and .json beside it)")
+    parser.add_argument("--scratch", type=Path, default=HERE / "out")
+    args = parser.parse_args()
+    if not (args.checkpoint / "config.json").exists():
+        subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), str(args.checkpoint), *args.make.split()],
+                       check=True)
+    trees = dict(t.split("=", 1) for t in args.tree)
+    extra: dict[str, dict] = {}
+    for item in args.env:
+        name, assignment = item.split(":", 1)
+        key, value = assignment.split("=", 1)
+        extra.setdefault(name, {})[key] = value
+    size = input_bytes(args.checkpoint)
+    out = args.scratch / "x"
+    pin = ["taskset", "-c", args.cores] if args.cores else []
+    workers = [] if args.workers == "default" else ["--workers", args.workers]
+    results: dict = {"input_bytes": size, "cores": args.cores or "all", "workers": args.workers, "rows": {}}
+    largest = 0
+    for scheme in args.schemes:
+        for name, tree in trees.items():
+            env = {"PYTHONPATH": str(Path(tree).resolve()), **extra.get(name, {})}
+            cmd = [*pin, sys.executable, "-m", "fp8conv", "quantize", str(args.checkpoint), "-o", str(out), "-q",
+                   "--overwrite", *workers, *SCHEMES[scheme]]
+            row = results["rows"].setdefault(scheme, {})
+            if args.cold:
+                with tempfile.TemporaryDirectory(prefix="cold-") as cache:
+                    for pycache in Path(tree, "fp8conv").rglob("__pycache__"):
+                        shutil.rmtree(pycache)
+                    shutil.rmtree(out, ignore_errors=True)
+                    warm(args.checkpoint)
+                    try:
+                        row[f"{name} first run"] = timed(cmd, {**env, "NUMBA_CACHE_DIR": cache})[0]
+                    except RuntimeError as exc:
+                        row[f"{name} first run"] = None
+                        print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
+            walls = []
+            for _ in range(args.repeats):
+                shutil.rmtree(out, ignore_errors=True)
+                warm(args.checkpoint)
+                try:
+                    walls.append(timed(cmd, env)[0])
+                except RuntimeError as exc:
+                    print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
+                    break
+            if walls:
+                largest = max(largest, output_bytes(out))
+            row[name] = sorted(walls)[len(walls) // 2] if walls else None
+            row[f"{name} runs"] = walls
+            print(f"{scheme} / {name}: {row[name]} {walls} {row.get(f'{name} first run', '')}", flush=True)
+    if args.ceiling and largest:
+        results["write_ceiling_s"] = write_seconds(largest, args.scratch)
+        results["write_ceiling_bytes"] = largest
+    shutil.rmtree(out, ignore_errors=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = [f"Input {size / 1e9:.2f} GB bf16; cores {results['cores']}; --workers {args.workers}; median of "
+             f"{args.repeats} (s, whole process).", ""]
+    names = list(trees)
+    head = "| scheme | " + " | ".join(names) + (" | " + " | ".join(f"{n} first run" for n in names) if args.cold else "")
+    lines += [head + " |", "|---|" + "---:|" * (len(names) * (2 if args.cold else 1))]
+    for scheme, row in results["rows"].items():
+        cells = [f"{row[n]:.2f}" if row.get(n) else "-" for n in names]
+        if args.cold:
+            cells += [f"{row[n + ' first run']:.2f}" if row.get(n + " first run") else "-" for n in names]
+        lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
+    if "write_ceiling_s" in results:
+        lines += ["", f"write+fsync ceiling of the largest output ({largest / 1e9:.2f} GB): "
+                      f"{results['write_ceiling_s']:.2f} s"]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

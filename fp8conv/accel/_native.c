@@ -1,0 +1,765 @@
+/* fp8conv.accel._native: the compiled kernels, a plain C99 CPython extension over buffers (no numpy headers).
+
+The numerics are the numpy reference's (kernels.py, microscale.py, observers.py), operation for
+operation in float32, so codes, scales and statistics are bit for bit the same: built without
+-ffast-math and with -ffp-contract=off (setup.py), so the compiler neither reassociates nor fuses a
+multiply and an add. Scales and zero points are computed by the numpy reference from the tile ranges
+these kernels return (a few numbers per tile); the kernels do the per-element work:
+
+- tile_range: per tile max |x| (symmetric) or min and max (asymmetric), as the reference's tiles;
+- quantize: codes of x / scale (+ zero point), clamped to the code range and rounded to nearest even
+  (FP8 e4m3 / e5m2, or integers), with the error statistics in the reference's fixed order: per row,
+  column c into lane c % 8, each lane a sequential float64 sum, the lanes added 0..7, rows in order;
+- micro_encode / micro_stats: NVFP4 / MXFP4 / MXFP8 elements of each group and their statistics;
+- mse_search / mse_search_micro: the mse observer's candidate evaluation.
+
+Every source is bf16 (its bits as uint16), fp16 or float32, C order. NaN / Inf in a source are
+reported (return value 1) and nothing else is promised: the caller takes the numpy path, which owns
+the NaN / Inf policy. FP8 rounding is one float addition (fp_magnitude): branch free, so the row loops
+vectorise.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <math.h>
+
+#define LANES 8
+
+/* Runtime choice of an AVX2 build of the hot loops on x86-64 with GCC / clang and ifunc support (the
+   same C, vectorised 8 floats wide instead of 4; bench/RESULTS.md says whether it pays);
+   -DFP8CONV_NO_CLONES or another platform: one portable build. */
+#if defined(__x86_64__) && defined(__linux__) && !defined(FP8CONV_NO_CLONES) && \
+    (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 6))
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+enum { SRC_BF16 = 0, SRC_F32 = 1, SRC_F16 = 2 };
+
+static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint32_t half_bits(uint16_t h)
+{
+    /* fp16 -> float32 bit pattern (exact). */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    if (exp == 0x1F) return sign | 0x7F800000u | (mant << 13);
+    if (exp == 0) return sign | bits_of((float)mant * 5.9604644775390625e-08f); /* mant * 2^-24, exact */
+    return sign | ((exp + 112u) << 23) | (mant << 13);
+}
+
+/* Row r of a source as float32 bit patterns into dst[0..n). */
+static void load_row(const void *src, int kind, Py_ssize_t cols, Py_ssize_t r, Py_ssize_t c0, Py_ssize_t n,
+                     uint32_t *restrict dst)
+{
+    Py_ssize_t i;
+    if (kind == SRC_BF16) {
+        const uint16_t *s = (const uint16_t *)src + r * cols + c0;
+        for (i = 0; i < n; i++) dst[i] = (uint32_t)s[i] << 16;
+    } else if (kind == SRC_F32) {
+        memcpy(dst, (const uint32_t *)src + r * cols + c0, (size_t)n * 4);
+    } else {
+        const uint16_t *s = (const uint16_t *)src + r * cols + c0;
+        for (i = 0; i < n; i++) dst[i] = half_bits(s[i]);
+    }
+}
+
+/* ---- rounding -------------------------------------------------------------------------------- */
+
+/* A float element format with subnormals, as the constants of fp_magnitude. */
+typedef struct {
+    uint32_t magic_shift, magic_floor, code_shift, code_offset;
+} FloatFormat;
+
+static FloatFormat float_format(int mbits, int bias)
+{
+    /* M = 2^(e + 23 - mbits) for a in [2^e, 2^(e+1)) (never below 2^(emin + 23 - mbits), emin = 1 - bias):
+       a + M rounds a to a multiple of ulp(M) = the format's step there, to nearest even as float32
+       additions round; (a + M) - M is exact; bits(a + M) - bits(M) counts steps above M (the mantissa
+       with its implicit bit for a normal, the code for a subnormal); the exponent field comes from M. */
+    FloatFormat f;
+    uint32_t shift = 23u - (uint32_t)mbits;
+    f.magic_shift = shift << 23;
+    f.magic_floor = (uint32_t)(127 + 1 - bias + (int)shift) << 23;
+    f.code_shift = shift;
+    f.code_offset = (uint32_t)(127 + (int)shift - bias + 1) << mbits;
+    return f;
+}
+
+/* Round a finite float32 magnitude a (already <= the format's max) to nearest even: its value, and its
+   code (without the sign bit) in *code. */
+static inline float fp_magnitude(float a, FloatFormat f, uint32_t *code)
+{
+    uint32_t m = (bits_of(a) & 0x7F800000u) + f.magic_shift;
+    m = m > f.magic_floor ? m : f.magic_floor;
+    float big = a + float_of(m);
+    *code = bits_of(big) - m + (m >> f.code_shift) - f.code_offset;
+    return big - float_of(m);
+}
+
+/* rint for |v| < 2^22, to nearest even (what float32 addition does). */
+static inline float round_int(float v)
+{
+    const float magic = 12582912.0f; /* 1.5 * 2^23 */
+    return (v + magic) - magic;
+}
+
+/* ---- argument helpers ----------------------------------------------------------------------- */
+
+static int need(Py_buffer *b, Py_ssize_t bytes, const char *what)
+{
+    if (b->len < bytes) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes given, %zd needed", what, b->len, bytes);
+        return 0;
+    }
+    return 1;
+}
+
+static Py_ssize_t src_itemsize(int kind) { return kind == SRC_F32 ? 4 : 2; }
+
+/* ---- tile ranges ----------------------------------------------------------------------------- */
+
+/* tile_range(src, kind, rows, cols, tile_rows, tile_cols, lo, hi, signed) -> nonfinite
+   lo / hi: float32 [grid_rows * grid_cols]. signed = 0: hi = max |x| (lo untouched); 1: lo = min x and
+   hi = max x per tile (ragged edges: the reference pads with zeros, which only callers that clamp the
+   range at 0 see, so the padding is left out here). */
+CLONES static PyObject *tile_range(PyObject *self, PyObject *args)
+{
+    Py_buffer src, lo, hi;
+    int kind, is_signed;
+    Py_ssize_t rows, cols, tr, tc;
+    if (!PyArg_ParseTuple(args, "y*innnnw*w*p", &src, &kind, &rows, &cols, &tr, &tc, &lo, &hi, &is_signed))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t gr = (rows + tr - 1) / tr, gc = (cols + tc - 1) / tc;
+    uint32_t *row = NULL, *colmax = NULL, *colmin = NULL;
+    if (tr < 1 || tc < 1 || rows < 0 || cols < 0 || !need(&src, rows * cols * src_itemsize(kind), "src")
+        || !need(&hi, gr * gc * 4, "hi") || (is_signed && !need(&lo, gr * gc * 4, "lo")))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    colmax = malloc((size_t)(cols + 1) * 4);
+    colmin = malloc((size_t)(cols + 1) * 4);
+    if (!row || !colmax || !colmin) { PyErr_NoMemory(); goto done; }
+    {
+        float *out_lo = lo.buf, *out_hi = hi.buf;
+        uint32_t bad = 0;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t g = 0; g < gr; g++) {
+            Py_ssize_t r0 = g * tr, r1 = r0 + tr < rows ? r0 + tr : rows;
+            if (!is_signed) {
+                /* Magnitudes order like their bit patterns; NaN / Inf show as >= 0x7F800000. */
+                for (Py_ssize_t c = 0; c < cols; c++) colmax[c] = 0;
+                for (Py_ssize_t r = r0; r < r1; r++) {
+                    load_row(src.buf, kind, cols, r, 0, cols, row);
+                    for (Py_ssize_t c = 0; c < cols; c++) {
+                        uint32_t a = row[c] & 0x7FFFFFFFu;
+                        colmax[c] = colmax[c] > a ? colmax[c] : a;
+                    }
+                }
+                for (Py_ssize_t t = 0; t < gc; t++) {
+                    Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
+                    uint32_t m = 0;
+                    for (Py_ssize_t c = t * tc; c < c1; c++) m = m > colmax[c] ? m : colmax[c];
+                    bad |= m >= 0x7F800000u;
+                    out_hi[g * gc + t] = float_of(m);
+                }
+            } else {
+                /* Signed order as int32 keys (k = i ^ ((i >> 31) & 0x7FFFFFFF) orders like the float, -0
+                   just below +0, which the callers' clamp at 0 makes the same): integer max / min vectorise. */
+                int32_t *kmax = (int32_t *)colmax, *kmin = (int32_t *)colmin;
+                for (Py_ssize_t c = 0; c < cols; c++) { kmax[c] = INT32_MIN; kmin[c] = INT32_MAX; }
+                for (Py_ssize_t r = r0; r < r1; r++) {
+                    load_row(src.buf, kind, cols, r, 0, cols, row);
+                    for (Py_ssize_t c = 0; c < cols; c++) {
+                        int32_t i = (int32_t)row[c];
+                        int32_t k = i ^ ((i >> 31) & 0x7FFFFFFF);
+                        bad |= (row[c] & 0x7F800000u) == 0x7F800000u;
+                        kmax[c] = k > kmax[c] ? k : kmax[c];
+                        kmin[c] = k < kmin[c] ? k : kmin[c];
+                    }
+                }
+                for (Py_ssize_t t = 0; t < gc; t++) {
+                    Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
+                    int32_t a = INT32_MIN, b = INT32_MAX;
+                    for (Py_ssize_t c = t * tc; c < c1; c++) {
+                        a = kmax[c] > a ? kmax[c] : a;
+                        b = kmin[c] < b ? kmin[c] : b;
+                    }
+                    out_hi[g * gc + t] = float_of((uint32_t)(a ^ ((a >> 31) & 0x7FFFFFFF)));
+                    out_lo[g * gc + t] = float_of((uint32_t)(b ^ ((b >> 31) & 0x7FFFFFFF)));
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad != 0);
+    }
+done:
+    free(row); free(colmax); free(colmin);
+    PyBuffer_Release(&src); PyBuffer_Release(&lo); PyBuffer_Release(&hi);
+    return result;
+}
+
+/* ---- fixed-order sums -------------------------------------------------------------------------- */
+
+/* sum over a row of float32 v[0..n) squared, in the reference's order: column c into lane c % 8 (each
+   lane sequential, float64, squares exact), then the lanes 0..7. */
+static double lane_squares(const float *restrict v, Py_ssize_t n)
+{
+    double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Py_ssize_t c = 0;
+    for (; c + LANES <= n; c += LANES)
+        for (int j = 0; j < LANES; j++) {
+            double d = (double)v[c + j];
+            lane[j] += d * d;
+        }
+    for (int j = 0; c + j < n; j++) {
+        double d = (double)v[c + j];
+        lane[j] += d * d;
+    }
+    double total = lane[0];
+    for (int j = 1; j < LANES; j++) total += lane[j];
+    return total;
+}
+
+/* ---- quantize --------------------------------------------------------------------------------- */
+
+/* An element format: integers (mbits 0), or floats with subnormals of mbits mantissa bits and exponent bias. */
+typedef struct {
+    int is_int;
+    float lo, hi;           /* code range */
+    FloatFormat ff;
+} Encoding;
+
+/* Codes of one row segment of n values x (float32 bits) under scale s (and zero point z), into codes;
+   dequantized errors into err and the values into w; returns the segment's (saturated, flushed) counts
+   and raises *max_err. */
+static inline void encode_segment(const Encoding *e, const uint32_t *restrict xb, Py_ssize_t n, float s, float z,
+                                  int has_zero, uint8_t *restrict codes, float *restrict w, float *restrict err,
+                                  uint32_t *restrict counts, float *max_err)
+{
+    uint32_t saturated = 0, flushed = 0;
+    uint32_t big = bits_of(*max_err);
+    const float lo = e->lo, hi = e->hi;
+    if (e->is_int) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = float_of(xb[i]);
+            float v = x / s;
+            if (has_zero) v = v + z;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            float q = round_int(v);
+            codes[i] = (uint8_t)(int8_t)(int32_t)q;
+            float deq = has_zero ? (q - z) * s : q * s;
+            float d = x - deq;
+            w[i] = x;
+            err[i] = d;
+            saturated += (q <= lo) | (q >= hi);
+            flushed += (deq == 0.0f) & (x != 0.0f);
+            uint32_t ad = bits_of(d) & 0x7FFFFFFFu; /* |d| orders like its bits: an integer max vectorises */
+            big = ad > big ? ad : big;
+        }
+    } else {
+        const FloatFormat ff = e->ff;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            float x = float_of(xb[i]);
+            float v = x / s;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            uint32_t vb = bits_of(v), sign = vb & 0x80000000u, code;
+            float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), ff, &code);
+            codes[i] = (uint8_t)(code | (sign >> 24));
+            float y = float_of(bits_of(mag) | sign);
+            float deq = y * s;
+            float d = x - deq;
+            w[i] = x;
+            err[i] = d;
+            saturated += (y <= lo) | (y >= hi);
+            flushed += (deq == 0.0f) & (x != 0.0f);
+            uint32_t ad = bits_of(d) & 0x7FFFFFFFu;
+            big = ad > big ? ad : big;
+        }
+    }
+    counts[0] += saturated;
+    counts[1] += flushed;
+    *max_err = float_of(big);
+}
+
+static int encoding_of(int mbits, int bias, float lo, float hi, Encoding *e)
+{
+    memset(e, 0, sizeof *e);
+    e->is_int = mbits == 0;
+    e->lo = lo;
+    e->hi = hi;
+    if (mbits < 0 || mbits > 10 || (mbits && (bias < 1 || bias > 126)) || !(lo <= hi)) {
+        PyErr_Format(PyExc_ValueError, "element format: mantissa bits %d, bias %d, range [%g, %g]", mbits, bias,
+                     (double)lo, (double)hi);
+        return 0;
+    }
+    if (mbits) e->ff = float_format(mbits, bias);
+    return 1;
+}
+
+static int any_nonfinite(const uint32_t *xb, Py_ssize_t n)
+{
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < n; i++) bad |= (xb[i] & 0x7F800000u) == 0x7F800000u;
+    return bad != 0;
+}
+
+/* The rows of quantize (below), on raw pointers: the hot loop, compiled once per instruction set where
+   the compiler can pick at run time (CLONES). Returns 1, committing nothing, when a row holds NaN / Inf. */
+CLONES static int quantize_rows(const void *src, int kind, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t tr,
+                                Py_ssize_t tc, const float *grid, const float *zgrid, const Encoding *e, uint8_t *out,
+                                double *st, uint32_t *row, float *w, float *err)
+{
+    const Py_ssize_t gc = (cols + tc - 1) / tc;
+    const int has_zero = zgrid != NULL;
+    uint32_t counts[2] = {0, 0};
+    float max_err = (float)st[2];
+    double sum_ref = st[0], sum_err = st[1]; /* committed only when every row was finite */
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        load_row(src, kind, cols, r, 0, cols, row);
+        if (any_nonfinite(row, cols)) return 1;
+        const float *srow = grid + (r / tr) * gc;
+        const float *zrow = has_zero ? zgrid + (r / tr) * gc : NULL;
+        for (Py_ssize_t t = 0; t < gc; t++) {
+            Py_ssize_t c0 = t * tc, n = c0 + tc < cols ? tc : cols - c0;
+            encode_segment(e, row + c0, n, srow[t], has_zero ? zrow[t] : 0.0f, has_zero, out + r * cols + c0,
+                           w + c0, err + c0, counts, &max_err);
+        }
+        sum_ref += lane_squares(w, cols);
+        sum_err += lane_squares(err, cols);
+    }
+    st[0] = sum_ref;
+    st[1] = sum_err;
+    st[2] = (double)max_err;
+    st[3] += counts[0];
+    st[4] += counts[1];
+    return 0;
+}
+
+/* quantize(src, kind, rows, cols, tile_rows, tile_cols, scales, zeros or None, mbits, bias, lo, hi, codes, stats)
+   mbits / bias: the element format (mbits 0: integers, codes their two's complement byte; else a float
+   format with subnormals, codes sign | exponent | mantissa); lo / hi: the code range;
+   -> nonfinite. scales (zeros): float32 [grid_rows, grid_cols]; codes: uint8 [rows, cols]; stats: float64[5]
+   (sum x^2, sum err^2, max |err|, saturated, flushed), added to (max taken), so row pieces of a chunk
+   taken in order give the chunk's sums. When a row holds NaN / Inf, returns True: codes and stats are then
+   undefined. */
+static PyObject *quantize(PyObject *self, PyObject *args)
+{
+    Py_buffer src, scales, codes, stats, zeros = {0};
+    PyObject *zeros_obj;
+    int kind, mbits, bias;
+    Py_ssize_t rows, cols, tr, tc;
+    float lo, hi;
+    if (!PyArg_ParseTuple(args, "y*innnny*Oiiffw*w*", &src, &kind, &rows, &cols, &tr, &tc, &scales, &zeros_obj,
+                          &mbits, &bias, &lo, &hi, &codes, &stats))
+        return NULL;
+    PyObject *result = NULL;
+    int has_zero = zeros_obj != Py_None;
+    uint32_t *row = NULL;
+    float *w = NULL, *err = NULL;
+    Encoding e;
+    Py_ssize_t gr = (rows + tr - 1) / tr, gc = (cols + tc - 1) / tc;
+    if (has_zero && PyObject_GetBuffer(zeros_obj, &zeros, PyBUF_SIMPLE) < 0) goto done;
+    if (!encoding_of(mbits, bias, lo, hi, &e) || tr < 1 || tc < 1 || rows < 0 || cols < 0
+        || !need(&src, rows * cols * src_itemsize(kind), "src") || !need(&scales, gr * gc * 4, "scales")
+        || (has_zero && !need(&zeros, gr * gc * 4, "zeros")) || !need(&codes, rows * cols, "codes")
+        || !need(&stats, 5 * 8, "stats"))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    w = malloc((size_t)(cols + 1) * 4);
+    err = malloc((size_t)(cols + 1) * 4);
+    if (!row || !w || !err) { PyErr_NoMemory(); goto done; }
+    {
+        const float *grid = scales.buf, *zgrid = has_zero ? zeros.buf : NULL;
+        uint8_t *out = codes.buf;
+        double *st = stats.buf;
+        int bad = 0;
+        Py_BEGIN_ALLOW_THREADS
+        bad = quantize_rows(src.buf, kind, rows, cols, tr, tc, grid, zgrid, &e, out, st, row, w, err);
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad);
+    }
+done:
+    free(row); free(w); free(err);
+    PyBuffer_Release(&src); PyBuffer_Release(&scales); PyBuffer_Release(&codes); PyBuffer_Release(&stats);
+    if (has_zero && zeros.obj) PyBuffer_Release(&zeros);
+    return result;
+}
+
+/* ---- microscaled formats ------------------------------------------------------------------------ */
+
+/* 4-bit code of float32 y (finite): nearest even, saturating at qmax; the sign bit (bit 3) kept for any
+   nonzero y (microscale._bf16_to_e2m1: an exact zero of either sign is code 0). */
+static inline uint8_t nibble_code(float y, FloatFormat ff, float qmax)
+{
+    uint32_t b = bits_of(y), a = b & 0x7FFFFFFFu, code;
+    float mag = float_of(a);
+    mag = mag < qmax ? mag : qmax;
+    (void)fp_magnitude(mag, ff, &code);
+    return (uint8_t)(code | ((a != 0) & (b >> 31)) << 3);
+}
+
+/* 8-bit code of float32 y (finite) clamped to +-qmax, nearest even, sign bit kept (also for -0). */
+static inline uint8_t byte_code(float y, FloatFormat ff, float qmax)
+{
+    y = y < -qmax ? -qmax : y;
+    y = y > qmax ? qmax : y;
+    uint32_t b = bits_of(y), code;
+    (void)fp_magnitude(float_of(b & 0x7FFFFFFFu), ff, &code);
+    return (uint8_t)(code | ((b >> 24) & 0x80u));
+}
+
+/* micro_encode(src, kind, rows, cols, group, factor, divide, mbits, bias, qmax, packed, out) -> nonfinite
+   factor: float32 [rows, cols / group]; y = x / factor (divide) or x * factor, then a float element code
+   (mbits / bias); packed: 4-bit codes, out uint8 [rows, cols / 2] with element 2k in the low nibble; else
+   out uint8 [rows, cols]. */
+CLONES static PyObject *micro_encode(PyObject *self, PyObject *args)
+{
+    Py_buffer src, factor, out;
+    int kind, divide, mbits, bias, packed;
+    Py_ssize_t rows, cols, group;
+    float qmax;
+    if (!PyArg_ParseTuple(args, "y*innny*piifpw*", &src, &kind, &rows, &cols, &group, &factor, &divide, &mbits, &bias,
+                          &qmax, &packed, &out))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *row = NULL;
+    uint8_t *tmp = NULL;
+    Encoding e;
+    if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
+    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0 || e.is_int) {
+        PyErr_SetString(PyExc_ValueError, "micro_encode: bad shape or element");
+        goto done;
+    }
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&factor, rows * (cols / group) * 4, "factor")
+        || !need(&out, rows * (packed ? cols / 2 : cols), "out"))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    tmp = malloc((size_t)cols + 1);
+    if (!row || !tmp) { PyErr_NoMemory(); goto done; }
+    {
+        FloatFormat ff = e.ff;
+        const float *fac = factor.buf;
+        uint8_t *dst = out.buf;
+        int bad = 0;
+        const Py_ssize_t groups = cols / group, gsz = group; /* locals: stores through uint8_t * may alias the parsed ones */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            load_row(src.buf, kind, cols, r, 0, cols, row);
+            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            uint8_t *o = packed ? tmp : dst + r * cols;
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                float f = fac[r * groups + g];
+                const uint32_t *x = row + g * gsz;
+                uint8_t *cg = o + g * gsz;
+                if (packed) {
+                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) / f, ff, qmax);
+                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) * f, ff, qmax);
+                } else {
+                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) / f, ff, qmax);
+                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) * f, ff, qmax);
+                }
+            }
+            if (packed) {
+                uint8_t *p = dst + r * (cols / 2);
+                for (Py_ssize_t k = 0; k < cols / 2; k++) p[k] = (uint8_t)(tmp[2 * k] | (tmp[2 * k + 1] << 4));
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad);
+    }
+done:
+    free(row); free(tmp);
+    PyBuffer_Release(&src); PyBuffer_Release(&factor); PyBuffer_Release(&out);
+    return result;
+}
+
+/* micro_stats(src, kind, rows, cols, group, codes, packed, values, divisor, qmax, stats)
+   values: float32[16] (e2m1) or [256] (e4m3) code values; divisor float32 [rows, cols / group];
+   w' = value(code) * divisor; stats as quantize's (added to). */
+CLONES static PyObject *micro_stats(PyObject *self, PyObject *args)
+{
+    Py_buffer src, codes, values, divisor, stats;
+    int kind, packed;
+    Py_ssize_t rows, cols, group;
+    float qmax;
+    if (!PyArg_ParseTuple(args, "y*innny*py*y*fw*", &src, &kind, &rows, &cols, &group, &codes, &packed, &values,
+                          &divisor, &qmax, &stats))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *row = NULL;
+    float *w = NULL, *err = NULL;
+    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0) {
+        PyErr_SetString(PyExc_ValueError, "micro_stats: bad shape");
+        goto done;
+    }
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&codes, rows * (packed ? cols / 2 : cols), "codes")
+        || !need(&values, (packed ? 16 : 256) * 4, "values") || !need(&divisor, rows * (cols / group) * 4, "divisor")
+        || !need(&stats, 40, "stats"))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    w = malloc((size_t)(cols + 1) * 4);
+    err = malloc((size_t)(cols + 1) * 4);
+    if (!row || !w || !err) { PyErr_NoMemory(); goto done; }
+    {
+        const float *table = values.buf, *div = divisor.buf;
+        const uint8_t *cd = codes.buf;
+        double *st = stats.buf;
+        Py_ssize_t groups = cols / group;
+        Py_BEGIN_ALLOW_THREADS
+        uint32_t saturated = 0, flushed = 0;
+        uint32_t big = bits_of((float)st[2]);
+        const Py_ssize_t gsz = group;
+        float *vals = w; /* the row's code values, then (reused) its source values */
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            if (packed) {
+                const uint8_t *b = cd + r * (cols / 2);
+                for (Py_ssize_t k = 0; k < cols / 2; k++) {
+                    vals[2 * k] = table[b[k] & 0xF];
+                    vals[2 * k + 1] = table[b[k] >> 4];
+                }
+            } else {
+                const uint8_t *b = cd + r * cols;
+                for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[b[c]];
+            }
+            load_row(src.buf, kind, cols, r, 0, cols, row);
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                const float dv = div[r * groups + g];
+                const uint32_t *xg = row + g * gsz;
+                float *vg = vals + g * gsz, *eg = err + g * gsz;
+                for (Py_ssize_t i = 0; i < gsz; i++) {
+                    float v = vg[i];
+                    float x = float_of(xg[i]);
+                    float deq = v * dv;
+                    float d = x - deq;
+                    saturated += float_of(bits_of(v) & 0x7FFFFFFFu) >= qmax;
+                    flushed += (deq == 0.0f) & (x != 0.0f);
+                    uint32_t ad = bits_of(d) & 0x7FFFFFFFu;
+                    big = ad > big ? ad : big;
+                    vg[i] = x;
+                    eg[i] = d;
+                }
+            }
+            st[0] += lane_squares(vals, cols);
+            st[1] += lane_squares(err, cols);
+        }
+        st[2] = (double)float_of(big);
+        st[3] += saturated;
+        st[4] += flushed;
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    free(row); free(w); free(err);
+    PyBuffer_Release(&src); PyBuffer_Release(&codes); PyBuffer_Release(&values); PyBuffer_Release(&divisor);
+    PyBuffer_Release(&stats);
+    return result;
+}
+
+/* ---- the mse observer --------------------------------------------------------------------------- */
+
+/* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
+   tiles float32 [n, m] (m a multiple of 8); scales / zeros float32 [k_count, n], candidate 0 the min-max one;
+   per tile the candidate with the smallest sum |d|^exponent, d = (round(clamp(x / s (+ z))) (- z)) * s - x
+   (a later candidate wins only when smaller by more than the relative margin); sums float64 [4, n]: its
+   objective, its squared error, candidate 0's objective and squared error (observers.mse, bit for bit). */
+CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
+{
+    Py_buffer tiles, scales, zeros, index, sums;
+    Py_ssize_t n, m, k_count;
+    int has_zero, mbits, bias, exponent;
+    float lo, hi;
+    double margin;
+    if (!PyArg_ParseTuple(args, "y*nny*y*npiiffdiw*w*", &tiles, &n, &m, &scales, &zeros, &k_count, &has_zero,
+                          &mbits, &bias, &lo, &hi, &margin, &exponent, &index, &sums))
+        return NULL;
+    PyObject *result = NULL;
+    float *d = NULL;
+    Encoding e;
+    if (!encoding_of(mbits, bias, lo, hi, &e) || m % LANES || n < 0 || k_count < 1 || exponent < 2 || exponent > 4) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "mse_search: bad arguments");
+        goto done;
+    }
+    if (!need(&tiles, n * m * 4, "tiles") || !need(&scales, k_count * n * 4, "scales")
+        || !need(&zeros, k_count * n * 4, "zeros") || !need(&index, n * 4, "index") || !need(&sums, 4 * n * 8, "sums"))
+        goto done;
+    d = malloc((size_t)(m + 1) * 4);
+    if (!d) { PyErr_NoMemory(); goto done; }
+    {
+        const float *x_all = tiles.buf, *sc = scales.buf, *zs = zeros.buf;
+        int32_t *idx = index.buf;
+        double *out = sums.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float *x = x_all + i * m;
+            double best = 0, best_sq = 0;
+            int32_t chosen = 0;
+            for (Py_ssize_t k = 0; k < k_count; k++) {
+                float s = sc[k * n + i], z = zs[k * n + i];
+                if (e.is_int) {
+                    for (Py_ssize_t c = 0; c < m; c++) {
+                        float v = x[c] / s;
+                        if (has_zero) v = v + z;
+                        v = v < lo ? lo : v;
+                        v = v > hi ? hi : v;
+                        float q = round_int(v);
+                        if (has_zero) q = q - z;
+                        d[c] = q * s - x[c];
+                    }
+                } else {
+                    for (Py_ssize_t c = 0; c < m; c++) {
+                        float v = x[c] / s;
+                        v = v < lo ? lo : v;
+                        v = v > hi ? hi : v;
+                        uint32_t vb = bits_of(v), code;
+                        float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), e.ff, &code);
+                        d[c] = float_of(bits_of(mag) | (vb & 0x80000000u)) * s - x[c];
+                    }
+                }
+                double l[LANES] = {0}, p[LANES] = {0};
+                /* One loop per exponent (no branch inside: the lanes vectorise); d^2 exact, |d|^3 = d^2 * |d|
+                   and d^4 = d^2 * d^2 each rounded once, as observers._Scratch.errors. */
+                if (exponent == 2) {
+                    for (Py_ssize_t c = 0; c < m; c += LANES)
+                        for (int j = 0; j < LANES; j++) { double a = (double)d[c + j]; l[j] += a * a; }
+                } else if (exponent == 3) {
+                    for (Py_ssize_t c = 0; c < m; c += LANES)
+                        for (int j = 0; j < LANES; j++) {
+                            double a = (double)d[c + j], sq = a * a;
+                            l[j] += sq;
+                            p[j] += fabs(a) * sq;
+                        }
+                } else {
+                    for (Py_ssize_t c = 0; c < m; c += LANES)
+                        for (int j = 0; j < LANES; j++) {
+                            double a = (double)d[c + j], sq = a * a;
+                            l[j] += sq;
+                            p[j] += sq * sq;
+                        }
+                }
+                double sq_total = l[0], obj = 0;
+                for (int j = 1; j < LANES; j++) sq_total += l[j];
+                if (exponent == 2) obj = sq_total;
+                else {
+                    obj = p[0];
+                    for (int j = 1; j < LANES; j++) obj += p[j];
+                }
+                if (k == 0) {
+                    best = obj;
+                    best_sq = sq_total;
+                    out[2 * n + i] = obj;
+                    out[3 * n + i] = sq_total;
+                } else if (obj < best * (1.0 - margin)) {
+                    best = obj;
+                    best_sq = sq_total;
+                    chosen = (int32_t)k;
+                }
+            }
+            idx[i] = chosen;
+            out[i] = best;
+            out[n + i] = best_sq;
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    free(d);
+    PyBuffer_Release(&tiles); PyBuffer_Release(&scales); PyBuffer_Release(&zeros); PyBuffer_Release(&index);
+    PyBuffer_Release(&sums);
+    return result;
+}
+
+/* mse_search_micro(tiles, n, group, divisors, reciprocals, k_count, divide, mbits, bias, qmax, margin, index,
+   error, minmax_error): tiles float32 [n, group]; divisors / reciprocals float32 [k_count, n]; per group the
+   candidate with the smallest sum over its elements, in order, of (float64(value(y) * d) - x)^2 with
+   y = x / d (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). */
+CLONES static PyObject *mse_search_micro(PyObject *self, PyObject *args)
+{
+    Py_buffer tiles, divisors, reciprocals, index, error, minmax_error;
+    Py_ssize_t n, group, k_count;
+    int divide, mbits, bias;
+    float qmax;
+    double margin;
+    if (!PyArg_ParseTuple(args, "y*nny*y*npiifdw*w*w*", &tiles, &n, &group, &divisors, &reciprocals, &k_count, &divide,
+                          &mbits, &bias, &qmax, &margin, &index, &error, &minmax_error))
+        return NULL;
+    PyObject *result = NULL;
+    Encoding e;
+    if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
+    if (e.is_int || n < 0 || group < 1 || k_count < 1) {
+        PyErr_SetString(PyExc_ValueError, "mse_search_micro: bad arguments");
+        goto done;
+    }
+    if (!need(&tiles, n * group * 4, "tiles") || !need(&divisors, k_count * n * 4, "divisors")
+        || !need(&reciprocals, k_count * n * 4, "reciprocals") || !need(&index, n * 4, "index")
+        || !need(&error, n * 8, "error") || !need(&minmax_error, n * 8, "minmax_error"))
+        goto done;
+    {
+        const float *x_all = tiles.buf, *dv = divisors.buf, *rc = reciprocals.buf;
+        int32_t *idx = index.buf;
+        double *err = error.buf, *mm = minmax_error.buf;
+        FloatFormat ff = e.ff;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const float *x = x_all + i * group;
+            double best = 0;
+            int32_t chosen = 0;
+            for (Py_ssize_t k = 0; k < k_count; k++) {
+                float dd = dv[k * n + i], rr = rc[k * n + i];
+                double acc = 0;
+                for (Py_ssize_t c = 0; c < group; c++) {
+                    float y = divide ? x[c] / dd : x[c] * rr;
+                    uint32_t yb = bits_of(y), code;
+                    float a = float_of(yb & 0x7FFFFFFFu);
+                    a = a < qmax ? a : qmax;
+                    float mag = fp_magnitude(a, ff, &code);
+                    float v = float_of(bits_of(mag) | (yb & 0x80000000u));
+                    double diff = (double)(v * dd) - (double)x[c];
+                    acc += diff * diff;
+                }
+                if (k == 0) {
+                    best = acc;
+                    mm[i] = acc;
+                } else if (acc < best * (1.0 - margin)) {
+                    best = acc;
+                    chosen = (int32_t)k;
+                }
+            }
+            idx[i] = chosen;
+            err[i] = best;
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&tiles); PyBuffer_Release(&divisors); PyBuffer_Release(&reciprocals);
+    PyBuffer_Release(&index); PyBuffer_Release(&error); PyBuffer_Release(&minmax_error);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"tile_range", tile_range, METH_VARARGS, "per tile max |x| (or min and max) of a bf16/fp16/float32 source"},
+    {"quantize", quantize, METH_VARARGS, "codes and error statistics of a source under given scales"},
+    {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
+    {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
+    {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
+    {"mse_search_micro", mse_search_micro, METH_VARARGS, "the mse observer's microscale candidate evaluation"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "fp8conv's compiled kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,151 @@
+"""The compiled kernels (the C extension fp8conv._native) behind numpy arguments, and the choice of backend.
+
+Two backends give the same codes, scales, zero points and statistics, bit for bit: `numpy` (the
+reference kernels, always there) and `native` (the extension, built by `pip install` where a C
+compiler is found). FP8CONV_BACKEND=numpy|native picks one for a whole process (tests, benchmarks);
+the default, `auto`, is native where the extension was built. Each function here returns None where
+the source holds NaN / Inf: the numpy path owns that policy (it maps or refuses them).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    from . import _native
+except ImportError as exc:  # not built: no compiler at install time, or a source checkout never built
+    _native = None
+    IMPORT_ERROR = str(exc)
+else:
+    IMPORT_ERROR = ""
+
+BACKENDS = ("auto", "numpy", "native")
+AVAILABLE = _native is not None
+_SOURCE_KINDS = {"bfloat16": 0, "float32": 1, "float16": 2}
+LANES = 8
+
+
+class BackendError(ValueError):
+    """An unknown backend, or `native` asked for where the extension is not built."""
+
+
+def default_backend() -> str:
+    """FP8CONV_BACKEND, else auto."""
+    return os.environ.get("FP8CONV_BACKEND", "").strip().lower() or "auto"
+
+
+def use_native(backend: str | None = None) -> bool:
+    """Whether the compiled kernels run under `backend` (None: FP8CONV_BACKEND / auto)."""
+    backend = default_backend() if backend in (None, "auto") else backend
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "native" and not AVAILABLE:
+        raise BackendError(f"the native backend is not built ({IMPORT_ERROR}); {HOW_TO_BUILD}")
+    return AVAILABLE and backend != "numpy"
+
+
+HOW_TO_BUILD = ("install a C compiler and the Python headers, then `pip install --force-reinstall --no-deps fp8conv` "
+                "(from a checkout: `pip install -e .`)")
+
+
+def fallback_warning() -> str | None:
+    """The one line to show when the default backend runs numpy because the extension is missing."""
+    if AVAILABLE or default_backend() == "numpy":
+        return None
+    return f"warning: the C kernels are not built; running the numpy kernels (several times slower): {HOW_TO_BUILD}"
+
+
+def source(weight: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """(C-contiguous source, kind) of a bf16 / fp16 / float32 array; None for another dtype."""
+    kind = _SOURCE_KINDS.get(weight.dtype.name)
+    if kind is None:
+        return None
+    weight = np.ascontiguousarray(weight)
+    return (weight.view(np.uint16) if kind != 1 else weight), kind
+
+
+def float_element(fmt) -> tuple[int, int]:
+    """(mantissa bits, exponent bias) of a float element format (the codec's facts); (0, 0) for integers."""
+    if not fmt.is_float:
+        return 0, 0
+    if fmt.mantissa_bits < 1:
+        raise BackendError(f"{fmt.name}: no mantissa width for the compiled kernels")
+    return fmt.mantissa_bits, fmt.exponent_bias
+
+
+def tile_range(weight: np.ndarray, tile: tuple[int, int], signed: bool
+               ) -> tuple[np.ndarray | None, np.ndarray] | None:
+    """Per tile of a 2-D weight (grid row-major): (None, max |x|) or, signed, (min x, max x), float32; None
+    when it holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    grid = (-(-rows // tile[0]), -(-cols // tile[1]))
+    lo = np.empty(grid, np.float32)
+    hi = np.empty(grid, np.float32)
+    if _native.tile_range(src, kind, rows, cols, tile[0], tile[1], lo, hi, signed):
+        return None
+    return (lo if signed else None), hi
+
+
+def quantize(weight: np.ndarray, tile: tuple[int, int], scales: np.ndarray, zeros: np.ndarray | None, fmt,
+             code_range: tuple[float, float], stats: np.ndarray) -> np.ndarray | None:
+    """Codes [rows, cols] (fmt.dtype) of a 2-D weight under a float32 scale grid (and zero-point grid),
+    adding its statistics into float64 stats[5] (kernels.stats_of); None when it holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    codes = np.empty((rows, cols), np.uint8)
+    mbits, bias = float_element(fmt)
+    zeros = None if zeros is None else np.ascontiguousarray(zeros, np.float32)
+    if _native.quantize(src, kind, rows, cols, tile[0], tile[1], np.ascontiguousarray(scales, np.float32), zeros,
+                        mbits, bias, float(code_range[0]), float(code_range[1]), codes, stats):
+        return None
+    return codes.view(fmt.dtype)
+
+
+def micro_encode(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, fmt) -> np.ndarray | None:
+    """Element codes of weight / factor (divide) or weight * factor per group: 4-bit codes packed two per
+    byte, or one byte per element; None when it holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    packed = fmt.bits == 4
+    out = np.empty((rows, cols // 2 if packed else cols), np.uint8)
+    mbits, bias = float_element(fmt)
+    if _native.micro_encode(src, kind, rows, cols, group, np.ascontiguousarray(factor, np.float32), divide, mbits,
+                            bias, float(fmt.qmax), packed, out):
+        return None
+    return out
+
+
+def micro_stats(weight: np.ndarray, group: int, codes: np.ndarray, packed: bool, values: np.ndarray,
+                divisor: np.ndarray, qmax: float) -> np.ndarray:
+    """float64[5] statistics of w' = value(code) * divisor (kernels.stats_of)."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    stats = np.zeros(5)
+    _native.micro_stats(src, kind, rows, cols, group, np.ascontiguousarray(codes).view(np.uint8), packed,
+                        np.ascontiguousarray(values, np.float32), np.ascontiguousarray(divisor, np.float32),
+                        float(qmax), stats)
+    return stats
+
+
+def mse_search(tiles: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zero: bool, fmt,
+               code_range: tuple[float, float], margin: float, exponent: int, index: np.ndarray,
+               sums: np.ndarray) -> None:
+    """The mse observer's candidate evaluation (observers.mse): tiles float32 [n, m], m a multiple of 8."""
+    n, m = tiles.shape
+    mbits, bias = float_element(fmt)
+    _native.mse_search(np.ascontiguousarray(tiles, np.float32), n, m, np.ascontiguousarray(scales, np.float32),
+                       np.ascontiguousarray(zeros, np.float32), scales.shape[0], has_zero, mbits, bias,
+                       float(code_range[0]), float(code_range[1]), margin, exponent, index, sums)
+
+
+def mse_search_micro(tiles: np.ndarray, divisors: np.ndarray, reciprocals: np.ndarray, divide: bool, fmt,
+                     margin: float, index: np.ndarray, error: np.ndarray, minmax_error: np.ndarray) -> None:
+    """The mse observer's microscale candidate evaluation (observers.mse_microscale)."""
+    n, group = tiles.shape
+    mbits, bias = float_element(fmt)
+    _native.mse_search_micro(np.ascontiguousarray(tiles, np.float32), n, group,
+                             np.ascontiguousarray(divisors, np.float32), np.ascontiguousarray(reciprocals, np.float32),
+                             divisors.shape[0], divide, mbits, bias, float(fmt.qmax), margin, index, error,
+                             minmax_error)
