@@ -20,7 +20,7 @@ from pathlib import Path
 from fp8conv.run import pipeline
 
 ITEMS = {  # (file suffix, function name) -> item
-    ("_numba_kernels.py", "quantize_chunk"): "numba kernel (quantize_chunk)",
+    ("native.py", "quantize"): "C kernel (native.quantize)",
     ("~", "<method 'readinto' of '_io.FileIO' objects>"): "read (readinto: copy from page cache, page faults)",
     ("~", "<built-in method posix.pwrite>"): "write (pwrite: copy into page cache)",
     ("~", "<built-in method numpy.empty>"): "numpy.empty",
@@ -38,18 +38,17 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions())
-    from fp8conv.accel import compiled
+    from fp8conv.accel import native
 
-    compiled.preload()  # load (or compile) the kernel outside the measurement
     elements = 0
-    kernel = compiled.quantize_chunk
+    kernel = native.quantize
 
     def counted(src, *rest):
         nonlocal elements
         elements += src.size
         return kernel(src, *rest)
 
-    compiled.quantize_chunk = counted
+    native.quantize = counted
     options = pipeline.RunOptions(1, overwrite=True)
     if args.chunk_mib:
         options = pipeline.RunOptions(1, overwrite=True, chunk_bytes=int(args.chunk_mib * 2**20))
@@ -71,7 +70,7 @@ def main() -> None:
             print(f"  {label:55s} {seconds:6.2f} s")
     if args.top:
         stats.sort_stats("tottime").print_stats(15)
-    seconds = totals.get("numba kernel (quantize_chunk)", 0.0)
+    seconds = totals.get("C kernel (native.quantize)", 0.0)
     print(f"kernel: {elements / 1e6:.0f} M elements, {seconds * 1e9 / max(elements, 1):.3f} ns per element")
 
 

@@ -1,12 +1,11 @@
 """CPU time per element of the quantize kernels alone (no I/O), best of N, on heavy-tailed bf16 weights.
 
-    python bench/kernel.py                     # FP8 e4m3 block-128, numba kernel, 4096 x 11008
+    python bench/kernel.py                     # FP8 e4m3 block-128, the C kernel, 4096 x 11008
     python bench/kernel.py --scheme channel --format int8 --repeats 7
     python bench/kernel.py --backend numpy
 
 time.process_time (this process's CPU time, all threads) rather than wall time, so other work on a
-shared machine matters less; the best of --repeats calls is reported. The first call (numba's cache
-load, or a compile) is not timed. Never run in CI.
+shared machine matters less; the best of --repeats calls is reported. The first call is not timed. Never run in CI.
 """
 from __future__ import annotations
 
@@ -31,7 +30,7 @@ def main() -> None:
     parser.add_argument("--cols", type=int, default=11008)
     parser.add_argument("--format", default="fp8_e4m3")
     parser.add_argument("--granularity", default="block")
-    parser.add_argument("--backend", default="numba")
+    parser.add_argument("--backend", default="native")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-mib", type=float, default=32,
                         help="quantize in row chunks of about this many MiB of source, as the pipeline reads them")

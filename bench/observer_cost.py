@@ -5,8 +5,8 @@
 
 For each scheme: the CPU time (time.process_time: this process, one thread; robust on a shared,
 loaded machine, unlike wall time) of `kernels.quantize_2d` with min-max scales (scales + codes + error
-statistics; the numpy path and, where numba runs the scheme, the compiled path) and with the mse
-observer (backend "auto": its candidates evaluated by numba when installed, then the quantization with
+statistics; the numpy path and the compiled path) and with the mse
+observer (backend "auto": its candidates evaluated by the C kernels where built, then the quantization with
 those scales; "mse numpy": the numpy reference search). Median of `--repeats` runs.
 
 With --checkpoint: whole `fp8conv quantize` runs of that checkpoint per scheme, min-max and mse, and
@@ -28,7 +28,7 @@ from dataclasses import replace
 import ml_dtypes
 import numpy as np
 
-from fp8conv.accel import compiled
+from fp8conv.accel import native
 from fp8conv.numerics import kernels
 from fp8conv.plan.scheme import Scheme, microscale_scheme
 
@@ -101,16 +101,16 @@ def main() -> None:
         microscale_scheme("mxfp4"),
         microscale_scheme("mxfp8"),
     ]
-    print(f"weight {args.rows}x{args.cols} bf16, student-t(5); median of {args.repeats}; numba available: {compiled.AVAILABLE}")
-    print("| scheme | minmax numpy s | minmax numba s | mse numpy s | mse s | mse / minmax numpy | mse / minmax numba |")
+    print(f"weight {args.rows}x{args.cols} bf16, student-t(5); median of {args.repeats}; C kernels built: {native.AVAILABLE}")
+    print("| scheme | minmax numpy s | minmax native s | mse numpy s | mse s | mse / minmax numpy | mse / minmax native |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for scheme in cases:
         mse_scheme = replace(scheme, observer="mse")
         t_np = median_time(lambda: kernels.quantize_2d(w, scheme, backend="numpy"), args.repeats)
-        fast = compiled.AVAILABLE and (compiled.supports(scheme) or bool(scheme.microscale))
-        t_nb = median_time(lambda: kernels.quantize_2d(w, scheme, backend="numba"), args.repeats) if fast else float("nan")
+        fast = native.AVAILABLE
+        t_nb = median_time(lambda: kernels.quantize_2d(w, scheme, backend="native"), args.repeats) if fast else float("nan")
         t_mse_np = median_time(lambda: kernels.quantize_2d(w, mse_scheme, backend="numpy"), args.repeats)
-        kernels.quantize_2d(w[:64, :128], mse_scheme)  # numba compiles or loads its cache outside the timing
+        kernels.quantize_2d(w[:64, :128], mse_scheme)  # first call outside the timing
         t_mse = median_time(lambda: kernels.quantize_2d(w, mse_scheme), args.repeats)
         print(f"| {scheme.describe()} | {t_np:.3f} | {t_nb:.3f} | {t_mse_np:.3f} | {t_mse:.3f} | {t_mse / t_np:.1f}x "
               f"| {t_mse / t_nb:.1f}x |", flush=True)

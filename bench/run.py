@@ -16,7 +16,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -140,7 +139,7 @@ def machine() -> str:
 
 def versions() -> str:
     parts = []
-    for pkg in ("numpy", "ml_dtypes", "numba", "safetensors", "torch", "llmcompressor", "compressed_tensors"):
+    for pkg in ("numpy", "ml_dtypes", "safetensors", "torch", "llmcompressor", "compressed_tensors"):
         if importlib.util.find_spec(pkg) is not None:
             module = __import__(pkg)
             parts.append(f"{pkg} {getattr(module, '__version__', '?')}")
@@ -179,17 +178,10 @@ def main() -> None:
     out = str(OUT / "x")
     run("fp8conv fp8_e4m3 block-128, --workers 2", [*fp8conv, "-o", out, "--workers", "2"])
     run("fp8conv fp8_e4m3 block-128, --workers 1", [*fp8conv, "-o", out, "--workers", "1"])
-    run("fp8conv fp8_e4m3 block-128, --workers 2, kernel loaded through numba (FP8CONV_NO_AOT=1)",
-        [*fp8conv, "-o", out, "--workers", "2"], {"FP8CONV_NO_AOT": "1"})
-    run("fp8conv fp8_e4m3 block-128, --workers 2, numpy path (no numba)", [*fp8conv, "-o", out, "--workers", "2"],
-        {"FP8CONV_NO_NUMBA": "1"})
+    run("fp8conv fp8_e4m3 block-128, --workers 2, numpy kernels (FP8CONV_BACKEND=numpy)",
+        [*fp8conv, "-o", out, "--workers", "2"], {"FP8CONV_BACKEND": "numpy"})
     run("fp8conv fp8_e4m3 channel, --workers 2", [*fp8conv, "-o", out, "--workers", "2", "--granularity", "channel"])
     run("fp8conv int8 channel, --workers 2", [*fp8conv, "-o", out, "--workers", "2", "--format", "int8", "--granularity", "channel"])
-    with tempfile.TemporaryDirectory(prefix="numba-cold-") as cold:  # a fresh install's first run: kernel built
-        repeats, args.repeats = args.repeats, 1
-        run("fp8conv fp8_e4m3 block-128, --workers 2, first run with empty kernel caches", [*fp8conv, "-o", out,
-            "--workers", "2"], {"NUMBA_CACHE_DIR": cold})
-        args.repeats = repeats
     if importlib.util.find_spec("torch"):
         run("plain torch script (bench/torch_baseline.py), 2 threads", [sys.executable, str(HERE / "torch_baseline.py"), str(src), out])
     if importlib.util.find_spec("llmcompressor") and not args.no_llmcompressor:

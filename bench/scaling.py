@@ -7,12 +7,12 @@
 Input: a ~6.2 GB bf16 Llama-shaped checkpoint in 2 shards (bench/make_checkpoint.py, 16 layers),
 read from the page cache (read once before each timing). Output: FP8 e4m3 block-128, ~3.4 GB,
 fsynced (fp8conv always does). The package's bytecode is written first, as an installed package
-has it. Each row is the whole process (start-up, numba cache load,
+has it. Each row is the whole process (start-up,
 hashing, fsync, rename); wall time is the median of --repeats runs, peak RSS the largest sum of
 VmRSS over the process tree. The ceiling is writing the same number of bytes with one write+fsync
-stream to the same disk. One extra row: the first run with an empty numba cache (compile
-included). Needs only the repository and its runtime dependencies (numpy, ml_dtypes, safetensors,
-click, tqdm, numba); about 4-6 minutes on 16 cores.
+stream to the same disk. Needs only the repository (its C extension built: `python3 setup.py
+build_ext --inplace`) and its runtime dependencies (numpy, ml_dtypes, safetensors, click, tqdm); about
+4-6 minutes on 16 cores.
 """
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ import argparse
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +83,7 @@ def main() -> None:
               f"peak RSS {max(peaks) / 2**20:.0f} MiB", flush=True)
         return label, wall, max(peaks), walls
 
-    # One untimed run: fills the numba cache of this tree and gives the output size.
+    # One untimed run: writes this tree's bytecode and gives the output size.
     compile_bytecode(REPO)
     run("warm-up", REPO, max(args.workers), 1)
     out_size = output_bytes(out)
@@ -96,9 +95,6 @@ def main() -> None:
 
     default = pipeline.default_workers(2, hash_bound=True)
     rows.append(run(f"fp8conv, --workers not given (the default here: {default})", REPO, None, args.repeats))
-    with tempfile.TemporaryDirectory(prefix="numba-cold-") as cold:
-        rows.append(run(f"fp8conv --workers {max(args.workers)}, first run with empty kernel caches", REPO,
-                        max(args.workers), 1, {"NUMBA_CACHE_DIR": cold}))
     if args.compare is not None:
         compile_bytecode(args.compare)
         run("warm-up (compared tree)", args.compare, max(args.workers), 1)
