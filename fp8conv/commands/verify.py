@@ -162,7 +162,7 @@ def _check_structure(view: CheckpointView, result: VerifyResult) -> None:
         return
     _check_config_format(view, result)
     ignored = view.ignored_modules or []
-    matcher = Matcher(ignored, "ignore")
+    matcher = Matcher(ignored, f"{view.checkpoint.root}: config.json quantization_config ignore entry", InputError)
     tensors = view.checkpoint.tensors
     for qw in view.weights.values():
         if matcher.first_match(qw.name):

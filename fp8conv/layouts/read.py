@@ -11,7 +11,6 @@ reported as unsupported: it is refused, never copied through.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..run.jobs import Job, Part, Source, close_handles, read_rows
 from .base import Layout
 from .compressed_tensors import CT_FORMATS, CompressedTensors
 from .openai_mxfp4 import OPENAI_BLOCKS, OPENAI_SCALES, OpenAIMXFP4
+from ..io.safe_regex import PatternError, SafeRegex, compile_pattern
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
@@ -133,16 +133,17 @@ class ConfigGroups:
             if isinstance(groups, dict) else []
         self.default: dict = usable[0] if usable else {}
         self.exact: dict[str, dict] = {}
-        self.patterns: list[tuple[re.Pattern, dict]] = []
+        self.patterns: list[tuple[SafeRegex, dict]] = []
         for group in usable:
             for target in group.get("targets") or []:
                 if not isinstance(target, str):
                     continue
                 if target.startswith("re:"):
                     try:
-                        self.patterns.append((re.compile(target[3:]), group))
-                    except re.error:
-                        continue
+                        self.patterns.append((compile_pattern(target[3:]), group))
+                    except PatternError as exc:
+                        raise InputError(f"config.json: config_groups target {printable(repr(target))} is not a "
+                                         f"regular expression fp8conv matches ({printable(str(exc))})") from None
                 else:
                     self.exact.setdefault(target, group)
 

@@ -11,10 +11,12 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from ..io.safe_regex import PatternError, compile_pattern
+
 # Architectures (config.json "architectures") whose class holds an output head module `lm_head`.
 HEAD_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration", "LMHeadModel", "ForImageTextToText")
 HEAD_MODULE = "lm_head"
-LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.([0-9]{1,18})\.")  # ASCII digits only: int() of '①' or 5000 digits raises
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,9 @@ class Architecture:
         for entry in ignore:
             if entry.startswith("re:"):
                 try:
-                    if re.match(entry[3:], module):
+                    if compile_pattern(entry[3:]).match(module):
                         return True
-                except re.error:
+                except PatternError:
                     continue
             elif entry == module and not entry.endswith(VLLM_RENAMED_SUFFIXES.get(self.model_type or "", ())):
                 return True

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from dataclasses import dataclass
 
 from .architecture import Architecture, module_name
-from ..errors import SchemeError
+from ..errors import FP8ConvError, SchemeError
 from ..formats import QUANTIZABLE_TAGS
 from ..io.safetensors import TensorInfo, printable
+from ..io.safe_regex import PatternError, compile_pattern
 
 QUANTIZE = "quantize"
 COPY = "copy"
@@ -34,17 +34,21 @@ class Decision:
 
 class Matcher:
     """--ignore / --include patterns: a glob must match the whole tensor or module name;
-    're:REGEX' must match the whole name too (re.fullmatch)."""
+    're:REGEX' must match the whole name too (re.fullmatch semantics, matched in linear time by
+    fp8conv.io.safe_regex). A pattern that is not valid raises `error` (a usage error from the command line,
+    an input error from a checkpoint's config)."""
 
-    def __init__(self, patterns: tuple[str, ...] | list[str], option: str) -> None:
+    def __init__(self, patterns: tuple[str, ...] | list[str], option: str,
+                 error: type[FP8ConvError] = SchemeError) -> None:
         self.patterns = tuple(patterns)
         self._compiled: list[tuple[str, object]] = []
         for pattern in self.patterns:
             if pattern.startswith("re:"):
                 try:
-                    self._compiled.append((pattern, re.compile(pattern[3:])))
-                except re.error as exc:
-                    raise SchemeError(f"{option} {pattern!r} is not a valid regular expression ({exc})") from None
+                    self._compiled.append((pattern, compile_pattern(pattern[3:])))
+                except PatternError as exc:
+                    raise error(f"{option} {printable(repr(pattern))} is not a regular expression fp8conv matches "
+                                f"({printable(str(exc))})") from None
             else:
                 self._compiled.append((pattern, None))
 
@@ -52,7 +56,7 @@ class Matcher:
         names = (tensor_name, module_name(tensor_name))
         for pattern, regex in self._compiled:
             for name in names:
-                if regex is not None and regex.fullmatch(name):
+                if regex is not None and regex.fullmatch(name):  # type: ignore[attr-defined]
                     return pattern
                 if regex is None and fnmatch.fnmatchcase(name, pattern):
                     return pattern
