@@ -273,6 +273,10 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
                                      micro.codec.short_name, use_compiled)
     codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
     stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+    if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
+        # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
+        raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
+                         "times its scale decodes to Inf); keep it in high precision with --ignore")
     if observed is not None:
         stats.observed_sum_sq_err = float(observed.error.sum())
         stats.minmax_sum_sq_err = float(observed.minmax_error.sum())

@@ -41,6 +41,11 @@ METRICS = {  # key -> (column label, how the value is written); unknown numeric 
     "rms_error_reduction": ("RMS error reduction vs min-max", "pct2"),
 }
 
+# What a report can hold (float32 data bounds SQNR by ~1700 dB): checked on load, before any arithmetic.
+METRIC_RANGES = {"rel_rms_error": (0.0, 1e30), "sqnr_db": (-1e4, 1e4), "max_abs_error": (0.0, 1e300),
+                 "saturated_fraction": (0.0, 1.0), "flushed_fraction": (0.0, 1.0), "nonfinite_values": (0, 2 ** 63),
+                 "limit": (0.0, 1e30), "minmax_rel_rms_error": (0.0, 1e30), "rms_error_reduction": (-1e30, 1e30)}
+
 CSS = """
 :root{color-scheme:light dark;--bg:#fff;--fg:#1c1d21;--muted:#5f6368;--line:#d5d8dd;--card:#f4f5f7;--bad:#b3261e;--good:#1e7d34;--accent:#2f5bd3}
 @media (prefers-color-scheme:dark){:root{--bg:#15161a;--fg:#e6e8eb;--muted:#9aa0a6;--line:#3a3d42;--card:#1f2126;--bad:#f2b8b5;--good:#8fd19e;--accent:#9db8ff}}
@@ -92,9 +97,37 @@ def load_report(path: Path) -> dict:
     report = load_json(text, str(file), "is not readable JSON")
     if not isinstance(report, dict):
         raise InputError(f"{file} is not a JSON object")
+    _check_numbers(report, file, "")
+    for key in ("bytes_before", "bytes_after"):
+        sizes = report.get(key, {})
+        if not isinstance(sizes, dict) or not all(_is_count(v) for v in sizes.values()):
+            raise InputError(f"{file}: {key} is not an object of byte counts")
+    for key in ("total_bytes_before", "total_bytes_after", "tensors_total"):
+        if key in report and report[key] is not None and not _is_count(report[key]):
+            raise InputError(f"{file}: {key} is not a byte count")
     _check_rows(report.get("tensors", []), file, "tensors")
     _check_rows(report.get("high_precision", []), file, "high_precision")
     return report
+
+
+MAX_INT = 2 ** 63  # every integer fp8conv writes (bytes, counts) fits in int64
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_INT
+
+
+def _check_numbers(value: object, file: Path, where: str) -> None:
+    """Refuse integers no float holds (10**400) anywhere in the document, before any arithmetic."""
+    stack = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and not -MAX_INT <= item < MAX_INT:
+            raise InputError(f"{file}: {at or 'a value'} is an integer out of range ({len(str(abs(item)))} digits)")
+        if isinstance(item, dict):
+            stack.extend((v, f"{at}.{printable(str(k))}" if at else printable(str(k))) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in enumerate(item))
 
 
 def has_report(path: Path) -> bool:
@@ -110,6 +143,9 @@ def _check_rows(rows: object, file: Path, key: str) -> None:
         for k, v in row.items():
             if k in METRICS and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise InputError(f"{file}: {key}[{i}] ({printable(row['name'])}) has a non-numeric {k}")
+            low, high = METRIC_RANGES.get(k, (-math.inf, math.inf))
+            if k in METRICS and v is not None and not low <= v <= high:
+                raise InputError(f"{file}: {key}[{i}] ({printable(row['name'])}) has {k} {v!r}, outside [{low:g}, {high:g}]")
 
 
 def write_page(path: Path, page: str) -> None:
@@ -193,7 +229,10 @@ def _section(anchor: str, title: str, body: str) -> str:
 def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int such as 10**400 from a hand-edited report.json
+        return math.inf if value > 0 else -math.inf
 
 
 # ---- sections -----------------------------------------------------------------------------------
@@ -287,13 +326,18 @@ def heat_cell(name: str) -> tuple[tuple[int, str, int], str, str | None]:
     parts = name.split(".")
     if len(parts) > 1 and parts[-1] == "weight":
         parts = parts[:-1]
-    layer_at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    layer_at = next((i for i, p in enumerate(parts) if _index(p)), None)
     if layer_at is None:
         return (1, "", 0), ".".join(parts), None
     rest = parts[layer_at + 1:]
-    members = [p for p in rest if p.isdigit()]
-    module = ".".join("*" if p.isdigit() else p for p in rest) or "(layer)"
+    members = [p for p in rest if _index(p)]
+    module = ".".join("*" if _index(p) else p for p in rest) or "(layer)"
     return (0, ".".join(parts[:layer_at]), int(parts[layer_at])), module, ".".join(members) or None
+
+
+def _index(part: str) -> bool:
+    """A layer or expert index: ASCII digits that int() reads ('①'.isdigit() is true; 5000 digits exceed int's limit)."""
+    return 0 < len(part) <= 18 and part.isascii() and part.isdigit()
 
 
 def _color(t: float) -> str:
@@ -315,7 +359,7 @@ def _heatmap_section(rows: list[dict]) -> str:
         key, module, member = heat_cell(row["name"])
         cell = cells.setdefault((key, module), {"count": 0, "worst": None, "value": -1.0, "member": None})
         cell["count"] += 1
-        if value > cell["value"] or (value == cell["value"] and row["name"] < cell["worst"]):
+        if value > cell["value"] or (value == cell["value"] and (cell["worst"] is None or row["name"] < cell["worst"])):
             cell.update(value=value, worst=row["name"], member=member)
     if not cells:
         return ""
@@ -325,7 +369,7 @@ def _heatmap_section(rows: list[dict]) -> str:
     labels = {k: ("other" if k[0] else (f"{k[1]}.{k[2]}" if len(stacks) > 1 else str(k[2]))) for k in row_keys}
     finite = [c["value"] for c in cells.values() if math.isfinite(c["value"]) and c["value"] > 0]
     lo, hi = (min(finite), max(finite)) if finite else (1.0, 1.0)
-    span = math.log(hi / lo) if hi > lo else 0.0
+    span = math.log(hi) - math.log(lo) if hi > lo else 0.0  # hi / lo overflows for 1e300 / 1e-300
     cw, ch = 64, (20 if len(row_keys) <= 48 else 14)
     left = 12 + 7 * max(len(labels[k]) for k in row_keys)
     top = 16 + min(180, int(5.2 * max(len(m) for m in modules)))
@@ -336,10 +380,12 @@ def _heatmap_section(rows: list[dict]) -> str:
         out.append(f'<text transform="translate({x:.0f},{top - 6}) rotate(-40)">{esc(module)}</text>')
     for i, key in enumerate(row_keys):
         out.append(f'<text x="{left - 6}" y="{top + ch * i + ch / 2 + 4:.0f}" text-anchor="end">{esc(labels[key])}</text>')
+    row_at = {key: i for i, key in enumerate(row_keys)}  # list.index per cell made the heatmap quadratic
+    module_at = {module: j for j, module in enumerate(modules)}
     for (key, module), cell in sorted(cells.items()):
-        i, j = row_keys.index(key), modules.index(module)
+        i, j = row_at[key], module_at[module]
         value = cell["value"]
-        t = 1.0 if not math.isfinite(value) else (0.5 if span == 0 else math.log(value / lo) / span) if value > 0 else None
+        t = 1.0 if not math.isfinite(value) else (0.5 if span == 0 else (math.log(value) - math.log(lo)) / span) if value > 0 else None
         fill = "#9aa0a6" if t is None else _color(t)
         ink = "#000" if t is None or t > 0.62 else "#fff"
         label = "exact" if value == 0 else (f"{value * 100:.2f}" if math.isfinite(value) else "inf")
