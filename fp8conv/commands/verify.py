@@ -11,14 +11,16 @@ import numpy as np
 from ..plan.architecture import Architecture
 from ..plan.engines import fused_constraints, kept_experts_constraints, weight_constraints
 from ..io.checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
+from ..errors import InputError
 from ..numerics.kernels import load_float32
 from ..numerics.stats import ErrorStats
 from ..plan.decisions import Matcher, module_name
 from ..plan.fusion import fused_sets
 from ..layouts import Layout
-from ..layouts.read import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view, scale_grids
+from ..layouts.read import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view
 from ..report.manifest import error_metrics
 from ..io.safetensors import READ_CHUNK_BYTES, printable, sha256_of
+from ..layouts.source_checks import source_problems
 
 CHUNK_BYTES = READ_CHUNK_BYTES
 CHECKS = ("integrity", "structure", "numerics", "engines")
@@ -83,11 +85,11 @@ def verify_checkpoint(path: Path, options: VerifyOptions, progress: Callable[[in
     _check_integrity(checkpoint, view, result, progress)
     _check_structure(view, result)
     with Readers(checkpoint) as readers:
-        _check_numerics(view, readers, result, progress)
+        bad_sources = _check_numerics(view, readers, result, progress)
         if source is not None:
             result.compared = True
             with Readers(source) as source_readers:
-                _compare(view, readers, source, source_readers, options, result, progress)
+                _compare(view, readers, source, source_readers, options, result, progress, bad_sources)
     _check_engines(view, options, result)
     return result
 
@@ -222,14 +224,13 @@ def _bad_codes(codes: np.ndarray, dtype: str) -> int:
     return 0
 
 
-def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult, progress) -> None:
-    """No NaN/Inf codes, scales finite and > 0."""
+def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult, progress) -> set[str]:
+    """No NaN/Inf codes; scales, global scales and zero points as fp8conv.source_checks wants them."""
+    bad_sources = set()
+    for weight, tensor, problem in source_problems(view, view.weights):
+        result.fail("numerics", f"{printable(tensor)} {problem}", tensor)
+        bad_sources.add(weight)
     for name, qw in sorted(view.weights.items()):
-        if qw.scale is not None and qw.scheme is not None:
-            scales = scale_grids(readers, qw)
-            bad = int(np.count_nonzero(~np.isfinite(scales) | (scales <= 0)))
-            if bad:
-                result.fail("numerics", f"{printable(qw.scale.name)} has {bad} scales that are NaN, Inf or <= 0", qw.scale.name)
         bad_codes = 0
         for _, _, codes in matrix_chunks(readers, qw.weight.as_rows(), 1, CHUNK_BYTES):
             bad_codes += _bad_codes(codes, qw.weight.dtype)
@@ -238,11 +239,13 @@ def _check_numerics(view: CheckpointView, readers: Readers, result: VerifyResult
             result.fail("numerics", f"{printable(name)} holds {bad_codes} NaN/Inf codes", name)
     quantized_bytes = sum(qw.weight.nbytes for qw in view.weights.values())
     progress(view.checkpoint.total_bytes - quantized_bytes)
+    return bad_sources
 
 
 def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_readers: Readers,
-             options: VerifyOptions, result: VerifyResult, progress) -> None:
-    """Dequantize every quantized tensor and compare with the source; all others bit-identical."""
+             options: VerifyOptions, result: VerifyResult, progress, bad_sources: set[str] = frozenset()) -> None:
+    """Dequantize every quantized tensor and compare with the source; all others bit-identical (a weight
+    whose scales or zero points failed the numerics check is not dequantized: it already failed)."""
     src_tensors = source.tensors
     by_logical = {qw.name: qw for qw in view.weights.values()}
     out_tensors = {name: info for name, info in view.checkpoint.tensors.items() if name not in view.weights}
@@ -261,7 +264,7 @@ def _compare(view: CheckpointView, readers: Readers, source: Checkpoint, source_
         shape = qw.shape if qw is not None and qw.shape else out.shape
         if src.shape != tuple(shape):
             result.fail("numerics", f"{printable(name)} has shape {list(shape)}, the source {list(src.shape)}", name)
-        elif qw is not None and qw.scheme is not None:
+        elif qw is not None and qw.scheme is not None and qw.weight.name not in bad_sources:
             _compare_quantized(qw, readers, src, source_readers, options, result)
         elif qw is None and (src.dtype != out.dtype or not _same_bytes(readers, out, source_readers, src)):
             result.fail("numerics", f"{printable(name)} is not bit-identical to the source", name)

@@ -404,25 +404,6 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     return view
 
 
-def validate_source_scales(view: CheckpointView, names: list[str]) -> None:
-    """Refuse source scales that are NaN, Inf or <= 0 (they would give garbage weights), naming the tensor."""
-    for name in sorted(names):
-        qw = view.weights[name]
-        if qw.scale is None or qw.scheme is None:
-            continue
-        scales = _read_small(view.checkpoint, qw.scale)
-        if qw.scheme.microscale:
-            scales = qw.scheme.scale_fmt.values(scales, 1.0)
-            if qw.global_scale is not None:
-                gs = _read_small(view.checkpoint, qw.global_scale).astype(np.float32)
-                scales = np.concatenate([scales.ravel(), gs.ravel()])
-        scales = scales.astype(np.float32)
-        bad = int(np.count_nonzero(~np.isfinite(scales) | (scales <= 0)))
-        if bad:
-            raise InputError(f"{view.checkpoint.root}: scale {printable(qw.scale.name)} holds {bad} value(s) that are "
-                             "NaN, Inf or <= 0")
-
-
 class Readers:
     """One open TensorReader per shard file, closed together."""
 

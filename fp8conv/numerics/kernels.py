@@ -555,8 +555,14 @@ def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,
                     out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
     """A row chunk of codes, given the scale-grid (and zero-point) rows that cover it (whole tiles).
 
-    For tensor granularity the grid is the single scale, whatever the chunk.
+    For tensor granularity the grid is the single scale, whatever the chunk. Values past the output
+    dtype come back as Inf without a numpy warning: the callers count them and say where they are.
     """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _dequantize_rows(codes, grid_rows, scheme, out_dtype, zero_points)
+
+
+def _dequantize_rows(codes, grid_rows, scheme: Scheme, out_dtype, zero_points):
     if scheme.granularity == "tensor":
         # Every row has the same scale: one scale per row is the same arithmetic.
         per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)

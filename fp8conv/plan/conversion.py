@@ -8,9 +8,10 @@ from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from ..io.checkpoint import CONFIG_NAME, Checkpoint
 from ..errors import InputError, SchemeError
 from .engines import fused_constraints, weight_constraints
-from ..layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
+from ..layouts import CODES, GLOBAL_SCALE, SCALE, SHAPE, ZERO_POINT, Layout, TensorSpec, packs, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
-from ..layouts.read import CheckpointView, QuantizedWeight, open_view, validate_source_scales
+from ..layouts.read import CheckpointView, QuantizedWeight, open_view
+from ..layouts.source_checks import refuse_bad_sources
 from ..io.safetensors import HEADER_CAP, OutEntry, TensorInfo, build_header
 from ..io.untrusted import printable
 from .scheme import Scheme
@@ -169,17 +170,34 @@ def _quantized_source(view: CheckpointView) -> tuple[dict[str, QuantizedWeight],
     return dict(view.weights), companions
 
 
+def carried_scheme(qw: QuantizedWeight, scheme: Scheme) -> Scheme:
+    """`scheme` with the scale format the source's scales are stored in, where the layout lets the scale
+    dtype follow the weight (pack-quantized: the source's weight dtype is gone, its scales tell it)."""
+    assert qw.scale is not None
+    return scheme.for_source(qw.scale.dtype) if not scheme.microscale else scheme
+
+
 def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
-    """Same format, granularity and tile, float32 scales of the same size, codes stored alike: keep the bytes."""
+    """Same scheme (format, granularity, tile, symmetry, observer) and every tensor the layout would write
+    for it (codes, scale, zero point, global scale) already in the source with its dtype and size: keep the bytes."""
     assert qw.scheme is not None and qw.scale is not None
-    if scheme.microscale or qw.scheme.microscale:  # codes, scales and global scale are the format's own
-        return qw.scheme.microscale == scheme.microscale
-    return (
-        qw.scheme.describe() == scheme.describe()
-        and qw.scheme.symmetric and not qw.packed and not packs(scheme)
-        and qw.scale.dtype == "F32"
-        and qw.scale.numel == math.prod(layout.scale_shape(scheme, qw.weight.shape))
-    )
+    if bool(scheme.microscale) != bool(qw.scheme.microscale) or layout.transposes != qw.transposed:
+        return False
+    if scheme.microscale:
+        if qw.scheme.microscale != scheme.microscale:
+            return False
+    elif qw.scheme.describe() != scheme.describe() or qw.scheme.symmetric != scheme.symmetric:
+        return False
+    stored = {CODES: qw.weight, SCALE: qw.scale, ZERO_POINT: qw.zero_point, GLOBAL_SCALE: qw.global_scale}
+    for spec in layout.tensors(carried_scheme(qw, scheme), qw.name, qw.shape):
+        if spec.role == SHAPE:
+            continue
+        source = stored.get(spec.role)
+        if source is None or source.dtype != spec.dtype or source.numel != math.prod(spec.shape):
+            return False
+        if spec.role == CODES and tuple(source.shape) != tuple(spec.shape):
+            return False
+    return True
 
 
 def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions: set[str], scheme: Scheme,
@@ -374,13 +392,14 @@ def build_plan(
     }
     if layout.fused_experts_only:
         decisions = _fused_experts_only(decisions, tensors, source_quant, arch, layout)
-    validate_source_scales(view, [n for n, d in decisions.items() if n in source_quant and d.action != CARRY])
+    refuse_bad_sources(view, source_quant)  # carried, re-quantized and dequantized weights alike
     schemes, outputs = {}, {}
     for name, decision in decisions.items():
         if decision.quantized:
             qw = source_quant.get(name)
             logical, shape = (qw.name, qw.shape) if qw else (name, tensors[name].shape)
-            schemes[name] = scheme_of(name).for_source(tensors[name].dtype)
+            schemes[name] = (carried_scheme(qw, scheme_of(name)) if decision.action == CARRY and qw is not None
+                             else scheme_of(name).for_source(tensors[name].dtype))
             outputs[name] = layout.tensors(schemes[name], logical, shape)
     for weight, specs in outputs.items():
         for spec in specs:
@@ -418,7 +437,7 @@ def build_dequantize_plan(checkpoint: Checkpoint, out_dtype: str, max_shard_size
     """Every quantized weight back to `out_dtype` (w = q * scale in float32), scales dropped."""
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
-    validate_source_scales(view, list(source_quant))
+    refuse_bad_sources(view, source_quant)
     if not source_quant:
         raise InputError(f"{checkpoint.root}: holds no quantized weights (FP8/INT8 tensors with scales); nothing to dequantize")
     decisions = {}

@@ -54,8 +54,13 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     for shard in plan.shards:
         for entry in shard.entries:
             after[entry.dtype] += entry.nbytes
+    def logical(name: str) -> tuple[str, list[int]]:
+        """The weight's own name and shape (a quantized source stores `weight_packed` with the packed shape)."""
+        qw = plan.source_quant.get(name)
+        return (qw.name, list(qw.shape)) if qw is not None and qw.shape else (name, list(plan.tensors[name].shape))
+
     rows = [
-        {"name": name, "shape": list(plan.tensors[name].shape), "path": plan.decisions[name].action,
+        {"name": logical(name)[0], "shape": logical(name)[1], "path": plan.decisions[name].action,
          **error_metrics(stats[name])}
         for name in plan.decisions
         if plan.decisions[name].quantized

@@ -108,6 +108,7 @@ class Job:
     matrices: int = 1  # consecutive matrices of a 3-D stack (matrix, matrix + 1, ...): a grouped job
     stack: tuple[Source, ...] = ()  # where each matrix of a grouped job is stored
     stack_global_scales: tuple[float, ...] = ()  # NVFP4: each matrix's global scale in a grouped job
+    label: str = ""  # the weight's own name for messages, where `name` is its stored codes' (weight_packed)
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
@@ -353,10 +354,11 @@ def _dequantize(job: Job) -> None:
         overflow = _count_inf(rows)
         if overflow:
             limit = float(ml_dtypes.finfo(out_dtype).max)
+            hint = ("the source's codes times their scales are past float32: the checkpoint is damaged"
+                    if out_dtype.itemsize >= 4 else "use a wider --dtype (fp32)")
             raise InputError(
-                f"tensor {printable(job.name)}: {overflow} dequantized values (rows {first}..{first + len(rows) - 1}) "
-                f"exceed the largest finite {job.out_dtype} ({limit:g}) and would be written as Inf; "
-                "use a wider --dtype (bf16 or fp32)")
+                f"tensor {printable(job.label or job.name)}: {overflow} dequantized values (rows {first}..{first + len(rows) - 1}) "
+                f"exceed the largest finite {job.out_dtype} ({limit:g}) and would be written as Inf; {hint}")
         if job.source.transposed:  # the whole [out, in] matrix, written [in, out] as the weight is named
             rows = np.ascontiguousarray(rows.T)
         write_at(fd, job.dst_offset + first * job.cols * out_dtype.itemsize, rows)

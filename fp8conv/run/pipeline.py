@@ -30,7 +30,7 @@ from .jobs import Job, Source, close_handles, forget_handles, run_job, target_ti
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
-from ..layouts import DEFAULT_LAYOUT, CODES, GLOBAL_SCALE, SCALE, get_layout
+from ..layouts import DEFAULT_LAYOUT, CODES, GLOBAL_SCALE, SCALE, ZERO_POINT, get_layout
 from ..io.outdir import JOURNAL_NAME, Staging, Writeback
 from .partition import Partition, PartRecord, assign, check_against_plan, collect, parts_dir, read_record
 from ..plan.decisions import CARRY, COPY, DEQUANTIZE, Matcher
@@ -213,10 +213,12 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             assert scale is not None and target is not None
             jobs.append(Job("copy", scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
                             str(dst), offsets[target.name], scale.nbytes))
-            gs, gs_target = plan.source_quant[name].global_scale, plan.spec(name, GLOBAL_SCALE)
-            if gs is not None and gs_target is not None:
-                jobs.append(Job("copy", gs.name, Source(str(sources[plan.source_shard[gs.name]]), gs.start, gs.dtype),
-                                str(dst), offsets[gs_target.name], gs.nbytes))
+            for role, stored in ((GLOBAL_SCALE, plan.source_quant[name].global_scale),
+                                 (ZERO_POINT, plan.source_quant[name].zero_point)):
+                target = plan.spec(name, role)
+                if stored is not None and target is not None:
+                    jobs.append(Job("copy", stored.name, Source(str(sources[plan.source_shard[stored.name]]), stored.start,
+                                                                stored.dtype), str(dst), offsets[target.name], stored.nbytes))
         if action in (COPY, CARRY):
             continue
         if info.numel == 0:
@@ -246,7 +248,8 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
                 out_size = SAFETENSORS_DTYPES[plan.output_dtype(name)].itemsize
                 jobs.append(Job("dequantize", name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
                                 count * nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e, matrix_rows=rows,
-                                chunk_bytes=options.chunk_bytes, matrices=count, stack=stack))
+                                chunk_bytes=options.chunk_bytes, matrices=count, stack=stack,
+                                label=qw.name if qw is not None else name))
                 continue
             outputs = tuple((s, offsets[s.name]) for s in plan.outputs[name] if s.data is None)
             codes = plan.spec(name, CODES)
