@@ -102,7 +102,7 @@ def test_nan_scale(quantized):
         tensors[S][0, 0] = np.nan
 
     rewrite_shard(out, poison)
-    expect_failure(out, "numerics", f"{S} has 1 scales that are NaN, Inf or <= 0")
+    expect_failure(out, "numerics", f"{S} holds 1 value(s) that are NaN, Inf or <= 0")
 
 
 def test_flipped_byte_breaks_sha256(quantized):

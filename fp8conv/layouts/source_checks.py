@@ -36,7 +36,7 @@ def _scale_problems(readers: Readers, qw: QuantizedWeight) -> Iterator[tuple[str
         values = raw.astype(np.float32)
         bad = _count(~np.isfinite(values) | (values <= 0))
         if bad:
-            yield qw.scale.name, f"holds {bad} scale(s) that are NaN, Inf or <= 0"
+            yield qw.scale.name, f"holds {bad} value(s) that are NaN, Inf or <= 0"
         return
     codes = np.ascontiguousarray(raw).view(np.uint8)
     if scale_fmt.name == "e8m0":
