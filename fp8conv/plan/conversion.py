@@ -10,7 +10,8 @@ from ..errors import InputError, SchemeError
 from .engines import fused_constraints, weight_constraints
 from ..layouts import CODES, GLOBAL_SCALE, SCALE, SHAPE, ZERO_POINT, Layout, TensorSpec, packs, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
-from ..layouts.read import CheckpointView, QuantizedWeight, open_view
+from .fusion import fused_sets
+from ..layouts.read import CheckpointView, QuantizedWeight, Readers, open_view
 from ..layouts.source_checks import refuse_bad_sources
 from ..io.safetensors import HEADER_CAP, OutEntry, TensorInfo, build_header
 from ..io.untrusted import printable
@@ -216,6 +217,31 @@ def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions
     return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
 
 
+def _share_global_scales(decisions: dict[str, Decision], source_quant: dict[str, QuantizedWeight], view: CheckpointView,
+                         scheme_of) -> dict[str, Decision]:
+    """NVFP4: engines run a fused q/k/v or gate/up matrix with one global scale. A carried member keeps its
+    source global scale, so a fused set is carried only when every member is carried with the same one;
+    otherwise its carried members are re-quantized with the others (one global scale over the set)."""
+    logical = {(source_quant[n].name if n in source_quant else n): n for n, d in decisions.items()
+               if d.quantized and scheme_of(n).microscale == "nvfp4"}
+    out = dict(decisions)
+    with Readers(view.checkpoint) as readers:
+        for group in fused_sets(list(logical)):
+            members = [logical[m] for m in group]
+            carried = [n for n in members if decisions[n].action == CARRY]
+            if not carried:
+                continue
+            values = {readers.read(source_quant[n].global_scale).tobytes() for n in carried
+                      if source_quant[n].global_scale is not None}
+            if len(carried) == len(members) and len(values) == 1:
+                continue
+            for n in carried:
+                out[n] = Decision(n, REQUANTIZE, "nvfp4 in the source, but its fused partners "
+                                  f"({', '.join(printable(m) for m in group)}) need one global scale and do not share "
+                                  "this one: dequantized (float32) and re-quantized with them")
+    return out
+
+
 def _fused_experts_only(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], source_quant: dict,
                         arch: Architecture, layout: Layout) -> dict[str, Decision]:
     """--layout openai-mxfp4: the family's fused experts quantized, every other tensor kept as in the source
@@ -392,6 +418,7 @@ def build_plan(
     }
     if layout.fused_experts_only:
         decisions = _fused_experts_only(decisions, tensors, source_quant, arch, layout)
+    decisions = _share_global_scales(decisions, source_quant, view, scheme_of)
     refuse_bad_sources(view, source_quant)  # carried, re-quantized and dequantized weights alike
     schemes, outputs = {}, {}
     for name, decision in decisions.items():

@@ -32,7 +32,8 @@ from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
 from ..layouts import DEFAULT_LAYOUT, CODES, GLOBAL_SCALE, SCALE, ZERO_POINT, get_layout
 from ..io.outdir import JOURNAL_NAME, Staging, Writeback
-from .partition import Partition, PartRecord, assign, check_against_plan, collect, parts_dir, read_record
+from .partition import (Partition, PartRecord, assign, check_against_plan, check_digest, collect, parts_dir,
+                        read_record)
 from ..plan.decisions import CARRY, COPY, DEQUANTIZE, Matcher
 from ..layouts.read import Readers, dequantized_chunks, matrix_chunks, source_of
 from ..plan.recipe import DEQUANTIZE as DEQUANTIZE_COMMAND
@@ -469,6 +470,7 @@ def merge_parts(out: Path, source: Path | None = None, overwrite: bool = False) 
         for record in records:
             for name, meta in record.files.items():
                 _link(record.folder / name, staging.path(name))
+                check_digest(record, name, staging.path(name))  # the bytes linked are the bytes the part hashed
                 files[name] = meta
             stats.update(record.stats)
         result = _finalize(checkpoint, plan, staging, files, stats, [])
