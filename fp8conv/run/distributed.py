@@ -7,16 +7,39 @@ nodes see), so a retried part redoes only its unfinished shards. Ray is imported
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Callable
 
-from ..errors import FP8ConvError, MissingExtra, OutputError
+from ..errors import FP8ConvError, MissingExtra, OutputError, SchemeError
 from ..io.outdir import Staging
 from .partition import Partition
 from .pipeline import ConversionResult, RunOptions, merge_parts, plan_recipe, run_plan
 from ..plan.recipe import Recipe
+from ..io.untrusted import printable
 
 TASK_RETRIES = 3
+CONNECT_TIMEOUT_S = 5.0  # one TCP connect to the cluster's address before Ray starts (Ray itself retries for minutes)
+
+
+def check_address(address: str | None) -> None:
+    """Refuse a --ray ADDRESS (or RAY_ADDRESS) that is not HOST:PORT, ray://HOST:PORT, auto or local, or
+    where nothing accepts a TCP connection, with one line (SchemeError, exit 2) before Ray is started."""
+    given = address or os.environ.get("RAY_ADDRESS") or ""
+    label = f"--ray {given!r}" if address else f"RAY_ADDRESS {given!r}"
+    if given in ("", "auto", "local"):
+        return
+    rest = given[len("ray://"):] if given.startswith("ray://") else given
+    host, sep, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isascii() or not port.isdigit() or len(port) > 5 or not 0 < int(port) < 65536:
+        raise SchemeError(f"{printable(label)} is not HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, UnicodeError) as exc:
+        reason = "timed out" if isinstance(exc, socket.timeout) else (getattr(exc, "strerror", None) or str(exc))
+        raise SchemeError(f"{printable(label)}: no Ray cluster answers there ({printable(str(reason))}); start one with "
+                          "`ray start --head`, or give no address to start a local one") from None
 
 
 def convert_part(source: str, out: str, recipe: dict, index: int, count: int, workers: int,
@@ -36,6 +59,7 @@ def run_on_ray(source: Path, out: Path, recipe: Recipe, parts: int, options: Run
         import ray
     except ImportError:
         raise MissingExtra("--ray needs Ray, which is not installed: pip install 'fp8conv[ray]'") from None
+    check_address(address)
     Staging(out, source, options.overwrite, True, "").check()  # refuse a non-empty OUT before any work
     src, dst = os.path.abspath(source), os.path.abspath(out)
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
