@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .plan.engines import ENGINES
-from .errors import EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
+from .errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import DEFAULT_FORMAT, HIGH_PRECISION, MICROSCALE, format_choices
 from .layouts import DEFAULT_LAYOUT, layout_names
 from .plan.architecture import DEFAULT_RULES
@@ -112,6 +112,14 @@ def handle_errors(func):
             raise  # usage errors: click prints them and exits 2
         except MemoryError:
             fail("out of memory; try fewer --workers", EXIT_INTERNAL)
+        except OSError as exc:
+            code = _blame(func.__name__, kwargs, exc)
+            if code is None:
+                if os.environ.get("FP8CONV_DEBUG"):
+                    raise
+                fail(f"internal error ({type(exc).__name__}: {exc}); rerun with FP8CONV_DEBUG=1 for the traceback "
+                     "and please report it", EXIT_INTERNAL)
+            fail(f"{printable(os.fsdecode(exc.filename))}: {exc.strerror or exc}", code)
         except Exception as exc:  # a bug: one line for the user, the traceback on request
             if os.environ.get("FP8CONV_DEBUG"):
                 raise
@@ -119,6 +127,30 @@ def handle_errors(func):
                  "and please report it", EXIT_INTERNAL)
 
     return wrapper
+
+
+# The path arguments a command writes (errors there: exit 4); every other path argument is read (exit 3).
+OUTPUT_PARAMS = {"quantize": ("out",), "dequantize": ("out",), "merge": ("out",), "verify": ("html_path",),
+                 "report": ("html_path",)}
+PATH_PARAMS = ("src", "out", "path", "against", "source", "html_path")
+
+
+def _blame(command: str, kwargs: dict, exc: OSError) -> int | None:
+    """The exit code of an OSError that escaped the library's own checks (a name past the file-name limit,
+    no search permission on a folder): 4 when it names a path under an output argument or one of its
+    hidden siblings (staging, lock, parts), 3 under an input argument, None (a bug) otherwise."""
+    if exc.filename is None:
+        return None
+    failed = os.path.abspath(os.fsdecode(exc.filename))
+    for param in PATH_PARAMS:
+        given = kwargs.get(param)
+        if given is None or str(given) in ("", "-"):
+            continue
+        root = os.path.abspath(str(given))
+        sibling = os.path.join(os.path.dirname(root), "." + os.path.basename(root) + ".")
+        if failed == root or failed.startswith(root + os.sep) or failed.startswith(sibling):
+            return EXIT_OUTPUT if param in OUTPUT_PARAMS.get(command, ()) else EXIT_BAD_INPUT
+    return None
 
 
 def parse_size(text: str | None) -> int | None:

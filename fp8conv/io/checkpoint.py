@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import fnmatch
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +48,7 @@ class Checkpoint:
     def read_json(self, name: str) -> dict | None:
         """A JSON object file of the checkpoint folder, or None when absent; raises when corrupt."""
         path = self.root / name
-        if not path.is_file():
+        if not _is_file(path):
             return None
         data = load_json(_read_text(path), printable(str(path)), "not readable JSON")
         if not isinstance(data, dict):
@@ -87,7 +89,7 @@ def _load_index(root: Path) -> tuple[dict, list[str]]:
         if name not in shard_names:
             shard_names.append(name)
     for name in shard_names:
-        if not (root / name).is_file():
+        if not _is_file(root / name):
             raise InputError(f"{printable(str(index_path))}: names shard {printable(name)}, which is missing")
     return index, sorted(shard_names)
 
@@ -128,6 +130,24 @@ def _list_folder(path: Path) -> list[Path]:
         raise InputError(f"{printable(str(path))}: cannot read the folder ({exc.strerror or exc})") from None
 
 
+def _stat_mode(path: Path) -> int | None:
+    """The file type bits of `path` (links followed), None when it does not exist; any other failure to
+    look (no search permission on a folder, a name past the file-name limit, EIO) is an input error."""
+    try:
+        return os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise InputError(f"{printable(str(path))}: cannot read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # an embedded NUL
+        raise InputError(f"{printable(str(path))}: not a usable path ({exc})") from None
+
+
+def _is_file(path: Path) -> bool:
+    mode = _stat_mode(path)
+    return mode is not None and stat.S_ISREG(mode)
+
+
 def _check_readable(path: Path) -> None:
     try:
         with open(path, "rb"):
@@ -140,15 +160,16 @@ def open_checkpoint(path: Path) -> Checkpoint:
     """Open a .safetensors file, a folder with an index, or a folder of shards; validate every
     header, and check up front that every other file of the folder can be read."""
     path = Path(path)
-    if path.is_file():
+    mode = _stat_mode(path)
+    if mode is not None and stat.S_ISREG(mode):
         if path.suffix != ".safetensors":
             raise InputError(f"{printable(str(path))}: not a .safetensors file or a checkpoint folder")
         checkpoint = Checkpoint(path.parent, [read_header(path)])
         _refuse_empty(checkpoint, path)
         return checkpoint
-    if not path.is_dir():
+    if mode is None or not stat.S_ISDIR(mode):
         raise InputError(f"{printable(str(path))}: no such file or folder")
-    entries = [p for p in _list_folder(path) if p.is_file()]
+    entries = [p for p in _list_folder(path) if _is_file(p)]
     index = None
     found = [p.name for p in entries if p.name.endswith(".safetensors")]
     if any(p.name == INDEX_NAME for p in entries):

@@ -39,6 +39,10 @@ LAYOUT_LABELS = {NONE: "none (high precision)", **{n: lay.label for n, lay in La
 KNOWN_METHODS = tuple(layout.quant_method for layout in Layout.registry.values())
 
 
+_ZERO_POINT_BUT_SYMMETRIC = ("has a weight_zero_point, but its config group says symmetric: true, so engines would "
+                             "ignore the zero points (the config does not match the tensors)")
+
+
 @dataclass
 class QuantizedWeight:
     """A quantized weight: its logical name and shape, the stored codes (packed into int32 or not),
@@ -237,6 +241,9 @@ def _packed_weight(view: CheckpointView, name: str, info: TensorInfo, hints: dic
         entry.problem = "has no weight_scale tensor"
         return entry
     symmetric = hints["symmetric"] if view.quant_config is not None else prefix + "weight_zero_point" not in tensors
+    if symmetric and prefix + "weight_zero_point" in tensors:
+        entry.problem = _ZERO_POINT_BUT_SYMMETRIC
+        return entry
     if not symmetric:
         entry.zero_point, entry.zp_packed = tensors.get(prefix + "weight_zero_point"), True
         if entry.zero_point is None:
@@ -381,6 +388,8 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
             symmetric = False
         if scale is None:
             entry.problem = "has no weight_scale / weight_scale_inv tensor"
+        elif symmetric and layout == "compressed-tensors" and prefix + "weight_zero_point" in tensors:
+            entry.problem = _ZERO_POINT_BUT_SYMMETRIC
         elif scale.dtype not in ("F32", "BF16", "F16"):
             entry.problem = f"scale {scale.name} has dtype {scale.dtype}, expected F32 (or BF16/F16)"
             used_scales.add(scale.name)

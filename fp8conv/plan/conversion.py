@@ -452,6 +452,9 @@ def build_plan(
     _refuse_groups(plan)
     _refuse_microscale_shapes(plan, scheme)
     plan = _finish(checkpoint, plan, max_shard_size)
+    names = list(tensors)
+    for matcher in (ignore, include, *(m for m, _ in overrides)):
+        plan.warnings += matcher.unmatched_warnings(names)
     if arch.vision and not any(d.reason.startswith("vision tower") for d in decisions.values()):
         plan.warnings.append("config.json describes a vision tower (vision_config) but no tensor has a known vision "
                              "prefix (visual., vision_tower., vision_model., multi_modal_projector., mm_projector.): "

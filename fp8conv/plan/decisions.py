@@ -52,15 +52,36 @@ class Matcher:
             else:
                 self._compiled.append((pattern, None))
 
+        self.option = option
+        self._used: set[str] = set()
+
+    @staticmethod
+    def _matches(pattern: str, regex, names: tuple[str, str]) -> bool:
+        if regex is not None:
+            return any(regex.fullmatch(name) for name in names)
+        return any(fnmatch.fnmatchcase(name, pattern) for name in names)
+
     def first_match(self, tensor_name: str) -> str | None:
         names = (tensor_name, module_name(tensor_name))
         for pattern, regex in self._compiled:
-            for name in names:
-                if regex is not None and regex.fullmatch(name):  # type: ignore[attr-defined]
-                    return pattern
-                if regex is None and fnmatch.fnmatchcase(name, pattern):
-                    return pattern
+            if self._matches(pattern, regex, names):
+                self._used.add(pattern)
+                return pattern
         return None
+
+    def unmatched(self, tensor_names) -> list[str]:
+        """The patterns that match none of `tensor_names` (nor their module names): a typo does nothing."""
+        left = [(p, r) for p, r in self._compiled if p not in self._used]
+        for name in tensor_names:
+            if not left:
+                break
+            names = (name, module_name(name))
+            left = [(p, r) for p, r in left if not self._matches(p, r, names)]
+        return [p for p, _ in left]
+
+    def unmatched_warnings(self, tensor_names) -> list[str]:
+        return [f"{self.option} '{printable(p)}' matches no tensor or module of SRC; it has no effect (a typo?)"
+                for p in self.unmatched(tensor_names)]
 
 
 def decide(info: TensorInfo, ignore: Matcher, include: Matcher, arch: Architecture | None = None) -> Decision:
