@@ -205,6 +205,8 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             continue
         if spec is not None and spec.role != CODES:
             continue  # written by its weight's jobs (it may share the name of a dropped source scale)
+        if action == COPY and info.nbytes == 0:
+            continue  # cost follows the data: an empty tensor is its header entry only, no job
         if action in (COPY, CARRY):
             source = Source(str(sources[plan.source_shard[name]]), info.start, info.dtype)
             jobs.append(Job("copy", name, source, str(dst), offsets[entry.name], info.nbytes))
@@ -673,17 +675,37 @@ def _finalize(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, fi
     config_updated = _write_config(plan, checkpoint, staging, notes)
     _copy_extras(checkpoint, staging)
     report = build_report(plan, stats)
-    _write_json(staging.path(REPORT_NAME), report)
+    _write_long_json(staging.path(REPORT_NAME), report)
     staging.path(REPORT_HTML_NAME).write_text(html_report.render_conversion(report), encoding="utf-8")
     for path in sorted(staging.tmp.iterdir()):
         if path.name not in files and path.name != JOURNAL_NAME:
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
-    _write_json(staging.path(MANIFEST_NAME), build_manifest(plan, files))
+    _write_long_json(staging.path(MANIFEST_NAME), build_manifest(plan, files))
     return ConversionResult(plan, report, staging.out, config_updated, notes)
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def _write_long_json(path: Path, data: dict) -> None:
+    """As _write_json for the two outer levels (the same bytes when nothing is nested deeper), each value
+    below them on one line: json's indenting encoder is pure Python (~10 s for a million tensors'
+    manifest rows), its compact one is C."""
+    path.write_text(_outer_indented(data) + "\n", encoding="utf-8")
+
+
+def _outer_indented(data: object, depth: int = 0) -> str:
+    def leaf(value: object) -> str:
+        return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+
+    if depth >= 2 or not isinstance(data, (dict, list)) or not data:
+        return leaf(data) if isinstance(data, (dict, list)) and data else json.dumps(data, allow_nan=False)
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(data, dict):
+        items = [f"{inner}{json.dumps(k)}: {_outer_indented(v, depth + 1)}" for k, v in data.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    return "[\n" + ",\n".join(f"{inner}{_outer_indented(v, depth + 1)}" for v in data) + "\n" + pad + "]"
 
 
 def _write_index(plan: ConversionPlan, staging: Staging, checkpoint: Checkpoint) -> None:
@@ -693,7 +715,7 @@ def _write_index(plan: ConversionPlan, staging: Staging, checkpoint: Checkpoint)
         "metadata": {"total_size": sum(s.nbytes for s in plan.shards)},
         "weight_map": dict(sorted(plan.shard_of_output.items())),
     }
-    _write_json(staging.path(INDEX_NAME), index)
+    _write_long_json(staging.path(INDEX_NAME), index)
 
 
 def _write_config(plan: ConversionPlan, checkpoint: Checkpoint, staging: Staging, notes: list[str]) -> bool:
