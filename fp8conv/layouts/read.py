@@ -146,8 +146,8 @@ class ConfigGroups:
                     try:
                         self.patterns.append((compile_pattern(target[3:]), group))
                     except PatternError as exc:
-                        raise InputError(f"config.json: config_groups target {printable(repr(target))} is not a "
-                                         f"regular expression fp8conv matches ({printable(str(exc))})") from None
+                        raise InputError(f"config.json: config_groups target {printable(repr(target))} is not a valid "
+                                         f"regular expression for fp8conv ({printable(str(exc))})") from None
                 else:
                     self.exact.setdefault(target, group)
 

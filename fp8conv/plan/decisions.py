@@ -47,7 +47,7 @@ class Matcher:
                 try:
                     self._compiled.append((pattern, compile_pattern(pattern[3:])))
                 except PatternError as exc:
-                    raise error(f"{option} {printable(repr(pattern))} is not a regular expression fp8conv matches "
+                    raise error(f"{option} {printable(repr(pattern))} is not a valid regular expression for fp8conv "
                                 f"({printable(str(exc))})") from None
             else:
                 self._compiled.append((pattern, None))
