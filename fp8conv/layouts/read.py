@@ -388,7 +388,7 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
             symmetric = False
         if scale is None:
             entry.problem = "has no weight_scale / weight_scale_inv tensor"
-        elif symmetric and layout == "compressed-tensors" and prefix + "weight_zero_point" in tensors:
+        elif symmetric and zero_points and prefix + "weight_zero_point" in tensors:
             entry.problem = _ZERO_POINT_BUT_SYMMETRIC
         elif scale.dtype not in ("F32", "BF16", "F16"):
             entry.problem = f"scale {scale.name} has dtype {scale.dtype}, expected F32 (or BF16/F16)"

@@ -39,7 +39,7 @@ def _scale_problems(readers: Readers, qw: QuantizedWeight) -> Iterator[tuple[str
             yield qw.scale.name, f"holds {bad} value(s) that are NaN, Inf or <= 0"
         return
     codes = np.ascontiguousarray(raw).view(np.uint8)
-    if scale_fmt.name == "e8m0":
+    if not scale_fmt.global_scale:  # MX: E8M0 exponents
         bad = _count(codes == E8M0_NAN)
         if bad:
             yield qw.scale.name, f"holds {bad} E8M0 scale code(s) 255, which is NaN"

@@ -8,10 +8,10 @@ from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from ..io.checkpoint import CONFIG_NAME, Checkpoint
 from ..errors import InputError, SchemeError
 from .engines import fused_constraints, weight_constraints
-from ..layouts import CODES, GLOBAL_SCALE, SCALE, SHAPE, ZERO_POINT, Layout, TensorSpec, packs, unquantized_linear_modules
+from ..layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
-from .fusion import fused_sets
-from ..layouts.read import CheckpointView, QuantizedWeight, Readers, open_view
+from ..layouts.read import CheckpointView, QuantizedWeight, open_view
+from .carry import can_carry, carried_scheme, share_global_scales
 from ..layouts.source_checks import refuse_bad_sources
 from ..io.safetensors import HEADER_CAP, OutEntry, TensorInfo, build_header
 from ..io.untrusted import printable
@@ -171,36 +171,6 @@ def _quantized_source(view: CheckpointView) -> tuple[dict[str, QuantizedWeight],
     return dict(view.weights), companions
 
 
-def carried_scheme(qw: QuantizedWeight, scheme: Scheme) -> Scheme:
-    """`scheme` with the scale format the source's scales are stored in, where the layout lets the scale
-    dtype follow the weight (pack-quantized: the source's weight dtype is gone, its scales tell it)."""
-    assert qw.scale is not None
-    return scheme.for_source(qw.scale.dtype) if not scheme.microscale else scheme
-
-
-def _can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
-    """Same scheme (format, granularity, tile, symmetry, observer) and every tensor the layout would write
-    for it (codes, scale, zero point, global scale) already in the source with its dtype and size: keep the bytes."""
-    assert qw.scheme is not None and qw.scale is not None
-    if bool(scheme.microscale) != bool(qw.scheme.microscale) or layout.transposes != qw.transposed:
-        return False
-    if scheme.microscale:
-        if qw.scheme.microscale != scheme.microscale:
-            return False
-    elif qw.scheme.describe() != scheme.describe() or qw.scheme.symmetric != scheme.symmetric:
-        return False
-    stored = {CODES: qw.weight, SCALE: qw.scale, ZERO_POINT: qw.zero_point, GLOBAL_SCALE: qw.global_scale}
-    for spec in layout.tensors(carried_scheme(qw, scheme), qw.name, qw.shape):
-        if spec.role == SHAPE:
-            continue
-        source = stored.get(spec.role)
-        if source is None or source.dtype != spec.dtype or source.numel != math.prod(spec.shape):
-            return False
-        if spec.role == CODES and tuple(source.shape) != tuple(spec.shape):
-            return False
-    return True
-
-
 def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions: set[str], scheme: Scheme,
                      layout: Layout, ignore: Matcher, include: Matcher, arch: Architecture) -> Decision:
     if name in companions:
@@ -212,34 +182,9 @@ def _decide_quantize(name: str, info: TensorInfo, source_quant: dict, companions
     pattern = ignore.first_match(name)
     if pattern is not None:
         return Decision(name, DEQUANTIZE, f"quantized in the source, matched --ignore {pattern}: dequantized to BF16")
-    if _can_carry(qw, scheme, layout):
+    if can_carry(qw, scheme, layout):
         return Decision(name, CARRY, f"already {qw.scheme.describe()} in the source: codes and scales carried over unchanged")
     return Decision(name, REQUANTIZE, f"{qw.scheme.describe()} in the source: dequantized (float32) and re-quantized")
-
-
-def _share_global_scales(decisions: dict[str, Decision], source_quant: dict[str, QuantizedWeight], view: CheckpointView,
-                         scheme_of) -> dict[str, Decision]:
-    """NVFP4: engines run a fused q/k/v or gate/up matrix with one global scale. A carried member keeps its
-    source global scale, so a fused set is carried only when every member is carried with the same one;
-    otherwise its carried members are re-quantized with the others (one global scale over the set)."""
-    logical = {(source_quant[n].name if n in source_quant else n): n for n, d in decisions.items()
-               if d.quantized and scheme_of(n).microscale == "nvfp4"}
-    out = dict(decisions)
-    with Readers(view.checkpoint) as readers:
-        for group in fused_sets(list(logical)):
-            members = [logical[m] for m in group]
-            carried = [n for n in members if decisions[n].action == CARRY]
-            if not carried:
-                continue
-            values = {readers.read(source_quant[n].global_scale).tobytes() for n in carried
-                      if source_quant[n].global_scale is not None}
-            if len(carried) == len(members) and len(values) == 1:
-                continue
-            for n in carried:
-                out[n] = Decision(n, REQUANTIZE, "nvfp4 in the source, but its fused partners "
-                                  f"({', '.join(printable(m) for m in group)}) need one global scale and do not share "
-                                  "this one: dequantized (float32) and re-quantized with them")
-    return out
 
 
 def _fused_experts_only(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], source_quant: dict,
@@ -418,7 +363,7 @@ def build_plan(
     }
     if layout.fused_experts_only:
         decisions = _fused_experts_only(decisions, tensors, source_quant, arch, layout)
-    decisions = _share_global_scales(decisions, source_quant, view, scheme_of)
+    decisions = share_global_scales(decisions, source_quant, view, scheme_of)
     refuse_bad_sources(view, source_quant)  # carried, re-quantized and dequantized weights alike
     schemes, outputs = {}, {}
     for name, decision in decisions.items():
