@@ -42,13 +42,17 @@ def can_carry(qw: QuantizedWeight, scheme: Scheme, layout: Layout) -> bool:
     return True
 
 
+def _global_scaled(scheme: Scheme) -> bool:
+    return bool(scheme.microscale) and scheme.scale_fmt.global_scale
+
+
 def share_global_scales(decisions: dict[str, Decision], source_quant: dict[str, QuantizedWeight], view: CheckpointView,
                          scheme_of) -> dict[str, Decision]:
     """NVFP4: engines run a fused q/k/v or gate/up matrix with one global scale. A carried member keeps its
     source global scale, so a fused set is carried only when every member is carried with the same one;
     otherwise its carried members are re-quantized with the others (one global scale over the set)."""
     logical = {(source_quant[n].name if n in source_quant else n): n for n, d in decisions.items()
-               if d.quantized and scheme_of(n).scale_fmt.global_scale}
+               if d.quantized and _global_scaled(scheme_of(n))}
     out = dict(decisions)
     with Readers(view.checkpoint) as readers:
         for group in fused_sets(list(logical)):
