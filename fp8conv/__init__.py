@@ -3,6 +3,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .numerics.kernels import QuantizedTensor, dequantize_tensor, quantize_tensor  # noqa: E402
-
 __all__ = ["QuantizedTensor", "dequantize_tensor", "quantize_tensor", "__version__"]
+
+
+def __getattr__(name: str):
+    """The public API, imported when first used: `import fp8conv` (and the CLI's start-up) stays light."""
+    if name in ("QuantizedTensor", "dequantize_tensor", "quantize_tensor"):
+        from .numerics import kernels
+
+        return getattr(kernels, name)
+    raise AttributeError(f"module 'fp8conv' has no attribute {name!r}")

@@ -21,7 +21,7 @@ LAYER_OF_FILE = {
     "test_kernels.py": "conformance", "test_int_kernels.py": "conformance", "test_microscale.py": "conformance",
     "test_golden_bytes.py": "conformance", "test_conformance.py": "conformance",
     "test_quantize_cli.py": "cli", "test_int_cli.py": "cli", "test_microscale_cli.py": "cli", "test_dequantize.py": "cli",
-    "test_inspect.py": "cli", "test_verify.py": "cli", "test_html_report.py": "cli", "test_mixed_schemes.py": "cli",
+    "test_inspect.py": "cli", "test_startup.py": "cli", "test_verify.py": "cli", "test_html_report.py": "cli", "test_mixed_schemes.py": "cli",
     "test_openai_mxfp4.py": "cli", "test_partition.py": "cli", "test_new_format.py": "cli",
     "test_faults.py": "faults", "test_reliability.py": "faults", "test_memory.py": "faults", "test_install.py": "faults",
     "test_interop.py": "interop", "test_int_interop.py": "interop", "test_microscale_interop.py": "interop",

@@ -9,14 +9,14 @@ from typing import Callable
 import numpy as np
 
 from ..io.checkpoint import open_checkpoint
-from ..formats import SAFETENSORS_DTYPES, format_of_tag
+from ..formats import format_of_tag
 from ..numerics.kernels import load_float32
 from ..plan.decisions import Matcher, module_name
 from ..layouts.read import LAYOUT_LABELS, CheckpointView, Readers, dequantized_chunks, matrix_chunks, open_view
 from ..io.safetensors import READ_CHUNK_BYTES, TensorInfo
 
 CHUNK_BYTES = READ_CHUNK_BYTES
-FLOAT_SOURCES = tuple(SAFETENSORS_DTYPES[t] for t in ("BF16", "F16", "F32"))
+FLOAT_SOURCES = ("bfloat16", "float16", "float32")  # dtype names: ml_dtypes is imported only where read
 
 
 def inspect_checkpoint(path: Path, pattern: str | None = None, with_stats: bool = False,
@@ -100,7 +100,7 @@ def _raw_float_chunks(readers: Readers, info: TensorInfo):
     else:
         chunks = iter([readers.read(info).reshape(1, -1)])
     for raw in chunks:
-        if raw.dtype in FLOAT_SOURCES:
+        if raw.dtype.name in FLOAT_SOURCES:
             buf = np.empty(raw.shape, np.float32)
             load_float32(buf, raw)
             yield buf

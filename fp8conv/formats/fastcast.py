@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import ml_dtypes
 import numpy as np
 
 
 @lru_cache(maxsize=None)
 def bf16_to_code_table(fmt) -> np.ndarray:
     """uint8[65536]: the FP8 code of every bf16 bit pattern, from ml_dtypes' cast."""
+    import ml_dtypes  # here, not at import (formats/dtypes.py says why)
+
     patterns = np.arange(1 << 16, dtype=np.uint16).view(ml_dtypes.bfloat16)
     with np.errstate(invalid="ignore", over="ignore"):
         return patterns.astype(fmt.dtype).view(np.uint8)

@@ -3,13 +3,12 @@ microscaled ones (e4m3 with a float32 global scale, E8M0 exponents) are codes co
 amax (numerics/microscale.py), whose bit codecs live here."""
 from __future__ import annotations
 
+from functools import cached_property
 from typing import ClassVar
 
-import ml_dtypes
 import numpy as np
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
+from .dtypes import bf16, ml_dtype
 E8M0_BIAS = 127
 E8M0_NAN = 255
 
@@ -22,13 +21,31 @@ class ScaleFormat:
     global_scale: ClassVar[bool] = False  # divided by a per-tensor float32 global scale
     power_of_two: ClassVar[bool] = False  # scales are powers of two (E8M0)
 
-    def __init__(self, name: str, tag: str, dtype: np.dtype) -> None:
-        self.name, self.tag, self.dtype = name, tag, np.dtype(dtype)
-        # Where scales stop being normal, and the spacing below that (kernels round scales up onto it).
-        self.smallest_normal, self.smallest_subnormal = self._range_end()
+    def __init__(self, name: str, tag: str, dtype: type | str) -> None:
+        """dtype: a numpy type, or the name of an ml_dtypes one (imported when first needed)."""
+        self.name, self.tag, self._dtype = name, tag, dtype
         ScaleFormat.registry[name] = self
 
+    @cached_property
+    def dtype(self) -> np.dtype:
+        return ml_dtype(self._dtype) if isinstance(self._dtype, str) else np.dtype(self._dtype)
+
+    @property
+    def smallest_normal(self) -> np.float32:
+        """Where scales stop being normal (kernels round scales below it up onto the subnormal grid)."""
+        return self._range_ends[0]
+
+    @property
+    def smallest_subnormal(self) -> float:
+        return self._range_ends[1]
+
+    @cached_property
+    def _range_ends(self) -> tuple[np.float32, float]:
+        return self._range_end()
+
     def _range_end(self) -> tuple[np.float32, float]:
+        import ml_dtypes
+
         info = ml_dtypes.finfo(self.dtype)
         return np.float32(info.smallest_normal), float(info.smallest_subnormal)
 
@@ -40,8 +57,8 @@ class ScaleFormat:
         scales = np.asarray(scales, np.float32)
         if self.dtype == np.float32:
             return scales
-        if self.dtype == _BF16:
-            return _round_bf16(scales).view(_BF16).astype(np.float32)
+        if self.dtype == bf16():
+            return _round_bf16(scales).view(bf16()).astype(np.float32)
         with np.errstate(over="ignore", under="ignore"):
             return scales.astype(self.dtype).astype(np.float32)
 
@@ -119,10 +136,10 @@ class E8M0Scale(MicroScaleFormat):
 
 
 SCALE_FORMATS: dict[str, ScaleFormat] = ScaleFormat.registry
-for _name, _tag, _dtype in (("float32", "F32", np.float32), ("bf16", "BF16", _BF16), ("fp16", "F16", np.float16)):
+for _name, _tag, _dtype in (("float32", "F32", np.float32), ("bf16", "BF16", "bfloat16"), ("fp16", "F16", np.float16)):
     ScaleFormat(_name, _tag, _dtype)
 # NVFP4: e4m3 group scales with a float32 global scale; MX: E8M0 exponents 2^(e - 127) in a uint8.
-E4M3GlobalScale("e4m3_global", "F8_E4M3", ml_dtypes.float8_e4m3fn)
+E4M3GlobalScale("e4m3_global", "F8_E4M3", "float8_e4m3fn")
 E8M0Scale("e8m0", "U8", np.uint8)
 SCALE_FORMAT_OF_TAG = {f.tag: f for f in SCALE_FORMATS.values() if not f.microscale}
 
@@ -131,7 +148,7 @@ SCALE_FORMAT_OF_TAG = {f.tag: f for f in SCALE_FORMATS.values() if not f.microsc
 
 def e4m3_decode(codes: np.ndarray) -> np.ndarray:
     """float32 values of uint8 e4m3 codes."""
-    return np.asarray(codes, np.uint8).view(_E4M3).astype(np.float32)
+    return np.asarray(codes, np.uint8).view(ml_dtype("float8_e4m3fn")).astype(np.float32)
 
 
 def e8m0_from_amax(amax: np.ndarray, emax: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..formats import SAFETENSORS_DTYPES
+from ..formats.dtypes import DTYPE_BYTES
 from .untrusted import load_json, printable
 
 HEADER_CAP = 100 * 1000 * 1000  # the limit the safetensors format itself enforces
@@ -107,7 +108,7 @@ def _parse_entry(name: str, entry: object, data_start: int, label: str) -> Tenso
     begin, end = offsets
     if end < begin:
         raise InputError(f"{where}: data_offsets end {end} is before begin {begin}")
-    expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+    expected = math.prod(shape) * DTYPE_BYTES[dtype]
     if end - begin != expected:
         raise InputError(f"{where}: holds {end - begin} bytes but {dtype} x {shape} needs {expected}")
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -215,7 +216,7 @@ class OutEntry:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 def build_header(entries: Iterable[OutEntry], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:

@@ -14,7 +14,8 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import SchemeError
-from ..formats import FORMATS, MICROSCALE, SAFETENSORS_DTYPES
+from ..formats import FORMATS, MICROSCALE
+from ..formats.dtypes import DTYPE_BYTES
 from ..plan.architecture import module_name
 from ..plan.scheme import Scheme
 
@@ -42,7 +43,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * SAFETENSORS_DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
     @property
     def matrix_bytes(self) -> int:

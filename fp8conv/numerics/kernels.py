@@ -24,12 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import ml_dtypes
 import numpy as np
 
 from ..accel import native
 from ..errors import InputError, SchemeError
 from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE, ElementFormat
+from ..formats.dtypes import bf16
 from ..formats.scales import _round_bf16
 from ..io.untrusted import printable
 from ..plan.scheme import Scheme
@@ -40,8 +40,7 @@ from .stats import ErrorStats
 
 WINDOW_ELEMENTS = 1 << 17
 LANES = 8
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_COMPILED_SOURCES = (_BF16, np.dtype(np.float32), np.dtype(np.float16))
+_COMPILED_SOURCES = ("bfloat16", "float32", "float16")  # dtype names (ml_dtypes is imported where used)
 BACKENDS = native.BACKENDS
 
 
@@ -60,7 +59,7 @@ class QuantizedTensor:
 
 def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
     """Copy a bf16/f16/f32 array into a float32 array (bf16 by bit shift: exact and fast)."""
-    if src.dtype == _BF16:
+    if src.dtype == bf16():
         wide = dst.view(np.uint32)
         np.copyto(wide, src.view(np.uint16), casting="unsafe")
         wide <<= 16
@@ -172,7 +171,7 @@ def quantize_2d(
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
-    use_compiled = _use_compiled(backend, scheme) and weight.dtype in _COMPILED_SOURCES and weight.size > 0
+    use_compiled = _use_compiled(backend, scheme) and weight.dtype.name in _COMPILED_SOURCES and weight.size > 0
     if scheme.observer == "mse":
         # The observer's candidates are evaluated by the compiled kernels where they run (the same choices
         # as numpy's); the weight is then quantized with its scales (the same codes and statistics).
@@ -330,7 +329,7 @@ def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> boo
     """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
     that `quantize_rows_into` can take a chunk's rows piece by piece."""
     scheme = _resolved(scheme, dtype)
-    return (not scheme.microscale and scheme.observer != "mse" and np.dtype(dtype) in _COMPILED_SOURCES
+    return (not scheme.microscale and scheme.observer != "mse" and np.dtype(dtype).name in _COMPILED_SOURCES
             and _use_compiled(backend, scheme))
 
 
@@ -541,14 +540,14 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
                 values *= expand(scales)
             dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
             with np.errstate(over="ignore"):  # beyond the target's range gives Inf; callers count and refuse it
-                dst[...] = round_to_bf16(values) if out.dtype == _BF16 else values
+                dst[...] = round_to_bf16(values) if out.dtype == bf16() else values
     return out
 
 
 def round_to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bf16, rounding to nearest even on the bit pattern (what ml_dtypes' cast does, several
     times faster); inputs must be finite, as dequantized weights are."""
-    return _round_bf16(values).view(_BF16)
+    return _round_bf16(values).view(bf16())
 
 
 def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,

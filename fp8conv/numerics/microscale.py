@@ -21,11 +21,11 @@ packing is two shifts on a uint16 view. Work happens in cache-sized windows of w
 """
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from ..accel import native
 from ..formats import FORMATS
+from ..formats.dtypes import bf16, ml_dtype
 from ..formats.fastcast import bf16_to_code_table, round_to_odd_bf16
 from ..formats.fp8 import FP8E4M3
 from ..formats.microscaled import MICROSCALE, Microscale  # noqa: F401  (re-exported)
@@ -34,20 +34,28 @@ from ..formats.fp4 import (_bf16_to_e2m1, e2m1_decode, e2m1_encode, e2m1_values,
 from ..formats.scales import (E8M0_BIAS, E8M0_NAN, e4m3_decode, e8m0_decode, e8m0_encode,  # noqa: F401
                               e8m0_from_amax, e8m0_reciprocal)
 
-_BF16 = np.dtype(ml_dtypes.bfloat16)
-_E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 WINDOW_ELEMENTS = 1 << 17
 
 NVFP4_GROUP = 16
 MX_GROUP = 32
 E2M1_MAX = np.float32(6.0)
-E4M3_MAX = np.float32(float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max))  # 448
 # The e4m3 scale that replaces a zero group scale: compressed-tensors' "eps" of float8_e4m3fn
 # (calculate_qparams step 5), so a stored scale is never 0.
 NVFP4_ZERO_GROUP_SCALE = np.float32(0.125)
 # floor(log2(element max)): the E8M0 exponent is the amax's minus this (6 -> 2, 448 -> 8).
 EMAX_E2M1 = 2
 EMAX_E4M3 = 8
+
+
+def _e4m3_max() -> np.float32:
+    """448: the e4m3 codec's largest value (read when first needed: ml_dtypes is imported there)."""
+    return np.float32(FP8E4M3.qmax)
+
+
+def __getattr__(name: str):
+    if name == "E4M3_MAX":  # the module constant other modules read, computed on first use
+        return _e4m3_max()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- scales -------------------------------------------------------------------------------------
@@ -63,7 +71,7 @@ def round_bf16(values: np.ndarray) -> np.ndarray:
 
 def _in_arith(values: np.ndarray, arith: np.dtype) -> np.ndarray:
     """float32 `values` rounded to the dtype the scale arithmetic runs in (as torch stores each step)."""
-    if arith == _BF16:
+    if arith == bf16():
         return round_bf16(values)
     if arith == np.float16:
         with np.errstate(over="ignore"):
@@ -109,7 +117,7 @@ def nvfp4_global_scale(amax: float, arith: np.dtype) -> np.float32:
     with np.errstate(over="ignore", divide="ignore"):
         amax32 = np.maximum(np.float32(amax), tiny)
         reciprocal = _in_arith(np.float32(1.0) / amax32, arith)
-        scale = np.float32(_in_arith(reciprocal * np.float32(E4M3_MAX * E2M1_MAX), arith))
+        scale = np.float32(_in_arith(reciprocal * np.float32(_e4m3_max() * E2M1_MAX), arith))
     if not np.isfinite(scale) and arith == np.float16:
         return nvfp4_global_scale(amax, np.dtype(np.float32))
     return scale if np.isfinite(scale) else np.float32(1.0)
@@ -119,9 +127,9 @@ def nvfp4_group_scales(amax: np.ndarray, global_scale: np.float32, arith: np.dty
     """uint8 e4m3 codes of the group scales: e4m3(clamp(global_scale * arith(amax / 6), 448)); a zero
     scale becomes 0.125 (compressed-tensors' eps)."""
     local = _in_arith(np.asarray(amax, np.float32) / E2M1_MAX, np.dtype(arith))
-    scaled = np.minimum(np.float32(global_scale) * local, E4M3_MAX).astype(np.float32)
-    codes = scaled.astype(_E4M3).view(np.uint8)
-    codes = np.where(codes & 0x7F, codes, np.float32(NVFP4_ZERO_GROUP_SCALE).astype(_E4M3).view(np.uint8))
+    scaled = np.minimum(np.float32(global_scale) * local, _e4m3_max()).astype(np.float32)
+    codes = scaled.astype(ml_dtype("float8_e4m3fn")).view(np.uint8)
+    codes = np.where(codes & 0x7F, codes, np.float32(NVFP4_ZERO_GROUP_SCALE).astype(ml_dtype("float8_e4m3fn")).view(np.uint8))
     return codes.astype(np.uint8)
 
 
@@ -130,7 +138,7 @@ def nvfp4_group_scales(amax: np.ndarray, global_scale: np.float32, arith: np.dty
 
 def load_float32(src: np.ndarray) -> np.ndarray:
     """float32 copy of a bf16/f16/f32 array (bf16 by bit shift: exact and fast)."""
-    if src.dtype == _BF16:
+    if src.dtype == bf16():
         wide = np.ascontiguousarray(src).view(np.uint16).astype(np.uint32)
         wide <<= 16
         return wide.view(np.float32)
@@ -181,7 +189,7 @@ def _encode_elements(weight: np.ndarray, group: int, factor: np.ndarray, divide:
             codes = np.take(_bf16_to_e2m1(), round_to_odd_bf16(values)).reshape(r1 - r0, cols)
             out[r0:r1] = pack_nibbles(codes)
         else:
-            np.clip(values, -E4M3_MAX, E4M3_MAX, out=values)
+            np.clip(values, -_e4m3_max(), _e4m3_max(), out=values)
             out[r0:r1] = np.take(e4m3_table, round_to_odd_bf16(values)).reshape(r1 - r0, cols)
     return out
 
@@ -214,18 +222,19 @@ def quantize_mx(weight: np.ndarray, element: str,
 
 def _to_dtype(values: np.ndarray, out_dtype: np.dtype) -> np.ndarray:
     out_dtype = np.dtype(out_dtype)
-    if out_dtype == _BF16:
+    if out_dtype == bf16():
         high = round_bf16(values).view(np.uint32) >> 16
-        return high.astype(np.uint16).view(_BF16)
+        return high.astype(np.uint16).view(bf16())
     return values.astype(out_dtype)
 
 
 def dequantize_nvfp4(packed: np.ndarray, scales: np.ndarray, global_scale: np.float32,
-                     out_dtype: np.dtype | type = _BF16) -> np.ndarray:
+                     out_dtype: np.dtype | type | None = None) -> np.ndarray:
     """[rows, 2*packed cols] = out_dtype(float32(e2m1 * float32(scale / global_scale))): compressed-tensors'
     decompression, whose product is float32 and whose result is rounded once into the output dtype."""
     rows, half = packed.shape
     cols = half * 2
+    out_dtype = bf16() if out_dtype is None else out_dtype
     out = np.empty((rows, cols), out_dtype)
     gs = np.float32(global_scale)
     for r0, r1 in _row_windows(rows, cols):
@@ -237,10 +246,11 @@ def dequantize_nvfp4(packed: np.ndarray, scales: np.ndarray, global_scale: np.fl
 
 
 def dequantize_mx(codes: np.ndarray, scales: np.ndarray, element: str,
-                  out_dtype: np.dtype | type = _BF16) -> np.ndarray:
+                  out_dtype: np.dtype | type | None = None) -> np.ndarray:
     """[rows, cols] = out_dtype(element value * 2^(code - 127)), exact before the one rounding."""
     rows = codes.shape[0]
     cols = codes.shape[1] * 2 if element == "e2m1" else codes.shape[1]
+    out_dtype = bf16() if out_dtype is None else out_dtype
     out = np.empty((rows, cols), out_dtype)
     for r0, r1 in _row_windows(rows, cols):
         if element == "e2m1":

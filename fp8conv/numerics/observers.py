@@ -52,7 +52,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Optional
 
-import ml_dtypes
 import numpy as np
 
 from ..accel import native
@@ -61,7 +60,7 @@ from ..formats.fp8 import FP8_BLOCK_EXPONENT, FP8E4M3  # noqa: F401  (FP8_BLOCK_
 from ..formats.integer import INT4_EXPONENT  # noqa: F401  (re-exported)
 from ..formats.fastcast import bf16_to_code_table, code_to_float_table, round_to_odd_bf16
 from . import microscale as ms
-from .microscale import E4M3_MAX, e8m0_reciprocal
+from .microscale import e8m0_reciprocal
 from .scales import range_end_scales
 
 SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(11))  # 1.00 ... 0.90
@@ -320,6 +319,8 @@ def compiled_search_for(scheme) -> Callable[..., None]:
 
 def _float_rounding(fmt) -> tuple[np.uint32, np.uint32, np.uint32, np.float32, np.float32]:
     """(dropped significand bits, half - 1, keep mask, smallest normal, subnormal quantum) of an FP8 format."""
+    import ml_dtypes  # here, not at import (formats/dtypes.py says why)
+
     info = ml_dtypes.finfo(fmt.dtype)
     drop = 23 - int(info.nmant)
     return (np.uint32(drop), np.uint32((1 << (drop - 1)) - 1), np.uint32(~((1 << drop) - 1) & 0xFFFFFFFF),

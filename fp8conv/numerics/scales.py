@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
@@ -70,6 +69,8 @@ def _scale_cap(scale_format: str, reach: float) -> np.float32:
     """The largest scale of the format whose product with `reach` is finite in float32 (an amax near
     the float32 maximum would otherwise dequantize to Inf)."""
     sf = SCALE_FORMATS[scale_format]
+    import ml_dtypes  # here, not at import (formats/dtypes.py says why)
+
     top = min(float(np.finfo(np.float32).max) / reach, float(ml_dtypes.finfo(sf.dtype).max))
     cap = np.array([top], np.float64).astype(sf.dtype)
     bits = cap.view(np.dtype(f"u{sf.dtype.itemsize}"))

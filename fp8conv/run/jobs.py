@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import InputError
@@ -353,6 +352,8 @@ def _dequantize(job: Job) -> None:
     for first, rows in _chunks(job, _chunk_rows(job, 1, element_bytes=4), out_dtype):
         overflow = _count_inf(rows)
         if overflow:
+            import ml_dtypes  # here, not at import (formats/dtypes.py says why)
+
             limit = float(ml_dtypes.finfo(out_dtype).max)
             hint = ("the source's codes times their scales are past float32: the checkpoint is damaged"
                     if out_dtype.itemsize >= 4 else "use a wider --dtype (fp32)")
