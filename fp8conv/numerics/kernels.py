@@ -271,7 +271,8 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
                                      micro.codec.short_name, use_compiled)
     codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
-    stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned about
+        stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
     if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
         # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
         raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
