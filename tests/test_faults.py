@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -115,29 +116,34 @@ def test_worker_signalled_while_starting_dies_by_the_signal_quietly():
 
 # ---- one writer per OUT ---------------------------------------------------------------------------
 
-SLOW_RUN = """
-import sys, time
+# The first writer stops after journaling its first shard (holding OUT's lock), says so on a pipe and
+# waits on another for the test's go: explicit synchronisation, whatever the machine's speed.
+HELD_RUN = """
+import os, sys
 from fp8conv.io import outdir
 original = outdir.Staging.mark_finished
-def slow(self, *args, **kwargs):
+def held(self, *args, **kwargs):
     original(self, *args, **kwargs)
-    time.sleep(1.5)
-outdir.Staging.mark_finished = slow
+    if not getattr(held, "told", False):
+        held.told = True
+        os.write(int(os.environ["FP8CONV_TEST_READY_FD"]), b"journaled\\n")
+        os.read(int(os.environ["FP8CONV_TEST_GO_FD"]), 1)
+outdir.Staging.mark_finished = held
 from fp8conv.cli import main
 sys.argv = ["fp8conv"] + sys.argv[1:]
 main()
 """
 
-# Slow jobs (in the workers, which inherit the patch at fork): the workers stay alive for seconds
-# whatever the kernel's start-up costs.
-SLOW_JOBS = """
-import sys, time
+# Held jobs (in the workers, which inherit the patch at fork): each waits on a pipe the test holds, so
+# the workers stay alive until the test closes it, whatever the kernel's start-up costs.
+HELD_JOBS = """
+import os, sys
 from fp8conv.run import pipeline
 original = pipeline.run_job
-def slow(job):
-    time.sleep(1.0)
+def held(job):
+    os.read(int(os.environ["FP8CONV_TEST_GO_FD"]), 1)
     return original(job)
-pipeline.run_job = slow
+pipeline.run_job = held
 from fp8conv.cli import main
 sys.argv = ["fp8conv"] + sys.argv[1:]
 main()
@@ -148,18 +154,26 @@ main()
 def test_second_writer_on_the_same_out_is_refused(tmp_path, second):
     src = sharded_model(tmp_path / "src", shards=6, rows=64, cols=64)
     out = tmp_path / "out"
-    first = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "quantize", str(src), "-o", str(out), "--workers", "1",
-                              "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    env = {**ENV, "FP8CONV_TEST_READY_FD": str(ready_w), "FP8CONV_TEST_GO_FD": str(go_r)}
+    first = subprocess.Popen([sys.executable, "-c", HELD_RUN, "quantize", str(src), "-o", str(out), "--workers", "1",
+                              "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             pass_fds=(ready_w, go_r))
+    os.close(ready_w)
+    os.close(go_r)
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / ".out.fp8conv-partial" / "fp8conv.journal.json").exists():
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.05)
+        readable, _, _ = select.select([ready_r], [], [], 120)
+        # EOF here (b"") means the first run ended before journaling a shard: its stderr says why.
+        assert readable and os.read(ready_r, 64) == b"journaled\n", first.stderr.read() if first.poll() is not None else ""
         result = cli("quantize", src, "-o", out, *second, "-q")
         one_line_error(result, 4, f"another fp8conv run (pid {first.pid}) is writing", "fp8conv-lock")
+        os.write(go_w, b"g")
         _, stderr = first.communicate(timeout=120)
     finally:
         first.kill()
+        os.close(ready_r)
+        os.close(go_w)
     assert first.returncode == 0, stderr
     clean = tmp_path / "clean"
     run_cli("quantize", src, "-o", clean, "--workers", "1", "-q")
@@ -627,22 +641,29 @@ def children_of(pid: int) -> set[int]:
 def test_workers_die_with_a_sigkilled_parent(tmp_path):
     """No orphaned workers burning CPU after the OOM killer takes the parent (PDEATHSIG)."""
     src = sharded_model(tmp_path / "src", shards=6, rows=64, cols=64)
-    parent = subprocess.Popen([sys.executable, "-c", SLOW_JOBS, "quantize", str(src), "-o", str(tmp_path / "out"),
-                               "--workers", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    go_r, go_w = os.pipe()
+    parent = subprocess.Popen([sys.executable, "-c", HELD_JOBS, "quantize", str(src), "-o", str(tmp_path / "out"),
+                               "--workers", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**ENV, "FP8CONV_TEST_GO_FD": str(go_r)}, pass_fds=(go_r,))
+    os.close(go_r)
     try:
-        deadline = time.monotonic() + 60
-        while len(children_of(parent.pid)) < 2:
-            assert time.monotonic() < deadline and parent.poll() is None
+        try:
+            deadline = time.monotonic() + 60
+            while len(children_of(parent.pid)) < 2:
+                assert time.monotonic() < deadline and parent.poll() is None
+                time.sleep(0.05)
+            workers = children_of(parent.pid)
+        finally:
+            parent.kill()
+            parent.communicate()
+        # The workers are held on the pipe: only PDEATHSIG can end them before it closes.
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                  for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their parent"
             time.sleep(0.05)
-        workers = children_of(parent.pid)
     finally:
-        parent.kill()
-        parent.communicate()
-    deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-              for pid in workers):
-        assert time.monotonic() < deadline, "workers outlived their parent"
-        time.sleep(0.05)
+        os.close(go_w)  # a worker that outlived its parent finishes its job and exits instead of lingering
 
 
 def test_more_shards_than_cached_handles(tmp_path, monkeypatch):
