@@ -6,6 +6,7 @@ ml_dtypes); rounding is to nearest with ties to the even code.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numpy as np
 
@@ -29,14 +30,22 @@ def fp8_value(code: int, fmt: str) -> float:
     return sign * (1 + man / (1 << mbits)) * 2.0 ** (exp - bias)
 
 
+@lru_cache(maxsize=None)
 def grid(fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """Non-negative finite values (ascending) and their codes."""
+    """Non-negative finite values (ascending) and their codes (built once per format; read-only)."""
     pairs = sorted((fp8_value(c, fmt), c) for c in range(128) if math.isfinite(fp8_value(c, fmt)))
-    return np.array([v for v, _ in pairs]), np.array([c for _, c in pairs])
+    return _frozen(np.array([v for v, _ in pairs])), _frozen(np.array([c for _, c in pairs]))
 
 
+@lru_cache(maxsize=None)
 def value_table(fmt: str) -> np.ndarray:
-    return np.array([fp8_value(c, fmt) for c in range(256)])
+    """The value of each of the 256 codes (built once per format; read-only)."""
+    return _frozen(np.array([fp8_value(c, fmt) for c in range(256)]))
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def round_to_fp8(x: np.ndarray, fmt: str) -> np.ndarray:
@@ -81,11 +90,26 @@ def reference_stored_scale(quotient: np.float32, exact: float, reach: float, sca
         return scale
     if scale < 2.0 ** emin:
         scale = np.float32(math.ceil(exact * 2.0 ** -esub) * 2.0 ** esub)
-    while float(scale) * reach >= F32_OVERFLOW:  # exact in float64: both have few bits
-        mantissa, exponent = math.frexp(float(scale))
-        # The spacing just below: half as wide under a power of two.
-        scale = np.float32(float(scale) - 2.0 ** (exponent - bits - (mantissa == 0.5)))
+    if float(scale) * reach >= F32_OVERFLOW:  # exact in float64: both have few bits
+        # The largest value of the format below F32_OVERFLOW / reach, in one step (not one unit at a time);
+        # the division rounds, so the rule itself then confirms it, stepping down a unit at most once or twice.
+        scale = np.float32(largest_below(F32_OVERFLOW / reach, bits))
+        while float(scale) * reach >= F32_OVERFLOW:
+            scale = np.float32(float(scale) - _spacing_below(float(scale), bits))
     return scale
+
+
+def _spacing_below(value: float, bits: int) -> float:
+    """The distance from `value` (> 0, `bits` significant bits) to the next smaller such number: half
+    as wide under a power of two."""
+    mantissa, exponent = math.frexp(value)
+    return 2.0 ** (exponent - bits - (mantissa == 0.5))
+
+
+def largest_below(cap: float, bits: int) -> float:
+    """The largest number with `bits` significant bits strictly below `cap` (> 0, normal range)."""
+    step = _spacing_below(cap, bits)
+    return (math.ceil(cap / step) - 1) * step
 
 
 def reference_scale(amax: float, qmax: float) -> np.float32:

@@ -32,6 +32,14 @@ def code_to_float_table(fmt) -> np.ndarray:
         return codes.astype(np.float32)
 
 
+@lru_cache(maxsize=None)
+def bf16_to_value_table(fmt) -> np.ndarray:
+    """float32[65536]: the FP8 value nearest (RNE) to every bf16 pattern: decode(encode(v)) in one lookup
+    by the round-to-odd pattern of a clamped float32 v."""
+    with np.errstate(invalid="ignore"):
+        return np.take(code_to_float_table(fmt), bf16_to_code_table(fmt))
+
+
 def round_to_odd_bf16(values: np.ndarray) -> np.ndarray:
     """uint32 bf16 pattern (in the low 16 bits) of float32 `values`, rounded to odd; destroys `values`.
 

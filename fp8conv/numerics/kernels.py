@@ -35,11 +35,11 @@ from ..io.untrusted import printable
 from ..plan.scheme import Scheme
 from . import microscale as ms
 from . import observers
+from .lanes import LANES, RowSums  # noqa: F401  (LANES re-exported)
 from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
 from .stats import ErrorStats
 
 WINDOW_ELEMENTS = 1 << 17
-LANES = 8
 _COMPILED_SOURCES = ("bfloat16", "float32", "float16")  # dtype names (ml_dtypes is imported where used)
 BACKENDS = native.BACKENDS
 
@@ -121,33 +121,6 @@ def amax_2d(weight: np.ndarray) -> np.float32:
     return np.float32(amax)
 
 
-class _RowSums:
-    """Per-row float64 sums of squares in the fixed lane order (see the module docstring)."""
-
-    def __init__(self, rows: int) -> None:
-        self.lanes = np.zeros((rows, LANES), np.float64)
-
-    def add(self, values: np.ndarray, first_col: int) -> None:
-        """Continue each row's lanes with float32 `values` [rows, n] that start at column first_col."""
-        rows, n = values.shape
-        skip = first_col % LANES
-        buf = np.zeros((rows, 1 + -(-(skip + n) // LANES), LANES), np.float64)
-        buf[:, 0] = self.lanes[:rows]
-        flat = buf[:, 1:].reshape(rows, -1)
-        np.square(values, out=flat[:, skip : skip + n], dtype=np.float64)
-        # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
-        self.lanes[:rows] = np.add.reduce(buf, axis=1)
-
-    def fold_into(self, total: float, rows: int) -> float:
-        """total + row 0 + row 1 + ..., each row its lanes combined in order 0..7."""
-        per_row = self.lanes[:rows, 0].copy()
-        for lane in range(1, LANES):
-            per_row += self.lanes[:rows, lane]
-        for value in per_row.tolist():
-            total += value
-        return total
-
-
 def quantize_2d(
     weight: np.ndarray,
     scheme: Scheme,
@@ -201,7 +174,7 @@ def quantize_2d(
     stripe = _Stripe(window_rows, window_cols, fmt)
     for r0 in range(0, rows, window_rows):
         h = min(window_rows, rows - r0)
-        sums_ref, sums_err = _RowSums(h), _RowSums(h)
+        sums_ref, sums_err = RowSums(h), RowSums(h)
         for c0 in range(0, cols, window_cols):
             src = weight[r0 : r0 + window_rows, c0 : c0 + window_cols]
             orig, work = stripe.load(src)
@@ -286,7 +259,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
 def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
                       use_compiled: bool | None) -> ErrorStats:
     """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
-    order of the other schemes' (_RowSums); the compiled kernel reproduces them bit for bit."""
+    order of the other schemes' (lanes.RowSums); the compiled kernel reproduces them bit for bit."""
     rows, cols = weight.shape
     group = scheme.group_size
     packed = scheme.fmt.bits == 4
@@ -310,7 +283,7 @@ def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray
         stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
         np.subtract(orig, work, out=work)
         stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
-        sums_ref, sums_err = _RowSums(h), _RowSums(h)
+        sums_ref, sums_err = RowSums(h), RowSums(h)
         sums_ref.add(orig, 0)
         sums_err.add(work, 0)
         stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)

@@ -26,7 +26,7 @@ import numpy as np
 from ..accel import native
 from ..formats import FORMATS
 from ..formats.dtypes import bf16, ml_dtype
-from ..formats.fastcast import bf16_to_code_table, round_to_odd_bf16
+from ..formats.fastcast import bf16_to_code_table, cast_clamped_to_fp8, round_to_odd_bf16
 from ..formats.fp8 import FP8E4M3
 from ..formats.microscaled import MICROSCALE, Microscale  # noqa: F401  (re-exported)
 from ..formats.fp4 import (_bf16_to_e2m1, e2m1_decode, e2m1_encode, e2m1_values, pack_nibbles,  # noqa: F401
@@ -128,7 +128,8 @@ def nvfp4_group_scales(amax: np.ndarray, global_scale: np.float32, arith: np.dty
     scale becomes 0.125 (compressed-tensors' eps)."""
     local = _in_arith(np.asarray(amax, np.float32) / E2M1_MAX, np.dtype(arith))
     scaled = np.minimum(np.float32(global_scale) * local, _e4m3_max()).astype(np.float32)
-    codes = scaled.astype(ml_dtype("float8_e4m3fn")).view(np.uint8)
+    codes = np.empty(scaled.shape, np.uint8)
+    cast_clamped_to_fp8(np.array(scaled, np.float32), FORMATS[FP8E4M3.name], codes)  # within [0, 448]
     codes = np.where(codes & 0x7F, codes, np.float32(NVFP4_ZERO_GROUP_SCALE).astype(ml_dtype("float8_e4m3fn")).view(np.uint8))
     return codes.astype(np.uint8)
 

@@ -58,10 +58,11 @@ from ..accel import native
 from ..formats import FORMATS, SCALE_FORMATS
 from ..formats.fp8 import FP8_BLOCK_EXPONENT, FP8E4M3  # noqa: F401  (FP8_BLOCK_EXPONENT re-exported)
 from ..formats.integer import INT4_EXPONENT  # noqa: F401  (re-exported)
-from ..formats.fastcast import bf16_to_code_table, code_to_float_table, round_to_odd_bf16
+from ..formats.fastcast import bf16_to_value_table, round_to_odd_bf16
 from . import microscale as ms
 from .microscale import e8m0_reciprocal
-from .scales import range_end_scales
+from .lanes import LANES, lane_sums
+from .scales import asymmetric_quotients, range_end_scales, symmetric_quotients, zero_points
 
 SHRINK_FACTORS: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(11))  # 1.00 ... 0.90
 E8M0_FACTORS: tuple[float, ...] = (1.0,)  # the min-max exponent only (module docstring)
@@ -69,7 +70,6 @@ MARGIN = 2.0 ** -20
 EXPONENTS = (2, 3, 4)  # the error exponents the search evaluates (module docstring)
 # Elements per batch of tiles: the working set of one candidate stays in the CPU's L2 cache.
 BATCH_ELEMENTS = 1 << 16
-LANES = 8  # error sums: column c of a tile in lane c % 8 (the order both kernel paths use)
 
 # params(lo, hi) -> (scale, zero point or None), float32 [n]; the scale already rounded as stored.
 ParamsFn = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, Optional[np.ndarray]]"]
@@ -135,18 +135,6 @@ class _Scratch:
         np.square(wide, out=wide)
         power *= wide
         return lane_sums(power), lane_sums(wide)
-
-
-def lane_sums(squares: np.ndarray) -> np.ndarray:
-    """float64 [n]: per row of a float64 [n, m] array (m a multiple of LANES), its sum in the fixed order
-    the compiled kernel reproduces: column c into lane c % 8, each lane sequential, the lanes added 0..7."""
-    n, m = squares.shape
-    # Reducing a non-contiguous axis adds the slices one after the other: sequential per lane.
-    lanes = np.add.reduce(squares.reshape(n, m // LANES, LANES), axis=1)
-    total = lanes[:, 0].copy()
-    for lane in range(1, LANES):
-        total += lanes[:, lane]
-    return total
 
 
 def minmax(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn) -> Choice:
@@ -253,8 +241,6 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
     fmt, scale_fmt = scheme.fmt, scheme.scale_fmt
     round_float = float_rounder(fmt) if fmt.is_float else None
     code_lo, code_hi = (np.float32(v) for v in scheme.code_range)
-    divisor = np.float32(scheme.symmetric_divisor)
-    steps = np.float32(fmt.qmax - fmt.qmin)
 
     def stored(raw: np.ndarray, exact: np.ndarray, empty: np.ndarray) -> np.ndarray:
         # The kernels' rule, range ends included (a scale never 0, capped so codes stay finite).
@@ -263,18 +249,12 @@ def scheme_functions(scheme) -> "tuple[ParamsFn, ReconstructFn]":
         return scale
 
     def symmetric(lo: np.ndarray, hi: np.ndarray):
-        amax = np.maximum(-lo, hi)
-        return stored(amax / divisor, amax.astype(np.float64) / float(divisor), amax == 0), None
+        return stored(*symmetric_quotients(np.maximum(-lo, hi), scheme)), None
 
     def asymmetric(lo: np.ndarray, hi: np.ndarray):
-        lo0, hi0 = np.minimum(lo, np.float32(0)), np.maximum(hi, np.float32(0))
-        with np.errstate(over="ignore"):
-            raw = (hi0 - lo0) / steps
-        exact = (hi0.astype(np.float64) - lo0.astype(np.float64)) / float(steps)
-        raw = np.where(np.isfinite(raw), raw, exact.astype(np.float32))
-        scale = stored(raw, exact, hi0 == lo0)
-        zero = np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
-        return scale, zero
+        raw, exact, empty, lo0 = asymmetric_quotients(lo, hi, scheme)
+        scale = stored(raw, exact, empty)
+        return scale, zero_points(lo0, scale, scheme)
 
     buffers: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}
 
@@ -328,32 +308,16 @@ def _float_rounding(fmt) -> tuple[np.uint32, np.uint32, np.uint32, np.float32, n
 
 
 def float_rounder(fmt) -> Callable[..., None]:
-    """In place: float32 values (already within +-qmax) -> the nearest value of a float element format
-    with subnormals (FP8 e4m3/e5m2), ties to even: the value of decode(encode(v)), without the tables.
-
-    Normal range: round the float32 significand to the format's mantissa bits on the bit pattern;
-    below the smallest normal, the grid is uniform: rint(v / q) * q with q = 2^(emin - mantissa bits).
-    """
-    drop, half, mask, smallest_normal, quantum = _float_rounding(fmt)
+    """In place: float32 values (already within +-qmax) -> the nearest value of an FP8 element format, ties
+    to even: decode(encode(v)) by fastcast's table (the one copy of FP8 rounding on the numpy side)."""
+    table = bf16_to_value_table(fmt)
 
     def round_in_place(values: np.ndarray, aux: Optional[np.ndarray] = None, lsb: Optional[np.ndarray] = None,
                        tiny: Optional[np.ndarray] = None) -> None:
-        """`aux` (float32), `lsb` (uint32) and `tiny` (bool) are scratch of the values' shape."""
+        """`aux` (float32) is scratch of the values' shape (`lsb` and `tiny` are accepted and unused)."""
         aux = np.empty(values.shape, np.float32) if aux is None else aux
-        lsb = np.empty(values.shape, np.uint32) if lsb is None else lsb
-        tiny = np.empty(values.shape, np.bool_) if tiny is None else tiny
-        np.abs(values, out=aux)
-        np.less(aux, smallest_normal, out=tiny)
-        np.divide(values, quantum, out=aux)
-        np.rint(aux, out=aux)
-        aux *= quantum
-        bits = values.view(np.uint32)
-        np.right_shift(bits, drop, out=lsb)
-        lsb &= np.uint32(1)
-        bits += half
-        bits += lsb
-        bits &= mask
-        np.copyto(values, aux, where=tiny)
+        np.copyto(aux, values)
+        np.take(table, round_to_odd_bf16(aux), out=values)
 
     return round_in_place
 
@@ -437,9 +401,7 @@ def _element_value_table(element: str) -> np.ndarray:
 
     if element == "e2m1":
         return np.take(ms.e2m1_values(), ms._bf16_to_e2m1())
-    fmt = FORMATS[FP8E4M3.name]
-    with np.errstate(invalid="ignore"):
-        return np.take(code_to_float_table(fmt), bf16_to_code_table(fmt))
+    return bf16_to_value_table(FORMATS[FP8E4M3.name])
 
 
 def microscale_divisors(codes: np.ndarray, scale_format: str, global_scale: Optional[float]) -> np.ndarray:

@@ -80,16 +80,16 @@ def _scale_cap(scale_format: str, reach: float) -> np.float32:
     return np.float32(cap[0])
 
 
-def scale_from_amax(amax: np.ndarray, scheme: Scheme, name: str = "tensor") -> np.ndarray:
-    """Symmetric stored scale = stored(amax / D) (see _stored_scales), and 1.0 where the tile is all zeros."""
+def symmetric_quotients(amax: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(amax / D in float32, the same in float64, all-zero tiles) of the symmetric rule."""
     amax = np.asarray(amax, np.float32)
     divisor = scheme.symmetric_divisor
-    raw = (amax / np.float32(divisor)).astype(np.float32)
-    return _stored_scales(raw, amax.astype(np.float64) / divisor, scheme, amax == 0, name)
+    return (amax / np.float32(divisor)).astype(np.float32), amax.astype(np.float64) / divisor, amax == 0
 
 
-def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
-    """(stored scale, zero point as float32 integers) from each tile's min and max (float32)."""
+def asymmetric_quotients(lo: np.ndarray, hi: np.ndarray, scheme: Scheme) -> tuple[np.ndarray, ...]:
+    """(quotient in float32, in float64, all-zero tiles, lo0) of the asymmetric rule from each tile's
+    min and max (float32): lo0 = min(lo, 0), hi0 = max(hi, 0), quotient (hi0 - lo0) / (qmax - qmin)."""
     fmt = scheme.fmt
     lo = np.minimum(lo, np.float32(0)).astype(np.float32)
     hi = np.maximum(hi, np.float32(0)).astype(np.float32)
@@ -99,6 +99,23 @@ def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str 
     exact = (hi.astype(np.float64) - lo.astype(np.float64)) / steps
     # hi - lo beyond the float32 range (|values| near its maximum on both sides): the float64 quotient.
     raw = np.where(np.isfinite(raw), raw, exact.astype(np.float32))
-    scale = _stored_scales(raw, exact, scheme, hi == lo, name)
-    zp = np.clip(np.rint(fmt.qmin32 - lo / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
-    return scale, zp
+    return raw, exact, hi == lo, lo
+
+
+def zero_points(lo0: np.ndarray, scale: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """Zero points as float32 integers: clip(rint(qmin - lo0 / scale), qmin, qmax)."""
+    fmt = scheme.fmt
+    return np.clip(np.rint(fmt.qmin32 - lo0 / scale), fmt.qmin32, fmt.qmax32).astype(np.float32)
+
+
+def scale_from_amax(amax: np.ndarray, scheme: Scheme, name: str = "tensor") -> np.ndarray:
+    """Symmetric stored scale = stored(amax / D) (see _stored_scales), and 1.0 where the tile is all zeros."""
+    raw, exact, zero = symmetric_quotients(amax, scheme)
+    return _stored_scales(raw, exact, scheme, zero, name)
+
+
+def asymmetric_params(lo: np.ndarray, hi: np.ndarray, scheme: Scheme, name: str = "tensor") -> tuple[np.ndarray, np.ndarray]:
+    """(stored scale, zero point as float32 integers) from each tile's min and max (float32)."""
+    raw, exact, zero, lo0 = asymmetric_quotients(lo, hi, scheme)
+    scale = _stored_scales(raw, exact, scheme, zero, name)
+    return scale, zero_points(lo0, scale, scheme)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..io.checkpoint import REPORT_HTML_NAME, REPORT_NAME
 from ..errors import InputError, OutputError
-from .text import PATH_WORDS
+from .text import PATH_WORDS, human_bytes
 from ..io.untrusted import load_json, printable
 
 WORST_SHOWN = 20
@@ -186,15 +186,6 @@ def fmt(key: str, value: object) -> str:
     if style == "int" or isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4g}"
-
-
-def human_bytes(n: int) -> str:
-    size, unit = float(n), "B"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1000 or unit == "TB":
-            break
-        size /= 1000
-    return f"{n} B" if unit == "B" else f"{size:.2f} {unit}"
 
 
 def fmt_bytes(n: int) -> str:
