@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 sys.path.append(str(HERE.parent))  # fp8conv from PYTHONPATH when set, else this checkout
 from make_checkpoint import heavy_tailed  # noqa: E402
 
-from fp8conv.numerics import kernels  # noqa: E402
+from fp8conv.numerics import api, kernels  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
                         help="quantize in row chunks of about this many MiB of source, as the pipeline reads them")
     args = parser.parse_args()
     weight = heavy_tailed(np.random.default_rng(0), (args.rows, args.cols))
-    scheme = kernels.make_scheme(args.format, args.granularity, 128, 128)
+    scheme = api.make_scheme(args.format, args.granularity, 128, 128)
     kernels.quantize_2d(weight[:128], scheme, backend=args.backend)  # load / compile outside the timing
     step = min(args.rows, max(128, int(args.chunk_mib * 2**20) // (weight.shape[1] * weight.itemsize) // 128 * 128))
     best = float("inf")

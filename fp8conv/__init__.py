@@ -9,7 +9,7 @@ __all__ = ["QuantizedTensor", "dequantize_tensor", "quantize_tensor", "__version
 def __getattr__(name: str):
     """The public API, imported when first used: `import fp8conv` (and the CLI's start-up) stays light."""
     if name in ("QuantizedTensor", "dequantize_tensor", "quantize_tensor"):
-        from .numerics import kernels
+        from .numerics import api
 
-        return getattr(kernels, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'fp8conv' has no attribute {name!r}")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8conv.accel import native
-from fp8conv.numerics import observers
+from fp8conv.numerics import api, kernels, observers
 from fp8conv.plan.scheme import Scheme
 
 
@@ -423,11 +423,9 @@ def ref_tiles(w: np.ndarray, tile: tuple[int, int]) -> list[np.ndarray]:
 @pytest.mark.parametrize("scheme", WIRED, ids=[s.describe() for s in WIRED])
 @pytest.mark.parametrize("backend", ["auto", "numpy"])
 def test_quantize_with_mse_scales_is_the_brute_force_choice(scheme, backend):
-    from fp8conv.numerics import kernels
-
     rng = np.random.default_rng(21)
     w = (rng.standard_t(3, size=(40, 72)) * 0.05).astype(np.float32)
-    q = kernels.quantize_array(w, scheme, backend=backend)
+    q = api.quantize_array(w, scheme, backend=backend)
     kind = Kind(kernels._resolved(scheme, w.dtype))
     scales = q.scales.ravel()
     zeros = None if q.zero_points is None else q.zero_points.ravel()
@@ -444,7 +442,7 @@ def test_quantize_with_mse_scales_is_the_brute_force_choice(scheme, backend):
         total_err += errs[keys.index(key)]
         total_minmax += errs[0]
     # Codes are the plain quantization of the weight with those scales.
-    deq = kernels.dequantize_array(q.codes, q.scales, scheme, zero_points=q.zero_points).astype(np.float64)
+    deq = api.dequantize_array(q.codes, q.scales, scheme, zero_points=q.zero_points).astype(np.float64)
     assert ((deq - w) ** 2).sum() == pytest.approx(total_err, rel=1e-9)
     assert q.stats.minmax_sum_sq_err == pytest.approx(total_minmax, rel=1e-9)
     assert q.stats.observed_sum_sq_err == pytest.approx(total_err, rel=1e-9)
@@ -472,9 +470,9 @@ def test_compiled_kernel_with_mse_scales_equals_numpy(scheme, dtype, monkeypatch
     w = (rng.standard_t(3, size=(40, 72)) * 0.05).astype(np.float32)
     w[3, 5] = 0.0
     w = w.astype(ml_dtypes.bfloat16) if dtype == "bfloat16" else w
-    fast = kernels.quantize_array(w, scheme, backend="native")
+    fast = api.quantize_array(w, scheme, backend="native")
     assert calls == [not scheme.symmetric], "the compiled kernel did not quantize with the observer's grids"
-    ref = kernels.quantize_array(w, scheme, backend="numpy")
+    ref = api.quantize_array(w, scheme, backend="numpy")
     assert len(calls) == 1
     assert fast.codes.tobytes() == ref.codes.tobytes()
     assert fast.scales.tobytes() == ref.scales.tobytes()

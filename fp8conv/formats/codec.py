@@ -12,8 +12,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..registry import Registered
 
-class ElementFormat:
+
+class ElementFormat(Registered):
     """A target format of quantization: facts plus encode / decode / pack / unpack.
 
     Codes live in memory as `dtype` (one code per element: FP8 as its ml_dtypes type, integers as
@@ -22,6 +24,7 @@ class ElementFormat:
     """
 
     registry: ClassVar[dict[str, "ElementFormat"]] = {}
+    kind = "format"
     name: ClassVar[str]
     bits: ClassVar[int]
     is_float: ClassVar[bool]
@@ -42,15 +45,6 @@ class ElementFormat:
     # A float format with subnormals, for the compiled kernels' rounding (accel/native.py); 0 / 0: integers.
     mantissa_bits: ClassVar[int] = 0
     exponent_bias: ClassVar[int] = 0
-
-    def __init_subclass__(cls, name: str = "", **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if name:
-            cls.name = name
-            ElementFormat.registry[name] = cls()
-
-    def __repr__(self) -> str:
-        return f"<format {self.name}>"
 
     @property
     def emax(self) -> int:

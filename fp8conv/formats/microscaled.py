@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .codec import FORMATS, ElementFormat
+from .fp4 import FP4E2M1
+from .fp8 import FP8E4M3
 from .scales import SCALE_FORMATS, MicroScaleFormat
 
 
@@ -40,9 +42,9 @@ class Microscale:
 
 
 MICROSCALE: dict[str, Microscale] = {m.name: m for m in (
-    Microscale("nvfp4", "fp4_e2m1", 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16", 0.20),
-    Microscale("mxfp4", "fp4_e2m1", 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16", 0.25),
-    Microscale("mxfp8", "fp8_e4m3", 32, "e8m0", "mxfp8-quantized", "MXFP8A16", 0.08),
+    Microscale("nvfp4", FP4E2M1.name, 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16", 0.20),
+    Microscale("mxfp4", FP4E2M1.name, 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16", 0.25),
+    Microscale("mxfp8", FP8E4M3.name, 32, "e8m0", "mxfp8-quantized", "MXFP8A16", 0.08),
 )}
 
 

@@ -18,6 +18,7 @@ from ..formats import FORMATS, MICROSCALE
 from ..formats.dtypes import DTYPE_BYTES
 from ..plan.architecture import module_name
 from ..plan.scheme import Scheme
+from ..registry import Registered
 
 CODES, SCALE, ZERO_POINT, SHAPE, GLOBAL_SCALE = "codes", "scale", "zero_point", "shape", "global_scale"
 PACK_QUANTIZED = "pack-quantized"
@@ -68,11 +69,12 @@ def packs(scheme: Scheme) -> bool:
     return scheme.weight_only and scheme.fmt.packs_int32
 
 
-class Layout:
+class Layout(Registered):
     """One on-disk layout of quantized weights. Subclasses register themselves (`name=`) and override
     what differs from the plain form: `<m>.weight` codes and `<m>.<scale_suffix>` scale grid."""
 
     registry: ClassVar[dict[str, "Layout"]] = {}
+    kind = "layout"
     name: ClassVar[str]
     label: ClassVar[str]  # what inspect shows
     quant_method: ClassVar[str]  # quantization_config.quant_method it writes, and is recognised by
@@ -91,15 +93,6 @@ class Layout:
     whole_blocks_only: ClassVar[bool] = False  # transformers refuses a weight that does not divide into blocks
     moe_single_block: ClassVar[bool] = False  # transformers' MoE loader cannot expand block scales > one block
     implicit_unquantized: ClassVar[tuple[str, ...]] = ("embedding",)  # rule kinds its loaders keep unlisted
-
-    def __init_subclass__(cls, name: str = "", **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if name:
-            cls.name = name
-            Layout.registry[name] = cls()
-
-    def __repr__(self) -> str:
-        return f"<layout {self.name}>"
 
     # ---- writing -------------------------------------------------------------------------------
 

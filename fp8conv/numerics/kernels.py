@@ -28,18 +28,18 @@ import numpy as np
 
 from ..accel import native
 from ..errors import InputError, SchemeError
-from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE, ElementFormat
+from ..formats import TAG_OF_DTYPE, ElementFormat
 from ..formats.dtypes import bf16
-from ..formats.scales import _round_bf16
 from ..io.untrusted import printable
 from ..plan.scheme import Scheme
 from . import microscale as ms
 from . import observers
 from .lanes import LANES, RowSums  # noqa: F401  (LANES re-exported)
 from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
+from .dequantize import WINDOW_ELEMENTS, dequantize_2d, dequantize_rows, round_to_bf16, window as _window  # noqa: F401
+from .nonfinite import NonFiniteError, count_nonfinite, microscale_nonfinite_error, nonfinite_error  # noqa: F401
 from .stats import ErrorStats
 
-WINDOW_ELEMENTS = 1 << 17
 _COMPILED_SOURCES = ("bfloat16", "float32", "float16")  # dtype names (ml_dtypes is imported where used)
 BACKENDS = native.BACKENDS
 
@@ -65,25 +65,6 @@ def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
         wide <<= 16
     else:
         np.copyto(dst, src, casting="unsafe")
-
-
-def _window(scheme: Scheme, rows: int, cols: int, whole_scale: bool) -> tuple[int, int, int, int]:
-    """(tile_rows, tile_cols, window_rows, window_cols): windows are whole tiles near WINDOW_ELEMENTS."""
-    if whole_scale:
-        tile_rows, tile_cols = 1, max(cols, 1)
-    else:
-        # A tile larger than the matrix covers it in one band / one column of tiles whatever its
-        # declared size: buffers follow the data (--block-size 65536 on an 8x8 weight), not the tile.
-        tile_rows, tile_cols = scheme.tile(rows, cols)
-        tile_rows, tile_cols = min(tile_rows, max(rows, 1)), min(tile_cols, max(cols, 1))
-    tiles_across = max(1, min(-(-cols // tile_cols), WINDOW_ELEMENTS // (tile_rows * tile_cols)))
-    window_cols = tiles_across * tile_cols
-    tiles_down = max(1, min(-(-rows // tile_rows), WINDOW_ELEMENTS // (tile_rows * window_cols)))
-    return tile_rows, tile_cols, tiles_down * tile_rows, window_cols
-
-
-class NonFiniteError(InputError):
-    """A tensor to quantize holds NaN or Inf (refused unless explicitly allowed)."""
 
 
 def _resolved(scheme: Scheme, dtype: np.dtype) -> Scheme:
@@ -414,28 +395,6 @@ def _saturate_nonfinite(orig, work, stats) -> None:
     orig[mask] = 0  # excluded from the error statistics
 
 
-def count_nonfinite(chunks: Iterable[np.ndarray]) -> tuple[int, int]:
-    """(NaN count, Inf count) over arrays of bf16/f16/f32 values."""
-    nan = inf = 0
-    for chunk in chunks:
-        values = chunk.astype(np.float32)
-        nan += int(np.isnan(values).sum())
-        inf += int(np.isinf(values).sum())
-    return nan, inf
-
-
-def nonfinite_error(name: str, nan: int, inf: int) -> NonFiniteError:
-    return NonFiniteError(
-        f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; refusing to quantize it "
-        "(--allow-nonfinite maps NaN to 0 and Inf to +-qmax)"
-    )
-
-
-def microscale_nonfinite_error(name: str, fmt: str, nan: int, inf: int) -> NonFiniteError:
-    return NonFiniteError(f"tensor {printable(name)} holds {nan} NaN and {inf} Inf values; {fmt} has no mapping for "
-                          "them: fix the weights or keep the tensor in high precision with --ignore")
-
-
 def tensor_scale_of(chunks: Callable[[], Iterable[np.ndarray]], scheme: Scheme, allow_nonfinite: bool,
                     name: str) -> np.float32:
     """The one (stored) scale of tensor granularity, over a tensor seen as row chunks (`chunks()` is
@@ -472,158 +431,3 @@ def _accumulate_stats(stats, orig, codes, scale, zp, tiles, scheme: Scheme, work
     stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
     np.subtract(orig, work, out=work)
     stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
-
-
-def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np.ndarray | None = None,
-                  out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
-    """[rows, cols] = (code value - zero point) * scale of its tile, computed in float32 in
-    cache-sized windows, then rounded to nearest even into `out_dtype` (float32, bf16 or f16)."""
-    fmt = scheme.fmt
-    rows, cols = codes.shape
-    whole_scale = scheme.granularity == "tensor"
-    expected = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
-    if scales.size == 1 and whole_scale:
-        scales = scales.reshape(1, 1)
-    if tuple(scales.shape) != expected:
-        raise SchemeError(f"scale grid {tuple(scales.shape)} does not fit weight {codes.shape} under {scheme.describe()}")
-    if zero_points is not None:
-        zero_points = np.asarray(zero_points, np.float32).reshape(scales.shape)
-    if out is None:
-        out = np.empty((rows, cols), out_dtype)
-    tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
-    scratch = np.empty((min(window_rows, rows), min(window_cols, cols)), np.float32)
-    for r0 in range(0, rows, window_rows):
-        for c0 in range(0, cols, window_cols):
-            part = codes[r0 : r0 + window_rows, c0 : c0 + window_cols]
-            values = scratch[: part.shape[0], : part.shape[1]]
-            fmt.decode(part, values)
-            if whole_scale:
-                if zero_points is not None:
-                    values -= zero_points[0, 0]
-                values *= scales[0, 0]
-            else:
-                gr, gc = r0 // tile_rows, c0 // tile_cols
-                cut = (slice(gr, gr + -(-part.shape[0] // tile_rows)), slice(gc, gc + -(-part.shape[1] // tile_cols)))
-
-                def expand(grid: np.ndarray) -> np.ndarray:
-                    big = np.repeat(np.repeat(grid[cut], tile_rows, axis=0), tile_cols, axis=1)
-                    return big[: part.shape[0], : part.shape[1]]
-
-                if zero_points is not None:
-                    values -= expand(zero_points)
-                values *= expand(scales)
-            dst = out[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]]
-            with np.errstate(over="ignore"):  # beyond the target's range gives Inf; callers count and refuse it
-                dst[...] = round_to_bf16(values) if out.dtype == bf16() else values
-    return out
-
-
-def round_to_bf16(values: np.ndarray) -> np.ndarray:
-    """float32 -> bf16, rounding to nearest even on the bit pattern (what ml_dtypes' cast does, several
-    times faster); inputs must be finite, as dequantized weights are."""
-    return _round_bf16(values).view(bf16())
-
-
-def dequantize_rows(codes: np.ndarray, grid_rows: np.ndarray, scheme: Scheme,
-                    out_dtype: np.dtype | type = np.float32, zero_points: np.ndarray | None = None) -> np.ndarray:
-    """A row chunk of codes, given the scale-grid (and zero-point) rows that cover it (whole tiles).
-
-    For tensor granularity the grid is the single scale, whatever the chunk. Values past the output
-    dtype come back as Inf without a numpy warning: the callers count them and say where they are.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        return _dequantize_rows(codes, grid_rows, scheme, out_dtype, zero_points)
-
-
-def _dequantize_rows(codes, grid_rows, scheme: Scheme, out_dtype, zero_points):
-    if scheme.granularity == "tensor":
-        # Every row has the same scale: one scale per row is the same arithmetic.
-        per_row = np.full((codes.shape[0], 1), grid_rows.reshape(-1)[0], np.float32)
-        zp = None if zero_points is None else np.full((codes.shape[0], 1), np.asarray(zero_points).reshape(-1)[0], np.float32)
-        return dequantize_2d(codes, per_row, Scheme(scheme.format, "channel", activations=scheme.activations,
-                                                    symmetric=scheme.symmetric), out_dtype=out_dtype, zero_points=zp)
-    return dequantize_2d(codes, grid_rows, scheme, out_dtype=out_dtype, zero_points=zero_points)
-
-
-def _per_expert(shape: tuple[int, ...]) -> bool:
-    if len(shape) not in (2, 3):
-        raise SchemeError(f"only 2-D weights and 3-D stacked experts are quantized, got shape {shape}")
-    return len(shape) == 3
-
-
-def quantize_tensor(
-    array: np.ndarray,
-    format: str = DEFAULT_FORMAT,
-    granularity: str = "block",
-    block_size: int | tuple[int, int] = 128,
-    group_size: int = 128,
-    symmetric: bool = True,
-    activations: str | None = None,
-    scale_format: str = "float32",
-    backend: str = "auto",
-) -> QuantizedTensor:
-    """Public API: quantize a 2-D weight [out, in] or 3-D experts [E, out, in] (bf16/f16/f32)."""
-    scheme = make_scheme(format, granularity, block_size, group_size, symmetric, activations, scale_format)
-    return quantize_array(array, scheme, backend=backend)
-
-
-def quantize_array(array: np.ndarray, scheme: Scheme, name: str = "tensor", allow_nonfinite: bool = False,
-                   backend: str = "auto") -> QuantizedTensor:
-    """Quantize 2-D or per expert for 3-D; scales (and zero points) are [E, grid...] for experts."""
-    if not _per_expert(array.shape):
-        return quantize_2d(array, scheme, name=name, allow_nonfinite=allow_nonfinite, backend=backend)
-    parts = [quantize_2d(expert, scheme, name=f"{name}[{i}]", allow_nonfinite=allow_nonfinite, backend=backend)
-             for i, expert in enumerate(array)]
-    stats = ErrorStats()
-    for part in parts:
-        stats.merge(part.stats)
-    grid = scheme.scale_grid(*array.shape[1:])
-    codes = np.stack([p.codes for p in parts]) if parts else np.empty(array.shape, scheme.fmt.dtype)
-    scales = np.stack([p.scales for p in parts]) if parts else np.empty((0, *grid), np.float32)
-    zps = None
-    if not scheme.symmetric:
-        zps = np.stack([p.zero_points for p in parts]) if parts else np.empty((0, *grid), np.int8)
-    return QuantizedTensor(codes, scales, stats, zps)
-
-
-def dequantize_tensor(
-    codes: np.ndarray,
-    scales: np.ndarray,
-    format: str = DEFAULT_FORMAT,
-    granularity: str = "block",
-    block_size: int | tuple[int, int] = 128,
-    group_size: int = 128,
-    zero_points: np.ndarray | None = None,
-    activations: str | None = None,
-) -> np.ndarray:
-    """Public API: float32 weights w' = (q - zp) * scale from codes and their scale (zero-point) grid."""
-    scheme = make_scheme(format, granularity, block_size, group_size, zero_points is None, activations)
-    return dequantize_array(codes, scales, scheme, zero_points)
-
-
-def dequantize_array(codes: np.ndarray, scales: np.ndarray, scheme: Scheme,
-                     zero_points: np.ndarray | None = None) -> np.ndarray:
-    if not _per_expert(codes.shape):
-        return dequantize_2d(codes, _as_grid(scales, 2), scheme, zero_points=zero_points)
-    out = np.empty(codes.shape, np.float32)
-    grids = _as_grid(scales, 3)
-    if grids.shape[0] != codes.shape[0]:
-        raise SchemeError(f"scales for {grids.shape[0]} experts do not fit weight {codes.shape}")
-    for i in range(codes.shape[0]):
-        dequantize_2d(codes[i], grids[i], scheme, out=out[i], zero_points=None if zero_points is None else zero_points[i])
-    return out
-
-
-def _as_grid(scales: np.ndarray, ndim: int) -> np.ndarray:
-    """Accept the stored shapes of a per-tensor scale ((), (1,), [E, 1]) as a 2-D grid."""
-    scales = np.asarray(scales, dtype=np.float32)
-    while scales.ndim < ndim:
-        scales = scales.reshape(*scales.shape, 1) if scales.ndim else scales.reshape(1)
-    return scales
-
-
-def make_scheme(format: str, granularity: str, block_size: int | tuple[int, int], group_size: int,
-                symmetric: bool = True, activations: str | None = None, scale_format: str = "float32") -> Scheme:
-    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    return Scheme(format=format, granularity=granularity, block_size=block, group_size=group_size,
-                  symmetric=symmetric, activations=activations, scale_format=scale_format)
