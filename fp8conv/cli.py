@@ -24,6 +24,7 @@ from .layouts import DEFAULT_LAYOUT, layout_names
 from .plan.architecture import DEFAULT_RULES
 from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity,
                           microscale_scheme, parse_block_size, parse_override)
+from .evaluate.quality import DEFAULT_TOKENS, DEFAULT_WINDOW
 from .io.untrusted import printable
 
 EXIT_CODES_HELP = (
@@ -267,6 +268,28 @@ def run_options(func):
     return _apply(options, func)
 
 
+def eval_options(func):
+    """--text/--tokens/--window/--engine/--max-kl/--min-top1/--min-cosine, shared by eval and verify --eval."""
+    options = [
+        click.option("--text", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="UTF-8 text to evaluate on [default: the built-in corpus, original prose, CC0-1.0]."),
+        click.option("--tokens", type=click.IntRange(2, 10**7), default=DEFAULT_TOKENS, show_default=True,
+                     help="Tokens of the text to use (decoders)."),
+        click.option("--window", type=click.IntRange(2, 10**6), default=DEFAULT_WINDOW, show_default=True,
+                     help="Tokens per forward pass; metrics are given per window and overall."),
+        click.option("--eval-engine", "eval_engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
+                     show_default=True, help="Engine that runs the quantized model (vllm: FP8CONV_VLLM_PYTHON's vLLM, "
+                     "decoders only)."),
+        click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=None, callback=_finite,
+                     help="Largest mean KL(source || quantized) per token, nats [default: per scheme, see README]."),
+        click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+                     help="Smallest top-1 agreement [default: per scheme]."),
+        click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None,
+                     help="Encoders: smallest mean cosine of pooled embeddings [default: per scheme]."),
+    ]
+    return _apply(options, func)
+
+
 def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size: int, activations: str | None = None,
                  asymmetric: bool = False, observer: str = "minmax") -> Scheme:
     from .errors import SchemeError
@@ -313,11 +336,12 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
               help="Tensor-parallel size the output must split over (vLLM partition and block divisibility).")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)),
               help="Refuse (exit 2, nothing written) what this engine could not load; without it those are warnings. Repeatable.")
+@click.option("--no-card", is_flag=True, help="Do not write the model card OUT/README.md (SRC's README.md is copied as is).")
 @run_options
 @handle_errors
 def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore,
-             include, allow_nonfinite, overrides, tp, engines, workers, max_shard_size, overwrite, resume, dry_run, as_json,
-             quiet, partition, ray_address, parts) -> None:
+             include, allow_nonfinite, overrides, tp, engines, no_card, workers, max_shard_size, overwrite, resume, dry_run,
+             as_json, quiet, partition, ray_address, parts) -> None:
     """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
 
     \b
@@ -331,7 +355,20 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
                     layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
                     max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines),
                     schemes=tuple(_with_observer(parse_override(text), observer) for text in overrides))
-    _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
+    if _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts):
+        from .report import card
+
+        if no_card:
+            card.keep_source_card(out, src)
+        else:
+            card.write_card(out, src, _command_line())
+
+
+def _command_line() -> str:
+    """The command as typed (argv, shell-quoted), for the model card."""
+    import shlex
+
+    return " ".join(["fp8conv", *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def _with_observer(override: tuple[str, Scheme], observer: str) -> tuple[str, Scheme]:
@@ -369,9 +406,9 @@ def _check_output(src: Path, out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
-         quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> None:
+         quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> bool:
     """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
-    the whole run, and the report."""
+    the whole run, and the report. True when OUT is complete."""
     from .accel import native
     from .run import pipeline
     from .report import text as render
@@ -403,7 +440,7 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
             say(f"fp8conv: error: {refusal}")
         if plan.refusals:
             sys.exit(EXIT_USAGE)
-        return
+        return False
     if ray_address is not None:
         from .run.distributed import run_on_ray
 
@@ -418,8 +455,9 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     if result.part is not None:
         summary = {"partition": result.part.label, "shards": result.shards, "out": str(out)}
         emit(json.dumps(summary, indent=2) if as_json else render.part_summary(summary))
-        return
+        return False
     emit(json.dumps(result.report, indent=2) if as_json else render.conversion_report(result.report, verb, str(src), str(out)))
+    return True
 
 
 def _parse_partition(text: str | None):
@@ -448,7 +486,10 @@ def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_
 
     _refuse_conflicts(None, overwrite, resume)
     recipe = Recipe(DEQUANTIZE, out_dtype=HIGH_PRECISION[dtype], max_shard_size=parse_size(max_shard_size))
-    _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts)
+    if _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts):
+        from .report.card import keep_source_card
+
+        keep_source_card(out, src)
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -515,8 +556,11 @@ def _finite(ctx, param, value: float | None) -> float | None:
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Also write the HTML page of the result (with --against: the measured errors) to FILE.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("--eval", "run_eval", is_flag=True, help="Also run `fp8conv eval PATH --against SRC` (needs --against).")
+@eval_options
 @handle_errors
-def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet) -> None:
+def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet, run_eval, text, tokens, window,
+           eval_engine, max_kl, min_top1, min_cosine) -> None:
     """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails."""
     from .report import text as render
     from .errors import EXIT_CHECK_FAILED
@@ -524,10 +568,19 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet)
 
     if html_path is not None and str(html_path) == "-":
         raise click.UsageError("--html - would mix the page with the summary on stdout; give a file name")
+    if run_eval and against is None:
+        raise click.UsageError("--eval needs --against SRC (the model to compare with)")
     options = VerifyOptions(against=against, max_rel_error=max_rel_error, tp=tp, engines=tuple(engines))
     with progress_bar(total_work(path, against), quiet, "verify") as bar:
         result = verify_checkpoint(path, options, progress=bar.update).to_json()
-    emit(json.dumps(result, indent=2) if as_json else render.verify_summary(result))
+    if run_eval:
+        from .evaluate.quality import summary_text
+
+        result["eval"] = _evaluate(path, against, text, tokens, window, eval_engine, max_kl, min_top1, min_cosine, quiet,
+                                   record=False)
+        result["passed"] = result["passed"] and result["eval"]["passed"]
+    emit(json.dumps(result, indent=2) if as_json else render.verify_summary(result)
+         + ("\n" + summary_text(result["eval"]) if run_eval else ""))
     if html_path is not None:
         from .report import html_page as html_report
 
@@ -548,6 +601,63 @@ def report(out, html_path) -> None:
 
     page = html_report.render_conversion(html_report.load_report(out))
     _emit_page(page, html_path if html_path is not None else html_report.default_page_path(out))
+
+
+def _evaluate(out: Path, against: Path, text, tokens, window, eval_engine, max_kl, min_top1, min_cosine, quiet,
+              record: bool = True) -> dict:
+    """Run the eval (library), record it in OUT (not for verify: it reads only), return its JSON; exit 2 with one
+    line when the extra is missing."""
+    from .evaluate.quality import require_eval_extra
+
+    require_eval_extra()
+    from .evaluate import models as evaluation
+    from .report import annotate
+
+    gate = {k: v for k, v in (("max_kl", max_kl), ("min_top1", min_top1), ("min_cosine", min_cosine)) if v is not None}
+    result = evaluation.evaluate(against, out, text, tokens, window, eval_engine, gate,
+                                 progress=lambda m: quiet or say(f"fp8conv: eval: {m}"))
+    data = result.to_json()
+    if record:
+        annotate.record_eval(out, data)
+    return data
+
+
+@main.command("eval", epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--against", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="The source checkpoint folder (config and tokenizer too).")
+@eval_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
+@handle_errors
+def eval_(out, against, text, tokens, window, eval_engine, max_kl, min_top1, min_cosine, as_json, quiet) -> None:
+    """Run SRC and the quantized OUT as an engine loads them and compare their outputs; exit 1 when the gate fails.
+
+    \b
+    Decoders: mean KL(source || quantized) per token, top-1 agreement, both perplexities, NaN/Inf count;
+    encoders: cosine of mean-pooled embeddings. Writes OUT/fp8conv.eval.json (listed in the manifest,
+    shown in the HTML report and the model card). Needs `pip install 'fp8conv[eval]'`.
+    """
+    from .errors import EXIT_CHECK_FAILED
+    from .evaluate.quality import summary_text
+
+    data = _evaluate(out, against, text, tokens, window, eval_engine, max_kl, min_top1, min_cosine, quiet)
+    emit(json.dumps(data, indent=2) if as_json else summary_text(data))
+    if not data["passed"]:
+        sys.exit(EXIT_CHECK_FAILED)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--source", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Take the original card from this folder's README.md [default: the one kept in OUT's card].")
+@click.option("--base-model", default=None, help="base_model in the front matter (a Hub id) [default: kept, or SRC's name].")
+@handle_errors
+def card(out, source, base_model) -> None:
+    """Render OUT/README.md, the model card, again from OUT's manifest, report and eval result."""
+    from .report.card import write_card
+
+    say(f"fp8conv: wrote {write_card(out, source, '', base_model)}")
 
 
 def _emit_page(page: str, target: Path) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..plan.architecture import Architecture
 from ..plan.engines import fused_constraints, kept_experts_constraints, weight_constraints
+from ..report.card import CARD_NAME, card_digest_matches
 from ..io.checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from ..errors import InputError
 from ..numerics.kernels import load_float32
@@ -128,10 +129,22 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
             progress(target.stat().st_size)
         if not isinstance(record, dict) or record.get("sha256") != digest:
             result.fail("integrity", f"file {printable(rel)} does not match its sha256 in the manifest")
+    _check_card(checkpoint.root, files, result)
     for path in sorted(checkpoint.root.iterdir()):
-        if path.name != MANIFEST_NAME and path.name not in files:
+        if path.name not in (MANIFEST_NAME, CARD_NAME) and path.name not in files:
             result.fail("integrity", f"{printable(path.name)} is in the folder but not in the manifest: "
                         "nothing vouches for its bytes")
+
+
+def _check_card(root: Path, files: dict, result: VerifyResult) -> None:
+    """The model card quotes the manifest's sha256 (so the manifest cannot list it): that quote is checked."""
+    if CARD_NAME in files or not (root / CARD_NAME).is_file():
+        return
+    matches = card_digest_matches(root)
+    if matches is None:
+        result.warn("integrity", f"{CARD_NAME} is not an fp8conv model card and not in the manifest: nothing vouches for it")
+    elif not matches:
+        result.warn("integrity", f"{CARD_NAME} quotes another manifest's sha256: re-render it with `fp8conv card`")
 
 
 # ---- 2. structure -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ CONFIG_NAME = "config.json"
 MANIFEST_NAME = "fp8conv.manifest.json"
 REPORT_NAME = "fp8conv.report.json"
 REPORT_HTML_NAME = "fp8conv.report.html"
+CARD_NAME = "README.md"  # the model card fp8conv.report.card writes (SRC's own card is merged into it, not copied)
 
 
 @dataclass

@@ -9,6 +9,7 @@ conversion writes is byte-identical across runs and worker counts.
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 import statistics
@@ -559,6 +560,23 @@ def _warnings_section(warnings: object) -> str:
     return _section("warnings", "Warnings", "<ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
 
 
+def _eval_section(evaluation: dict | None) -> str:
+    """fp8conv eval's verdict, reasons and per-window metrics (the model's outputs, not its weights)."""
+    if not isinstance(evaluation, dict):
+        return ""
+    verdict = "PASS" if evaluation.get("passed") else "FAIL"
+    reasons = "".join(f"<li>{esc(r)}</li>" for r in evaluation.get("reasons") or [])
+    windows = [w for w in evaluation.get("windows") or [] if isinstance(w, dict)]
+    overall = evaluation.get("overall")
+    labelled = [(str(i + 1), w) for i, w in enumerate(windows)] + ([("all", overall)] if isinstance(overall, dict) else [])
+    keys = [k for k in (labelled[0][1] if labelled else {})]
+    table = _table(["window", *[esc(k) for k in keys]], [[label, *[fmt(k, w.get(k)) for k in keys]] for label, w in labelled],
+                   ["name", *["num"] * len(keys)]) if labelled else ""
+    head = (f"<p data-eval=\"{verdict.lower()}\"><b>{verdict}</b> · {esc(evaluation.get('engine'))} · "
+            f"text {esc(evaluation.get('text'))} · gate {esc(json.dumps(evaluation.get('gate')))}</p>")
+    return _section("eval", "Evaluation (fp8conv eval)", head + (f"<ul>{reasons}</ul>" if reasons else "") + table)
+
+
 def _document(title: str, subtitle: str, body: list[str], origin: str) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             # No script, no network: the page is opened on air-gapped machines, and names are untrusted.
@@ -580,12 +598,13 @@ def _scheme_line(scheme: object) -> str:
 # ---- pages --------------------------------------------------------------------------------------
 
 
-def render_conversion(report: dict) -> str:
-    """The page of a conversion, from its report dict (fp8conv.report.json)."""
+def render_conversion(report: dict, evaluation: dict | None = None) -> str:
+    """The page of a conversion, from its report dict (fp8conv.report.json) and eval result (fp8conv.eval.json)."""
     rows = [r for r in report.get("tensors", []) if isinstance(r, dict)]
     return _document("fp8conv conversion report", _scheme_line(report.get("scheme")), [
         _summary_cards(report, rows),
         _warnings_section(report.get("warnings")),
+        _eval_section(evaluation),
         *_report_sections(report, rows, with_paths=True),
     ], REPORT_NAME)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..accel import native
 from ..report import html_page as html_report
-from ..io.checkpoint import CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
+from ..io.checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
 from ..plan.conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
 from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
 from ..formats import SAFETENSORS_DTYPES
@@ -741,9 +741,10 @@ def _write_config(plan: ConversionPlan, checkpoint: Checkpoint, staging: Staging
 
 
 def _copy_extras(checkpoint: Checkpoint, staging: Staging) -> None:
-    """Tokenizer, generation config, README...: real files in OUT even when SRC holds links."""
+    """Tokenizer, generation config...: real files in OUT even when SRC holds links. README.md is the model
+    card's (fp8conv.card merges SRC's into it after the run)."""
     for path in checkpoint.extra_files:
         target = staging.path(path.name)
-        if path.name in (MANIFEST_NAME, REPORT_NAME, REPORT_HTML_NAME) or target.exists():
+        if path.name in (MANIFEST_NAME, REPORT_NAME, REPORT_HTML_NAME, CARD_NAME) or target.exists():
             continue
         shutil.copyfile(path, target)

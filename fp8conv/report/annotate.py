@@ -1,0 +1,46 @@
+"""Files fp8conv adds to a finished OUT after the run: the eval result (listed in the manifest, shown in
+the HTML report) and the model card re-rendered to quote the manifest that now lists it."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import html_page as html_report
+from .card import CARD_NAME, write_card
+from ..errors import OutputError
+from ..evaluate.quality import EVAL_NAME
+from ..io.checkpoint import MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME
+from ..io.safetensors import sha256_of
+
+
+def record_eval(out: Path, data: dict) -> list[Path]:
+    """Write OUT/fp8conv.eval.json, re-render the HTML report with it, list both in the manifest (when OUT
+    has one: an fp8conv output), re-render an fp8conv card. Returns the files written."""
+    out = Path(out)
+    written = [_write(out / EVAL_NAME, json.dumps(data, indent=2, allow_nan=False) + "\n")]
+    if (out / REPORT_NAME).is_file():
+        page = html_report.render_conversion(html_report.load_report(out), data)
+        written.append(_write(out / REPORT_HTML_NAME, page))
+    manifest_path = out / MANIFEST_NAME
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest.setdefault("files", {})
+        for path in written:
+            files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+        manifest["files"] = dict(sorted(files.items()))
+        _write(manifest_path, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        if (out / CARD_NAME).is_file():
+            written.append(write_card(out, None, ""))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.parent / f".{path.name}.part"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
