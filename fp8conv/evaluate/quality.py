@@ -45,7 +45,10 @@ FALLBACK_GATE = {"max_kl": 1.5, "min_top1": 0.4, "min_cosine": 0.9}
 
 def eval_available() -> bool:
     """True when torch, transformers and compressed-tensors can be imported (checked without importing)."""
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "compressed_tensors"))
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "compressed_tensors"))
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
 
 
 def require_eval_extra() -> None:
