@@ -200,14 +200,14 @@ def checkpoint_schemes(out: Path) -> list[str]:
     for group in (qc.get("config_groups") or {}).values():
         weights = group.get("weights") if isinstance(group, dict) else None
         if isinstance(weights, dict):
-            labels.add(_ct_label(weights))
+            labels.add(_ct_label(weights, bool(group.get("input_activations"))))
     return sorted(labels)
 
 
-def _ct_label(weights: dict) -> str:
+def _ct_label(weights: dict, activations: bool) -> str:
     bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
-    if kind == "int":
-        return "int4" if bits == 4 else f"int{bits} {strategy}"
+    if kind == "int":  # INT8 W8A8 also rounds every activation to int8 per token: its own gate
+        return "int4" if bits == 4 else f"int{bits} {strategy}" + (" w8a8" if activations else "")
     if bits == 4:
         return "nvfp4" if weights.get("group_size") == 16 else "mxfp4"
     if strategy == "group" and weights.get("group_size") == 32 and weights.get("scale_dtype") not in (None, "float32"):

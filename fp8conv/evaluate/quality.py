@@ -20,27 +20,23 @@ DEFAULT_TOKENS = 2048
 DEFAULT_WINDOW = 512
 DEFAULT_SENTENCES = 64
 
-# Per-scheme gates. Rule (bench/EVAL.md): on SmolLM2-135M-Instruct and the built-in corpus (development
-# text), max KL = 3 x the measured mean KL of the min-max output, min top-1 = 1 - 2 x its top-1 miss rate,
-# min cosine (encoders, all-MiniLM-L6-v2) = 1 - 4 x its mean cosine distance; each rounded to a looser
-# round number, then checked on texts and a model that were not used (GPL-3, a tiny random Llama).
-# Keys: scheme labels (evaluation.checkpoint_schemes); a mixed checkpoint is held to its loosest group's gate.
+# Per-scheme gates, derived from measurements (bench/EVAL.md has the runs): SmolLM2-135M-Instruct on the
+# built-in corpus (the development text; 2,048 tokens, windows of 512) for KL and top-1, all-MiniLM-L6-v2
+# on the built-in corpus's sentences for cosine, each min-max output as transformers runs it:
+#   max_kl = 3 x measured KL, min_top1 = 1 - 2 x measured top-1 miss rate, min_cosine = 1 - 4 x measured
+#   cosine distance, each rounded to the looser side;
+# then checked, unchanged, on a held-out text (GPL-3) and a tiny random Llama. Labels: evaluate.models.
+# checkpoint_schemes; a mixed checkpoint is held to its loosest group's gate, an unmeasured one to FALLBACK_GATE.
 DEFAULT_GATES = {
-    "int8 channel": {"max_kl": 0.015, "min_top1": 0.97, "min_cosine": 0.998},
-    "int8 block": {"max_kl": 0.015, "min_top1": 0.97, "min_cosine": 0.998},
-    "int8 group": {"max_kl": 0.015, "min_top1": 0.97, "min_cosine": 0.998},
-    "int8 tensor": {"max_kl": 0.03, "min_top1": 0.95, "min_cosine": 0.996},
-    "fp8_e4m3 channel": {"max_kl": 0.06, "min_top1": 0.88, "min_cosine": 0.995},
-    "fp8_e4m3 block": {"max_kl": 0.06, "min_top1": 0.88, "min_cosine": 0.995},
-    "fp8_e4m3 group": {"max_kl": 0.06, "min_top1": 0.88, "min_cosine": 0.995},
-    "fp8_e4m3 tensor": {"max_kl": 0.08, "min_top1": 0.85, "min_cosine": 0.99},
-    "fp8_e5m2": {"max_kl": 0.25, "min_top1": 0.75, "min_cosine": 0.98},
-    "mxfp8": {"max_kl": 0.08, "min_top1": 0.85, "min_cosine": 0.99},
-    "nvfp4": {"max_kl": 0.8, "min_top1": 0.55, "min_cosine": 0.93},
-    "mxfp4": {"max_kl": 1.3, "min_top1": 0.45, "min_cosine": 0.9},
-    "int4": {"max_kl": 1.3, "min_top1": 0.45, "min_cosine": 0.9},
+    "int8 channel": {"max_kl": 0.01, "min_top1": 0.92, "min_cosine": 0.985},       # W8A16
+    "int8 channel w8a8": {"max_kl": 0.09, "min_top1": 0.78, "min_cosine": 0.985},
+    "fp8_e4m3 channel": {"max_kl": 0.07, "min_top1": 0.80, "min_cosine": 0.99},
+    "fp8_e4m3 block": {"max_kl": 0.07, "min_top1": 0.80, "min_cosine": 0.99},
+    "int4": {"max_kl": 1.5, "min_top1": 0.45, "min_cosine": 0.77},
+    "nvfp4": {"max_kl": 0.8, "min_top1": 0.55, "min_cosine": 0.89},
+    "mxfp4": {"max_kl": 1.4, "min_top1": 0.45, "min_cosine": 0.84},
 }
-FALLBACK_GATE = {"max_kl": 1.5, "min_top1": 0.4, "min_cosine": 0.9}
+FALLBACK_GATE = {"max_kl": 1.5, "min_top1": 0.4, "min_cosine": 0.77}
 
 
 def eval_available() -> bool:
