@@ -201,7 +201,15 @@ def progress_bar(total: int, quiet: bool, desc: str):
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False, delay=1.0)
 
 
-@click.group(epilog=EXIT_CODES_HELP)
+class _Group(click.Group):
+    """Keeps the arguments as given, for the model card's exact command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["fp8conv.argv"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="fp8conv")
 def main() -> None:
     """Convert bf16/fp16/fp32 safetensors checkpoints to FP8/INT8, inspect them and verify them."""
@@ -368,7 +376,7 @@ def _command_line() -> str:
     """The command as typed (argv, shell-quoted), for the model card."""
     import shlex
 
-    return " ".join(["fp8conv", *(shlex.quote(a) for a in sys.argv[1:])])
+    return " ".join(["fp8conv", *(shlex.quote(a) for a in click.get_current_context().meta["fp8conv.argv"])])
 
 
 def _with_observer(override: tuple[str, Scheme], observer: str) -> tuple[str, Scheme]:

@@ -190,7 +190,7 @@ def load_snippets(layout: str, decoder: bool, model: str = "MODEL_DIR_OR_REPO_ID
         f"model = {cls}.from_pretrained(model_id, quantization_config={loader}, dtype=\"auto\")",
         "tokenizer = AutoTokenizer.from_pretrained(model_id)",
         *(["inputs = tokenizer(\"The river begins as a spring\", return_tensors=\"pt\")",
-           "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=8)[0]))"] if decoder else
+           "print(tokenizer.decode(model.generate(inputs.input_ids, max_new_tokens=8)[0]))"] if decoder else
           ["inputs = tokenizer([\"The river begins as a spring\"], return_tensors=\"pt\")",
            "print(model(**inputs).last_hidden_state.shape)"]),
     ])}
