@@ -285,9 +285,8 @@ def eval_options(func):
                      help="Tokens of the text to use (decoders)."),
         click.option("--window", type=click.IntRange(2, 10**6), default=DEFAULT_WINDOW, show_default=True,
                      help="Tokens per forward pass; metrics are given per window and overall."),
-        click.option("--eval-engine", "eval_engine", type=click.Choice(["transformers", "vllm"]), default="transformers",
-                     show_default=True, help="Engine that runs the quantized model (vllm: FP8CONV_VLLM_PYTHON's vLLM, "
-                     "decoders only)."),
+        click.option("--eval-engine", "eval_engine", type=click.Choice(["transformers"]), default="transformers",
+                     show_default=True, help="Engine that runs both models."),
         click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=None, callback=_finite,
                      help="Largest mean KL(source || quantized) per token, nats [default: per scheme, see README]."),
         click.option("--min-top1", type=click.FloatRange(0, 1), default=None,

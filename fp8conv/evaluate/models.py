@@ -35,7 +35,7 @@ from .quality import DEFAULT_SENTENCES, DEFAULT_TOKENS, DEFAULT_WINDOW, EvalResu
 
 CORPUS = Path(__file__).resolve().parent / "data" / "eval_corpus.txt"
 CORPUS_NAME = "built-in (fp8conv/evaluate/data/eval_corpus.txt, CC0-1.0)"
-ENGINES = ("transformers", "vllm")
+ENGINES = ("transformers",)
 
 
 # ---- the models ---------------------------------------------------------------------------------
@@ -226,8 +226,6 @@ def evaluate(src: Path, out: Path, text: Path | None = None, tokens: int = DEFAU
                         {**default_gate(schemes), **(gate or {})})
     torch.set_grad_enabled(False)
     run = _run_decoder if kind == "decoder" else _run_encoder
-    if engine == "vllm" and kind == "decoder":
-        from .vllm_eval import run_decoder_vllm as run
     run(Path(src), Path(out), read_text(text), tokens, window, result, progress)
     result.seconds = time.monotonic() - start
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
