@@ -98,7 +98,10 @@ def render_card(out: Path, source_card: str, command: str, base_model: str, earl
     out = Path(out)
     manifest = _read_json(out / MANIFEST_NAME)
     report = _read_json(out / REPORT_NAME)
-    config = _read_json(out / CONFIG_NAME) if (out / CONFIG_NAME).is_file() else {}
+    try:  # a source's broken config.json was copied unchanged (quantize warned): the card does without it
+        config = _read_json(out / CONFIG_NAME)
+    except InputError:
+        config = {}
     evaluation = read_eval(out)
     src_keys, src_body = split_front_matter(source_card)
     # A re-render keeps the source's keys it merged before (its body below the marker has no front matter).
@@ -110,9 +113,10 @@ def render_card(out: Path, source_card: str, command: str, base_model: str, earl
     for tag in ("fp8conv", "quantized", FORMAT_TAGS.get(fmt, fmt), layout if layout != "fp8conv" else ""):
         if tag and tag not in tags:
             tags.append(tag)
-    keys = {**src_keys, "base_model": base_model, "tags": tags, "library_name": "transformers",
+    ours = {"base_model": base_model, "tags": tags, "library_name": "transformers",
             DIGEST_KEY: hashlib.sha256((out / MANIFEST_NAME).read_bytes()).hexdigest(),
             "fp8conv_version": __version__, "fp8conv_command": command}
+    keys = {**ours, **{k: v for k, v in src_keys.items() if k not in ours}}  # ours first, SRC's other keys after
     decoder = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or [])
     body = [f"# {out.resolve().name}", "",
             f"{base_model} quantized by [fp8conv](https://pypi.org/project/fp8conv/) {__version__}: "
