@@ -32,8 +32,8 @@ FORMATS = {  # gate label -> quantize options (group 64 divides SmolLM2's 576)
     "fp8_e4m3 channel": ["--format", "fp8_e4m3", "--granularity", "channel"],
     "int8 channel w8a8": ["--format", "int8", "--granularity", "channel"],
     "int8 channel": ["--format", "int8", "--granularity", "channel", "--activations", "none"],
-    "int4": ["--format", "int4", "--group-size", "64"],
-    "nvfp4": ["--format", "nvfp4"],
+    "int4 w4a16": ["--format", "int4", "--group-size", "64"],
+    "nvfp4 w4a16": ["--format", "nvfp4"],
 }
 
 
@@ -139,8 +139,8 @@ def test_tiny_model_every_format_passes_its_gate_in_order(tiny_lm, tmp_path):
         assert data["schemes"] == [label] and data["gate"] == DEFAULT_GATES[label], label
         kl[label] = overall["kl"]
     for int8 in ("int8 channel", "int8 channel w8a8"):
-        assert kl[int8] < kl["fp8_e4m3 channel"] < kl["int4"], kl
-        assert kl[int8] < kl["fp8_e4m3 block"] < kl["int4"], kl
+        assert kl[int8] < kl["fp8_e4m3 channel"] < kl["int4 w4a16"], kl
+        assert kl[int8] < kl["fp8_e4m3 block"] < kl["int4 w4a16"], kl
 
 
 def test_eval_is_recorded_in_out_listed_in_manifest_report_and_card(tiny_lm, tmp_path):
@@ -227,13 +227,13 @@ def test_smollm2_formats_finite_ordered_and_pass_defaults(smollm2, tmp_path):
     """Weight-only INT8 < FP8 (W8A8) < INT4 on the real model. FP8 128x128 blocks with dynamic group-128
     activations cannot run in transformers on SmolLM2 (576 input features): eval fails it, with the reason."""
     kl = {}
-    for label in ("int8 channel", "fp8_e4m3 channel", "int4", "nvfp4"):
+    for label in ("int8 channel", "fp8_e4m3 channel", "int4 w4a16", "nvfp4 w4a16"):
         out = quantize(smollm2, tmp_path / label.replace(" ", "-"), *FORMATS[label])
         data = eval_json(out, smollm2, "--tokens", "128", "--window", "128")
         assert data["passed"], (label, data["reasons"], data["overall"])
         assert np.isfinite(data["overall"]["kl"]) and data["overall"]["nonfinite"] == 0
         kl[label] = data["overall"]["kl"]
-    assert kl["int8 channel"] < kl["fp8_e4m3 channel"] < kl["int4"], kl
+    assert kl["int8 channel"] < kl["fp8_e4m3 channel"] < kl["int4 w4a16"], kl
     out = quantize(smollm2, tmp_path / "fp8-block", *FORMATS["fp8_e4m3 block"])
     data = eval_json(out, smollm2, "--tokens", "128", "--window", "128", expect=1)
     assert data["load_error"] and "could not run" in data["reasons"][0] and "576" in data["reasons"][0]

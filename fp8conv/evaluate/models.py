@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..layouts.base import Layout
 from .quality import DEFAULT_SENTENCES, DEFAULT_TOKENS, DEFAULT_WINDOW, EvalResult, WindowStats, default_gate
 
 CORPUS = Path(__file__).resolve().parent / "data" / "eval_corpus.txt"
@@ -60,18 +61,18 @@ def _config(path: Path) -> dict:
 
 
 def loader_config(path: Path):
-    """The quantization_config object a user passes to transformers to run OUT on any device (dequantize on load)."""
+    """The quantization_config object a user passes to transformers to run OUT on any device (dequantize on load):
+    the one its layout names (layouts/*.py, transformers_loader)."""
     import transformers
 
-    method = (_config(path).get("quantization_config") or {}).get("quant_method")
-    if method == "compressed-tensors":
-        return transformers.CompressedTensorsConfig(dequantize=True)
-    if method == "fp8":
-        return transformers.FineGrainedFP8Config(dequantize=True)
-    if method == "mxfp4":
-        return transformers.Mxfp4Config(dequantize=True)
-    raise InputError(f"{path}: config.json has no quantization_config an engine loads (quant_method {method!r}); "
-                     "the fp8conv layout is for fp8conv only: quantize with --layout compressed-tensors or fp8-native")
+    quant_config = _config(path).get("quantization_config")
+    layout = Layout.detect(quant_config, {}) if isinstance(quant_config, dict) else None
+    if layout is None or layout.transformers_loader is None:
+        method = quant_config.get("quant_method") if isinstance(quant_config, dict) else None
+        raise InputError(f"{path}: config.json has no quantization_config an engine loads (quant_method {method!r}); "
+                         "fp8conv's own layout is for fp8conv only: quantize with an engine's layout (--layout)")
+    name, _ = layout.transformers_loader.split("(", 1)
+    return getattr(transformers, name)(dequantize=True)
 
 
 def load_model(path: Path, kind: str, quantized: bool):
@@ -191,11 +192,8 @@ def checkpoint_schemes(out: Path) -> list[str]:
     """Scheme labels of OUT's quantized weights ('int8 channel', 'nvfp4', ...) from config.json's
     quantization_config, as an engine sees them (so llm-compressor's outputs get a gate too)."""
     qc = _config(out).get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method == "fp8":
+    if "weight_block_size" in qc:  # fine-grained FP8: e4m3 in blocks, dynamic activations
         return ["fp8_e4m3 block"]
-    if method == "mxfp4":
-        return ["mxfp4"]
     labels = set()
     for group in (qc.get("config_groups") or {}).values():
         weights = group.get("weights") if isinstance(group, dict) else None
@@ -207,11 +205,11 @@ def checkpoint_schemes(out: Path) -> list[str]:
 def _ct_label(weights: dict, activations: bool) -> str:
     bits, kind, strategy = weights.get("num_bits"), weights.get("type"), weights.get("strategy")
     if kind == "int":  # INT8 W8A8 also rounds every activation to int8 per token: its own gate
-        return "int4" if bits == 4 else f"int{bits} {strategy}" + (" w8a8" if activations else "")
-    if bits == 4:
-        return "nvfp4" if weights.get("group_size") == 16 else "mxfp4"
+        return f"int{bits} w4a16" if bits == 4 else f"int{bits} {strategy}" + (" w8a8" if activations else "")
+    if bits == 4:  # 16-element groups with an e4m3 scale (NVFP4) or 32 with E8M0 (MXFP4)
+        return "nvfp4 w4a16" if weights.get("group_size") == 16 else "mxfp4 w4a16"
     if strategy == "group" and weights.get("group_size") == 32 and weights.get("scale_dtype") not in (None, "float32"):
-        return "mxfp8"
+        return "mxfp8 w8a16"
     return f"fp8_e4m3 {strategy}"
 
 

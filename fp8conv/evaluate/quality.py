@@ -32,9 +32,9 @@ DEFAULT_GATES = {
     "int8 channel w8a8": {"max_kl": 0.09, "min_top1": 0.78, "min_cosine": 0.985},
     "fp8_e4m3 channel": {"max_kl": 0.07, "min_top1": 0.80, "min_cosine": 0.99},
     "fp8_e4m3 block": {"max_kl": 0.07, "min_top1": 0.80, "min_cosine": 0.99},
-    "int4": {"max_kl": 1.5, "min_top1": 0.45, "min_cosine": 0.77},
-    "nvfp4": {"max_kl": 0.8, "min_top1": 0.55, "min_cosine": 0.89},
-    "mxfp4": {"max_kl": 1.4, "min_top1": 0.45, "min_cosine": 0.84},
+    "int4 w4a16": {"max_kl": 1.5, "min_top1": 0.45, "min_cosine": 0.77},
+    "nvfp4 w4a16": {"max_kl": 0.8, "min_top1": 0.55, "min_cosine": 0.89},
+    "mxfp4 w4a16": {"max_kl": 1.4, "min_top1": 0.45, "min_cosine": 0.84},
 }
 FALLBACK_GATE = {"max_kl": 1.5, "min_top1": 0.4, "min_cosine": 0.77}
 

@@ -82,6 +82,8 @@ class Layout(Registered):
     marker_suffixes: ClassVar[tuple[str, ...]] = ()  # tensor endings that identify it when there is no config
     marker_order: ClassVar[int] = 0  # markers are tried in this order (more specific first)
     engine_loadable: ClassVar[bool] = True  # False: fp8conv's own layout, which no engine loads
+    # The transformers quantization config that loads it on any device, dequantizing on load (None: none does).
+    transformers_loader: ClassVar[str | None] = None
     zero_points: ClassVar[bool] = False  # stores zero points (asymmetric schemes), and int32-packed codes
     per_module_schemes: ClassVar[bool] = False  # --scheme overrides (one config group per scheme)
     regex_ignore: ClassVar[bool] = False  # its ignore list takes 're:' patterns (kept experts listed by one)

@@ -25,6 +25,7 @@ CT_FORMATS = (*CT_CODE_DTYPES, "naive-quantized", "dense", "mixed-precision")
 
 class CompressedTensors(Layout, name="compressed-tensors"):
     label = "compressed-tensors"
+    transformers_loader = "CompressedTensorsConfig(dequantize=True)"
     quant_method = "compressed-tensors"
     marker_suffixes = (".weight_scale", ".weight_packed")
     marker_order = 1

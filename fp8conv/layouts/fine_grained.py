@@ -11,6 +11,7 @@ from .compressed_tensors import ENGINE_LAYOUT_HINT, check_describable, check_flo
 
 class FineGrainedFP8(Layout, name="fp8-native"):
     label = "fine-grained FP8 (quant_method fp8)"
+    transformers_loader = "FineGrainedFP8Config(dequantize=True)"
     quant_method = "fp8"
     scale_suffix = "weight_scale_inv"
     marker_suffixes = (".weight_scale_inv",)

@@ -17,6 +17,7 @@ OPENAI_BLOCKS, OPENAI_SCALES = "_blocks", "_scales"
 
 class OpenAIMXFP4(Layout, name="openai-mxfp4"):
     label = "OpenAI MXFP4 (quant_method mxfp4, gpt-oss experts)"
+    transformers_loader = "Mxfp4Config(dequantize=True)"
     quant_method = "mxfp4"
     scale_suffix = OPENAI_SCALES
     fused_experts_only = True

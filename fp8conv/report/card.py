@@ -16,13 +16,12 @@ from pathlib import Path
 
 from .. import __version__
 from ..evaluate.quality import eval_table, read_eval
+from ..layouts.base import Layout
 from ..io.checkpoint import CARD_NAME, CONFIG_NAME, MANIFEST_NAME, REPORT_NAME
 from ..errors import InputError, OutputError
 
 ORIGINAL_MARKER = "<!-- fp8conv: the source model's card follows, unchanged -->"
 DIGEST_KEY = "fp8conv_manifest_sha256"
-FORMAT_TAGS = {"fp8_e4m3": "fp8", "fp8_e5m2": "fp8", "int8": "int8", "int4": "int4", "nvfp4": "nvfp4",
-               "mxfp4": "mxfp4", "mxfp8": "mxfp8"}
 
 
 def split_front_matter(text: str) -> tuple[dict, str]:
@@ -110,7 +109,8 @@ def render_card(out: Path, source_card: str, command: str, base_model: str, earl
     layout = scheme.get("layout", "")
     fmt = scheme.get("microscale") or scheme.get("format", "")
     tags = [t for t in src_keys.get("tags", []) if isinstance(t, str)] if isinstance(src_keys.get("tags"), list) else []
-    for tag in ("fp8conv", "quantized", FORMAT_TAGS.get(fmt, fmt), layout if layout != "fp8conv" else ""):
+    loadable = layout in Layout.registry and Layout.registry[layout].engine_loadable
+    for tag in ("fp8conv", "quantized", fmt.split("_")[0], layout if loadable else ""):  # fp8_e4m3 -> fp8
         if tag and tag not in tags:
             tags.append(tag)
     ours = {"base_model": base_model, "tags": tags, "library_name": "transformers",
@@ -180,9 +180,7 @@ def _provenance(command: str, digest: str) -> list[str]:
 def load_snippets(layout: str, decoder: bool, model: str = "MODEL_DIR_OR_REPO_ID") -> dict[str, str]:
     """Python snippets that load this layout: 'transformers' (any device, dequantized on load) and 'vllm'."""
     cls = "AutoModelForCausalLM" if decoder else "AutoModel"
-    loader = {"compressed-tensors": "CompressedTensorsConfig(dequantize=True)",
-              "fp8-native": "FineGrainedFP8Config(dequantize=True)",
-              "openai-mxfp4": "Mxfp4Config(dequantize=True)"}.get(layout)
+    loader = Layout.registry[layout].transformers_loader if layout in Layout.registry else None
     if loader is None:
         return {}
     name = loader.split("(")[0]
