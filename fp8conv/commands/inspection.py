@@ -12,7 +12,8 @@ from ..io.checkpoint import open_checkpoint
 from ..formats import format_of_tag
 from ..numerics.kernels import load_float32
 from ..plan.decisions import Matcher, module_name
-from ..layouts.read import LAYOUT_LABELS, CheckpointView, Readers, dequantized_chunks, matrix_chunks, open_view
+from ..layouts.read import LAYOUT_LABELS, CheckpointView, Readers, matrix_chunks, open_view
+from ..run.reading import dequantized_chunks
 from ..io.safetensors import READ_CHUNK_BYTES, TensorInfo
 
 CHUNK_BYTES = READ_CHUNK_BYTES

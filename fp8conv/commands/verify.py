@@ -18,7 +18,8 @@ from ..numerics.stats import ErrorStats
 from ..plan.decisions import Matcher, module_name
 from ..plan.fusion import fused_sets
 from ..layouts import Layout
-from ..layouts.read import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, dequantized_chunks, matrix_chunks, open_view
+from ..layouts.read import SCALE_SUFFIXES, AUX_SUFFIXES, CheckpointView, ConfigGroups, QuantizedWeight, Readers, matrix_chunks, open_view
+from ..run.reading import dequantized_chunks
 from ..report.manifest import error_metrics
 from ..io.safetensors import READ_CHUNK_BYTES, printable, sha256_of
 from ..layouts.source_checks import source_problems

@@ -11,7 +11,6 @@ reported as unsupported: it is refused, never copied through.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +18,12 @@ import numpy as np
 from ..io.checkpoint import CONFIG_NAME, MANIFEST_NAME, Checkpoint
 from ..errors import FP8ConvError, InputError
 from ..formats import FORMATS, MICROSCALE, format_of_tag, integer_format, microscale_of_tags
-from ..io.safetensors import TensorInfo, TensorReader, printable
+from ..io.safetensors import TensorInfo, TensorReader
 from ..plan.scheme import GRANULARITIES, Scheme, microscale_scheme
-from ..run.jobs import Job, Part, Source, close_handles, read_rows
 from .base import Layout
+from .view import CheckpointView, ConfigGroups, QuantizedWeight  # noqa: F401  (re-exported)
 from .compressed_tensors import CT_FORMATS, CompressedTensors
 from .openai_mxfp4 import OPENAI_BLOCKS, OPENAI_SCALES, OpenAIMXFP4
-from ..io.safe_regex import PatternError, SafeRegex, compile_pattern
 
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale")
 AUX_SUFFIXES = ("weight_zero_point", "weight_shape", "input_scale", "input_zero_point", "weight_g_idx", "output_scale",
@@ -41,62 +39,6 @@ KNOWN_METHODS = tuple(layout.quant_method for layout in Layout.registry.values()
 
 _ZERO_POINT_BUT_SYMMETRIC = ("has a weight_zero_point, but its config group says symmetric: true, so engines would "
                              "ignore the zero points (the config does not match the tensors)")
-
-
-@dataclass
-class QuantizedWeight:
-    """A quantized weight: its logical name and shape, the stored codes (packed into int32 or not),
-    its scale, zero points, the scheme its shapes and the config imply, and the tensors that go with it."""
-
-    name: str
-    weight: TensorInfo
-    scale: TensorInfo | None
-    scheme: Scheme | None
-    problem: str | None = None
-    shape: tuple[int, ...] = ()
-    packed: bool = False
-    zero_point: TensorInfo | None = None
-    zp_packed: bool = False
-    companions: tuple[str, ...] = ()
-    global_scale: TensorInfo | None = None  # NVFP4 weight_global_scale
-    transposed: bool = False  # OpenAI MXFP4: codes hold the transpose [E, out, in] of the weight [E, in, out]
-
-    @property
-    def matrix_shape(self) -> tuple[int, ...]:
-        """The shape of the matrices the codes and scale grid describe ([.., out, in])."""
-        if self.transposed:
-            return (*self.shape[:-2], self.shape[-1], self.shape[-2])
-        return tuple(self.shape)
-
-
-@dataclass
-class CheckpointView:
-    checkpoint: Checkpoint
-    config: dict | None
-    quant_config: dict | None
-    layout: str
-    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
-    orphan_scales: list[str] = field(default_factory=list)
-    manifest: dict | None = None
-    config_problem: str | None = None
-    unsupported: str | None = None
-
-    @property
-    def ignored_modules(self) -> list[str] | None:
-        qc = self.quant_config or {}
-        for key in ("ignore", "modules_to_not_convert", "ignored_layers"):
-            if isinstance(qc.get(key), list):
-                return [str(m) for m in qc[key]]
-        return None
-
-    @property
-    def format(self) -> Layout | None:
-        """The layout object (None for a checkpoint without quantization, or one fp8conv refuses)."""
-        return Layout.registry.get(self.layout)
-
-    def refuse_unsupported(self) -> None:
-        if self.unsupported:
-            raise InputError(f"{self.checkpoint.root}: {self.unsupported}")
 
 
 def _layout_of(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> str:
@@ -124,43 +66,6 @@ def _unsupported(quant_config: dict | None, tensors: dict[str, TensorInfo]) -> s
             return (f"compressed-tensors format {unknown[0]!r} is not one fp8conv reads ({', '.join(CT_FORMATS[:3])}); "
                     "refusing rather than copying its tensors through")
     return None
-
-
-class ConfigGroups:
-    """The config group of a compressed-tensors config that quantizes each module: the group that names the
-    module exactly, else one whose 're:' target matches it (the order compressed-tensors and vLLM use), else
-    the first group. Exact targets are indexed: mixed configs list thousands of module names."""
-
-    def __init__(self, quant_config: dict | None) -> None:
-        groups = (quant_config or {}).get("config_groups")
-        usable = [g for g in groups.values() if isinstance(g, dict) and isinstance(g.get("weights"), dict)] \
-            if isinstance(groups, dict) else []
-        self.default: dict = usable[0] if usable else {}
-        self.exact: dict[str, dict] = {}
-        self.patterns: list[tuple[SafeRegex, dict]] = []
-        for group in usable:
-            for target in group.get("targets") or []:
-                if not isinstance(target, str):
-                    continue
-                if target.startswith("re:"):
-                    try:
-                        self.patterns.append((compile_pattern(target[3:]), group))
-                    except PatternError as exc:
-                        raise InputError(f"config.json: config_groups target {printable(repr(target))} is not a valid "
-                                         f"regular expression for fp8conv ({printable(str(exc))})") from None
-                else:
-                    self.exact.setdefault(target, group)
-
-    def group(self, module: str | None) -> dict:
-        if module is None:
-            return self.default
-        if module in self.exact:
-            return self.exact[module]
-        return next((group for pattern, group in self.patterns if pattern.match(module)), self.default)
-
-    def of(self, module: str | None) -> dict:
-        """The weights' quantization args of the module's group."""
-        return self.group(module).get("weights", {})
 
 
 def _hints(layout: str, quant_config: dict | None, args: dict | None = None) -> dict:
@@ -329,6 +234,65 @@ def _openai_weight(view: CheckpointView, name: str, info: TensorInfo) -> Quantiz
     return entry
 
 
+def _quantized_weight(view: CheckpointView, name: str, info: TensorInfo,
+                      hints: dict) -> tuple[QuantizedWeight, tuple[str, ...]] | None:
+    """The quantized weight stored under `name` and the scale tensors it uses, or None when `name` is not one."""
+    tensors = view.checkpoint.tensors
+    prefix = name[: name.rfind(".") + 1]
+    if view.format is not None and view.format.reads_blocks(name):
+        entry = _openai_weight(view, name, info)
+        return entry, entry.companions
+    micro = None
+    if name.endswith((".weight_packed", ".weight")) and info.dtype in ("U8", "F8_E4M3"):
+        micro = _microscale_of(view, info.dtype, tensors.get(prefix + "weight_scale"),
+                               prefix + "weight_global_scale" in tensors)
+    if micro is not None:
+        entry = _microscale_weight(view, name, info, micro)
+        return entry, entry.companions
+    if name.endswith(".weight_packed"):
+        entry = _packed_weight(view, name, info, hints)
+        return entry, entry.companions
+    fmt = format_of_tag(info.dtype)
+    if fmt is None or not name.endswith(".weight") or len(info.shape) < 2:
+        return None
+    return _plain_weight(view, name, info, fmt.name, hints)
+
+
+def _plain_weight(view: CheckpointView, name: str, info: TensorInfo, fmt_name: str,
+                  hints: dict) -> tuple[QuantizedWeight, tuple[str, ...]]:
+    """`<m>.weight` codes one per element with `<m>.weight_scale` / `weight_scale_inv` (and zero points)."""
+    tensors = view.checkpoint.tensors
+    prefix = name[:-6]
+    scale = next((tensors[prefix + s] for s in SCALE_SUFFIXES if prefix + s in tensors), None)
+    companions = tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors)
+    entry = QuantizedWeight(name, info, scale, None, shape=info.shape, companions=companions)
+    zero_points = view.format is not None and view.format.zero_points
+    symmetric = hints.get("symmetric", True) or not zero_points
+    if view.quant_config is None and zero_points and prefix + "weight_zero_point" in tensors:
+        symmetric = False
+    if scale is None:
+        entry.problem = "has no weight_scale / weight_scale_inv tensor"
+        return entry, ()
+    if symmetric and zero_points and prefix + "weight_zero_point" in tensors:
+        entry.problem = _ZERO_POINT_BUT_SYMMETRIC
+        return entry, ()
+    if scale.dtype not in ("F32", "BF16", "F16"):
+        entry.problem = f"scale {scale.name} has dtype {scale.dtype}, expected F32 (or BF16/F16)"
+        return entry, (scale.name,)
+    try:
+        entry.scheme = infer_scheme(fmt_name, info.shape, scale.shape, hints, symmetric)
+    except FP8ConvError as exc:
+        entry.problem = str(exc)
+    if not symmetric:
+        entry.zero_point = tensors.get(prefix + "weight_zero_point")
+        if entry.zero_point is None:
+            entry.problem = "is asymmetric (symmetric: false) but has no weight_zero_point"
+        elif tuple(entry.zero_point.shape) != tuple(scale.shape) or entry.zero_point.dtype not in ("I8", "I32", "I64"):
+            entry.problem = (f"weight_zero_point {entry.zero_point.dtype} {list(entry.zero_point.shape)} does "
+                             f"not match its scale {list(scale.shape)}")
+    return entry, (scale.name,)
+
+
 def open_view(checkpoint: Checkpoint) -> CheckpointView:
     """Classify every tensor of a checkpoint: quantized weights with scales, orphans, the rest."""
     config_problem = None
@@ -355,58 +319,10 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     for name, info in tensors.items():
         # per module: a mixed-precision compressed-tensors config gives each config group its own scheme
         hints = _hints(layout, quant_config, group_args.of(name.rpartition(".weight")[0]))
-        prefix = name[: name.rfind(".") + 1]
-        if view.format is not None and view.format.reads_blocks(name):
-            entry = _openai_weight(view, name, info)
-            view.weights[name] = entry
-            used_scales.update(entry.companions)
-            continue
-        micro = None
-        if name.endswith((".weight_packed", ".weight")) and info.dtype in ("U8", "F8_E4M3"):
-            micro = _microscale_of(view, info.dtype, tensors.get(prefix + "weight_scale"),
-                                   prefix + "weight_global_scale" in tensors)
-        if micro is not None:
-            entry = _microscale_weight(view, name, info, micro)
-            view.weights[name] = entry
-            used_scales.update(entry.companions)
-            continue
-        if name.endswith(".weight_packed"):
-            entry = _packed_weight(view, name, info, hints)
-            view.weights[name] = entry
-            used_scales.update(entry.companions)
-            continue
-        fmt = format_of_tag(info.dtype)
-        if fmt is None or not name.endswith(".weight") or len(info.shape) < 2:
-            continue
-        prefix = name[:-6]
-        scale = next((tensors[prefix + s] for s in SCALE_SUFFIXES if prefix + s in tensors), None)
-        companions = tuple(prefix + s for s in SCALE_SUFFIXES + AUX_SUFFIXES if prefix + s in tensors)
-        entry = QuantizedWeight(name, info, scale, None, shape=info.shape, companions=companions)
-        zero_points = view.format is not None and view.format.zero_points
-        symmetric = hints.get("symmetric", True) or not zero_points
-        if quant_config is None and zero_points and prefix + "weight_zero_point" in tensors:
-            symmetric = False
-        if scale is None:
-            entry.problem = "has no weight_scale / weight_scale_inv tensor"
-        elif symmetric and zero_points and prefix + "weight_zero_point" in tensors:
-            entry.problem = _ZERO_POINT_BUT_SYMMETRIC
-        elif scale.dtype not in ("F32", "BF16", "F16"):
-            entry.problem = f"scale {scale.name} has dtype {scale.dtype}, expected F32 (or BF16/F16)"
-            used_scales.add(scale.name)
-        else:
-            used_scales.add(scale.name)
-            try:
-                entry.scheme = infer_scheme(fmt.name, info.shape, scale.shape, hints, symmetric)
-            except FP8ConvError as exc:
-                entry.problem = str(exc)
-            if not symmetric:
-                entry.zero_point = tensors.get(prefix + "weight_zero_point")
-                if entry.zero_point is None:
-                    entry.problem = "is asymmetric (symmetric: false) but has no weight_zero_point"
-                elif tuple(entry.zero_point.shape) != tuple(scale.shape) or entry.zero_point.dtype not in ("I8", "I32", "I64"):
-                    entry.problem = (f"weight_zero_point {entry.zero_point.dtype} {list(entry.zero_point.shape)} does "
-                                     f"not match its scale {list(scale.shape)}")
-        view.weights[name] = entry
+        found = _quantized_weight(view, name, info, hints)
+        if found is not None:
+            view.weights[name], used = found
+            used_scales.update(used)
     view.orphan_scales = sorted(
         n for n in tensors if n.endswith(SCALE_SUFFIXES) and n not in used_scales
     )
@@ -472,44 +388,3 @@ def matrix_chunks(readers: Readers, info: TensorInfo, tile_rows: int, chunk_byte
             offset = info.start + (e * rows + r0) * row_bytes
             n = min(step, rows - r0)
             yield e, r0, readers.of(info.name).read_array(offset, (n, cols), info.np_dtype, info.name)
-
-
-def source_of(qw: QuantizedWeight, path_of, matrix: int):
-    """The jobs.Source of matrix `matrix` of a quantized weight (`path_of(tensor name)` gives its file)."""
-    assert qw.scheme is not None and qw.scale is not None
-    scheme = qw.scheme
-    *lead, rows, cols = qw.matrix_shape
-    matrices = max(math.prod(lead), 1)
-    tile_rows = 0 if scheme.granularity == "tensor" else scheme.tile(rows, cols)[0]
-
-    def part(info: TensorInfo, unit_rows: int, packed: bool = False) -> Part:
-        return Part(str(path_of(info.name)), info.start + matrix * (info.nbytes // matrices), info.dtype, unit_rows, packed)
-
-    zero_point = None
-    if qw.zero_point is not None:
-        unit = tile_rows * scheme.fmt.per_word if qw.zp_packed else tile_rows
-        zero_point = part(qw.zero_point, unit, qw.zp_packed)
-    global_scale = part(qw.global_scale, 0) if qw.global_scale is not None else None
-    return Source(str(path_of(qw.weight.name)), qw.weight.start + matrix * (qw.weight.nbytes // matrices),
-                  qw.weight.dtype, scheme, qw.packed, part(qw.scale, tile_rows), zero_point, global_scale, qw.transposed)
-
-
-def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
-    """(matrix index, first row, float32 rows) of w' = (q - zp) * scale, chunk by chunk, in the weight's own
-    orientation (a transposed weight's matrix comes whole)."""
-    assert qw.scheme is not None
-    *lead, rows, cols = qw.matrix_shape
-    try:
-        for e in range(math.prod(lead)):
-            source = source_of(qw, readers.path, e)
-            if qw.transposed:
-                job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
-                yield e, 0, np.ascontiguousarray(read_rows(job, 0, rows).T)
-                continue
-            step = source.tile_rows(rows, cols)
-            step = max(step, (chunk_bytes // max(source.row_bytes(cols), 1)) // step * step)
-            job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
-            for r0 in range(0, rows, step):
-                yield e, r0, read_rows(job, r0, min(step, rows - r0))
-    finally:
-        close_handles()

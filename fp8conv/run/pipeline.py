@@ -35,7 +35,8 @@ from ..io.outdir import JOURNAL_NAME, Staging, Writeback
 from .partition import (Partition, PartRecord, assign, check_against_plan, check_digest, collect, parts_dir,
                         read_record)
 from ..plan.decisions import CARRY, COPY, DEQUANTIZE, Matcher
-from ..layouts.read import Readers, dequantized_chunks, matrix_chunks, source_of
+from ..layouts.read import Readers, matrix_chunks
+from .reading import dequantized_chunks, source_of
 from ..plan.recipe import DEQUANTIZE as DEQUANTIZE_COMMAND
 from ..plan.recipe import Recipe
 from ..report.manifest import build_manifest, build_report
