@@ -294,3 +294,18 @@ def test_row_pieces_carry_the_sums_of_the_whole(dtype):
     codes = [quantize_rows_into(w[r:r + 4], scheme, None, carried).codes for r in range(0, 12, 4)]
     assert np.concatenate(codes).tobytes() == whole.codes.tobytes()
     assert stats_of(w.size, carried) == whole.stats
+
+
+def test_a_float_codec_without_rounding_facts_runs_on_numpy(monkeypatch):
+    """A codec registered without mantissa_bits / exponent_bias is not guessed at: `auto` quantizes it with
+    the numpy kernels, `native` refuses it."""
+    scheme = Scheme("fp8_e5m2", "channel")
+    w = edge_weight(scheme, BF16, seed=7)
+    want = quantize_2d(w, scheme, backend="numpy")
+    monkeypatch.setattr(type(FORMATS["fp8_e5m2"]), "mantissa_bits", 0)
+    calls = []
+    monkeypatch.setattr(native, "quantize", lambda *args: calls.append(args) or None)
+    got = quantize_2d(w, scheme, backend="auto")
+    assert calls == [] and got.codes.tobytes() == want.codes.tobytes() and got.stats == want.stats
+    with pytest.raises(SchemeError, match="does not run fp8_e5m2"):
+        quantize_2d(w, scheme, backend=require("native"))

@@ -65,6 +65,12 @@ def source(weight: np.ndarray) -> tuple[np.ndarray, int] | None:
     return (weight.view(np.uint16) if kind != 1 else weight), kind
 
 
+def supports(fmt) -> bool:
+    """Whether the kernels can encode a codec: integers of up to 8 bits, or floats of up to 8 bits with
+    subnormals whose codec gives its mantissa width and exponent bias."""
+    return fmt.bits <= 8 and (not fmt.is_float or fmt.mantissa_bits >= 1)
+
+
 def float_element(fmt) -> tuple[int, int]:
     """(mantissa bits, exponent bias) of a float element format (the codec's facts); (0, 0) for integers."""
     if not fmt.is_float:

@@ -129,7 +129,7 @@ def quantize_2d(
     if scheme.observer == "mse":
         # The observer's candidates are evaluated by the compiled kernels where they run (the same choices
         # as numpy's); the weight is then quantized with its scales (the same codes and statistics).
-        observed = _observe(weight, scheme, allow_nonfinite, name, native.use_native(backend))
+        observed = _observe(weight, scheme, allow_nonfinite, name, _use_compiled(backend, scheme))
         if use_compiled:
             fast = _quantize_compiled(weight, scheme, None, (observed.scale, observed.zero), name=name)
             if fast is not None:
@@ -273,11 +273,17 @@ def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray
 
 
 def _use_compiled(backend: str, scheme: Scheme) -> bool:
-    """Whether the compiled kernels run (every scheme: they declare no exceptions)."""
+    """Whether the compiled kernels run the scheme: every built-in one; a codec registered without the
+    facts they need (native.supports) runs on numpy, or is refused when `native` is asked for."""
     try:
-        return native.use_native(backend)
+        wanted = native.use_native(backend)
     except native.BackendError as exc:
         raise SchemeError(str(exc)) from None
+    if wanted and not native.supports(scheme.fmt):
+        if backend == "native":
+            raise SchemeError(f"the native backend does not run {scheme.fmt.name} (no mantissa width for its rounding)")
+        return False
+    return wanted
 
 
 def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> bool:
