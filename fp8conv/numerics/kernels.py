@@ -119,8 +119,6 @@ def quantize_2d(
     scheme = _resolved(scheme, weight.dtype)
     if scheme.microscale:
         return quantize_microscale(weight, scheme, tensor_scale, name, backend)
-    fmt = scheme.fmt
-    rows, cols = weight.shape
     whole_scale = scheme.granularity == "tensor"
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
@@ -139,6 +137,16 @@ def quantize_2d(
         fast = _quantize_compiled(weight, scheme, tensor_scale, name=name)
         if fast is not None:
             return fast
+    return _quantize_numpy(weight, scheme, tensor_scale, allow_nonfinite, name, observed)
+
+
+def _quantize_numpy(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None, allow_nonfinite: bool,
+                    name: str, observed) -> QuantizedTensor:
+    """The numpy reference of quantize_2d (scheme resolved, not microscaled; `observed`: the mse observer's
+    scales and zero points, else None)."""
+    fmt = scheme.fmt
+    rows, cols = weight.shape
+    whole_scale = scheme.granularity == "tensor"
     tile_rows, tile_cols, window_rows, window_cols = _window(scheme, rows, cols, whole_scale)
     grid = (1, 1) if whole_scale else scheme.scale_grid(rows, cols)
     scales = np.empty(grid, np.float32)
