@@ -125,8 +125,8 @@ def reference_grid(w32: np.ndarray, scheme: Scheme):
                 codes[part] = c
                 value = element_values(scheme, c)
             else:
-                value = np.round(x)  # half to even
-                codes[part] = value.astype(np.int8)
+                codes[part] = np.round(x).astype(np.int8)  # half to even
+                value = codes[part].astype(np.float64)  # the code's value (an integer code has no -0)
             deq[part] = ((value - zp) * float(scale)).astype(np.float32)
     return codes, scales, zps, deq
 
@@ -309,3 +309,20 @@ def test_a_float_codec_without_rounding_facts_runs_on_numpy(monkeypatch):
     assert calls == [] and got.codes.tobytes() == want.codes.tobytes() and got.stats == want.stats
     with pytest.raises(SchemeError, match="does not run fp8_e5m2"):
         quantize_2d(w, scheme, backend=require("native"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [np.dtype(np.float32), BF16, np.dtype(np.float16)], ids=lambda d: d.name)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if not s.microscale], ids=lambda s: s.describe())
+def test_dequantize_matches_the_float64_reference(scheme, out_dtype, backend, monkeypatch):
+    """(code value - zero point) * scale in float32, rounded once to nearest even into the output dtype,
+    by either backend (FP8CONV_BACKEND picks the dequantize kernels)."""
+    from fp8conv.numerics.dequantize import dequantize_2d
+
+    monkeypatch.setenv("FP8CONV_BACKEND", require(backend))
+    w = edge_weight(scheme, BF16, seed=11)
+    codes, scales, zps, deq = reference_grid(w.astype(np.float32), scheme)
+    q = quantize_2d(w, scheme, backend="numpy")
+    got = dequantize_2d(q.codes, q.scales, scheme, out_dtype=out_dtype, zero_points=q.zero_points)
+    want = deq.astype(out_dtype)  # float32 values, rounded to nearest even once
+    assert_same(got.view(np.uint8), want.view(np.uint8), f"dequantized {out_dtype.name}")

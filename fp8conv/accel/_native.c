@@ -561,6 +561,74 @@ done:
     return result;
 }
 
+/* ---- dequantize ----------------------------------------------------------------------------------- */
+
+/* dequantize(codes, rows, cols, tile_rows, tile_cols, table, scales, zeros or None, to_bf16, out)
+   codes: one byte per element (its uint8 view); table: float32[256], the value of every byte; scales
+   (zeros): float32 grids; out: float32 [rows, cols], or bf16 bits (uint16) when to_bf16: w' = (value -
+   zero point) * scale in float32, then rounded to nearest even on the bit pattern
+   (numerics/dequantize.py, bit for bit). */
+CLONES static PyObject *dequantize(PyObject *self, PyObject *args)
+{
+    Py_buffer codes, table, scales, out, zeros = {0};
+    PyObject *zeros_obj;
+    Py_ssize_t rows, cols, tr, tc;
+    int to_bf16;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*Opw*", &codes, &rows, &cols, &tr, &tc, &table, &scales, &zeros_obj,
+                          &to_bf16, &out))
+        return NULL;
+    PyObject *result = NULL;
+    const int has_zero = zeros_obj != Py_None;
+    const Py_ssize_t gr = (rows + tr - 1) / tr, gc = (cols + tc - 1) / tc;
+    if (has_zero && PyObject_GetBuffer(zeros_obj, &zeros, PyBUF_SIMPLE) < 0) goto done;
+    if (tr < 1 || tc < 1 || rows < 0 || cols < 0) {
+        PyErr_SetString(PyExc_ValueError, "dequantize: bad shape");
+        goto done;
+    }
+    if (!need(&codes, rows * cols, "codes") || !need(&table, 256 * 4, "table") || !need(&scales, gr * gc * 4, "scales")
+        || (has_zero && !need(&zeros, gr * gc * 4, "zeros")) || !need(&out, rows * cols * (to_bf16 ? 2 : 4), "out"))
+        goto done;
+    {
+        const uint8_t *cd = codes.buf;
+        const float *tab = table.buf, *grid = scales.buf, *zgrid = has_zero ? zeros.buf : NULL;
+        float *o32 = out.buf;
+        uint16_t *o16 = out.buf;
+        const Py_ssize_t nr = rows, nc = cols, ntr = tr, ntc = tc; /* locals: the stores may not alias them */
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < nr; r++) {
+            const float *srow = grid + (r / ntr) * gc;
+            const float *zrow = has_zero ? zgrid + (r / ntr) * gc : NULL;
+            for (Py_ssize_t t = 0; t < gc; t++) {
+                const Py_ssize_t c0 = t * ntc, n = c0 + ntc < nc ? ntc : nc - c0;
+                const float s = srow[t], z = has_zero ? zrow[t] : 0.0f;
+                const uint8_t *c = cd + r * nc + c0;
+                if (to_bf16) {
+                    uint16_t *o = o16 + r * nc + c0;
+                    for (Py_ssize_t i = 0; i < n; i++) {
+                        float v = tab[c[i]];
+                        if (has_zero) v = v - z;
+                        uint32_t b = bits_of(v * s);
+                        o[i] = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+                    }
+                } else {
+                    float *o = o32 + r * nc + c0;
+                    for (Py_ssize_t i = 0; i < n; i++) {
+                        float v = tab[c[i]];
+                        if (has_zero) v = v - z;
+                        o[i] = v * s;
+                    }
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&codes); PyBuffer_Release(&table); PyBuffer_Release(&scales); PyBuffer_Release(&out);
+    if (has_zero && zeros.obj) PyBuffer_Release(&zeros);
+    return result;
+}
+
 /* ---- the mse observer --------------------------------------------------------------------------- */
 
 /* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
@@ -747,6 +815,7 @@ static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS, "codes and error statistics of a source under given scales"},
     {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
     {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
+    {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
     {"mse_search_micro", mse_search_micro, METH_VARARGS, "the mse observer's microscale candidate evaluation"},
     {NULL, NULL, 0, NULL},

@@ -109,6 +109,20 @@ def quantize(weight: np.ndarray, tile: tuple[int, int], scales: np.ndarray, zero
     return codes.view(fmt.dtype)
 
 
+def dequantize(codes: np.ndarray, tile: tuple[int, int], scales: np.ndarray, zeros: np.ndarray | None, fmt,
+               out: np.ndarray) -> None:
+    """out[rows, cols] (float32 or bf16, C-contiguous) = (code value - zero point) * scale of its tile;
+    codes one byte each (fmt.dtype)."""
+    rows, cols = codes.shape
+    table = np.empty(256, np.float32)
+    with np.errstate(invalid="ignore"):
+        fmt.decode(np.arange(256, dtype=np.uint8).view(fmt.dtype), table)
+    zeros = None if zeros is None else np.ascontiguousarray(zeros, np.float32)
+    _native.dequantize(np.ascontiguousarray(codes).view(np.uint8), rows, cols, tile[0], tile[1], table,
+                       np.ascontiguousarray(scales, np.float32), zeros, out.dtype.name == "bfloat16",
+                       out.view(np.uint16) if out.dtype.name == "bfloat16" else out)
+
+
 def micro_encode(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, fmt) -> np.ndarray | None:
     """Element codes of weight / factor (divide) or weight * factor per group: 4-bit codes packed two per
     byte, or one byte per element; None when it holds NaN / Inf."""

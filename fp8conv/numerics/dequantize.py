@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..accel import native
 from ..errors import SchemeError
 from ..formats.dtypes import bf16
 from ..formats.scales import _round_bf16
@@ -43,6 +44,12 @@ def dequantize_2d(codes: np.ndarray, scales: np.ndarray, scheme: Scheme, out: np
         zero_points = np.asarray(zero_points, np.float32).reshape(scales.shape)
     if out is None:
         out = np.empty((rows, cols), out_dtype)
+    if (native.use_native() and native.supports(fmt) and codes.dtype.itemsize == 1 and codes.size
+            and out.dtype.name in ("float32", "bfloat16") and out.flags.c_contiguous):
+        # The compiled kernel: the same float32 arithmetic and rounding (tests/test_conformance.py).
+        native.dequantize(codes, (max(rows, 1), max(cols, 1)) if whole_scale else scheme.tile(rows, cols), scales,
+                          zero_points, fmt, out)
+        return out
     tile_rows, tile_cols, window_rows, window_cols = window(scheme, rows, cols, whole_scale)
     scratch = np.empty((min(window_rows, rows), min(window_cols, cols)), np.float32)
     for r0 in range(0, rows, window_rows):
