@@ -326,3 +326,23 @@ def test_dequantize_matches_the_float64_reference(scheme, out_dtype, backend, mo
     got = dequantize_2d(q.codes, q.scales, scheme, out_dtype=out_dtype, zero_points=q.zero_points)
     want = deq.astype(out_dtype)  # float32 values, rounded to nearest even once
     assert_same(got.view(np.uint8), want.view(np.uint8), f"dequantized {out_dtype.name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [np.dtype(np.float32), BF16, np.dtype(np.float16)], ids=lambda d: d.name)
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s.microscale], ids=lambda s: s.describe())
+def test_microscale_dequantize_matches_the_float64_reference(scheme, out_dtype, backend, monkeypatch):
+    """NVFP4 / MX: element value times its group's divisor in float32, rounded once into the output dtype."""
+    from fp8conv.numerics import microscale as ms
+
+    monkeypatch.setenv("FP8CONV_BACKEND", require(backend))
+    w = edge_weight(scheme, BF16, seed=13)
+    _, _, _, deq, _ = reference_microscale(w, scheme)
+    q = quantize_2d(w, scheme, backend="numpy")
+    micro = MICROSCALE[scheme.microscale]
+    codes = np.asarray(q.codes).view(np.uint8)
+    if micro.global_scale:
+        got = ms.dequantize_nvfp4(codes, np.asarray(q.scales).view(np.uint8), q.global_scale, out_dtype)
+    else:
+        got = ms.dequantize_mx(codes, np.asarray(q.scales).view(np.uint8), "e2m1" if micro.packed else "e4m3", out_dtype)
+    assert_same(got.view(np.uint8), deq.astype(out_dtype).view(np.uint8), f"dequantized {out_dtype.name}")

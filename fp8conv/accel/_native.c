@@ -629,6 +629,71 @@ done:
     return result;
 }
 
+/* micro_dequantize(codes, rows, cols, group, packed, table, divisor, to_bf16, out): w' = value(code) *
+   divisor of its group in float32 (4-bit codes two per byte, element 2k in the low nibble; table float32[16]
+   or [256]; divisor float32 [rows, cols / group]), rounded to nearest even into bf16 bits when to_bf16
+   (numerics/microscale.py's dequantize_nvfp4 / dequantize_mx, bit for bit). */
+CLONES static PyObject *micro_dequantize(PyObject *self, PyObject *args)
+{
+    Py_buffer codes, table, divisor, out;
+    Py_ssize_t rows, cols, group;
+    int packed, to_bf16;
+    if (!PyArg_ParseTuple(args, "y*nnnpy*y*pw*", &codes, &rows, &cols, &group, &packed, &table, &divisor, &to_bf16,
+                          &out))
+        return NULL;
+    PyObject *result = NULL;
+    float *vals = NULL;
+    if (group < 1 || rows < 0 || cols < 0 || cols % group || (packed && cols % 2)) {
+        PyErr_SetString(PyExc_ValueError, "micro_dequantize: bad shape");
+        goto done;
+    }
+    if (!need(&codes, rows * (packed ? cols / 2 : cols), "codes") || !need(&table, (packed ? 16 : 256) * 4, "table")
+        || !need(&divisor, rows * (cols / group) * 4, "divisor") || !need(&out, rows * cols * (to_bf16 ? 2 : 4), "out"))
+        goto done;
+    vals = malloc((size_t)(cols + 1) * 4);
+    if (!vals) { PyErr_NoMemory(); goto done; }
+    {
+        const uint8_t *cd = codes.buf;
+        const float *tab = table.buf, *div = divisor.buf;
+        float *o32 = out.buf;
+        uint16_t *o16 = out.buf;
+        const Py_ssize_t nr = rows, nc = cols, gsz = group, groups = cols / group;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < nr; r++) {
+            if (packed) {
+                const uint8_t *b = cd + r * (nc / 2);
+                for (Py_ssize_t k = 0; k < nc / 2; k++) {
+                    vals[2 * k] = tab[b[k] & 0xF];
+                    vals[2 * k + 1] = tab[b[k] >> 4];
+                }
+            } else {
+                const uint8_t *b = cd + r * nc;
+                for (Py_ssize_t c = 0; c < nc; c++) vals[c] = tab[b[c]];
+            }
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                const float d = div[r * groups + g];
+                const float *v = vals + g * gsz;
+                if (to_bf16) {
+                    uint16_t *o = o16 + r * nc + g * gsz;
+                    for (Py_ssize_t i = 0; i < gsz; i++) {
+                        uint32_t b = bits_of(v[i] * d);
+                        o[i] = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+                    }
+                } else {
+                    float *o = o32 + r * nc + g * gsz;
+                    for (Py_ssize_t i = 0; i < gsz; i++) o[i] = v[i] * d;
+                }
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    free(vals);
+    PyBuffer_Release(&codes); PyBuffer_Release(&table); PyBuffer_Release(&divisor); PyBuffer_Release(&out);
+    return result;
+}
+
 /* ---- the mse observer --------------------------------------------------------------------------- */
 
 /* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
@@ -816,6 +881,7 @@ static PyMethodDef methods[] = {
     {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
     {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
     {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
+    {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
     {"mse_search_micro", mse_search_micro, METH_VARARGS, "the mse observer's microscale candidate evaluation"},
     {NULL, NULL, 0, NULL},

@@ -123,6 +123,19 @@ def dequantize(codes: np.ndarray, tile: tuple[int, int], scales: np.ndarray, zer
                        out.view(np.uint16) if out.dtype.name == "bfloat16" else out)
 
 
+def micro_dequantize(codes: np.ndarray, group: int, packed: bool, values: np.ndarray, divisor: np.ndarray,
+                     out: np.ndarray) -> bool:
+    """out[rows, cols] = value(code) * divisor of its group (float32 or bf16 out, C-contiguous); False
+    (nothing written) for another output dtype or layout."""
+    if out.dtype.name not in ("float32", "bfloat16") or not out.flags.c_contiguous or not out.size:
+        return False
+    rows, cols = out.shape
+    _native.micro_dequantize(np.ascontiguousarray(codes).view(np.uint8), rows, cols, group, packed,
+                             np.ascontiguousarray(values, np.float32), np.ascontiguousarray(divisor, np.float32),
+                             out.dtype.name == "bfloat16", out.view(np.uint16) if out.dtype.name == "bfloat16" else out)
+    return True
+
+
 def micro_encode(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, fmt) -> np.ndarray | None:
     """Element codes of weight / factor (divide) or weight * factor per group: 4-bit codes packed two per
     byte, or one byte per element; None when it holds NaN / Inf."""
