@@ -55,6 +55,13 @@ SCHEMES = {
                    "llmc": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
     "nvfp4": {"fp8conv": ["--format", "nvfp4"], "llmc": "NVFP4A16"},
     "mxfp4": {"fp8conv": ["--format", "mxfp4"], "llmc": "MXFP4A16"},
+    # What `fp8conv quantize SRC -o OUT --format F` writes with every other option left at its default
+    # (the README's scheme table): the block / group fitted to the model for vLLM (SmolLM2: 64).
+    "fp8-default": {"fp8conv": ["--format", "fp8_e4m3"], "llmc": "FP8_BLOCK"},
+    "int8-default": {"fp8conv": ["--format", "int8"], "llmc": "W8A8"},
+    "int4-default": {"fp8conv": ["--format", "int4"], "llmc": "W4A16"},
+    "mxfp8": {"fp8conv": ["--format", "mxfp8"], "llmc": "MXFP8A16"},
+    "fp8-channel": {"fp8conv": ["--format", "fp8_e4m3", "--granularity", "channel"], "llmc": "FP8_DYNAMIC"},
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .plan.engines import ENGINES
+from .plan.engines import DEFAULT_ENGINES, ENGINES
 from .errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT, EXIT_SIGINT, EXIT_USAGE, FP8ConvError
 from .formats import DEFAULT_FORMAT, HIGH_PRECISION, MICROSCALE, format_choices
 from .layouts import DEFAULT_LAYOUT, layout_names
@@ -202,17 +202,37 @@ def progress_bar(total: int, quiet: bool, desc: str):
 
 
 class _Group(click.Group):
-    """Keeps the arguments as given, for the model card's exact command."""
+    """Keeps the arguments as given, for the model card's exact command; click's usage errors in
+    fp8conv's one style: `fp8conv: error: ...` on one line, exit 2 (click's own is three lines:
+    Usage / Try / Error)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["fp8conv.argv"] = list(args)
         return super().parse_args(ctx, args)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            sub = exc.ctx.info_name if exc.ctx is not None and exc.ctx.parent is not None else None
+            hint = f" (see fp8conv {sub + ' ' if sub else ''}--help)"
+            say(f"fp8conv: error: {' '.join(exc.format_message().split())}{hint}")
+            code = EXIT_USAGE
+        except click.ClickException as exc:
+            say(f"fp8conv: error: {' '.join(exc.format_message().split())}")
+            code = exc.exit_code
+        except click.Abort:
+            say("fp8conv: error: aborted")
+            code = EXIT_SIGINT
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 @click.group(cls=_Group, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="fp8conv")
 def main() -> None:
-    """Convert bf16/fp16/fp32 safetensors checkpoints to FP8/INT8, inspect them and verify them."""
+    """Convert bf16/fp16/fp32 safetensors checkpoints to FP8, INT8, INT4, NVFP4, MXFP4 and MXFP8, inspect them and verify them."""
     _guard_std_streams()
 
 
@@ -342,27 +362,35 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size the output must split over (vLLM partition and block divisibility).")
 @click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)),
-              help="Refuse (exit 2, nothing written) what this engine could not load; without it those are warnings. Repeatable.")
+              help="Refuse (exit 2, nothing written) what this engine could not load; the others only warn. Repeatable. "
+                   f"[default: {' '.join(DEFAULT_ENGINES)}, as verify] A default block / group that the engines cannot "
+                   "load is made smaller (64, 32, then channel scales) and the run says so.")
 @click.option("--no-card", is_flag=True, help="Do not write the model card OUT/README.md (SRC's README.md is copied as is).")
 @run_options
 @handle_errors
 def quantize(src, out, fmt, granularity, block_size, group_size, activations, asymmetric, observer, layout, ignore,
              include, allow_nonfinite, overrides, tp, engines, no_card, workers, max_shard_size, overwrite, resume, dry_run,
              as_json, quiet, partition, ray_address, parts) -> None:
-    """Quantize the checkpoint SRC (a .safetensors file or a folder) into OUT.
+    """Quantize the checkpoint SRC (a .safetensors file, a folder, or a Hugging Face hub id org/name) into OUT.
 
     \b
     SRC may itself be quantized (compressed-tensors, fine-grained FP8, fp8conv): its weights are
     dequantized in float32 and re-quantized, or carried over unchanged when the scheme is the same.
     """
+    from .io.hub import resolve
     from .plan.recipe import Recipe
 
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
+    src = resolve(src)
+    ctx = click.get_current_context()
+    tile_is_default = all(ctx.get_parameter_source(p) in (None, click.core.ParameterSource.DEFAULT)
+                          for p in ("block_size", "group_size"))
     recipe = Recipe(scheme=build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer),
                     layout=layout, ignore=ignore, include=include, allow_nonfinite=allow_nonfinite,
-                    max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines),
+                    max_shard_size=parse_size(max_shard_size), tp=tp, engines=tuple(engines) or DEFAULT_ENGINES,
                     schemes=tuple(_with_observer(parse_override(text), observer) for text in overrides))
-    if _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts):
+    if _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts,
+            tile_is_default):
         from .report import card
 
         if no_card:
@@ -413,13 +441,15 @@ def _check_output(src: Path, out: Path, overwrite: bool, resume: bool) -> None:
 
 
 def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
-         quiet: bool, partition: str | None, ray_address: str | None, parts: int | None) -> bool:
+         quiet: bool, partition: str | None, ray_address: str | None, parts: int | None,
+         tile_is_default: bool = False) -> bool:
     """Shared tail of quantize and dequantize: plan, warnings, then a dry run, one part, a Ray run or
     the whole run, and the report. True when OUT is complete."""
     from .accel import native
     from .run import pipeline
     from .report import text as render
     from .io.outdir import Staging
+    from .report.manifest import scheme_summary
 
     verb = recipe.command
     part = _parse_partition(partition)
@@ -427,7 +457,12 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
         workers = 1  # per Ray task; Ray spreads the tasks over the cluster's CPUs
     # A part or a Ray run leaves OUT's own staging alone (parts live beside it): as --resume there.
     _check_output(src, out, overwrite, resume or part is not None or ray_address is not None)
-    checkpoint, plan = pipeline.plan_recipe(src, recipe)
+    if verb == "quantize":
+        from .run.fitting import plan_fitted
+
+        recipe, checkpoint, plan = plan_fitted(src, recipe, tile_is_default)
+    else:
+        checkpoint, plan = pipeline.plan_recipe(src, recipe)
     fallback = native.fallback_warning()
     if fallback and verb == "quantize":
         say(f"fp8conv: {fallback}")
@@ -441,7 +476,8 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
         Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
         emit(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
                          "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
-                         "refusals": plan.refusals}, indent=2) if as_json
+                         "refusals": plan.refusals, "findings": plan.findings,
+                         "schemes": scheme_summary(plan)}, indent=2) if as_json
              else render.dry_run_plan(plan))
         for refusal in plan.refusals:
             say(f"fp8conv: error: {refusal}")
@@ -488,10 +524,12 @@ def _parse_partition(text: str | None):
 @handle_errors
 def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_run, as_json, quiet, partition,
                ray_address, parts) -> None:
-    """Turn an FP8/INT8 checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
+    """Turn a quantized checkpoint (compressed-tensors, fine-grained FP8, fp8conv) back into bf16/fp16/fp32."""
+    from .io.hub import resolve
     from .plan.recipe import DEQUANTIZE, Recipe
 
     _refuse_conflicts(None, overwrite, resume)
+    src = resolve(src)
     recipe = Recipe(DEQUANTIZE, out_dtype=HIGH_PRECISION[dtype], max_shard_size=parse_size(max_shard_size))
     if _run(recipe, src, out, workers, overwrite, resume, dry_run, as_json, quiet, partition, ray_address, parts):
         from .report.card import keep_source_card
@@ -532,7 +570,9 @@ def inspect(path, pattern, stats, as_json, quiet) -> None:
     """Show what is in a checkpoint: shards, tensors, dtypes, sizes and quantization scheme."""
     from .commands import inspection
     from .report import text as render
+    from .io.hub import resolve
 
+    path = resolve(path)
     total = 0
     if stats:
         from .io.checkpoint import open_checkpoint
@@ -557,7 +597,7 @@ def _finite(ctx, param, value: float | None) -> float | None:
               help="Relative RMS error limit per tensor [default: 0.08 fp8_e4m3, 0.15 fp8_e5m2, 0.10 int8, 0.40 int4].")
 @click.option("--tp", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Tensor-parallel size to check vLLM's partition constraints for.")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)), default=("vllm",),
+@click.option("--engine", "engines", multiple=True, type=click.Choice(list(ENGINES)), default=DEFAULT_ENGINES,
               show_default=True, help="Engines whose load constraints fail the check (others only warn). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), default=None, metavar="FILE",
@@ -568,13 +608,17 @@ def _finite(ctx, param, value: float | None) -> float | None:
 @handle_errors
 def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet, run_eval, text, tokens, window,
            eval_engine, max_kl, min_top1, min_cosine) -> None:
-    """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails."""
+    """Check integrity, structure, numerics and engine compatibility; exit 1 when a check fails,
+    and for a checkpoint with nothing quantized in it (a source folder given by mistake)."""
     from .report import text as render
     from .errors import EXIT_CHECK_FAILED
     from .commands.verify import VerifyOptions, total_work, verify_checkpoint
 
     if html_path is not None and str(html_path) == "-":
         raise click.UsageError("--html - would mix the page with the summary on stdout; give a file name")
+    from .io.hub import resolve
+
+    path, against = resolve(path), (resolve(against) if against is not None else None)
     if run_eval and against is None:
         raise click.UsageError("--eval needs --against SRC (the model to compare with)")
     options = VerifyOptions(against=against, max_rel_error=max_rel_error, tp=tp, engines=tuple(engines))

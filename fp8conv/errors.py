@@ -32,6 +32,10 @@ class SchemeError(FP8ConvError):
     exit_code = EXIT_USAGE
 
 
+class TileError(SchemeError):
+    """The block or group does not fit the model's shapes (fp8conv.fitting tries a smaller one)."""
+
+
 class MissingExtra(FP8ConvError):
     """An option needs an optional dependency that is not installed (a usage error)."""
 

@@ -106,6 +106,45 @@ def qwen2_5_vl(path: Path) -> None:
     save(Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)), path)
 
 
+VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+              patch_size=14)
+
+
+def qwen2_vl(path: Path) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = {**DENSE, "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]}}
+    vision = dict(depth=2, embed_dim=128, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    save(Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision)), path)
+
+
+def gemma3_vl(path: Path) -> None:
+    """Gemma 3 with its SigLIP vision tower (Gemma3ForConditionalGeneration, model_type gemma3)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = {**DENSE, "head_dim": 64, "sliding_window": 64}
+    save(Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=VISION, mm_tokens_per_image=4)), path)
+
+
+def mistral3(path: Path) -> None:
+    """Mistral 3 (Mistral-Small-3.1 style: Pixtral vision tower, Mistral text model)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = {**DENSE, "head_dim": 64, "model_type": "mistral"}
+    save(Mistral3ForConditionalGeneration(Mistral3Config(text_config=text, vision_config={**VISION, "head_dim": 64})), path)
+
+
+def llama4(path: Path) -> None:
+    """Llama 4 (Scout / Maverick style: a dense and a MoE layer, vision tower)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = {**DENSE, "head_dim": 64, "intermediate_size_mlp": 512, "num_local_experts": 2, "interleave_moe_layer_step": 2,
+            "moe_layers": [1], "no_rope_layers": [1, 1]}
+    vision = {**VISION, "vision_output_dim": 256, "projector_input_dim": 256, "projector_output_dim": 256}
+    save(Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision)), path)
+
+
 def patch_config(path: Path, **values) -> None:
     config = read_json(path / "config.json")
     config.update(values)
@@ -115,7 +154,9 @@ def patch_config(path: Path, **values) -> None:
 DENSE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=512, max_position_embeddings=128)
 FAMILIES = {"llama": llama, "qwen3": qwen3, "qwen3_moe": qwen3_moe, "deepseek_v3": deepseek_v3, "gpt_oss": gpt_oss,
-            "gemma3": gemma3, "qwen2_5_vl": qwen2_5_vl}
+            "gemma3": gemma3, "qwen2_5_vl": qwen2_5_vl, "qwen2_vl": qwen2_vl, "gemma3_vl": gemma3_vl,
+            "mistral3": mistral3, "llama4": llama4}
+COMPOSITE = ("qwen2_5_vl", "qwen2_vl", "gemma3_vl", "mistral3", "llama4")
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +255,27 @@ def test_family_loads_in_transformers_like_our_dequantized_model(built, tmp_path
     if config.get("tie_word_embeddings") and family != "qwen2_5_vl":
         assert torch.equal(model.lm_head.weight.data, model.model.embed_tokens.weight.data)
     check_family_decisions(family, out)
+
+
+@pytest.mark.parametrize("family", COMPOSITE)
+def test_composite_vlm_runs_in_transformers_as_written(built, tmp_path, family):
+    """A vision-language model converted with defaults runs in transformers as a user loads it (the config's
+    own quantization_config, no cast): its compressed-tensors scales are bf16 like its weights, since
+    transformers 5.17 leaves a composite model's decompressed weights in the scales' dtype (float32 scales:
+    'self and mat2 must have the same dtype'). The vision tower stays in bf16."""
+    src, out = built(family), tmp_path / "q"
+    run_cli("quantize", src, "-o", out)
+    run_cli("verify", out, "--against", src)
+    tensors = load_all(out)
+    scales = {n: t for n, t in tensors.items() if n.endswith(".weight_scale")}
+    assert len(scales) >= 8 and {t.dtype.name for t in scales.values()} == {"bfloat16"}
+    decisions = read_json(out / "fp8conv.manifest.json")["tensors"]
+    vision = [n for n, d in decisions.items() if "vision tower" in d["reason"]]
+    assert vision and all(decisions[n]["decision"] == "copy" for n in vision)
+    model, theirs = load(out)
+    _, original = load(src)
+    assert torch.isfinite(theirs).all()
+    assert (theirs - original).abs().max().item() < 0.15 * original.abs().max().item()
 
 
 def check_every_expert_loaded(family: str, model, rebuilt) -> None:

@@ -148,8 +148,9 @@ def test_fused_partitions_refused_before_writing(tmp_path):
     src = write_model(tmp_path / "src", FAMILY_CONFIG, FAMILY_SHAPES)
     out = tmp_path / "out"
     dry = run_cli("quantize", src, "-o", out, "--dry-run", "--ignore", "*.kv_a_proj_with_mqa", expect=2)
-    assert "fused layer model.layers.0.self_attn has partitions quantized differently (q_a_proj: fp8_e4m3 block " \
-           "128x128, kv_a_proj_with_mqa: high precision)" in dry.stderr
+    # The family's small experts do not hold whole blocks for vLLM's fused MoE: the default is channel scales here.
+    assert "fused layer model.layers.0.self_attn has partitions quantized differently (q_a_proj: fp8_e4m3 " \
+           "channel, kv_a_proj_with_mqa: high precision)" in dry.stderr
     assert "pre-flight: REFUSED (exit 2)" in dry.stdout
     run_cli("quantize", src, "-o", out, "--ignore", "*.kv_a_proj_with_mqa", expect=2)
     assert not out.exists()
@@ -158,14 +159,23 @@ def test_fused_partitions_refused_before_writing(tmp_path):
 
 def test_tp_divisibility_preflight(sample, tmp_path):
     src, out = sample("llama-tiny"), tmp_path / "out"
-    warned = run_cli("quantize", src, "-o", out, "--tp", "4", "--dry-run")  # no --engine: warnings only
-    assert "vllm: model.layers.0.self_attn.k_proj.weight output partition 32 (tp 4) is not divisible by block 128" in warned.stderr
-    assert "pre-flight: ok" in warned.stdout
-    refused = run_cli("quantize", src, "-o", out, "--tp", "4", "--engine", "vllm", "--dry-run", expect=2)
-    assert "fp8conv: error: vllm: model.layers.0.self_attn.o_proj.weight input partition 64 (tp 4) is not divisible by block 128" in refused.stderr
-    real = run_cli("quantize", src, "-o", out, "--tp", "4", "--engine", "vllm", expect=2)
+    # vLLM binds by default: no block fits --tp 4 (k_proj 128 / 4 = 32 rows, gate_proj 704 / 4 = 176), so the
+    # default falls to channel scales, which only need the dims to split (256/4 and 704/4 do), and says so.
+    fitted = run_cli("quantize", src, "-o", out, "--tp", "4", "--dry-run")
+    assert "using fp8_e4m3 channel, which every weight fits (as --granularity channel would" in fitted.stderr
+    assert "pre-flight: ok" in fitted.stdout
+    refused = run_cli("quantize", src, "-o", out, "--tp", "4", "--block-size", "128", "--dry-run", expect=2)
+    assert ("fp8conv: error: vllm: input partitions (tp 4) are not divisible by block 128 (4 tensors: "
+            "model.layers.0.mlp.down_proj.weight, model.layers.0.self_attn.o_proj.weight, "
+            "model.layers.1.mlp.down_proj.weight and 1 more (--dry-run --json lists all)); e.g. "
+            "model.layers.0.mlp.down_proj.weight input partition 176 (tp 4) is not divisible by block 128") in refused.stderr
+    assert "--granularity channel fits every weight" in refused.stderr
+    # An engine that is not named only warns.
+    warned = run_cli("quantize", src, "-o", out, "--tp", "4", "--block-size", "128", "--engine", "transformers",
+                     "--dry-run")
+    assert "warning: vllm: output partitions (tp 4) are not divisible by block 128" in warned.stdout
+    real = run_cli("quantize", src, "-o", out, "--tp", "4", "--block-size", "128", expect=2)
     assert "refused before writing anything: vllm:" in real.stderr and not out.exists()
-    # channel scales only need the dims to split: 256/4 and 704/4 do.
     run_cli("quantize", src, "-o", out, "--tp", "4", "--engine", "vllm", "--granularity", "channel")
     run_cli("verify", out, "--tp", "4")
     run_cli("quantize", src, "-o", tmp_path / "o3", "--tp", "3", "--engine", "vllm", "--granularity", "channel", expect=2)
@@ -177,8 +187,11 @@ def test_merged_partition_block_rule(tmp_path):
     shapes = {"model.layers.0.self_attn.q_a_proj.weight": (192, 128),
               "model.layers.0.self_attn.kv_a_proj_with_mqa.weight": (576, 128)}
     src = write_model(tmp_path / "src", config, shapes)
-    refused = run_cli("quantize", src, "-o", tmp_path / "out", "--engine", "vllm", expect=2)
+    refused = run_cli("quantize", src, "-o", tmp_path / "out", "--engine", "vllm", "--block-size", "128", expect=2)
     assert "q_a_proj.weight 192 rows are not divisible by block 128, and vLLM fuses it with kv_a_proj_with_mqa" in refused.stderr
+    assert refused.stderr.strip().endswith("; --block-size 64 fits every weight")
+    fitted = run_cli("quantize", src, "-o", tmp_path / "fitted", "--engine", "vllm")  # the default block: 64x64
+    assert read_json(tmp_path / "fitted" / "fp8conv.report.json")["scheme"]["block_size"] == [64, 64]
     shapes["model.layers.0.self_attn.q_a_proj.weight"] = (256, 128)
     src = write_model(tmp_path / "src2", config, shapes)
     run_cli("quantize", src, "-o", tmp_path / "out", "--engine", "vllm")  # 576 is the last partition: allowed

@@ -78,7 +78,8 @@ def test_pack_quantized_sample(sample, tmp_path, fmt, granularity, symmetric):
 
 def test_group_that_does_not_divide_is_refused_up_front(sample, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", "int4", expect=2)
+    # An explicit group is refused (the default one is fitted to the model: tests/test_defaults.py).
+    result = run_cli("quantize", sample("llama-tiny"), "-o", out, "--format", "int4", "--group-size", "128", expect=2)
     message = result.stderr.strip()
     assert message.count("\n") == 0 and "model.layers.0.mlp.down_proj.weight (704)" in message
     assert "model.layers.1.mlp.down_proj.weight (704)" in message and "--group-size 64 / 32 / 16 / 8" in message

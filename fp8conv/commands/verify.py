@@ -1,4 +1,6 @@
-"""fp8conv verify: integrity, structure, numerics and engine checks of any quantized checkpoint."""
+"""fp8conv verify: integrity, structure, numerics and engine checks of any quantized checkpoint.
+
+A checkpoint with no quantized weight fails (exit 1, structure: "nothing is quantized")."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from ..plan.architecture import Architecture
-from ..plan.engines import fused_constraints, kept_experts_constraints, weight_constraints
+from ..plan.engines import DEFAULT_ENGINES, fused_constraints, kept_experts_constraints, weight_constraints
 from ..report.card import CARD_NAME, card_digest_matches
 from ..io.checkpoint import MANIFEST_NAME, Checkpoint, open_checkpoint
 from ..errors import InputError
@@ -34,6 +36,7 @@ class Finding:
     message: str
     tensor: str | None = None
     fatal: bool = True
+    rule: str | None = None  # the same sentence for every tensor breaking one engine rule (shown grouped)
 
 
 @dataclass
@@ -44,11 +47,11 @@ class VerifyResult:
     tensors: list[dict] = field(default_factory=list)
     compared: bool = False
 
-    def fail(self, check: str, message: str, tensor: str | None = None) -> None:
-        self.findings.append(Finding(check, message, tensor))
+    def fail(self, check: str, message: str, tensor: str | None = None, rule: str | None = None) -> None:
+        self.findings.append(Finding(check, message, tensor, rule=rule))
 
-    def warn(self, check: str, message: str, tensor: str | None = None) -> None:
-        self.findings.append(Finding(check, message, tensor, fatal=False))
+    def warn(self, check: str, message: str, tensor: str | None = None, rule: str | None = None) -> None:
+        self.findings.append(Finding(check, message, tensor, fatal=False, rule=rule))
 
     @property
     def passed(self) -> bool:
@@ -74,7 +77,7 @@ class VerifyOptions:
     against: Path | None = None
     max_rel_error: float | None = None
     tp: int = 1
-    engines: tuple[str, ...] = ("vllm",)
+    engines: tuple[str, ...] = DEFAULT_ENGINES
 
 
 def verify_checkpoint(path: Path, options: VerifyOptions, progress: Callable[[int], None] = lambda n: None) -> VerifyResult:
@@ -84,6 +87,11 @@ def verify_checkpoint(path: Path, options: VerifyOptions, progress: Callable[[in
     view = open_view(checkpoint)
     view.refuse_unsupported()
     result = VerifyResult(Path(path), view.layout)
+    if not view.weights:
+        # A pipeline that runs verify after quantize must not pass on the unconverted folder.
+        result.fail("structure", "nothing is quantized: no weight here has codes and a scale in a layout fp8conv "
+                    "reads (compressed-tensors, fine-grained FP8, fp8conv); is this the source folder? "
+                    "fp8conv quantize writes a quantized one")
     _check_integrity(checkpoint, view, result, progress)
     _check_structure(view, result)
     with Readers(checkpoint) as readers:
@@ -122,7 +130,8 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
         return
     for rel, record in sorted(files.items()):
         target = checkpoint.root / rel
-        if "/" in rel or rel.startswith(".") or not target.is_file():
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts) or not target.is_file() or target.is_symlink():
             result.fail("integrity", f"file {printable(rel)} listed in the manifest is missing")
             continue
         digest = sha256_of(target)
@@ -131,9 +140,10 @@ def _check_integrity(checkpoint: Checkpoint, view: CheckpointView, result: Verif
         if not isinstance(record, dict) or record.get("sha256") != digest:
             result.fail("integrity", f"file {printable(rel)} does not match its sha256 in the manifest")
     _check_card(checkpoint.root, files, result)
-    for path in sorted(checkpoint.root.iterdir()):
-        if path.name not in (MANIFEST_NAME, CARD_NAME) and path.name not in files:
-            result.fail("integrity", f"{printable(path.name)} is in the folder but not in the manifest: "
+    for path in sorted(p for p in checkpoint.root.rglob("*") if not p.is_dir() or p.is_symlink()):
+        rel = path.relative_to(checkpoint.root).as_posix()
+        if rel not in (MANIFEST_NAME, CARD_NAME) and rel not in files:
+            result.fail("integrity", f"{printable(rel)} is in the folder but not in the manifest: "
                         "nothing vouches for its bytes")
 
 
@@ -328,8 +338,9 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
     if view.format is not None and not view.format.engine_loadable:
         result.warn("engines", f"layout {view.layout} is fp8conv's own: no engine loads it (dequantize it, or re-quantize)")
         return
-    def report(engine: str, message: str, tensor: str | None = None) -> None:
-        (result.fail if engine in options.engines else result.warn)("engines", f"{engine}: {message}", tensor)
+    def report(engine: str, message: str, tensor: str | None = None, rule: str | None = None) -> None:
+        (result.fail if engine in options.engines else result.warn)("engines", f"{engine}: {message}", tensor,
+                                                                     f"{engine}: {rule}" if rule else None)
 
     arch = Architecture.from_config(view.config)
     by_logical = {qw.name: qw for qw in view.weights.values()}
@@ -348,7 +359,7 @@ def _check_engines(view: CheckpointView, options: VerifyOptions, result: VerifyR
     if view.format is not None and view.format.regex_ignore:
         found += kept_experts_constraints(schemes, view.ignored_modules or [], arch)
     for constraint in found:
-        report(constraint.engine, constraint.message, constraint.tensor)
+        report(constraint.engine, constraint.message, constraint.tensor, constraint.rule or None)
     _check_global_scales(view, report)
     if any(qw.scheme is not None and qw.scheme.granularity == "block" and qw.scheme.fmt.is_float for qw in view.weights.values()):
         result.warn("engines", "vllm: the CPU backend loads block FP8 only with AMX (Sapphire Rapids or newer); GPUs with compute capability >= 8.9 run it natively")

@@ -7,8 +7,10 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .sidefiles import OTHER_WEIGHTS, other_weights, subfolder_files
 from ..errors import InputError
 from .safetensors import Header, TensorInfo, read_header
+from ..report.findings import cut
 from .untrusted import load_json, printable
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -119,11 +121,6 @@ def _check_unique(shards: list[Header]) -> None:
             seen[name] = shard.path
 
 
-# Weights of other formats: never copied into an output (they would hold the unconverted model).
-OTHER_WEIGHT_GLOBS = ("pytorch_model*.bin", "pytorch_model*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.gguf",
-                      "*.h5", "*.msgpack", "*.onnx", "*.safetensors.index.json")
-
-
 def _list_folder(path: Path) -> list[Path]:
     try:
         return sorted(path.iterdir())
@@ -178,7 +175,10 @@ def open_checkpoint(path: Path) -> Checkpoint:
     else:
         names = found
         if not names:
-            raise InputError(f"{printable(str(path))}: no .safetensors files and no {INDEX_NAME}")
+            others = [p.name for p in entries if other_weights(p.name)]
+            raise InputError(f"{printable(str(path))}: no .safetensors files and no {INDEX_NAME}"
+                             + (f" (it holds {cut(others, 'ls lists all')}: fp8conv reads safetensors only; "
+                                "save the model with safe_serialization=True first)" if others else ""))
     shards = [read_header(path / name) for name in names]
     _check_unique(shards)
     if index is not None:
@@ -189,12 +189,15 @@ def open_checkpoint(path: Path) -> Checkpoint:
         if entry.name in names or entry.name == INDEX_NAME:
             continue
         if entry.name.endswith(".safetensors"):
-            checkpoint.skipped.append((entry, f"not listed in {INDEX_NAME}: not converted, not copied"))
-        elif any(fnmatch.fnmatchcase(entry.name, glob) for glob in OTHER_WEIGHT_GLOBS):
-            checkpoint.skipped.append((entry, "weights in another format: not copied (they would hold the unconverted model)"))
+            checkpoint.skipped.append((entry, f"not listed in {INDEX_NAME} (not converted)"))
+        elif other_weights(entry.name):
+            checkpoint.skipped.append((entry, OTHER_WEIGHTS))
         else:
             _check_readable(entry)
             checkpoint.extra_files.append(entry)
+    carried, skipped = subfolder_files(path)
+    checkpoint.extra_files += carried
+    checkpoint.skipped += skipped
     return checkpoint
 
 

@@ -362,8 +362,9 @@ class Staging:
     def commit(self) -> None:
         """fsync everything, then rename the staging folder into place."""
         (self.tmp / JOURNAL_NAME).unlink(missing_ok=True)
-        for path in self.tmp.iterdir():
-            _fsync_path(path)
+        for path in sorted(self.tmp.rglob("*")):  # subfolders carried from SRC included
+            if not path.is_symlink():
+                _fsync_path(path, directory=path.is_dir())
         _fsync_path(self.tmp, directory=True)
         moved_old = False
         if self.out.exists():

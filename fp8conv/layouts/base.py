@@ -127,8 +127,9 @@ class Layout(Registered):
         matrices = math.prod(shape[:-2])
         return [TensorSpec(weight_name, CODES, scheme.fmt.safetensors_tag, tuple(shape), 1, matrices), scale]
 
-    def stored_scheme(self, scheme: Scheme) -> Scheme:
-        """The scheme as this layout stores it (scales in another dtype, e.g.)."""
+    def stored_scheme(self, scheme: Scheme, composite: bool = False) -> Scheme:
+        """The scheme as this layout stores it (scales in another dtype, e.g.); `composite`: the model is a
+        vision-language model (config.json with a vision tower)."""
         return scheme
 
     def accepts_microscale(self, scheme: Scheme) -> bool:

@@ -60,10 +60,13 @@ class CompressedTensors(Layout, name="compressed-tensors"):
                                     matrices))
         return specs
 
-    def stored_scheme(self, scheme: Scheme) -> Scheme:
+    def stored_scheme(self, scheme: Scheme, composite: bool = False) -> Scheme:
         """pack-quantized keeps scales in the dtype of the weight they scale (bf16 for a bf16 model),
-        rounded before the weights are divided."""
-        if packs(scheme) and scheme.scale_format == "float32":
+        rounded before the weights are divided. So do all weights of a composite model (a vision-language
+        model: config.json with a vision tower): transformers 5.17 leaves such a model's decompressed
+        weights in the scales' dtype, and a float32 weight beside bf16 activations stops the forward pass
+        ("self and mat2 must have the same dtype"); llm-compressor writes them so."""
+        if (packs(scheme) or composite) and scheme.scale_format == "float32":
             return replace(scheme, scale_format=SOURCE_SCALE)
         return scheme
 

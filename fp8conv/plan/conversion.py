@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from ..io.checkpoint import CONFIG_NAME, Checkpoint
-from ..errors import InputError, SchemeError
+from ..errors import InputError, SchemeError, TileError
 from .engines import fused_constraints, weight_constraints
+from ..report.findings import cut, grouped
 from ..layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
 from ..layouts.read import CheckpointView, QuantizedWeight, open_view
@@ -51,6 +52,8 @@ class ConversionPlan:
     refusals: list[str] = field(default_factory=list)
     # --scheme overrides: (scheme, module names) written as extra config_groups.
     scheme_groups: list[tuple[Scheme, list[str]]] = field(default_factory=list)
+    # Every engine finding, one per tensor (warnings / refusals hold them grouped by rule).
+    findings: list[dict] = field(default_factory=list)
 
     @property
     def shard_of_output(self) -> dict[str, str]:
@@ -118,10 +121,17 @@ def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple
         if decision.quantized:
             found += weight_constraints(logical, plan.layout.quantized_shape(shape), plan.schemes[name],
                                         plan.layout, tp, arch)
-    for constraint in fused_constraints(schemes, arch):
-        plan.refusals.append(constraint.message + " (quantize or --ignore all of its partitions)")
-    for constraint in found:
-        (plan.refusals if constraint.engine in engines else plan.warnings).append(constraint.text())
+    fused = [replace(c, rule=c.rule + "; quantize or --ignore all of a layer's partitions")
+             for c in fused_constraints(schemes, arch)]
+    refused = [c for c in found if c.engine in engines]
+    warned = [c for c in found if c.engine not in engines]
+    where = "--dry-run --json lists all"
+    plan.refusals += grouped([c.finding() for c in fused + refused], where)
+    plan.warnings += grouped([c.finding() for c in warned], where)
+    # "shape": a weight's shape against the scheme's tile (a smaller tile may fit; fp8conv.fitting).
+    plan.findings += [{**c.finding().to_json(), "refused": True, "shape": False} for c in fused]
+    plan.findings += [{**c.finding().to_json(), "refused": True, "shape": True} for c in refused]
+    plan.findings += [{**c.finding().to_json(), "refused": False, "shape": True} for c in warned]
 
 
 def _kept_expert_warnings(plan: ConversionPlan, arch: Architecture) -> list[str]:
@@ -234,11 +244,11 @@ def _refuse_groups(plan: ConversionPlan) -> None:
     group_size = grouped[bad[0]].group_size
     common = math.gcd(*cols.values())
     fits = [g for g in (1024, 512, 256, 128, 64, 32, 16, 8) if common % g == 0]
-    listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
+    listed = cut([f"{n} ({cols[n]})" for n in bad], "fp8conv inspect --tensors lists every shape")
     fix = (f"--group-size {' / '.join(map(str, fits))} fits every tensor" if fits else "no power-of-two group fits all")
-    raise SchemeError(f"in_features must be divisible by the group size {group_size} for pack-quantized "
-                      f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
-                      "or --ignore those tensors")
+    raise TileError(f"in_features must be divisible by the group size {group_size} for pack-quantized "
+                    f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
+                    "or --ignore those tensors")
 
 
 def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
@@ -253,7 +263,7 @@ def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
             for name in plan.outputs}
     bad = sorted(name for name, c in cols.items() if c % group)
     if bad:
-        listed = ", ".join(f"{printable(n)} ({cols[n]})" for n in bad)
+        listed = cut([f"{n} ({cols[n]})" for n in bad], "fp8conv inspect --tensors lists every shape")
         raise SchemeError(f"{scheme.microscale} needs input dims divisible by its group of {group}; {len(bad)} "
                           f"tensor(s) are not: {listed}; keep them in high precision with --ignore")
 
@@ -333,7 +343,8 @@ def build_plan(
 
     `overrides` (--scheme PATTERN=SPEC): the first pattern matching a quantized tensor picks its scheme."""
     layout.check(scheme)
-    scheme = layout.stored_scheme(scheme)
+    arch = architecture_of(checkpoint)
+    scheme = layout.stored_scheme(scheme, composite=arch.vision)
     if overrides and not layout.per_module_schemes:
         writers = " or ".join(n for n, lay in Layout.registry.items() if lay.per_module_schemes)
         raise SchemeError(f"--scheme needs --layout {writers} (several config_groups); "
@@ -343,11 +354,10 @@ def build_plan(
                           "groups carry global / e8m0 scales fp8conv does not write per group)")
     for _, override in overrides:
         layout.check(override)
-    stored = [(matcher, layout.stored_scheme(override)) for matcher, override in overrides]
+    stored = [(matcher, layout.stored_scheme(override, composite=arch.vision)) for matcher, override in overrides]
     tensors = checkpoint.tensors
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
-    arch = architecture_of(checkpoint)
     transposed = next((qw.name for qw in source_quant.values() if qw.transposed), None)
     if transposed is not None:
         raise SchemeError(f"{checkpoint.root}: {printable(transposed)} is OpenAI MXFP4 (quant_method mxfp4); quantize "

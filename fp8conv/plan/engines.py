@@ -20,11 +20,14 @@ import re
 from dataclasses import dataclass
 
 from .architecture import EXPERT_PROJECTIONS, Architecture, module_name
+from ..report.findings import Finding
 from ..io.safetensors import printable
 from ..layouts import Layout
 from .scheme import Scheme
 
 ENGINES = ("vllm", "transformers")
+# The engines whose load constraints refuse by default, in quantize's pre-flight, --dry-run and verify alike.
+DEFAULT_ENGINES = ("vllm",)
 COLUMN_PARALLEL = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj|w1|w3|query|key|value|"
                              r"c_attn|c_fc|fc1|dense_h_to_4h|q_b_proj|kv_b_proj)$")
 ROW_PARALLEL = re.compile(r"(^|\.)(o_proj|down_proj|w2|out_proj|c_proj|fc2|dense_4h_to_h)$")
@@ -33,14 +36,19 @@ REPLICATED_FUSED = ("q_a_proj", "kv_a_proj_with_mqa")  # vLLM fuses them without
 
 @dataclass(frozen=True)
 class Constraint:
-    """One engine requirement a weight breaks."""
+    """One engine requirement a weight breaks: `rule` is the same sentence for every weight that breaks it
+    (findings are grouped by it), `message` names the weight and its numbers."""
 
     engine: str
     tensor: str
     message: str
+    rule: str = ""
 
     def text(self) -> str:
         return f"{self.engine}: {self.message}"
+
+    def finding(self) -> Finding:
+        return Finding(self.engine, self.rule or self.message, self.tensor, self.message)
 
 
 def weight_constraints(name: str, shape: tuple[int, ...], scheme: Scheme, layout: Layout, tp: int,
@@ -55,39 +63,53 @@ def weight_constraints(name: str, shape: tuple[int, ...], scheme: Scheme, layout
     leaf = module.rpartition(".")[2]
     found: list[Constraint] = []
 
-    def vllm(message: str) -> None:
-        found.append(Constraint("vllm", name, f"{printable(name)} {message}"))
+    def add(engine: str, rule: str, detail: str) -> None:
+        found.append(Constraint(engine, name, f"{printable(name)} {detail}", rule))
+
+    def vllm(rule: str, detail: str) -> None:
+        add("vllm", rule, detail)
 
     column = COLUMN_PARALLEL.search(module) and leaf not in REPLICATED_FUSED
     row = ROW_PARALLEL.search(module)
     if column and rows % tp:
-        vllm(f"output dim {rows} does not split over --tp {tp}")
+        vllm(f"output dims do not split over --tp {tp}", f"output dim {rows} does not split over --tp {tp}")
     if row and cols % tp:
-        vllm(f"input dim {cols} does not split over --tp {tp}")
+        vllm(f"input dims do not split over --tp {tp}", f"input dim {cols} does not split over --tp {tp}")
     if scheme.granularity == "group" and (cols % scheme.group_size or (row and (cols // tp) % scheme.group_size)):
-        vllm(f"input dim {cols} (per --tp {tp} partition {cols // tp}) is not divisible by group {scheme.group_size}")
+        vllm(f"input dims (per --tp {tp} partition) are not divisible by group {scheme.group_size}",
+             f"input dim {cols} (per --tp {tp} partition {cols // tp}) is not divisible by group {scheme.group_size}")
     if scheme.granularity != "block":
         return found
     bn, bk = scheme.block_size
     if tp > 1 and column and (rows // tp) % bn:
-        vllm(f"output partition {rows // tp} (tp {tp}) is not divisible by block {bn}")
+        vllm(f"output partitions (tp {tp}) are not divisible by block {bn}",
+             f"output partition {rows // tp} (tp {tp}) is not divisible by block {bn}")
     if tp > 1 and row and (cols // tp) % bk:
-        vllm(f"input partition {cols // tp} (tp {tp}) is not divisible by block {bk}")
+        vllm(f"input partitions (tp {tp}) are not divisible by block {bk}",
+             f"input partition {cols // tp} (tp {tp}) is not divisible by block {bk}")
     group = arch.fused_group(module)
     if tp == 1 and group and rows % bn and scheme.fmt.is_float:
         expert = ".experts." in f".{name}"
         not_last = module != group[-1]
         if expert and leaf in ("gate_proj", "up_proj"):
-            vllm(f"expert partition {rows} is not divisible by block {bn} (vLLM's fused MoE needs whole blocks)")
+            vllm(f"expert partitions are not divisible by block {bn} (vLLM's fused MoE needs whole blocks)",
+                 f"expert partition {rows} is not divisible by block {bn} (vLLM's fused MoE needs whole blocks)")
         elif not_last and layout.strict_fused_blocks:
-            vllm(f"{rows} rows are not divisible by block {bn}, and vLLM fuses it with "
-                 f"{', '.join(g.rpartition('.')[2] for g in group if g != module)} (only the last part may hold a partial block)")
+            others = ", ".join(g.rpartition(".")[2] for g in group if g != module)
+            vllm(f"rows of a fused layer's part are not divisible by block {bn} (only the last part may hold a "
+                 "partial block)",
+                 f"{rows} rows are not divisible by block {bn}, and vLLM fuses it with {others} "
+                 "(only the last part may hold a partial block)")
     if layout.whole_blocks_only and (rows % bn or cols % bk):
-        found.append(Constraint("transformers", name, f"{printable(name)} {rows}x{cols} is not divisible by the "
-                                f"{bn}x{bk} block: the fine-grained FP8 loader refuses it (vLLM pads it)"))
+        add("transformers", f"weights are not divisible by the {bn}x{bk} block: the fine-grained FP8 loader "
+            "refuses them (vLLM pads them)",
+            f"{rows}x{cols} is not divisible by the {bn}x{bk} block: the fine-grained FP8 loader refuses it "
+            "(vLLM pads it)")
     if layout.moe_single_block and ".experts." in f".{name}" and scheme.fmt.is_float and (rows > bn or cols > bk):
-        found.append(Constraint("transformers", name, f"{printable(name)} is an expert with block scales larger than one "
-                                "block: transformers' compressed-tensors MoE loader cannot expand them (use channel scales)"))
+        add("transformers", "experts with block scales larger than one block: transformers' compressed-tensors MoE "
+            "loader cannot expand them (use channel scales)",
+            "is an expert with block scales larger than one block: transformers' compressed-tensors MoE loader "
+            "cannot expand them (use channel scales)")
     return found
 
 
@@ -105,7 +127,9 @@ def fused_constraints(schemes: dict[str, str | None], arch: Architecture) -> lis
         if len(kinds) > 1:
             described = ", ".join(sorted(k or "high precision" for k in kinds))
             found.append(Constraint("vllm", owner, f"the experts of {printable(owner)} are quantized differently "
-                                    f"({described}); vLLM loads all experts of a layer as one fused MoE layer"))
+                                    f"({described}); vLLM loads all experts of a layer as one fused MoE layer",
+                                    "experts of one layer are quantized differently (vLLM loads them as one fused MoE "
+                                    "layer)"))
     seen: set[str] = set()
     for module in sorted(schemes):
         group = arch.fused_group(module)
@@ -118,7 +142,9 @@ def fused_constraints(schemes: dict[str, str | None], arch: Architecture) -> lis
             described = ", ".join(f"{m.rpartition('.')[2]}: {schemes[m] or 'high precision'}" for m in present)
             found.append(Constraint("vllm", present[0] + ".weight",
                                     f"fused layer {printable(module.rpartition('.')[0])} has partitions quantized "
-                                    f"differently ({described}); vLLM loads them as one layer and refuses this"))
+                                    f"differently ({described}); vLLM loads them as one layer and refuses this",
+                                    "fused layers have partitions quantized differently (vLLM loads each as one layer "
+                                    "and refuses this)"))
     return found
 
 
@@ -137,5 +163,7 @@ def kept_experts_constraints(schemes: dict[str, str | None], ignore: list[str], 
             found.append(Constraint("vllm", owner, f"the experts of {printable(owner)} are kept in high precision but "
                                     f"vLLM does not find {', '.join(p.rpartition('.')[2] for p in asked)} of its expert 0 "
                                     f"ignored (it builds the layer quantized); ignore "
-                                    f"{arch.experts_ignore_pattern(owner)}"))
+                                    f"{arch.experts_ignore_pattern(owner)}",
+                                    "experts layers kept in high precision do not look ignored to vLLM (it builds them "
+                                    "quantized)"))
     return found

@@ -33,6 +33,9 @@ class Recipe:
     # never change the output bytes, so they are not part of the recorded recipe.
     tp: int = 1
     engines: tuple[str, ...] = ()
+    # Why the scheme is not the one asked for (fp8conv.run.fitting: the default tile made to fit the model):
+    # the run's first warning, recorded with the recipe so a part, its merge and --resume say the same.
+    note: str = ""
 
     def to_json(self) -> dict:
         common = {"command": self.command, "max_shard_size": self.max_shard_size}
@@ -40,7 +43,7 @@ class Recipe:
             return {**common, "out_dtype": self.out_dtype}
         return {**common, "scheme": _scheme_json(self.scheme), "layout": self.layout, "ignore": list(self.ignore),
                 "include": list(self.include), "allow_nonfinite": self.allow_nonfinite,
-                "schemes": [[pattern, _scheme_json(s)] for pattern, s in self.schemes]}
+                "schemes": [[pattern, _scheme_json(s)] for pattern, s in self.schemes], "note": self.note}
 
     @classmethod
     def from_json(cls, data: object, where: str) -> "Recipe":
@@ -56,8 +59,10 @@ class Recipe:
             _require(all(isinstance(p, str) for p in data["ignore"] + data["include"]))
             _require(all(isinstance(o, list) and len(o) == 2 and isinstance(o[0], str) for o in data["schemes"]))
             schemes = tuple((pattern, _scheme_from_json(s)) for pattern, s in data["schemes"])
+            note = data.get("note", "")
+            _require(isinstance(note, str))
             return cls(QUANTIZE, scheme, str(data["layout"]), tuple(data["ignore"]), tuple(data["include"]),
-                       bool(data["allow_nonfinite"]), max_shard_size=size, schemes=schemes)
+                       bool(data["allow_nonfinite"]), max_shard_size=size, schemes=schemes, note=note)
         except (ValueError, KeyError, TypeError, SchemeError):
             raise InputError(f"{where}: not a conversion recipe written by this version of fp8conv") from None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import SchemeError
-from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat
+from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat, format_choices
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
 ACTIVATIONS = ("dynamic", "none")
@@ -240,6 +240,9 @@ def parse_spec(spec: str) -> Scheme:
     if not parts or not parts[0] or len(parts) > 3:
         raise SchemeError(f"scheme {spec!r} is not FORMAT[:GRANULARITY[:SIZE]][:asym], e.g. fp8_e4m3:block:128 or int8:channel")
     fmt = parts[0]
+    choices = format_choices()
+    if fmt not in choices:
+        raise SchemeError(f"scheme {spec!r}: unknown format {fmt!r}; choose one of {', '.join(choices)}")
     if fmt in MICROSCALE:
         if len(parts) > 1 or asymmetric:
             raise SchemeError(f"scheme {spec!r}: {fmt} fixes its groups and scales; give it alone")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..io.checkpoint import REPORT_HTML_NAME, REPORT_NAME
 from ..errors import InputError, OutputError
-from .text import PATH_WORDS, human_bytes
+from .text import PATH_WORDS, grouped_findings, human_bytes
 from ..io.untrusted import load_json, printable
 
 WORST_SHOWN = 20
@@ -230,11 +230,18 @@ def _number(value: object) -> float | None:
 # ---- sections -----------------------------------------------------------------------------------
 
 
-def _scheme_section(scheme: object) -> str:
+def _scheme_section(scheme: object, schemes: object = None) -> str:
     if not isinstance(scheme, dict) or not scheme:
         return ""
     rows = [[esc(k), _text(v) if v is not None else "–"] for k, v in scheme.items()]
-    return _section("scheme", "Scheme", _table(["setting", "value"], rows, ["", "name"]))
+    body = _table(["setting", "value"], rows, ["", "name"])
+    listed = [s for s in schemes if isinstance(s, dict)] if isinstance(schemes, list) else []
+    if listed:
+        # Every scheme in the output, the --scheme overrides included: what someone signs off from.
+        body = _table(["scheme", "tensors", "bytes (codes + scales)"],
+                      [[_text(s.get("describe")), fmt("", s.get("tensors")), fmt_bytes(s["bytes"]) if isinstance(s.get("bytes"), int) else "–"] for s in listed],
+                      ["name", "num", "num"], [f' data-scheme="{esc(s.get("describe"))}"' for s in listed]) + body
+    return _section("scheme", "Schemes" if len(listed) > 1 else "Scheme", body)
 
 
 def _cards(items: list[tuple[str, str, str]]) -> str:
@@ -589,9 +596,12 @@ def _document(title: str, subtitle: str, body: list[str], origin: str) -> str:
             "</body></html>\n")
 
 
-def _scheme_line(scheme: object) -> str:
+def _scheme_line(scheme: object, schemes: object = None) -> str:
     if not isinstance(scheme, dict):
         return ""
+    if isinstance(schemes, list) and len(schemes) > 1:
+        return " · ".join(f"{_text(s.get('describe'))} ({fmt('', s.get('tensors'))} tensors)" for s in schemes
+                          if isinstance(s, dict)) + f" · layout {_text(scheme.get('layout'))}"
     return " · ".join(f"{esc(k)} {_text(v)}" for k, v in scheme.items() if v is not None)
 
 
@@ -601,7 +611,7 @@ def _scheme_line(scheme: object) -> str:
 def render_conversion(report: dict, evaluation: dict | None = None) -> str:
     """The page of a conversion, from its report dict (fp8conv.report.json) and eval result (fp8conv.eval.json)."""
     rows = [r for r in report.get("tensors", []) if isinstance(r, dict)]
-    return _document("fp8conv conversion report", _scheme_line(report.get("scheme")), [
+    return _document("fp8conv conversion report", _scheme_line(report.get("scheme"), report.get("schemes")), [
         _summary_cards(report, rows),
         _warnings_section(report.get("warnings")),
         _eval_section(evaluation),
@@ -612,7 +622,7 @@ def render_conversion(report: dict, evaluation: dict | None = None) -> str:
 def _report_sections(report: dict, rows: list[dict], with_paths: bool) -> list[str]:
     """The sections a conversion page and a verify page share, in page order."""
     return [
-        _scheme_section(report.get("scheme")),
+        _scheme_section(report.get("scheme"), report.get("schemes")),
         _sizes_section(report),
         _heatmap_section(rows),
         _sqnr_section(rows),
@@ -631,8 +641,9 @@ def render_verification(result: dict, report: dict | None = None) -> str:
     status = '<span class="pass">passed</span>' if result.get("passed") else '<span class="fail">FAILED</span>'
     checks = _table(["check", "result"], [[esc(c), f'<span class="{esc(s)}">{esc(s)}</span>'] for c, s in result.get("checks", {}).items()],
                     ["", ""], [f' data-check="{esc(c)}"' for c in result.get("checks", {})])
-    findings = "".join(f'<li class="{"fail" if f.get("fatal") else "warn"}">{esc(f.get("check"))}: {esc(f.get("message"))}</li>'
-                       for f in result.get("findings", []))
+    listed = [f for f in result.get("findings", []) if isinstance(f, dict)]
+    findings = "".join(f'<li class="{"fail" if fatal else "warn"}">{esc(check)}: {esc(text)}</li>'
+                       for fatal, check, text in grouped_findings(listed, "fp8conv verify --json lists all"))
     source = ("Errors below were measured by dequantizing every tensor and comparing it with the source (--against)."
               if measured else
               "Numerics were not compared with the source (pass --against SRC); errors below are the ones recorded at conversion."

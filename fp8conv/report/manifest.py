@@ -1,6 +1,7 @@
 """The scales manifest and the size/error report: plain dicts built from the plan and the stats."""
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 
@@ -46,6 +47,25 @@ def _scheme_json(plan: ConversionPlan) -> dict:
     return {**plan.scheme.to_json(), "layout": plan.layout.name}
 
 
+def scheme_summary(plan: ConversionPlan) -> list[dict]:
+    """Each scheme the output holds (the default and every --scheme override that matched), with its
+    tensor count, parameters and output bytes (codes + scales), largest first."""
+    sizes = {entry.name: entry.nbytes for shard in plan.shards for entry in shard.entries}
+    groups: dict[str, dict] = {}
+    for name, decision in plan.decisions.items():
+        if not decision.quantized:
+            continue
+        scheme = plan.schemes[name]
+        entry = groups.setdefault(json.dumps(scheme.to_json(), sort_keys=True),
+                                  {"describe": scheme.describe(), **scheme.to_json(), "tensors": 0, "parameters": 0,
+                                   "bytes": 0})
+        entry["tensors"] += 1
+        entry["parameters"] += math.prod(plan.source_quant[name].shape if name in plan.source_quant
+                                         else plan.tensors[name].shape)
+        entry["bytes"] += sum(sizes[spec.name] for spec in plan.outputs[name])
+    return sorted(groups.values(), key=lambda g: (-g["bytes"], g["describe"]))
+
+
 def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     before: Counter[str] = Counter()
     after: Counter[str] = Counter()
@@ -72,6 +92,7 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     quantized_params, quantized_bytes = _quantized_footprint(plan)
     return {
         "scheme": _scheme_json(plan),
+        "schemes": scheme_summary(plan),
         "tensors_total": len(plan.decisions),
         "tensors_quantized": len(rows),
         "tensors_copied": actions["copy"],
@@ -97,6 +118,7 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
             for module, reason in sorted(plan.tensorless_modules.items())
         ],
         "warnings": plan.warnings,
+        "findings": plan.findings,
     }
 
 
@@ -141,6 +163,7 @@ def build_manifest(plan: ConversionPlan, files: dict[str, dict]) -> dict:
         "tool": "fp8conv",
         "tool_version": __version__,
         "scheme": _scheme_json(plan),
+        "schemes": scheme_summary(plan),
         "tensors": tensors,
         "modules_without_tensors": {m: {"decision": "keep", "reason": r} for m, r in sorted(plan.tensorless_modules.items())},
         "files": dict(sorted(files.items())),

@@ -1,6 +1,7 @@
 """Text for people: tables and sizes. Pure functions from data to strings (golden-tested)."""
 from __future__ import annotations
 
+from .findings import cut, natural_key
 from ..io.safetensors import printable
 
 WORST_SHOWN = 10
@@ -40,9 +41,13 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
         f"{_describe(scheme)}, layout {scheme['layout']}"
     by_path = report["tensors_by_path"]
     paths = ", ".join(f"{by_path[action]} {word}" for action, word in PATH_WORDS.items() if by_path.get(action))
+    schemes = report.get("schemes") or []
+    if len(schemes) == 1:
+        described += f" ({_scheme_count(schemes[0])})"
     lines = [
         f"fp8conv {verb} {printable(source)} -> {printable(out)}",
-        f"scheme: {described}",
+        f"scheme: {described}" if len(schemes) < 2 else f"schemes ({len(schemes)}, layout {scheme['layout']}):",
+        *(f"  {s['describe']}: {_scheme_count(s)}" for s in (schemes if len(schemes) > 1 else [])),
         f"tensors: {paths}",
         f"size: {human_bytes(report['total_bytes_before'])} -> {human_bytes(report['total_bytes_after'])}"
         + (f" ({report['compression_ratio']:.2f}x smaller)" if (report["compression_ratio"] or 0) > 1 else ""),
@@ -69,6 +74,10 @@ def conversion_report(report: dict, verb: str, source: str, out: str) -> str:
         if len(rows) > WORST_SHOWN:
             lines.append(f"... {len(rows) - WORST_SHOWN} more in fp8conv.report.json")
     return "\n".join(lines)
+
+
+def _scheme_count(entry: dict) -> str:
+    return f"{entry['tensors']} tensor{'s' if entry['tensors'] != 1 else ''}, {human_bytes(entry['bytes'])}"
 
 
 def _describe(scheme: dict) -> str:
@@ -149,14 +158,41 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def grouped_findings(findings: list[dict], where: str) -> list[tuple[bool, str, str]]:
+    """verify's findings as (fatal, check, text): those of one engine rule on one line with their count
+    and first tensors (natural order), the others as they are; in the order first met."""
+    order: list[tuple] = []
+    members: dict[tuple, list[dict]] = {}
+    for finding in findings:
+        key = (finding["fatal"], finding["check"], finding.get("rule") or id(finding))
+        if key not in members:
+            order.append(key)
+        members.setdefault(key, []).append(finding)
+    out = []
+    for key in order:
+        group = members[key]
+        if len(group) == 1 or not isinstance(key[2], str):
+            out += [(f["fatal"], f["check"], f["message"]) for f in group]
+            continue
+        names = [f.get("tensor") or "?" for f in group]
+        first = min(group, key=lambda f: natural_key(f.get("tensor") or ""))
+        example = first["message"].partition(": ")[2] if first["message"].startswith(key[2].partition(":")[0] + ": ") \
+            else first["message"]
+        out.append((key[0], key[1], f"{key[2]} ({len(group)} tensors: {cut(names, where)}); e.g. {example}"))
+    return out
+
+
 def verify_summary(result: dict) -> str:
     verdict = "PASS" if result["passed"] else "FAIL"
-    lines = [f"fp8conv verify {printable(result['path'])}: {verdict} (layout {result['layout']})"]
+    nothing = any(f["check"] == "structure" and f["message"].startswith("nothing is quantized") for f in result["findings"])
+    lines = [f"fp8conv verify {printable(result['path'])}: "
+             + ("FAIL: not a quantized checkpoint (nothing is quantized)" if nothing
+                else f"{verdict} (layout {result['layout']})")]
     for check, status in result["checks"].items():
         fatal = [f for f in result["findings"] if f["check"] == check and f["fatal"]]
         lines.append(f"  {check:<10} {status}" + (f" ({len(fatal)} problems)" if fatal else ""))
-    for finding in result["findings"]:
-        lines.append(f"{'FAIL' if finding['fatal'] else 'warn'} [{finding['check']}] {printable(finding['message'])}")
+    for fatal, check, text in grouped_findings(result["findings"], "--json lists all"):
+        lines.append(f"{'FAIL' if fatal else 'warn'} [{check}] {printable(text)}")
     if result["tensors"]:
         lines.append("worst tensors first (dequantized vs source):")
         lines.append(table(["tensor", "scheme", "rel_rms", "limit", "sqnr_dB", "max_abs_err"], [

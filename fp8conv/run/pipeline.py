@@ -26,6 +26,7 @@ from ..formats import SAFETENSORS_DTYPES
 from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
 from .cpus import available_cpus
+from ..io.sidefiles import carry, not_carried_warning
 from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
@@ -152,6 +153,8 @@ def plan_recipe(source: Path, recipe: Recipe) -> tuple[Checkpoint, ConversionPla
     plan = build_plan(checkpoint, recipe.scheme, get_layout(recipe.layout), Matcher(recipe.ignore, "--ignore"),
                       Matcher(recipe.include, "--include"), recipe.max_shard_size, recipe.tp, recipe.engines,
                       tuple((Matcher((pattern,), "--scheme"), scheme) for pattern, scheme in recipe.schemes))
+    if recipe.note:
+        plan.warnings.insert(0, recipe.note)
     if not plan.layout.engine_loadable:
         plan.warnings.append(f"--layout {recipe.layout} is fp8conv's own layout: no inference engine loads it")
     plan.warnings += _skipped_warnings(checkpoint)
@@ -167,7 +170,7 @@ def _refuse_reserved(checkpoint: Checkpoint) -> None:
 
 
 def _skipped_warnings(checkpoint: Checkpoint) -> list[str]:
-    return [f"{path.name}: {reason}" for path, reason in checkpoint.skipped]
+    return not_carried_warning(checkpoint.root, checkpoint.skipped)
 
 
 def make_plan(source: Path, options: QuantizeOptions) -> tuple[Checkpoint, ConversionPlan]:
@@ -678,9 +681,10 @@ def _finalize(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, fi
     report = build_report(plan, stats)
     _write_long_json(staging.path(REPORT_NAME), report)
     staging.path(REPORT_HTML_NAME).write_text(html_report.render_conversion(report), encoding="utf-8")
-    for path in sorted(staging.tmp.iterdir()):
-        if path.name not in files and path.name != JOURNAL_NAME:
-            files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+    for path in sorted(p for p in staging.tmp.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(staging.tmp).as_posix()
+        if rel not in files and rel != JOURNAL_NAME:
+            files[rel] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}
     _write_long_json(staging.path(MANIFEST_NAME), build_manifest(plan, files))
     return ConversionResult(plan, report, staging.out, config_updated, notes)
 
@@ -742,10 +746,6 @@ def _write_config(plan: ConversionPlan, checkpoint: Checkpoint, staging: Staging
 
 
 def _copy_extras(checkpoint: Checkpoint, staging: Staging) -> None:
-    """Tokenizer, generation config...: real files in OUT even when SRC holds links. README.md is the model
-    card's (fp8conv.card merges SRC's into it after the run)."""
-    for path in checkpoint.extra_files:
-        target = staging.path(path.name)
-        if path.name in (MANIFEST_NAME, REPORT_NAME, REPORT_HTML_NAME, CARD_NAME) or target.exists():
-            continue
-        shutil.copyfile(path, target)
+    """Tokenizer, generation config, subfolders...: real files in OUT even when SRC holds links. README.md is
+    the model card's (fp8conv.report.card merges SRC's into it after the run)."""
+    carry(checkpoint.root, checkpoint.extra_files, staging.path, (MANIFEST_NAME, REPORT_NAME, REPORT_HTML_NAME, CARD_NAME))
