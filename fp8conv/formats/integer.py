@@ -52,14 +52,13 @@ class _Int(ElementFormat):
         pack_to_int32: code + 2^(bits-1) as an unsigned field, element j of a word at bit j * bits
         (little end first), the last word zero-padded."""
         rows, cols = codes.shape
-        per = self.per_word
-        padded = np.zeros((rows, self.packed_cols(cols) * per), np.uint32)
-        padded[:, :cols] = (codes.astype(np.int32) + (1 << (self.bits - 1))).astype(np.uint32)
-        fields = padded.reshape(rows, -1, per)
-        words = np.zeros(fields.shape[:2], np.uint32)
-        for j in range(per):
-            words |= fields[:, :, j] << np.uint32(j * self.bits)
-        return words.view(np.int32)
+        per_byte = 8 // self.bits
+        fields = np.zeros((rows, self.packed_cols(cols) * self.per_word), np.uint8)
+        np.add(np.asarray(codes, np.int8).view(np.uint8), np.uint8(1 << (self.bits - 1)), out=fields[:, :cols])
+        packed = fields[:, 0::per_byte].copy()  # a byte holds per_byte fields, the first in its low bits
+        for j in range(1, per_byte):
+            packed |= fields[:, j::per_byte] << np.uint8(j * self.bits)
+        return packed.view("<u4").astype(np.uint32, copy=False).view(np.int32)  # four bytes, little end first
 
     def unpack_int32(self, words: np.ndarray, cols: int) -> np.ndarray:
         """Inverse of pack_int32: [rows, words] int32 -> [rows, cols] int8 codes."""
