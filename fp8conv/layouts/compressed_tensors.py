@@ -191,7 +191,7 @@ def microscale_config(scheme: Scheme, unquantized_modules: list[str]) -> dict:
         "dynamic": False,
         "group_size": micro.group,
         "num_bits": scheme.fmt.bits,
-        "observer": "mse" if scheme.observer == "mse" else None,  # min-max: None, as llm-compressor writes
+        "observer": None if scheme.observer == "minmax" else scheme.observer,  # min-max: None, as llm-compressor writes
         "observer_kwargs": {},
         "scale_dtype": "torch.float8_e4m3fn" if micro.global_scale else "torch.uint8",
         "strategy": "tensor_group" if micro.global_scale else "group",

@@ -33,7 +33,7 @@ from ..formats.dtypes import bf16
 from ..io.untrusted import printable
 from ..plan.scheme import Scheme
 from . import microscale as ms
-from . import observers
+from . import expanded, hqq, observers
 from .lanes import LANES, RowSums  # noqa: F401  (LANES re-exported)
 from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
 from .dequantize import WINDOW_ELEMENTS, dequantize_2d, dequantize_rows, round_to_bf16, window as _window  # noqa: F401
@@ -124,7 +124,7 @@ def quantize_2d(
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
     use_compiled = _use_compiled(backend, scheme) and weight.dtype.name in _COMPILED_SOURCES and weight.size > 0
-    if scheme.observer == "mse":
+    if scheme.observer != "minmax":
         # The observer's candidates are evaluated by the compiled kernels where they run (the same choices
         # as numpy's); the weight is then quantized with its scales (the same codes and statistics).
         observed = _observe(weight, scheme, allow_nonfinite, name, _use_compiled(backend, scheme))
@@ -220,10 +220,11 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     else:
         scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
     observed = None
-    if scheme.observer == "mse":
+    if scheme.observer != "minmax":
         # Only the group scale codes change; the elements are then encoded as with min-max codes.
-        observed = observers.mse_microscale(ms.load_float32(weight), micro, scale_codes, global_scale,
-                                            use_compiled=ms._use_compiled(weight, use_compiled))
+        search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
+        observed = search(ms.load_float32(weight), micro, scale_codes, global_scale,
+                          use_compiled=ms._use_compiled(weight, use_compiled))
         scale_codes = observed.codes
     if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
@@ -298,7 +299,7 @@ def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> boo
     """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
     that `quantize_rows_into` can take a chunk's rows piece by piece."""
     scheme = _resolved(scheme, dtype)
-    return (not scheme.microscale and scheme.observer != "mse" and np.dtype(dtype).name in _COMPILED_SOURCES
+    return (not scheme.microscale and scheme.observer == "minmax" and np.dtype(dtype).name in _COMPILED_SOURCES
             and _use_compiled(backend, scheme))
 
 
@@ -367,7 +368,30 @@ def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: st
         if not allow_nonfinite:
             raise nonfinite_error(name, *count_nonfinite([weight]))
         values[~finite] = 0
+    if scheme.observer == "hqq":
+        return _hqq_grid(values, scheme)
     return observers.mse_grid(values, scheme, use_compiled)
+
+
+def _hqq_grid(weight: np.ndarray, scheme: Scheme) -> "observers.GridChoice":
+    """The hqq observer's scale and zero-point grids of a finite float32 2-D weight (asymmetric integer
+    groups / channels), with the kernels' scale storage and reconstruction."""
+    rows, cols = weight.shape
+    params, reconstruct = observers.scheme_functions(scheme)
+    tiles = observers.tiles_of(weight, scheme.tile(rows, cols))
+    lo, hi = observers.tile_range(tiles)
+    scale, zero = params(lo, hi)
+
+    def store(raw: np.ndarray) -> np.ndarray:
+        # A scale that cannot be stored is NaN: its candidate's error is NaN and never chosen.
+        with np.errstate(over="ignore"):
+            stored, bad = range_end_scales(raw.astype(np.float32), raw, scheme, np.zeros(raw.shape, np.bool_))
+        return np.where(bad, np.float32(np.nan), stored).astype(np.float32)
+
+    choice = hqq.hqq(tiles, scale, zero, scheme.code_range, store, reconstruct)
+    grid = scheme.scale_grid(rows, cols)
+    return observers.GridChoice(choice.scale.reshape(grid), choice.zero.reshape(grid), float(choice.error.sum()),
+                                float(choice.minmax_error.sum()))
 
 
 def _given_params(scales, zero_points, gr, gc, tiles):

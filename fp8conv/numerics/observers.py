@@ -386,12 +386,16 @@ def code_steps_for(scale_format: str) -> tuple[int, ...]:
     return NVFP4_CODE_STEPS if SCALE_FORMATS[scale_format].global_scale else E8M0_CODE_STEPS
 
 
-def microscale_candidates(minmax_codes: np.ndarray, scale_format: str) -> list[np.ndarray]:
-    """uint8 codes of every candidate, in search order: min-max code + step, clamped to the positive codes
-    (a clamped candidate repeats an earlier one and never wins)."""
+def microscale_candidates(minmax_codes: np.ndarray, scale_format: str,
+                          steps: Optional[tuple[int, ...]] = None) -> list[np.ndarray]:
+    """uint8 codes of every candidate, in search order: min-max code + step (`steps`, first 0; default
+    code_steps_for), clamped to the positive codes (a clamped candidate repeats an earlier one and never wins)."""
     low, high = SCALE_FORMATS[scale_format].code_limits
     wide = minmax_codes.astype(np.int32)
-    return [np.clip(wide + step, low, high).astype(np.uint8) for step in code_steps_for(scale_format)]
+    steps = code_steps_for(scale_format) if steps is None else steps
+    if steps[0] != 0:
+        raise ValueError("the first step must be 0 (the min-max code)")
+    return [np.clip(wide + step, low, high).astype(np.uint8) for step in steps]
 
 
 @lru_cache(maxsize=None)
@@ -437,17 +441,19 @@ def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, e
 
 
 def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
-                   batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False) -> MicroChoice:
+                   batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False,
+                   steps: Optional[tuple[int, ...]] = None) -> MicroChoice:
     """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
-    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged). With
-    `use_compiled`, the compiled kernel evaluates the candidates (native.py; the same result)."""
+    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged; `steps`: the
+    candidate code steps, default code_steps_for). With `use_compiled`, the compiled kernel evaluates the
+    candidates (native.py; the same result)."""
     group = micro.group
     element = micro.codec.short_name
     tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
     first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
     n = tiles.shape[0]
     if use_compiled and n:
-        return _mse_microscale_compiled(tiles, micro, first, element, global_scale, minmax_codes.shape)
+        return _mse_microscale_compiled(tiles, micro, first, element, global_scale, minmax_codes.shape, steps)
     codes = first.copy()
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
@@ -455,7 +461,7 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
     for t0 in range(0, n, batch):
         part = slice(t0, min(n, t0 + batch))
         x = tiles[part]
-        candidates = microscale_candidates(first[part], micro.scale_format)
+        candidates = microscale_candidates(first[part], micro.scale_format, steps)
         best = microscale_errors(x, candidates[0], micro.scale_format, element, global_scale)
         minmax_error[part] = best
         chosen = codes[part]
@@ -469,9 +475,9 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
     return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
 
 
-def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape) -> MicroChoice:
+def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape, steps=None) -> MicroChoice:
     n = tiles.shape[0]
-    candidates = np.stack(microscale_candidates(first, micro.scale_format))
+    candidates = np.stack(microscale_candidates(first, micro.scale_format, steps))
     divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
     divide = not micro.scale.power_of_two
     reciprocals = divisors if divide else e8m0_reciprocal(candidates)

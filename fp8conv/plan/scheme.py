@@ -8,7 +8,7 @@ from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, Elemen
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
 ACTIVATIONS = ("dynamic", "none")
-OBSERVERS = ("minmax", "mse")
+OBSERVERS = ("minmax", "mse", "hqq", "expanded")
 MAX_TILE = 1 << 16
 # scale_format "source": the scale is stored in the dtype of the weight it scales (what
 # compressed-tensors does for pack-quantized); Scheme.for_source() makes it concrete per tensor.
@@ -45,6 +45,9 @@ class Scheme:
             raise SchemeError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if self.observer == "mse" and self.granularity == "tensor":
             raise SchemeError("the mse observer chooses one scale per tile; use it with block, channel or group granularity")
+        if self.observer == "hqq" and (self.fmt.is_float or self.symmetric or self.granularity not in ("channel", "group")):
+            raise SchemeError("the hqq observer fits a scale and a zero point per group: use it with an integer format, "
+                              "--asymmetric and --granularity group or channel")
         sizes = (*self.block_size, self.group_size)
         if len(self.block_size) != 2 or any(not isinstance(s, int) or s <= 0 or s > MAX_TILE for s in sizes):
             raise SchemeError(f"block and group sizes must be integers in 1..{MAX_TILE}, got {sizes}")
@@ -68,6 +71,9 @@ class Scheme:
 
     def _check_microscale(self) -> None:
         micro = self.microscale
+        if self.observer == "expanded" and (micro is None or MICROSCALE[micro].element != "fp4_e2m1"):
+            raise SchemeError("the expanded observer searches NVFP4 / MXFP4 group scales: use it with --format nvfp4 "
+                              "or --format mxfp4")
         if micro is None:
             if not self.fmt.standalone:
                 hosts = " or ".join(f"--format {m.name}" for m in MICROSCALE.values() if m.element == self.format)
