@@ -1,0 +1,251 @@
+"""The hqq and expanded observers against float64 references written here (#28).
+
+hqq: the half-quadratic iteration of numerics/hqq.py restated in float64 per group, each round's stored
+candidate evaluated exactly; the observer must pick the reference's choice (but for rare ties of the
+float32 reconstruction) and never be worse than min-max in squared error. expanded: every documented
+candidate scale code of a group evaluated from the formats' definitions (test_microscale.py's
+references); the choice must be the brute-force best and never worse than min-max. Both: the same bytes
+from both kernel paths and for any --workers."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp8conv.accel import native
+from fp8conv.numerics import microscale as ms
+from fp8conv.numerics.kernels import quantize_2d, quantize_microscale
+from fp8conv.plan.scheme import Scheme, SchemeError, microscale_scheme
+from test_microscale import BF16, GRID, ref_e2m1_code, ref_e8m0_code, ref_global_scale, ref_group_scale, to_f32
+from test_microscale_observer import E4M3_VALUES, group_error, stored_scale_values
+
+pytestmark = pytest.mark.unit
+
+# The documented constants, restated.
+P, BETA, KAPPA, ROUNDS, FIXED = 0.7, 1.0, 1.01, 20, 1e-9
+MARGIN = 2.0 ** -20
+QMIN, QMAX = -8.0, 7.0  # int4 codes
+EXPANDED_STEPS = {"nvfp4": [0, -1, -2, -3, 1, 2, 3, 4, 5, 6, 7], "mxfp4": [0, 1, -1]}
+GROUP = {"nvfp4": 16, "mxfp4": 32}
+
+
+def bf16(v: np.ndarray) -> np.ndarray:
+    """float64 -> the stored bf16 scale (via float32, as the kernels round a float32 scale), as float64."""
+    return np.asarray(v, np.float64).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def recon_error(w: np.ndarray, s: float, z: float) -> float:
+    """Squared error of one group (float64) with stored scale s and integer zero point z."""
+    codes = np.clip(np.rint(w / s + z), QMIN, QMAX)
+    return float((((codes - z) * s) - w) ** 2 @ np.ones(len(w)))
+
+
+def reference_hqq(w: np.ndarray) -> tuple[float, float, float, float]:
+    """One group (float64 values of bf16 weights): (scale, zero, error, min-max error) of the documented
+    iteration, written from the paper's steps with plain per-group arithmetic."""
+    lo0, hi0 = min(w.min(), 0.0), max(w.max(), 0.0)
+    s0 = float(bf16((hi0 - lo0) / (QMAX - QMIN))) if hi0 > lo0 else 1.0
+    z0 = float(np.clip(np.rint(QMIN - lo0 / s0), QMIN, QMAX))
+    best = (s0, z0, recon_error(w, s0, z0))
+    minmax = best[2]
+    s, z, beta = s0, z0, BETA
+    for _ in range(ROUNDS):
+        c = np.clip(np.rint(w / s + z), QMIN, QMAX)
+        r = w / s - (c - z)
+        a = np.abs(r)
+        with np.errstate(divide="ignore"):
+            e = np.sign(r) * np.maximum(a - a ** (P - 1) / beta, 0.0)
+        t = w - e * s
+        cc = c - c.mean()
+        var, cov = float(cc @ cc), float(cc @ (t - t.mean()))
+        moving = True
+        if var > 0 and cov > 0:
+            s_new = cov / var
+            z_new = c.mean() - t.mean() / s_new
+            moving = abs(s_new - s) > FIXED * s or abs(z_new - z) > FIXED
+            s, z = s_new, z_new
+        else:
+            moving = False
+        beta *= KAPPA
+        cand_s, cand_z = float(bf16(s)), float(np.clip(np.rint(z), QMIN, QMAX))
+        err = recon_error(w, cand_s, cand_z)
+        if err < best[2] * (1 - MARGIN):
+            best = (cand_s, cand_z, err)
+        if not moving:
+            break
+    return (*best, minmax)
+
+
+def int4_asym(group: int = 64) -> Scheme:
+    return Scheme("int4", "group", group_size=group, symmetric=False, scale_format="source", observer="hqq")
+
+
+def weights(rows: int, cols: int, seed: int, df: float | None, log_scale: float = -1.7, outliers: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)) if df is None else rng.standard_t(df, size=(rows, cols))
+    x = x * 10.0 ** log_scale
+    x.flat[rng.integers(0, x.size, outliers)] *= 30
+    return x.astype(np.float32).astype(BF16)
+
+
+def check_hqq(w: np.ndarray, group: int = 64, backend: str = "numpy"):
+    q = quantize_2d(w, int4_asym(group), backend=backend)
+    x = w.astype(np.float64)
+    same = total = 0
+    for r in range(x.shape[0]):
+        for g in range(x.shape[1] // group):
+            values = x[r, g * group:(g + 1) * group]
+            s_ref, z_ref, err_ref, err_minmax = reference_hqq(values)
+            s, z = float(q.scales[r, g]), float(q.zero_points[r, g])
+            err = recon_error(values, s, z)
+            where = f"row {r} group {g}"
+            assert err <= err_minmax * (1 + 1e-12), f"{where}: {err} worse than min-max {err_minmax}"
+            assert err <= err_ref * (1 + 1e-6) or (s, z) == (s_ref, z_ref), f"{where}: {err} vs reference {err_ref}"
+            same += (s, z) == (s_ref, z_ref)
+            total += 1
+    assert same >= 0.98 * total, f"only {same} of {total} groups match the float64 reference"
+    return q
+
+
+@pytest.mark.parametrize("df", [None, 3.0, 1.5])
+def test_hqq_against_a_float64_reference(df):
+    w = weights(12, 256, 7, df)
+    q = check_hqq(w)
+    minmax = quantize_2d(w, replace(int4_asym(), observer="minmax"), backend="numpy")
+    assert q.stats.sum_sq_err < minmax.stats.sum_sq_err * 0.995  # the fit gains on these weights
+    assert q.stats.minmax_sum_sq_err == pytest.approx(minmax.stats.sum_sq_err, rel=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), df=st.sampled_from([None, 1.5, 3.0, 30.0]), log_scale=st.floats(-6, 2),
+       outliers=st.integers(0, 4), group=st.sampled_from([16, 32, 64]))
+def test_hqq_property_random_and_heavy_tailed(seed, df, log_scale, outliers, group):
+    check_hqq(weights(3, 128, seed, df, log_scale, outliers), group)
+
+
+def test_hqq_constant_and_zero_groups_keep_minmax():
+    w = np.zeros((2, 128), np.float32)
+    w[1, 64:] = 0.25
+    q = quantize_2d(w.astype(BF16), int4_asym(), backend="numpy")
+    m = quantize_2d(w.astype(BF16), replace(int4_asym(), observer="minmax"), backend="numpy")
+    assert q.codes.tobytes() == m.codes.tobytes() and q.scales.tobytes() == m.scales.tobytes()
+    assert q.stats.sum_sq_err == m.stats.sum_sq_err  # no spread of codes: nothing to fit
+
+
+def test_hqq_is_refused_where_it_has_no_zero_point():
+    for kwargs in ({"symmetric": True}, {"granularity": "block"}):
+        with pytest.raises(SchemeError, match="hqq observer"):
+            Scheme(**{**dict(format="int4", granularity="group", symmetric=False, scale_format="source",
+                             observer="hqq"), **kwargs})
+    with pytest.raises(SchemeError, match="hqq observer"):
+        Scheme("fp8_e4m3", "channel", observer="hqq")
+
+
+# -- expanded -----------------------------------------------------------------------------------------
+
+def expanded_candidates(group: np.ndarray, fmt: str, gs: float | None, dtype) -> list[float]:
+    amax = float(np.abs(group).max())
+    if fmt == "nvfp4":
+        index = E4M3_VALUES.index(ref_group_scale(amax, gs, dtype))
+        return [E4M3_VALUES[min(max(index + s, 0), 125)] for s in EXPANDED_STEPS[fmt]]
+    code = ref_e8m0_code(amax, 2)
+    return [2.0 ** (min(max(code + s, 0), 254) - 127) for s in EXPANDED_STEPS[fmt]]
+
+
+def check_expanded(w: np.ndarray, fmt: str, backend: str = "numpy"):
+    scheme = replace(microscale_scheme(fmt), observer="expanded")
+    x = w.astype(np.float64)
+    gs = ref_global_scale(float(np.abs(x).max(initial=0)), w.dtype) if fmt == "nvfp4" else None
+    q = quantize_microscale(w, scheme, None if gs is None else np.float32(gs), backend=backend)
+    chosen = stored_scale_values(q, fmt)
+    group = GROUP[fmt]
+    total = 0.0
+    for r in range(x.shape[0]):
+        for g in range(x.shape[1] // group):
+            values = x[r, g * group:(g + 1) * group]
+            cands = expanded_candidates(values, fmt, gs, w.dtype)
+            errs = [group_error(values, fmt, s, gs) for s in cands]
+            where = f"{fmt} row {r} group {g}"
+            assert chosen[r, g] in cands, f"{where}: scale {chosen[r, g]} is not a candidate {cands}"
+            err = errs[cands.index(chosen[r, g])]
+            assert err <= errs[0], f"{where}: {err} worse than min-max {errs[0]}"
+            assert err <= min(errs) * (1 + 2.0 ** -18), f"{where}: {err} vs best {min(errs)}"
+            total += err
+    assert q.stats.sum_sq_err == pytest.approx(total, rel=1e-9, abs=1e-300)
+    return q
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("df", [None, 3.0])
+def test_expanded_is_the_brute_force_best(fmt, df):
+    w = weights(6, 128, 11, df)
+    w[0, :32] = 0
+    q = check_expanded(w, fmt)
+    minmax = quantize_microscale(w, microscale_scheme(fmt), q.global_scale, backend="numpy")
+    assert q.stats.sum_sq_err <= minmax.stats.sum_sq_err
+
+
+@settings(max_examples=20, deadline=None)
+@given(fmt=st.sampled_from(["nvfp4", "mxfp4"]), seed=st.integers(0, 2**31),
+       df=st.sampled_from([None, 1.5, 3.0, 30.0]), log_scale=st.floats(-10, 3), outliers=st.integers(0, 4))
+def test_expanded_property_random_and_heavy_tailed(fmt, seed, df, log_scale, outliers):
+    check_expanded(weights(3, 64, seed, df, log_scale, outliers), fmt)
+
+
+def test_expanded_reaches_above_the_range():
+    # A group whose elements sit on e2m1's 4-grid times 1.5 is reconstructed exactly only with a scale
+    # 1.5x min-max's (its amax 6 * 1.5 maps to 4): an expansion, not a shrink.
+    base = np.array([4, -4, 2, 1, 0.5, 3, -2, 1.5, 4, 0, -1, 2, 3, -3, 0.5, 1], np.float64) * 1.5 * 0.01
+    # The last group holds the tensor's amax (its scale sits at e4m3's 448, where expanding is capped).
+    w = np.concatenate([base, base, np.full(16, 0.5)])[None, :].astype(BF16)
+    q = check_expanded(w, "nvfp4")
+    m = quantize_microscale(w, microscale_scheme("nvfp4"), q.global_scale, backend="numpy")
+    assert stored_scale_values(q, "nvfp4")[0, 0] > stored_scale_values(m, "nvfp4")[0, 0]
+    assert q.stats.sum_sq_err < m.stats.sum_sq_err
+
+
+def test_expanded_is_refused_outside_fp4():
+    for fmt in ("mxfp8",):
+        with pytest.raises(SchemeError, match="expanded observer"):
+            replace(microscale_scheme(fmt), observer="expanded")
+    with pytest.raises(SchemeError, match="expanded observer"):
+        Scheme("int8", "channel", observer="expanded")
+
+
+# -- both kernel paths and --workers write the same bytes ---------------------------------------------
+
+def test_both_kernel_paths_write_the_same_bytes():
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    w = weights(37, 128, 5, 3.0)
+    a, b = (quantize_2d(w, int4_asym(), backend=k) for k in ("numpy", "native"))
+    assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
+    assert a.zero_points.tobytes() == b.zero_points.tobytes() and a.stats == b.stats
+    for fmt in ("nvfp4", "mxfp4"):
+        gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
+        scheme = replace(microscale_scheme(fmt), observer="expanded")
+        a, b = (quantize_microscale(w, scheme, gs, backend=k) for k in ("numpy", "native"))
+        assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes(), fmt
+        assert a.stats == b.stats, fmt
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("args", [["--format", "int4", "--group-size", "32", "--asymmetric", "--observer", "hqq"],
+                                  ["--format", "nvfp4", "--observer", "expanded"],
+                                  ["--format", "mxfp4", "--observer", "expanded"]])
+def test_cli_bytes_do_not_depend_on_workers(sample, tmp_path, args):
+    from conftest import tree_digest
+    from helpers import read_json, run_cli
+
+    src = sample("llama-tiny")
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        run_cli("quantize", src, "-o", out, *args, "--workers", workers, "-q")
+        outs.append(out)
+    assert read_json(outs[0] / "fp8conv.manifest.json")["scheme"]["observer"] == args[-1]
+    assert tree_digest(outs[0]) == tree_digest(outs[1])
