@@ -22,7 +22,7 @@ from .errors import EXIT_BAD_INPUT, EXIT_BROKEN_PIPE, EXIT_INTERNAL, EXIT_OUTPUT
 from .formats import DEFAULT_FORMAT, HIGH_PRECISION, MICROSCALE, format_choices
 from .layouts import DEFAULT_LAYOUT, layout_names
 from .plan.architecture import DEFAULT_RULES
-from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity,
+from .plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity, mse_refusal,
                           microscale_scheme, parse_block_size, parse_override)
 from .evaluate.quality import DEFAULT_TOKENS, DEFAULT_WINDOW
 from .io.untrusted import printable
@@ -257,10 +257,12 @@ def scheme_options(func):
         click.option("--group-size", type=click.IntRange(1, MAX_TILE), default=128, show_default=True,
                      help="Group length along the input dim (e.g. 32 like gguf Q8_0)."),
         click.option("--observer", type=click.Choice(OBSERVERS), default="minmax", show_default=True,
-                     help="How each tile's scale is chosen: minmax (from the tile's range) or mse (among the min-max "
-                          "range shrunk by 1.00, 0.99, ..., 0.90, the scale with the smallest error of the tile: "
-                          "sum |error|^3 for int4, ^4 for fp8_e4m3 block, the squared error otherwise; nvfp4: e4m3 group scale codes min-max -2..+6; mxfp4/mxfp8: the min-max E8M0 "
-                          "exponent is kept; no calibration data)."),
+                     help="How each tile's scale is chosen, without calibration data: minmax (from the tile's range); "
+                          "hqq (--asymmetric integer groups: scale and zero point fitted by HQQ's half-quadratic "
+                          "solver, kept per group only where the squared error is lower); expanded (nvfp4 / mxfp4: "
+                          "group scale codes min-max -3..+7 (nvfp4) or exponent -1..+1 (mxfp4), the one with the "
+                          "smallest squared error); mse (nvfp4: codes -2..+6; mxfp4 / mxfp8: min-max's exponent; "
+                          "refused elsewhere, where it lost to min-max end to end: bench/QUALITY.md)."),
     ]
     return _apply(options, func)
 
@@ -331,14 +333,22 @@ def build_scheme(fmt: str, granularity: str | None, block_size: str, group_size:
         if given:
             raise click.UsageError(f"--format {fmt} fixes its groups ({MICROSCALE[fmt].group} along the input dim), "
                                    f"symmetric weight-only scales and refuses NaN/Inf; drop {', '.join(given)}")
-        return replace(microscale_scheme(fmt), observer=observer)
+        return _offered(replace(microscale_scheme(fmt), observer=observer))
 
     try:
         block = parse_block_size(block_size)
     except SchemeError as exc:
         raise click.BadParameter(str(exc), param_hint="--block-size") from None
-    return Scheme(format=fmt, granularity=default_granularity(fmt, granularity), block_size=block,
-                  group_size=group_size, symmetric=not asymmetric, activations=activations, observer=observer)
+    return _offered(Scheme(format=fmt, granularity=default_granularity(fmt, granularity), block_size=block,
+                           group_size=group_size, symmetric=not asymmetric, activations=activations, observer=observer))
+
+
+def _offered(scheme: Scheme) -> Scheme:
+    """The scheme, unless the command line does not offer its observer for it (plan/scheme.py mse_refusal)."""
+    reason = mse_refusal(scheme)
+    if reason:
+        raise click.UsageError(reason)
+    return scheme
 
 
 @main.command(epilog=EXIT_CODES_HELP)
@@ -411,7 +421,7 @@ def _with_observer(override: tuple[str, Scheme], observer: str) -> tuple[str, Sc
     from dataclasses import replace
 
     pattern, scheme = override
-    return pattern, replace(scheme, observer=observer)
+    return pattern, _offered(replace(scheme, observer=observer))
 
 
 def _refuse_conflicts(granularity: str | None, overwrite: bool, resume: bool) -> None:

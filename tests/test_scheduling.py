@@ -65,7 +65,7 @@ def test_default_workers_where_the_hashing_is_the_limit(cpus, shards, expected):
 @pytest.mark.parametrize("options, expected", [
     ((), 6),  # FP8 block min-max: the compiled kernel, hash-bound: 2 per shard hashed side by side
     (("--format", "int8", "--granularity", "channel"), 6),
-    (("--observer", "mse"), 10),  # the CPU is the limit: every CPU but two per hashed shard
+    (("--format", "int4", "--asymmetric", "--observer", "hqq"), 10),  # the CPU is the limit: every CPU but two per hashed shard
     (("--format", "nvfp4"), 10),
 ])
 def test_cli_default_workers_follow_the_plan(monkeypatch, tmp_path, options, expected):

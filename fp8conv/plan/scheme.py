@@ -16,6 +16,24 @@ SOURCE_SCALE = "source"
 _SCALE_OF_SOURCE = {"BF16": "bf16", "F16": "fp16", "F32": "float32"}
 
 
+# Where the command line offers `--observer mse` (#28, bench/QUALITY.md): only for the schemes where it
+# was never worse than min-max in mean KL / embedding loss on any evaluation pair, or where it writes
+# min-max's bytes (E8M0 scales keep the min-max exponent). Everywhere else it lost on some pair, or was
+# not shown not to, and is refused with the alternative that did not lose.
+MSE_OFFERED = ("nvfp4", "mxfp4", "mxfp8")
+
+
+def mse_refusal(scheme: "Scheme") -> "str | None":
+    """The one-line reason the command line refuses --observer mse for a scheme, or None where it is offered."""
+    if scheme.observer != "mse" or scheme.microscale in MSE_OFFERED:
+        return None
+    integer = not scheme.fmt.is_float
+    other = "--observer hqq --asymmetric, or --observer minmax" if integer and scheme.fmt.bits == 4 else "--observer minmax"
+    plain = Scheme(**{**scheme.__dict__, "observer": "minmax"}).describe()
+    return (f"--observer mse is not offered for {plain}: on the evaluation models and texts of "
+            f"bench/QUALITY.md it was worse than min-max on some, or not shown never to be; use {other}")
+
+
 @dataclass(frozen=True)
 class Scheme:
     """How one weight is quantized. Every granularity is a 2-D tile of (rows, cols) sharing a scale
