@@ -24,6 +24,7 @@ VARIANTS = {
     "fp8_e4m3 block": ["--format", "fp8_e4m3", "--granularity", "block"],
     "fp8_e4m3 channel": ["--format", "fp8_e4m3", "--granularity", "channel"],
     "int8 channel": ["--format", "int8", "--granularity", "channel"],
+    "int8 channel w8a16": ["--format", "int8", "--granularity", "channel", "--activations", "none"],
     "int4 group 64": ["--format", "int4", "--group-size", "64"],
     "nvfp4": ["--format", "nvfp4"],
     "mxfp4": ["--format", "mxfp4"],
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--text", default=None)
     parser.add_argument("--observers", default="minmax,mse")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS")
     parser.add_argument("--out", type=Path, default=OUT / "results.json")
     args = parser.parse_args()
     src = quality.smollm2_source()

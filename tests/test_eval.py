@@ -227,7 +227,7 @@ def test_smollm2_formats_finite_ordered_and_pass_defaults(smollm2, tmp_path):
     """Weight-only INT8 < FP8 (W8A8) < INT4 on the real model. FP8 128x128 blocks with dynamic group-128
     activations cannot run in transformers on SmolLM2 (576 input features): eval fails it, with the reason."""
     kl = {}
-    for label in ("int8 channel", "fp8_e4m3 channel", "int4 w4a16", "nvfp4 w4a16"):
+    for label in ("int8 channel", "fp8_e4m3 channel", "int4 w4a16"):  # NVFP4: the tiny model's test
         out = quantize(smollm2, tmp_path / label.replace(" ", "-"), *FORMATS[label])
         data = eval_json(out, smollm2, "--tokens", "128", "--window", "128")
         assert data["passed"], (label, data["reasons"], data["overall"])

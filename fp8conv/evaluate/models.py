@@ -105,12 +105,25 @@ def _quiet() -> Iterator[None]:
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    loguru = _loguru()  # compressed-tensors logs through loguru, whose handler holds the real stderr
+    if loguru is not None:
+        loguru.disable("compressed_tensors")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if loguru is not None:
+            loguru.enable("compressed_tensors")
+
+
+def _loguru():
+    try:
+        from loguru import logger
+    except ImportError:
+        return None
+    return logger
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -149,7 +162,7 @@ def sentences(text: str, count: int) -> list[str]:
 
 def window_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """(T,) token ids -> (T-1, vocab) float32 next-token log-probs of a causal LM."""
-    with torch.inference_mode():
+    with torch.inference_mode(), _quiet():
         logits = model(ids[None]).logits[0, :-1].float()
     return torch.log_softmax(logits, dim=-1)
 
@@ -172,7 +185,7 @@ def compare_window(ref_logp: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor
 
 def pooled_embeddings(model, batch: dict) -> torch.Tensor:
     """Mean-pooled (over the attention mask), L2-normalised float64 sentence embeddings."""
-    with torch.inference_mode():
+    with torch.inference_mode(), _quiet():
         hidden = model(**batch).last_hidden_state.double()
     mask = batch["attention_mask"][..., None].double()
     return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
@@ -249,7 +262,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _run_decoder(src: Path, out: Path, text: str, tokens: int, window: int, result: EvalResult, progress) -> None:
     windows = token_windows(load_tokenizer(out, src), text, tokens, window)
-    progress(f"source: {len(windows)} windows of {len(windows[0])} tokens")
+    progress(f"source: {len(windows)} window(s) of {len(windows[0])} tokens")
     model = load_model(src, "decoder", quantized=False)
     with tempfile.TemporaryDirectory(prefix="fp8conv-eval-") as tmp:
         store = None
