@@ -391,7 +391,8 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
     from .plan.recipe import Recipe
 
     _refuse_conflicts(default_granularity(fmt, granularity), overwrite, resume)
-    src = resolve(src)
+    given, src = str(src), resolve(src)
+    hub_id = given if Path(given) != src else None  # the card names a hub id as the model's base
     ctx = click.get_current_context()
     tile_is_default = all(ctx.get_parameter_source(p) in (None, click.core.ParameterSource.DEFAULT)
                           for p in ("block_size", "group_size"))
@@ -406,7 +407,7 @@ def quantize(src, out, fmt, granularity, block_size, group_size, activations, as
         if no_card:
             card.keep_source_card(out, src)
         else:
-            card.write_card(out, src, _command_line())
+            card.write_card(out, src, _command_line(), base_model=hub_id)
 
 
 def _command_line() -> str:

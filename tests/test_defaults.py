@@ -246,6 +246,7 @@ def test_hub_id_resolves_from_a_local_cache_offline(tmp_path):
     done = cli("quantize", "tiny-org/tiny-llama", "-o", str(out), "-q")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"fp8conv quantize {repo / 'snapshots' / commit} -> {out}")
+    assert "\nbase_model: tiny-org/tiny-llama\n" in (out / "README.md").read_text()  # the model card names the id
     verified = cli("verify", str(out), "--against", "tiny-org/tiny-llama", "-q")
     assert verified.returncode == 0, verified.stdout + verified.stderr
     missing = cli("quantize", "tiny-org/not-cached", "-o", str(tmp_path / "o2"))
