@@ -658,10 +658,12 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet,
               help="Where to write the page ('-' for stdout) [default: OUT/fp8conv.report.html].")
 @handle_errors
 def report(out, html_path) -> None:
-    """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json."""
+    """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json (and fp8conv.eval.json)."""
+    from .evaluate.quality import read_eval
     from .report import html_page as html_report
 
-    page = html_report.render_conversion(html_report.load_report(out))
+    evaluation = read_eval(out) if Path(out).is_dir() else None
+    page = html_report.render_conversion(html_report.load_report(out), evaluation)
     _emit_page(page, html_path if html_path is not None else html_report.default_page_path(out))
 
 

@@ -157,6 +157,9 @@ def test_eval_is_recorded_in_out_listed_in_manifest_report_and_card(tiny_lm, tmp
     assert f"fp8conv_manifest_sha256: {manifest_digest}" in card
     verify = json.loads(run_cli("verify", out, "--json", "-q").stdout)
     assert verify["passed"] and not [f for f in verify["findings"] if f["check"] == "integrity"], verify["findings"]
+    page = (out / "fp8conv.report.html").read_bytes()
+    run_cli("report", out)  # re-rendered with the eval: the bytes the manifest lists
+    assert (out / "fp8conv.report.html").read_bytes() == page
 
 
 def test_thresholds_from_the_command_line_fail_the_gate(tiny_lm, tmp_path):
