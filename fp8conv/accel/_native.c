@@ -37,6 +37,14 @@ vectorise.
 #define CLONES
 #endif
 
+/* Helpers of the hot loops are inlined into each clone, so they run in its instruction set (not
+   inlined, they are compiled once, for the baseline: SSE2 on x86-64). */
+#if defined(__GNUC__) || defined(__clang__)
+#define HOT static inline __attribute__((always_inline))
+#else
+#define HOT static inline
+#endif
+
 enum { SRC_BF16 = 0, SRC_F32 = 1, SRC_F16 = 2 };
 
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -52,7 +60,7 @@ static inline uint32_t half_bits(uint16_t h)
 }
 
 /* Row r of a source as float32 bit patterns into dst[0..n). */
-static void load_row(const void *src, int kind, Py_ssize_t cols, Py_ssize_t r, Py_ssize_t c0, Py_ssize_t n,
+HOT void load_row(const void *src, int kind, Py_ssize_t cols, Py_ssize_t r, Py_ssize_t c0, Py_ssize_t n,
                      uint32_t *restrict dst)
 {
     Py_ssize_t i;
@@ -151,8 +159,10 @@ CLONES static PyObject *tile_range(PyObject *self, PyObject *args)
             Py_ssize_t r0 = g * tr, r1 = r0 + tr < rows ? r0 + tr : rows;
             if (!is_signed) {
                 /* Magnitudes order like their bit patterns; NaN / Inf show as >= 0x7F800000. */
-                for (Py_ssize_t c = 0; c < cols; c++) colmax[c] = 0;
-                for (Py_ssize_t r = r0; r < r1; r++) {
+                /* The tile's first row starts the column maxima (no separate clearing pass). */
+                load_row(src.buf, kind, cols, r0, 0, cols, colmax);
+                for (Py_ssize_t c = 0; c < cols; c++) colmax[c] &= 0x7FFFFFFFu;
+                for (Py_ssize_t r = r0 + 1; r < r1; r++) {
                     load_row(src.buf, kind, cols, r, 0, cols, row);
                     for (Py_ssize_t c = 0; c < cols; c++) {
                         uint32_t a = row[c] & 0x7FFFFFFFu;
@@ -206,7 +216,7 @@ done:
 
 /* sum over a row of float32 v[0..n) squared, in the reference's order: column c into lane c % 8 (each
    lane sequential, float64, squares exact), then the lanes 0..7. */
-static double lane_squares(const float *restrict v, Py_ssize_t n)
+HOT double lane_squares(const float *restrict v, Py_ssize_t n)
 {
     double lane[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
     Py_ssize_t c = 0;
@@ -302,7 +312,7 @@ static int encoding_of(int mbits, int bias, float lo, float hi, Encoding *e)
     return 1;
 }
 
-static int any_nonfinite(const uint32_t *xb, Py_ssize_t n)
+HOT int any_nonfinite(const uint32_t *xb, Py_ssize_t n)
 {
     uint32_t bad = 0;
     for (Py_ssize_t i = 0; i < n; i++) bad |= (xb[i] & 0x7F800000u) == 0x7F800000u;
