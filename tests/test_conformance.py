@@ -296,6 +296,26 @@ def test_row_pieces_carry_the_sums_of_the_whole(dtype):
     assert stats_of(w.size, carried) == whole.stats
 
 
+@pytest.mark.parametrize("dtype", SOURCES, ids=lambda d: d.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_amax_matches_the_float64_reference(dtype, backend):
+    """NVFP4's global-scale amax (microscale.tensor_amax, one tile of the compiled kernel): the largest |x|
+    in float64, on signed zeros, subnormals and an odd shape; NaN where a NaN is, on both backends."""
+    from fp8conv.numerics.microscale import tensor_amax
+
+    compiled = require(backend) == "native"
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((7, 45)) * 2.0 ** rng.integers(-30, 8, (7, 45))).astype(dtype)
+    w[0, 0], w[3, 4] = -0.0, np.finfo(dtype).smallest_subnormal
+    for sample in (w, -np.abs(w), np.zeros((3, 5), dtype), w[:, :1]):
+        expected = np.abs(sample.astype(np.float64)).max()
+        got = tensor_amax(sample, compiled)
+        assert type(got) is np.float32 and float(got) == expected, (sample.shape, got, expected)
+    bad = w.copy()
+    bad[5, 6] = np.nan
+    assert np.isnan(tensor_amax(bad, compiled))
+
+
 def test_a_float_codec_without_rounding_facts_runs_on_numpy(monkeypatch):
     """A codec registered without mantissa_bits / exponent_bias is not guessed at: `auto` quantizes it with
     the numpy kernels, `native` refuses it."""

@@ -94,10 +94,15 @@ def group_amax(weight: np.ndarray, group: int) -> np.ndarray:
     return np.asarray(top.view(weight.dtype), np.float32)
 
 
-def tensor_amax(weight: np.ndarray) -> np.float32:
-    """Largest |value| of a bf16/f16/f32 array (NaN if it holds NaN)."""
+def tensor_amax(weight: np.ndarray, use_compiled: bool | None = None) -> np.float32:
+    """Largest |value| of a bf16/f16/f32 array (NaN if it holds NaN); a 2-D one by the compiled kernel
+    where it runs (one tile: the same integer max over the magnitude bits; NaN / Inf: numpy, below)."""
     if weight.size == 0:
         return np.float32(0)
+    if weight.ndim == 2 and _use_compiled(weight, use_compiled):
+        ranges = native.tile_range(weight, weight.shape, False)
+        if ranges is not None:
+            return np.float32(ranges[1][0, 0])
     bits_dtype = {2: np.uint16, 4: np.uint32}[weight.dtype.itemsize]
     mask = bits_dtype(0x7FFF if weight.dtype.itemsize == 2 else 0x7FFFFFFF)
     top = np.bitwise_and(np.ascontiguousarray(weight).view(bits_dtype), mask).max()
