@@ -18,12 +18,19 @@ import stfile
 from fp8conv.accel import native
 from fp8conv.io import hashing, outdir
 from fp8conv.run import cpus, jobs, pipeline
-from fp8conv.run.jobs import Job, Source
+from fp8conv.run.jobs import CopyJob, Job, QuantizeJob, Source, WriteJob
 from helpers import run_cli
 
 
+KINDS = {"copy": CopyJob, "write": WriteJob, "quantize": QuantizeJob}
+
+
 def job(kind: str, shard: str, offset: int) -> Job:
-    return Job(kind, f"{shard}@{offset}", Source("", 0, ""), shard, offset, 10)
+    return KINDS[kind](f"{shard}@{offset}", Source("", 0, ""), shard, offset, 10)
+
+
+def kind_of(job: Job) -> str:
+    return next(kind for kind, cls in KINDS.items() if type(job) is cls)
 
 
 def test_kernel_free_jobs_go_first_in_their_wave_and_the_rest_keep_their_order():
@@ -31,7 +38,7 @@ def test_kernel_free_jobs_go_first_in_their_wave_and_the_rest_keep_their_order()
                         job("write", f"s{i}", 300)] for i in range(pipeline.INTERLEAVED_SHARDS + 1)}
     order = pipeline._interleave(shards, {name: 400 for name in shards})
     first_wave = [(s, j) for s, j in order[:4 * pipeline.INTERLEAVED_SHARDS]]
-    kinds = [j.kind for _, j in first_wave]
+    kinds = [kind_of(j) for _, j in first_wave]
     free = 2 * pipeline.INTERLEAVED_SHARDS
     assert set(kinds[:free]) == {"copy", "write"} and set(kinds[free:]) == {"quantize"}
     # within the wave, converting jobs stay interleaved by relative file position (the merge order of statistics)
@@ -39,7 +46,7 @@ def test_kernel_free_jobs_go_first_in_their_wave_and_the_rest_keep_their_order()
         (f"s{i}", offset) for offset in (0, 200) for i in range(pipeline.INTERLEAVED_SHARDS)]
     # the next wave (one shard) starts only after the whole first wave, its copy and constant first
     last = pipeline.INTERLEAVED_SHARDS
-    assert [(s, j.kind, j.dst_offset) for s, j in order[4 * last:]] == [
+    assert [(s, kind_of(j), j.dst_offset) for s, j in order[4 * last:]] == [
         (f"s{last}", "copy", 100), (f"s{last}", "write", 300), (f"s{last}", "quantize", 0), (f"s{last}", "quantize", 200)]
 
 

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -80,42 +80,111 @@ class Source:
 
 @dataclass(frozen=True)
 class Job:
-    """copy: `nbytes` bytes; write: constant `data`; quantize: rows [first_row, first_row + rows) of
-    matrix `matrix` into the layout's tensors (`outputs`: spec and absolute start of each);
-    dequantize: those rows into out_dtype at dst_offset."""
+    """A unit of work run by a worker: it reads from `source` and writes at `dst_offset` of `dst_path`;
+    `nbytes` is what it reads (its cost). The kinds of work are the subclasses below; `run` does it."""
 
-    kind: str
     name: str
     source: Source
     dst_path: str
     dst_offset: int
     nbytes: int
-    rows: int = 0
-    cols: int = 0
-    scheme: Scheme | None = None
-    out_dtype: str = ""
-    allow_nonfinite: bool = False
-    layout: str = ""
-    outputs: tuple[tuple[TensorSpec, int], ...] = ()
-    matrix: int = 0
-    first_row: int = 0
-    matrix_rows: int = 0
-    data: bytes = b""
-    chunk_bytes: int = READ_CHUNK_BYTES
-    backend: str = "auto"
-    global_scale: float | None = None  # NVFP4: the matrix's (or its fused set's) float32 global scale
-    matrices: int = 1  # consecutive matrices of a 3-D stack (matrix, matrix + 1, ...): a grouped job
-    stack: tuple[Source, ...] = ()  # where each matrix of a grouped job is stored
-    stack_global_scales: tuple[float, ...] = ()  # NVFP4: each matrix's global scale in a grouped job
-    label: str = ""  # the weight's own name for messages, where `name` is its stored codes' (weight_packed)
+
+    kernel_free: ClassVar[bool] = True  # runs no kernel: dispatched first in its wave
 
     def written_ranges(self) -> list[tuple[int, int]]:
         """The output byte ranges this job writes."""
-        if self.kind in ("copy", "write"):
-            return [(self.dst_offset, self.dst_offset + self.nbytes)]
-        if self.kind == "dequantize":
-            size = self.matrices * self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
-            return [(self.dst_offset, self.dst_offset + size)]
+        return [(self.dst_offset, self.dst_offset + self.nbytes)]
+
+    def run(self) -> tuple[ErrorStats | None, int]:
+        """Do the work: (error stats or None, source bytes processed)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CopyJob(Job):
+    """`nbytes` bytes copied unchanged."""
+
+    def run(self) -> tuple[ErrorStats | None, int]:
+        _copy(self)
+        return None, self.nbytes
+
+
+@dataclass(frozen=True)
+class WriteJob(Job):
+    """A constant tensor (`data`) written as is."""
+
+    data: bytes = b""
+
+    def run(self) -> tuple[ErrorStats | None, int]:
+        write_at(_writer(self.dst_path), self.dst_offset, self.data)
+        return None, 0
+
+
+@dataclass(frozen=True)
+class RowsJob(Job):
+    """Rows [first_row, first_row + rows) of matrix `matrix` (of `matrix_rows` rows, `cols` columns), or
+    `matrices` consecutive small matrices of a 3-D stack at once (`stack`: where each is stored)."""
+
+    rows: int = 0
+    cols: int = 0
+    matrix: int = 0
+    first_row: int = 0
+    matrix_rows: int = 0
+    chunk_bytes: int = READ_CHUNK_BYTES
+    matrices: int = 1
+    stack: tuple[Source, ...] = ()
+    label: str = ""  # the weight's own name for messages, where `name` is its stored codes' (weight_packed)
+
+    kernel_free: ClassVar[bool] = False
+
+    def matrix_out_bytes(self) -> int:
+        """Output bytes of one whole matrix at dst_offset."""
+        raise NotImplementedError
+
+    def out_row_bytes(self) -> int:
+        """Output bytes at dst_offset per row of the matrix (what orders the row ranges of a split job)."""
+        raise NotImplementedError
+
+    def one_matrix(self, m: int) -> "RowsJob":
+        """Matrix m of a grouped job, as a job of its own."""
+        source = self.stack[m]
+        return replace(self, source=source, dst_offset=self.dst_offset + m * self.matrix_out_bytes(),
+                       nbytes=self.rows * source.row_bytes(self.cols), matrix=self.matrix + m, matrices=1, stack=())
+
+
+@dataclass(frozen=True)
+class DequantizeJob(RowsJob):
+    """The rows decoded to float32 and written as `out_dtype` (a safetensors tag)."""
+
+    out_dtype: str = ""
+
+    def written_ranges(self) -> list[tuple[int, int]]:
+        return [(self.dst_offset, self.dst_offset + self.matrices * self.matrix_out_bytes())]
+
+    def matrix_out_bytes(self) -> int:
+        return self.rows * self.out_row_bytes()
+
+    def out_row_bytes(self) -> int:
+        return self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize
+
+    def run(self) -> tuple[ErrorStats | None, int]:
+        _dequantize(self)
+        return None, self.nbytes
+
+
+@dataclass(frozen=True)
+class QuantizeJob(RowsJob):
+    """The rows quantized under `scheme` into the layout's tensors (`outputs`: spec and absolute start of each)."""
+
+    scheme: Scheme | None = None
+    allow_nonfinite: bool = False
+    layout: str = ""
+    outputs: tuple[tuple[TensorSpec, int], ...] = ()
+    backend: str = "auto"
+    global_scale: float | None = None  # NVFP4: the matrix's (or its fused set's) float32 global scale
+    stack_global_scales: tuple[float, ...] = ()  # NVFP4: each matrix's global scale in a grouped job
+
+    def written_ranges(self) -> list[tuple[int, int]]:
         ranges = []
         for spec, start in self.outputs:
             if not spec.unit_rows and self.first_row:
@@ -132,15 +201,19 @@ class Job:
             ranges.append((begin, end))
         return ranges
 
-    def one_matrix(self, m: int) -> "Job":
-        """Matrix m of a grouped job, as a job of its own."""
-        source = self.stack[m]
-        out_bytes = (self.rows * self.cols * SAFETENSORS_DTYPES[self.out_dtype].itemsize if self.kind == "dequantize"
-                     else next(s.matrix_bytes for s, _ in self.outputs if s.role == CODES))
+    def matrix_out_bytes(self) -> int:
+        return next(s.matrix_bytes for s, _ in self.outputs if s.role == CODES)
+
+    def out_row_bytes(self) -> int:
+        # quantize jobs place their outputs by first_row; dst_offset (their codes) orders them
+        return next(s for s, _ in self.outputs if s.role == CODES).row_bytes(self.rows)
+
+    def one_matrix(self, m: int) -> "QuantizeJob":
         global_scale = self.stack_global_scales[m] if self.stack_global_scales else self.global_scale
-        return replace(self, source=source, dst_offset=self.dst_offset + m * out_bytes,
-                       nbytes=self.rows * source.row_bytes(self.cols), matrix=self.matrix + m, matrices=1, stack=(),
-                       global_scale=global_scale, stack_global_scales=())
+        return replace(super().one_matrix(m), global_scale=global_scale, stack_global_scales=())
+
+    def run(self) -> tuple[ErrorStats | None, int]:
+        return _quantize(self), self.nbytes
 
 
 # Per-process caches of open files (a worker runs many jobs on the same shards).
@@ -183,24 +256,16 @@ def run_job(job: Job) -> tuple[str, ErrorStats | None, int]:
     """Execute one job; returns (tensor name, error stats or None, source bytes processed)."""
     if len(_readers) + len(_writers) >= MAX_OPEN:  # between jobs: a job holds at most three
         close_handles()
-    if job.matrices > 1:
+    if isinstance(job, RowsJob) and job.matrices > 1:
         return job.name, _run_stack(job), job.nbytes
-    if job.kind == "copy":
-        _copy(job)
-        return job.name, None, job.nbytes
-    if job.kind == "write":
-        write_at(_writer(job.dst_path), job.dst_offset, job.data)
-        return job.name, None, 0
-    if job.kind == "dequantize":
-        _dequantize(job)
-        return job.name, None, job.nbytes
-    return job.name, _quantize(job), job.nbytes
+    stats, done = job.run()
+    return job.name, stats, done
 
 
-def _run_stack(job: Job) -> ErrorStats | None:
+def _run_stack(job: RowsJob) -> ErrorStats | None:
     """Several small matrices of a stack: high-precision sources are read, quantized and written at
     once where the layout's tensors stack (see _quantize_stack); others run matrix by matrix."""
-    if job.kind == "quantize" and job.source.scheme is None:
+    if isinstance(job, QuantizeJob) and job.source.scheme is None:
         stats = _quantize_stack(job)
         if stats is not None:
             return stats
@@ -213,7 +278,7 @@ def _run_stack(job: Job) -> ErrorStats | None:
     return stats
 
 
-def _quantize_stack(job: Job) -> ErrorStats | None:
+def _quantize_stack(job: QuantizeJob) -> ErrorStats | None:
     """Quantize k matrices [rows, cols] as one [k * rows, cols] matrix under a scheme whose tiles
     cannot straddle two, and write each declared tensor in one piece. None (nothing written) when
     that would not give every matrix exactly the bytes it gets alone."""
@@ -268,7 +333,7 @@ def _stacked_scheme(scheme: Scheme, rows: int, cols: int) -> Scheme | None:
     return replace(scheme, granularity="block", block_size=tile)
 
 
-def _copy(job: Job) -> None:
+def _copy(job: CopyJob) -> None:
     reader, fd = _reader(job.source.path), _writer(job.dst_path)
     buffer = np.empty(min(job.nbytes, COPY_BYTES), np.uint8)
     for start in range(0, job.nbytes, COPY_BYTES):
@@ -277,7 +342,7 @@ def _copy(job: Job) -> None:
         write_at(fd, job.dst_offset + start, part)
 
 
-def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = None) -> int:
+def _chunk_rows(job: RowsJob, target_tile_rows: int, element_bytes: int | None = None) -> int:
     """Rows per chunk: about chunk_bytes (of source, or of `element_bytes` per element), whole tiles
     of both source and target."""
     if job.source.transposed:
@@ -287,7 +352,7 @@ def _chunk_rows(job: Job, target_tile_rows: int, element_bytes: int | None = Non
     return max(step, (job.chunk_bytes // row_bytes) // step * step)
 
 
-def _read_grid(part: Part, job: Job, first: int, count: int, grid_cols: int) -> np.ndarray:
+def _read_grid(part: Part, job: RowsJob, first: int, count: int, grid_cols: int) -> np.ndarray:
     """The stored grid rows covering weight rows [first, first + count) of the job's matrix."""
     dtype = SAFETENSORS_DTYPES[part.dtype]
     if not part.unit_rows:
@@ -297,7 +362,7 @@ def _read_grid(part: Part, job: Job, first: int, count: int, grid_cols: int) -> 
                                          job.name)
 
 
-def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+def read_rows(job: RowsJob, first: int, count: int, out_dtype: np.dtype | type = np.float32) -> np.ndarray:
     """Rows [first, first + count) (of the job's row range) of its source matrix: stored values, or
     w = (q - zp) * scale computed in float32 (rounded into `out_dtype`)."""
     src = job.source
@@ -340,12 +405,12 @@ def read_rows(job: Job, first: int, count: int, out_dtype: np.dtype | type = np.
     return dequantize_rows(codes, grid, scheme, out_dtype, zero_points)
 
 
-def _chunks(job: Job, chunk_rows: int, out_dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(job: RowsJob, chunk_rows: int, out_dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
     for first in range(0, job.rows, chunk_rows):
         yield first, read_rows(job, first, min(chunk_rows, job.rows - first), out_dtype)
 
 
-def _dequantize(job: Job) -> None:
+def _dequantize(job: DequantizeJob) -> None:
     fd = _writer(job.dst_path)
     out_dtype = SAFETENSORS_DTYPES[job.out_dtype]
     # Chunks sized by their float32 form (4 bytes an element), not by the stored codes.
@@ -385,7 +450,7 @@ def _count_inf(values: np.ndarray) -> int:
     return int(np.count_nonzero(bits == inf))
 
 
-def _quantize(job: Job) -> ErrorStats:
+def _quantize(job: QuantizeJob) -> ErrorStats:
     scheme = job.scheme
     assert scheme is not None
     layout = get_layout(job.layout)
@@ -430,7 +495,7 @@ def _quantize(job: Job) -> ErrorStats:
     return stats
 
 
-def _quantize_pieces(job: Job, scheme: Scheme, tensor_scale, first: int, count: int, piece_rows: int, emit,
+def _quantize_pieces(job: QuantizeJob, scheme: Scheme, tensor_scale, first: int, count: int, piece_rows: int, emit,
                      stats: ErrorStats) -> bool:
     """Rows [first, first + count) by the compiled kernel, piece by piece; False (the chunk's
     statistics untouched) when a piece holds NaN/Inf: the caller redoes the chunk (quantize_2d maps
@@ -446,14 +511,14 @@ def _quantize_pieces(job: Job, scheme: Scheme, tensor_scale, first: int, count: 
     return True
 
 
-def _row_dtype(job: Job) -> np.dtype:
+def _row_dtype(job: RowsJob) -> np.dtype:
     """The dtype read_rows gives: the stored one, float32 for a quantized source."""
     return np.dtype(np.float32) if job.source.scheme is not None else SAFETENSORS_DTYPES[job.source.dtype]
 
 
-def _count_nonfinite(job: Job, chunk_rows: int) -> InputError:
+def _count_nonfinite(job: RowsJob, chunk_rows: int) -> InputError:
     """The error for NaN/Inf found in one chunk, with the counts over the whole matrix."""
     counts = count_nonfinite(chunk for _, chunk in _chunks(job, chunk_rows))
-    if job.scheme is not None and job.scheme.microscale:
+    if isinstance(job, QuantizeJob) and job.scheme is not None and job.scheme.microscale:
         return microscale_nonfinite_error(job.name, job.scheme.microscale, *counts)
     return nonfinite_error(job.name, *counts)

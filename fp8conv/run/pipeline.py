@@ -27,7 +27,8 @@ from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
 from .cpus import available_cpus
 from ..io.sidefiles import carry, not_carried_warning
-from .jobs import Job, Source, close_handles, forget_handles, run_job, target_tile_rows
+from .jobs import (CopyJob, DequantizeJob, Job, QuantizeJob, RowsJob, Source, WriteJob, close_handles, forget_handles,
+                   run_job, target_tile_rows)
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
@@ -52,7 +53,6 @@ INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
 WORKERS_PER_HASH = 2  # default_workers where the hashing is the limit
 WORKER_NICENESS = 5  # below the parent, whose per-shard threads hash the output
 STACK_BYTES = 16 << 20  # smaller matrices of a 3-D stack are grouped into jobs of about this size
-KERNEL_FREE = ("copy", "write")  # job kinds that run no kernel: dispatched first in their wave
 
 
 def default_workers(shards: int, cpus: int | None = None, hash_bound: bool = False) -> int:
@@ -204,8 +204,8 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
         action = decision.action
         spec = next((s for s in plan.outputs.get(name, []) if s.name == entry.name), None)
         if spec is not None and spec.data is not None:
-            jobs.append(Job("write", entry.name, Source("", 0, ""), str(dst), offsets[entry.name], len(spec.data),
-                            data=spec.data))
+            jobs.append(WriteJob(entry.name, Source("", 0, ""), str(dst), offsets[entry.name], len(spec.data),
+                                 data=spec.data))
             continue
         if spec is not None and spec.role != CODES:
             continue  # written by its weight's jobs (it may share the name of a dropped source scale)
@@ -213,19 +213,19 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             continue  # cost follows the data: an empty tensor is its header entry only, no job
         if action in (COPY, CARRY):
             source = Source(str(sources[plan.source_shard[name]]), info.start, info.dtype)
-            jobs.append(Job("copy", name, source, str(dst), offsets[entry.name], info.nbytes))
+            jobs.append(CopyJob(name, source, str(dst), offsets[entry.name], info.nbytes))
         if action == CARRY:
             scale = plan.source_quant[name].scale
             target = plan.spec(name, SCALE)
             assert scale is not None and target is not None
-            jobs.append(Job("copy", scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
-                            str(dst), offsets[target.name], scale.nbytes))
+            jobs.append(CopyJob(scale.name, Source(str(sources[plan.source_shard[scale.name]]), scale.start, scale.dtype),
+                                str(dst), offsets[target.name], scale.nbytes))
             for role, stored in ((GLOBAL_SCALE, plan.source_quant[name].global_scale),
                                  (ZERO_POINT, plan.source_quant[name].zero_point)):
                 target = plan.spec(name, role)
                 if stored is not None and target is not None:
-                    jobs.append(Job("copy", stored.name, Source(str(sources[plan.source_shard[stored.name]]), stored.start,
-                                                                stored.dtype), str(dst), offsets[target.name], stored.nbytes))
+                    jobs.append(CopyJob(stored.name, Source(str(sources[plan.source_shard[stored.name]]), stored.start,
+                                                            stored.dtype), str(dst), offsets[target.name], stored.nbytes))
         if action in (COPY, CARRY):
             continue
         if info.numel == 0:
@@ -253,23 +253,23 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
             nbytes = rows * source.row_bytes(cols)
             if action == DEQUANTIZE:
                 out_size = SAFETENSORS_DTYPES[plan.output_dtype(name)].itemsize
-                jobs.append(Job("dequantize", name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
-                                count * nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e, matrix_rows=rows,
-                                chunk_bytes=options.chunk_bytes, matrices=count, stack=stack,
-                                label=qw.name if qw is not None else name))
+                jobs.append(DequantizeJob(name, source, str(dst), offsets[entry.name] + e * rows * cols * out_size,
+                                          count * nbytes, rows, cols, out_dtype=plan.output_dtype(name), matrix=e,
+                                          matrix_rows=rows, chunk_bytes=options.chunk_bytes, matrices=count,
+                                          stack=stack, label=qw.name if qw is not None else name))
                 continue
             outputs = tuple((s, offsets[s.name]) for s in plan.outputs[name] if s.data is None)
             codes = plan.spec(name, CODES)
             assert codes is not None
             gs = plan.global_scales.get(name)
-            jobs.append(Job("quantize", name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes,
-                            count * nbytes, rows, cols,
-                            scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
-                            layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
-                            matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend,
-                            global_scale=None if gs is None else float(gs[e]), matrices=count, stack=stack,
-                            stack_global_scales=() if gs is None or count == 1 else
-                            tuple(float(g) for g in gs[e:e + count])))
+            jobs.append(QuantizeJob(name, source, str(dst), offsets[entry.name] + e * codes.matrix_bytes,
+                                    count * nbytes, rows, cols,
+                                    scheme=plan.schemes[name], allow_nonfinite=options.allow_nonfinite,
+                                    layout=plan.layout.name if plan.layout else "", outputs=outputs, matrix=e,
+                                    matrix_rows=rows, chunk_bytes=options.chunk_bytes, backend=options.backend,
+                                    global_scale=None if gs is None else float(gs[e]), matrices=count, stack=stack,
+                                    stack_global_scales=() if gs is None or count == 1 else
+                                    tuple(float(g) for g in gs[e:e + count])))
     split = [part for job in jobs for part in _split_rows(job, options.job_bytes)]
     return sorted(split, key=lambda job: job.dst_offset)  # file order: the hashed prefix grows
 
@@ -277,18 +277,16 @@ def _jobs_for_shard(plan: ConversionPlan, shard: OutShard, offsets: dict[str, in
 def _split_rows(job: Job, job_bytes: int) -> list[Job]:
     """Cut a large matrix into row ranges of whole tiles (source and target), so the workers share
     one big tensor too. One-scale (tensor) targets need the whole matrix's amax: kept whole."""
-    if (job.kind in ("copy", "write") or job.matrices > 1 or job.nbytes <= job_bytes or job.source.transposed
-            or (job.scheme and job.scheme.granularity == "tensor")):
+    quantize = isinstance(job, QuantizeJob) and job.scheme is not None
+    if (not isinstance(job, RowsJob) or job.matrices > 1 or job.nbytes <= job_bytes or job.source.transposed
+            or (quantize and job.scheme.granularity == "tensor")):
         return [job]
     step = job.source.tile_rows(job.rows, job.cols)
-    if job.scheme is not None:
+    if quantize:
         step = math.lcm(step, target_tile_rows(job.scheme, job.outputs, job.rows, job.cols))
     row_bytes = job.nbytes // job.rows
     step *= max(1, job_bytes // (row_bytes * step))
-    if job.kind == "dequantize":
-        out_row_bytes = job.cols * SAFETENSORS_DTYPES[job.out_dtype].itemsize
-    else:  # quantize jobs place their outputs by first_row; dst_offset (their codes) orders them
-        out_row_bytes = next(s for s, _ in job.outputs if s.role == CODES).row_bytes(job.rows)
+    out_row_bytes = job.out_row_bytes()
     parts = []
     for first in range(0, job.rows, step):
         rows = min(step, job.rows - first)
@@ -662,7 +660,7 @@ def _interleave(jobs_by_shard: dict[str, list[Job]], sizes: dict[str, int]) -> l
     wave = {name: i // INTERLEAVED_SHARDS for i, name in enumerate(names)}
     order = {name: i for i, name in enumerate(names)}
     jobs = [(shard, job) for shard, shard_jobs in jobs_by_shard.items() for job in shard_jobs]
-    return sorted(jobs, key=lambda item: (wave[item[0]], item[1].kind not in KERNEL_FREE,
+    return sorted(jobs, key=lambda item: (wave[item[0]], not item[1].kernel_free,
                                           item[1].dst_offset / sizes[item[0]], order[item[0]], item[1].dst_offset))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..io.safetensors import TensorInfo
 from ..layouts.read import QuantizedWeight, Readers
-from .jobs import Job, Part, Source, close_handles, read_rows
+from .jobs import DequantizeJob, Part, Source, close_handles, read_rows
 
 
 def source_of(qw: QuantizedWeight, path_of, matrix: int):
@@ -40,12 +40,12 @@ def dequantized_chunks(readers: Readers, qw: QuantizedWeight, chunk_bytes: int):
         for e in range(math.prod(lead)):
             source = source_of(qw, readers.path, e)
             if qw.transposed:
-                job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
+                job = DequantizeJob(qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
                 yield e, 0, np.ascontiguousarray(read_rows(job, 0, rows).T)
                 continue
             step = source.tile_rows(rows, cols)
             step = max(step, (chunk_bytes // max(source.row_bytes(cols), 1)) // step * step)
-            job = Job("dequantize", qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
+            job = DequantizeJob(qw.name, source, "", 0, 0, rows, cols, matrix=e, matrix_rows=rows)
             for r0 in range(0, rows, step):
                 yield e, r0, read_rows(job, r0, min(step, rows - r0))
     finally:
