@@ -7,8 +7,8 @@ Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes
   reconstruction has the smallest error  sum(|dequant(quant(x)) - x|^P)  over the tile, P =
   `exponent_for(scheme)`: **P = 3 for INT4** (`INT4_EXPONENT`), **P = 4 for FP8 e4m3 with block
   granularity** (`FP8_BLOCK_EXPONENT`), P = 2 (the squared error) for every other grid scheme (FP8 e4m3
-  channel / group, FP8 e5m2, INT8). INT4 and FP8 e4m3 block are therefore not squared-error searches (see
-  "Why INT4 uses |error|^3" and "Why FP8 e4m3 block uses |error|^4" below); the report still shows the
+  channel / group, FP8 e5m2, INT8). INT4 and FP8 e4m3 block are therefore not squared-error searches (why: the
+  measurements in bench/QUALITY.md, "Why the mse observer is built this way"); the report still shows the
   squared (RMS) error of the chosen and the min-max scales, which for those two can be larger than
   min-max's.
   Candidates are the min-max range shrunk by `factors` (`SHRINK_FACTORS`: 1.00, 0.99, ..., 0.90);
@@ -20,31 +20,13 @@ Tiles arrive as a float32 `(n_tiles, tile_elems)` view (zero padding contributes
   exact float32 differences d, d^2 exact, |d|^3 = d^2 * |d| and d^4 = d^2 * d^2 rounded once, so this is
   far above their rounding). Ties keep the larger scale. Deterministic: the same input gives the same scales on every
   path and for any chunking into tiles.
-  Why INT4 uses |error|^3: on SmolLM2-135M and three development texts (LGPL-2.1, MPL-1.1, dpkg's
-  triggers.txt; never the evaluation text), INT4 group-64 KL to the source model fell monotonically
-  from P = 2 to 2.4 to 3 on all three (0.359 / 0.440 / 0.386 -> 0.351 / 0.432 / 0.373 -> 0.348 / 0.409 /
-  0.360), P = 4 was worse again on all three (triggers.txt by 0.1% only), and P = 3 was the only variant tried that was below
-  llm-compressor's mse observer on all three (0.367 / 0.414 / 0.385). A larger exponent weighs a tile's
-  largest errors more, so a shrink that clips its few largest weights must buy more; the squared weight
-  error is slightly higher (rel. RMS 0.0995 vs 0.0983, min-max 0.1074) (bench/QUALITY.md, fifth round).
-  Why FP8 e4m3 block uses |error|^4: on the same model and development texts, FP8 e4m3 128x128-block KL
-  fell on all three from P = 2 (0.01715 / 0.02058 / 0.01688; worse than min-max's 0.01780 / 0.02300 /
-  0.01405 on triggers.txt) to P = 3 (0.01584 / 0.02007 / 0.01409) to P = 4 (0.01499 / 0.01952 / 0.01383),
-  and P = 4 was the only variant tried below both llm-compressor's FP8_BLOCK mse observer (0.01626 /
-  0.02010 / 0.01407) and our min-max on all three (bench/QUALITY.md, sixth round; P > 4 was not tried).
-  Only e4m3 with block granularity was measured, so FP8 e4m3 channel / group, FP8 e5m2 and INT8 keep
-  the squared error.
-  Why the shrink stops at 0.90 (llm-compressor's grid goes to 0.81 / 0.80): on SmolLM2-135M and a
-  development text (LGPL-2.1, never the evaluation text), INT4 group-64 KL to the source model was
-  0.392 with 1.00 ... 0.80 and 0.359 with 1.00 ... 0.90 (min-max 0.422), although the squared weight
-  error is lower with the longer grid: a shrink below 0.90 lowers the squared error of a tile by
-  clipping its few largest weights, which the model's outputs pay for (bench/QUALITY.md).
+  Why the shrink stops at 0.90: the same section of bench/QUALITY.md.
 - Scales stored as powers of two (E8M0: MXFP4, MXFP8) keep the min-max exponent (`E8M0_FACTORS`,
   `E8M0_CODE_STEPS`), so `mse` writes min-max's scales there. One exponent up never lowers the squared
   error (min-max maps a group's amax below e2m1's 7 / e4m3's 448, and within that range the coarser
   grid is a subset of min-max's); one exponent down does in some groups, by clipping their largest
-  elements (an MXFP4 amax lands on 7 .. 14, stored as 6), and on the development text it raised
-  MXFP4's KL from 0.382 (min-max) to 0.403.
+  elements (an MXFP4 amax lands on 7 .. 14, stored as 6), which raised MXFP4's KL on a development text
+  (bench/QUALITY.md, same section).
 """
 from __future__ import annotations
 

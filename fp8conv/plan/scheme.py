@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..errors import SchemeError
 from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat, format_choices
+from ..formats.fp4 import FP4E2M1
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
 ACTIVATIONS = ("dynamic", "none")
@@ -20,7 +21,9 @@ _SCALE_OF_SOURCE = {"BF16": "bf16", "F16": "fp16", "F32": "float32"}
 # was never worse than min-max in mean KL / embedding loss on any evaluation pair, or where it writes
 # min-max's bytes (E8M0 scales keep the min-max exponent). Everywhere else it lost on some pair, or was
 # not shown not to, and is refused with the alternative that did not lose.
-MSE_OFFERED = ("nvfp4", "mxfp4", "mxfp8")
+# Today that is every microscaled preset (the table in formats/microscaled.py): a preset added there is offered
+# mse too, so measure it before adding it.
+MSE_OFFERED = tuple(MICROSCALE)
 
 
 def mse_refusal(scheme: "Scheme") -> "str | None":
@@ -89,7 +92,7 @@ class Scheme:
 
     def _check_microscale(self) -> None:
         micro = self.microscale
-        if self.observer == "expanded" and (micro is None or MICROSCALE[micro].element != "fp4_e2m1"):
+        if self.observer == "expanded" and (micro is None or MICROSCALE[micro].element != FP4E2M1.name):
             raise SchemeError("the expanded observer searches NVFP4 / MXFP4 group scales: use it with --format nvfp4 "
                               "or --format mxfp4")
         if micro is None:
