@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import re
 import resource
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..io.untrusted import load_json_file
 from ..layouts.base import Layout
 from .quality import DEFAULT_SENTENCES, DEFAULT_TOKENS, DEFAULT_WINDOW, EvalResult, WindowStats, default_gate
 
@@ -54,10 +54,10 @@ def model_kind(path: Path) -> str:
 
 
 def _config(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{Path(path) / 'config.json'}: cannot read the model's config ({exc})") from None
+    config = load_json_file(Path(path) / "config.json", "cannot be read as the model's config")
+    if not isinstance(config, dict):
+        raise InputError(f"{Path(path) / 'config.json'}: the model's config is not a JSON object")
+    return config
 
 
 def loader_config(path: Path):

@@ -6,12 +6,12 @@ the models is fp8conv.evaluation's job (the optional `eval` extra).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError, MissingExtra
+from ..io.untrusted import load_json_file
 
 EVAL_NAME = "fp8conv.eval.json"
 EVAL_SCHEMA = 1
@@ -160,10 +160,7 @@ def read_eval(out: Path) -> dict | None:
     path = Path(out) / EVAL_NAME
     if not path.exists():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path} is not readable JSON ({exc})") from None
+    data = load_json_file(path, "is not readable JSON")
     if not isinstance(data, dict) or data.get("schema_version") != EVAL_SCHEMA or "passed" not in data:
         raise InputError(f"{path} is not an eval result written by this version of fp8conv")
     return data

@@ -4,6 +4,7 @@ journal) goes through load_json, so each refusal has one cause and one exit code
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..errors import InputError
 
@@ -39,3 +40,12 @@ def load_json(text: str | bytes, label: str, what: str = "is not valid JSON") ->
         raise InputError(f"{label}: {what} (not UTF-8 text)") from None
     except ValueError as exc:
         raise InputError(f"{label}: {what} ({printable(str(exc))})") from None
+
+
+def load_json_file(path, what: str = "is not valid JSON") -> object:
+    """load_json of a file's bytes; an unreadable file is an InputError naming it too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({printable(exc.strerror or str(exc))})") from None
+    return load_json(data, str(path), what)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from . import html_page as html_report
 from .card import CARD_NAME, write_card
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 from ..evaluate.quality import EVAL_NAME
 from ..io.checkpoint import MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME
 from ..io.safetensors import sha256_of
+from ..io.untrusted import load_json_file
 
 
 def record_eval(out: Path, data: dict) -> list[Path]:
@@ -24,7 +25,9 @@ def record_eval(out: Path, data: dict) -> list[Path]:
         written.append(_write(out / REPORT_HTML_NAME, page))
     manifest_path = out / MANIFEST_NAME
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = load_json_file(manifest_path, "is not readable JSON")
+        if not isinstance(manifest, dict):
+            raise InputError(f"{manifest_path}: not a JSON object")
         files = manifest.setdefault("files", {})
         for path in written:
             files[path.name] = {"sha256": sha256_of(path), "bytes": path.stat().st_size}

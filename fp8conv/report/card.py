@@ -19,6 +19,7 @@ from ..evaluate.quality import eval_table, read_eval
 from ..layouts.base import Layout
 from ..io.checkpoint import CARD_NAME, CONFIG_NAME, MANIFEST_NAME, REPORT_NAME
 from ..errors import InputError, OutputError
+from ..io.untrusted import load_json_file
 
 ORIGINAL_MARKER = "<!-- fp8conv: the source model's card follows, unchanged -->"
 DIGEST_KEY = "fp8conv_manifest_sha256"
@@ -69,10 +70,7 @@ def _quote(value: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc}); is this an fp8conv output?") from None
+    data = load_json_file(path, "is not readable JSON; is this an fp8conv output?")
     if not isinstance(data, dict):
         raise InputError(f"{path}: not a JSON object")
     return data
