@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from conftest import tree_digest
-from fp8conv.plan.conversion import OutShard
+from fp8conv.plan.records import OutShard
 from fp8conv.run.partition import assign
 from fp8conv.io.safetensors import OutEntry
 from helpers import run_cli

@@ -1,93 +1,19 @@
 """The whole conversion decided before the first byte is written: decisions, output shards, warnings."""
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-
 from .architecture import OPENAI_MXFP4_EXPERTS, Architecture
 from ..io.checkpoint import CONFIG_NAME, Checkpoint
-from ..errors import InputError, SchemeError, TileError
-from .engines import fused_constraints, weight_constraints
-from ..report.findings import cut, grouped
-from ..layouts import CODES, Layout, TensorSpec, packs, unquantized_linear_modules
+from ..errors import InputError, SchemeError
+from ..layouts import Layout, unquantized_linear_modules
 from .decisions import CARRY, COPY, DEQUANTIZE, DROP, QUANTIZE, REQUANTIZE, Decision, Matcher, decide, module_name
 from ..layouts.read import CheckpointView, QuantizedWeight, open_view
 from .carry import can_carry, carried_scheme, share_global_scales
 from ..layouts.source_checks import refuse_bad_sources
-from ..io.safetensors import HEADER_CAP, OutEntry, TensorInfo, build_header
+from ..io.safetensors import OutEntry, TensorInfo
 from ..io.untrusted import printable
 from .scheme import Scheme
-
-
-@dataclass
-class OutShard:
-    name: str
-    entries: list[OutEntry] = field(default_factory=list)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.nbytes for e in self.entries)
-
-
-@dataclass
-class ConversionPlan:
-    """For `quantize`, scheme and layout are set; for `dequantize`, out_dtype (and layout is None)."""
-
-    scheme: Scheme | None
-    layout: Layout | None
-    tensors: dict[str, TensorInfo]
-    decisions: dict[str, Decision]
-    source_shard: dict[str, str]
-    shards: list[OutShard]
-    outputs: dict[str, list[TensorSpec]]  # quantized source tensor -> every tensor its layout writes
-    schemes: dict[str, Scheme]  # quantized source tensor -> its scheme (scale format resolved)
-    source_quant: dict[str, QuantizedWeight]
-    warnings: list[str]
-    unquantized_modules: list[str]
-    out_dtype: str | None = None
-    # Modules the engines build that have no tensor of their own (a tied lm_head): kept, with the reason.
-    tensorless_modules: dict[str, str] = field(default_factory=dict)
-    global_scales: dict[str, list] = field(default_factory=dict)  # NVFP4: per matrix, set before the jobs run
-    # What the pre-flight refuses (a real run raises, a dry run lists them and exits 2).
-    refusals: list[str] = field(default_factory=list)
-    # --scheme overrides: (scheme, module names) written as extra config_groups.
-    scheme_groups: list[tuple[Scheme, list[str]]] = field(default_factory=list)
-    # Every engine finding, one per tensor (warnings / refusals hold them grouped by rule).
-    findings: list[dict] = field(default_factory=list)
-
-    @property
-    def shard_of_output(self) -> dict[str, str]:
-        return {e.name: shard.name for shard in self.shards for e in shard.entries}
-
-    @property
-    def origin(self) -> dict[str, str]:
-        """Output tensor name -> the source tensor it comes from."""
-        names = {}
-        for name, decision in self.decisions.items():
-            if decision.action == DROP:
-                continue
-            if decision.quantized:
-                names.update({spec.name: name for spec in self.outputs[name]})
-            elif decision.action == DEQUANTIZE:
-                names[self.source_quant[name].name] = name
-            else:
-                names[name] = name
-        return names
-
-    def spec(self, name: str, role: str) -> TensorSpec | None:
-        return next((s for s in self.outputs.get(name, []) if s.role == role), None)
-
-    def output_dtype(self, name: str) -> str | None:
-        action = self.decisions[name].action
-        if action == DROP:
-            return None
-        if self.decisions[name].quantized:
-            spec = self.spec(name, CODES)
-            assert spec is not None
-            return spec.dtype
-        if action == DEQUANTIZE:
-            return self.out_dtype or "BF16"
-        return self.tensors[name].dtype
+from .records import ConversionPlan, OutShard
+from .checks import check_headers, engine_preflight, refuse_groups, refuse_microscale_shapes
 
 
 def _outputs_of(plan: ConversionPlan, info: TensorInfo) -> list[OutEntry]:
@@ -100,38 +26,6 @@ def _outputs_of(plan: ConversionPlan, info: TensorInfo) -> list[OutEntry]:
         qw = plan.source_quant[info.name]
         return [OutEntry(qw.name, plan.output_dtype(info.name), qw.shape)]
     return [OutEntry(info.name, plan.output_dtype(info.name), info.shape)]
-
-
-def _preflight(plan: ConversionPlan, arch: Architecture, tp: int, engines: tuple[str, ...]) -> None:
-    """Engine load constraints of the planned output (fp8conv.engines), before anything is written:
-    fused partitions quantized differently are refused; the rest are refused for the engines named
-    by --engine and warnings otherwise."""
-    if plan.scheme is None or plan.layout is None:
-        return
-    schemes: dict[str, str | None] = {}
-    found = []
-    for name, info in plan.tensors.items():
-        decision = plan.decisions[name]
-        qw = plan.source_quant.get(name)
-        logical, shape = (qw.name, qw.shape) if qw is not None else (name, info.shape)
-        if decision.action == DROP or len(shape) < 2:
-            continue
-        if logical.endswith(".weight") or arch.fused_experts_rule(logical, shape):
-            schemes[module_name(logical)] = plan.schemes[name].describe() if decision.quantized else None
-        if decision.quantized:
-            found += weight_constraints(logical, plan.layout.quantized_shape(shape), plan.schemes[name],
-                                        plan.layout, tp, arch)
-    fused = [replace(c, rule=c.rule + "; quantize or --ignore all of a layer's partitions")
-             for c in fused_constraints(schemes, arch)]
-    refused = [c for c in found if c.engine in engines]
-    warned = [c for c in found if c.engine not in engines]
-    where = "--dry-run --json lists all"
-    plan.refusals += grouped([c.finding() for c in fused + refused], where)
-    plan.warnings += grouped([c.finding() for c in warned], where)
-    # "shape": a weight's shape against the scheme's tile (a smaller tile may fit; fp8conv.fitting).
-    plan.findings += [{**c.finding().to_json(), "refused": True, "shape": False} for c in fused]
-    plan.findings += [{**c.finding().to_json(), "refused": True, "shape": True} for c in refused]
-    plan.findings += [{**c.finding().to_json(), "refused": False, "shape": True} for c in warned]
 
 
 def _kept_expert_warnings(plan: ConversionPlan, arch: Architecture) -> list[str]:
@@ -230,44 +124,6 @@ def _fused_experts_only(decisions: dict[str, Decision], tensors: dict[str, Tenso
     return out
 
 
-def _refuse_groups(plan: ConversionPlan) -> None:
-    """compressed-tensors and vLLM need in_features % group_size == 0: refuse the whole plan, naming
-    every offending tensor and the group sizes that would fit them all."""
-    grouped = {name: s for name, s in plan.schemes.items() if packs(s) and s.granularity == "group"}
-    if not grouped:
-        return
-    cols = {name: (plan.source_quant[name].shape if name in plan.source_quant else plan.tensors[name].shape)[-1]
-            for name in grouped}
-    bad = sorted(name for name, c in cols.items() if c % grouped[name].group_size)
-    if not bad:
-        return
-    group_size = grouped[bad[0]].group_size
-    common = math.gcd(*cols.values())
-    fits = [g for g in (1024, 512, 256, 128, 64, 32, 16, 8) if common % g == 0]
-    listed = cut([f"{n} ({cols[n]})" for n in bad], "fp8conv inspect --tensors lists every shape")
-    fix = (f"--group-size {' / '.join(map(str, fits))} fits every tensor" if fits else "no power-of-two group fits all")
-    raise TileError(f"in_features must be divisible by the group size {group_size} for pack-quantized "
-                    f"weights; {len(bad)} tensor(s) are not: {listed}. {fix}; or use --granularity channel, "
-                    "or --ignore those tensors")
-
-
-def _refuse_microscale_shapes(plan: ConversionPlan, scheme: Scheme) -> None:
-    """NVFP4 / MXFP4 / MXFP8 groups are fixed by the format (16 / 32 along the input dim): refuse the plan,
-    naming every weight whose input dim does not divide, before anything is written."""
-    if not scheme.microscale:
-        return
-    group = scheme.group_size
-    assert plan.layout is not None
-    cols = {name: plan.layout.quantized_shape(plan.source_quant[name].shape if name in plan.source_quant
-                                              else plan.tensors[name].shape)[-1]
-            for name in plan.outputs}
-    bad = sorted(name for name, c in cols.items() if c % group)
-    if bad:
-        listed = cut([f"{n} ({cols[n]})" for n in bad], "fp8conv inspect --tensors lists every shape")
-        raise SchemeError(f"{scheme.microscale} needs input dims divisible by its group of {group}; {len(bad)} "
-                          f"tensor(s) are not: {listed}; keep them in high precision with --ignore")
-
-
 def _scheme_groups(schemes: dict[str, Scheme], default: Scheme, stored: list, source_quant: dict,
                    arch: Architecture) -> list[tuple[Scheme, list[str]]]:
     """--scheme overrides as (scheme, module names as vLLM and transformers name them), in pattern order:
@@ -293,7 +149,7 @@ def _finish(checkpoint: Checkpoint, plan: ConversionPlan, max_shard_size: int | 
         for name in sorted(shard.tensors):
             groups.append((shard.path.name, _outputs_of(plan, shard.tensors[name])))
     plan.shards = _pack(groups, max_shard_size)
-    _check_headers(plan.shards)
+    check_headers(plan.shards)
     plan.warnings = _kept_expert_warnings(plan, architecture_of(checkpoint))
     return plan
 
@@ -317,15 +173,66 @@ def architecture_of(checkpoint: Checkpoint) -> Architecture:
         return Architecture()
 
 
-def _check_headers(shards: list[OutShard]) -> None:
-    """Never write a file our own reader (and the safetensors format) would refuse."""
-    for shard in shards:
-        header, _ = build_header(shard.entries)
-        if len(header) - 8 > HEADER_CAP:
-            longest = max((len(e.name) for e in shard.entries), default=0)
-            raise InputError(f"output shard {printable(shard.name)} would have a {len(header) - 8}-byte header, over the "
-                             f"{HEADER_CAP}-byte safetensors limit (tensor names up to {longest} characters); "
-                             "use --max-shard-size to spread the tensors over more shards, or shorter names")
+def _stored_overrides(layout: Layout, scheme: Scheme, overrides: tuple[tuple[Matcher, Scheme], ...],
+                      arch: Architecture) -> list[tuple[Matcher, Scheme]]:
+    """The --scheme PATTERN=SPEC overrides as the layout stores them; raises where the layout cannot write them."""
+    if overrides and not layout.per_module_schemes:
+        writers = " or ".join(n for n, lay in Layout.registry.items() if lay.per_module_schemes)
+        raise SchemeError(f"--scheme needs --layout {writers} (several config_groups); "
+                          f"--layout {layout.name} describes one scheme")
+    if overrides and (scheme.microscale or any(o.microscale for _, o in overrides)):
+        raise SchemeError("--scheme does not mix NVFP4 / MXFP4 / MXFP8 with other schemes yet (their config "
+                          "groups carry global / e8m0 scales fp8conv does not write per group)")
+    for _, override in overrides:
+        layout.check(override)
+    return [(matcher, layout.stored_scheme(override, composite=arch.vision)) for matcher, override in overrides]
+
+
+def _output_specs(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], source_quant: dict,
+                  layout: Layout, scheme_of) -> tuple[dict[str, Scheme], dict]:
+    """Each quantized weight's scheme and the tensors the layout writes for it; raises where one of those
+    names is already a (kept) source tensor."""
+    schemes, outputs = {}, {}
+    for name, decision in decisions.items():
+        if decision.quantized:
+            qw = source_quant.get(name)
+            logical, shape = (qw.name, qw.shape) if qw else (name, tensors[name].shape)
+            schemes[name] = (carried_scheme(qw, scheme_of(name)) if decision.action == CARRY and qw is not None
+                             else scheme_of(name).for_source(tensors[name].dtype))
+            outputs[name] = layout.tensors(schemes[name], logical, shape)
+    for weight, specs in outputs.items():
+        for spec in specs:
+            if spec.name in tensors and spec.name != weight and decisions[spec.name].action != DROP:
+                raise InputError(f"tensor {printable(spec.name)} already exists in the source, so "
+                                 f"{printable(weight)} looks quantized already")
+    return schemes, outputs
+
+
+def _unquantized_modules(decisions: dict[str, Decision], tensors: dict[str, TensorInfo], arch: Architecture,
+                         layout: Layout) -> tuple[list[str], dict[str, str]]:
+    """The modules loaders must keep in high precision (loader names and, where the layout takes them, ignore
+    patterns), and the tied heads among them with the reason."""
+    tensorless = {
+        module: "tied to the input embedding (no tensor of its own); listed as ignored so loaders keep it "
+                "in high precision instead of expecting a scale that does not exist"
+        for module in arch.tied_heads(tensors)
+    }
+    kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
+    kept_experts = _kept_expert_modules(decisions, tensors, arch)
+    patterns = [arch.experts_ignore_pattern(o) for o in kept_experts] if layout.regex_ignore else []
+    modules = sorted({n for m in (*kept, *kept_experts, *tensorless) for n in arch.loader_names(m)} | set(patterns))
+    return modules, tensorless
+
+
+def _plan_warnings(plan: ConversionPlan, arch: Architecture, matchers: tuple[Matcher, ...]) -> None:
+    """Patterns that matched nothing, and a vision config without a known vision tensor."""
+    names = list(plan.tensors)
+    for matcher in matchers:
+        plan.warnings += matcher.unmatched_warnings(names)
+    if arch.vision and not any(d.reason.startswith("vision tower") for d in plan.decisions.values()):
+        plan.warnings.append("config.json describes a vision tower (vision_config) but no tensor has a known vision "
+                             "prefix (visual., vision_tower., vision_model., multi_modal_projector., mm_projector.): "
+                             "check the dry run, and --ignore the tower if it is quantized")
 
 
 def build_plan(
@@ -345,16 +252,7 @@ def build_plan(
     layout.check(scheme)
     arch = architecture_of(checkpoint)
     scheme = layout.stored_scheme(scheme, composite=arch.vision)
-    if overrides and not layout.per_module_schemes:
-        writers = " or ".join(n for n, lay in Layout.registry.items() if lay.per_module_schemes)
-        raise SchemeError(f"--scheme needs --layout {writers} (several config_groups); "
-                          f"--layout {layout.name} describes one scheme")
-    if overrides and (scheme.microscale or any(o.microscale for _, o in overrides)):
-        raise SchemeError("--scheme does not mix NVFP4 / MXFP4 / MXFP8 with other schemes yet (their config "
-                          "groups carry global / e8m0 scales fp8conv does not write per group)")
-    for _, override in overrides:
-        layout.check(override)
-    stored = [(matcher, layout.stored_scheme(override, composite=arch.vision)) for matcher, override in overrides]
+    stored = _stored_overrides(layout, scheme, overrides, arch)
     tensors = checkpoint.tensors
     view = open_view(checkpoint)
     source_quant, companions = _quantized_source(view)
@@ -375,46 +273,20 @@ def build_plan(
         decisions = _fused_experts_only(decisions, tensors, source_quant, arch, layout)
     decisions = share_global_scales(decisions, source_quant, view, scheme_of)
     refuse_bad_sources(view, source_quant)  # carried, re-quantized and dequantized weights alike
-    schemes, outputs = {}, {}
-    for name, decision in decisions.items():
-        if decision.quantized:
-            qw = source_quant.get(name)
-            logical, shape = (qw.name, qw.shape) if qw else (name, tensors[name].shape)
-            schemes[name] = (carried_scheme(qw, scheme_of(name)) if decision.action == CARRY and qw is not None
-                             else scheme_of(name).for_source(tensors[name].dtype))
-            outputs[name] = layout.tensors(schemes[name], logical, shape)
-    for weight, specs in outputs.items():
-        for spec in specs:
-            if spec.name in tensors and spec.name != weight and decisions[spec.name].action != DROP:
-                raise InputError(f"tensor {printable(spec.name)} already exists in the source, so "
-                                 f"{printable(weight)} looks quantized already")
-    tensorless = {
-        module: "tied to the input embedding (no tensor of its own); listed as ignored so loaders keep it "
-                "in high precision instead of expecting a scale that does not exist"
-        for module in arch.tied_heads(tensors)
-    }
-    kept = unquantized_linear_modules({n: d for n, d in decisions.items() if d.action != DROP}, tensors)
-    kept_experts = _kept_expert_modules(decisions, tensors, arch)
-    patterns = [arch.experts_ignore_pattern(o) for o in kept_experts] if layout.regex_ignore else []
+    schemes, outputs = _output_specs(decisions, tensors, source_quant, layout, scheme_of)
+    unquantized, tensorless = _unquantized_modules(decisions, tensors, arch, layout)
     plan = ConversionPlan(
         scheme=scheme, layout=layout, tensors=tensors, decisions=decisions,
         source_shard={name: path.name for name, path in checkpoint.shard_of().items()},
         shards=[], outputs=outputs, schemes=schemes, source_quant=source_quant, warnings=[],
-        unquantized_modules=sorted({n for m in (*kept, *kept_experts, *tensorless) for n in arch.loader_names(m)} | set(patterns)),
-        tensorless_modules=tensorless,
+        unquantized_modules=unquantized, tensorless_modules=tensorless,
         scheme_groups=_scheme_groups(schemes, scheme, stored, source_quant, arch),
     )
-    _refuse_groups(plan)
-    _refuse_microscale_shapes(plan, scheme)
+    refuse_groups(plan)
+    refuse_microscale_shapes(plan, scheme)
     plan = _finish(checkpoint, plan, max_shard_size)
-    names = list(tensors)
-    for matcher in (ignore, include, *(m for m, _ in overrides)):
-        plan.warnings += matcher.unmatched_warnings(names)
-    if arch.vision and not any(d.reason.startswith("vision tower") for d in decisions.values()):
-        plan.warnings.append("config.json describes a vision tower (vision_config) but no tensor has a known vision "
-                             "prefix (visual., vision_tower., vision_model., multi_modal_projector., mm_projector.): "
-                             "check the dry run, and --ignore the tower if it is quantized")
-    _preflight(plan, arch, tp, engines)
+    _plan_warnings(plan, arch, (ignore, include, *(m for m, _ in overrides)))
+    engine_preflight(plan, arch, tp, engines)
     return plan
 
 

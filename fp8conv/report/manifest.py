@@ -6,7 +6,7 @@ import math
 from collections import Counter
 
 from .. import __version__
-from ..plan.conversion import ConversionPlan
+from ..plan.records import ConversionPlan
 from ..numerics.stats import ErrorStats
 from ..layouts import CODES, SCALE
 from ..plan.decisions import COPY

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import TileError
 from ..io.checkpoint import Checkpoint
-from ..plan.conversion import ConversionPlan
+from ..plan.records import ConversionPlan
 from ..plan.recipe import Recipe
 from ..plan.scheme import Scheme
 from . import pipeline

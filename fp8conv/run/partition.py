@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plan.conversion import OutShard
+from ..plan.records import OutShard
 from ..errors import InputError, SchemeError
 from ..plan.recipe import Recipe
 from ..io.untrusted import load_json, printable

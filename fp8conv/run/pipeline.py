@@ -20,7 +20,8 @@ import numpy as np
 from ..accel import native
 from ..report import html_page as html_report
 from ..io.checkpoint import CARD_NAME, CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME, Checkpoint, open_checkpoint
-from ..plan.conversion import ConversionPlan, OutShard, build_dequantize_plan, build_plan
+from ..plan.conversion import build_dequantize_plan, build_plan
+from ..plan.records import ConversionPlan, OutShard
 from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
 from ..formats import SAFETENSORS_DTYPES
 from ..plan.fusion import fused_sets
