@@ -110,6 +110,30 @@ def usage_error(result, *needles: str) -> None:
         assert needle in result.stderr, (needle, result.stderr)
 
 
+# ---- class 1: nothing is loaded from a kernel cache ----------------------------------------------------
+
+def test_no_kernel_cache_is_read_or_written(tmp_path):
+    """554170f loaded numba's index/pickle files from NUMBA_CACHE_DIR (shared folders included) without an
+    owner check. The C kernels of #29 replaced the JIT and its cache: a run imports no numba and touches
+    neither NUMBA_CACHE_DIR nor XDG_CACHE_HOME, even when a FIFO waits there (opening it would block)."""
+    src = llama(tmp_path / "src")
+    cache, xdg = tmp_path / "numba-cache", tmp_path / "xdg"
+    for folder in (cache, xdg / "fp8conv" / "numba"):
+        folder.mkdir(parents=True)
+        os.mkfifo(folder / "planted.nbi")
+        (folder / "planted.nbc").write_bytes(b"\x80\x04 not a pickle anyone should load")
+    before = {p: p.stat().st_mtime_ns for p in (*cache.rglob("*"), *xdg.rglob("*"))}
+    code = ("import sys; from fp8conv.cli import main; sys.argv = ['fp8conv', 'quantize', sys.argv[1], '-o', sys.argv[2], "
+            "'--format', 'mxfp8', '-q']\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'numba' not in sys.modules, 'numba imported'")
+    result = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=float(os.environ.get("FP8CONV_TEST_HANG_S", 300)), cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(cache),
+                                 "XDG_CACHE_HOME": str(xdg)})
+    assert result.returncode == 0, result.stderr
+    assert {p: p.stat().st_mtime_ns for p in (*cache.rglob("*"), *xdg.rglob("*"))} == before
+
+
 # ---- class 2: bad quantized sources are refused by carry as by dequantize --------------------------
 
 @pytest.mark.parametrize("value", [0.0, float("nan"), -1.0, float("inf")])
