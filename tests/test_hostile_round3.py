@@ -571,6 +571,41 @@ def test_empty_tensors_start_no_jobs(tmp_path, monkeypatch):
     assert set(load_all(tmp_path / "out")) == set(header)
 
 
+def test_planning_reads_each_header_entry_a_bounded_number_of_times(tmp_path, monkeypatch):
+    """Cost follows data: the plan of n tensors visits the header entries O(n) times (a per-tensor rebuild
+    of the name -> tensor map made 10^5 empty tensors take minutes)."""
+    from fp8conv.io import checkpoint as checkpoint_module
+
+    visits = [0]
+
+    class Counting(dict):
+        def items(self):
+            for item in dict.items(self):
+                visits[0] += 1
+                yield item
+
+        def __iter__(self):
+            for key in dict.__iter__(self):
+                visits[0] += 1
+                yield key
+
+    read_header = checkpoint_module.read_header
+
+    def counted(path, *args, **kwargs):
+        header = read_header(path, *args, **kwargs)
+        object.__setattr__(header, "tensors", Counting(header.tensors))  # Header is frozen
+        return header
+
+    monkeypatch.setattr(checkpoint_module, "read_header", counted)
+    n = 3000
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "model.safetensors", {f"model.layers.{i}.mlp.proj.weight": entry("BF16", [0, 64], 0, 0) for i in range(n)})
+    (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    run_cli("quantize", src, "-o", tmp_path / "out", "-q")
+    assert visits[0] < 50 * n, visits[0]  # a rebuild per tensor: n^2 = 9 million
+
+
 def test_heatmap_cost_is_linear_in_cells(monkeypatch):
     """The heatmap looked each cell's row up with list.index (quadratic: 100k one-per-layer tensors took
     minutes). Count the equality tests on row keys: a key part that counts them replaces the row kind."""

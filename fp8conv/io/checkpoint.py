@@ -5,6 +5,8 @@ import fnmatch
 import os
 import stat
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
 from pathlib import Path
 
 from .sidefiles import OTHER_WEIGHTS, other_weights, subfolder_files
@@ -30,13 +32,20 @@ class Checkpoint:
     index: dict | None = None
     extra_files: list[Path] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # files beside the weights left out, and why
+    _tensors: Mapping[str, TensorInfo] | None = field(default=None, init=False, repr=False, compare=False)
+    _shard_of: Mapping[str, Path] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return {name: info for shard in self.shards for name, info in shard.tensors.items()}
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        """Every tensor by name, built once (callers ask per tensor: rebuilding it each time was quadratic)."""
+        if self._tensors is None:
+            self._tensors = MappingProxyType({name: info for shard in self.shards for name, info in shard.tensors.items()})
+        return self._tensors
 
-    def shard_of(self) -> dict[str, Path]:
-        return {name: shard.path for shard in self.shards for name in shard.tensors}
+    def shard_of(self) -> Mapping[str, Path]:
+        if self._shard_of is None:
+            self._shard_of = MappingProxyType({name: shard.path for shard in self.shards for name in shard.tensors})
+        return self._shard_of
 
     @property
     def files(self) -> list[Path]:
