@@ -503,6 +503,31 @@ def test_invalid_regex_in_a_checkpoint_config_is_an_input_error(tmp_path):
         one_line_error(run_cli(*command, expect=None), 3, "re:(")
 
 
+CONFIG_DAMAGE = [
+    (("config_groups",), 3.5), (("format",), []), (("config_groups", "group_0", "targets"), "Linear"),
+    (("config_groups", "group_0", "weights", "group_size"), 10 ** 400), (("config_groups", "group_0", "weights", "group_size"), 1e300),
+    (("config_groups", "group_0", "weights", "block_structure"), "1e999x5"),
+    (("config_groups", "group_0", "weights", "block_structure"), [128, 0]),
+    (("config_groups", "group_0", "weights", "num_bits"), [4]), (("config_groups", "group_0", "format"), {}),
+    (("ignore",), [1, 2]), (("config_groups", "group_0", "weights", "symmetric"), "no"),
+]
+
+
+@pytest.mark.parametrize("where, value", CONFIG_DAMAGE, ids=[f"{'.'.join(w)}={str(v)[:8]}" for w, v in CONFIG_DAMAGE])
+def test_hostile_quantization_config_values_are_input_errors(tmp_path, where, value):
+    """Every field fp8conv reads from quantization_config is type- and range-checked when the checkpoint opens."""
+    out = quantized(tmp_path, "--format", "int4", "--granularity", "group", "--group-size", "32", "--asymmetric")
+    config = read_json(out / "config.json")
+    target = config["quantization_config"]
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    (out / "config.json").write_text(json.dumps(config))
+    for command in (["inspect", out], ["verify", out], ["dequantize", out, "-o", tmp_path / "d"],
+                    ["quantize", out, "-o", tmp_path / "requantized", "--format", "int8"]):
+        one_line_error(run_cli(*command, expect=None), 3, "quantization_config")
+
+
 def test_mx_overflow_dequantized_names_the_weight_without_warnings(tmp_path):
     out = quantized(tmp_path, "--format", "mxfp4")
     # the largest E8M0 exponent under the largest e2m1 code: 6 x 2^127 is Inf in float32

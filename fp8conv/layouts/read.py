@@ -21,6 +21,7 @@ from ..formats import FORMATS, MICROSCALE, format_of_tag, integer_format, micros
 from ..io.safetensors import TensorInfo, TensorReader
 from ..plan.scheme import GRANULARITIES, Scheme, microscale_scheme
 from .base import Layout
+from .config_checks import quant_config_problem
 from .view import CheckpointView, ConfigGroups, QuantizedWeight  # noqa: F401  (re-exported)
 from .compressed_tensors import CT_FORMATS, CompressedTensors
 from .openai_mxfp4 import OPENAI_BLOCKS, OPENAI_SCALES, OpenAIMXFP4
@@ -303,6 +304,9 @@ def open_view(checkpoint: Checkpoint) -> CheckpointView:
     quant_config = config.get("quantization_config") if config else None
     if quant_config is not None and not isinstance(quant_config, dict):
         config_problem, quant_config = "config.json: quantization_config is not an object", None
+    problem = quant_config_problem(quant_config) if quant_config is not None else None
+    if problem:  # checked before any field reaches arithmetic
+        raise InputError(f"{checkpoint.root}: {problem}")
     try:
         manifest = checkpoint.read_json(MANIFEST_NAME)
     except InputError:
