@@ -94,7 +94,7 @@ def main() -> None:
     hashing.os.posix_fadvise = timed_fadvise  # the parent's hashing threads only (workers do not call it)
     wrap(outdir.Staging, "mark_finished", "{1}: hashed", "{1}: fsynced + journaled")
     wrap(outdir.Staging, "commit", "commit start", "commit done (fsync all, rename)")
-    wrap(pipeline, "_finalize", "all shards done; finalize start", None)
+    wrap(pipeline, "finalize", "all shards done; finalize start", None)
     checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions())
     mark("plan done")
     if args.workers is None:
