@@ -290,7 +290,7 @@ class Evaluator:
             n = TOKENS[self.name]
             if len(ids) < n:
                 raise SystemExit(f"{TEXTS[text]} has only {len(ids)} tokens for {self.name}")
-            return ids[:n].reshape(-1, WINDOW)
+            return ids[:n].reshape(-1, min(WINDOW, n))
         flat = re.sub(r"\s+", " ", TEXTS[text].read_text())
         sentences = [s.strip() for s in re.split(r"(?<=[.;:])\s", flat) if len(s.split()) >= 6][:N_SENTENCES]
         return self.tok(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
