@@ -175,7 +175,7 @@ def convert(model: str, scheme: str, variant: str) -> Path:
 
     src = MODELS[model]()
     tool, observer = variant.split(":", 1)
-    work = OUT / "work"
+    work = OUT / f"work-{os.getpid()}"  # one per process: two runs never share it
     qdir, ddir = work / "q", work / "deq"
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.time()
