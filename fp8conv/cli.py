@@ -259,9 +259,9 @@ def scheme_options(func):
         click.option("--observer", type=click.Choice(OBSERVERS), default="minmax", show_default=True,
                      help="How each tile's scale is chosen, without calibration data: minmax (from the tile's range); "
                           "hqq (--asymmetric integer groups: scale and zero point fitted by HQQ's half-quadratic "
-                          "solver, kept per group only where the squared error is lower); expanded (nvfp4 / mxfp4: "
-                          "group scale codes min-max -3..+7 (nvfp4) or exponent -1..+1 (mxfp4), the one with the "
-                          "smallest squared error); mse (nvfp4: codes -2..+6; mxfp4 / mxfp8: min-max's exponent; "
+                          "solver, kept per group only where the squared error is lower); expanded (nvfp4: e4m3 "
+                          "group scale codes min-max -3..+7, above the group's range as well as below, the one with "
+                          "the smallest squared error); mse (nvfp4: codes -2..+6; mxfp4 / mxfp8: min-max's exponent; "
                           "refused elsewhere, where it lost to min-max end to end: bench/QUALITY.md)."),
     ]
     return _apply(options, func)
