@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 from ..errors import SchemeError
 from ..formats import DEFAULT_FORMAT, FORMATS, MICROSCALE, SCALE_FORMATS, ElementFormat, ScaleFormat, format_choices
-from ..formats.fp4 import FP4E2M1
 
 GRANULARITIES = ("block", "channel", "group", "tensor")
 ACTIVATIONS = ("dynamic", "none")
