@@ -451,6 +451,24 @@ def _check_output(src: Path, out: Path, overwrite: bool, resume: bool) -> None:
     Staging(out, src, overwrite, resume, "").check()
 
 
+def _dry_run(checkpoint, plan, src: Path, out: Path, run, as_json: bool) -> None:
+    """--dry-run: OUT checked, the plan printed (text or JSON), its refusals said; exits 2 where there are any."""
+    from .io.outdir import Staging
+    from .report import text as render
+    from .report.manifest import scheme_summary
+
+    Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
+    emit(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
+                     "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
+                     "refusals": plan.refusals, "findings": plan.findings,
+                     "schemes": scheme_summary(plan)}, indent=2) if as_json
+         else render.dry_run_plan(plan))
+    for refusal in plan.refusals:
+        say(f"fp8conv: error: {refusal}")
+    if plan.refusals:
+        sys.exit(EXIT_USAGE)
+
+
 def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bool, dry_run: bool, as_json: bool,
          quiet: bool, partition: str | None, ray_address: str | None, parts: int | None,
          tile_is_default: bool = False) -> bool:
@@ -459,8 +477,6 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
     from .accel import native
     from .run import pipeline
     from .report import text as render
-    from .io.outdir import Staging
-    from .report.manifest import scheme_summary
 
     verb = recipe.command
     part = _parse_partition(partition)
@@ -484,16 +500,7 @@ def _run(recipe, src: Path, out: Path, workers: int, overwrite: bool, resume: bo
                                            hash_bound=verb == "quantize" and pipeline.hash_bound(plan))
     run = pipeline.RunOptions(workers, overwrite, resume, recipe.allow_nonfinite)
     if dry_run:
-        Staging(out, src, run.overwrite, run.resume, "", checkpoint.files).check()
-        emit(json.dumps({"decisions": {n: d.__dict__ for n, d in plan.decisions.items()},
-                         "modules_without_tensors": plan.tensorless_modules, "warnings": plan.warnings,
-                         "refusals": plan.refusals, "findings": plan.findings,
-                         "schemes": scheme_summary(plan)}, indent=2) if as_json
-             else render.dry_run_plan(plan))
-        for refusal in plan.refusals:
-            say(f"fp8conv: error: {refusal}")
-        if plan.refusals:
-            sys.exit(EXIT_USAGE)
+        _dry_run(checkpoint, plan, src, out, run, as_json)
         return False
     if ray_address is not None:
         from .run.distributed import run_on_ray

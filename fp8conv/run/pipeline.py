@@ -334,6 +334,17 @@ def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpt
     return scales
 
 
+def _merge_shard_stats(plan: ConversionPlan, jobs: list[tuple[str, Job]], job_stats: dict[int, ErrorStats],
+                       stats: dict[str, ErrorStats], shard: str) -> dict[str, dict]:
+    """Fold a finished shard's job statistics into `stats` and return the shard's tensors' stats as JSON.
+    Merged in job order, never completion order, so float sums (and the report) are deterministic."""
+    for index, (job_shard, job) in enumerate(jobs):
+        if job_shard == shard and index in job_stats:
+            stats.setdefault(job.name, ErrorStats()).merge(job_stats.pop(index))
+    names = {e.name for s in plan.shards if s.name == shard for e in s.entries}
+    return {name: stats[name].to_json() for name in sorted(names & stats.keys())}
+
+
 def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, options: RunOptions,
              progress: Progress, names: list[str]) -> tuple[dict[str, dict], dict[str, dict], list[str]]:
     """Write the shards `names` into the staging folder: ({shard: sha256 and bytes}, {tensor: error
@@ -373,12 +384,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
             progress(nbytes)
 
         def on_shard_done(shard: str) -> None:
-            # Merge in job order, never completion order, so float sums (and the report) are deterministic.
-            for index, (job_shard, job) in enumerate(jobs):
-                if job_shard == shard and index in job_stats:
-                    stats.setdefault(job.name, ErrorStats()).merge(job_stats.pop(index))
-            names = {e.name for s in plan.shards if s.name == shard for e in s.entries}
-            shard_stats = {name: stats[name].to_json() for name in sorted(names & stats.keys())}
+            shard_stats = _merge_shard_stats(plan, jobs, job_stats, stats, shard)
             pending.append(finishers[shard].submit(finish_shard, shard, shard_stats))
             finishers[shard].shutdown(wait=False)  # its thread ends once the shard is journaled
 
