@@ -685,3 +685,49 @@ def test_readme_describes_the_fp8_without_scale_refusal(tmp_path):
           codes.tobytes())
     (src / "config.json").write_text(json.dumps({"model_type": "llama"}))
     one_line_error(run_cli("quantize", src, "-o", tmp_path / "out", "-q", expect=None), 3, "model.layers.0.mlp.proj.weight")
+
+
+# ---- the linear-time matcher means what re means --------------------------------------------------------
+
+@pytest.mark.unit
+def test_safe_regex_agrees_with_re_on_random_patterns():
+    """Python's re is the oracle: 400 random patterns (groups, alternation, classes, greedy and lazy repeats,
+    anchors, inline flags) x 30 random names x match / fullmatch / search."""
+    import random
+    import re
+
+    from fp8conv.io.safe_regex import PatternError, compile_pattern
+
+    rng = random.Random(7)
+    atoms = ["a", "b", ".", "\\.", "[ab]", "[^a]", "\\d", "\\w", "\\s", "x", "(a|b)", "(?:ab|a)", "[a-c]", "\\D",
+             "(?i:A)", "$", "^", "\\Z", "\\A"]
+    quantifiers = ["", "*", "+", "?", "*?", "+?", "{2}", "{1,3}", "{0,2}?"]
+
+    def pattern(depth=0):
+        out = ""
+        for _ in range(rng.randint(1, 4)):
+            if depth < 2 and rng.random() < 0.2:
+                inner = pattern(depth + 1) + ("|" + pattern(depth + 1) if rng.random() < 0.4 else "")
+                atom = "(" + ("?:" if rng.random() < 0.5 else "") + inner + ")"
+            else:
+                atom = rng.choice(atoms)
+            out += atom + (rng.choice(quantifiers) if atom not in ("$", "^", "\\Z", "\\A") else "")
+        return out
+
+    checked = 0
+    for _ in range(400):
+        text = pattern()
+        try:
+            oracle = re.compile(text)
+        except re.error:
+            continue
+        try:
+            ours = compile_pattern(text)
+        except PatternError:
+            continue
+        checked += 1
+        for _ in range(30):
+            name = "".join(rng.choice("ab.x1 \nAB_") for _ in range(rng.randint(0, 7)))
+            for mode in ("match", "fullmatch", "search"):
+                assert (getattr(oracle, mode)(name) is not None) == getattr(ours, mode)(name), (text, name, mode)
+    assert checked > 300
