@@ -18,7 +18,7 @@ import stfile
 from fp8conv.accel import native
 from fp8conv.io import hashing, outdir
 from fp8conv.run import cpus, jobs, pipeline
-from fp8conv.run.jobs import CopyJob, Job, QuantizeJob, Source, WriteJob
+from fp8conv.run.work import CopyJob, Job, QuantizeJob, Source, WriteJob
 from helpers import run_cli
 
 

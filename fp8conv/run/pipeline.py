@@ -22,7 +22,8 @@ from ..formats import SAFETENSORS_DTYPES
 from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
 from .cpus import available_cpus
-from .jobs import Job, close_handles, forget_handles, run_job
+from .jobs import close_handles, forget_handles, run_job
+from .work import Job
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax

@@ -8,7 +8,8 @@ import numpy as np
 
 from ..io.safetensors import TensorInfo
 from ..layouts.read import QuantizedWeight, Readers
-from .jobs import DequantizeJob, Part, Source, close_handles, read_rows
+from .jobs import close_handles, read_rows
+from .work import DequantizeJob, Part, Source
 
 
 def source_of(qw: QuantizedWeight, path_of, matrix: int):

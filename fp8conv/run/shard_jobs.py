@@ -11,7 +11,8 @@ from ..io.safetensors import TensorInfo
 from ..layouts import CODES, GLOBAL_SCALE, SCALE, ZERO_POINT
 from ..plan.decisions import CARRY, COPY, DEQUANTIZE
 from ..plan.records import ConversionPlan, OutShard
-from .jobs import CopyJob, DequantizeJob, Job, QuantizeJob, RowsJob, Source, WriteJob, target_tile_rows
+from .jobs import target_tile_rows
+from .work import CopyJob, DequantizeJob, Job, QuantizeJob, RowsJob, Source, WriteJob
 from .options import RunOptions
 from .reading import source_of
 
