@@ -21,50 +21,25 @@ order 0..7, the rows added in order. Both backends give the same report, bit for
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 
 from ..accel import native
-from ..errors import InputError, SchemeError
 from ..formats import TAG_OF_DTYPE, ElementFormat
-from ..formats.dtypes import bf16
-from ..io.untrusted import printable
 from ..plan.scheme import Scheme
-from . import microscale as ms
-from . import expanded, hqq, observers
+from . import hqq, observers
 from .lanes import LANES, RowSums  # noqa: F401  (LANES re-exported)
 from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
 from .dequantize import WINDOW_ELEMENTS, dequantize_2d, dequantize_rows, round_to_bf16, window as _window  # noqa: F401
 from .nonfinite import NonFiniteError, count_nonfinite, microscale_nonfinite_error, nonfinite_error  # noqa: F401
 from .stats import ErrorStats
+from .quantized import QuantizedTensor, load_float32, stats_of  # noqa: F401  (re-exported)
+from .quantized import wants_compiled
+from .microscale_kernel import quantize_microscale  # noqa: F401  (re-exported)
 
 _COMPILED_SOURCES = ("bfloat16", "float32", "float16")  # dtype names (ml_dtypes is imported where used)
 BACKENDS = native.BACKENDS
-
-
-@dataclass
-class QuantizedTensor:
-    """Codes (the weight's shape, the format's dtype: int4 codes one per int8), the scale grid
-    ([E,] rows, cols; float32 values of the stored scales) and, asymmetric, the zero-point grid
-    (same shape, int8 values)."""
-
-    codes: np.ndarray
-    scales: np.ndarray
-    stats: ErrorStats = field(default_factory=ErrorStats)
-    zero_points: np.ndarray | None = None
-    global_scale: np.float32 | None = None  # NVFP4: the float32 global scale the scales are relative to
-
-
-def load_float32(dst: np.ndarray, src: np.ndarray) -> None:
-    """Copy a bf16/f16/f32 array into a float32 array (bf16 by bit shift: exact and fast)."""
-    if src.dtype == bf16():
-        wide = dst.view(np.uint32)
-        np.copyto(wide, src.view(np.uint16), casting="unsafe")
-        wide <<= 16
-    else:
-        np.copyto(dst, src, casting="unsafe")
 
 
 def _resolved(scheme: Scheme, dtype: np.dtype) -> Scheme:
@@ -123,11 +98,11 @@ def quantize_2d(
     if whole_scale and tensor_scale is None:
         tensor_scale = tensor_scale_of(lambda: [weight], scheme, allow_nonfinite, name)
     observed = None
-    use_compiled = _use_compiled(backend, scheme) and weight.dtype.name in _COMPILED_SOURCES and weight.size > 0
+    use_compiled = wants_compiled(backend, scheme) and weight.dtype.name in _COMPILED_SOURCES and weight.size > 0
     if scheme.observer != "minmax":
         # The observer's candidates are evaluated by the compiled kernels where they run (the same choices
         # as numpy's); the weight is then quantized with its scales (the same codes and statistics).
-        observed = _observe(weight, scheme, allow_nonfinite, name, _use_compiled(backend, scheme))
+        observed = _observe(weight, scheme, allow_nonfinite, name, wants_compiled(backend, scheme))
         if use_compiled:
             fast = _quantize_compiled(weight, scheme, None, (observed.scale, observed.zero), name=name)
             if fast is not None:
@@ -200,107 +175,12 @@ def _quantize_numpy(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32
     return QuantizedTensor(codes, scales, stats, zero_points)
 
 
-def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None, name: str = "tensor",
-                        backend: str = "auto") -> QuantizedTensor:
-    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
-    nibble; e4m3 one per element),
-    `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
-    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
-    NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
-    use_compiled = _use_compiled(backend, scheme)
-    micro = ms.MICROSCALE[scheme.microscale]
-    rows, cols = weight.shape
-    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
-    if not np.isfinite(amax).all():
-        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
-    if micro.global_scale:
-        if global_scale is None:
-            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
-        scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
-    else:
-        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
-    observed = None
-    if scheme.observer != "minmax":
-        # Only the group scale codes change; the elements are then encoded as with min-max codes.
-        search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
-        observed = search(ms.load_float32(weight), micro, scale_codes, global_scale,
-                          use_compiled=ms._use_compiled(weight, use_compiled))
-        scale_codes = observed.codes
-    if micro.global_scale:
-        divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
-        packed = ms._encode_elements(weight, micro.group, divisor, True, micro.codec.short_name, use_compiled)
-    else:
-        divisor = ms.e8m0_decode(scale_codes)
-        packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
-                                     micro.codec.short_name, use_compiled)
-    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned about
-        stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
-    if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
-        # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
-        raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
-                         "times its scale decodes to Inf); keep it in high precision with --ignore")
-    if observed is not None:
-        stats.observed_sum_sq_err = float(observed.error.sum())
-        stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
-    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
-
-
-def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
-                      use_compiled: bool | None) -> ErrorStats:
-    """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
-    order of the other schemes' (lanes.RowSums); the compiled kernel reproduces them bit for bit."""
-    rows, cols = weight.shape
-    group = scheme.group_size
-    packed = scheme.fmt.bits == 4
-    if ms._use_compiled(weight, use_compiled):
-        with np.errstate(invalid="ignore"):
-            table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
-        return stats_of(rows * cols, native.micro_stats(weight, group, codes, packed, table, divisor, scheme.fmt.qmax))
-    stats = ErrorStats(elements=rows * cols)
-    step = max(1, WINDOW_ELEMENTS // max(cols, 1))
-    for r0 in range(0, rows, step):
-        h = min(step, rows - r0)
-        orig = np.empty((h, cols), np.float32)
-        load_float32(orig, weight[r0 : r0 + h])
-        if packed:
-            work = ms.unpack_e2m1_values(codes[r0 : r0 + h])
-        else:
-            work = np.empty((h, cols), np.float32)
-            scheme.fmt.decode(codes[r0 : r0 + h], work)
-        stats.saturated += int(np.count_nonzero(np.abs(work) >= scheme.fmt.qmax32))
-        work.reshape(h, cols // group, group)[...] *= divisor[r0 : r0 + h, :, None]
-        stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
-        np.subtract(orig, work, out=work)
-        stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
-        sums_ref, sums_err = RowSums(h), RowSums(h)
-        sums_ref.add(orig, 0)
-        sums_err.add(work, 0)
-        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
-        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
-    return stats
-
-
-def _use_compiled(backend: str, scheme: Scheme) -> bool:
-    """Whether the compiled kernels run the scheme: every built-in one; a codec registered without the
-    facts they need (native.supports) runs on numpy, or is refused when `native` is asked for."""
-    try:
-        wanted = native.use_native(backend)
-    except native.BackendError as exc:
-        raise SchemeError(str(exc)) from None
-    if wanted and not native.supports(scheme.fmt):
-        if backend == "native":
-            raise SchemeError(f"the native backend does not run {scheme.fmt.name} (no mantissa width for its rounding)")
-        return False
-    return wanted
-
-
 def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> bool:
     """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
     that `quantize_rows_into` can take a chunk's rows piece by piece."""
     scheme = _resolved(scheme, dtype)
     return (not scheme.microscale and scheme.observer == "minmax" and np.dtype(dtype).name in _COMPILED_SOURCES
-            and _use_compiled(backend, scheme))
+            and wants_compiled(backend, scheme))
 
 
 def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
@@ -314,11 +194,6 @@ def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     if weight.size == 0:
         return None
     return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats, name)
-
-
-def stats_of(elements: int, stats: np.ndarray) -> ErrorStats:
-    """ErrorStats of a chunk from the compiled kernel's carried sums."""
-    return ErrorStats(elements, float(stats[0]), float(stats[1]), float(stats[2]), int(stats[3]), int(stats[4]))
 
 
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,

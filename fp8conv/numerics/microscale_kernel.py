@@ -1,0 +1,98 @@
+"""NVFP4 / MXFP4 / MXFP8 quantization of a 2-D weight (group scale codes, then the elements), with its error
+statistics; the primitives are in numerics/microscale.py."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..accel import native
+from ..errors import InputError
+from ..io.untrusted import printable
+from ..plan.scheme import Scheme
+from . import microscale as ms
+from . import expanded, observers
+from .dequantize import WINDOW_ELEMENTS
+from .lanes import RowSums
+from .nonfinite import count_nonfinite, microscale_nonfinite_error
+from .quantized import QuantizedTensor, load_float32, stats_of, wants_compiled
+from .stats import ErrorStats
+
+
+def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None, name: str = "tensor",
+                        backend: str = "auto") -> QuantizedTensor:
+    """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
+    nibble; e4m3 one per element),
+    `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
+    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
+    NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
+    use_compiled = wants_compiled(backend, scheme)
+    micro = ms.MICROSCALE[scheme.microscale]
+    rows, cols = weight.shape
+    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
+    if not np.isfinite(amax).all():
+        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
+    if micro.global_scale:
+        if global_scale is None:
+            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+        scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
+    else:
+        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+    observed = None
+    if scheme.observer != "minmax":
+        # Only the group scale codes change; the elements are then encoded as with min-max codes.
+        search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
+        observed = search(ms.load_float32(weight), micro, scale_codes, global_scale,
+                          use_compiled=ms._use_compiled(weight, use_compiled))
+        scale_codes = observed.codes
+    if micro.global_scale:
+        divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
+        packed = ms._encode_elements(weight, micro.group, divisor, True, micro.codec.short_name, use_compiled)
+    else:
+        divisor = ms.e8m0_decode(scale_codes)
+        packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
+                                     micro.codec.short_name, use_compiled)
+    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned about
+        stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+    if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
+        # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
+        raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
+                         "times its scale decodes to Inf); keep it in high precision with --ignore")
+    if observed is not None:
+        stats.observed_sum_sq_err = float(observed.error.sum())
+        stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
+    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
+                      use_compiled: bool | None) -> ErrorStats:
+    """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
+    order of the other schemes' (lanes.RowSums); the compiled kernel reproduces them bit for bit."""
+    rows, cols = weight.shape
+    group = scheme.group_size
+    packed = scheme.fmt.bits == 4
+    if ms._use_compiled(weight, use_compiled):
+        with np.errstate(invalid="ignore"):
+            table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
+        return stats_of(rows * cols, native.micro_stats(weight, group, codes, packed, table, divisor, scheme.fmt.qmax))
+    stats = ErrorStats(elements=rows * cols)
+    step = max(1, WINDOW_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        h = min(step, rows - r0)
+        orig = np.empty((h, cols), np.float32)
+        load_float32(orig, weight[r0 : r0 + h])
+        if packed:
+            work = ms.unpack_e2m1_values(codes[r0 : r0 + h])
+        else:
+            work = np.empty((h, cols), np.float32)
+            scheme.fmt.decode(codes[r0 : r0 + h], work)
+        stats.saturated += int(np.count_nonzero(np.abs(work) >= scheme.fmt.qmax32))
+        work.reshape(h, cols // group, group)[...] *= divisor[r0 : r0 + h, :, None]
+        stats.flushed_to_zero += int(np.count_nonzero((work == 0) & (orig != 0)))
+        np.subtract(orig, work, out=work)
+        stats.max_abs_err = max(stats.max_abs_err, float(np.abs(work).max(initial=0)))
+        sums_ref, sums_err = RowSums(h), RowSums(h)
+        sums_ref.add(orig, 0)
+        sums_err.add(work, 0)
+        stats.sum_sq_ref = sums_ref.fold_into(stats.sum_sq_ref, h)
+        stats.sum_sq_err = sums_err.fold_into(stats.sum_sq_err, h)
+    return stats
