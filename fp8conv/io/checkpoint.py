@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Mapping
 from pathlib import Path
 
-from .sidefiles import OTHER_WEIGHTS, other_weights, subfolder_files
+from .sidefiles import OTHER_WEIGHTS, check_readable, other_weights, subfolder_files
 from ..errors import InputError
 from .safetensors import Header, TensorInfo, read_header
 from ..report.findings import cut
@@ -155,14 +155,6 @@ def _is_file(path: Path) -> bool:
     return mode is not None and stat.S_ISREG(mode)
 
 
-def _check_readable(path: Path) -> None:
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise InputError(f"{printable(str(path))}: cannot read ({exc.strerror or exc})") from None
-
-
 def open_checkpoint(path: Path) -> Checkpoint:
     """Open a .safetensors file, a folder with an index, or a folder of shards; validate every
     header, and check up front that every other file of the folder can be read."""
@@ -202,7 +194,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
         elif other_weights(entry.name):
             checkpoint.skipped.append((entry, OTHER_WEIGHTS))
         else:
-            _check_readable(entry)
+            check_readable(entry)
             checkpoint.extra_files.append(entry)
     carried, skipped = subfolder_files(path)
     checkpoint.extra_files += carried

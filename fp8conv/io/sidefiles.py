@@ -51,7 +51,7 @@ def subfolder_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
                 if other_weights(name) and not name.endswith(".safetensors.index.json"):
                     skipped.append((path, OTHER_WEIGHTS))
                 elif path.is_file():
-                    _check_readable(path)
+                    check_readable(path)
                     carried.append(path)
     return carried, skipped
 
@@ -67,7 +67,8 @@ def _unreadable(exc: OSError) -> None:
     raise InputError(f"{printable(str(exc.filename))}: cannot read the folder ({exc.strerror or exc})")
 
 
-def _check_readable(path: Path) -> None:
+def check_readable(path: Path) -> None:
+    """Refuse a file this process cannot open for reading, naming it."""
     try:
         with open(path, "rb"):
             pass

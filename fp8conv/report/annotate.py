@@ -3,16 +3,16 @@ the HTML report) and the model card re-rendered to quote the manifest that now l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from . import html_page as html_report
 from .card import CARD_NAME, write_card
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from ..evaluate.quality import EVAL_NAME
 from ..io.checkpoint import MANIFEST_NAME, REPORT_HTML_NAME, REPORT_NAME
 from ..io.safetensors import sha256_of
 from ..io.untrusted import load_json_file
+from ..io.atomic import write_atomic
 
 
 def record_eval(out: Path, data: dict) -> list[Path]:
@@ -39,11 +39,4 @@ def record_eval(out: Path, data: dict) -> list[Path]:
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.parent / f".{path.name}.part"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-    return path
+    return write_atomic(path, text)

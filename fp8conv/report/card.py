@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,6 +19,7 @@ from ..layouts.base import Layout
 from ..io.checkpoint import CARD_NAME, CONFIG_NAME, MANIFEST_NAME, REPORT_NAME
 from ..errors import InputError, OutputError
 from ..io.untrusted import load_json_file
+from ..io.atomic import write_atomic
 
 ORIGINAL_MARKER = "<!-- fp8conv: the source model's card follows, unchanged -->"
 DIGEST_KEY = "fp8conv_manifest_sha256"
@@ -238,15 +238,7 @@ def write_card(out: Path, source: Path | None, command: str, base_model: str | N
         kept = (Path(source) / CARD_NAME).read_text(encoding="utf-8", errors="replace")
     base = base_model or old_keys.get("base_model") or (Path(source).resolve().name if source else "the source model")
     text = render_card(out, kept, command or str(old_keys.get("fp8conv_command", "unknown")), str(base), old_keys)
-    target = out / CARD_NAME
-    tmp = out / f".{CARD_NAME}.part"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return target
+    return write_atomic(out / CARD_NAME, text)
 
 
 def keep_source_card(out: Path, source: Path) -> Path | None:
@@ -254,14 +246,11 @@ def keep_source_card(out: Path, source: Path) -> Path | None:
     src = Path(source) / CARD_NAME
     if not Path(source).is_dir() or not src.is_file():
         return None
-    target, tmp = Path(out) / CARD_NAME, Path(out) / f".{CARD_NAME}.part"
     try:
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, target)
+        data = src.read_bytes()
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-    return target
+        raise OutputError(f"cannot write {Path(out) / CARD_NAME}: {exc.strerror or exc}") from None
+    return write_atomic(Path(out) / CARD_NAME, data)
 
 
 def card_digest_matches(out: Path) -> bool | None:

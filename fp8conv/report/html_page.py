@@ -11,12 +11,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
 from ..io.checkpoint import REPORT_HTML_NAME, REPORT_NAME
-from ..errors import InputError, OutputError
+from ..io.atomic import write_atomic
+from ..errors import InputError
 from .text import PATH_WORDS, grouped_findings, human_bytes
 from ..io.untrusted import load_json, printable
 
@@ -151,15 +151,7 @@ def _check_rows(rows: object, file: Path, key: str) -> None:
 
 def write_page(path: Path, page: str) -> None:
     """Write atomically (temp file + rename); raises OutputError."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.part"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp.parent.is_dir():
-            tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+    write_atomic(path, page)
 
 
 def default_page_path(out: Path) -> Path:
