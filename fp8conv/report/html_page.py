@@ -8,17 +8,17 @@ conversion writes is byte-identical across runs and worker counts.
 """
 from __future__ import annotations
 
-import html
 import json
 import math
-import statistics
 from pathlib import Path
 
 from ..io.checkpoint import REPORT_HTML_NAME, REPORT_NAME
 from ..io.atomic import write_atomic
-from .text import PATH_WORDS, grouped_findings, human_bytes
-from ..io.untrusted import printable
+from .text import grouped_findings, human_bytes
 from .report_file import METRICS, has_report, load_report  # noqa: F401  (has_report, load_report: API)
+from .html_parts import (as_number, cell_text, esc, fmt, fmt_bytes, html_document, html_section,
+                         html_table, svg_open)
+from .sqnr_chart import sqnr_section
 
 WORST_SHOWN = 20
 HOTSPOTS_SHOWN = 10
@@ -30,41 +30,6 @@ HEAT_METRIC = "rel_rms_error"
 PALETTE = ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725")
 CATEGORICAL = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
 TEXT_FIELDS = ("shape", "path", "scheme")
-
-CSS = """
-:root{color-scheme:light dark;--bg:#fff;--fg:#1c1d21;--muted:#5f6368;--line:#d5d8dd;--card:#f4f5f7;--bad:#b3261e;--good:#1e7d34;--accent:#2f5bd3}
-@media (prefers-color-scheme:dark){:root{--bg:#15161a;--fg:#e6e8eb;--muted:#9aa0a6;--line:#3a3d42;--card:#1f2126;--bad:#f2b8b5;--good:#8fd19e;--accent:#9db8ff}}
-*{box-sizing:border-box}
-body{margin:0 auto;max-width:1120px;padding:24px;background:var(--bg);color:var(--fg);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;padding-bottom:4px;border-bottom:1px solid var(--line)}
-p.sub,.muted{color:var(--muted)}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:16px 0}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:150px}
-.card b{display:block;font-size:20px;font-variant-numeric:tabular-nums}.card span{color:var(--muted);font-size:12px}
-table{border-collapse:collapse;margin:6px 0 10px;font-size:13px}
-th,td{border-bottom:1px solid var(--line);padding:3px 10px;text-align:left;vertical-align:top}
-th{font-weight:600;color:var(--muted)}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.name,td.names{word-break:break-all;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
-td.names{color:var(--muted)}
-.pass{color:var(--good);font-weight:600}.fail{color:var(--bad);font-weight:600}.warn{color:var(--muted)}
-svg{max-width:100%;height:auto;display:block}
-svg text{fill:var(--fg);font:11px system-ui,sans-serif}
-svg .axis{stroke:var(--muted);stroke-width:1}
-svg .bar{fill:var(--accent)}
-svg text.in{font-size:10px}
-ul{margin:4px 0;padding-left:20px}
-footer{margin-top:32px;color:var(--muted);font-size:12px}
-@media print{:root{--bg:#fff;--fg:#000;--muted:#444;--line:#bbb;--card:#fff;--accent:#2f5bd3}
-body{max-width:none;padding:0;font-size:11px}section{break-inside:avoid}h2{break-after:avoid}
-.card{border-color:#999}svg,svg *{print-color-adjust:exact;-webkit-print-color-adjust:exact}}
-"""
-
-
-def esc(value: object) -> str:
-    """Untrusted text (tensor names, messages) made inert: control characters escaped, then HTML."""
-    return html.escape(printable(str(value)), quote=True)
-
 
 # ---- writing ------------------------------------------------------------------------------------
 
@@ -81,79 +46,21 @@ def default_page_path(out: Path) -> Path:
 # ---- formatting ----------------------------------------------------------------------------------
 
 
-def fmt(key: str, value: object) -> str:
-    """How a per-tensor value is written on the page (the tests parse these back)."""
-    style = METRICS.get(key, (None, "g4"))[1]
-    if value is None:
-        return "exact" if style == "db" else "–"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return esc(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if style == "pct4":
-        return f"{value:.4%}"
-    if style == "pct2":
-        return f"{value:.2%}"
-    if style == "db":
-        return f"{value:.2f}"
-    if style == "int" or isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.4g}"
-
-
-def fmt_bytes(n: int) -> str:
-    """Exact bytes with separators, then a human size."""
-    return f'{n:,} <span class="muted">({human_bytes(n)})</span>'
-
-
-def _svg_open(cls: str, width: float, height: float, label: str) -> str:
-    return (f'<svg class="{cls}" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="{label}">')
-
-
-def _text(value: object) -> str:
-    if isinstance(value, list):
-        return esc("x".join(str(v) for v in value)) or "scalar"
-    return esc(PATH_WORDS.get(value, value)) if isinstance(value, str) else fmt("", value)
-
-
-def _table(headers: list[str], rows: list[list[str]], classes: list[str], attrs: list[str] | None = None) -> str:
-    head = "".join(f"<th>{h}</th>" for h in headers)
-    body = []
-    for i, row in enumerate(rows):
-        cells = "".join(f'<td class="{c}">{v}</td>' if c else f"<td>{v}</td>" for v, c in zip(row, classes))
-        body.append(f"<tr{attrs[i] if attrs else ''}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{title}</h2>{body}</section>'
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        return float(value)
-    except OverflowError:  # an int such as 10**400 from a hand-edited report.json
-        return math.inf if value > 0 else -math.inf
-
-
 # ---- sections -----------------------------------------------------------------------------------
 
 
 def _scheme_section(scheme: object, schemes: object = None) -> str:
     if not isinstance(scheme, dict) or not scheme:
         return ""
-    rows = [[esc(k), _text(v) if v is not None else "–"] for k, v in scheme.items()]
-    body = _table(["setting", "value"], rows, ["", "name"])
+    rows = [[esc(k), cell_text(v) if v is not None else "–"] for k, v in scheme.items()]
+    body = html_table(["setting", "value"], rows, ["", "name"])
     listed = [s for s in schemes if isinstance(s, dict)] if isinstance(schemes, list) else []
     if listed:
         # Every scheme in the output, the --scheme overrides included: what someone signs off from.
-        body = _table(["scheme", "tensors", "bytes (codes + scales)"],
-                      [[_text(s.get("describe")), fmt("", s.get("tensors")), fmt_bytes(s["bytes"]) if isinstance(s.get("bytes"), int) else "–"] for s in listed],
+        body = html_table(["scheme", "tensors", "bytes (codes + scales)"],
+                      [[cell_text(s.get("describe")), fmt("", s.get("tensors")), fmt_bytes(s["bytes"]) if isinstance(s.get("bytes"), int) else "–"] for s in listed],
                       ["name", "num", "num"], [f' data-scheme="{esc(s.get("describe"))}"' for s in listed]) + body
-    return _section("scheme", "Schemes" if len(listed) > 1 else "Scheme", body)
+    return html_section("scheme", "Schemes" if len(listed) > 1 else "Scheme", body)
 
 
 def _cards(items: list[tuple[str, str, str]]) -> str:
@@ -170,13 +77,13 @@ def _summary_cards(report: dict, rows: list[dict]) -> str:
     for key, label, spec in (("compression_ratio", "compression ratio (x smaller)", ".3f"),
                              ("bits_per_weight", "bits per quantized weight, scales included", ".3f"),
                              ("bits_per_parameter", "bits per parameter, whole model", ".3f")):
-        value = _number(report.get(key))
+        value = as_number(report.get(key))
         if value is not None:
             items.append((key, format(value, spec), label))
     quantized, total = report.get("tensors_quantized", len(rows)), report.get("tensors_total")
     if isinstance(quantized, int) and isinstance(total, int):
         items.append(("tensors_quantized", f"{quantized:,} / {total:,}", "tensors quantized / total"))
-    worst = max((r for r in rows if _number(r.get(HEAT_METRIC)) is not None), key=lambda r: r[HEAT_METRIC], default=None)
+    worst = max((r for r in rows if as_number(r.get(HEAT_METRIC)) is not None), key=lambda r: r[HEAT_METRIC], default=None)
     if worst is not None:
         items.append(("worst_rel_rms_error", fmt(HEAT_METRIC, worst[HEAT_METRIC]), "worst relative RMS error"))
     return _cards(items) if items else ""
@@ -193,7 +100,7 @@ def _sizes_section(report: dict) -> str:
     if isinstance(total_before, int) and isinstance(total_after, int):
         rows.append(["<b>total</b>", fmt_bytes(total_before), fmt_bytes(total_after)])
         attrs.append(' data-dtype="total"')
-    lines = [_table(["dtype", "before (bytes)", "after (bytes)"], rows, ["", "num", "num"], attrs),
+    lines = [html_table(["dtype", "before (bytes)", "after (bytes)"], rows, ["", "num", "num"], attrs),
              _size_bars(dtypes, before, after)]
     facts = []
     for key, label in (("parameters_total", "parameters"), ("parameters_quantized", "parameters stored quantized"),
@@ -202,14 +109,14 @@ def _sizes_section(report: dict) -> str:
             facts.append(f'<li data-key="{key}">{label}: <b>{report[key]:,}</b></li>')
     if facts:
         lines.append(f"<ul>{''.join(facts)}</ul>")
-    return _section("sizes", "Sizes", "".join(lines))
+    return html_section("sizes", "Sizes", "".join(lines))
 
 
 def _size_bars(dtypes: list[str], before: dict, after: dict) -> str:
     """Two stacked horizontal bars (before, after), one colour per dtype."""
     total = max(sum(int(v) for v in before.values()), sum(int(v) for v in after.values()), 1)
     width, left, bar_h = 640, 60, 22
-    parts = [_svg_open("sizes", width + 20, 2 * (bar_h + 10) + 34, "bytes per dtype before and after")]
+    parts = [svg_open("sizes", width + 20, 2 * (bar_h + 10) + 34, "bytes per dtype before and after")]
     for i, (label, sizes) in enumerate((("before", before), ("after", after))):
         y = 4 + i * (bar_h + 10)
         parts.append(f'<text x="0" y="{y + 15}">{label}</text>')
@@ -264,7 +171,7 @@ def _color(t: float) -> str:
 def _heatmap_section(rows: list[dict]) -> str:
     cells: dict[tuple, dict] = {}
     for row in rows:
-        value = _number(row.get(HEAT_METRIC))
+        value = as_number(row.get(HEAT_METRIC))
         if value is None:
             continue
         key, module, member = heat_cell(row["name"])
@@ -285,7 +192,7 @@ def _heatmap_section(rows: list[dict]) -> str:
     left = 12 + 7 * max(len(labels[k]) for k in row_keys)
     top = 16 + min(180, int(5.2 * max(len(m) for m in modules)))
     width, height = left + cw * len(modules) + 150, top + max(ch * len(row_keys), 130) + 10
-    out = [_svg_open("heatmap", width, height, "relative RMS error by layer and module")]
+    out = [svg_open("heatmap", width, height, "relative RMS error by layer and module")]
     for j, module in enumerate(modules):
         x = left + cw * j + cw / 2
         out.append(f'<text transform="translate({x:.0f},{top - 6}) rotate(-40)">{esc(module)}</text>')
@@ -313,7 +220,7 @@ def _heatmap_section(rows: list[dict]) -> str:
     note = (f'<p class="muted">Relative RMS error in percent, worst tensor of each cell; colour on a log scale '
             f"from {fmt(HEAT_METRIC, lo)} to {fmt(HEAT_METRIC, hi)}. Rows: layers; columns: modules; "
             "numbered members (experts) are aggregated into one cell (<code>*</code>).</p>")
-    return _section("heatmap", "Error by layer and module", note + "".join(out) + _aggregates(cells, labels))
+    return html_section("heatmap", "Error by layer and module", note + "".join(out) + _aggregates(cells, labels))
 
 
 def _legend(x: int, y: int, lo: float, hi: float) -> str:
@@ -333,61 +240,14 @@ def _aggregates(cells: dict, labels: dict) -> str:
             for v, k, m, c in merged[:AGGREGATES_SHOWN]]
     more = f'<p class="muted">{len(merged) - AGGREGATES_SHOWN:,} more aggregated cells in the heatmap.</p>' if len(merged) > AGGREGATES_SHOWN else ""
     return ("<h3>Aggregated cells, worst member named</h3>"
-            + _table(["layer", "module", "members", "worst member", "rel. RMS error"], rows, ["", "name", "num", "name", "num"]) + more)
-
-
-def _nice_step(span: float, bins: int) -> float:
-    raw = max(span / bins, 1e-9)
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-
-
-def _sqnr_section(rows: list[dict]) -> str:
-    if not any("sqnr_db" in r for r in rows):
-        return ""
-    values = sorted(v for r in rows if (v := _number(r.get("sqnr_db"))) is not None and math.isfinite(v))
-    exact = sum(1 for r in rows if "sqnr_db" in r and r["sqnr_db"] is None)
-    note = f'<p class="muted" data-key="sqnr_exact">{exact:,} tensor(s) reproduced exactly (no SQNR).</p>' if exact else ""
-    if not values:
-        return _section("sqnr", "SQNR distribution", note or "<p>No SQNR values.</p>")
-    step = _nice_step(values[-1] - values[0], min(24, max(5, round(2 * math.sqrt(len(values))))))
-    start = math.floor(values[0] / step) * step
-    n = max(1, math.floor((values[-1] - start) / step) + 1)
-    counts = [0] * n
-    for v in values:
-        counts[min(n - 1, math.floor((v - start) / step))] += 1
-    width, height, left, bottom = 680, 220, 40, 36
-    bw = (width - left - 10) / n
-    peak = max(counts)
-    out = [_svg_open("sqnr", width, height, "histogram of per-tensor SQNR"),
-           f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - 10}" y2="{height - bottom}"/>']
-    decimals = max(0, -math.floor(math.log10(step)))
-    label_every = max(1, math.ceil(n / 12))
-    for i, count in enumerate(counts):
-        x = left + i * bw
-        h = (height - bottom - 20) * count / peak
-        edge = start + i * step
-        out.append(f'<rect class="bar" data-lo="{edge:.{decimals}f}" data-count="{count}" x="{x + 1:.1f}" '
-                   f'y="{height - bottom - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}">'
-                   f"<title>{edge:.{decimals}f} to {edge + step:.{decimals}f} dB: {count}</title></rect>")
-        if count:
-            out.append(f'<text x="{x + bw / 2:.1f}" y="{height - bottom - h - 3:.1f}" text-anchor="middle">{count}</text>')
-        if i % label_every == 0:
-            out.append(f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{edge:.{decimals}f}</text>')
-    out.append(f'<text x="{(width + left) / 2:.0f}" y="{height - 4}" text-anchor="middle">'
-               f"SQNR (dB), {len(values):,} tensors, bins of {step:g} dB</text>")
-    out.append("</svg>")
-    facts = (f'<p>median <b data-key="sqnr_median">{fmt("sqnr_db", statistics.median(values))}</b> dB, lowest '
-             f'<b data-key="sqnr_min">{fmt("sqnr_db", values[0])}</b> dB, '
-             f'highest <b data-key="sqnr_max">{fmt("sqnr_db", values[-1])}</b> dB.</p>')
-    return _section("sqnr", "SQNR distribution", facts + note + "".join(out))
+            + html_table(["layer", "module", "members", "worst member", "rel. RMS error"], rows, ["", "name", "num", "name", "num"]) + more)
 
 
 def _columns(rows: list[dict]) -> list[str]:
     present: dict[str, None] = {}
     for row in rows:
         for key, value in row.items():
-            if key != "name" and (key in TEXT_FIELDS or key in METRICS or _number(value) is not None or value is None):
+            if key != "name" and (key in TEXT_FIELDS or key in METRICS or as_number(value) is not None or value is None):
                 present.setdefault(key, None)
     known = [k for k in TEXT_FIELDS + tuple(METRICS) if k in present]
     return known + sorted(k for k in present if k not in known)
@@ -397,27 +257,27 @@ def _tensor_table(rows: list[dict], anchor: str) -> str:
     columns = _columns(rows)
     headers = ["tensor"] + [esc(METRICS.get(c, (c.replace("_", " "),))[0]) for c in columns]
     classes = ["name"] + ["" if c in TEXT_FIELDS else "num" for c in columns]
-    body = [[esc(r["name"])] + [_text(r.get(c)) if c in TEXT_FIELDS else fmt(c, r.get(c)) for c in columns] for r in rows]
+    body = [[esc(r["name"])] + [cell_text(r.get(c)) if c in TEXT_FIELDS else fmt(c, r.get(c)) for c in columns] for r in rows]
     attrs = [f' data-name="{esc(r["name"])}"' for r in rows]
     # The column keys ride along so that a machine (the tests) can read the page back.
-    return _table(headers, body, classes, attrs).replace(
+    return html_table(headers, body, classes, attrs).replace(
         "<table>", f'<table class="tensors" data-table="{esc(anchor)}" data-columns="{esc(",".join(columns))}">', 1)
 
 
 def _worst_section(rows: list[dict]) -> str:
     if not rows:
         return ""
-    ranked = sorted(rows, key=lambda r: (-(_number(r.get(HEAT_METRIC)) or 0.0), r["name"]))[:WORST_SHOWN]
+    ranked = sorted(rows, key=lambda r: (-(as_number(r.get(HEAT_METRIC)) or 0.0), r["name"]))[:WORST_SHOWN]
     title = f"Worst {len(ranked)} tensors" + (f" of {len(rows):,}" if len(rows) > len(ranked) else "")
-    return _section("worst", title, _tensor_table(ranked, "worst"))
+    return html_section("worst", title, _tensor_table(ranked, "worst"))
 
 
 def _hotspots_section(rows: list[dict]) -> str:
-    found = {k for r in rows for k in r if k.endswith("_fraction") and _number(r[k]) is not None}
+    found = {k for r in rows for k in r if k.endswith("_fraction") and as_number(r[k]) is not None}
     keys = [k for k in METRICS if k in found] + sorted(found - set(METRICS))
     parts = []
     for key in keys:
-        hot = sorted((r for r in rows if (_number(r.get(key)) or 0) > 0), key=lambda r: (-r[key], r["name"]))
+        hot = sorted((r for r in rows if (as_number(r.get(key)) or 0) > 0), key=lambda r: (-r[key], r["name"]))
         label = METRICS.get(key, (key.replace("_", " "),))[0]
         if not hot:
             parts.append(f'<p data-key="{esc(key)}">{esc(label)}: no values in any tensor.</p>')
@@ -429,11 +289,11 @@ def _hotspots_section(rows: list[dict]) -> str:
                 for r in hot[:HOTSPOTS_SHOWN]]
         attrs = [f' data-name="{esc(r["name"])}"' for r in hot[:HOTSPOTS_SHOWN]]
         parts.append(f"<h3>{esc(label)}: {len(hot):,} tensor(s) affected, highest first</h3>"
-                     + _table(["tensor", esc(label), ""], body, ["name", "num", ""], attrs)
+                     + html_table(["tensor", esc(label), ""], body, ["name", "num", ""], attrs)
                      .replace("<table>", f'<table class="hotspots" data-key="{esc(key)}">', 1))
     if not parts:
         return ""
-    return _section("hotspots", "Saturation and flush-to-zero hot spots",
+    return html_section("hotspots", "Saturation and flush-to-zero hot spots",
                     '<p class="muted">Fraction of each tensor\'s values clipped to the largest code (saturated) or '
                     "rounded to zero although non-zero (flushed).</p>" + "".join(parts))
 
@@ -442,7 +302,7 @@ def _high_precision_section(kept: object) -> str:
     if not isinstance(kept, list):
         return ""
     if not kept:
-        return _section("high-precision", "Tensors kept in high precision", "<p>None.</p>")
+        return html_section("high-precision", "Tensors kept in high precision", "<p>None.</p>")
     by_reason: dict[str, list[str]] = {}
     for row in kept:
         by_reason.setdefault(str(row.get("reason", "")), []).append(row["name"])
@@ -452,31 +312,31 @@ def _high_precision_section(kept: object) -> str:
         if len(names) > NAMES_PER_REASON:
             shown += f" … and {len(names) - NAMES_PER_REASON:,} more (in {REPORT_NAME})"
         rows.append([esc(reason), f"{len(names):,}", shown])
-    return _section("high-precision", f"Tensors kept in high precision ({len(kept):,})",
-                    _table(["reason", "tensors", "names"], rows, ["", "num", "names"]))
+    return html_section("high-precision", f"Tensors kept in high precision ({len(kept):,})",
+                    html_table(["reason", "tensors", "names"], rows, ["", "num", "names"]))
 
 
 def _paths_section(report: dict, rows: list[dict]) -> str:
     by_path = report.get("tensors_by_path")
     if not isinstance(by_path, dict) or not by_path:
         return ""
-    table = _table(["path", "tensors"], [[_text(k), fmt("", v)] for k, v in sorted(by_path.items())], ["", "num"],
+    table = html_table(["path", "tensors"], [[cell_text(k), fmt("", v)] for k, v in sorted(by_path.items())], ["", "num"],
                    [f' data-path="{esc(k)}"' for k, _ in sorted(by_path.items())])
     detail = []
     for path in sorted({r.get("path") for r in rows if isinstance(r.get("path"), str)} - {"quantize"}):
         chosen = sorted((r for r in rows if r.get("path") == path), key=lambda r: r["name"])
         shown = chosen[:PATH_ROWS_SHOWN]
         more = f'<p class="muted">… and {len(chosen) - len(shown):,} more in {REPORT_NAME}.</p>' if len(chosen) > len(shown) else ""
-        detail.append(f"<h3>{_text(path)} ({len(chosen):,})</h3>" + _tensor_table(shown, path) + more)
+        detail.append(f"<h3>{cell_text(path)} ({len(chosen):,})</h3>" + _tensor_table(shown, path) + more)
     intro = ('<p class="muted">For a quantized source: <i>carried over</i> keeps codes and scales byte for byte; '
              "<i>re-quantized</i> dequantizes in float32 and quantizes again.</p>" if detail else "")
-    return _section("paths", "What happened to each tensor", table + intro + "".join(detail))
+    return html_section("paths", "What happened to each tensor", table + intro + "".join(detail))
 
 
 def _warnings_section(warnings: object) -> str:
     if not isinstance(warnings, list) or not warnings:
         return ""
-    return _section("warnings", "Warnings", "<ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
+    return html_section("warnings", "Warnings", "<ul>" + "".join(f"<li>{esc(w)}</li>" for w in warnings) + "</ul>")
 
 
 def _eval_section(evaluation: dict | None) -> str:
@@ -489,32 +349,20 @@ def _eval_section(evaluation: dict | None) -> str:
     overall = evaluation.get("overall")
     labelled = [(str(i + 1), w) for i, w in enumerate(windows)] + ([("all", overall)] if isinstance(overall, dict) else [])
     keys = [k for k in (labelled[0][1] if labelled else {})]
-    table = _table(["window", *[esc(k) for k in keys]], [[label, *[fmt(k, w.get(k)) for k in keys]] for label, w in labelled],
+    table = html_table(["window", *[esc(k) for k in keys]], [[label, *[fmt(k, w.get(k)) for k in keys]] for label, w in labelled],
                    ["name", *["num"] * len(keys)]) if labelled else ""
     head = (f"<p data-eval=\"{verdict.lower()}\"><b>{verdict}</b> · {esc(evaluation.get('engine'))} · "
             f"text {esc(evaluation.get('text'))} · gate {esc(json.dumps(evaluation.get('gate')))}</p>")
-    return _section("eval", "Evaluation (fp8conv eval)", head + (f"<ul>{reasons}</ul>" if reasons else "") + table)
-
-
-def _document(title: str, subtitle: str, body: list[str], origin: str) -> str:
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            # No script, no network: the page is opened on air-gapped machines, and names are untrusted.
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{esc(title)}</title><style>{CSS.strip()}</style></head><body>"
-            f"<header><h1>{esc(title)}</h1><p class=\"sub\">{subtitle}</p></header>"
-            + "".join(b for b in body if b)
-            + f"<footer>Rendered by fp8conv from {origin}; every number above is read from it.</footer>"
-            "</body></html>\n")
+    return html_section("eval", "Evaluation (fp8conv eval)", head + (f"<ul>{reasons}</ul>" if reasons else "") + table)
 
 
 def _scheme_line(scheme: object, schemes: object = None) -> str:
     if not isinstance(scheme, dict):
         return ""
     if isinstance(schemes, list) and len(schemes) > 1:
-        return " · ".join(f"{_text(s.get('describe'))} ({fmt('', s.get('tensors'))} tensors)" for s in schemes
-                          if isinstance(s, dict)) + f" · layout {_text(scheme.get('layout'))}"
-    return " · ".join(f"{esc(k)} {_text(v)}" for k, v in scheme.items() if v is not None)
+        return " · ".join(f"{cell_text(s.get('describe'))} ({fmt('', s.get('tensors'))} tensors)" for s in schemes
+                          if isinstance(s, dict)) + f" · layout {cell_text(scheme.get('layout'))}"
+    return " · ".join(f"{esc(k)} {cell_text(v)}" for k, v in scheme.items() if v is not None)
 
 
 # ---- pages --------------------------------------------------------------------------------------
@@ -523,7 +371,7 @@ def _scheme_line(scheme: object, schemes: object = None) -> str:
 def render_conversion(report: dict, evaluation: dict | None = None) -> str:
     """The page of a conversion, from its report dict (fp8conv.report.json) and eval result (fp8conv.eval.json)."""
     rows = [r for r in report.get("tensors", []) if isinstance(r, dict)]
-    return _document("fp8conv conversion report", _scheme_line(report.get("scheme"), report.get("schemes")), [
+    return html_document("fp8conv conversion report", _scheme_line(report.get("scheme"), report.get("schemes")), [
         _summary_cards(report, rows),
         _warnings_section(report.get("warnings")),
         _eval_section(evaluation),
@@ -537,7 +385,7 @@ def _report_sections(report: dict, rows: list[dict], with_paths: bool) -> list[s
         _scheme_section(report.get("scheme"), report.get("schemes")),
         _sizes_section(report),
         _heatmap_section(rows),
-        _sqnr_section(rows),
+        sqnr_section(rows),
         _hotspots_section(rows),
         _worst_section(rows),
         _high_precision_section(report.get("high_precision")),
@@ -551,7 +399,7 @@ def render_verification(result: dict, report: dict | None = None) -> str:
     measured = bool(result.get("compared_against_source"))
     rows = result.get("tensors", []) if measured else [r for r in report.get("tensors", []) if isinstance(r, dict)]
     status = '<span class="pass">passed</span>' if result.get("passed") else '<span class="fail">FAILED</span>'
-    checks = _table(["check", "result"], [[esc(c), f'<span class="{esc(s)}">{esc(s)}</span>'] for c, s in result.get("checks", {}).items()],
+    checks = html_table(["check", "result"], [[esc(c), f'<span class="{esc(s)}">{esc(s)}</span>'] for c, s in result.get("checks", {}).items()],
                     ["", ""], [f' data-check="{esc(c)}"' for c in result.get("checks", {})])
     listed = [f for f in result.get("findings", []) if isinstance(f, dict)]
     findings = "".join(f'<li class="{"fail" if fatal else "warn"}">{esc(check)}: {esc(text)}</li>'
@@ -560,10 +408,10 @@ def render_verification(result: dict, report: dict | None = None) -> str:
               if measured else
               "Numerics were not compared with the source (pass --against SRC); errors below are the ones recorded at conversion."
               if rows else "Numerics were not compared with the source (pass --against SRC).")
-    verdict = _section("checks", f"Verification: {status}", checks + (f"<ul>{findings}</ul>" if findings else "")
+    verdict = html_section("checks", f"Verification: {status}", checks + (f"<ul>{findings}</ul>" if findings else "")
                        + f'<p class="muted">{source}</p>')
     subtitle = f"{esc(result.get('path', ''))} · layout {esc(result.get('layout', ''))}"
-    return _document("fp8conv verification report", subtitle, [
+    return html_document("fp8conv verification report", subtitle, [
         verdict,
         _summary_cards(report, rows) if report else "",
         *_report_sections(report, rows, with_paths=not measured),
