@@ -18,8 +18,9 @@ import shutil
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 from ..errors import OutputError
 from ..numerics.stats import ErrorStats
@@ -128,6 +129,20 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
+
+
+@contextmanager
+def undone_on_failure(undo: Callable[[], None], message: Callable[[OSError], str]) -> Iterator[None]:
+    """Run the body; if it fails, `undo()` first, then an OSError becomes one OutputError line (`message(exc)`)
+    and anything else (a signal's exception, a bug) is raised as it was."""
+    try:
+        yield
+    except OSError as exc:
+        undo()
+        raise OutputError(message(exc)) from None
+    except BaseException:
+        undo()
+        raise
 
 
 def _show(path: Path) -> str:
@@ -290,7 +305,7 @@ class Staging:
             self._acquire()
         except OSError as exc:
             raise OutputError(f"cannot create {_show(self.out)} ({exc.strerror or exc})") from None
-        try:
+        with undone_on_failure(self.release, lambda exc: f"cannot create {_show(self.tmp)} ({exc.strerror or exc})"):
             self.check()
             if self.resume and self.tmp.is_dir() and not self.tmp.is_symlink() and self._load_journal():
                 self._keep_only_finished()
@@ -299,12 +314,6 @@ class Staging:
                 _remove(self.tmp)
             self.tmp.mkdir()
             self._save_journal()
-        except OSError as exc:
-            self.release()
-            raise OutputError(f"cannot create {_show(self.tmp)} ({exc.strerror or exc})") from None
-        except BaseException:
-            self.release()
-            raise
 
     def _load_journal(self) -> bool:
         path = self.tmp / JOURNAL_NAME

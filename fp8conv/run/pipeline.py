@@ -17,7 +17,7 @@ import numpy as np
 from ..accel import native
 from ..io.checkpoint import Checkpoint
 from ..plan.records import ConversionPlan
-from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, OutputError, SchemeError
+from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SchemeError
 from ..formats import SAFETENSORS_DTYPES
 from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
@@ -27,7 +27,7 @@ from .work import Job
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
-from ..io.outdir import Staging, Writeback
+from ..io.outdir import Staging, Writeback, undone_on_failure
 from .partition import (Partition, PartRecord, assign, check_against_plan, check_digest, collect, parts_dir,
                         read_record)
 from ..plan.decisions import CARRY
@@ -245,19 +245,13 @@ def _staged(staging: Staging, out: Path) -> Iterator[None]:
     """prepare(), the body, commit(); on any failure the staging folder is removed and the error
     becomes one line (a killed process leaves it, journaled, for --resume)."""
     staging.prepare()
-    try:
-        with _signals_raise():
-            yield
-            staging.commit()
-    except KeyboardInterrupt:
-        staging.abort()
-        raise Interrupted("interrupted (SIGINT); partial output removed", EXIT_SIGINT) from None
-    except OSError as exc:
-        staging.abort()
-        raise OutputError(f"cannot write {out}: {_os_reason(exc)}; partial output removed") from None
-    except BaseException:
-        staging.abort()
-        raise
+    with undone_on_failure(staging.abort, lambda exc: f"cannot write {out}: {_os_reason(exc)}; partial output removed"):
+        try:
+            with _signals_raise():
+                yield
+                staging.commit()
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted (SIGINT); partial output removed", EXIT_SIGINT) from None
 
 
 def _os_reason(exc: OSError) -> str:
