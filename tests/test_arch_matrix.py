@@ -188,7 +188,7 @@ def linear_dequant(codes: np.ndarray, scale: np.ndarray, scale_dtype) -> "torch.
     """codes x scale (cast to `scale_dtype`) per tile, rounded to bf16: transformers' compressed-tensors path
     for a Linear uses bf16 scales; for VLMs (weights left in float32, cast to bf16 here) float32 scales."""
     c = torch.from_numpy(codes.view(np.uint8).copy()).view(torch.float8_e4m3fn).to(scale_dtype)
-    s = torch.from_numpy(scale.copy()).to(scale_dtype)
+    s = torch.from_numpy(scale.astype(np.float32)).to(scale_dtype)  # bf16 scales (composite models) widen exactly
     rows, cols = c.shape
     s = s.repeat_interleave(-(-rows // s.shape[0]), 0)[:rows].repeat_interleave(-(-cols // s.shape[1]), 1)[:, :cols]
     return (c * s).to(torch.bfloat16)
