@@ -489,6 +489,23 @@ done:
     return result;
 }
 
+/* Row r's code values through the format's value table: one byte a code, or two 4-bit codes a byte
+   (element 2k in the low nibble), as the packed layouts store them. */
+static inline void decode_row(const uint8_t *cd, const float *table, Py_ssize_t r, Py_ssize_t cols, int packed,
+                              float *vals)
+{
+    if (packed) {
+        const uint8_t *b = cd + r * (cols / 2);
+        for (Py_ssize_t k = 0; k < cols / 2; k++) {
+            vals[2 * k] = table[b[k] & 0xF];
+            vals[2 * k + 1] = table[b[k] >> 4];
+        }
+    } else {
+        const uint8_t *b = cd + r * cols;
+        for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[b[c]];
+    }
+}
+
 /* micro_stats(src, kind, rows, cols, group, codes, packed, values, divisor, qmax, stats)
    values: float32[16] (e2m1) or [256] (e4m3) code values; divisor float32 [rows, cols / group];
    w' = value(code) * divisor; stats as quantize's (added to). */
@@ -527,16 +544,7 @@ CLONES static PyObject *micro_stats(PyObject *self, PyObject *args)
         const Py_ssize_t gsz = group;
         float *vals = w; /* the row's code values, then (reused) its source values */
         for (Py_ssize_t r = 0; r < rows; r++) {
-            if (packed) {
-                const uint8_t *b = cd + r * (cols / 2);
-                for (Py_ssize_t k = 0; k < cols / 2; k++) {
-                    vals[2 * k] = table[b[k] & 0xF];
-                    vals[2 * k + 1] = table[b[k] >> 4];
-                }
-            } else {
-                const uint8_t *b = cd + r * cols;
-                for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[b[c]];
-            }
+            decode_row(cd, table, r, cols, packed, vals);
             load_row(src.buf, kind, cols, r, 0, cols, row);
             for (Py_ssize_t g = 0; g < groups; g++) {
                 const float dv = div[r * groups + g];
@@ -670,16 +678,7 @@ CLONES static PyObject *micro_dequantize(PyObject *self, PyObject *args)
         const Py_ssize_t nr = rows, nc = cols, gsz = group, groups = cols / group;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < nr; r++) {
-            if (packed) {
-                const uint8_t *b = cd + r * (nc / 2);
-                for (Py_ssize_t k = 0; k < nc / 2; k++) {
-                    vals[2 * k] = tab[b[k] & 0xF];
-                    vals[2 * k + 1] = tab[b[k] >> 4];
-                }
-            } else {
-                const uint8_t *b = cd + r * nc;
-                for (Py_ssize_t c = 0; c < nc; c++) vals[c] = tab[b[c]];
-            }
+            decode_row(cd, tab, r, nc, packed, vals);
             for (Py_ssize_t g = 0; g < groups; g++) {
                 const float d = div[r * groups + g];
                 const float *v = vals + g * gsz;
