@@ -19,6 +19,7 @@ from helpers import run_cli
 pytestmark = pytest.mark.slow
 VLLM_PYTHON = os.environ.get("FP8CONV_VLLM_PYTHON", "")
 PROBE = Path(__file__).resolve().parent / "vllm_probe.py"
+RELEASED = "released"  # a parameter vLLM set to None after handing its data to a prepacked kernel
 
 
 def vllm_run(model: Path) -> dict:
@@ -238,17 +239,25 @@ def test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss(tmp_path):
 
 @pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
                     reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
-@pytest.mark.parametrize("label,options,held", [
+@pytest.mark.parametrize("label,options,schemes,held", [
+    # held: (dtype with AMX, dtype without): without AMX tiles vLLM's int8 kernel is oneDNN, which prepacks the
+    # weight into its handler and sets the parameter to None (RELEASED); its int4 kernel without AMX is W4A16 on
+    # int32 GPTQ words, with AMX W4A8 on uint8.
     ("fp8-channel+int8-down", ["--granularity", "channel", "--scheme", "re:.*down_proj=int8:channel"],
-     {"self_attn.qkv_proj.weight": "torch.float8_e4m3fn", "mlp.gate_up_proj.weight": "torch.float8_e4m3fn",
-      "mlp.down_proj.weight": "torch.int8"}),
+     {"self_attn.qkv_proj": "CompressedTensorsW8A8Fp8", "self_attn.o_proj": "CompressedTensorsW8A8Fp8",
+      "mlp.gate_up_proj": "CompressedTensorsW8A8Fp8", "mlp.down_proj": "CompressedTensorsW8A8Int8"},
+     {"self_attn.qkv_proj.weight": ("torch.float8_e4m3fn",) * 2, "mlp.gate_up_proj.weight": ("torch.float8_e4m3fn",) * 2,
+      "mlp.down_proj.weight": ("torch.int8", RELEASED)}),
     ("fp8-channel+w4a16-mlp", ["--granularity", "channel", "--scheme", "*.mlp.*=int4:group:32"],
-     {"self_attn.o_proj.weight": "torch.float8_e4m3fn", "mlp.gate_up_proj.weight_packed": "torch.uint8",
-      "mlp.down_proj.weight_packed": "torch.uint8"}),
+     {"self_attn.qkv_proj": "CompressedTensorsW8A8Fp8", "self_attn.o_proj": "CompressedTensorsW8A8Fp8",
+      "mlp.gate_up_proj": "CompressedTensorsWNA16", "mlp.down_proj": "CompressedTensorsWNA16"},
+     {"self_attn.o_proj.weight": ("torch.float8_e4m3fn",) * 2, "mlp.gate_up_proj.weight_packed": ("torch.uint8", "torch.int32"),
+      "mlp.down_proj.weight_packed": ("torch.uint8", "torch.int32")}),
 ])
-def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, held):
+def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, schemes, held):
     """Several config_groups in one checkpoint (format mixed-precision): vLLM CPU builds each module with the
-    scheme of its group (the dtypes its layers hold after loading) and stays close to the bf16 model."""
+    scheme of its group (the scheme class on each module, and the dtypes its layers hold after loading, which
+    depend on whether the CPU has AMX tiles) and stays close to the bf16 model."""
     out, dump = tmp_path / label, tmp_path / "loaded.npz"
     run_cli("quantize", tiny_llama, "-o", out, *options, "--engine", "vllm")
     proc = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900, cwd=out.parent,
@@ -256,10 +265,14 @@ def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, held
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"vLLM failed on {label}: {proc.stderr[-3000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
-    dtypes = json.loads(str(np.load(dump)["dtypes"]))
+    loaded = np.load(dump)
+    dtypes, built, amx = json.loads(str(loaded["dtypes"])), json.loads(str(loaded["schemes"])), bool(loaded["amx"])
     for layer in range(2):
-        for module, dtype in held.items():
-            assert dtypes[f"model.layers.{layer}.{module}"] == dtype, (layer, module)
+        for module, scheme in schemes.items():
+            assert built[f"model.layers.{layer}.{module}"] == scheme, (layer, module)
+        for name, (with_amx, without_amx) in held.items():
+            expected = with_amx if amx else without_amx
+            assert dtypes.get(f"model.layers.{layer}.{name}", RELEASED) == expected, (layer, name, amx)
     diff = np.abs(np.array(result["prompt_logprobs"]) - source_logprobs(tiny_llama))
     print(f"{label}: mean |vLLM prompt log-prob - transformers bf16| = {diff.mean():.4f}, max {diff.max():.4f}")
     assert len(result["generated"]) == 4 and diff.mean() < 0.1

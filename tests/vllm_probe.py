@@ -18,13 +18,20 @@ PROMPT = [1, 5, 9, 33, 100, 200, 300, 7, 42, 11, 64, 128]
 
 
 def loaded_parameters(model) -> dict:
-    """name -> float32 values, and "dtypes" -> JSON {name: torch dtype} (what the kernel holds)."""
+    """name -> float32 values, "dtypes" -> JSON {name: torch dtype} (what the kernel holds), "schemes" -> JSON
+    {module: compressed-tensors scheme class vLLM built it with}, "amx" -> whether this CPU has AMX tiles (vLLM's
+    CPU kernels repack or release weights differently with and without it)."""
     match = os.environ.get("FP8CONV_VLLM_DUMP_MATCH", "experts")
     import numpy as np
+    import torch
 
     found = {name: p for name, p in model.named_parameters() if match in name}
     values = {name: p.detach().float().cpu().numpy() for name, p in found.items()}
     values["dtypes"] = np.array(json.dumps({name: str(p.dtype) for name, p in found.items()}))
+    schemes = {name: type(m.scheme).__name__ for name, m in model.named_modules()
+               if match in name and getattr(m, "scheme", None) is not None}
+    values["schemes"] = np.array(json.dumps(schemes))
+    values["amx"] = np.array(bool(torch.cpu._is_amx_tile_supported()))
     return values
 
 
