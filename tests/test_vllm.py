@@ -6,6 +6,7 @@ creates; FP8CONV_VLLM_PYTHON names its interpreter.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -20,6 +21,23 @@ pytestmark = pytest.mark.slow
 VLLM_PYTHON = os.environ.get("FP8CONV_VLLM_PYTHON", "")
 PROBE = Path(__file__).resolve().parent / "vllm_probe.py"
 RELEASED = "released"  # a parameter vLLM set to None after handing its data to a prepacked kernel
+
+
+@functools.cache
+def host_has_amx() -> bool:
+    """Whether vLLM's torch sees AMX tiles on this CPU. vLLM 0.32's x86 CPU MoE kernels (CPUExpertsInt8,
+    CPUExpertsFp8, CPUExpertsMxfp4) check it before anything else (_supports_current_device): without AMX it
+    refuses every quantized MoE "since kernel does not support current device cpu", whatever the checkpoint."""
+    out = subprocess.run([VLLM_PYTHON, "-c", "import torch; print(int(torch.cpu._is_amx_tile_supported()))"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    return out.strip() == "1"
+
+
+def needs_amx(what: str) -> None:
+    """Skip a quantized-MoE test on a CPU without AMX (test_vllm_cpu_refuses_quantized_moe_without_amx runs
+    there instead and checks vLLM read the same checkpoint as the same scheme)."""
+    if not host_has_amx():
+        pytest.skip(f"{what}: vLLM 0.32's CPU MoE kernels need AMX tiles, this CPU has none")
 
 
 def vllm_run(model: Path) -> dict:
@@ -119,6 +137,7 @@ def test_vllm_cpu_refuses_w8a16_for_the_same_reason_as_llm_compressors(tiny_llam
 # MoE families load as INT8 W8A8 ("CPU Int8 MoE backend"), not as FP8: the CPU build has no FP8 MoE kernel
 # ("Unsupported FP8 MoE backend: NONE"). Block FP8 needs AMX. Llama: test_vllm_cpu_loads_fp8_and_int8_channel.
 VLLM_FAMILIES = [("qwen3", "fp8_e4m3"), ("gemma3", "fp8_e4m3"), ("qwen3_moe", "int8")]
+MOE_FAMILIES = {"qwen3_moe"}
 
 
 @pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
@@ -133,6 +152,8 @@ def test_vllm_cpu_loads_family(tmp_path, family, fmt):
 
     from helpers import read_json
 
+    if family in MOE_FAMILIES:
+        needs_amx(f"{family} {fmt}")
     torch.manual_seed(0)
     source, out = tmp_path / "bf16", tmp_path / fmt
     FAMILIES[family](source)
@@ -210,13 +231,8 @@ def test_vllm_cpu_loads_gpt_oss_with_every_expert_as_written(tmp_path):
     assert diff.mean() < 0.1
 
 
-@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
-                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
-def test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss(tmp_path):
-    """Why fp8conv keeps gpt-oss experts in bf16, shown: with the experts not ignored, vLLM 0.32's CPU build
-    finds no FP8 MoE kernel for gpt-oss's swigluoai activation (its CPU MoE kernels run SiLU only), whatever
-    the experts hold (INT8: "No Int8 MoE backend supports the deployment configuration", same cause).
-    When a vLLM release gains one, this test fails: revisit the gpt-oss expert rule."""
+def gpt_oss_fp8_experts(tmp_path: Path) -> Path:
+    """gpt-oss converted to FP8 channel, then its experts taken out of the ignore list (quantized experts)."""
     torch = pytest.importorskip("torch")
     from test_arch_matrix import FAMILIES
 
@@ -229,6 +245,18 @@ def test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss(tmp_path):
     config = read_json(out / "config.json")
     config["quantization_config"]["ignore"] = [m for m in config["quantization_config"]["ignore"] if "experts" not in m]
     (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
+def test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss(tmp_path):
+    """Why fp8conv keeps gpt-oss experts in bf16, shown: with the experts not ignored, vLLM 0.32's CPU build
+    finds no FP8 MoE kernel for gpt-oss's swigluoai activation (its CPU MoE kernels run SiLU only), whatever
+    the experts hold (INT8: "No Int8 MoE backend supports the deployment configuration", same cause).
+    When a vLLM release gains one, this test fails: revisit the gpt-oss expert rule."""
+    needs_amx("gpt_oss FP8 experts")
+    out = gpt_oss_fp8_experts(tmp_path)
     result = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900,
                             cwd=out.parent, env={**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG"})
     assert result.returncode != 0, "vLLM CPU ran a quantized gpt-oss MoE: fp8conv could quantize its experts now"
@@ -290,6 +318,7 @@ def test_vllm_cpu_loads_gpt_oss_openai_mxfp4_experts(tmp_path):
 
     from helpers import load_all
 
+    needs_amx("gpt_oss openai-mxfp4 experts")
     torch.manual_seed(0)
     source, out, deq = tmp_path / "bf16", tmp_path / "mxfp4", tmp_path / "deq"
     FAMILIES["gpt_oss"](source)
@@ -332,3 +361,48 @@ def test_vllm_cpu_loads_gpt_oss_openai_mxfp4_experts(tmp_path):
     print(f"gpt_oss openai-mxfp4: mean |vLLM prompt log-prob - transformers on the dequantized model| = "
           f"{diff.mean():.4f}, max {diff.max():.4f}; vs bf16 source {np.abs(logprobs - source_logprobs(source)).mean():.4f}")
     assert diff.mean() < 0.05
+
+
+def moe_checkpoint(tmp_path: Path, case: str) -> Path:
+    """The quantized-MoE checkpoints the AMX-only tests above load, built the same way."""
+    torch = pytest.importorskip("torch")
+    from test_arch_matrix import FAMILIES
+
+    torch.manual_seed(0)
+    source, out = tmp_path / "bf16", tmp_path / case
+    if case == "gpt_oss-fp8-experts":
+        return gpt_oss_fp8_experts(tmp_path)
+    family, options = {"qwen3_moe-int8": ("qwen3_moe", ["--format", "int8", "--granularity", "channel", "--engine", "vllm"]),
+                       "gpt_oss-openai-mxfp4": ("gpt_oss", ["--format", "mxfp4", "--layout", "openai-mxfp4"])}[case]
+    FAMILIES[family](source)
+    run_cli("quantize", source, "-o", out, *options)
+    return out
+
+
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+                    reason="vLLM CPU venv not installed (.ci/run installs it; set FP8CONV_VLLM_PYTHON)")
+@pytest.mark.parametrize("case,expected", [
+    ("qwen3_moe-int8", ["No Int8 MoE backend supports the deployment configuration (weight_key=QuantKey(i8,scale(f32,"
+                        "static,per_channel),symmetric), activation_key=QuantKey(i8,scale(f32,dynamic,per_token),symmetric))",
+                        "Int8 MoE backend CPU does not support the deployment configuration since kernel does not "
+                        "support current device cpu"]),
+    ("gpt_oss-fp8-experts", ["FP8 MoE backend CPU does not support the deployment configuration since kernel does not "
+                             "support current device cpu"]),
+    ("gpt_oss-openai-mxfp4", ["No MXFP4 MoE backend supports the deployment configuration. weight_key=kMxfp4Static,",
+                              "backend: CPU, reason: kernel does not support current device cpu;"]),
+])
+def test_vllm_cpu_refuses_quantized_moe_without_amx(tmp_path, case, expected):
+    """On a CPU without AMX tiles, vLLM 0.32 reads each quantized-MoE checkpoint as the scheme it was written in
+    (the weight / activation keys it names) and refuses it only because its CPU MoE kernel needs AMX; the tests
+    that load and run these checkpoints (test_vllm_cpu_loads_family[qwen3_moe-int8],
+    test_vllm_cpu_has_no_quantized_moe_kernel_for_gpt_oss, test_vllm_cpu_loads_gpt_oss_openai_mxfp4_experts)
+    run on AMX hosts."""
+    if host_has_amx():
+        pytest.skip("this CPU has AMX tiles: the quantized-MoE load tests run instead")
+    out = moe_checkpoint(tmp_path, case)
+    result = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900,
+                            cwd=out.parent, env={**os.environ, "VLLM_LOGGING_LEVEL": "DEBUG"})
+    assert result.returncode != 0, f"vLLM CPU without AMX ran {case}: its MoE kernels no longer need AMX"
+    text = result.stdout + result.stderr
+    for line in expected:
+        assert line in text, (line, text[-3000:])
