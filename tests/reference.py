@@ -195,3 +195,18 @@ def reference_quantize_int(w: np.ndarray, bits: int, granularity: str, group: in
             codes[i, j * tc:(j + 1) * tc] = q.astype(np.int8)
             deq[i, j * tc:(j + 1) * tc] = (q - float(zp)) * float(scale)
     return codes, scales, zps, deq
+
+
+def fixed_order_sum_of_squares(values: np.ndarray) -> float:
+    """The report's float64 sum of squares, order spelled out: per row eight lanes (column c in lane
+    c % 8), each lane summed in column order, the lanes added 0..7, the rows added in order."""
+    total = 0.0
+    for row in np.asarray(values, np.float64):
+        lanes = [0.0] * 8
+        for c, v in enumerate(row.tolist()):
+            lanes[c % 8] += v * v
+        per_row = lanes[0]
+        for lane in lanes[1:]:
+            per_row += lane
+        total += per_row
+    return total

@@ -22,7 +22,7 @@ from fp8conv.formats import FORMATS
 from fp8conv.numerics.kernels import NonFiniteError, quantize_2d
 from fp8conv.numerics.microscale import MICROSCALE
 from fp8conv.plan.scheme import GRANULARITIES, Scheme, microscale_scheme
-from reference import fp8_value, reference_stored_scale, round_to_fp8
+from reference import fixed_order_sum_of_squares, fp8_value, reference_stored_scale, round_to_fp8
 from test_microscale import GRID, ref_mx, ref_nvfp4, ref_unpack
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -59,20 +59,6 @@ def require(backend: str) -> str:
 
 
 # ---- the float64 reference ------------------------------------------------------------------------
-
-def fixed_order_sum(values: np.ndarray) -> float:
-    """sum of squares of float32 values: per row, column c into lane c % 8 (sequential), lanes 0..7, rows in order."""
-    total = 0.0
-    for row in np.asarray(values, np.float64):
-        lanes = [0.0] * 8
-        for c, v in enumerate(row.tolist()):
-            lanes[c % 8] += v * v
-        per_row = lanes[0]
-        for lane in lanes[1:]:
-            per_row += lane
-        total += per_row
-    return total
-
 
 def element_values(scheme: Scheme, codes: np.ndarray) -> np.ndarray:
     """float64 value of each code (FP8 from its bit layout, integers as themselves, e2m1 from the grid)."""
@@ -133,7 +119,8 @@ def reference_grid(w32: np.ndarray, scheme: Scheme):
 
 def reference_stats(w32: np.ndarray, deq: np.ndarray, saturated: int) -> dict:
     err = (w32 - deq).astype(np.float32)
-    return {"elements": w32.size, "sum_sq_ref": fixed_order_sum(w32), "sum_sq_err": fixed_order_sum(err),
+    return {"elements": w32.size, "sum_sq_ref": fixed_order_sum_of_squares(w32),
+            "sum_sq_err": fixed_order_sum_of_squares(err),
             "max_abs_err": float(np.abs(err).max(initial=0)), "saturated": saturated,
             "flushed_to_zero": int(((deq == 0) & (w32 != 0)).sum()), "nonfinite": 0}
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fp8conv import dequantize_tensor, quantize_tensor
 from fp8conv.accel import native
 from fp8conv.formats import FORMATS
-from reference import QMAX, reference_quantize
+from reference import QMAX, fixed_order_sum_of_squares, reference_quantize
 
 FORMAT_NAMES = ["fp8_e4m3", "fp8_e5m2", "int8"]
 BACKENDS = ["numpy", "native"]
@@ -178,21 +178,6 @@ def test_backends_give_identical_statistics(fmt, granularity, shape):
         np.testing.assert_array_equal(code_bits(a.codes), code_bits(b.codes), err_msg=path)
         np.testing.assert_array_equal(a.scales, b.scales, err_msg=path)
         assert a.stats == b.stats, path
-
-
-def fixed_order_sum_of_squares(values: np.ndarray) -> float:
-    """The report's float64 sum of squares, order spelled out: per row eight lanes (column c in lane
-    c % 8), each lane summed in column order, the lanes added 0..7, the rows added in order."""
-    total = 0.0
-    for row in np.asarray(values, np.float64):
-        lanes = [0.0] * 8
-        for c, v in enumerate(row.tolist()):
-            lanes[c % 8] += v * v
-        per_row = lanes[0]
-        for lane in lanes[1:]:
-            per_row += lane
-        total += per_row
-    return total
 
 
 @pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
