@@ -21,7 +21,7 @@ from fp8conv.numerics import microscale as ms
 from fp8conv.numerics.kernels import quantize_2d, quantize_microscale
 from fp8conv.plan.scheme import Scheme, SchemeError, microscale_scheme
 from test_microscale import BF16, GRID, ref_e2m1_code, ref_e8m0_code, ref_global_scale, ref_group_scale, to_f32
-from test_microscale_observer import E4M3_VALUES, group_error, stored_scale_values
+from test_microscale_observer import E4M3_VALUES, check_choices, stored_scale_values
 
 pytestmark = pytest.mark.unit
 
@@ -166,20 +166,7 @@ def check_expanded(w: np.ndarray, fmt: str, backend: str = "numpy"):
         q = quantize_microscale(w, scheme, None if gs is None else np.float32(gs), backend=backend)
     else:  # MXFP4: the scheme refuses expanded (it lost end to end); the search itself is still checked
         q = _mx_expanded(w, scheme)
-    chosen = stored_scale_values(q, fmt)
-    group = GROUP[fmt]
-    total = 0.0
-    for r in range(x.shape[0]):
-        for g in range(x.shape[1] // group):
-            values = x[r, g * group:(g + 1) * group]
-            cands = expanded_candidates(values, fmt, gs, w.dtype)
-            errs = [group_error(values, fmt, s, gs) for s in cands]
-            where = f"{fmt} row {r} group {g}"
-            assert chosen[r, g] in cands, f"{where}: scale {chosen[r, g]} is not a candidate {cands}"
-            err = errs[cands.index(chosen[r, g])]
-            assert err <= errs[0], f"{where}: {err} worse than min-max {errs[0]}"
-            assert err <= min(errs) * (1 + 2.0 ** -18), f"{where}: {err} vs best {min(errs)}"
-            total += err
+    total, _ = check_choices(x, stored_scale_values(q, fmt), fmt, gs, w.dtype, expanded_candidates)
     assert q.stats.sum_sq_err == pytest.approx(total, rel=1e-9, abs=1e-300)
     return q
 
