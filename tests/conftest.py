@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Progress lines on a non-terminal stderr would mix into the diagnostics the tests read after a slow run;
+# tests/test_progress.py turns them on where it checks them.
+os.environ.setdefault("FP8CONV_PROGRESS", "off")
 
 # Every test belongs to one layer (pyproject.toml's markers): its file's layer below, unless the test
 # carries a layer marker of its own. A test file missing here, with an unmarked test, stops the run.
@@ -26,7 +30,7 @@ LAYER_OF_FILE = {
     "test_faults.py": "faults", "test_reliability.py": "faults", "test_memory.py": "faults", "test_install.py": "faults",
     "test_interop.py": "interop", "test_int_interop.py": "interop", "test_microscale_interop.py": "interop",
     "test_vllm.py": "interop", "test_ray.py": "interop", "test_arch_matrix.py": "interop",
-    "test_eval.py": "interop", "test_card.py": "cli",
+    "test_eval.py": "interop", "test_card.py": "cli", "test_progress.py": "cli",
 }
 
 

@@ -166,7 +166,7 @@ def parse_size(text: str | None) -> int | None:
 
 
 class _NoBar:
-    """The progress bar of a quiet run or a redirected stderr (tqdm not even imported: ~20 ms)."""
+    """The progress of a quiet run (tqdm not even imported: ~20 ms)."""
 
     def __enter__(self) -> "_NoBar":
         return self
@@ -178,11 +178,76 @@ class _NoBar:
         pass
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+class LineProgress:
+    """Progress for a stderr that is not a terminal (a CI log, a file): one plain line after `first` seconds,
+    then one every `every` seconds from a timer thread (so a long tensor is not silent), and a last line when
+    the work ends, if anything was printed. No escape codes, no carriage returns; nothing for a short run."""
+
+    def __init__(self, total: int, desc: str, stream, first: float = 1.0, every: float = 10.0) -> None:
+        import threading
+
+        self.total, self.desc, self.stream = total, desc, stream
+        self.first, self.every = first, every
+        self.done = 0
+        self.lines = 0
+        self.first_line = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="fp8conv-progress", daemon=True)
+
+    def __enter__(self) -> "LineProgress":
+        import time
+
+        self._start = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.lines and exc_type is None:
+            self._line("done")
+
+    def update(self, n: int) -> None:
+        self.done += n
+
+    def _tick(self) -> None:
+        wait = self.first
+        while not self._stop.wait(wait):
+            self._line("")
+            self.first_line.set()
+            wait = self.every
+
+    def _line(self, tail: str) -> None:
+        import time
+
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        seconds = time.monotonic() - self._start
+        text = f"fp8conv: {self.desc} {_size(self.done)} of {_size(self.total)}{share}, {seconds:.0f} s"
+        try:
+            print(text + (f", {tail}" if tail else ""), file=self.stream, flush=True)
+        except (OSError, ValueError):  # stderr closed under us: progress is not worth a failure
+            self._stop.set()
+            return
+        self.lines += 1
+
+
 def progress_bar(total: int, quiet: bool, desc: str):
-    """Bytes done of `total`, on a terminal's stderr, shown once the work has taken a second (a run that
-    ends sooner prints nothing); no bar with --quiet or a redirected stderr."""
-    if quiet or not sys.stderr.isatty():
+    """Bytes done of `total` on stderr, shown once the work has taken a second (a run that ends sooner prints
+    nothing): a tqdm bar on a terminal, plain lines every 10 s otherwise (a CI log). FP8CONV_PROGRESS=off
+    (or --quiet) silences it; `bar` / `lines` force one form."""
+    mode = os.environ.get("FP8CONV_PROGRESS", "auto").strip().lower()
+    if quiet or mode == "off":
         return _NoBar()
+    if mode == "lines" or (mode != "bar" and not sys.stderr.isatty()):
+        return LineProgress(total, desc, sys.stderr)
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False, delay=1.0)
