@@ -11,7 +11,8 @@ these kernels return (a few numbers per tile); the kernels do the per-element wo
   (FP8 e4m3 / e5m2, or integers), with the error statistics in the reference's fixed order: per row,
   column c into lane c % 8, each lane a sequential float64 sum, the lanes added 0..7, rows in order;
 - micro_encode / micro_stats: NVFP4 / MXFP4 / MXFP8 elements of each group and their statistics;
-- mse_search / mse_search_micro: the mse observer's candidate evaluation.
+- mse_search: the mse observer's candidate evaluation; micro_search: the microscale observers' (mse,
+  expanded) per-group search over scale codes.
 
 Every source is bf16 (its bits as uint16), fp16 or float32, C order. NaN / Inf in a source are
 reported (return value 1) and nothing else is promised: the caller takes the numpy path, which owns
@@ -816,71 +817,131 @@ done:
     return result;
 }
 
-/* mse_search_micro(tiles, n, group, divisors, reciprocals, k_count, divide, mbits, bias, qmax, margin, index,
-   error, minmax_error): tiles float32 [n, group]; divisors / reciprocals float32 [k_count, n]; per group the
-   candidate with the smallest sum over its elements, in order, of (float64(value(y) * d) - x)^2 with
-   y = x / d (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). */
-CLONES static PyObject *mse_search_micro(PyObject *self, PyObject *args)
+/* One block of groups of the microscale search, transposed so that each loop runs across groups: element c
+   of group g at xt[c * width + g]. For every candidate code of every group, the sum over the group's
+   elements, in order, of (float64(value(y) * d) - x)^2 with y = x / d (divide) or x * reciprocal, clamped
+   to +-qmax (observers.microscale_errors); each group's sum stays sequential (across groups only the
+   lanes run side by side), so it is the reference's float64 sum bit for bit. `divide` is a constant at
+   each call, so each variant is compiled branch free. */
+HOT void micro_search_block(const float *restrict xt, Py_ssize_t width, Py_ssize_t group, const uint8_t *first,
+                            const int32_t *steps, Py_ssize_t k_count, int low, int high, const float *div_table,
+                            const float *rcp_table, const int divide, FloatFormat ff, float qmax, double keep,
+                            uint8_t *restrict codes, double *restrict best, double *restrict minmax,
+                            float *restrict dv, float *restrict rc, double *restrict acc)
 {
-    Py_buffer tiles, divisors, reciprocals, index, error, minmax_error;
-    Py_ssize_t n, group, k_count;
-    int divide, mbits, bias;
+    for (Py_ssize_t k = 0; k < k_count; k++) {
+        for (Py_ssize_t g = 0; g < width; g++) {
+            int code = (int)first[g] + steps[k];
+            code = code < low ? low : code;
+            code = code > high ? high : code;
+            dv[g] = div_table[code];
+            rc[g] = rcp_table[code];
+            acc[g] = 0.0;
+        }
+        for (Py_ssize_t c = 0; c < group; c++) {
+            const float *x = xt + c * width;
+            for (Py_ssize_t g = 0; g < width; g++) {
+                float y = divide ? x[g] / dv[g] : x[g] * rc[g];
+                uint32_t yb = bits_of(y), code;
+                float a = float_of(yb & 0x7FFFFFFFu);
+                a = a < qmax ? a : qmax;
+                float mag = fp_magnitude(a, ff, &code);
+                float v = float_of(bits_of(mag) | (yb & 0x80000000u));
+                double diff = (double)(v * dv[g]) - (double)x[g];
+                acc[g] += diff * diff;
+            }
+        }
+        if (k == 0) {
+            for (Py_ssize_t g = 0; g < width; g++) {
+                best[g] = minmax[g] = acc[g];
+                codes[g] = first[g];
+            }
+        } else {
+            for (Py_ssize_t g = 0; g < width; g++) {
+                int code = (int)first[g] + steps[k];
+                code = code < low ? low : code;
+                code = code > high ? high : code;
+                int better = acc[g] < best[g] * keep;
+                best[g] = better ? acc[g] : best[g];
+                codes[g] = better ? (uint8_t)code : codes[g];
+            }
+        }
+    }
+}
+
+#define SEARCH_WIDTH 64 /* groups per block: a block of 32-element groups is 8 KiB of float32 */
+
+/* micro_search(src, kind, n, group, first, steps, low, high, div_table, rcp_table, divide, mbits, bias, qmax,
+   margin, codes, error, minmax_error) -> nonfinite
+   src: n consecutive groups of `group` elements (bf16 / float32 / fp16, as the other kernels'); first: uint8
+   [n] min-max scale codes; steps: int32 [k_count], steps[0] = 0; candidate k of group i is the code
+   clamp(first[i] + steps[k], low, high), whose divisor (and reciprocal, for MX's multiplication) is
+   div_table[code] (rcp_table[code]), float32 [256]. Per group the candidate with the smallest squared error
+   (a later one wins only when smaller by more than the relative margin; observers.mse_microscale):
+   codes uint8 [n], its error and candidate 0's, float64 [n]. */
+CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
+{
+    Py_buffer src, first, steps, div_table, rcp_table, codes, error, minmax_error;
+    Py_ssize_t n, group;
+    int kind, low, high, divide, mbits, bias;
     float qmax;
     double margin;
-    if (!PyArg_ParseTuple(args, "y*nny*y*npiifdw*w*w*", &tiles, &n, &group, &divisors, &reciprocals, &k_count, &divide,
-                          &mbits, &bias, &qmax, &margin, &index, &error, &minmax_error))
+    if (!PyArg_ParseTuple(args, "y*inny*y*iiy*y*piifdw*w*w*", &src, &kind, &n, &group, &first, &steps, &low, &high,
+                          &div_table, &rcp_table, &divide, &mbits, &bias, &qmax, &margin, &codes, &error,
+                          &minmax_error))
         return NULL;
     PyObject *result = NULL;
+    uint32_t *raw = NULL;
+    float *xt = NULL, *dv = NULL, *rc = NULL;
+    double *acc = NULL;
     Encoding e;
+    const Py_ssize_t k_count = steps.len / 4;
     if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
-    if (e.is_int || n < 0 || group < 1 || k_count < 1) {
-        PyErr_SetString(PyExc_ValueError, "mse_search_micro: bad arguments");
+    if (e.is_int || n < 0 || group < 1 || k_count < 1 || low < 0 || high > 255 || low > high
+        || ((const int32_t *)steps.buf)[0] != 0) {
+        PyErr_SetString(PyExc_ValueError, "micro_search: bad arguments");
         goto done;
     }
-    if (!need(&tiles, n * group * 4, "tiles") || !need(&divisors, k_count * n * 4, "divisors")
-        || !need(&reciprocals, k_count * n * 4, "reciprocals") || !need(&index, n * 4, "index")
-        || !need(&error, n * 8, "error") || !need(&minmax_error, n * 8, "minmax_error"))
+    if (!need(&src, n * group * src_itemsize(kind), "src") || !need(&first, n, "first")
+        || !need(&div_table, 256 * 4, "div_table") || !need(&rcp_table, 256 * 4, "rcp_table")
+        || !need(&codes, n, "codes") || !need(&error, n * 8, "error") || !need(&minmax_error, n * 8, "minmax_error"))
         goto done;
+    raw = malloc((size_t)(SEARCH_WIDTH * group) * 4);
+    xt = malloc((size_t)(SEARCH_WIDTH * group) * 4);
+    dv = malloc(SEARCH_WIDTH * 4);
+    rc = malloc(SEARCH_WIDTH * 4);
+    acc = malloc(SEARCH_WIDTH * 8);
+    if (!raw || !xt || !dv || !rc || !acc) { PyErr_NoMemory(); goto done; }
     {
-        const float *x_all = tiles.buf, *dv = divisors.buf, *rc = reciprocals.buf;
-        int32_t *idx = index.buf;
+        const uint8_t *fc = first.buf;
+        const int32_t *st = steps.buf;
+        const float *dt = div_table.buf, *rt = rcp_table.buf;
+        uint8_t *out = codes.buf;
         double *err = error.buf, *mm = minmax_error.buf;
-        FloatFormat ff = e.ff;
+        const FloatFormat ff = e.ff;
+        const double keep = 1.0 - margin;
+        int bad = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float *x = x_all + i * group;
-            double best = 0;
-            int32_t chosen = 0;
-            for (Py_ssize_t k = 0; k < k_count; k++) {
-                float dd = dv[k * n + i], rr = rc[k * n + i];
-                double acc = 0;
-                for (Py_ssize_t c = 0; c < group; c++) {
-                    float y = divide ? x[c] / dd : x[c] * rr;
-                    uint32_t yb = bits_of(y), code;
-                    float a = float_of(yb & 0x7FFFFFFFu);
-                    a = a < qmax ? a : qmax;
-                    float mag = fp_magnitude(a, ff, &code);
-                    float v = float_of(bits_of(mag) | (yb & 0x80000000u));
-                    double diff = (double)(v * dd) - (double)x[c];
-                    acc += diff * diff;
-                }
-                if (k == 0) {
-                    best = acc;
-                    mm[i] = acc;
-                } else if (acc < best * (1.0 - margin)) {
-                    best = acc;
-                    chosen = (int32_t)k;
-                }
-            }
-            idx[i] = chosen;
-            err[i] = best;
+        for (Py_ssize_t g0 = 0; g0 < n; g0 += SEARCH_WIDTH) {
+            Py_ssize_t width = n - g0 < SEARCH_WIDTH ? n - g0 : SEARCH_WIDTH;
+            load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
+            if (any_nonfinite(raw, width * group)) { bad = 1; break; }
+            for (Py_ssize_t g = 0; g < width; g++)
+                for (Py_ssize_t c = 0; c < group; c++) xt[c * width + g] = float_of(raw[g * group + c]);
+            if (divide)
+                micro_search_block(xt, width, group, fc + g0, st, k_count, low, high, dt, rt, 1, ff, qmax, keep,
+                                   out + g0, err + g0, mm + g0, dv, rc, acc);
+            else
+                micro_search_block(xt, width, group, fc + g0, st, k_count, low, high, dt, rt, 0, ff, qmax, keep,
+                                   out + g0, err + g0, mm + g0, dv, rc, acc);
         }
         Py_END_ALLOW_THREADS
-        result = Py_NewRef(Py_None);
+        result = PyBool_FromLong(bad);
     }
 done:
-    PyBuffer_Release(&tiles); PyBuffer_Release(&divisors); PyBuffer_Release(&reciprocals);
-    PyBuffer_Release(&index); PyBuffer_Release(&error); PyBuffer_Release(&minmax_error);
+    free(raw); free(xt); free(dv); free(rc); free(acc);
+    PyBuffer_Release(&src); PyBuffer_Release(&first); PyBuffer_Release(&steps); PyBuffer_Release(&div_table);
+    PyBuffer_Release(&rcp_table); PyBuffer_Release(&codes); PyBuffer_Release(&error); PyBuffer_Release(&minmax_error);
     return result;
 }
 
@@ -892,7 +953,7 @@ static PyMethodDef methods[] = {
     {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
     {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
-    {"mse_search_micro", mse_search_micro, METH_VARARGS, "the mse observer's microscale candidate evaluation"},
+    {"micro_search", micro_search, METH_VARARGS, "the microscale observers' per-group search of scale codes"},
     {NULL, NULL, 0, NULL},
 };
 

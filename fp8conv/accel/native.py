@@ -173,12 +173,22 @@ def mse_search(tiles: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zer
                        float(code_range[0]), float(code_range[1]), margin, exponent, index, sums)
 
 
-def mse_search_micro(tiles: np.ndarray, divisors: np.ndarray, reciprocals: np.ndarray, divide: bool, fmt,
-                     margin: float, index: np.ndarray, error: np.ndarray, minmax_error: np.ndarray) -> None:
-    """The mse observer's microscale candidate evaluation (observers.mse_microscale)."""
-    n, group = tiles.shape
+def micro_search(weight: np.ndarray, group: int, first: np.ndarray, steps: tuple[int, ...],
+                 code_limits: tuple[int, int], div_table: np.ndarray, rcp_table: np.ndarray, divide: bool, fmt,
+                 margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The microscale observers' search (observers.mse_microscale) over a bf16 / fp16 / float32 weight whose
+    consecutive `group` elements form its groups: per group, candidate codes clamp(first + step, *code_limits)
+    with divisors div_table[code] (reciprocals rcp_table[code]); (codes uint8, error, min-max error float64)
+    [n_groups], or None when the weight holds NaN / Inf."""
+    src, kind = source(weight)
+    n = weight.size // group
+    codes = np.empty(n, np.uint8)
+    error = np.empty(n, np.float64)
+    minmax_error = np.empty(n, np.float64)
     mbits, bias = float_element(fmt)
-    _native.mse_search_micro(np.ascontiguousarray(tiles, np.float32), n, group,
-                             np.ascontiguousarray(divisors, np.float32), np.ascontiguousarray(reciprocals, np.float32),
-                             divisors.shape[0], divide, mbits, bias, float(fmt.qmax), margin, index, error,
-                             minmax_error)
+    if _native.micro_search(src, kind, n, group, np.ascontiguousarray(first, np.uint8).reshape(-1),
+                            np.asarray(steps, np.int32), int(code_limits[0]), int(code_limits[1]),
+                            np.ascontiguousarray(div_table, np.float32), np.ascontiguousarray(rcp_table, np.float32),
+                            divide, mbits, bias, float(fmt.qmax), margin, codes, error, minmax_error):
+        return None
+    return codes, error, minmax_error

@@ -37,7 +37,7 @@ def steps_for(scale_format: str) -> tuple[int, ...]:
 
 def expanded_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
                         use_compiled: bool = False) -> "observers.MicroChoice":
-    """The expanded choice of scale codes for a float32 [rows, cols] weight under a microscale.Microscale
+    """The expanded choice of scale codes for a bf16 / fp16 / float32 [rows, cols] weight under a microscale.Microscale
     (`minmax_codes`: uint8 [rows, cols / group]; `global_scale`: NVFP4's, unchanged)."""
     return observers.mse_microscale(weight, micro, minmax_codes, global_scale, use_compiled=use_compiled,
                                     steps=steps_for(micro.scale_format))

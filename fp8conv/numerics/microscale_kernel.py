@@ -40,7 +40,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     if scheme.observer != "minmax":
         # Only the group scale codes change; the elements are then encoded as with min-max codes.
         search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
-        observed = search(ms.load_float32(weight), micro, scale_codes, global_scale,
+        observed = search(weight, micro, scale_codes, global_scale,
                           use_compiled=ms._use_compiled(weight, use_compiled))
         scale_codes = observed.codes
     if micro.global_scale:

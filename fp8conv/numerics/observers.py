@@ -332,17 +332,22 @@ def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, e
 def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
                    batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False,
                    steps: Optional[tuple[int, ...]] = None) -> MicroChoice:
-    """mse scale codes of a float32 [rows, cols] weight under a microscale.Microscale (`minmax_codes`:
-    uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged; `steps`: the
-    candidate code steps, default code_steps_for). With `use_compiled`, the compiled kernel evaluates the
-    candidates (native.py; the same result)."""
+    """mse scale codes of a bf16 / fp16 / float32 [rows, cols] weight under a microscale.Microscale
+    (`minmax_codes`: uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged;
+    `steps`: the candidate code steps, default code_steps_for). With `use_compiled`, the compiled kernel
+    searches every group in one pass (native.micro_search; the same result, bit for bit)."""
     group = micro.group
     element = micro.codec.short_name
-    tiles = np.ascontiguousarray(weight, np.float32).reshape(-1, group)
+    steps = code_steps_for(micro.scale_format) if steps is None else tuple(steps)
+    shape = minmax_codes.shape
+    if use_compiled and weight.size and native.source(weight) is not None:
+        found = _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps)
+        if found is not None:
+            codes, error, minmax_error = found
+            return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
+    tiles = ms.load_float32(np.ascontiguousarray(weight)).reshape(-1, group)
     first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
     n = tiles.shape[0]
-    if use_compiled and n:
-        return _mse_microscale_compiled(tiles, micro, first, element, global_scale, minmax_codes.shape, steps)
     codes = first.copy()
     error = np.zeros(n, np.float64)
     minmax_error = np.zeros(n, np.float64)
@@ -360,20 +365,18 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
             best = np.where(better, err, best)
             chosen[better] = cand[better]
         error[part] = best
-    shape = minmax_codes.shape
     return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
 
 
-def _mse_microscale_compiled(tiles, micro, first, element, global_scale, shape, steps=None) -> MicroChoice:
-    n = tiles.shape[0]
-    candidates = np.stack(microscale_candidates(first, micro.scale_format, steps))
-    divisors = microscale_divisors(candidates, micro.scale_format, global_scale)
+def _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps):
+    """native.micro_search with the divisor of every scale code (microscale_divisors, the reference's own
+    rule, evaluated once per code rather than per group); None where the weight holds NaN / Inf."""
+    if steps[0] != 0:
+        raise ValueError("the first step must be 0 (the min-max code)")
+    every_code = np.arange(256, dtype=np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):  # codes outside code_limits (NaN, negative) are never read
+        divisors = microscale_divisors(every_code, micro.scale_format, global_scale)
     divide = not micro.scale.power_of_two
-    reciprocals = divisors if divide else e8m0_reciprocal(candidates)
-    index = np.zeros(n, np.int32)
-    error = np.zeros(n, np.float64)
-    minmax_error = np.zeros(n, np.float64)
-    native.mse_search_micro(tiles, divisors, reciprocals, divide, FORMATS[micro.element], MARGIN, index, error,
-                            minmax_error)
-    codes = candidates[index, np.arange(n)]
-    return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
+    reciprocals = divisors if divide else e8m0_reciprocal(every_code)
+    return native.micro_search(weight, micro.group, minmax_codes, steps, micro.scale.code_limits, divisors,
+                               reciprocals, divide, FORMATS[micro.element], MARGIN)
