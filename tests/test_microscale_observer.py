@@ -97,8 +97,18 @@ def check_choices(x: np.ndarray, chosen: np.ndarray, fmt: str, gs, dtype, candid
     return total, total_minmax
 
 
+def require(backend: str) -> str:
+    if backend == "native" and not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    return backend
+
+
+BACKENDS = ["numpy", "native"]
+
+
 def check(w: np.ndarray, fmt: str, backend: str = "numpy"):
-    """Quantize with mse and compare every group's choice with the brute force; returns the result."""
+    """Quantize with mse on `backend` and compare every group's choice with the brute force; returns the result."""
+    require(backend)
     scheme = replace(microscale_scheme(fmt), observer="mse")
     x = w.astype(np.float64)
     gs = ref_global_scale(float(np.abs(x).max(initial=0)), w.dtype) if fmt == "nvfp4" else None
@@ -117,13 +127,14 @@ def heavy(rows: int, cols: int, seed: int, dtype=BF16, df: float = 3.0) -> np.nd
     return (rng.standard_t(df, size=(rows, cols)) * 0.02).astype(np.float32).astype(dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
-def test_mse_is_the_brute_force_best_and_never_worse_than_minmax(fmt, dtype):
+def test_mse_is_the_brute_force_best_and_never_worse_than_minmax(fmt, dtype, backend):
     w = heavy(6, 96, 3, dtype)
     w[0, :32] = 0  # an all-zero group keeps its min-max scale (every candidate gives 0)
     w[1, :16] = (np.array(GRID) * 0.01).astype(dtype)  # on the e2m1 grid
-    q = check(w, fmt)
+    q = check(w, fmt, backend)
     minmax = quantize_microscale(w, microscale_scheme(fmt), q.global_scale, backend="numpy")
     assert q.scales[0, 0] == minmax.scales[0, 0]
     if fmt == "nvfp4":  # some groups must gain on heavy-tailed weights
@@ -134,12 +145,31 @@ def test_mse_is_the_brute_force_best_and_never_worse_than_minmax(fmt, dtype):
 
 @settings(max_examples=25, deadline=None)
 @given(fmt=st.sampled_from(["nvfp4", "mxfp4", "mxfp8"]), seed=st.integers(0, 2**31),
-       df=st.sampled_from([1.5, 3.0, 30.0]), log_scale=st.floats(-12, 4), outliers=st.integers(0, 4))
-def test_property_random_and_heavy_tailed_groups(fmt, seed, df, log_scale, outliers):
+       df=st.sampled_from([1.5, 3.0, 30.0]), log_scale=st.floats(-12, 4), outliers=st.integers(0, 4),
+       backend=st.sampled_from(BACKENDS))
+def test_property_random_and_heavy_tailed_groups(fmt, seed, df, log_scale, outliers, backend):
     rng = np.random.default_rng(seed)
     w = (rng.standard_t(df, size=(3, 64)) * 10.0 ** log_scale).astype(np.float32)
     w.flat[rng.integers(0, w.size, outliers)] *= 40
-    check(w.astype(BF16), fmt)
+    check(w.astype(BF16), fmt, backend)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("rows, cols", [(1, 32), (1, 2048), (63, 32), (5, 416), (37, 96)])
+def test_native_search_on_ragged_blocks_of_groups(fmt, rows, cols):
+    """The compiled search takes groups in blocks (64 at a time): group counts below, at, just above and far
+    from a multiple of the block, with all-zero groups, a group of one outlier and a group of subnormal
+    scales among heavy-tailed ones, against the brute force; the numpy path gives the same bytes."""
+    w = heavy(rows, cols, rows * cols, np.dtype(np.float32), df=2.0)
+    w.reshape(-1)[:32] = 0
+    if w.size >= 128:
+        w.reshape(-1)[64:96] = 0
+        w.reshape(-1)[96] = 50.0
+        w.reshape(-1)[100:128] *= 1e-7
+    q = check(w.astype(BF16), fmt, "native")
+    ref = check(w.astype(BF16), fmt, "numpy")
+    assert q.scales.tobytes() == ref.scales.tobytes() and q.codes.tobytes() == ref.codes.tobytes()
+    assert q.stats == ref.stats
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
@@ -233,12 +263,13 @@ def test_nvfp4_candidates_cover_subnormal_and_top_codes():
     assert e8.T.tolist() == [[0], [254], [100]]
 
 
-def test_tiny_group_scales_and_large_outliers():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_group_scales_and_large_outliers(backend):
     w = heavy(4, 64, 9, np.dtype(np.float32))
     w[0] *= 1e-6  # NVFP4 group scales in the e4m3 subnormals, MX exponents far below 127
     w[1, 3] = 30.0
     for fmt in ("nvfp4", "mxfp4", "mxfp8"):
-        check(w, fmt)
+        check(w, fmt, backend)
 
 
 def test_scheme_names_the_observer():

@@ -157,6 +157,8 @@ def expanded_candidates(group: np.ndarray, fmt: str, gs: float | None, dtype) ->
 
 
 def check_expanded(w: np.ndarray, fmt: str, backend: str = "numpy"):
+    if backend == "native" and not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
     scheme = microscale_scheme(fmt)
     if fmt == "nvfp4":
         scheme = replace(scheme, observer="expanded")
@@ -165,13 +167,13 @@ def check_expanded(w: np.ndarray, fmt: str, backend: str = "numpy"):
     if fmt == "nvfp4":
         q = quantize_microscale(w, scheme, None if gs is None else np.float32(gs), backend=backend)
     else:  # MXFP4: the scheme refuses expanded (it lost end to end); the search itself is still checked
-        q = _mx_expanded(w, scheme)
+        q = _mx_expanded(w, backend == "native")
     total, _ = check_choices(x, stored_scale_values(q, fmt), fmt, gs, w.dtype, expanded_candidates)
     assert q.stats.sum_sq_err == pytest.approx(total, rel=1e-9, abs=1e-300)
     return q
 
 
-def _mx_expanded(w: np.ndarray, scheme):
+def _mx_expanded(w: np.ndarray, use_compiled: bool):
     """MXFP4 scale codes of expanded.expanded_microscale, in a QuantizedTensor-like record."""
     from types import SimpleNamespace
 
@@ -182,26 +184,40 @@ def _mx_expanded(w: np.ndarray, scheme):
     x = w.astype(np.float32)
     amax = np.abs(x.reshape(-1, micro.group)).max(axis=1).reshape(w.shape[0], -1)
     first = ms.e8m0_from_amax(amax, ms.EMAX_E2M1)
-    choice = expanded.expanded_microscale(x, micro, first)
+    choice = expanded.expanded_microscale(w, micro, first, use_compiled=use_compiled)
     return SimpleNamespace(scales=choice.codes, stats=SimpleNamespace(sum_sq_err=float(choice.error.sum())),
                            global_scale=None)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "native"])
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 @pytest.mark.parametrize("df", [None, 3.0])
-def test_expanded_is_the_brute_force_best(fmt, df):
+def test_expanded_is_the_brute_force_best(fmt, df, backend):
     w = weights(6, 128, 11, df)
     w[0, :32] = 0
-    q = check_expanded(w, fmt)
+    q = check_expanded(w, fmt, backend)
     minmax = quantize_microscale(w, microscale_scheme(fmt), q.global_scale, backend="numpy")
     assert q.stats.sum_sq_err <= minmax.stats.sum_sq_err * (1 + 1e-12)
 
 
 @settings(max_examples=20, deadline=None)
 @given(fmt=st.sampled_from(["nvfp4", "mxfp4"]), seed=st.integers(0, 2**31),
-       df=st.sampled_from([None, 1.5, 3.0, 30.0]), log_scale=st.floats(-10, 3), outliers=st.integers(0, 4))
-def test_expanded_property_random_and_heavy_tailed(fmt, seed, df, log_scale, outliers):
-    check_expanded(weights(3, 64, seed, df, log_scale, outliers), fmt)
+       df=st.sampled_from([None, 1.5, 3.0, 30.0]), log_scale=st.floats(-10, 3), outliers=st.integers(0, 4),
+       backend=st.sampled_from(["numpy", "native"]))
+def test_expanded_property_random_and_heavy_tailed(fmt, seed, df, log_scale, outliers, backend):
+    check_expanded(weights(3, 64, seed, df, log_scale, outliers), fmt, backend)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("rows, cols", [(1, 64), (63, 32), (65, 32), (37, 96)])
+def test_expanded_native_search_on_ragged_blocks_of_groups(fmt, rows, cols):
+    """Group counts around the compiled search's block of 64 groups, with all-zero groups and outliers,
+    against the brute force on the native backend."""
+    w = weights(rows, cols, rows + cols, 2.0, outliers=3)
+    w.reshape(-1)[:32] = 0
+    q = check_expanded(w, fmt, "native")
+    ref = check_expanded(w, fmt, "numpy")
+    assert q.scales.tobytes() == ref.scales.tobytes()
 
 
 def test_expanded_reaches_above_the_range():
@@ -242,16 +258,20 @@ def test_both_kernel_paths_write_the_same_bytes():
 
 @pytest.mark.cli
 @pytest.mark.parametrize("args", [["--format", "int4", "--group-size", "32", "--asymmetric", "--observer", "hqq"],
-                                  ["--format", "nvfp4", "--observer", "expanded"]])
-def test_cli_bytes_do_not_depend_on_workers(sample, tmp_path, args):
+                                  ["--format", "nvfp4", "--observer", "expanded"],
+                                  ["--format", "nvfp4", "--observer", "mse"]])
+def test_cli_bytes_do_not_depend_on_workers_or_backend(sample, tmp_path, monkeypatch, args):
     from conftest import tree_digest
     from helpers import read_json, run_cli
 
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
     src = sample("llama-tiny")
     outs = []
-    for workers in ("1", "2"):
-        out = tmp_path / f"w{workers}"
+    for backend, workers in (("native", "1"), ("native", "2"), ("numpy", "1")):
+        monkeypatch.setenv("FP8CONV_BACKEND", backend)
+        out = tmp_path / f"{backend}-w{workers}"
         run_cli("quantize", src, "-o", out, *args, "--workers", workers, "-q")
         outs.append(out)
     assert read_json(outs[0] / "fp8conv.manifest.json")["scheme"]["observer"] == args[-1]
-    assert tree_digest(outs[0]) == tree_digest(outs[1])
+    assert tree_digest(outs[0]) == tree_digest(outs[1]) == tree_digest(outs[2])
