@@ -962,7 +962,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "fp8conv's
 PyMODINIT_FUNC PyInit__native(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
+       build left from an older source is not called. */
+    if (m && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,10 @@ import os
 
 import numpy as np
 
+# The interface version this source expects of the extension (_native.c's ABI constant): a build left over
+# from an older source (a checkout whose C changed since `pip install -e .`) is not used.
+ABI = 2
+
 try:
     from . import _native
 except ImportError as exc:  # not built: no compiler at install time, or a source checkout never built
@@ -19,6 +23,9 @@ except ImportError as exc:  # not built: no compiler at install time, or a sourc
     IMPORT_ERROR = str(exc)
 else:
     IMPORT_ERROR = ""
+    if getattr(_native, "ABI", None) != ABI:
+        IMPORT_ERROR = f"the built extension is from another source version (ABI {getattr(_native, 'ABI', None)}, not {ABI})"
+        _native = None
 
 BACKENDS = ("auto", "numpy", "native")
 AVAILABLE = _native is not None
