@@ -14,6 +14,7 @@ from . import __version__
 from .commands.console import EXIT_CODES_HELP, guard_std_streams, say
 from .commands.convert import dequantize, merge, quantize
 from .commands.review import card, eval_, inspect, report, verify
+from .commands.sensitivity import sensitivity
 from .errors import EXIT_SIGINT, EXIT_USAGE
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     guard_std_streams()
 
 
-for command in (quantize, dequantize, merge, inspect, verify, report, eval_, card):
+for command in (quantize, dequantize, merge, inspect, verify, report, eval_, sensitivity, card):
     main.add_command(command)
 
 

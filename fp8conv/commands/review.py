@@ -95,12 +95,15 @@ def verify(path, against, max_rel_error, tp, engines, as_json, html_path, quiet,
               help="Where to write the page ('-' for stdout) [default: OUT/fp8conv.report.html].")
 @handle_errors
 def report(out, html_path) -> None:
-    """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json (and fp8conv.eval.json)."""
+    """Render the HTML page of an fp8conv output OUT again, from its fp8conv.report.json (and fp8conv.eval.json,
+    fp8conv.sensitivity.json)."""
     from ..evaluate.quality import read_eval
+    from ..evaluate.sensitivity import read_sensitivity
     from ..report import html_page as html_report
 
-    evaluation = read_eval(out) if Path(out).is_dir() else None
-    page = html_report.render_conversion(html_report.load_report(out), evaluation)
+    folder = Path(out).is_dir()
+    page = html_report.render_conversion(html_report.load_report(out), read_eval(out) if folder else None,
+                                         read_sensitivity(out) if folder else None)
     _emit_page(page, html_path if html_path is not None else html_report.default_page_path(out))
 
 

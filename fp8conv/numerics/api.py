@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SchemeError
-from ..formats import DEFAULT_FORMAT
+from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE
 from ..plan.scheme import Scheme
-from .dequantize import dequantize_2d
+from .dequantize import dequantize_2d, dequantize_rows
 from .kernels import QuantizedTensor, quantize_2d
 from .stats import ErrorStats
 
@@ -79,6 +79,22 @@ def dequantize_array(codes: np.ndarray, scales: np.ndarray, scheme: Scheme,
     for i in range(codes.shape[0]):
         dequantize_2d(codes[i], grids[i], scheme, out=out[i], zero_points=None if zero_points is None else zero_points[i])
     return out
+
+
+def reconstruct_array(array: np.ndarray, scheme: Scheme, global_scales: list | None = None, name: str = "tensor",
+                      out_dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """[rows, cols] or [E, rows, cols] -> the weight a checkpoint of `scheme` holds, read back: the codes, scales and
+    zero points quantize writes (NVFP4: relative to `global_scales`, one per matrix, as the pipeline computes them),
+    dequantized as `fp8conv dequantize` does (float32 arithmetic, rounded to nearest even into out_dtype)."""
+    matrices = array[None] if not _per_expert(array.shape) else array
+    out = np.empty(matrices.shape, out_dtype)
+    for i, matrix in enumerate(matrices):
+        tensor_scale = None if global_scales is None else np.float32(global_scales[i])
+        q = quantize_2d(matrix, scheme, tensor_scale, name=name)
+        resolved = scheme.for_source(TAG_OF_DTYPE.get(np.dtype(matrix.dtype), "BF16"))
+        grid = resolved.scale_fmt.values(q.scales, q.global_scale) if resolved.microscale else q.scales.astype(np.float32)
+        out[i] = dequantize_rows(q.codes, grid, resolved, out_dtype, q.zero_points)
+    return out.reshape(array.shape)
 
 
 def _as_grid(scales: np.ndarray, ndim: int) -> np.ndarray:

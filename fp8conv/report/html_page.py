@@ -18,6 +18,7 @@ from .text import grouped_findings, human_bytes
 from .report_file import METRICS, has_report, load_report  # noqa: F401  (has_report, load_report: API)
 from .html_parts import (as_number, cell_text, esc, fmt, fmt_bytes, html_document, html_section,
                          html_table, svg_open)
+from .sensitivity_section import sensitivity_section
 from .sqnr_chart import sqnr_section
 
 WORST_SHOWN = 20
@@ -368,13 +369,15 @@ def _scheme_line(scheme: object, schemes: object = None) -> str:
 # ---- pages --------------------------------------------------------------------------------------
 
 
-def render_conversion(report: dict, evaluation: dict | None = None) -> str:
-    """The page of a conversion, from its report dict (fp8conv.report.json) and eval result (fp8conv.eval.json)."""
+def render_conversion(report: dict, evaluation: dict | None = None, sensitivity: dict | None = None) -> str:
+    """The page of a conversion, from its report dict (fp8conv.report.json), eval result (fp8conv.eval.json) and
+    layer sensitivity (fp8conv.sensitivity.json)."""
     rows = [r for r in report.get("tensors", []) if isinstance(r, dict)]
     return html_document("fp8conv conversion report", _scheme_line(report.get("scheme"), report.get("schemes")), [
         _summary_cards(report, rows),
         _warnings_section(report.get("warnings")),
         _eval_section(evaluation),
+        sensitivity_section(sensitivity),
         *_report_sections(report, rows, with_paths=True),
     ], REPORT_NAME)
 

@@ -89,7 +89,7 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     actions = Counter(d.action for d in plan.decisions.values())
     total_before, total_after = sum(before.values()), sum(after.values())
     parameters = sum(plan.tensors[name].numel for name in plan.decisions)
-    quantized_params, quantized_bytes = _quantized_footprint(plan)
+    quantized_params, quantized_bytes = quantized_footprint(plan)
     return {
         "scheme": _scheme_json(plan),
         "schemes": scheme_summary(plan),
@@ -122,7 +122,7 @@ def build_report(plan: ConversionPlan, stats: dict[str, ErrorStats]) -> dict:
     }
 
 
-def _quantized_footprint(plan: ConversionPlan) -> tuple[int, int]:
+def quantized_footprint(plan: ConversionPlan) -> tuple[int, int]:
     """(elements, output bytes of codes + scale tensors) over the tensors stored quantized."""
     sizes = {entry.name: entry.nbytes for shard in plan.shards for entry in shard.entries}
     names = [name for name, d in plan.decisions.items() if d.quantized]

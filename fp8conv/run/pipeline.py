@@ -294,7 +294,7 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
     return files, jobs_by_shard, hashers
 
 
-def _global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
+def global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
     """NVFP4 global scales, one per matrix, computed before any job from the amax of the whole tensor,
     or of all partners of a fused set (q/k/v, gate/up, w1/w3) wherever their shards are."""
     names = [n for n, s in plan.schemes.items() if s.global_scale and plan.decisions[n].action != CARRY]
@@ -345,7 +345,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     """Write the shards `names` into the staging folder: ({shard: sha256 and bytes}, {tensor: error
     stats as JSON}, notes)."""
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
-    plan.global_scales = _global_scales(checkpoint, plan, options)
+    plan.global_scales = global_scales(checkpoint, plan, options)
     writeback = Writeback()
     try:
         files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress, names, writeback)
