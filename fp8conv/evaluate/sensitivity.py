@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import InputError, SchemeError
 from ..io.untrusted import load_json_file
 from ..layouts import DEFAULT_LAYOUT
+from ..plan.engines import DEFAULT_ENGINES
 from ..plan.fusion import fused_sets
 from ..plan.recipe import Recipe
 from ..plan.scheme import Scheme, mse_refusal, parse_override, parse_spec
@@ -106,7 +107,7 @@ def plan_candidates(src: Path, scheme: Scheme, promote: str | None, tile_is_defa
     from ..run.fitting import plan_fitted
     from ..run.planning import plan_recipe
 
-    recipe, checkpoint, plan = plan_fitted(src, Recipe(scheme=scheme, layout=DEFAULT_LAYOUT), tile_is_default)
+    recipe, checkpoint, plan = plan_fitted(src, Recipe(scheme=scheme, layout=DEFAULT_LAYOUT, engines=DEFAULT_ENGINES), tile_is_default)
     if plan.refusals:
         raise SchemeError(f"quantize would refuse this scheme for {src}: {plan.refusals[0]}")
     if plan.source_quant:
@@ -200,7 +201,7 @@ def check_overrides(src: Path, candidates: Candidates, chosen: list[Group]) -> f
     from ..run.planning import plan_recipe
 
     parsed = tuple(parse_override(text) for text in overrides(chosen, candidates.promote or ""))
-    recipe = Recipe(scheme=candidates.scheme, layout=DEFAULT_LAYOUT, schemes=parsed)
+    recipe = Recipe(scheme=candidates.scheme, layout=DEFAULT_LAYOUT, schemes=parsed, engines=DEFAULT_ENGINES)
     _, plan = plan_recipe(src, recipe)
     promoted = {n for g in chosen for n in g.tensors}
     for name, scheme in plan.schemes.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import SchemeError
-from ..formats import DEFAULT_FORMAT, TAG_OF_DTYPE
+from ..formats import DEFAULT_FORMAT, MICROSCALE, TAG_OF_DTYPE
 from ..plan.scheme import Scheme
 from .dequantize import dequantize_2d, dequantize_rows
 from .kernels import QuantizedTensor, quantize_2d
@@ -92,8 +92,12 @@ def reconstruct_array(array: np.ndarray, scheme: Scheme, global_scales: list | N
         tensor_scale = None if global_scales is None else np.float32(global_scales[i])
         q = quantize_2d(matrix, scheme, tensor_scale, name=name)
         resolved = scheme.for_source(TAG_OF_DTYPE.get(np.dtype(matrix.dtype), "BF16"))
-        grid = resolved.scale_fmt.values(q.scales, q.global_scale) if resolved.microscale else q.scales.astype(np.float32)
-        out[i] = dequantize_rows(q.codes, grid, resolved, out_dtype, q.zero_points)
+        codes, grid = q.codes, q.scales.astype(np.float32)
+        if resolved.microscale:  # scale codes relative to the global scale; e2m1 codes two to a byte
+            grid = resolved.scale_fmt.values(q.scales, q.global_scale)
+            if MICROSCALE[resolved.microscale].packed:
+                codes = resolved.fmt.unpack_codes(codes, matrix.shape[1])
+        out[i] = dequantize_rows(codes, grid, resolved, out_dtype, q.zero_points)
     return out.reshape(array.shape)
 
 
