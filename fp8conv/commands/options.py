@@ -12,7 +12,7 @@ from ..formats import DEFAULT_FORMAT, MICROSCALE, format_choices
 from ..plan.architecture import DEFAULT_RULES
 from ..plan.scheme import (ACTIVATIONS, GRANULARITIES, MAX_TILE, OBSERVERS, Scheme, default_granularity, mse_refusal,
                            microscale_scheme, parse_block_size)
-from ..evaluate.quality import DEFAULT_TOKENS, DEFAULT_WINDOW
+from ..evaluate.quality import DEFAULT_TOKENS, DEFAULT_WINDOW, ENGINES
 from .console import RegistryChoice
 
 
@@ -96,8 +96,11 @@ def eval_options(func):
                      help="Tokens of the text to use (decoders)."),
         click.option("--window", type=click.IntRange(2, 10**6), default=DEFAULT_WINDOW, show_default=True,
                      help="Tokens per forward pass; metrics are given per window and overall."),
-        click.option("--eval-engine", "eval_engine", type=click.Choice(["transformers"]), default="transformers",
-                     show_default=True, help="Engine that runs both models."),
+        click.option("--eval-engine", "eval_engine", type=click.Choice(list(ENGINES)), default=None,
+                     help="Engine that runs both models: transformers (dequantize on load, float32), or vllm (its own "
+                          "kernels, in the checkpoint's dtype; vLLM from this Python or FP8CONV_VLLM_PYTHON's, in a "
+                          "child process; decoders only) [default: the first available, transformers wherever the "
+                          "eval extra is installed]."),
         click.option("--max-kl", type=click.FloatRange(0, min_open=True), default=None, callback=finite,
                      help="Largest mean KL(source || quantized) per token, nats [default: per scheme, see README]."),
         click.option("--min-top1", type=click.FloatRange(0, 1), default=None,

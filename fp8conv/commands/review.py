@@ -111,9 +111,10 @@ def _evaluate(out: Path, against: Path, text, tokens, window, eval_engine, max_k
               record: bool = True) -> dict:
     """Run the eval (library), record it in OUT (not for verify: it reads only), return its JSON; exit 2 with one
     line when the extra is missing."""
-    from ..evaluate.quality import require_eval_extra
+    from ..evaluate.quality import default_engine, require_eval_extra
 
     require_eval_extra()
+    eval_engine = eval_engine or default_engine()
     from ..evaluate import models as evaluation
     from ..report import annotate
 

@@ -10,8 +10,12 @@ top-1 agreement, both perplexities, NaN/Inf logits. Encoder metrics per sentence
 mean-pooled embeddings. Both models run in float32 after loading in the checkpoint's own dtype, and
 are loaded one after the other: the source's log-probs wait in a temporary file, one window in memory.
 
-Library API (#28 uses it for per-layer sensitivity): `evaluate(src, out, ...) -> EvalResult`;
-for a model already in memory, `window_logprobs(model, ids)` and `compare_window(ref_logp, logp, ids)`.
+Engines: `transformers` (here) and `vllm` (vllm_engine.py: SRC and OUT run by vLLM in a child process, the same
+token windows, the same compare_window on its full-vocabulary log-probs).
+
+Library API (#28 uses it for per-layer sensitivity): `evaluate(src, out, ...) -> EvalResult`,
+`evaluate_many(src, outs, ...)` (one vLLM process for SRC and every OUT); for a model already in memory,
+`window_logprobs(model, ids)` and `compare_window(ref_logp, logp, ids)`.
 """
 from __future__ import annotations
 
@@ -29,14 +33,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, SchemeError
 from ..io.untrusted import load_json_file
 from ..layouts.base import Layout
+from . import vllm_engine
 from .quality import DEFAULT_SENTENCES, DEFAULT_TOKENS, DEFAULT_WINDOW, EvalResult, WindowStats, default_gate
 
 CORPUS = Path(__file__).resolve().parent / "data" / "eval_corpus.txt"
 CORPUS_NAME = "built-in (fp8conv/evaluate/data/eval_corpus.txt, CC0-1.0)"
-ENGINES = ("transformers",)
 
 
 # ---- the models ---------------------------------------------------------------------------------
@@ -230,11 +234,11 @@ def evaluate(src: Path, out: Path, text: Path | None = None, tokens: int = DEFAU
              window: int = DEFAULT_WINDOW, engine: str = "transformers", gate: dict | None = None,
              progress: Callable[[str], None] = lambda message: None) -> EvalResult:
     """Load SRC, then OUT, on `engine`; compare on the text; judge against `gate` (per-scheme default)."""
+    if engine == "vllm":
+        return evaluate_many(src, [out], text, tokens, window, engine, gate, progress)[0]
     start = time.monotonic()
     kind = model_kind(src)
-    schemes = checkpoint_schemes(out)
-    result = EvalResult(kind, engine, str(src), str(out), CORPUS_NAME if text is None else str(text), window, schemes,
-                        {**default_gate(schemes), **(gate or {})})
+    result = _new_result(kind, engine, src, out, text, window, gate)
     torch.set_grad_enabled(False)
     run = _run_decoder if kind == "decoder" else _run_encoder
     run(Path(src), Path(out), read_text(text), tokens, window, result, progress)
@@ -242,6 +246,67 @@ def evaluate(src: Path, out: Path, text: Path | None = None, tokens: int = DEFAU
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result.judge()
     return result
+
+
+def _new_result(kind: str, engine: str, src: Path, out: Path, text: Path | None, window: int,
+                gate: dict | None) -> EvalResult:
+    schemes = checkpoint_schemes(out)
+    return EvalResult(kind, engine, str(src), str(out), CORPUS_NAME if text is None else str(text), window, schemes,
+                      {**default_gate(schemes), **(gate or {})})
+
+
+def evaluate_many(src: Path, outs: list[Path], text: Path | None = None, tokens: int = DEFAULT_TOKENS,
+                  window: int = DEFAULT_WINDOW, engine: str = "transformers", gate: dict | None = None,
+                  progress: Callable[[str], None] = lambda message: None) -> list[EvalResult]:
+    """evaluate() for each OUT against one SRC; with vLLM, SRC and every OUT run in one vLLM process (one start-up)
+    and each result's seconds / peak RSS are the whole run's (peak: this process's or vLLM's, the larger)."""
+    if engine != "vllm":
+        return [evaluate(src, out, text, tokens, window, engine, gate, progress) for out in outs]
+    start = time.monotonic()
+    if model_kind(src) != "decoder":
+        raise SchemeError(f"{src}: --eval-engine vllm compares next-token log-probs of causal LMs; this model is an "
+                          "encoder: use --eval-engine transformers (embedding cosine)")
+    vllm_engine.require_vllm()
+    for out in outs:
+        loader_config(out)  # the same refusal as transformers' for a layout no engine loads
+    results = [_new_result("decoder", engine, src, out, text, window, gate) for out in outs]
+    windows = token_windows(load_tokenizer(outs[0], src), read_text(text), tokens, window)
+    progress(f"vLLM: {len(windows)} window(s) of {len(windows[0])} tokens, the source then {len(outs)} checkpoint(s) "
+             "in one process")
+    child_rss = _run_vllm(Path(src), [Path(o) for o in outs], windows, results, progress)
+    own_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for result in results:
+        result.seconds, result.peak_rss_bytes = time.monotonic() - start, max(own_rss, child_rss)
+        result.judge()
+    return results
+
+
+def _run_vllm(src: Path, outs: list[Path], windows: list[torch.Tensor], results: list[EvalResult], progress) -> int:
+    """SRC and OUTs through vLLM; fills each result's windows or load_error. Returns vLLM's peak RSS."""
+    refs: dict[int, np.ndarray] = {}
+    source_error: list[str] = []
+
+    def on_window(model: int, j: int, logp: np.ndarray) -> None:
+        if model == 0:
+            refs[j] = logp  # memory-mapped, on disk until the run ends
+            return
+        result = results[model - 1]
+        if logp.shape != refs[j].shape:
+            result.load_error = f"vLLM gave {logp.shape} log-probs for window {j + 1}, the source {refs[j].shape}"
+        elif result.load_error is None:
+            result.windows.append(compare_window(torch.from_numpy(np.array(refs[j])), torch.from_numpy(np.array(logp)),
+                                                 windows[j]))
+
+    def on_failure(model: int, reason: str) -> None:
+        if model == 0:
+            source_error.append(reason)
+        else:
+            results[model - 1].load_error, results[model - 1].windows = reason, []
+
+    rss = vllm_engine.run_models([src, *outs], torch.stack(windows).numpy(), on_window, on_failure, progress)
+    if source_error:
+        raise InputError(f"{src}: vLLM could not run the source model: {source_error[0]}")
+    return rss
 
 
 def _load_quantized(out: Path, kind: str, result: EvalResult):

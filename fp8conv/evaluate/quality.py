@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError, MissingExtra
 from ..io.untrusted import load_json_file
+from .vllm_engine import vllm_python
 
 EVAL_NAME = "fp8conv.eval.json"
 EVAL_SCHEMA = 1
@@ -45,6 +46,17 @@ def eval_available() -> bool:
         return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "compressed_tensors"))
     except (ImportError, ValueError):  # a broken or blocked install counts as missing
         return False
+
+
+ENGINES = ("transformers", "vllm")  # the default is the first available (the eval extra makes transformers so)
+
+
+def default_engine() -> str:
+    """The first of ENGINES that can run here: transformers with the eval extra, else vLLM where an interpreter
+    imports it (the eval extra is still needed for the tokenizer and the metrics: require_eval_extra says so)."""
+    if eval_available() or vllm_python() is None:
+        return ENGINES[0]
+    return ENGINES[1]
 
 
 def require_eval_extra() -> None:
