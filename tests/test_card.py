@@ -53,6 +53,24 @@ def test_card_front_matter_merged_and_sections(sample, tmp_path):
 
 
 @pytest.mark.cli
+def test_card_of_a_source_without_readme_is_recognised_as_ours(sample, tmp_path):
+    """No SRC card, so no marker: verify still checks the quoted digest, and a re-render does not keep the old
+    card below the new one as if it were the source's."""
+    out = tmp_path / "q"
+    run_cli("quantize", sample("llama-tiny"), "-o", out, "-q")
+    card = (out / "README.md").read_text()
+    assert ORIGINAL_MARKER not in card and card.count("## What was done") == 1
+    verify = json.loads(run_cli("verify", out, "--json", "-q").stdout)
+    assert not [f for f in verify["findings"] if "README.md" in f["message"]], verify["findings"]
+    run_cli("card", out)
+    assert (out / "README.md").read_text() == card
+    manifest = out / "fp8conv.manifest.json"
+    manifest.write_text(manifest.read_text() + " ")
+    verify = json.loads(run_cli("verify", out, "--json", "-q").stdout)
+    assert any("quotes another manifest" in f["message"] for f in verify["findings"]), verify["findings"]
+
+
+@pytest.mark.cli
 def test_no_card_keeps_the_source_readme_and_verify_flags_a_stale_card(sample, tmp_path):
     src = shutil.copytree(sample("llama-tiny"), tmp_path / "llama-tiny")
     (src / "README.md").write_text("# Only the source's card\n")

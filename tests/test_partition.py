@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import signal
 
 import pytest
@@ -65,6 +66,36 @@ def test_dequantize_parts_merged_equal_one_run(sample, tmp_path):
         run_cli("dequantize", tmp_path / "fp8", "-o", tmp_path / "merged", "--partition", f"{index}/3", "-q")
     run_cli("merge", tmp_path / "merged", "--json")
     assert tree_digest(tmp_path / "merged") == tree_digest(tmp_path / "single")
+    # dequantize copies SRC's README.md (here the fp8 output's card) unchanged; so does the merge
+    assert (tmp_path / "merged" / "README.md").read_bytes() == (tmp_path / "fp8" / "README.md").read_bytes()
+
+
+def test_merge_writes_the_model_card_of_one_run(sample, tmp_path):
+    """The merged OUT gets the card a single run writes: same sections, SRC's README kept below, the manifest's
+    digest quoted (verify passes), the merge command as provenance; --no-card copies SRC's README instead."""
+    from fp8conv.report.card import ORIGINAL_MARKER, card_digest_matches, split_front_matter
+
+    src = tmp_path / "with-card"
+    shutil.copytree(sample("llama-tiny"), src)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Tiny llama\n\nThe source's own card.\n")
+    run_cli("quantize", src, "-o", tmp_path / "single", *SHARDS, "-q")
+    for no_card, out in ((False, tmp_path / "merged"), (True, tmp_path / "plain")):
+        for index in (2, 1):
+            run_cli("quantize", src, "-o", out, *SHARDS, "--partition", f"{index}/2", "-q")
+        run_cli("merge", out, *(["--no-card"] if no_card else []))
+    keys, body = split_front_matter((tmp_path / "merged" / "README.md").read_text())
+    single_keys, single_body = split_front_matter((tmp_path / "single" / "README.md").read_text())
+    assert keys["fp8conv_command"] == f"fp8conv merge {tmp_path / 'merged'}" and keys["license"] == "apache-2.0"
+    assert {k: v for k, v in keys.items() if k != "fp8conv_command"} == \
+        {k: v for k, v in single_keys.items() if k != "fp8conv_command"}
+    assert card_digest_matches(tmp_path / "merged") is True
+    section = re.compile(r"## What was done.*?## Provenance", re.S)
+    assert section.search(body).group(0) == section.search(single_body).group(0)
+    assert body.split(ORIGINAL_MARKER)[1] == single_body.split(ORIGINAL_MARKER)[1]
+    assert "The source's own card." in body.split(ORIGINAL_MARKER)[1]
+    verify = json.loads(run_cli("verify", tmp_path / "merged", "--json", "-q").stdout)
+    assert verify["passed"], verify["findings"]
+    assert (tmp_path / "plain" / "README.md").read_bytes() == (src / "README.md").read_bytes()
 
 
 def test_assign_whole_shards_balanced_by_bytes():

@@ -3,6 +3,7 @@ same bytes as a local run, also when a task's worker is killed and Ray retries i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -90,6 +91,16 @@ def test_ray_cluster_matches_local_run(sample, tmp_path, cluster):
     assert result.returncode == 0, result.stderr
     assert tree_digest(tmp_path / "ray") == tree_digest(tmp_path / "local")
     assert not (tmp_path / ".ray.fp8conv-parts").exists()
+    # the model card too: the same as the local run's but for the command line it quotes
+    from fp8conv.report.card import card_digest_matches, split_front_matter
+
+    ray_keys, ray_body = split_front_matter((tmp_path / "ray" / "README.md").read_text())
+    local_keys, local_body = split_front_matter((tmp_path / "local" / "README.md").read_text())
+    assert "--ray" in ray_keys.pop("fp8conv_command") and ray_keys == {k: v for k, v in local_keys.items()
+                                                                        if k != "fp8conv_command"}
+    assert card_digest_matches(tmp_path / "ray") is True
+    done = re.compile(r"## What was done.*?## Provenance", re.S)
+    assert done.search(ray_body).group(0) == done.search(local_body).group(0)
 
 
 def ray_task_workers() -> list[psutil.Process]:

@@ -228,16 +228,23 @@ def dequantize(src, out, dtype, workers, max_shard_size, overwrite, resume, dry_
               help="SRC as seen from this host [default: the path the parts recorded].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--no-card", is_flag=True, help="Do not write the model card OUT/README.md (SRC's README.md is copied as is).")
 @handle_errors
-def merge(out, source, overwrite, as_json) -> None:
+def merge(out, source, overwrite, as_json, no_card) -> None:
     """Assemble OUT from the N parts of a partitioned run (--partition I/N): checks every part is
-    present and from the same run, then writes index, config, manifest and report and moves OUT
-    into place atomically. Same bytes as a single-machine run."""
-    from ..run import pipeline
+    present and from the same run, then writes index, config, manifest, report and model card and moves
+    OUT into place atomically. Same bytes as a single-machine run (the card names this command)."""
+    from ..plan.recipe import QUANTIZE
+    from ..report import card
     from ..report import text as render
+    from ..run import pipeline
     from ..run.partition import parts_dir
 
     area = parts_dir(out)
     result = pipeline.merge_parts(out, source, overwrite)
     emit(json.dumps(result.report, indent=2) if as_json
          else render.conversion_report(result.report, "merge", str(area), str(out)))
+    if no_card or result.command != QUANTIZE:  # a dequantized OUT keeps SRC's card, as dequantize does
+        card.keep_source_card(out, result.source)
+    else:
+        card.write_card(out, result.source, _command_line())

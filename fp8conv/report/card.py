@@ -84,6 +84,8 @@ def previous_card(out: Path) -> tuple[dict, str]:
     keys, body = split_front_matter(path.read_text(encoding="utf-8", errors="replace"))
     if ORIGINAL_MARKER in body:
         return keys, body.split(ORIGINAL_MARKER, 1)[1].lstrip("\n")
+    if DIGEST_KEY in keys:  # ours, over a source that had no card
+        return keys, ""
     return {}, path.read_text(encoding="utf-8", errors="replace")  # not ours: it is the source's card
 
 

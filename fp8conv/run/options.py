@@ -52,7 +52,8 @@ class QuantizeOptions:
 
 @dataclass
 class ConversionResult:
-    """A finished OUT (report set), or a finished part of a partitioned run (part and shards set)."""
+    """A finished OUT (report set), or a finished part of a partitioned run (part and shards set); a merge also
+    says what its parts ran (the recipe's command) and from which SRC, for the model card."""
 
     plan: ConversionPlan
     report: dict
@@ -61,3 +62,5 @@ class ConversionResult:
     notes: list[str]
     part: Partition | None = None
     shards: list[str] = field(default_factory=list)
+    command: str | None = None
+    source: Path | None = None

@@ -9,6 +9,7 @@ import shutil
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -228,7 +229,7 @@ def merge_parts(out: Path, source: Path | None = None, overwrite: bool = False) 
             stats.update(record.stats)
         result = finalize(checkpoint, plan, staging, files, stats, [])
     shutil.rmtree(area, ignore_errors=True)
-    return result
+    return replace(result, command=first.recipe.command, source=src)
 
 
 def _link(source: Path, target: Path) -> None:
