@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import math
 import os
 import shutil
 import signal
@@ -13,27 +12,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
 from ..accel import native
 from ..io.checkpoint import Checkpoint
 from ..plan.records import ConversionPlan
 from ..errors import EXIT_SIGHUP, EXIT_SIGINT, EXIT_SIGTERM, InputError, Interrupted, SchemeError
-from ..formats import SAFETENSORS_DTYPES
-from ..plan.fusion import fused_sets
 from ..io.hashing import PrefixHasher
 from .cpus import available_cpus
 from .jobs import close_handles, forget_handles, run_job
 from .work import Job
-from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.stats import ErrorStats
-from ..numerics.microscale import nvfp4_global_scale, tensor_amax
 from ..io.outdir import Staging, Writeback, undone_on_failure
 from .partition import (Partition, PartRecord, assign, check_against_plan, check_digest, collect, parts_dir,
                         read_record)
-from ..plan.decisions import CARRY
-from ..layouts.read import Readers, matrix_chunks
-from .reading import dequantized_chunks
 from ..plan.recipe import Recipe
 from .runner import run_parallel
 from .options import ConversionResult, Progress, QuantizeOptions, RunOptions  # noqa: F401  (API)
@@ -41,6 +31,7 @@ from .planning import make_dequantize_plan, make_plan, plan_recipe  # noqa: F401
 from .keys import resume_key, run_key
 from .shard_jobs import jobs_for_shard
 from .finalize import finalize
+from .global_scales import global_scales  # noqa: F401  (API: evaluate/probe.py)
 from ..io.safetensors import build_header, sha256_of, write_at
 
 INTERLEAVED_SHARDS = 4  # output shards converted (and hashed) side by side
@@ -295,41 +286,6 @@ def _prepare_shards(plan: ConversionPlan, staging: Staging, options: RunOptions,
     return files, jobs_by_shard, hashers
 
 
-def global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions) -> dict[str, list[np.float32]]:
-    """NVFP4 global scales, one per matrix, computed before any job from the amax of the whole tensor,
-    or of all partners of a fused set (q/k/v, gate/up, w1/w3) wherever their shards are."""
-    names = [n for n, s in plan.schemes.items() if s.global_scale and plan.decisions[n].action != CARRY]
-    if not names:
-        return {}
-    amax: dict[str, list[np.float32]] = {}
-    with Readers(checkpoint) as readers:
-
-        def chunks(name: str):
-            qw = plan.source_quant.get(name)
-            if qw is not None:
-                return dequantized_chunks(readers, qw, options.chunk_bytes)
-            return matrix_chunks(readers, plan.tensors[name], 1, options.chunk_bytes)
-
-        for name in names:
-            qw = plan.source_quant.get(name)
-            per = [np.float32(0)] * math.prod((qw.shape if qw is not None else plan.tensors[name].shape)[:-2])
-            for e, _, rows in chunks(name):
-                per[e] = np.maximum(per[e], tensor_amax(rows))
-            if not all(np.isfinite(a) for a in per):
-                raise microscale_nonfinite_error(name, plan.schemes[name].microscale, *count_nonfinite(rows for _, _, rows in chunks(name)))
-            amax[name] = per
-    # The arithmetic dtype is the weight's as the kernel sees it: the source dtype, or float32 when dequantized.
-    arith = {n: SAFETENSORS_DTYPES["F32" if n in plan.source_quant else plan.tensors[n].dtype] for n in names}
-    scales = {n: [nvfp4_global_scale(a, arith[n]) for a in per] for n, per in amax.items()}
-    logical = {plan.source_quant[n].name if n in plan.source_quant else n: n for n in names if len(amax[n]) == 1}
-    for group in fused_sets(list(logical)):
-        members = [logical[m] for m in group]
-        shared = nvfp4_global_scale(max(amax[n][0] for n in members), arith[members[0]])
-        for n in members:
-            scales[n] = [shared]
-    return scales
-
-
 def _merge_shard_stats(plan: ConversionPlan, jobs: list[tuple[str, Job]], job_stats: dict[int, ErrorStats],
                        stats: dict[str, ErrorStats], shard: str) -> dict[str, dict]:
     """Fold a finished shard's job statistics into `stats` and return the shard's tensors' stats as JSON.
@@ -346,7 +302,7 @@ def _convert(checkpoint: Checkpoint, plan: ConversionPlan, staging: Staging, opt
     """Write the shards `names` into the staging folder: ({shard: sha256 and bytes}, {tensor: error
     stats as JSON}, notes)."""
     sources = {shard.path.name: shard.path for shard in checkpoint.shards}
-    plan.global_scales = global_scales(checkpoint, plan, options)
+    plan.global_scales = global_scales(checkpoint, plan, options, _worker_init)
     writeback = Writeback()
     try:
         files, jobs_by_shard, hashers = _prepare_shards(plan, staging, options, sources, progress, names, writeback)

@@ -1,0 +1,50 @@
+"""NVFP4 global scales computed by forked workers over row ranges (run/global_scales.py): the same scales as
+the float64 reference of test_microscale from the amax the test takes itself, for any split and number of
+workers; NaN anywhere in a weight is refused with the whole weight's count."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fp8conv.errors import InputError
+from fp8conv.plan.scheme import microscale_scheme
+from fp8conv.run.global_scales import global_scales
+from fp8conv.run.options import QuantizeOptions, RunOptions
+from fp8conv.run.planning import make_plan
+from test_microscale import ref_global_scale
+from test_microscale_cli import BF16, save, sharded_llama
+
+pytestmark = pytest.mark.unit
+
+FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj", "v_proj"),
+         "v_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj"),
+         "up_proj": ("gate_proj", "up_proj"), "o_proj": ("o_proj",)}
+
+
+def nvfp4_plan(src):
+    return make_plan(src, QuantizeOptions(scheme=microscale_scheme("nvfp4")))
+
+
+@pytest.mark.parametrize("workers, job_bytes", [(1, 64 << 20), (2, 64 << 20), (2, 1000), (3, 128)])
+def test_scales_match_the_reference_for_any_split(tmp_path, workers, job_bytes):
+    src, tensors = sharded_llama(tmp_path / "src", [["q_proj", "gate_proj"], ["k_proj", "v_proj", "up_proj", "o_proj"]])
+    checkpoint, plan = nvfp4_plan(src)
+    scales = global_scales(checkpoint, plan, RunOptions(workers=workers, job_bytes=job_bytes))
+    amax = {name.split(".")[-2]: float(np.abs(w.astype(np.float64)).max()) for name, w in tensors.items()}
+    assert set(scales) == set(tensors)
+    for name in tensors:
+        member = name.split(".")[-2]
+        expected = ref_global_scale(max(amax[m] for m in FUSED[member]), BF16)
+        assert scales[name] == [np.float32(expected)], f"{name}: {scales[name]} != {expected}"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_nan_in_any_row_range_is_refused_with_the_whole_count(tmp_path, workers):
+    src = tmp_path / "src"
+    src.mkdir()
+    w = np.ones((64, 32), np.float32)
+    w[3, 1] = w[60, 30] = np.nan  # in the first and the last row range of 1 KiB
+    save(src / "model.safetensors", {"x.weight": w.astype(BF16), "y.weight": np.ones((16, 32), BF16)})
+    checkpoint, plan = nvfp4_plan(src)
+    with pytest.raises(InputError, match=r"x\.weight.*2 NaN"):
+        global_scales(checkpoint, plan, RunOptions(workers=workers, job_bytes=1024))
