@@ -10,12 +10,16 @@ import sys
 
 import click
 
-from . import __version__
-from .commands.console import EXIT_CODES_HELP, guard_std_streams, say
-from .commands.convert import dequantize, merge, quantize
-from .commands.review import card, eval_, inspect, report, verify
-from .commands.sensitivity import sensitivity
-from .errors import EXIT_SIGINT, EXIT_USAGE
+from .commands.console import numpy_without_blas_threads
+
+numpy_without_blas_threads()  # before the commands' imports load numpy
+
+from . import __version__  # noqa: E402
+from .commands.console import EXIT_CODES_HELP, guard_std_streams, say  # noqa: E402
+from .commands.convert import dequantize, merge, quantize  # noqa: E402
+from .commands.review import card, eval_, inspect, report, verify  # noqa: E402
+from .commands.sensitivity import sensitivity  # noqa: E402
+from .errors import EXIT_SIGINT, EXIT_USAGE  # noqa: E402
 
 
 class _Group(click.Group):

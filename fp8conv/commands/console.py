@@ -67,6 +67,21 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def numpy_without_blas_threads() -> None:
+    """Load numpy with one OpenBLAS thread, unless it is loaded already or the user set OPENBLAS_NUM_THREADS.
+    fp8conv makes no BLAS call where speed matters, but numpy's OpenBLAS starts a thread per usable CPU
+    when it loads, each spinning for a while for work that never comes: 0.15 s of CPU in a 2-core
+    conversion, taken from the workers (bench/RESULTS.md). OpenBLAS reads the variable as it loads, so it
+    is removed again at once: torch (eval, sensitivity) and child processes see the user's environment."""
+    if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import numpy  # noqa: F401
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
 def guard_std_streams() -> None:
     """Started with stdin/stdout/stderr closed (`2>&-`): put /dev/null there, so no file this run
     opens gets descriptor 1 or 2 (where a stray write would land in an output shard)."""
