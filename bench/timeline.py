@@ -1,10 +1,11 @@
 """Where a conversion's wall time goes: one run with timestamps on its phases (no profiler needed).
 
-    python3 bench/timeline.py SRC OUT --workers 16
+    python3 bench/timeline.py SRC OUT --workers 16 [--format nvfp4]
 
 Prints, in seconds from process start: imports done, plan done, first job started, last job
 finished, each shard hashed and fsynced, commit (final fsyncs + rename) done, exit; plus how busy
-the workers were (sum of job time / (workers x job span)).
+the workers were (sum of job time / (workers x job span)), and the CPU seconds of the parent (all its threads)
+and of the workers.
 """
 from __future__ import annotations
 
@@ -17,8 +18,12 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import resource  # noqa: E402
+
+from fp8conv.formats import MICROSCALE  # noqa: E402
 from fp8conv.io import hashing, outdir  # noqa: E402
-from fp8conv.run import pipeline
+from fp8conv.plan.scheme import Scheme, default_granularity, microscale_scheme  # noqa: E402
+from fp8conv.run import pipeline  # noqa: E402
 
 events: list[tuple[float, str]] = []
 
@@ -47,6 +52,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--workers", type=int, default=None,
                         help="1 runs the jobs inline, 2 or more in forked workers (default: fp8conv's default)")
+    parser.add_argument("--format", default="fp8_e4m3", help="fp8conv quantize --format (its default scheme)")
     args = parser.parse_args()
     mark("imports done")
     log_dir = Path(tempfile.mkdtemp(prefix="fp8tl-"))
@@ -95,7 +101,9 @@ def main() -> None:
     wrap(outdir.Staging, "mark_finished", "{1}: hashed", "{1}: fsynced + journaled")
     wrap(outdir.Staging, "commit", "commit start", "commit done (fsync all, rename)")
     wrap(pipeline, "finalize", "all shards done; finalize start", None)
-    checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions())
+    scheme = (microscale_scheme(args.format) if args.format in MICROSCALE
+              else Scheme(format=args.format, granularity=default_granularity(args.format, None)))
+    checkpoint, plan = pipeline.make_plan(args.src, pipeline.QuantizeOptions(scheme=scheme))
     mark("plan done")
     if args.workers is None:
         args.workers = pipeline.default_workers(len(plan.shards), hash_bound=pipeline.hash_bound(plan))
@@ -116,6 +124,9 @@ def main() -> None:
           f"job seconds per input GB {busy / (sum(s[2] for s in spans) / 1e9):.2f}")
     for name, (hashing_s, fadvise_s, _) in sorted(hashing_time.items()):
         print(f"{name}: {hashing_s:.2f} s in the hasher, of which {fadvise_s:.2f} s in posix_fadvise")
+    own, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"CPU s (user + sys): parent {own.ru_utime + own.ru_stime:.2f} ({own.ru_utime:.2f} + {own.ru_stime:.2f}), "
+          f"workers {workers.ru_utime + workers.ru_stime:.2f} ({workers.ru_utime:.2f} + {workers.ru_stime:.2f})")
     if writebacks:
         print(f"writeback requests: {len(writebacks)}, {sum(writebacks):.2f} s in all, longest {max(writebacks):.3f} s")
 
