@@ -4,7 +4,7 @@
         --checkpoint bench/data/llama-1g --make "--layers 2 --vocab 16000 --shard-bytes 0.35e9" --out t.md
 
 Each row: `fp8conv quantize` of the checkpoint (read once from the page cache before each timing), wall time
-median of --repeats, pinned to --cores with taskset; --workers N or "default" (fp8conv picks). With --cold,
+median of --repeats (and the median CPU seconds, user + sys of the process and its workers), pinned to --cores with taskset; --workers N or "default" (fp8conv picks). With --cold,
 one more run per tree and scheme comes first with empty caches: the package's bytecode removed and, for a
 tree that has numba, an empty NUMBA_CACHE_DIR (a fresh install's first run). With --ceiling, the write+fsync
 time of the largest output (64 MiB writes, one stream, the same disk). Never run in CI.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,12 +95,15 @@ def main() -> None:
                     except RuntimeError as exc:
                         row[f"{name} first run"] = None
                         print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
-            walls = []
+            walls, cpus = [], []
             for _ in range(args.repeats):
                 shutil.rmtree(out, ignore_errors=True)
                 warm(args.checkpoint)
                 try:
+                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
                     walls.append(timed(cmd, env)[0])
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
                 except RuntimeError as exc:
                     print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
                     break
@@ -107,7 +111,8 @@ def main() -> None:
                 largest = max(largest, output_bytes(out))
             row[name] = sorted(walls)[len(walls) // 2] if walls else None
             row[f"{name} runs"] = walls
-            print(f"{scheme} / {name}: {row[name]} {walls} {row.get(f'{name} first run', '')}", flush=True)
+            row[f"{name} cpu"] = sorted(cpus)[len(cpus) // 2] if cpus else None
+            print(f"{scheme} / {name}: {row[name]} {walls} {row.get(f'{name} first run', '')} cpu {cpus}", flush=True)
     if args.ceiling and largest:
         results["write_ceiling_s"] = write_seconds(largest, args.scratch)
         results["write_ceiling_bytes"] = largest
@@ -116,12 +121,14 @@ def main() -> None:
     lines = [f"Input {size / 1e9:.2f} GB bf16; cores {results['cores']}; --workers {args.workers}; median of "
              f"{args.repeats} (s, whole process).", ""]
     names = list(trees)
-    head = "| scheme | " + " | ".join(names) + (" | " + " | ".join(f"{n} first run" for n in names) if args.cold else "")
-    lines += [head + " |", "|---|" + "---:|" * (len(names) * (2 if args.cold else 1))]
+    head = ("| scheme | " + " | ".join(names) + (" | " + " | ".join(f"{n} first run" for n in names) if args.cold else "")
+            + " | " + " | ".join(f"{n} CPU s" for n in names))
+    lines += [head + " |", "|---|" + "---:|" * (len(names) * (3 if args.cold else 2))]
     for scheme, row in results["rows"].items():
         cells = [f"{row[n]:.2f}" if row.get(n) else "-" for n in names]
         if args.cold:
             cells += [f"{row[n + ' first run']:.2f}" if row.get(n + " first run") else "-" for n in names]
+        cells += [f"{row[n + ' cpu']:.2f}" if row.get(n + " cpu") else "-" for n in names]
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     if "write_ceiling_s" in results:
         lines += ["", f"write+fsync ceiling of the largest output ({largest / 1e9:.2f} GB): "
