@@ -945,6 +945,56 @@ done:
     return result;
 }
 
+/* ---- packing ------------------------------------------------------------------------------------- */
+
+/* pack_fields(codes, rows, cols, bits, out): integer codes (int8 [rows, cols], two's complement) into
+   compressed-tensors' pack-quantized bytes: field = code + 2^(bits-1) as an unsigned byte, 8 / bits fields
+   a byte, the first in the low bits; out uint8 [rows, row_bytes], its bytes past the last field zero
+   (integer.pack_int32, byte for byte, also for codes out of range). */
+CLONES static PyObject *pack_fields(PyObject *self, PyObject *args)
+{
+    Py_buffer codes, out;
+    Py_ssize_t rows, cols, row_bytes;
+    int bits;
+    if (!PyArg_ParseTuple(args, "y*nninw*", &codes, &rows, &cols, &bits, &row_bytes, &out))
+        return NULL;
+    PyObject *result = NULL;
+    const int per = bits > 0 && bits <= 8 && 8 % bits == 0 ? 8 / bits : 0;
+    if (!per || rows < 0 || cols < 0 || row_bytes * per < cols) {
+        PyErr_SetString(PyExc_ValueError, "pack_fields: bad shape or bits");
+        goto done;
+    }
+    if (!need(&codes, rows * cols, "codes") || !need(&out, rows * row_bytes, "out")) goto done;
+    {
+        const uint8_t *cd = codes.buf;
+        uint8_t *dst = out.buf;
+        const uint8_t offset = (uint8_t)(1u << (bits - 1));
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            const uint8_t *c = cd + r * cols;
+            uint8_t *o = dst + r * row_bytes;
+            Py_ssize_t k = 0;
+            if (per == 2) {
+                for (; 2 * k + 1 < cols; k++)
+                    o[k] = (uint8_t)((uint8_t)(c[2 * k] + offset) | (uint8_t)((uint8_t)(c[2 * k + 1] + offset) << 4));
+            }
+            for (; k < row_bytes; k++) {
+                uint8_t byte = 0;
+                for (int j = 0; j < per; j++) {
+                    Py_ssize_t i = k * per + j;
+                    if (i < cols) byte |= (uint8_t)((uint8_t)(c[i] + offset) << (j * bits));
+                }
+                o[k] = byte;
+            }
+        }
+        Py_END_ALLOW_THREADS
+        result = Py_NewRef(Py_None);
+    }
+done:
+    PyBuffer_Release(&codes); PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"tile_range", tile_range, METH_VARARGS, "per tile max |x| (or min and max) of a bf16/fp16/float32 source"},
     {"quantize", quantize, METH_VARARGS, "codes and error statistics of a source under given scales"},
@@ -954,6 +1004,7 @@ static PyMethodDef methods[] = {
     {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
     {"micro_search", micro_search, METH_VARARGS, "the microscale observers' per-group search of scale codes"},
+    {"pack_fields", pack_fields, METH_VARARGS, "integer codes packed as compressed-tensors' pack-quantized bytes"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -964,7 +1015,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 2
+ABI = 3
 
 try:
     from . import _native
@@ -167,6 +167,15 @@ def micro_stats(weight: np.ndarray, group: int, codes: np.ndarray, packed: bool,
                         np.ascontiguousarray(values, np.float32), np.ascontiguousarray(divisor, np.float32),
                         float(qmax), stats)
     return stats
+
+
+def pack_fields(codes: np.ndarray, bits: int, row_bytes: int) -> np.ndarray:
+    """uint8 [rows, row_bytes]: integer codes (int8 [rows, cols]) + 2^(bits-1) as unsigned fields, 8 / bits a
+    byte, the first in the low bits, zero past the last (formats/integer.pack_int32's bytes)."""
+    rows, cols = codes.shape
+    out = np.empty((rows, row_bytes), np.uint8)
+    _native.pack_fields(np.ascontiguousarray(codes).view(np.uint8), rows, cols, bits, row_bytes, out)
+    return out
 
 
 def mse_search(tiles: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zero: bool, fmt,
