@@ -817,18 +817,22 @@ done:
     return result;
 }
 
-/* One block of groups of the microscale search, transposed so that each loop runs across groups: element c
-   of group g at xt[c * width + g]. For every candidate code of every group, the sum over the group's
-   elements, in order, of (float64(value(y) * d) - x)^2 with y = x / d (divide) or x * reciprocal, clamped
-   to +-qmax (observers.microscale_errors); each group's sum stays sequential (across groups only the
-   lanes run side by side), so it is the reference's float64 sum bit for bit. `divide` is a constant at
-   each call, so each variant is compiled branch free. */
-HOT void micro_search_block(const float *restrict xt, Py_ssize_t width, Py_ssize_t group, const uint8_t *first,
-                            const int32_t *steps, Py_ssize_t k_count, int low, int high, const float *div_table,
-                            const float *rcp_table, const int divide, FloatFormat ff, float qmax, double keep,
-                            uint8_t *restrict codes, double *restrict best, double *restrict minmax,
-                            float *restrict dv, float *restrict rc, double *restrict acc)
+/* One block of groups of the microscale search, transposed so that each loop runs across groups: |element c|
+   of group g at ax[c * width + g] (float32; axd: the same in float64). For every candidate code of every
+   group, the sum over the group's elements, in order, of (float64(value(y) * d) - x)^2 with y = x / d
+   (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). Computed on magnitudes:
+   d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is symmetric), and
+   the square of the difference is the same. Each group's sum stays sequential (across groups only the
+   lanes run side by side), so it is the reference's float64 sum bit for bit. `divide` is a constant at each
+   call, so each variant is compiled branch free. */
+HOT void micro_search_block(const float *restrict ax, const double *restrict axd, Py_ssize_t width,
+                            Py_ssize_t group, const uint8_t *first, const int32_t *steps, Py_ssize_t k_count,
+                            int low, int high, const float *div_table, const float *rcp_table, const int divide,
+                            FloatFormat ff, float qmax, double keep, uint8_t *restrict codes,
+                            double *restrict best, double *restrict minmax, float *restrict dv,
+                            float *restrict rc, double *restrict acc)
 {
+    const uint32_t qbits = bits_of(qmax); /* magnitudes order like their bit patterns */
     for (Py_ssize_t k = 0; k < k_count; k++) {
         for (Py_ssize_t g = 0; g < width; g++) {
             int code = (int)first[g] + steps[k];
@@ -839,15 +843,13 @@ HOT void micro_search_block(const float *restrict xt, Py_ssize_t width, Py_ssize
             acc[g] = 0.0;
         }
         for (Py_ssize_t c = 0; c < group; c++) {
-            const float *x = xt + c * width;
+            const float *x = ax + c * width;
+            const double *xd = axd + c * width;
             for (Py_ssize_t g = 0; g < width; g++) {
-                float y = divide ? x[g] / dv[g] : x[g] * rc[g];
-                uint32_t yb = bits_of(y), code;
-                float a = float_of(yb & 0x7FFFFFFFu);
-                a = a < qmax ? a : qmax;
-                float mag = fp_magnitude(a, ff, &code);
-                float v = float_of(bits_of(mag) | (yb & 0x80000000u));
-                double diff = (double)(v * dv[g]) - (double)x[g];
+                uint32_t yb = bits_of(divide ? x[g] / dv[g] : x[g] * rc[g]), code;
+                yb = yb < qbits ? yb : qbits;
+                float mag = fp_magnitude(float_of(yb), ff, &code);
+                double diff = (double)(mag * dv[g]) - xd[g];
                 acc[g] += diff * diff;
             }
         }
@@ -893,7 +895,7 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     uint32_t *raw = NULL;
     float *xt = NULL, *dv = NULL, *rc = NULL;
-    double *acc = NULL;
+    double *xd = NULL, *acc = NULL;
     Encoding e;
     const Py_ssize_t k_count = steps.len / 4;
     if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
@@ -908,10 +910,11 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
         goto done;
     raw = malloc((size_t)(SEARCH_WIDTH * group) * 4);
     xt = malloc((size_t)(SEARCH_WIDTH * group) * 4);
+    xd = malloc((size_t)(SEARCH_WIDTH * group) * 8);
     dv = malloc(SEARCH_WIDTH * 4);
     rc = malloc(SEARCH_WIDTH * 4);
     acc = malloc(SEARCH_WIDTH * 8);
-    if (!raw || !xt || !dv || !rc || !acc) { PyErr_NoMemory(); goto done; }
+    if (!raw || !xt || !xd || !dv || !rc || !acc) { PyErr_NoMemory(); goto done; }
     {
         const uint8_t *fc = first.buf;
         const int32_t *st = steps.buf;
@@ -927,19 +930,23 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
             load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
             if (any_nonfinite(raw, width * group)) { bad = 1; break; }
             for (Py_ssize_t g = 0; g < width; g++)
-                for (Py_ssize_t c = 0; c < group; c++) xt[c * width + g] = float_of(raw[g * group + c]);
+                for (Py_ssize_t c = 0; c < group; c++) {
+                    float a = float_of(raw[g * group + c] & 0x7FFFFFFFu);
+                    xt[c * width + g] = a;
+                    xd[c * width + g] = (double)a;
+                }
             if (divide)
-                micro_search_block(xt, width, group, fc + g0, st, k_count, low, high, dt, rt, 1, ff, qmax, keep,
+                micro_search_block(xt, xd, width, group, fc + g0, st, k_count, low, high, dt, rt, 1, ff, qmax, keep,
                                    out + g0, err + g0, mm + g0, dv, rc, acc);
             else
-                micro_search_block(xt, width, group, fc + g0, st, k_count, low, high, dt, rt, 0, ff, qmax, keep,
+                micro_search_block(xt, xd, width, group, fc + g0, st, k_count, low, high, dt, rt, 0, ff, qmax, keep,
                                    out + g0, err + g0, mm + g0, dv, rc, acc);
         }
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad);
     }
 done:
-    free(raw); free(xt); free(dv); free(rc); free(acc);
+    free(raw); free(xt); free(xd); free(dv); free(rc); free(acc);
     PyBuffer_Release(&src); PyBuffer_Release(&first); PyBuffer_Release(&steps); PyBuffer_Release(&div_table);
     PyBuffer_Release(&rcp_table); PyBuffer_Release(&codes); PyBuffer_Release(&error); PyBuffer_Release(&minmax_error);
     return result;
