@@ -817,61 +817,64 @@ done:
     return result;
 }
 
-/* One block of groups of the microscale search, transposed so that each loop runs across groups: |element c|
-   of group g at ax[c * width + g] (float32; axd: the same in float64). For every candidate code of every
-   group, the sum over the group's elements, in order, of (float64(value(y) * d) - x)^2 with y = x / d
-   (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). Computed on magnitudes:
-   d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is symmetric), and
-   the square of the difference is the same. Each group's sum stays sequential (across groups only the
-   lanes run side by side), so it is the reference's float64 sum bit for bit. `divide` is a constant at each
-   call, so each variant is compiled branch free. */
-HOT void micro_search_block(const float *restrict ax, const double *restrict axd, Py_ssize_t width,
-                            Py_ssize_t group, const uint8_t *first, const int32_t *steps, Py_ssize_t k_count,
-                            int low, int high, const float *div_table, const float *rcp_table, const int divide,
-                            FloatFormat ff, float qmax, double keep, uint8_t *restrict codes,
-                            double *restrict best, double *restrict minmax, float *restrict dv,
-                            float *restrict rc, double *restrict acc)
+/* The microscale search of one chunk of 8 groups, transposed so that the 8 groups run side by side (one
+   vector): |element c| of group j at ax[c * 8 + j] (float32; axd: the same in float64). For every candidate
+   code of each group, the sum over the group's elements, in order, of (float64(value(y) * d) - x)^2 with
+   y = x / d (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). Computed on
+   magnitudes: d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is
+   symmetric), and the square of the difference is the same. Each group's sum stays sequential in its own
+   lane, so it is the reference's float64 sum bit for bit. `divide` is a constant at each call, so each
+   variant is compiled branch free. */
+#define CHUNK 8
+HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd, Py_ssize_t group,
+                            const uint8_t *first, const int32_t *steps, Py_ssize_t k_count, int low, int high,
+                            const float *div_table, const float *rcp_table, const int divide, FloatFormat ff,
+                            uint32_t qbits, double keep, uint8_t *restrict codes, double *restrict best,
+                            double *restrict minmax)
 {
-    const uint32_t qbits = bits_of(qmax); /* magnitudes order like their bit patterns */
+    double chosen[CHUNK]; /* the index of each group's best candidate so far (a double: the lanes of best's) */
     for (Py_ssize_t k = 0; k < k_count; k++) {
-        for (Py_ssize_t g = 0; g < width; g++) {
-            int code = (int)first[g] + steps[k];
+        float d[CHUNK], r[CHUNK];
+        double acc[CHUNK];
+        for (int j = 0; j < CHUNK; j++) {
+            int code = (int)first[j] + steps[k];
             code = code < low ? low : code;
             code = code > high ? high : code;
-            dv[g] = div_table[code];
-            rc[g] = rcp_table[code];
-            acc[g] = 0.0;
+            d[j] = div_table[code];
+            r[j] = rcp_table[code];
+            acc[j] = 0.0;
         }
         for (Py_ssize_t c = 0; c < group; c++) {
-            const float *x = ax + c * width;
-            const double *xd = axd + c * width;
-            for (Py_ssize_t g = 0; g < width; g++) {
-                uint32_t yb = bits_of(divide ? x[g] / dv[g] : x[g] * rc[g]), code;
-                yb = yb < qbits ? yb : qbits;
+            const float *x = ax + c * CHUNK;
+            const double *xd = axd + c * CHUNK;
+            for (int j = 0; j < CHUNK; j++) {
+                uint32_t yb = bits_of(divide ? x[j] / d[j] : x[j] * r[j]), code;
+                yb = yb < qbits ? yb : qbits; /* magnitudes order like their bit patterns */
                 float mag = fp_magnitude(float_of(yb), ff, &code);
-                double diff = (double)(mag * dv[g]) - xd[g];
-                acc[g] += diff * diff;
+                double diff = (double)(mag * d[j]) - xd[j];
+                acc[j] += diff * diff;
             }
         }
         if (k == 0) {
-            for (Py_ssize_t g = 0; g < width; g++) {
-                best[g] = minmax[g] = acc[g];
-                codes[g] = first[g];
+            for (int j = 0; j < CHUNK; j++) {
+                best[j] = minmax[j] = acc[j];
+                chosen[j] = 0.0;
             }
         } else {
-            for (Py_ssize_t g = 0; g < width; g++) {
-                int code = (int)first[g] + steps[k];
-                code = code < low ? low : code;
-                code = code > high ? high : code;
-                int better = acc[g] < best[g] * keep;
-                best[g] = better ? acc[g] : best[g];
-                codes[g] = better ? (uint8_t)code : codes[g];
+            const double kk = (double)k;
+            for (int j = 0; j < CHUNK; j++) {
+                int better = acc[j] < best[j] * keep;
+                best[j] = better ? acc[j] : best[j];
+                chosen[j] = better ? kk : chosen[j];
             }
         }
     }
+    for (int j = 0; j < CHUNK; j++) {
+        int code = (int)first[j] + steps[(int)chosen[j]];
+        code = code < low ? low : code;
+        codes[j] = (uint8_t)(code > high ? high : code);
+    }
 }
-
-#define SEARCH_WIDTH 64 /* groups per block: a block of 32-element groups is 8 KiB of float32 */
 
 /* micro_search(src, kind, n, group, first, steps, low, high, div_table, rcp_table, divide, mbits, bias, qmax,
    margin, codes, error, minmax_error) -> nonfinite
@@ -894,8 +897,8 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
         return NULL;
     PyObject *result = NULL;
     uint32_t *raw = NULL;
-    float *xt = NULL, *dv = NULL, *rc = NULL;
-    double *xd = NULL, *acc = NULL;
+    float *xt = NULL;
+    double *xd = NULL;
     Encoding e;
     const Py_ssize_t k_count = steps.len / 4;
     if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
@@ -908,13 +911,10 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
         || !need(&div_table, 256 * 4, "div_table") || !need(&rcp_table, 256 * 4, "rcp_table")
         || !need(&codes, n, "codes") || !need(&error, n * 8, "error") || !need(&minmax_error, n * 8, "minmax_error"))
         goto done;
-    raw = malloc((size_t)(SEARCH_WIDTH * group) * 4);
-    xt = malloc((size_t)(SEARCH_WIDTH * group) * 4);
-    xd = malloc((size_t)(SEARCH_WIDTH * group) * 8);
-    dv = malloc(SEARCH_WIDTH * 4);
-    rc = malloc(SEARCH_WIDTH * 4);
-    acc = malloc(SEARCH_WIDTH * 8);
-    if (!raw || !xt || !xd || !dv || !rc || !acc) { PyErr_NoMemory(); goto done; }
+    raw = malloc((size_t)(CHUNK * group) * 4);
+    xt = malloc((size_t)(CHUNK * group) * 4);
+    xd = malloc((size_t)(CHUNK * group) * 8);
+    if (!raw || !xt || !xd) { PyErr_NoMemory(); goto done; }
     {
         const uint8_t *fc = first.buf;
         const int32_t *st = steps.buf;
@@ -922,31 +922,42 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
         uint8_t *out = codes.buf;
         double *err = error.buf, *mm = minmax_error.buf;
         const FloatFormat ff = e.ff;
+        const uint32_t qbits = bits_of(qmax);
         const double keep = 1.0 - margin;
         int bad = 0;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t g0 = 0; g0 < n; g0 += SEARCH_WIDTH) {
-            Py_ssize_t width = n - g0 < SEARCH_WIDTH ? n - g0 : SEARCH_WIDTH;
+        for (Py_ssize_t g0 = 0; g0 < n; g0 += CHUNK) {
+            /* A last chunk of fewer groups is padded with all-zero groups at code `low` (results dropped). */
+            Py_ssize_t width = n - g0 < CHUNK ? n - g0 : CHUNK;
+            uint8_t fpad[CHUNK], cpad[CHUNK];
+            double bpad[CHUNK], mpad[CHUNK];
             load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
             if (any_nonfinite(raw, width * group)) { bad = 1; break; }
-            for (Py_ssize_t g = 0; g < width; g++)
+            for (Py_ssize_t j = 0; j < CHUNK; j++) {
+                fpad[j] = j < width ? fc[g0 + j] : (uint8_t)low;
                 for (Py_ssize_t c = 0; c < group; c++) {
-                    float a = float_of(raw[g * group + c] & 0x7FFFFFFFu);
-                    xt[c * width + g] = a;
-                    xd[c * width + g] = (double)a;
+                    float a = j < width ? float_of(raw[j * group + c] & 0x7FFFFFFFu) : 0.0f;
+                    xt[c * CHUNK + j] = a;
+                    xd[c * CHUNK + j] = (double)a;
                 }
+            }
             if (divide)
-                micro_search_block(xt, xd, width, group, fc + g0, st, k_count, low, high, dt, rt, 1, ff, qmax, keep,
-                                   out + g0, err + g0, mm + g0, dv, rc, acc);
+                micro_search_chunk(xt, xd, group, fpad, st, k_count, low, high, dt, rt, 1, ff, qbits, keep, cpad,
+                                   bpad, mpad);
             else
-                micro_search_block(xt, xd, width, group, fc + g0, st, k_count, low, high, dt, rt, 0, ff, qmax, keep,
-                                   out + g0, err + g0, mm + g0, dv, rc, acc);
+                micro_search_chunk(xt, xd, group, fpad, st, k_count, low, high, dt, rt, 0, ff, qbits, keep, cpad,
+                                   bpad, mpad);
+            for (Py_ssize_t j = 0; j < width; j++) {
+                out[g0 + j] = cpad[j];
+                err[g0 + j] = bpad[j];
+                mm[g0 + j] = mpad[j];
+            }
         }
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad);
     }
 done:
-    free(raw); free(xt); free(xd); free(dv); free(rc); free(acc);
+    free(raw); free(xt); free(xd);
     PyBuffer_Release(&src); PyBuffer_Release(&first); PyBuffer_Release(&steps); PyBuffer_Release(&div_table);
     PyBuffer_Release(&rcp_table); PyBuffer_Release(&codes); PyBuffer_Release(&error); PyBuffer_Release(&minmax_error);
     return result;
