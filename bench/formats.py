@@ -4,10 +4,13 @@
         --checkpoint bench/data/llama-1g --make "--layers 2 --vocab 16000 --shard-bytes 0.35e9" --out t.md
 
 Each row: `fp8conv quantize` of the checkpoint (read once from the page cache before each timing), wall time
-median of --repeats (and the median CPU seconds, user + sys of the process and its workers), pinned to --cores with taskset; --workers N or "default" (fp8conv picks). With --cold,
-one more run per tree and scheme comes first with empty caches: the package's bytecode removed and, for a
-tree that has numba, an empty NUMBA_CACHE_DIR (a fresh install's first run). With --ceiling, the write+fsync
-time of the largest output (64 MiB writes, one stream, the same disk). Never run in CI.
+median of --repeats (and the median CPU seconds, user + sys of the process and its workers), pinned to --cores
+with taskset; --workers N or "default" (fp8conv picks). With --cold, one more run per tree and scheme comes
+first with empty caches: the package's bytecode removed and, for a tree that has numba, an empty
+NUMBA_CACHE_DIR (a source checkout's first run). With --bytecode, each tree's bytecode is compiled before its
+timed runs, as pip install leaves it (without it, a run under PYTHONDONTWRITEBYTECODE=1, as on the device
+hosts, compiles every fp8conv module it imports, every time). With --ceiling, the write+fsync time of the
+largest output (64 MiB writes, one stream, the same disk). Never run in CI.
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
     parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--bytecode", action="store_true",
+                        help="compile each tree's bytecode before its timed runs (what pip install does); without it, "
+                             "a run under PYTHONDONTWRITEBYTECODE=1 compiles every module it imports")
     parser.add_argument("--ceiling", action="store_true")
     parser.add_argument("--env", action="append", default=[], help="NAME:VAR=VALUE: extra environment for one tree")
     parser.add_argument("--out", type=Path, required=True, help="markdown table (and .json beside it)")
@@ -95,6 +101,9 @@ def main() -> None:
                     except RuntimeError as exc:
                         row[f"{name} first run"] = None
                         print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
+            if args.bytecode:  # as pip install leaves it, also under PYTHONDONTWRITEBYTECODE=1
+                subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(tree, "fp8conv"))], check=True,
+                               stdout=subprocess.DEVNULL)
             walls, cpus = [], []
             for _ in range(args.repeats):
                 shutil.rmtree(out, ignore_errors=True)
