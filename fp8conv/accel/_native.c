@@ -989,12 +989,15 @@ CLONES static PyObject *pack_fields(PyObject *self, PyObject *args)
         const uint8_t offset = (uint8_t)(1u << (bits - 1));
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < rows; r++) {
-            const uint8_t *c = cd + r * cols;
-            uint8_t *o = dst + r * row_bytes;
+            const uint8_t *restrict c = cd + r * cols;
+            uint8_t *restrict o = dst + r * row_bytes;
             Py_ssize_t k = 0;
             if (per == 2) {
-                for (; 2 * k + 1 < cols; k++)
-                    o[k] = (uint8_t)((uint8_t)(c[2 * k] + offset) | (uint8_t)((uint8_t)(c[2 * k + 1] + offset) << 4));
+                const Py_ssize_t pairs = cols / 2;
+                for (; k < pairs; k++) {
+                    uint8_t lo = (uint8_t)(c[2 * k] + offset), hi = (uint8_t)(c[2 * k + 1] + offset);
+                    o[k] = (uint8_t)(lo | (uint8_t)(hi << 4));
+                }
             }
             for (; k < row_bytes; k++) {
                 uint8_t byte = 0;
