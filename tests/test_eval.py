@@ -203,15 +203,15 @@ def test_minilm_eval_uses_embedding_cosine(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_formats_finite_ordered_and_pass_defaults(smollm2, tmp_path):
-    """Weight-only INT8 < FP8 (W8A8) < INT4 on the real model; FP8 block with its fitted default block runs too."""
+    """Weight-only INT8 < FP8 (W8A8) < NVFP4 < INT4 on the real model; FP8 block with its fitted default block runs too."""
     kl = {}
-    for label in ("int8 channel", "fp8_e4m3 channel", "int4 w4a16"):  # NVFP4: the tiny model's test
+    for label in ("int8 channel", "fp8_e4m3 channel", "nvfp4 w4a16", "int4 w4a16"):
         out = quantize(smollm2, tmp_path / label.replace(" ", "-"), *FORMATS[label])
         data = eval_json(out, smollm2, "--tokens", "128", "--window", "128")
         assert data["passed"], (label, data["reasons"], data["overall"])
         assert np.isfinite(data["overall"]["kl"]) and data["overall"]["nonfinite"] == 0
         kl[label] = data["overall"]["kl"]
-    assert kl["int8 channel"] < kl["fp8_e4m3 channel"] < kl["int4 w4a16"], kl
+    assert kl["int8 channel"] < kl["fp8_e4m3 channel"] < kl["nvfp4 w4a16"] < kl["int4 w4a16"], kl
     # 128x128 blocks with dynamic group-128 activations cannot run on 576 input features; the default block is
     # fitted (#25) to one every engine loads, and that output runs and passes its gate.
     out = quantize(smollm2, tmp_path / "fp8-block", *FORMATS["fp8_e4m3 block"])
