@@ -1,4 +1,4 @@
-"""Cost of the mse observer against min-max quantization of the same weight (target: mse <= 3x).
+"""Cost of the mse / expanded observers against min-max quantization of the same weights (target: <= 2x).
 
     PYTHONPATH=$PWD python3 bench/observer_cost.py [--rows 2048] [--cols 2048] [--repeats 5]
     PYTHONPATH=$PWD python3 bench/observer_cost.py --checkpoint DIR [--workers 2] [--repeats 3]
@@ -9,8 +9,11 @@ statistics; the numpy path and the compiled path) and with the mse
 observer (backend "auto": its candidates evaluated by the C kernels where built, then the quantization with
 those scales; "mse numpy": the numpy reference search). Median of `--repeats` runs.
 
-With --checkpoint: whole `fp8conv quantize` runs of that checkpoint per scheme, min-max and mse, and
+With --checkpoint: whole `fp8conv quantize` runs of that checkpoint per scheme and observer (min-max, mse,
+expanded for NVFP4; `--schemes`, `--observers`; mse is refused for FP8 block / INT4 / INT8 since #28), and
 the CPU time (user + system) of the child process and its workers, plus the wall time.
+
+    PYTHONPATH=$PWD python3 bench/observer_cost.py --checkpoint bench/data/smollm2-135m-bf16 --workers 1 --repeats 3
 """
 from __future__ import annotations
 
@@ -57,26 +60,29 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def whole_runs(src: Path, workers: int, repeats: int) -> None:
+def whole_runs(src: Path, workers: int, repeats: int, schemes: list[str], observers: list[str]) -> None:
+    """Whole conversions per scheme and observer (an observer a scheme refuses is left out), interleaved."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     print(f"checkpoint {src}, --workers {workers}, median of {repeats}; load average before: {os.getloadavg()}")
-    print("| scheme | minmax CPU s | mse CPU s | mse / minmax CPU | minmax wall s | mse wall s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| scheme | observer | CPU s (user + sys) | / minmax CPU | wall s |")
+    print("| --- | --- | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cli in CLI_SCHEMES.items():
-            cpu: dict[str, list[float]] = {"minmax": [], "mse": []}
-            wall: dict[str, list[float]] = {"minmax": [], "mse": []}
+        for name in schemes:
+            allowed = [o for o in observers if o in ("minmax", "mse") or (o == "expanded" and name == "nvfp4")]
+            cpu: dict[str, list[float]] = {o: [] for o in allowed}
+            wall: dict[str, list[float]] = {o: [] for o in allowed}
             for _ in range(repeats):
-                for observer in ("minmax", "mse"):
+                for observer in allowed:
                     cmd = [sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", f"{tmp}/{name}-{observer}",
-                           "--overwrite", "-q", "--workers", str(workers), "--observer", observer, *cli]
+                           "--overwrite", "-q", "--workers", str(workers), "--observer", observer, *CLI_SCHEMES[name]]
                     c0, t0 = children_cpu(), time.perf_counter()
                     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
                     wall[observer].append(time.perf_counter() - t0)
                     cpu[observer].append(children_cpu() - c0)
             c, w = {k: float(np.median(v)) for k, v in cpu.items()}, {k: float(np.median(v)) for k, v in wall.items()}
-            print(f"| {name} | {c['minmax']:.2f} | {c['mse']:.2f} | {c['mse'] / c['minmax']:.2f}x | {w['minmax']:.2f} "
-                  f"| {w['mse']:.2f} |", flush=True)
+            for observer in allowed:
+                ratio = f"{c[observer] / c['minmax']:.2f}x" if "minmax" in c else "-"
+                print(f"| {name} | {observer} | {c[observer]:.2f} | {ratio} | {w[observer]:.2f} |", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
@@ -87,9 +93,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", type=Path, help="time whole conversions of this checkpoint instead")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--schemes", default="nvfp4,mxfp4,mxfp8", help=f"with --checkpoint: of {','.join(CLI_SCHEMES)}")
+    parser.add_argument("--observers", default="minmax,mse,expanded", help="with --checkpoint (expanded: nvfp4 only)")
     args = parser.parse_args()
     if args.checkpoint:
-        return whole_runs(args.checkpoint, args.workers, args.repeats)
+        return whole_runs(args.checkpoint, args.workers, args.repeats, args.schemes.split(","), args.observers.split(","))
     rng = np.random.default_rng(0)
     w = (rng.standard_t(5, size=(args.rows, args.cols)) * 0.02).astype(ml_dtypes.bfloat16)
     cases = [

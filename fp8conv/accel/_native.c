@@ -817,17 +817,18 @@ done:
     return result;
 }
 
-/* The microscale search of one chunk of 8 groups, transposed so that the 8 groups run side by side (one
-   vector): |element c| of group j at ax[c * 8 + j] (float32; axd: the same in float64). For every candidate
-   code of each group, the sum over the group's elements, in order, of (float64(value(y) * d) - x)^2 with
-   y = x / d (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). Computed on
+/* The microscale search of one chunk of CHUNK groups, transposed so that the groups run side by side (lanes
+   of vectors): |element c| of group j at ax[c * CHUNK + j] (float32; axd: the same in float64). For every
+   candidate code of each group, the sum over the group's elements, in order, of (float64(value(y) * d) - x)^2
+   with y = x / d (divide) or x * reciprocal, clamped to +-qmax (observers.microscale_errors). Computed on
    magnitudes: d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is
    symmetric), and the square of the difference is the same. Each group's sum stays sequential in its own
    lane, so it is the reference's float64 sum bit for bit. `divide` is a constant at each call, so each
-   variant is compiled branch free. */
-#define CHUNK 8
+   variant is compiled branch free. 16 groups: four independent float64 sums per element step (AVX2),
+   measured faster than 8 and as fast as 32. */
+#define CHUNK 16
 HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd, Py_ssize_t group,
-                            const uint8_t *first, const int32_t *steps, Py_ssize_t k_count, int low, int high,
+                            const int32_t *first, const int32_t *steps, Py_ssize_t k_count, int low, int high,
                             const float *div_table, const float *rcp_table, const int divide, FloatFormat ff,
                             uint32_t qbits, double keep, uint8_t *restrict codes, double *restrict best,
                             double *restrict minmax)
@@ -836,8 +837,9 @@ HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd
     for (Py_ssize_t k = 0; k < k_count; k++) {
         float d[CHUNK], r[CHUNK];
         double acc[CHUNK];
+        const int32_t step = steps[k];
         for (int j = 0; j < CHUNK; j++) {
-            int code = (int)first[j] + steps[k];
+            int32_t code = first[j] + step;
             code = code < low ? low : code;
             code = code > high ? high : code;
             d[j] = div_table[code];
@@ -929,18 +931,23 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
         for (Py_ssize_t g0 = 0; g0 < n; g0 += CHUNK) {
             /* A last chunk of fewer groups is padded with all-zero groups at code `low` (results dropped). */
             Py_ssize_t width = n - g0 < CHUNK ? n - g0 : CHUNK;
-            uint8_t fpad[CHUNK], cpad[CHUNK];
+            int32_t fpad[CHUNK];
+            uint8_t cpad[CHUNK];
             double bpad[CHUNK], mpad[CHUNK];
             load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
-            if (any_nonfinite(raw, width * group)) { bad = 1; break; }
+            if (width < CHUNK) memset(raw + width * group, 0, (size_t)((CHUNK - width) * group) * 4);
+            uint32_t nonfinite = 0;
             for (Py_ssize_t j = 0; j < CHUNK; j++) {
-                fpad[j] = j < width ? fc[g0 + j] : (uint8_t)low;
+                fpad[j] = j < width ? (int32_t)fc[g0 + j] : low;
+                const uint32_t *rj = raw + j * group;
                 for (Py_ssize_t c = 0; c < group; c++) {
-                    float a = j < width ? float_of(raw[j * group + c] & 0x7FFFFFFFu) : 0.0f;
-                    xt[c * CHUNK + j] = a;
-                    xd[c * CHUNK + j] = (double)a;
+                    uint32_t b = rj[c] & 0x7FFFFFFFu;
+                    nonfinite |= b >= 0x7F800000u;
+                    xt[c * CHUNK + j] = float_of(b);
+                    xd[c * CHUNK + j] = (double)float_of(b);
                 }
             }
+            if (nonfinite) { bad = 1; break; }
             if (divide)
                 micro_search_chunk(xt, xd, group, fpad, st, k_count, low, high, dt, rt, 1, ff, qbits, keep, cpad,
                                    bpad, mpad);
