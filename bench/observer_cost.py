@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python3 bench/observer_cost.py [--rows 2048] [--cols 2048] [--repeats 5]
     PYTHONPATH=$PWD python3 bench/observer_cost.py --checkpoint DIR [--workers 2] [--repeats 3]
+    PYTHONPATH=$PWD python3 bench/observer_cost.py --search --rows 1024 --cols 4096 --repeats 20
 
 For each scheme: the CPU time (time.process_time: this process, one thread; robust on a shared,
 loaded machine, unlike wall time) of `kernels.quantize_2d` with min-max scales (scales + codes + error
@@ -86,16 +87,42 @@ def whole_runs(src: Path, workers: int, repeats: int, schemes: list[str], observ
     print(f"load average after: {os.getloadavg()}")
 
 
+def search_runs(rows: int, cols: int, repeats: int) -> None:
+    """CPU ms of the NVFP4 scale-code search alone (observers.mse_microscale) on both backends: expanded's 11
+    candidates, mse's 9 and the min-max code alone (the fixed cost: loading, transposing, one candidate)."""
+    from fp8conv.formats import MICROSCALE
+    from fp8conv.numerics import expanded, observers
+    from fp8conv.numerics import microscale as ms
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((rows, cols)) * 0.02).astype(ml_dtypes.bfloat16)
+    micro = MICROSCALE["nvfp4"]
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype)
+    first = ms.nvfp4_group_scales(ms.weight_group_amax(w, 16), gs, w.dtype)
+    print(f"NVFP4 search of {rows}x{cols} bf16 (Gaussian), CPU ms, median of {repeats}")
+    print("| backend | 11 candidates (expanded) | 9 (mse) | 1 (min-max code) |")
+    print("| --- | ---: | ---: | ---: |")
+    for backend, compiled in (("native", True), ("numpy", False)):
+        if compiled and not native.AVAILABLE:
+            continue
+        times = [median_time(lambda: observers.mse_microscale(w, micro, first, gs, use_compiled=compiled, steps=steps),
+                             repeats) * 1e3 for steps in (expanded.NVFP4_STEPS, observers.NVFP4_CODE_STEPS, (0,))]
+        print(f"| {backend} | " + " | ".join(f"{t:.1f}" for t in times) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--checkpoint", type=Path, help="time whole conversions of this checkpoint instead")
+    parser.add_argument("--search", action="store_true", help="time the NVFP4 scale-code search alone instead")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--schemes", default="nvfp4,mxfp4,mxfp8", help=f"with --checkpoint: of {','.join(CLI_SCHEMES)}")
     parser.add_argument("--observers", default="minmax,mse,expanded", help="with --checkpoint (expanded: nvfp4 only)")
     args = parser.parse_args()
+    if args.search:
+        return search_runs(args.rows, args.cols, args.repeats)
     if args.checkpoint:
         return whole_runs(args.checkpoint, args.workers, args.repeats, args.schemes.split(","), args.observers.split(","))
     rng = np.random.default_rng(0)
