@@ -937,16 +937,14 @@ CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
             load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
             if (width < CHUNK) memset(raw + width * group, 0, (size_t)((CHUNK - width) * group) * 4);
             uint32_t nonfinite = 0;
-            for (Py_ssize_t j = 0; j < CHUNK; j++) {
-                fpad[j] = j < width ? (int32_t)fc[g0 + j] : low;
-                const uint32_t *rj = raw + j * group;
-                for (Py_ssize_t c = 0; c < group; c++) {
-                    uint32_t b = rj[c] & 0x7FFFFFFFu;
+            for (Py_ssize_t j = 0; j < CHUNK; j++) fpad[j] = j < width ? (int32_t)fc[g0 + j] : low;
+            for (Py_ssize_t c = 0; c < group; c++)
+                for (int j = 0; j < CHUNK; j++) {
+                    uint32_t b = raw[j * group + c] & 0x7FFFFFFFu;
                     nonfinite |= b >= 0x7F800000u;
                     xt[c * CHUNK + j] = float_of(b);
-                    xd[c * CHUNK + j] = (double)float_of(b);
                 }
-            }
+            for (Py_ssize_t i = 0; i < CHUNK * group; i++) xd[i] = (double)xt[i];
             if (nonfinite) { bad = 1; break; }
             if (divide)
                 micro_search_chunk(xt, xd, group, fpad, st, k_count, low, high, dt, rt, 1, ff, qbits, keep, cpad,

@@ -198,6 +198,8 @@ def micro_search(weight: np.ndarray, group: int, first: np.ndarray, steps: tuple
     [n_groups], or None when the weight holds NaN / Inf."""
     src, kind = source(weight)
     n = weight.size // group
+    if weight.size % group or np.size(first) != n:
+        raise ValueError(f"micro_search: {weight.shape} elements do not form the {np.size(first)} groups of {group} given")
     codes = np.empty(n, np.uint8)
     error = np.empty(n, np.float64)
     minmax_error = np.empty(n, np.float64)
