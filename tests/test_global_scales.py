@@ -3,6 +3,9 @@ the float64 reference of test_microscale from the amax the test takes itself, fo
 workers; NaN anywhere in a weight is refused with the whole weight's count."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -48,3 +51,30 @@ def test_nan_in_any_row_range_is_refused_with_the_whole_count(tmp_path, workers)
     checkpoint, plan = nvfp4_plan(src)
     with pytest.raises(InputError, match=r"x\.weight.*2 NaN"):
         global_scales(checkpoint, plan, RunOptions(workers=workers, job_bytes=1024))
+
+
+def test_workers_inherit_ml_dtypes_from_the_parent(tmp_path):
+    """A bf16 source loads ml_dtypes (1-2 s with 0.7.0) once, in the parent before the fork, not in each worker:
+    a fresh interpreter whose workers note whether it was loaded when their first item started."""
+    src, _ = sharded_llama(tmp_path / "src", [["q_proj", "gate_proj"], ["k_proj", "v_proj"]])
+    notes = tmp_path / "notes.txt"
+    code = f"""
+import sys
+from fp8conv.plan.scheme import microscale_scheme
+from fp8conv.run import global_scales as gs
+from fp8conv.run.options import QuantizeOptions, RunOptions
+from fp8conv.run.planning import make_plan
+assert "ml_dtypes" not in sys.modules
+checkpoint, plan = make_plan({str(src)!r}, QuantizeOptions(scheme=microscale_scheme("nvfp4")))
+original = gs._amax
+def noted(*args):
+    with open({str(notes)!r}, "a") as fh:
+        fh.write(str("ml_dtypes" in sys.modules) + "\\n")
+    return original(*args)
+gs._amax = noted
+gs.global_scales(checkpoint, plan, RunOptions(workers=2, job_bytes=2048))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    seen = notes.read_text().split()
+    assert len(seen) > 2 and set(seen) == {"True"}, seen

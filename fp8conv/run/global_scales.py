@@ -37,6 +37,9 @@ def global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpti
     names = [n for n, s in plan.schemes.items() if s.global_scale and plan.decisions[n].action != CARRY]
     if not names:
         return {}
+    # The arithmetic dtype is the weight's as the kernel sees it: the source dtype, or float32 when dequantized.
+    # Resolved here, before any fork: a bf16 source loads ml_dtypes (0.1-2 s) once, not in every worker.
+    arith = {n: SAFETENSORS_DTYPES["F32" if n in plan.source_quant else plan.tensors[n].dtype] for n in names}
     amax = {name: [np.float32(0)] * _matrices(plan, name) for name in names}
     items = [item for name in names for item in _items(plan, name, options.job_bytes)]
 
@@ -61,7 +64,7 @@ def global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOpti
             with Readers(checkpoint) as readers:
                 counts = count_nonfinite(rows for _, _, rows in _chunks(readers, plan, options, name))
             raise microscale_nonfinite_error(name, plan.schemes[name].microscale, *counts)
-    return _scales(plan, names, amax)
+    return _scales(plan, names, amax, arith)
 
 
 def _matrices(plan: ConversionPlan, name: str) -> int:
@@ -109,10 +112,9 @@ def _amax(readers: Readers, plan: ConversionPlan, options: RunOptions, item: Ite
     return [found]
 
 
-def _scales(plan: ConversionPlan, names: list[str], amax: dict[str, list[np.float32]]) -> dict[str, list[np.float32]]:
-    """Each matrix's scale from its amax; one shared scale for the members of a fused set."""
-    # The arithmetic dtype is the weight's as the kernel sees it: the source dtype, or float32 when dequantized.
-    arith = {n: SAFETENSORS_DTYPES["F32" if n in plan.source_quant else plan.tensors[n].dtype] for n in names}
+def _scales(plan: ConversionPlan, names: list[str], amax: dict[str, list[np.float32]], arith: dict[str, np.dtype]
+            ) -> dict[str, list[np.float32]]:
+    """Each matrix's scale from its amax (in its arithmetic dtype); one shared scale for a fused set's members."""
     scales = {n: [nvfp4_global_scale(a, arith[n]) for a in per] for n, per in amax.items()}
     logical = {plan.source_quant[n].name if n in plan.source_quant else n: n for n in names if len(amax[n]) == 1}
     for group in fused_sets(list(logical)):
