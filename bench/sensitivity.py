@@ -6,9 +6,9 @@ the most, and a --scheme override list that keeps them at higher precision withi
 OUT is an `fp8conv quantize` output; its fp8conv.report.json gives each quantized tensor's relative RMS
 error r and shape. The estimate of a tensor's damage is its share of the model's squared weight error
 measured relative to each tensor's own size, r^2 (the noise-to-signal power of the layer's output for
-inputs uncorrelated with the error). This is a proxy: issue #28 asks for the KL moved by quantizing one
-layer at a time, which the evaluation library of #27 was to provide; it was not wired in by 15:30, so
-this script says only what the weights say, and the list it suggests is unvalidated.
+inputs uncorrelated with the error). This is a proxy: `fp8conv sensitivity` measures the KL each group's
+quantization moves; bench/sensitivity_check.py uses this estimate as the naive baseline that the measured
+ranking is compared with (bench/QUALITY.md, *Layer sensitivity*).
 
 Promotion: tensors in descending r^2 are moved to --promote (default FP8 e4m3 channel: 8 bits plus one
 float32 scale per row) while the whole model's bits per quantized weight stays within --budget.

@@ -191,6 +191,10 @@ def test_record_writes_the_file_lists_it_and_shows_it(tiny, tmp_path):
     run_cli("quantize", tiny, "-o", out, "-q", "--format", "int4", "--group-size", "64")
     data = sensitivity_json(tiny, "--format", "int4", "--group-size", "64", "--record", out)
     assert read_json(out / SENSITIVITY_NAME) == data
+    # the probe (fp8conv's reconstruction) and eval (the engine's loader) measure the same model: within 1e-6
+    evaluation = json.loads(run_cli("eval", out, "--against", tiny, "--json", "-q", "--tokens", "64", "--window", "32").stdout)
+    assert evaluation["overall"]["tokens"] == data["tokens"] == 62
+    assert data["kl_all"] == pytest.approx(evaluation["overall"]["kl"], rel=1e-6)
     assert SENSITIVITY_NAME in read_json(out / "fp8conv.manifest.json")["files"]
     page = (out / "fp8conv.report.html").read_text()
     assert 'id="sensitivity"' in page and data["groups"][0]["group"] in page

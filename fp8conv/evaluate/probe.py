@@ -27,7 +27,8 @@ from ..plan.scheme import Scheme
 from .models import (CORPUS_NAME, compare_window, load_model, load_tokenizer, model_kind, read_text, token_windows,
                      window_logprobs)
 from .quality import WindowStats
-from .sensitivity import check_budget, check_overrides, choose, plan_candidates, result_json, total
+from .sensitivity import (DEFAULT_TOKENS, DEFAULT_WINDOW, check_budget, check_overrides, choose, plan_candidates,
+                          result_json, total)
 
 
 class Probe:
@@ -100,7 +101,7 @@ def _metrics(stats: WindowStats) -> tuple[float | None, float]:
 
 
 def measure(src: Path, scheme: Scheme, promote: str | None = None, budget: float | None = None,
-            text: Path | None = None, tokens: int = 512, window: int = 512, tile_is_default: bool = True,
+            text: Path | None = None, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW, tile_is_default: bool = True,
             progress: Callable[[str], None] = lambda message: None) -> dict:
     """Rank SRC's module groups by the KL their quantization under `scheme` causes alone; with `budget`, the
     groups to keep at `promote` within it. Returns the result JSON (evaluate.sensitivity.result_json)."""
