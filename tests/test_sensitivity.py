@@ -26,7 +26,8 @@ from fp8conv.evaluate.sensitivity import (SENSITIVITY_NAME, Candidates, Group, c
                                           plan_candidates)
 from fp8conv.numerics.api import reconstruct_array  # noqa: E402
 from fp8conv.plan.scheme import Scheme, parse_override, parse_spec  # noqa: E402
-from fp8conv.run.pipeline import RunOptions, global_scales  # noqa: E402
+from fp8conv.run.global_scales import global_scales  # noqa: E402
+from fp8conv.run.options import RunOptions  # noqa: E402
 
 pytestmark = pytest.mark.interop
 INT4 = Scheme(format="int4", granularity="group", group_size=64)

@@ -105,7 +105,8 @@ def measure(src: Path, scheme: Scheme, promote: str | None = None, budget: float
             progress: Callable[[str], None] = lambda message: None) -> dict:
     """Rank SRC's module groups by the KL their quantization under `scheme` causes alone; with `budget`, the
     groups to keep at `promote` within it. Returns the result JSON (evaluate.sensitivity.result_json)."""
-    from ..run.pipeline import RunOptions, global_scales
+    from ..run.global_scales import global_scales
+    from ..run.options import RunOptions
 
     start = time.monotonic()
     checkpoint, plan, candidates = plan_candidates(src, scheme, promote if budget is not None else None, tile_is_default)
