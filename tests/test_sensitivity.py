@@ -23,7 +23,7 @@ pytest.importorskip("compressed_tensors")
 
 from fp8conv.evaluate import probe as probing  # noqa: E402
 from fp8conv.evaluate.sensitivity import (SENSITIVITY_NAME, Candidates, Group, check_overrides, choose,  # noqa: E402
-                                          plan_candidates)
+                                          plan_candidates, summary_text)
 from fp8conv.numerics.api import reconstruct_array  # noqa: E402
 from fp8conv.plan.scheme import Scheme, parse_override, parse_spec  # noqa: E402
 from fp8conv.run.global_scales import global_scales  # noqa: E402
@@ -168,6 +168,11 @@ def test_suggestion_parses_in_quantize_and_meets_the_budget(tiny, tmp_path):
     config = read_json(out / "config.json")["quantization_config"]["config_groups"]
     targets = {t for g in config.values() if g["weights"]["num_bits"] == 8 for t in g["targets"]}
     assert {t[: -len(".weight")] for t in promoted} <= targets
+    # On this random model the groups' KLs do not add up (all quantized is below the sum of the groups): the
+    # suggestion's own measured KL says whether it helps, and a mix that does not is flagged, not sold.
+    assert suggestion["lowers_kl"] == (suggestion["kl_mix"] < data["kl_all"])
+    text = summary_text(data)
+    assert ("warning: on this text the suggestion's probe KL is not below" in text) == (not suggestion["lowers_kl"])
 
 
 def test_record_writes_the_file_lists_it_and_shows_it(tiny, tmp_path):

@@ -59,6 +59,10 @@ def sensitivity(src, fmt, granularity, block_size, group_size, activations, asym
     scheme = build_scheme(fmt, granularity, block_size, group_size, activations, asymmetric, observer)
     data = probe.measure(src, scheme, promote, budget, text, tokens, window, tile_is_default,
                          progress=lambda m: quiet or say(f"fp8conv: sensitivity: {m}"))
+    if data["suggestion"] is not None and not data["suggestion"]["lowers_kl"]:
+        from ..evaluate.sensitivity import UNHELPFUL
+
+        say(f"fp8conv: warning: {UNHELPFUL}")
     if record is not None:
         from ..report import annotate
 

@@ -145,6 +145,7 @@ def measure(src: Path, scheme: Scheme, promote: str | None = None, budget: float
     data = result_json(src, candidates, measured, budget, chosen, checked)
     if data["suggestion"] is not None:
         data["suggestion"]["kl_mix"] = kl_mix
+        data["suggestion"]["lowers_kl"] = kl_mix is not None and kl_all is not None and kl_mix < kl_all
     return data
 
 

@@ -217,6 +217,10 @@ def check_overrides(src: Path, candidates: Candidates, chosen: list[Group]) -> f
 # ---- the result ------------------------------------------------------------------------------------
 
 
+UNHELPFUL = ("on this text the suggestion's probe KL is not below the uniform scheme's: the groups' effects do not "
+             "add up on this model, so the ranking does not pick the mix; check any mix with `fp8conv eval` first")
+
+
 def result_json(src: Path, candidates: Candidates, measured: dict, budget: float | None, chosen: list[Group] | None,
                 checked_bits: float | None) -> dict:
     """Everything `fp8conv sensitivity` reports (written as OUT/fp8conv.sensitivity.json with --record)."""
@@ -270,6 +274,8 @@ def summary_text(data: dict, top: int = 20) -> str:
                      f"{suggestion['bits_per_weight']:.4f} bits per weight, probe KL "
                      f"{_num(suggestion.get('kl_mix'), 5)} (uniform: {_num(data['kl_all'], 5)})")
         lines += [f"  --scheme '{o}'" for o in suggestion["overrides"]]
+        if not suggestion.get("lowers_kl", True):
+            lines.append(f"warning: {UNHELPFUL}")
     return "\n".join(lines)
 
 
