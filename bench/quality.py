@@ -170,18 +170,18 @@ def convert(model: str, scheme: str, variant: str) -> Path:
     dst = conv_path(model, scheme, variant)
     if dst.exists():
         return dst
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     src = MODELS[model]()
     tool, observer = variant.split(":", 1)
     work = OUT / f"work-{os.getpid()}"  # one per process: two runs never share it
-    qdir, ddir = work / "q", work / "deq"
+    qdir = work / "q"
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.time()
     if tool == "fp8conv":
         args = SCHEMES[scheme]["fp8conv"] + (["--observer", observer] if observer != "minmax" else [])
-        run([sys.executable, "-m", "fp8conv", "quantize", str(src), "-o", str(qdir), "-q", "--workers", "1", *args])
+        # The command line refuses --observer mse where it lost or was not measured (plan/scheme.py
+        # mse_refusal); the harness measures the library's observer there through the same command.
+        run([sys.executable, "-c", LIFTED_REFUSAL, "quantize", str(src), "-o", str(qdir), "-q", "--workers", "1",
+             *args])
         names = quantized_modules(qdir)
     elif tool == "llmc":
         names = modules_of(model, scheme)
@@ -191,6 +191,17 @@ def convert(model: str, scheme: str, variant: str) -> Path:
     else:
         raise SystemExit(f"unknown tool {tool!r} in {variant}")
     seconds = time.time() - t0
+    return cache_dequantized(model, scheme, variant, qdir, names, seconds, work)
+
+
+def cache_dequantized(model: str, scheme: str, variant: str, qdir: Path, names: list[str], seconds: float,
+                      work: Path) -> Path:
+    """Dequantize a quantized folder (fp8conv or compressed-tensors) with fp8conv, keep `names`, cache them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst = conv_path(model, scheme, variant)
+    ddir = work / "deq"
     run([sys.executable, "-m", "fp8conv", "dequantize", str(qdir), "-o", str(ddir), "-q", "--dtype", "fp32",
          "--workers", "1"])
     tensors = {}
@@ -205,6 +216,21 @@ def convert(model: str, scheme: str, variant: str) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     log(f"converted {model} {scheme} {variant} in {seconds:.1f} s")
     return dst
+
+
+LIFTED_REFUSAL = ("import sys; import fp8conv.commands.options as o; o.mse_refusal = lambda scheme: None; "
+                  "sys.argv[0] = 'fp8conv'; from fp8conv.cli import main; main()")
+
+
+def import_quantized(model: str, scheme: str, variant: str, shard: Path, config: Path, seconds: float) -> Path:
+    """Cache a conversion made elsewhere (llm-compressor on the GPU machine: one safetensors file and its
+    config.json), dequantized by fp8conv like every other variant."""
+    work = OUT / f"work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "q").mkdir(parents=True)
+    shutil.copy(shard, work / "q" / "model.safetensors")
+    shutil.copy(config, work / "q" / "config.json")
+    return cache_dequantized(model, scheme, variant, work / "q", modules_of(model, scheme), seconds, work)
 
 
 def modules_of(model: str, scheme: str) -> list[str]:
@@ -407,6 +433,10 @@ def main() -> None:
     r.add_argument("--schemes", default=",".join(SCHEMES))
     r.add_argument("--variants", default="fp8conv:minmax,fp8conv:mse")
     r.add_argument("--decision", default="", help="label of the decision this run reports on")
+    i = sub.add_parser("import", help="cache a quantized safetensors file made elsewhere (e.g. on a GPU machine)")
+    for flag in ("--model", "--scheme", "--variant", "--shard", "--config"):
+        i.add_argument(flag, required=True)
+    i.add_argument("--seconds", type=float, default=0.0, help="its conversion time, where it was made")
     c = sub.add_parser("convert")
     c.add_argument("--models", default="smollm2,gemma3,minilm")
     c.add_argument("--schemes", default=",".join(SCHEMES))
@@ -421,6 +451,9 @@ def main() -> None:
     if args.cmd == "build":
         for build in MODELS.values():
             log(f"ready: {build()}")
+        return
+    if args.cmd == "import":
+        import_quantized(args.model, args.scheme, args.variant, Path(args.shard), Path(args.config), args.seconds)
         return
     if args.cmd == "tables":
         print(tables(args.split))
