@@ -54,7 +54,6 @@ def objectives(x: np.ndarray, scale, zero, reconstruct, out) -> np.ndarray:
 
 def choose(x, scheme, params, reconstruct, store) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per variant, the chosen float32 (scale, zero) of every group of x (float32 [n, 64])."""
-    n = x.shape[0]
     out = np.empty_like(x)
     lo, hi = observers.tile_range(x)
     s0, z0 = params(lo, hi)

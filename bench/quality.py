@@ -403,7 +403,8 @@ def tables(split: str) -> str:
             latest[(r["model"], r["text"], r["scheme"], r["variant"])] = r
     out = []
     for scheme in SCHEMES:
-        cols = [c for c in COLUMNS if any(k[2] == scheme and k[3] == c for k in latest)]
+        seen = {k[3] for k in latest if k[2] == scheme}
+        cols = [c for c in COLUMNS if c in seen] + sorted(seen - set(COLUMNS))
         if not cols:
             continue
         out += [f"### {scheme}", "", "| pair | " + " | ".join(cols) + " |", "| --- |" + " ---: |" * len(cols)]

@@ -258,6 +258,7 @@ def test_both_kernel_paths_write_the_same_bytes():
 
 @pytest.mark.cli
 @pytest.mark.parametrize("args", [["--format", "int4", "--group-size", "32", "--asymmetric", "--observer", "hqq"],
+                                  ["--format", "int4", "--group-size", "32", "--observer", "mse"],
                                   ["--format", "nvfp4", "--observer", "expanded"],
                                   ["--format", "nvfp4", "--observer", "mse"]])
 def test_cli_bytes_do_not_depend_on_workers_or_backend(sample, tmp_path, monkeypatch, args):

@@ -496,7 +496,7 @@ def test_mse_with_tensor_granularity_is_refused():
 @pytest.mark.parametrize("args", [("--format", "fp8_e4m3", "--granularity", "block"),
                                   ("--format", "fp8_e4m3", "--granularity", "channel"),
                                   ("--format", "int8", "--granularity", "channel"),
-                                  ("--format", "int4", "--group-size", "32"),
+                                  ("--format", "int4", "--granularity", "channel"),
                                   ("--format", "int4", "--group-size", "32", "--asymmetric")])
 def test_cli_observer_mse_is_refused_where_it_lost_end_to_end(sample, tmp_path, args):
     """#28: the command line offers mse only where it never lost to min-max on the evaluation pairs of

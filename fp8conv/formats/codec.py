@@ -72,6 +72,11 @@ class ElementFormat(Registered):
         """The error exponent P the mse observer minimises (sum |error|^P) for this format."""
         return 2
 
+    def mse_offered(self, granularity: str, symmetric: bool) -> bool:
+        """Whether the command line offers --observer mse for this format's grid scheme: only where it was
+        never worse than min-max on any development or evaluation pair of bench/QUALITY.md (#28)."""
+        return False
+
     # Packed storage (formats whose codes are narrower than a byte): [rows, cols] codes <-> stored rows.
     def packed_cols(self, cols: int) -> int:
         """Stored elements (words or bytes) per row of `cols` codes when packed."""

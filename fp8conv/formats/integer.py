@@ -87,3 +87,7 @@ class Int4(_Int, name="int4"):
 
     def mse_exponent(self, granularity: str) -> int:
         return INT4_EXPONENT
+
+    def mse_offered(self, granularity: str, symmetric: bool) -> bool:
+        # Symmetric groups: below min-max on all 3 development and 6 evaluation pairs (bench/QUALITY.md, #28).
+        return granularity == "group" and symmetric

@@ -17,17 +17,20 @@ _SCALE_OF_SOURCE = {"BF16": "bf16", "F16": "fp16", "F32": "float32"}
 
 
 # Where the command line offers `--observer mse` (#28, bench/QUALITY.md): only for the schemes where it
-# was never worse than min-max in mean KL / embedding loss on any evaluation pair, or where it writes
-# min-max's bytes (E8M0 scales keep the min-max exponent). Everywhere else it lost on some pair, or was
-# not shown not to, and is refused with the alternative that did not lose.
-# Today that is every microscaled preset (the table in formats/microscaled.py): a preset added there is offered
-# mse too, so measure it before adding it.
+# was never worse than min-max in mean KL / embedding loss on any development or evaluation pair, or where
+# it writes min-max's bytes (E8M0 scales keep the min-max exponent). Everywhere else it lost on some pair,
+# or was not shown not to, and is refused with the alternative that did not lose.
+# Today that is every microscaled preset (the table in formats/microscaled.py; a preset added there is offered
+# mse too, so measure it before adding it) and the grid schemes a format's `mse_offered` names (INT4
+# symmetric groups).
 MSE_OFFERED = tuple(MICROSCALE)
 
 
 def mse_refusal(scheme: "Scheme") -> "str | None":
     """The one-line reason the command line refuses --observer mse for a scheme, or None where it is offered."""
     if scheme.observer != "mse" or scheme.microscale in MSE_OFFERED:
+        return None
+    if scheme.microscale is None and scheme.fmt.mse_offered(scheme.granularity, scheme.symmetric):
         return None
     integer = not scheme.fmt.is_float
     other = "--observer hqq --asymmetric, or --observer minmax" if integer and scheme.fmt.bits == 4 else "--observer minmax"
