@@ -380,6 +380,23 @@ def test_all_zero_tiles_and_batches():
     assert empty.scale.shape == (0,)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", [KINDS[1], KINDS[3]], ids=repr)
+@pytest.mark.parametrize("exponent", observers.EXPONENTS)
+def test_int4_tile_counts_off_the_native_tile_block(kind, exponent):
+    """The compiled integer search takes tiles in blocks of 4 (then one by one): every count from 1 to 9,
+    with heavy-tailed (Cauchy), all-zero and single-outlier tiles, numpy == native bit for bit (check) and
+    the float64 brute force's choice."""
+    rng = np.random.default_rng(29)
+    for n in range(1, 10):
+        tiles = (rng.standard_cauchy(size=(n, 64)) * 0.01).astype(np.float32)
+        tiles[n // 2] = 0
+        if n > 2:
+            tiles[1] = 0
+            tiles[1, 5] = -3.0
+        check(tiles, kind, exponent=exponent)
+
+
 def test_minmax_choice_is_the_kernels_scale():
     from fp8conv.numerics import kernels
 

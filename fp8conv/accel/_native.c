@@ -706,6 +706,165 @@ done:
 
 /* ---- the mse observer --------------------------------------------------------------------------- */
 
+/* One tile's error sums for one integer-grid candidate (scale s, zero point z): per lane j (element c in
+   lane c % LANES), the sums in element order of d^2 and of |d|^exponent, d = (round(clamp(x / s (+ z))) (- z)) * s
+   - x, then the lanes added 0..LANES-1 (observers._Scratch.errors through lanes.lane_sums, bit for bit). The
+   reference's lanes are vector lanes here: one step quantizes LANES floats and widens them to float64, and each
+   lane's sums stay sequential. `has_zero` and `exponent` are constants at each call, so every variant is
+   compiled branch free. */
+#if defined(__GNUC__) || defined(__clang__)
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+#define MSE_VECTORS 1
+#endif
+
+#ifdef MSE_VECTORS
+/* GCC 12 reports every slot of sv / zv as maybe uninitialized in the default (SSE2) clone, sv[0] included,
+   although the loop below sets them all: a false positive of its split 32-byte vectors. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+/* IEEE lanes, the scalar expressions' exact operations: `v < lo ? lo : v` as a mask select (a NaN stays NaN). */
+#define SELECT8(mask, a, b) ((v8f)(((mask) & (v8i)(a)) | (~(mask) & (v8i)(b))))
+/* MSE_TILES tiles side by side (independent dependency chains: a tile of 64 elements is only 8 steps). */
+#define MSE_TILES 4
+HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *s, const float *z, const int has_zero,
+                      const int exponent, float lo, float hi, double *obj, double *sq, const int width)
+{
+    const v8f lov = {lo, lo, lo, lo, lo, lo, lo, lo}, hiv = {hi, hi, hi, hi, hi, hi, hi, hi};
+    const v8f magic = {12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f, 12582912.0f,
+                       12582912.0f, 12582912.0f};
+    const v4l abs_mask = {INT64_MAX, INT64_MAX, INT64_MAX, INT64_MAX};
+    v8f sv[MSE_TILES], zv[MSE_TILES];
+    v4d l0[MSE_TILES], l1[MSE_TILES], p0[MSE_TILES], p1[MSE_TILES];
+    for (int t = 0; t < MSE_TILES; t++) { /* every slot set (those past `width` unused) */
+        const float st = s[t < width ? t : 0], zt = z[t < width ? t : 0];
+        sv[t] = st - (v8f){0}; /* the broadcast: x - (+0) is x for every x, -0 included */
+        zv[t] = zt - (v8f){0};
+        l0[t] = l1[t] = p0[t] = p1[t] = (v4d){0, 0, 0, 0};
+    }
+    for (Py_ssize_t c = 0; c < m; c += LANES) {
+        for (int t = 0; t < width; t++) {
+            v8f xv;
+            memcpy(&xv, x + t * m + c, sizeof xv);
+            v8f v = xv / sv[t];
+            if (has_zero) v = v + zv[t];
+            v = SELECT8(v < lov, lov, v);
+            v = SELECT8(v > hiv, hiv, v);
+            v8f q = (v + magic) - magic;
+            if (has_zero) q = q - zv[t];
+            v8f d = q * sv[t] - xv;
+            v4f dlo, dhi;
+            memcpy(&dlo, &d, sizeof dlo);
+            memcpy(&dhi, (const float *)&d + 4, sizeof dhi);
+            v4d a0 = __builtin_convertvector(dlo, v4d), a1 = __builtin_convertvector(dhi, v4d);
+            v4d s0 = a0 * a0, s1 = a1 * a1;
+            l0[t] += s0;
+            l1[t] += s1;
+            if (exponent == 3) {
+                p0[t] += (v4d)((v4l)a0 & abs_mask) * s0;
+                p1[t] += (v4d)((v4l)a1 & abs_mask) * s1;
+            }
+            if (exponent == 4) {
+                p0[t] += s0 * s0;
+                p1[t] += s1 * s1;
+            }
+        }
+    }
+    for (int t = 0; t < width; t++) {
+        double total = l0[t][0];
+        for (int j = 1; j < 4; j++) total += l0[t][j];
+        for (int j = 0; j < 4; j++) total += l1[t][j];
+        sq[t] = total;
+        if (exponent == 2) { obj[t] = total; continue; }
+        double power = p0[t][0];
+        for (int j = 1; j < 4; j++) power += p0[t][j];
+        for (int j = 0; j < 4; j++) power += p1[t][j];
+        obj[t] = power;
+    }
+}
+#else
+#define MSE_TILES 1
+HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, const float *zp, const int has_zero,
+                      const int exponent, float lo, float hi, double *obj, double *sq, const int width)
+{
+    const float s = sp[0], z = zp[0];
+    (void)width;
+    double l[LANES] = {0}, p[LANES] = {0};
+    for (Py_ssize_t c = 0; c < m; c += LANES) {
+        float d[LANES];
+        for (int j = 0; j < LANES; j++) {
+            float v = x[c + j] / s;
+            if (has_zero) v = v + z;
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            float q = round_int(v);
+            if (has_zero) q = q - z;
+            d[j] = q * s - x[c + j];
+        }
+        for (int j = 0; j < LANES; j++) {
+            double a = (double)d[j], a2 = a * a;
+            l[j] += a2;
+            if (exponent == 3) p[j] += fabs(a) * a2;
+            if (exponent == 4) p[j] += a2 * a2;
+        }
+    }
+    double total = l[0];
+    for (int j = 1; j < LANES; j++) total += l[j];
+    *sq = total;
+    if (exponent == 2) { *obj = total; return; }
+    double power = p[0];
+    for (int j = 1; j < LANES; j++) power += p[j];
+    *obj = power;
+}
+#endif
+
+#ifdef MSE_VECTORS
+#pragma GCC diagnostic pop
+#endif
+
+/* Every candidate of integer-grid tiles (mse_search's arguments), MSE_TILES tiles at a time (then one by one). */
+HOT void mse_tiles_int(const float *x_all, Py_ssize_t n, Py_ssize_t m, const float *sc, const float *zs,
+                       Py_ssize_t k_count, const int has_zero, const int exponent, float lo, float hi, double margin,
+                       int32_t *idx, double *out)
+{
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {
+        const int width = n - i0 >= MSE_TILES ? MSE_TILES : 1;
+        for (Py_ssize_t i = i0; i < i0 + MSE_TILES && i < n; i += width) {
+            const float *x = x_all + i * m;
+            double best[MSE_TILES], best_sq[MSE_TILES];
+            int32_t chosen[MSE_TILES];
+            for (Py_ssize_t k = 0; k < k_count; k++) {
+                double obj[MSE_TILES], sq[MSE_TILES];
+                if (width == MSE_TILES)
+                    mse_tile_int(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, MSE_TILES);
+                else
+                    mse_tile_int(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, 1);
+                for (int t = 0; t < width; t++) {
+                    if (k == 0) {
+                        best[t] = obj[t];
+                        best_sq[t] = sq[t];
+                        chosen[t] = 0;
+                        out[2 * n + i + t] = obj[t];
+                        out[3 * n + i + t] = sq[t];
+                    } else if (obj[t] < best[t] * (1.0 - margin)) {
+                        best[t] = obj[t];
+                        best_sq[t] = sq[t];
+                        chosen[t] = (int32_t)k;
+                    }
+                }
+            }
+            for (int t = 0; t < width; t++) {
+                idx[i + t] = chosen[t];
+                out[i + t] = best[t];
+                out[n + i + t] = best_sq[t];
+            }
+        }
+    }
+}
+
 /* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
    tiles float32 [n, m] (m a multiple of 8); scales / zeros float32 [k_count, n], candidate 0 the min-max one;
    per tile the candidate with the smallest sum |d|^exponent, d = (round(clamp(x / s (+ z))) (- z)) * s - x
@@ -738,31 +897,32 @@ CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
         int32_t *idx = index.buf;
         double *out = sums.buf;
         Py_BEGIN_ALLOW_THREADS
+        if (e.is_int) {
+            /* one instantiation per (has_zero, exponent): the variants without a branch in the element loop */
+            if (has_zero) {
+                if (exponent == 2) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
+                else if (exponent == 3) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
+                else mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
+            } else {
+                if (exponent == 2) mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
+                else if (exponent == 3) mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
+                else mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
+            }
+        } else /* float grids (FP8): quantize a whole tile, then the lane sums */
         for (Py_ssize_t i = 0; i < n; i++) {
             const float *x = x_all + i * m;
             double best = 0, best_sq = 0;
             int32_t chosen = 0;
             for (Py_ssize_t k = 0; k < k_count; k++) {
                 float s = sc[k * n + i], z = zs[k * n + i];
-                if (e.is_int) {
-                    for (Py_ssize_t c = 0; c < m; c++) {
-                        float v = x[c] / s;
-                        if (has_zero) v = v + z;
-                        v = v < lo ? lo : v;
-                        v = v > hi ? hi : v;
-                        float q = round_int(v);
-                        if (has_zero) q = q - z;
-                        d[c] = q * s - x[c];
-                    }
-                } else {
-                    for (Py_ssize_t c = 0; c < m; c++) {
-                        float v = x[c] / s;
-                        v = v < lo ? lo : v;
-                        v = v > hi ? hi : v;
-                        uint32_t vb = bits_of(v), code;
-                        float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), e.ff, &code);
-                        d[c] = float_of(bits_of(mag) | (vb & 0x80000000u)) * s - x[c];
-                    }
+                (void)z; /* float grids have no zero point */
+                for (Py_ssize_t c = 0; c < m; c++) {
+                    float v = x[c] / s;
+                    v = v < lo ? lo : v;
+                    v = v > hi ? hi : v;
+                    uint32_t vb = bits_of(v), code;
+                    float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), e.ff, &code);
+                    d[c] = float_of(bits_of(mag) | (vb & 0x80000000u)) * s - x[c];
                 }
                 double l[LANES] = {0}, p[LANES] = {0};
                 /* One loop per exponent (no branch inside: the lanes vectorise); d^2 exact, |d|^3 = d^2 * |d|
