@@ -34,6 +34,10 @@ vectorise.
 #if defined(__x86_64__) && defined(__linux__) && !defined(FP8CONV_NO_CLONES) && \
     (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 6))
 #define CLONES __attribute__((target_clones("avx2", "default")))
+/* mse_search's integer grids: an explicit AVX2 kernel (x86 intrinsics), chosen at run time. */
+#define MSE_AVX2 1
+#include <immintrin.h>
+#define AVX2_HOT static inline __attribute__((always_inline, target("avx2")))
 #else
 #define CLONES
 #endif
@@ -711,8 +715,9 @@ done:
    - x, then the lanes added 0..LANES-1 (observers._Scratch.errors through lanes.lane_sums, bit for bit). The
    reference's lanes are vector lanes here: one step quantizes LANES floats and widens them to float64, and each
    lane's sums stay sequential. `has_zero` and `exponent` are constants at each call, so every variant is
-   compiled branch free. */
-#if defined(__GNUC__) || defined(__clang__)
+   compiled branch free. Three builds: AVX2 intrinsics (mse_tile_avx2, chosen at run time where the CPU has
+   AVX2), GCC / clang vector extensions (below), plain C (other compilers, or -DFP8CONV_NO_VECTORS). */
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FP8CONV_NO_VECTORS)
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
@@ -756,9 +761,7 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *s, con
             v8f q = (v + magic) - magic;
             if (has_zero) q = q - zv[t];
             v8f d = q * sv[t] - xv;
-            v4f dlo, dhi;
-            memcpy(&dlo, &d, sizeof dlo);
-            memcpy(&dhi, (const float *)&d + 4, sizeof dhi);
+            v4f dlo = __builtin_shufflevector(d, d, 0, 1, 2, 3), dhi = __builtin_shufflevector(d, d, 4, 5, 6, 7);
             v4d a0 = __builtin_convertvector(dlo, v4d), a1 = __builtin_convertvector(dhi, v4d);
             v4d s0 = a0 * a0, s1 = a1 * a1;
             l0[t] += s0;
@@ -825,45 +828,123 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
 #pragma GCC diagnostic pop
 #endif
 
-/* Every candidate of integer-grid tiles (mse_search's arguments), MSE_TILES tiles at a time (then one by one). */
-HOT void mse_tiles_int(const float *x_all, Py_ssize_t n, Py_ssize_t m, const float *sc, const float *zs,
-                       Py_ssize_t k_count, const int has_zero, const int exponent, float lo, float hi, double margin,
-                       int32_t *idx, double *out)
+/* Every candidate of integer-grid tiles (mse_search's arguments), MSE_TILES tiles at a time (then one by one):
+   the body of the portable and of the AVX2 driver, KERNEL their tile kernel. */
+#define MSE_TILES_BODY(KERNEL)                                                                                    \
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {                                                          \
+        const int width = n - i0 >= MSE_TILES ? MSE_TILES : 1;                                                   \
+        for (Py_ssize_t i = i0; i < i0 + MSE_TILES && i < n; i += width) {                                      \
+            const float *x = x_all + i * m;                                                                      \
+            double best[MSE_TILES], best_sq[MSE_TILES];                                                          \
+            int32_t chosen[MSE_TILES];                                                                           \
+            for (Py_ssize_t k = 0; k < k_count; k++) {                                                           \
+                double obj[MSE_TILES], sq[MSE_TILES];                                                            \
+                if (width == MSE_TILES)                                                                          \
+                    KERNEL(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, MSE_TILES); \
+                else                                                                                             \
+                    KERNEL(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, 1);        \
+                for (int t = 0; t < width; t++) {                                                                \
+                    if (k == 0) {                                                                                \
+                        best[t] = obj[t];                                                                        \
+                        best_sq[t] = sq[t];                                                                      \
+                        chosen[t] = 0;                                                                           \
+                        out[2 * n + i + t] = obj[t];                                                             \
+                        out[3 * n + i + t] = sq[t];                                                              \
+                    } else if (obj[t] < best[t] * (1.0 - margin)) {                                              \
+                        best[t] = obj[t];                                                                        \
+                        best_sq[t] = sq[t];                                                                      \
+                        chosen[t] = (int32_t)k;                                                                  \
+                    }                                                                                            \
+                }                                                                                                \
+            }                                                                                                    \
+            for (int t = 0; t < width; t++) {                                                                    \
+                idx[i + t] = chosen[t];                                                                          \
+                out[i + t] = best[t];                                                                            \
+                out[n + i + t] = best_sq[t];                                                                     \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+#define MSE_TILES_ARGS                                                                                            \
+    const float *x_all, Py_ssize_t n, Py_ssize_t m, const float *sc, const float *zs, Py_ssize_t k_count,        \
+    const int has_zero, const int exponent, float lo, float hi, double margin, int32_t *idx, double *out
+
+HOT void mse_tiles_int(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_int) }
+
+#ifdef MSE_AVX2
+/* The AVX2 build of the same: x86 intrinsics, so that the float64 widening is one vcvtps2pd per 4 lanes and the
+   clamps are vmaxps / vminps. maxps(lo, v) is `lo > v ? lo : v` and minps(hi, v) `hi < v ? hi : v` (Intel's
+   definition, a NaN v passing through), so the clamps are the scalar expressions exactly; no FMA (the target
+   is avx2 alone and -ffp-contract=off). */
+AVX2_HOT void mse_tile_avx2(const float *restrict x, Py_ssize_t m, const float *s, const float *z,
+                            const int has_zero, const int exponent, float lo, float hi, double *obj, double *sq,
+                            const int width)
 {
-    for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {
-        const int width = n - i0 >= MSE_TILES ? MSE_TILES : 1;
-        for (Py_ssize_t i = i0; i < i0 + MSE_TILES && i < n; i += width) {
-            const float *x = x_all + i * m;
-            double best[MSE_TILES], best_sq[MSE_TILES];
-            int32_t chosen[MSE_TILES];
-            for (Py_ssize_t k = 0; k < k_count; k++) {
-                double obj[MSE_TILES], sq[MSE_TILES];
-                if (width == MSE_TILES)
-                    mse_tile_int(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, MSE_TILES);
-                else
-                    mse_tile_int(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, 1);
-                for (int t = 0; t < width; t++) {
-                    if (k == 0) {
-                        best[t] = obj[t];
-                        best_sq[t] = sq[t];
-                        chosen[t] = 0;
-                        out[2 * n + i + t] = obj[t];
-                        out[3 * n + i + t] = sq[t];
-                    } else if (obj[t] < best[t] * (1.0 - margin)) {
-                        best[t] = obj[t];
-                        best_sq[t] = sq[t];
-                        chosen[t] = (int32_t)k;
-                    }
-                }
+    const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), magic = _mm256_set1_ps(12582912.0f);
+    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(INT64_MAX));
+    __m256 sv[MSE_TILES], zv[MSE_TILES];
+    __m256d l0[MSE_TILES], l1[MSE_TILES], p0[MSE_TILES], p1[MSE_TILES];
+    for (int t = 0; t < MSE_TILES; t++) {
+        sv[t] = _mm256_set1_ps(s[t < width ? t : 0]);
+        zv[t] = _mm256_set1_ps(z[t < width ? t : 0]);
+        l0[t] = l1[t] = p0[t] = p1[t] = _mm256_setzero_pd();
+    }
+    for (Py_ssize_t c = 0; c < m; c += LANES) {
+        for (int t = 0; t < width; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + t * m + c);
+            __m256 v = _mm256_div_ps(xv, sv[t]);
+            if (has_zero) v = _mm256_add_ps(v, zv[t]);
+            v = _mm256_max_ps(lov, v);
+            v = _mm256_min_ps(hiv, v);
+            __m256 q = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+            if (has_zero) q = _mm256_sub_ps(q, zv[t]);
+            const __m256 d = _mm256_sub_ps(_mm256_mul_ps(q, sv[t]), xv);
+            const __m256d a0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), a1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            const __m256d s0 = _mm256_mul_pd(a0, a0), s1 = _mm256_mul_pd(a1, a1);
+            l0[t] = _mm256_add_pd(l0[t], s0);
+            l1[t] = _mm256_add_pd(l1[t], s1);
+            if (exponent == 3) {
+                p0[t] = _mm256_add_pd(p0[t], _mm256_mul_pd(_mm256_and_pd(a0, abs_mask), s0));
+                p1[t] = _mm256_add_pd(p1[t], _mm256_mul_pd(_mm256_and_pd(a1, abs_mask), s1));
             }
-            for (int t = 0; t < width; t++) {
-                idx[i + t] = chosen[t];
-                out[i + t] = best[t];
-                out[n + i + t] = best_sq[t];
+            if (exponent == 4) {
+                p0[t] = _mm256_add_pd(p0[t], _mm256_mul_pd(s0, s0));
+                p1[t] = _mm256_add_pd(p1[t], _mm256_mul_pd(s1, s1));
             }
         }
     }
+    for (int t = 0; t < width; t++) {
+        double lanes[8];
+        _mm256_storeu_pd(lanes, l0[t]);
+        _mm256_storeu_pd(lanes + 4, l1[t]);
+        double total = lanes[0];
+        for (int j = 1; j < 8; j++) total += lanes[j];
+        sq[t] = total;
+        if (exponent == 2) { obj[t] = total; continue; }
+        _mm256_storeu_pd(lanes, p0[t]);
+        _mm256_storeu_pd(lanes + 4, p1[t]);
+        double power = lanes[0];
+        for (int j = 1; j < 8; j++) power += lanes[j];
+        obj[t] = power;
+    }
 }
+
+AVX2_HOT void mse_tiles_avx2_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx2) }
+
+/* One instantiation per (has_zero, exponent), as in mse_search's portable dispatch. */
+__attribute__((target("avx2"))) static void mse_tiles_avx2(MSE_TILES_ARGS)
+{
+    if (has_zero) {
+        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
+    } else {
+        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
+    }
+}
+#endif
 
 /* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
    tiles float32 [n, m] (m a multiple of 8); scales / zeros float32 [k_count, n], candidate 0 the min-max one;
@@ -899,6 +980,11 @@ CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         if (e.is_int) {
             /* one instantiation per (has_zero, exponent): the variants without a branch in the element loop */
+#ifdef MSE_AVX2
+            if (__builtin_cpu_supports("avx2"))
+                mse_tiles_avx2(x_all, n, m, sc, zs, k_count, has_zero, exponent, lo, hi, margin, idx, out);
+            else
+#endif
             if (has_zero) {
                 if (exponent == 2) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
                 else if (exponent == 3) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
