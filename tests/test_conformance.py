@@ -293,7 +293,7 @@ def test_tensor_amax_matches_the_float64_reference(dtype, backend):
     compiled = require(backend) == "native"
     rng = np.random.default_rng(11)
     w = (rng.standard_normal((7, 45)) * 2.0 ** rng.integers(-30, 8, (7, 45))).astype(dtype)
-    w[0, 0], w[3, 4] = -0.0, np.finfo(dtype).smallest_subnormal
+    w[0, 0], w[3, 4] = -0.0, ml_dtypes.finfo(dtype).smallest_subnormal
     for sample in (w, -np.abs(w), np.zeros((3, 5), dtype), w[:, :1]):
         expected = np.abs(sample.astype(np.float64)).max()
         got = tensor_amax(sample, compiled)
