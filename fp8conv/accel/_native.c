@@ -11,6 +11,7 @@ these kernels return (a few numbers per tile); the kernels do the per-element wo
   (FP8 e4m3 / e5m2, or integers), with the error statistics in the reference's fixed order: per row,
   column c into lane c % 8, each lane a sequential float64 sum, the lanes added 0..7, rows in order;
 - micro_encode / micro_stats: NVFP4 / MXFP4 / MXFP8 elements of each group and their statistics;
+  micro_encode_stats: both in one pass over the rows (what a conversion calls);
 - mse_search: the mse observer's candidate evaluation; micro_search: the microscale observers' (mse,
   expanded) per-group search over scale codes.
 
@@ -511,6 +512,33 @@ static inline void decode_row(const uint8_t *cd, const float *table, Py_ssize_t 
     }
 }
 
+/* One row's statistics terms (micro_stats' and micro_encode_stats' shared loop, inlined into each):
+   vals[c] = the code values (replaced by the source values x), err[c] = x - value * divisor of its group;
+   the saturated / flushed counts and the largest |err| bit pattern carried in the pointers. */
+HOT void stats_row(const uint32_t *row, float *vals, float *err, const float *div, Py_ssize_t groups, Py_ssize_t gsz,
+                   float qmax, uint32_t *saturated_p, uint32_t *flushed_p, uint32_t *big_p)
+{
+    uint32_t saturated = *saturated_p, flushed = *flushed_p, big = *big_p;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const float dv = div[g];
+        const uint32_t *xg = row + g * gsz;
+        float *vg = vals + g * gsz, *eg = err + g * gsz;
+        for (Py_ssize_t i = 0; i < gsz; i++) {
+            float v = vg[i];
+            float x = float_of(xg[i]);
+            float deq = v * dv;
+            float d = x - deq;
+            saturated += float_of(bits_of(v) & 0x7FFFFFFFu) >= qmax;
+            flushed += (deq == 0.0f) & (x != 0.0f);
+            uint32_t ad = bits_of(d) & 0x7FFFFFFFu;
+            big = ad > big ? ad : big;
+            vg[i] = x;
+            eg[i] = d;
+        }
+    }
+    *saturated_p = saturated; *flushed_p = flushed; *big_p = big;
+}
+
 /* micro_stats(src, kind, rows, cols, group, codes, packed, values, divisor, qmax, stats)
    values: float32[16] (e2m1) or [256] (e4m3) code values; divisor float32 [rows, cols / group];
    w' = value(code) * divisor; stats as quantize's (added to). */
@@ -551,23 +579,7 @@ CLONES static PyObject *micro_stats(PyObject *self, PyObject *args)
         for (Py_ssize_t r = 0; r < rows; r++) {
             decode_row(cd, table, r, cols, packed, vals);
             load_row(src.buf, kind, cols, r, 0, cols, row);
-            for (Py_ssize_t g = 0; g < groups; g++) {
-                const float dv = div[r * groups + g];
-                const uint32_t *xg = row + g * gsz;
-                float *vg = vals + g * gsz, *eg = err + g * gsz;
-                for (Py_ssize_t i = 0; i < gsz; i++) {
-                    float v = vg[i];
-                    float x = float_of(xg[i]);
-                    float deq = v * dv;
-                    float d = x - deq;
-                    saturated += float_of(bits_of(v) & 0x7FFFFFFFu) >= qmax;
-                    flushed += (deq == 0.0f) & (x != 0.0f);
-                    uint32_t ad = bits_of(d) & 0x7FFFFFFFu;
-                    big = ad > big ? ad : big;
-                    vg[i] = x;
-                    eg[i] = d;
-                }
-            }
+            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big);
             st[0] += lane_squares(vals, cols);
             st[1] += lane_squares(err, cols);
         }
@@ -581,6 +593,89 @@ done:
     free(row); free(w); free(err);
     PyBuffer_Release(&src); PyBuffer_Release(&codes); PyBuffer_Release(&values); PyBuffer_Release(&divisor);
     PyBuffer_Release(&stats);
+    return result;
+}
+
+/* micro_encode_stats(src, kind, rows, cols, group, factor, divide, mbits, bias, qmax, packed, out, values, divisor,
+                      stats) -> nonfinite
+   micro_encode and micro_stats in one pass over the rows: each row's codes are made (micro_encode's loop),
+   then its statistics taken from them while the row is in cache (micro_stats' loop, the same order and
+   precision: rows in order, each row's lane sums added as micro_stats adds them), so out and stats are
+   those of the two calls, bit for bit. On a NaN / Inf (return 1) out and stats are partly written. */
+CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
+{
+    Py_buffer src, factor, out, values, divisor, stats;
+    int kind, divide, mbits, bias, packed;
+    Py_ssize_t rows, cols, group;
+    float qmax;
+    if (!PyArg_ParseTuple(args, "y*innny*piifpw*y*y*w*", &src, &kind, &rows, &cols, &group, &factor, &divide, &mbits,
+                          &bias, &qmax, &packed, &out, &values, &divisor, &stats))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *row = NULL;
+    uint8_t *tmp = NULL;
+    float *vals = NULL, *err = NULL;
+    Encoding e;
+    if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
+    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0 || e.is_int) {
+        PyErr_SetString(PyExc_ValueError, "micro_encode_stats: bad shape or element");
+        goto done;
+    }
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&factor, rows * (cols / group) * 4, "factor")
+        || !need(&out, rows * (packed ? cols / 2 : cols), "out") || !need(&values, (packed ? 16 : 256) * 4, "values")
+        || !need(&divisor, rows * (cols / group) * 4, "divisor") || !need(&stats, 40, "stats"))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    tmp = malloc((size_t)cols + 1);
+    vals = malloc((size_t)(cols + 1) * 4);
+    err = malloc((size_t)(cols + 1) * 4);
+    if (!row || !tmp || !vals || !err) { PyErr_NoMemory(); goto done; }
+    {
+        FloatFormat ff = e.ff;
+        const float *fac = factor.buf, *table = values.buf, *div = divisor.buf;
+        uint8_t *dst = out.buf;
+        double *st = stats.buf;
+        int bad = 0;
+        const Py_ssize_t groups = cols / group, gsz = group; /* locals: stores through uint8_t * may alias the parsed ones */
+        Py_BEGIN_ALLOW_THREADS
+        uint32_t saturated = 0, flushed = 0;
+        uint32_t big = bits_of((float)st[2]);
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            load_row(src.buf, kind, cols, r, 0, cols, row);
+            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            uint8_t *o = packed ? tmp : dst + r * cols;
+            for (Py_ssize_t g = 0; g < groups; g++) {
+                float f = fac[r * groups + g];
+                const uint32_t *x = row + g * gsz;
+                uint8_t *cg = o + g * gsz;
+                if (packed) {
+                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) / f, ff, qmax);
+                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) * f, ff, qmax);
+                } else {
+                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) / f, ff, qmax);
+                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) * f, ff, qmax);
+                }
+            }
+            if (packed) {
+                uint8_t *p = dst + r * (cols / 2);
+                for (Py_ssize_t k = 0; k < cols / 2; k++) p[k] = (uint8_t)(tmp[2 * k] | (tmp[2 * k + 1] << 4));
+            }
+            /* the code values, as micro_stats decodes them (a 4-bit code's value is that of its nibble) */
+            for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
+            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big);
+            st[0] += lane_squares(vals, cols);
+            st[1] += lane_squares(err, cols);
+        }
+        st[2] = (double)float_of(big);
+        st[3] += saturated;
+        st[4] += flushed;
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad);
+    }
+done:
+    free(row); free(tmp); free(vals); free(err);
+    PyBuffer_Release(&src); PyBuffer_Release(&factor); PyBuffer_Release(&out); PyBuffer_Release(&values);
+    PyBuffer_Release(&divisor); PyBuffer_Release(&stats);
     return result;
 }
 
@@ -1272,6 +1367,7 @@ static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS, "codes and error statistics of a source under given scales"},
     {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
     {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
+    {"micro_encode_stats", micro_encode_stats, METH_VARARGS, "NVFP4 / MX codes and their statistics in one pass"},
     {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
     {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},
@@ -1287,7 +1383,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 3) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 4) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 3
+ABI = 4
 
 try:
     from . import _native
@@ -167,6 +167,23 @@ def micro_stats(weight: np.ndarray, group: int, codes: np.ndarray, packed: bool,
                         np.ascontiguousarray(values, np.float32), np.ascontiguousarray(divisor, np.float32),
                         float(qmax), stats)
     return stats
+
+
+def micro_encode_stats(weight: np.ndarray, group: int, factor: np.ndarray, divide: bool, fmt, values: np.ndarray,
+                       divisor: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """micro_encode and micro_stats in one pass over the rows: (codes, float64[5] statistics of w' =
+    value(code) * divisor), both bit for bit those of the two calls; None when the weight holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    packed = fmt.bits == 4
+    out = np.empty((rows, cols // 2 if packed else cols), np.uint8)
+    stats = np.zeros(5)
+    mbits, bias = float_element(fmt)
+    if _native.micro_encode_stats(src, kind, rows, cols, group, np.ascontiguousarray(factor, np.float32), divide,
+                                  mbits, bias, float(fmt.qmax), packed, out, np.ascontiguousarray(values, np.float32),
+                                  np.ascontiguousarray(divisor, np.float32), stats):
+        return None
+    return out, stats
 
 
 def pack_fields(codes: np.ndarray, bits: int, row_bytes: int) -> np.ndarray:

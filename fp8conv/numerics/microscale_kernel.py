@@ -45,14 +45,24 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         scale_codes = observed.codes
     if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
-        packed = ms._encode_elements(weight, micro.group, divisor, True, micro.codec.short_name, use_compiled)
+        factor, divide = divisor, True
     else:
         divisor = ms.e8m0_decode(scale_codes)
-        packed = ms._encode_elements(weight, micro.group, ms.e8m0_reciprocal(scale_codes), False,
-                                     micro.codec.short_name, use_compiled)
-    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned about
-        stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
+        factor, divide = ms.e8m0_reciprocal(scale_codes), False
+    fused = None
+    if ms._use_compiled(weight, use_compiled):
+        # the compiled kernel encodes and takes the statistics in one pass (the two calls' results, bit for bit)
+        fused = native.micro_encode_stats(weight, micro.group, factor, divide, scheme.fmt, _code_values(scheme),
+                                          divisor)
+    if fused is not None:
+        packed, raw = fused
+        codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
+        stats = stats_of(rows * cols, raw)
+    else:
+        packed = ms._encode_elements(weight, micro.group, factor, divide, micro.codec.short_name, use_compiled)
+        codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, not warned about
+            stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
     if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
         # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
         raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
@@ -63,6 +73,14 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
 
 
+def _code_values(scheme: Scheme) -> np.ndarray:
+    """float32 value of every element code: [16] for e2m1, [256] for e4m3 (NaN codes: NaN)."""
+    if scheme.fmt.bits == 4:
+        return ms.e2m1_values()
+    with np.errstate(invalid="ignore"):
+        return np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
+
+
 def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray, scheme: Scheme,
                       use_compiled: bool | None) -> ErrorStats:
     """Error statistics of w' = code value * divisor (codes packed two per byte for fp4), in the fixed
@@ -71,9 +89,8 @@ def _microscale_stats(weight: np.ndarray, codes: np.ndarray, divisor: np.ndarray
     group = scheme.group_size
     packed = scheme.fmt.bits == 4
     if ms._use_compiled(weight, use_compiled):
-        with np.errstate(invalid="ignore"):
-            table = ms.e2m1_values() if packed else np.arange(256, dtype=np.uint8).view(scheme.fmt.dtype).astype(np.float32)
-        return stats_of(rows * cols, native.micro_stats(weight, group, codes, packed, table, divisor, scheme.fmt.qmax))
+        return stats_of(rows * cols, native.micro_stats(weight, group, codes, packed, _code_values(scheme), divisor,
+                                                        scheme.fmt.qmax))
     stats = ErrorStats(elements=rows * cols)
     step = max(1, WINDOW_ELEMENTS // max(cols, 1))
     for r0 in range(0, rows, step):
