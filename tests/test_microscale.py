@@ -399,6 +399,52 @@ def test_backends_give_identical_codes_scales_and_statistics(fmt, dtype):
     assert a.stats.flushed_to_zero == int(((deq == 0) & (x != 0)).sum())
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_one_pass_kernel_over_many_rows_and_a_late_nan(fmt):
+    """The compiled one-pass encode + statistics kernel (what a native conversion runs): many rows, each
+    row's codes and statistics made together, against the float64 reference; a NaN in the last row
+    (after rows already written) is reported as None, for the numpy path to refuse."""
+    from fp8conv.accel import native
+    from fp8conv.numerics.kernels import quantize_microscale
+    from fp8conv.numerics.microscale_kernel import _code_values
+    from fp8conv.plan.scheme import microscale_scheme
+
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    scheme = microscale_scheme(fmt)
+    w = weights(160, 128, BF16, seed=29, scale=0.3)
+    w[7] = (w[7].astype(np.float32) * 1e4).astype(BF16)  # a row of large values beside small ones
+    w[9, :64] = 0
+    w[11, ::3] = np.float32(1e-6)  # flushed to zero next to large group members
+    w[11, 1] = np.float32(50.0)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
+    q = quantize_microscale(w, scheme, gs, backend="native")
+    x = w.astype(np.float64)
+    if fmt == "nvfp4":
+        codes, scales, _ = ref_nvfp4(w)
+        assert_same(ref_unpack(q.codes), codes, "e2m1 codes")
+        values = np.array(GRID)[codes]
+        deq = (values * np.repeat(to_f32(scales / gs), 16, axis=1)).astype(np.float32)
+    else:
+        elems, scale_codes = ref_mx(w, 2 if fmt == "mxfp4" else 8)
+        values = np.array(GRID)[elems] if fmt == "mxfp4" else elems
+        got = ref_unpack(q.codes) if fmt == "mxfp4" else q.codes.astype(np.float64)
+        assert_same(got, elems, "element codes")
+        deq = (values * np.repeat(2.0 ** (scale_codes.astype(np.float64) - 127), 32, axis=1)).astype(np.float32)
+    err = x - deq.astype(np.float64)
+    assert q.stats.sum_sq_ref == pytest.approx((x ** 2).sum(), rel=1e-12)
+    assert q.stats.sum_sq_err == pytest.approx((err ** 2).sum(), rel=1e-12)
+    assert q.stats.max_abs_err == np.abs(err).max()
+    assert q.stats.flushed_to_zero == int(((deq == 0) & (x != 0)).sum()) > 0
+    assert q.stats.saturated == int((np.abs(values) >= float(scheme.fmt.qmax)).sum())
+    bad = w.copy()
+    bad[-1, 5] = np.nan
+    factor = np.ones((160, 128 // scheme.group_size), np.float32)
+    assert native.micro_encode_stats(bad, scheme.group_size, factor, True, scheme.fmt, _code_values(scheme),
+                                     factor) is None
+
+
 def test_microscale_scale_formats_declare_their_range_ends():
     """The range-end attributes every scale format carries (the kernels' rule for float32 / bf16 / fp16
     scales reads them) describe the microscale codes too: E8M0 code 0 is 2**-127 (no zero scale, no
