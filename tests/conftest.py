@@ -29,7 +29,7 @@ LAYER_OF_FILE = {
     "test_openai_mxfp4.py": "cli", "test_partition.py": "cli", "test_new_format.py": "cli",
     "test_faults.py": "faults", "test_reliability.py": "faults", "test_memory.py": "faults", "test_install.py": "faults",
     "test_interop.py": "interop", "test_int_interop.py": "interop", "test_microscale_interop.py": "interop",
-    "test_vllm.py": "interop", "test_ray.py": "interop", "test_arch_matrix.py": "interop",
+    "test_vllm.py": "interop", "test_vllm_weight_only.py": "interop", "test_ray.py": "interop", "test_arch_matrix.py": "interop",
     "test_eval.py": "interop", "test_eval_vllm.py": "interop", "test_card.py": "cli", "test_progress.py": "cli",
 }
 
