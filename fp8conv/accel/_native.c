@@ -430,6 +430,30 @@ static inline uint8_t byte_code(float y, FloatFormat ff, float qmax)
     return (uint8_t)(code | ((b >> 24) & 0x80u));
 }
 
+/* One row's element codes (micro_encode's loop): each group's values divided by (or times) its factor, then
+   coded; a packed row is coded into tmp, then stored two codes a byte (element 2k in the low nibble) at out.
+   Returns the row of codes, one a byte (tmp when packed, else out). */
+HOT uint8_t *encode_row(const uint32_t *row, const float *fac, Py_ssize_t groups, Py_ssize_t gsz, int packed,
+                        int divide, FloatFormat ff, float qmax, uint8_t *tmp, uint8_t *out)
+{
+    uint8_t *o = packed ? tmp : out;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        float f = fac[g];
+        const uint32_t *x = row + g * gsz;
+        uint8_t *cg = o + g * gsz;
+        if (packed) {
+            if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) / f, ff, qmax);
+            else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) * f, ff, qmax);
+        } else {
+            if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) / f, ff, qmax);
+            else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) * f, ff, qmax);
+        }
+    }
+    if (packed)
+        for (Py_ssize_t k = 0; k < groups * gsz / 2; k++) out[k] = (uint8_t)(tmp[2 * k] | (tmp[2 * k + 1] << 4));
+    return o;
+}
+
 /* micro_encode(src, kind, rows, cols, group, factor, divide, mbits, bias, qmax, packed, out) -> nonfinite
    factor: float32 [rows, cols / group]; y = x / factor (divide) or x * factor, then a float element code
    (mbits / bias); packed: 4-bit codes, out uint8 [rows, cols / 2] with element 2k in the low nibble; else
@@ -468,23 +492,8 @@ CLONES static PyObject *micro_encode(PyObject *self, PyObject *args)
         for (Py_ssize_t r = 0; r < rows; r++) {
             load_row(src.buf, kind, cols, r, 0, cols, row);
             if (any_nonfinite(row, cols)) { bad = 1; break; }
-            uint8_t *o = packed ? tmp : dst + r * cols;
-            for (Py_ssize_t g = 0; g < groups; g++) {
-                float f = fac[r * groups + g];
-                const uint32_t *x = row + g * gsz;
-                uint8_t *cg = o + g * gsz;
-                if (packed) {
-                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) / f, ff, qmax);
-                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) * f, ff, qmax);
-                } else {
-                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) / f, ff, qmax);
-                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) * f, ff, qmax);
-                }
-            }
-            if (packed) {
-                uint8_t *p = dst + r * (cols / 2);
-                for (Py_ssize_t k = 0; k < cols / 2; k++) p[k] = (uint8_t)(tmp[2 * k] | (tmp[2 * k + 1] << 4));
-            }
+            encode_row(row, fac + r * groups, groups, gsz, packed, divide, ff, qmax, tmp,
+                       dst + r * (packed ? cols / 2 : cols));
         }
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad);
@@ -643,23 +652,8 @@ CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
         for (Py_ssize_t r = 0; r < rows; r++) {
             load_row(src.buf, kind, cols, r, 0, cols, row);
             if (any_nonfinite(row, cols)) { bad = 1; break; }
-            uint8_t *o = packed ? tmp : dst + r * cols;
-            for (Py_ssize_t g = 0; g < groups; g++) {
-                float f = fac[r * groups + g];
-                const uint32_t *x = row + g * gsz;
-                uint8_t *cg = o + g * gsz;
-                if (packed) {
-                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) / f, ff, qmax);
-                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = nibble_code(float_of(x[i]) * f, ff, qmax);
-                } else {
-                    if (divide) for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) / f, ff, qmax);
-                    else for (Py_ssize_t i = 0; i < gsz; i++) cg[i] = byte_code(float_of(x[i]) * f, ff, qmax);
-                }
-            }
-            if (packed) {
-                uint8_t *p = dst + r * (cols / 2);
-                for (Py_ssize_t k = 0; k < cols / 2; k++) p[k] = (uint8_t)(tmp[2 * k] | (tmp[2 * k + 1] << 4));
-            }
+            uint8_t *o = encode_row(row, fac + r * groups, groups, gsz, packed, divide, ff, qmax, tmp,
+                                    dst + r * (packed ? cols / 2 : cols));
             /* the code values, as micro_stats decodes them (a 4-bit code's value is that of its nibble) */
             for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
             stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big);
