@@ -521,11 +521,12 @@ static inline void decode_row(const uint8_t *cd, const float *table, Py_ssize_t 
     }
 }
 
-/* One row's statistics terms (micro_stats' and micro_encode_stats' shared loop, inlined into each):
+/* One row's statistics (micro_stats' and micro_encode_stats' shared loop, inlined into each):
    vals[c] = the code values (replaced by the source values x), err[c] = x - value * divisor of its group;
-   the saturated / flushed counts and the largest |err| bit pattern carried in the pointers. */
+   the saturated / flushed counts and the largest |err| bit pattern carried in the pointers, and the row's
+   sums of x^2 and err^2 added to st[0] / st[1] (rows in order, as the reference adds them). */
 HOT void stats_row(const uint32_t *row, float *vals, float *err, const float *div, Py_ssize_t groups, Py_ssize_t gsz,
-                   float qmax, uint32_t *saturated_p, uint32_t *flushed_p, uint32_t *big_p)
+                   float qmax, uint32_t *saturated_p, uint32_t *flushed_p, uint32_t *big_p, double *st)
 {
     uint32_t saturated = *saturated_p, flushed = *flushed_p, big = *big_p;
     for (Py_ssize_t g = 0; g < groups; g++) {
@@ -546,6 +547,8 @@ HOT void stats_row(const uint32_t *row, float *vals, float *err, const float *di
         }
     }
     *saturated_p = saturated; *flushed_p = flushed; *big_p = big;
+    st[0] += lane_squares(vals, groups * gsz);
+    st[1] += lane_squares(err, groups * gsz);
 }
 
 /* micro_stats(src, kind, rows, cols, group, codes, packed, values, divisor, qmax, stats)
@@ -588,9 +591,7 @@ CLONES static PyObject *micro_stats(PyObject *self, PyObject *args)
         for (Py_ssize_t r = 0; r < rows; r++) {
             decode_row(cd, table, r, cols, packed, vals);
             load_row(src.buf, kind, cols, r, 0, cols, row);
-            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big);
-            st[0] += lane_squares(vals, cols);
-            st[1] += lane_squares(err, cols);
+            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big, st);
         }
         st[2] = (double)float_of(big);
         st[3] += saturated;
@@ -656,9 +657,7 @@ CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
                                     dst + r * (packed ? cols / 2 : cols));
             /* the code values, as micro_stats decodes them (a 4-bit code's value is that of its nibble) */
             for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
-            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big);
-            st[0] += lane_squares(vals, cols);
-            st[1] += lane_squares(err, cols);
+            stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big, st);
         }
         st[2] = (double)float_of(big);
         st[3] += saturated;
