@@ -10,7 +10,10 @@ first with empty caches: the package's bytecode removed and, for a tree that has
 NUMBA_CACHE_DIR (a source checkout's first run). With --bytecode, each tree's bytecode is compiled before its
 timed runs, as pip install leaves it (without it, a run under PYTHONDONTWRITEBYTECODE=1, as on the device
 hosts, compiles every fp8conv module it imports, every time). With --ceiling, the write+fsync time of the
-largest output (64 MiB writes, one stream, the same disk). Never run in CI.
+largest output (64 MiB writes, one stream, the same disk). With --llmc N, llm-compressor's `model_free_ptq`
+(its preset for the scheme, max_workers = --workers, the same cores and ignore list; median of N) runs beside
+fp8conv in the same process tree and the table gives the ratio; LLMC_PYTHONPATH, if set, is its PYTHONPATH.
+Never run in CI.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from run import input_bytes, timed, warm, write_seconds  # noqa: E402  (bench/ru
 SCHEMES = {
     "FP8 e4m3 block 128": [],
     "FP8 e4m3 channel": ["--granularity", "channel"],
-    "FP8 e5m2 block 128": ["--format", "fp8_e5m2"],
+    "FP8 e5m2 block 128": ["--format", "fp8_e5m2", "--layout", "fp8conv"],
     "INT8 channel (W8A8)": ["--format", "int8", "--granularity", "channel"],
     "INT4 group 128 (W4A16)": ["--format", "int4"],
     "INT4 group 128 asymmetric": ["--format", "int4", "--asymmetric"],
@@ -45,6 +48,35 @@ SCHEMES = {
     "INT4 group 128 --observer mse": ["--format", "int4", "--observer", "mse"],
     "NVFP4 --observer mse": ["--format", "nvfp4", "--observer", "mse"],
 }
+
+
+# llm-compressor's model_free_ptq preset of the same scheme (its weights match ours: tests/test_llmc_interop*.py)
+LLMC = {
+    "FP8 e4m3 block 128": "FP8_BLOCK",
+    "FP8 e4m3 channel": "FP8_DYNAMIC",
+    "INT8 channel (W8A8)": "W8A8",
+    "INT4 group 128 (W4A16)": "W4A16",
+    "INT4 group 128 asymmetric": "W4A16_ASYM",
+    "NVFP4": "NVFP4A16",
+    "MXFP4": "MXFP4A16",
+    "MXFP8": "MXFP8A16",
+}
+LLMC_IGNORE = ["lm_head", "re:.*embed_tokens$", "re:.*mlp.gate$"]
+
+
+def llmc_seconds(scheme: str, checkpoint: Path, out: Path, pin: list[str], workers: int, repeats: int) -> float:
+    """Median wall seconds of llm-compressor's model_free_ptq for `scheme` (page cache warm, whole process)."""
+    code = ("import sys; from llmcompressor import model_free_ptq; "
+            f"model_free_ptq(model_stub=sys.argv[1], save_directory=sys.argv[2], scheme={LLMC[scheme]!r}, "
+            f"ignore={LLMC_IGNORE!r}, max_workers={workers}, device='cpu')")
+    env = {"PYTHONPATH": os.environ["LLMC_PYTHONPATH"]} if os.environ.get("LLMC_PYTHONPATH") else {}
+    walls = []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        warm(checkpoint)
+        walls.append(timed([*pin, sys.executable, "-c", code, str(checkpoint), str(out)], env)[0])
+    shutil.rmtree(out, ignore_errors=True)
+    return sorted(walls)[len(walls) // 2]
 
 
 def output_bytes(path: Path) -> int:
@@ -65,6 +97,8 @@ def main() -> None:
                         help="compile each tree's bytecode before its timed runs (what pip install does); without it, "
                              "a run under PYTHONDONTWRITEBYTECODE=1 compiles every module it imports")
     parser.add_argument("--ceiling", action="store_true")
+    parser.add_argument("--llmc", type=int, default=0, metavar="N",
+                        help="also time llm-compressor's model_free_ptq, median of N runs, and print the ratio")
     parser.add_argument("--env", action="append", default=[], help="NAME:VAR=VALUE: extra environment for one tree")
     parser.add_argument("--out", type=Path, required=True, help="markdown table (and .json beside it)")
     parser.add_argument("--scratch", type=Path, default=HERE / "out")
@@ -122,6 +156,13 @@ def main() -> None:
             row[f"{name} runs"] = walls
             row[f"{name} cpu"] = sorted(cpus)[len(cpus) // 2] if cpus else None
             print(f"{scheme} / {name}: {row[name]} {walls} {row.get(f'{name} first run', '')} cpu {cpus}", flush=True)
+        if args.llmc and scheme in LLMC:
+            n = int(args.workers) if args.workers != "default" else len(os.sched_getaffinity(0))
+            try:
+                row["llm-compressor"] = llmc_seconds(scheme, args.checkpoint, out, pin, n, args.llmc)
+            except RuntimeError as exc:
+                print(f"{scheme} / llm-compressor: {str(exc)[-300:]}", flush=True)
+            print(f"{scheme} / llm-compressor: {row.get('llm-compressor')}", flush=True)
     if args.ceiling and largest:
         results["write_ceiling_s"] = write_seconds(largest, args.scratch)
         results["write_ceiling_bytes"] = largest
@@ -131,13 +172,17 @@ def main() -> None:
              f"{args.repeats} (s, whole process).", ""]
     names = list(trees)
     head = ("| scheme | " + " | ".join(names) + (" | " + " | ".join(f"{n} first run" for n in names) if args.cold else "")
-            + " | " + " | ".join(f"{n} CPU s" for n in names))
-    lines += [head + " |", "|---|" + "---:|" * (len(names) * (3 if args.cold else 2))]
+            + " | " + " | ".join(f"{n} CPU s" for n in names)
+            + (f" | llm-compressor | llm-compressor / {names[-1]}" if args.llmc else ""))
+    lines += [head + " |", "|---|" + "---:|" * (len(names) * (3 if args.cold else 2) + (2 if args.llmc else 0))]
     for scheme, row in results["rows"].items():
         cells = [f"{row[n]:.2f}" if row.get(n) else "-" for n in names]
         if args.cold:
             cells += [f"{row[n + ' first run']:.2f}" if row.get(n + " first run") else "-" for n in names]
         cells += [f"{row[n + ' cpu']:.2f}" if row.get(n + " cpu") else "-" for n in names]
+        if args.llmc:
+            theirs, ours = row.get("llm-compressor"), row.get(names[-1])
+            cells += [f"{theirs:.2f}" if theirs else "-", f"{theirs / ours:.1f}x" if theirs and ours else "-"]
         lines.append(f"| {scheme} | " + " | ".join(cells) + " |")
     if "write_ceiling_s" in results:
         lines += ["", f"write+fsync ceiling of the largest output ({largest / 1e9:.2f} GB): "
