@@ -1,4 +1,4 @@
-"""Number formats: element codecs (fp8.py, integer.py, fp4.py on codec.py's registry), scale formats
+"""Number formats: their names (names.py), element codecs (fp8.py, integer.py, fp4.py on codec.py's registry), scale formats
 (scales.py), the microscaled formats built from both (microscaled.py) and safetensors dtype tags
 (dtypes.py). The bottom of the package: nothing here imports another fp8conv module.
 

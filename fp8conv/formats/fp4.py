@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import names
 from .codec import ElementFormat
 from .fastcast import round_to_odd_bf16
 
@@ -94,7 +95,7 @@ def unpack_e2m1_values(packed: np.ndarray) -> np.ndarray:
     return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-class FP4E2M1(ElementFormat, name="fp4_e2m1"):
+class FP4E2M1(ElementFormat, name=names.FP4_E2M1):
     """FP4 e2m1 (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives): one code 0..15 per uint8 in memory, stored
     two per byte (element 2k in the low nibble). Its bit arithmetic is below."""
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import names
 from .codec import ElementFormat
 from .dtypes import ml_dtype
 from .fastcast import cast_clamped_to_fp8, code_to_float_table
@@ -48,7 +49,7 @@ class _FP8(ElementFormat):
         np.take(code_to_float_table(self), codes.view(np.uint8), out=out)
 
 
-class FP8E4M3(_FP8, name="fp8_e4m3"):
+class FP8E4M3(_FP8, name=names.FP8_E4M3):
     dtype = _FromMlDtypes(lambda cls: ml_dtype("float8_e4m3fn"))
     safetensors_tag = "F8_E4M3"
     short_name = "e4m3"
@@ -58,7 +59,7 @@ class FP8E4M3(_FP8, name="fp8_e4m3"):
         return FP8_BLOCK_EXPONENT if granularity == "block" else 2
 
 
-class FP8E5M2(_FP8, name="fp8_e5m2"):
+class FP8E5M2(_FP8, name=names.FP8_E5M2):
     dtype = _FromMlDtypes(lambda cls: ml_dtype("float8_e5m2"))
     safetensors_tag = "F8_E5M2"
     short_name = "e5m2"

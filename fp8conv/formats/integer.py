@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..accel import native
+from . import names
 from .codec import ElementFormat
 
 # INT4's mse objective: sum |error|^3 (numerics/observers.py's docstring has the measurements).
@@ -75,11 +76,11 @@ class _Int(ElementFormat):
         return fields.reshape(bits.shape[0], -1)[:, :cols].astype(np.int8)
 
 
-class Int8(_Int, name="int8"):
+class Int8(_Int, name=names.INT8):
     bits = 8
 
 
-class Int4(_Int, name="int4"):
+class Int4(_Int, name=names.INT4):
     bits = 4
     weight_only = True
     default_granularity = "group"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
 from .codec import FORMATS, ElementFormat
 from .fp4 import FP4E2M1
 from .fp8 import FP8E4M3
@@ -42,9 +43,9 @@ class Microscale:
 
 
 MICROSCALE: dict[str, Microscale] = {m.name: m for m in (
-    Microscale("nvfp4", FP4E2M1.name, 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16", 0.20),
-    Microscale("mxfp4", FP4E2M1.name, 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16", 0.25),
-    Microscale("mxfp8", FP8E4M3.name, 32, "e8m0", "mxfp8-quantized", "MXFP8A16", 0.08),
+    Microscale(names.NVFP4, FP4E2M1.name, 16, "e4m3_global", "nvfp4-pack-quantized", "NVFP4A16", 0.20),
+    Microscale(names.MXFP4, FP4E2M1.name, 32, "e8m0", "mxfp4-pack-quantized", "MXFP4A16", 0.25),
+    Microscale(names.MXFP8, FP8E4M3.name, 32, "e8m0", "mxfp8-quantized", "MXFP8A16", 0.08),
 )}
 
 

@@ -8,17 +8,17 @@ import math
 
 from ..errors import SchemeError
 from ..formats import MICROSCALE
+from ..formats.names import MXFP4  # the one microscaled format it holds
 from ..plan.scheme import Scheme
 from .base import CODES, SCALE, Layout, TensorSpec
 
-MXFP4 = "mxfp4"  # the one microscaled format it holds
 OPENAI_BLOCKS, OPENAI_SCALES = "_blocks", "_scales"
 
 
 class OpenAIMXFP4(Layout, name="openai-mxfp4"):
     label = "OpenAI MXFP4 (quant_method mxfp4, gpt-oss experts)"
     transformers_loader = "Mxfp4Config(dequantize=True)"
-    quant_method = "mxfp4"
+    quant_method = MXFP4  # gpt-oss's config names the method after the format
     scale_suffix = OPENAI_SCALES
     fused_experts_only = True
     transposes = True
