@@ -461,3 +461,65 @@ def test_microscale_scale_formats_declare_their_range_ends():
     for emax in (2, 8):
         code = int(ms.e8m0_from_amax(top, emax)[0])
         assert code == 128 + 127 - emax <= 254  # 2**128 after rounding up at 1.75, less emax
+
+
+def special_weight(dtype, fmt: str, seed: int) -> np.ndarray:
+    """[12, 128] values that reach every branch of the element encoders: exact ties between grid points (power-of-
+    two MX scales keep them exact), saturation, subnormal sources, signed zeros next to nonzeros, tiny members of
+    large groups (flushed to zero), all-zero groups, and heavy-tailed random rows."""
+    rng = np.random.default_rng(RNG_SEED + seed)
+    w = (rng.standard_normal((12, 128)) * 0.02).astype(np.float32)
+    w[0, ::17] *= 40.0
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0] if fmt != "mxfp8" else [1.0625, 1.1875, 3.25, 17.0, 88.0, 0.0068359375, 232.0]
+    top = 6.0 if fmt != "mxfp8" else 256.0
+    for r, k in ((1, 0), (2, -5), (3, 7)):
+        tied = np.array([top] + ties + [-t for t in ties] + [0.0, -0.0] * 9, np.float32)[:32] * np.float32(2.0**k)
+        w[r, :32] = tied
+        w[r, 32:64] = -tied[::-1]
+    w[4, :32] = np.float32(6.5)  # above the grid's top after the scale: saturates
+    w[4, 32:48] = np.float32(-1e-41 if dtype != np.float16 else -3e-8)  # subnormal sources
+    w[5, :64] = 0
+    w[5, 64:96] = -0.0
+    w[5, 96] = np.float32(1e-3)
+    w[6, ::5] = np.float32(1e-7)  # flushed next to a large member of the same group
+    w[6, 1::32] = np.float32(30.0)
+    return w.astype(dtype)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_one_pass_kernel_on_ties_saturation_subnormals_and_zeros(fmt, dtype):
+    """The vectorised one-pass kernel (AVX2 where the CPU has it) and the numpy reference against the float64
+    reference on every special value class; the statistics equal between backends and those of the float64
+    dequantized weights; NaN / Inf in the last row of an fp16 / float32 / bf16 source is reported (None)."""
+    from fp8conv.accel import native
+    from fp8conv.numerics.kernels import quantize_microscale
+    from fp8conv.numerics.microscale_kernel import _code_values
+    from fp8conv.plan.scheme import microscale_scheme
+
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    scheme = microscale_scheme(fmt)
+    w = special_weight(dtype, fmt, seed=len(fmt) + dtype.itemsize)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
+    a = quantize_microscale(w, scheme, gs, backend="numpy")
+    b = quantize_microscale(w, scheme, gs, backend="native")
+    if fmt == "nvfp4":
+        codes, _, _ = ref_nvfp4(w)
+        got_a, got_b = ref_unpack(a.codes), ref_unpack(b.codes)
+    else:
+        codes, _ = ref_mx(w, 2 if fmt == "mxfp4" else 8)
+        unpack = ref_unpack if fmt == "mxfp4" else (lambda c: ms.e4m3_decode(c.view(np.uint8)).astype(np.float64))
+        got_a, got_b = unpack(a.codes), unpack(b.codes)
+    assert_same(got_a, codes, "numpy codes")
+    assert_same(got_b, codes, "native codes")
+    assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
+    assert a.stats == b.stats, f"statistics differ: numpy {a.stats} native {b.stats}"
+    assert a.stats.saturated > 0 and a.stats.flushed_to_zero > 0
+    for bad_value in (np.inf, -np.inf, np.nan):
+        bad = w.copy()
+        bad[-1, 77] = bad_value
+        factor = np.ones((12, 128 // scheme.group_size), np.float32)
+        assert native.micro_encode_stats(bad, scheme.group_size, factor, fmt == "nvfp4", scheme.fmt,
+                                         _code_values(scheme), factor) is None, f"{bad_value} not reported"

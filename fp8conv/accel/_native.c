@@ -606,6 +606,156 @@ done:
     return result;
 }
 
+/* micro_encode_stats' rows in AVX2 (x86 intrinsics, chosen at run time where the CPU has it; elsewhere, and with
+   -DFP8CONV_NO_CLONES, the portable encode_row + stats_row above). Eight elements a step, each lane the scalar
+   expressions' exact operations: nibble_code / byte_code (minps(v, q) is `v < q ? v : q`, maxps(-q, y)
+   `-q > y ? -q : y`: Intel's definitions, as in mse_tile_avx2), fp_magnitude (the unsigned max is vpmaxud), and
+   stats_row. A code's value is its rounded magnitude with the code's sign bit, which is the format's value of that
+   code (the table micro_stats decodes with: e2m1's 16, e4m3's 256 below the NaN codes), so no lookup is made.
+   The squares go to float64 lanes: element c of a row in lane c % 8, each lane sequential, the lanes added 0..7
+   at the row's end: lane_squares' order, bit for bit. Groups are a multiple of 8 elements (NVFP4 16, MX 32);
+   the caller takes the portable rows otherwise. No FMA (target avx2 alone, -ffp-contract=off). */
+#ifdef MSE_AVX2
+typedef struct {
+    __m256i saturated, flushed; /* minus the counts (compare masks are -1) */
+    __m256i big;                /* largest |err| bit pattern per lane */
+    __m256i nonfinite;          /* a NaN / Inf source element in the lane */
+} MicroLanes;
+
+/* One row of cols = groups * gsz elements: src as bf16 bits (bf16) or float32; codes into out (packed: two a
+   byte, element 2k in the low nibble); the row's sums of x^2 and err^2 added to st[0] / st[1]. */
+AVX2_HOT void micro_row_avx2(const void *src, const int bf16, const float *fac, const float *div, Py_ssize_t groups,
+                             Py_ssize_t gsz, const int packed, const int divide, FloatFormat ff, float qmax,
+                             uint8_t *out, MicroLanes *acc, double *st)
+{
+    const __m256 qv = _mm256_set1_ps(qmax), nqv = _mm256_set1_ps(-qmax), zero = _mm256_setzero_ps();
+    const __m256i expo = _mm256_set1_epi32(0x7F800000), absm = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i signm = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i mshift = _mm256_set1_epi32((int)ff.magic_shift), mfloor = _mm256_set1_epi32((int)ff.magic_floor);
+    const __m256i coff = _mm256_set1_epi32((int)ff.code_offset);
+    const __m128i cshift = _mm_cvtsi32_si128((int)ff.code_shift);
+    const __m128i pair_bytes = _mm_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+    __m256i saturated = acc->saturated, flushed = acc->flushed, big = acc->big, nonfinite = acc->nonfinite;
+    __m256d sx0 = _mm256_setzero_pd(), sx1 = sx0, se0 = sx0, se1 = sx0;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const __m256 f = _mm256_set1_ps(fac[g]), dv = _mm256_set1_ps(div[g]);
+        for (Py_ssize_t i = 0; i < gsz; i += 8) {
+            const Py_ssize_t c = g * gsz + i;
+            __m256i xb;
+            if (bf16)
+                xb = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + c))), 16);
+            else
+                xb = _mm256_loadu_si256((const __m256i *)((const uint32_t *)src + c));
+            nonfinite = _mm256_or_si256(nonfinite, _mm256_cmpeq_epi32(_mm256_and_si256(xb, expo), expo));
+            const __m256 x = _mm256_castsi256_ps(xb);
+            __m256 y = divide ? _mm256_div_ps(x, f) : _mm256_mul_ps(x, f);
+            __m256 mag;
+            __m256i sign;
+            if (packed) { /* nibble_code */
+                const __m256i b = _mm256_castps_si256(y), a = _mm256_and_si256(b, absm);
+                mag = _mm256_min_ps(_mm256_castsi256_ps(a), qv);
+                sign = _mm256_andnot_si256(_mm256_cmpeq_epi32(a, _mm256_setzero_si256()), _mm256_and_si256(b, signm));
+            } else { /* byte_code */
+                y = _mm256_min_ps(qv, _mm256_max_ps(nqv, y));
+                const __m256i b = _mm256_castps_si256(y);
+                mag = _mm256_castsi256_ps(_mm256_and_si256(b, absm));
+                sign = _mm256_and_si256(b, signm);
+            }
+            /* fp_magnitude */
+            __m256i m = _mm256_max_epu32(_mm256_add_epi32(_mm256_and_si256(_mm256_castps_si256(mag), expo), mshift), mfloor);
+            const __m256 bigm = _mm256_add_ps(mag, _mm256_castsi256_ps(m));
+            __m256i code = _mm256_sub_epi32(_mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(bigm), m),
+                                                             _mm256_srl_epi32(m, cshift)), coff);
+            code = _mm256_or_si256(code, _mm256_srli_epi32(sign, packed ? 28 : 24));
+            const __m256 q = _mm256_sub_ps(bigm, _mm256_castsi256_ps(m));
+            /* the eight codes (each < 256) as bytes, in order */
+            __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+            if (packed) { /* element 2k | element 2k+1 << 4 in the low byte of 32-bit lane k, then those bytes */
+                c16 = _mm_shuffle_epi8(_mm_or_si128(c16, _mm_srli_epi32(c16, 12)), pair_bytes);
+                const uint32_t word = (uint32_t)_mm_cvtsi128_si32(c16);
+                memcpy(out + c / 2, &word, 4);
+            } else {
+                _mm_storel_epi64((__m128i *)(out + c), _mm_packus_epi16(c16, c16));
+            }
+            /* stats_row: value (the code's), w' = value * divisor, err = x - w' */
+            const __m256 v = _mm256_or_ps(q, _mm256_castsi256_ps(sign));
+            const __m256 deq = _mm256_mul_ps(v, dv);
+            const __m256 d = _mm256_sub_ps(x, deq);
+            saturated = _mm256_add_epi32(saturated, _mm256_castps_si256(_mm256_cmp_ps(q, qv, _CMP_GE_OQ)));
+            flushed = _mm256_add_epi32(flushed, _mm256_castps_si256(_mm256_and_ps(_mm256_cmp_ps(deq, zero, _CMP_EQ_OQ),
+                                                                                     _mm256_cmp_ps(x, zero, _CMP_NEQ_UQ))));
+            big = _mm256_max_epu32(big, _mm256_and_si256(_mm256_castps_si256(d), absm));
+            const __m256d x0 = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), x1 = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+            const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            sx0 = _mm256_add_pd(sx0, _mm256_mul_pd(x0, x0));
+            sx1 = _mm256_add_pd(sx1, _mm256_mul_pd(x1, x1));
+            se0 = _mm256_add_pd(se0, _mm256_mul_pd(d0, d0));
+            se1 = _mm256_add_pd(se1, _mm256_mul_pd(d1, d1));
+        }
+    }
+    acc->saturated = saturated; acc->flushed = flushed; acc->big = big; acc->nonfinite = nonfinite;
+    double lx[8], le[8];
+    _mm256_storeu_pd(lx, sx0); _mm256_storeu_pd(lx + 4, sx1);
+    _mm256_storeu_pd(le, se0); _mm256_storeu_pd(le + 4, se1);
+    double tx = lx[0], te = le[0];
+    for (int j = 1; j < 8; j++) { tx += lx[j]; te += le[j]; }
+    st[0] += tx;
+    st[1] += te;
+}
+
+/* The rows of micro_encode_stats with bf16 / packed / divide constant (each combination compiled branch free);
+   an fp16 source is widened into row first. Returns 1 at the end of the first row holding NaN / Inf. */
+AVX2_HOT int micro_rows_avx2_v(const void *src, int kind, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gsz,
+                               const float *fac, const float *div, const int bf16, const int packed, const int divide,
+                               FloatFormat ff, float qmax, uint8_t *dst, uint32_t *row, double *st, MicroLanes *acc)
+{
+    const Py_ssize_t groups = cols / gsz;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const void *xs = (const char *)src + r * cols * src_itemsize(kind);
+        if (kind == SRC_F16) {
+            load_row(src, kind, cols, r, 0, cols, row);
+            xs = row;
+        }
+        micro_row_avx2(xs, bf16, fac + r * groups, div + r * groups, groups, gsz, packed, divide, ff, qmax,
+                       dst + r * (packed ? cols / 2 : cols), acc, st);
+        if (!_mm256_testz_si256(acc->nonfinite, acc->nonfinite)) return 1;
+    }
+    return 0;
+}
+
+/* micro_encode_stats' loop in AVX2: its counts and largest error carried in (and out of) the pointers. */
+__attribute__((target("avx2"))) static int micro_rows_avx2(const void *src, int kind, Py_ssize_t rows, Py_ssize_t cols,
+                                                          Py_ssize_t gsz, const float *fac, const float *div,
+                                                          int packed, int divide, FloatFormat ff, float qmax,
+                                                          uint8_t *dst, uint32_t *row, double *st,
+                                                          uint32_t *saturated, uint32_t *flushed, uint32_t *big)
+{
+    MicroLanes acc;
+    acc.saturated = acc.flushed = acc.nonfinite = _mm256_setzero_si256();
+    acc.big = _mm256_set1_epi32((int)*big);
+    int bad;
+#define MICRO_ROWS(B, P, D) micro_rows_avx2_v(src, kind, rows, cols, gsz, fac, div, B, P, D, ff, qmax, dst, row, st, &acc)
+    if (kind == SRC_BF16) {
+        if (packed) bad = divide ? MICRO_ROWS(1, 1, 1) : MICRO_ROWS(1, 1, 0);
+        else bad = divide ? MICRO_ROWS(1, 0, 1) : MICRO_ROWS(1, 0, 0);
+    } else {
+        if (packed) bad = divide ? MICRO_ROWS(0, 1, 1) : MICRO_ROWS(0, 1, 0);
+        else bad = divide ? MICRO_ROWS(0, 0, 1) : MICRO_ROWS(0, 0, 0);
+    }
+#undef MICRO_ROWS
+    uint32_t s[8], f[8], b[8];
+    _mm256_storeu_si256((__m256i *)s, acc.saturated);
+    _mm256_storeu_si256((__m256i *)f, acc.flushed);
+    _mm256_storeu_si256((__m256i *)b, acc.big);
+    for (int j = 0; j < 8; j++) {
+        *saturated -= s[j];
+        *flushed -= f[j];
+        *big = b[j] > *big ? b[j] : *big;
+    }
+    return bad;
+}
+#endif
+
 /* micro_encode_stats(src, kind, rows, cols, group, factor, divide, mbits, bias, qmax, packed, out, values, divisor,
                       stats) -> nonfinite
    micro_encode and micro_stats in one pass over the rows: each row's codes are made (micro_encode's loop),
@@ -650,6 +800,12 @@ CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         uint32_t saturated = 0, flushed = 0;
         uint32_t big = bits_of((float)st[2]);
+#ifdef MSE_AVX2
+        if (gsz % 8 == 0 && __builtin_cpu_supports("avx2"))
+            bad = micro_rows_avx2(src.buf, kind, rows, cols, gsz, fac, div, packed, divide, ff, qmax, dst, row, st,
+                                  &saturated, &flushed, &big);
+        else
+#endif
         for (Py_ssize_t r = 0; r < rows; r++) {
             load_row(src.buf, kind, cols, r, 0, cols, row);
             if (any_nonfinite(row, cols)) { bad = 1; break; }
