@@ -35,10 +35,14 @@ vectorise.
 #if defined(__x86_64__) && defined(__linux__) && !defined(FP8CONV_NO_CLONES) && \
     (defined(__clang__) ? __clang_major__ >= 14 : (defined(__GNUC__) && __GNUC__ >= 6))
 #define CLONES __attribute__((target_clones("avx2", "default")))
-/* mse_search's integer grids: an explicit AVX2 kernel (x86 intrinsics), chosen at run time. */
+/* mse_search's integer grids: explicit AVX-512 and AVX2 kernels (x86 intrinsics), chosen at run time. */
 #define MSE_AVX2 1
 #include <immintrin.h>
 #define AVX2_HOT static inline __attribute__((always_inline, target("avx2")))
+#if !defined(FP8CONV_NO_AVX512) && (defined(__clang__) ? __clang_major__ >= 14 : __GNUC__ >= 8)
+#define MSE_AVX512 1
+#define AVX512_HOT static inline __attribute__((always_inline, target("avx512f")))
+#endif
 #else
 #define CLONES
 #endif
@@ -1072,8 +1076,10 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
 #pragma GCC diagnostic pop
 #endif
 
-/* Every candidate of integer-grid tiles (mse_search's arguments), MSE_TILES tiles at a time (then one by one):
-   the body of the portable and of the AVX2 driver, KERNEL their tile kernel. */
+/* Every candidate of n integer-grid tiles (x_all: float32 [n, m]), MSE_TILES tiles at a time (then one by one):
+   the body of the portable, AVX2 and AVX-512 drivers, KERNEL their tile kernel. Candidate k of tile i at
+   sc[k * ns + i] (zs the same), its sums at out[j * ns + i] (mse_search's layout; ns >= n: these n tiles are
+   part of a row of tiles). */
 #define MSE_TILES_BODY(KERNEL)                                                                                    \
     for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {                                                          \
         const int width = n - i0 >= MSE_TILES ? MSE_TILES : 1;                                                   \
@@ -1084,16 +1090,16 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
             for (Py_ssize_t k = 0; k < k_count; k++) {                                                           \
                 double obj[MSE_TILES], sq[MSE_TILES];                                                            \
                 if (width == MSE_TILES)                                                                          \
-                    KERNEL(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, MSE_TILES); \
+                    KERNEL(x, m, sc + k * ns + i, zs + k * ns + i, has_zero, exponent, lo, hi, obj, sq, MSE_TILES); \
                 else                                                                                             \
-                    KERNEL(x, m, sc + k * n + i, zs + k * n + i, has_zero, exponent, lo, hi, obj, sq, 1);        \
+                    KERNEL(x, m, sc + k * ns + i, zs + k * ns + i, has_zero, exponent, lo, hi, obj, sq, 1);        \
                 for (int t = 0; t < width; t++) {                                                                \
                     if (k == 0) {                                                                                \
                         best[t] = obj[t];                                                                        \
                         best_sq[t] = sq[t];                                                                      \
                         chosen[t] = 0;                                                                           \
-                        out[2 * n + i + t] = obj[t];                                                             \
-                        out[3 * n + i + t] = sq[t];                                                              \
+                        out[2 * ns + i + t] = obj[t];                                                             \
+                        out[3 * ns + i + t] = sq[t];                                                              \
                     } else if (obj[t] < best[t] * (1.0 - margin)) {                                              \
                         best[t] = obj[t];                                                                        \
                         best_sq[t] = sq[t];                                                                      \
@@ -1104,14 +1110,14 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
             for (int t = 0; t < width; t++) {                                                                    \
                 idx[i + t] = chosen[t];                                                                          \
                 out[i + t] = best[t];                                                                            \
-                out[n + i + t] = best_sq[t];                                                                     \
+                out[ns + i + t] = best_sq[t];                                                                     \
             }                                                                                                    \
         }                                                                                                        \
     }
 
 #define MSE_TILES_ARGS                                                                                            \
-    const float *x_all, Py_ssize_t n, Py_ssize_t m, const float *sc, const float *zs, Py_ssize_t k_count,        \
-    const int has_zero, const int exponent, float lo, float hi, double margin, int32_t *idx, double *out
+    const float *x_all, Py_ssize_t n, Py_ssize_t m, Py_ssize_t ns, const float *sc, const float *zs,             \
+    Py_ssize_t k_count, const int has_zero, const int exponent, float lo, float hi, double margin, int32_t *idx, double *out
 
 HOT void mse_tiles_int(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_int) }
 
@@ -1179,130 +1185,274 @@ AVX2_HOT void mse_tiles_avx2_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx2) }
 __attribute__((target("avx2"))) static void mse_tiles_avx2(MSE_TILES_ARGS)
 {
     if (has_zero) {
-        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
+        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
     } else {
-        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx2_v(x_all, n, m, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
+        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
     }
 }
 #endif
 
-/* mse_search(tiles, n, m, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent, index, sums)
-   tiles float32 [n, m] (m a multiple of 8); scales / zeros float32 [k_count, n], candidate 0 the min-max one;
-   per tile the candidate with the smallest sum |d|^exponent, d = (round(clamp(x / s (+ z))) (- z)) * s - x
-   (a later candidate wins only when smaller by more than the relative margin); sums float64 [4, n]: its
-   objective, its squared error, candidate 0's objective and squared error (observers.mse, bit for bit). */
+#ifdef MSE_AVX512
+/* The AVX-512 build of the same: 16 elements of a tile per step, and the reference's 8 float64 lanes in one
+   register (lane j of element c + j, then of c + 8 + j: each lane's sums stay in element order). For exponent 3
+   the magnitude |d| is taken in float32 before the widening (exact; (double)|d| = |(double)d|), so d^2 and
+   |d|^3 = |d| * d^2 are the AVX2 kernel's products. Clamps as vmaxps / vminps (see the AVX2 kernel). */
+AVX512_HOT __m512d mse_square_sum(__m512d acc, __m512d a) { return _mm512_add_pd(acc, _mm512_mul_pd(a, a)); }
+
+AVX512_HOT void mse_tile_avx512(const float *restrict x, Py_ssize_t m, const float *s, const float *z,
+                                const int has_zero, const int exponent, float lo, float hi, double *obj, double *sq,
+                                const int width)
+{
+    const __m512 lov = _mm512_set1_ps(lo), hiv = _mm512_set1_ps(hi), magic = _mm512_set1_ps(12582912.0f);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+    __m512 sv[MSE_TILES], zv[MSE_TILES];
+    __m512d l[MSE_TILES], p[MSE_TILES];
+    for (int t = 0; t < MSE_TILES; t++) {
+        sv[t] = _mm512_set1_ps(s[t < width ? t : 0]);
+        zv[t] = _mm512_set1_ps(z[t < width ? t : 0]);
+        l[t] = p[t] = _mm512_setzero_pd();
+    }
+#define MSE_AVX512_LANES(a)                                                                                       \
+    do {                                                                                                          \
+        const __m512d sq_ = _mm512_mul_pd(a, a);                                                                  \
+        l[t] = _mm512_add_pd(l[t], sq_);                                                                          \
+        if (exponent == 3) p[t] = _mm512_add_pd(p[t], _mm512_mul_pd(a, sq_));                                     \
+        if (exponent == 4) p[t] = _mm512_add_pd(p[t], _mm512_mul_pd(sq_, sq_));                                   \
+    } while (0)
+    Py_ssize_t c = 0;
+    for (; c + 16 <= m; c += 16) {
+        for (int t = 0; t < width; t++) {
+            const __m512 xv = _mm512_loadu_ps(x + t * m + c);
+            __m512 v = _mm512_div_ps(xv, sv[t]);
+            if (has_zero) v = _mm512_add_ps(v, zv[t]);
+            v = _mm512_max_ps(lov, v);
+            v = _mm512_min_ps(hiv, v);
+            __m512 q = _mm512_sub_ps(_mm512_add_ps(v, magic), magic);
+            if (has_zero) q = _mm512_sub_ps(q, zv[t]);
+            __m512 d = _mm512_sub_ps(_mm512_mul_ps(q, sv[t]), xv);
+            if (exponent == 3) d = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(d), abs_mask));
+            const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+            const __m512d a1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(d), 1)));
+            MSE_AVX512_LANES(a0);
+            MSE_AVX512_LANES(a1);
+        }
+    }
+    if (c < m) { /* m % 16 == 8: the last 8 elements, 256 bits wide */
+        for (int t = 0; t < width; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + t * m + c), s8 = _mm512_castps512_ps256(sv[t]);
+            const __m256 z8 = _mm512_castps512_ps256(zv[t]);
+            __m256 v = _mm256_div_ps(xv, s8);
+            if (has_zero) v = _mm256_add_ps(v, z8);
+            v = _mm256_max_ps(_mm512_castps512_ps256(lov), v);
+            v = _mm256_min_ps(_mm512_castps512_ps256(hiv), v);
+            const __m256 magic8 = _mm512_castps512_ps256(magic);
+            __m256 q = _mm256_sub_ps(_mm256_add_ps(v, magic8), magic8);
+            if (has_zero) q = _mm256_sub_ps(q, z8);
+            __m256 d = _mm256_sub_ps(_mm256_mul_ps(q, s8), xv);
+            if (exponent == 3) d = _mm256_and_ps(d, _mm256_castsi256_ps(_mm512_castsi512_si256(abs_mask)));
+            const __m512d a0 = _mm512_cvtps_pd(d);
+            MSE_AVX512_LANES(a0);
+        }
+    }
+#undef MSE_AVX512_LANES
+    for (int t = 0; t < width; t++) {
+        double lanes[8];
+        _mm512_storeu_pd(lanes, l[t]);
+        double total = lanes[0];
+        for (int j = 1; j < 8; j++) total += lanes[j];
+        sq[t] = total;
+        if (exponent == 2) { obj[t] = total; continue; }
+        _mm512_storeu_pd(lanes, p[t]);
+        double power = lanes[0];
+        for (int j = 1; j < 8; j++) power += lanes[j];
+        obj[t] = power;
+    }
+}
+
+AVX512_HOT void mse_tiles_avx512_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx512) }
+
+__attribute__((target("avx512f"))) static void mse_tiles_avx512(MSE_TILES_ARGS)
+{
+    if (has_zero) {
+        if (exponent == 2) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
+    } else {
+        if (exponent == 2) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
+        else mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
+    }
+}
+#endif
+
+/* Float grids (FP8): every candidate of n tiles (MSE_TILES_ARGS' layout), a whole tile quantized into d, then
+   its lane sums; d: float32 scratch [m]. */
+HOT void mse_tiles_fp(const Encoding *e, MSE_TILES_ARGS, float *restrict d)
+{
+    (void)has_zero; /* float grids have no zero point */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const float *x = x_all + i * m;
+        double best = 0, best_sq = 0;
+        int32_t chosen = 0;
+        for (Py_ssize_t k = 0; k < k_count; k++) {
+            float s = sc[k * ns + i];
+            for (Py_ssize_t c = 0; c < m; c++) {
+                float v = x[c] / s;
+                v = v < lo ? lo : v;
+                v = v > hi ? hi : v;
+                uint32_t vb = bits_of(v), code;
+                float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), e->ff, &code);
+                d[c] = float_of(bits_of(mag) | (vb & 0x80000000u)) * s - x[c];
+            }
+            double l[LANES] = {0}, p[LANES] = {0};
+            /* One loop per exponent (no branch inside: the lanes vectorise); d^2 exact, |d|^3 = d^2 * |d|
+               and d^4 = d^2 * d^2 each rounded once, as observers._Scratch.errors. */
+            if (exponent == 2) {
+                for (Py_ssize_t c = 0; c < m; c += LANES)
+                    for (int j = 0; j < LANES; j++) { double a = (double)d[c + j]; l[j] += a * a; }
+            } else if (exponent == 3) {
+                for (Py_ssize_t c = 0; c < m; c += LANES)
+                    for (int j = 0; j < LANES; j++) {
+                        double a = (double)d[c + j], sq = a * a;
+                        l[j] += sq;
+                        p[j] += fabs(a) * sq;
+                    }
+            } else {
+                for (Py_ssize_t c = 0; c < m; c += LANES)
+                    for (int j = 0; j < LANES; j++) {
+                        double a = (double)d[c + j], sq = a * a;
+                        l[j] += sq;
+                        p[j] += sq * sq;
+                    }
+            }
+            double sq_total = l[0], obj = 0;
+            for (int j = 1; j < LANES; j++) sq_total += l[j];
+            if (exponent == 2) obj = sq_total;
+            else {
+                obj = p[0];
+                for (int j = 1; j < LANES; j++) obj += p[j];
+            }
+            if (k == 0) {
+                best = obj;
+                best_sq = sq_total;
+                out[2 * ns + i] = obj;
+                out[3 * ns + i] = sq_total;
+            } else if (obj < best * (1.0 - margin)) {
+                best = obj;
+                best_sq = sq_total;
+                chosen = (int32_t)k;
+            }
+        }
+        idx[i] = chosen;
+        out[i] = best;
+        out[ns + i] = best_sq;
+    }
+}
+
+/* The integer-grid kernel of this CPU: AVX-512, AVX2, else the portable build; one instantiation per (has_zero,
+   exponent), the variants without a branch in the element loop. */
+CLONES static void mse_tiles_any(MSE_TILES_ARGS)
+{
+#ifdef MSE_AVX512
+    if (__builtin_cpu_supports("avx512f")) {
+        mse_tiles_avx512(x_all, n, m, ns, sc, zs, k_count, has_zero, exponent, lo, hi, margin, idx, out);
+        return;
+    }
+#endif
+#ifdef MSE_AVX2
+    if (__builtin_cpu_supports("avx2")) {
+        mse_tiles_avx2(x_all, n, m, ns, sc, zs, k_count, has_zero, exponent, lo, hi, margin, idx, out);
+        return;
+    }
+#endif
+    if (has_zero) {
+        if (exponent == 2) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
+        else mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
+    } else {
+        if (exponent == 2) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
+        else if (exponent == 3) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
+        else mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
+    }
+}
+
+/* mse_search(src, kind, rows, cols, group, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent,
+              index, sums) -> nonfinite
+   The tiles are the groups of `group` consecutive elements along each row of a bf16 / fp16 / float32 source
+   [rows, cols], in row-major grid order, n = rows * ceil(cols / group) of them; a ragged last group is
+   zero-padded and every tile to a multiple of 8 elements (observers.tiles_of and observers.mse: zeros add no
+   error). A float32 [n, m] array of tiles is the source with rows = n, cols = group = m. scales / zeros float32
+   [k_count, n], candidate 0 the min-max one; per tile the candidate with the smallest sum |d|^exponent,
+   d = (round(clamp(x / s (+ z))) (- z)) * s - x (a later candidate wins only when smaller by more than the
+   relative margin); sums float64 [4, n]: its objective, its squared error, candidate 0's objective and squared
+   error (observers.mse, bit for bit). Each row is widened to float32 once, then searched from the cache.
+   Returns True, with the outputs undefined, when the source holds NaN / Inf. */
 CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
 {
-    Py_buffer tiles, scales, zeros, index, sums;
-    Py_ssize_t n, m, k_count;
+    Py_buffer src, scales, zeros, index, sums;
+    int kind;
+    Py_ssize_t rows, cols, group, k_count;
     int has_zero, mbits, bias, exponent;
     float lo, hi;
     double margin;
-    if (!PyArg_ParseTuple(args, "y*nny*y*npiiffdiw*w*", &tiles, &n, &m, &scales, &zeros, &k_count, &has_zero,
-                          &mbits, &bias, &lo, &hi, &margin, &exponent, &index, &sums))
+    if (!PyArg_ParseTuple(args, "y*innny*y*npiiffdiw*w*", &src, &kind, &rows, &cols, &group, &scales, &zeros,
+                          &k_count, &has_zero, &mbits, &bias, &lo, &hi, &margin, &exponent, &index, &sums))
         return NULL;
     PyObject *result = NULL;
+    uint32_t *row = NULL, *raw = NULL;
     float *d = NULL;
     Encoding e;
-    if (!encoding_of(mbits, bias, lo, hi, &e) || m % LANES || n < 0 || k_count < 1 || exponent < 2 || exponent > 4) {
+    if (!encoding_of(mbits, bias, lo, hi, &e) || rows < 0 || cols < 0 || group < 1 || k_count < 1 || exponent < 2
+        || exponent > 4) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "mse_search: bad arguments");
         goto done;
     }
-    if (!need(&tiles, n * m * 4, "tiles") || !need(&scales, k_count * n * 4, "scales")
+    Py_ssize_t gc = (cols + group - 1) / group, n = rows * gc, gp = (group + LANES - 1) / LANES * LANES;
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&scales, k_count * n * 4, "scales")
         || !need(&zeros, k_count * n * 4, "zeros") || !need(&index, n * 4, "index") || !need(&sums, 4 * n * 8, "sums"))
         goto done;
-    d = malloc((size_t)(m + 1) * 4);
-    if (!d) { PyErr_NoMemory(); goto done; }
+    row = malloc((size_t)(gc * gp + 1) * 4);
+    raw = malloc((size_t)(cols + 1) * 4);
+    d = malloc((size_t)(gp + 1) * 4);
+    if (!row || !raw || !d) { PyErr_NoMemory(); goto done; }
     {
-        const float *x_all = tiles.buf, *sc = scales.buf, *zs = zeros.buf;
+        const float *sc = scales.buf, *zs = zeros.buf;
         int32_t *idx = index.buf;
         double *out = sums.buf;
+        uint32_t bad = 0;
         Py_BEGIN_ALLOW_THREADS
-        if (e.is_int) {
-            /* one instantiation per (has_zero, exponent): the variants without a branch in the element loop */
-#ifdef MSE_AVX2
-            if (__builtin_cpu_supports("avx2"))
-                mse_tiles_avx2(x_all, n, m, sc, zs, k_count, has_zero, exponent, lo, hi, margin, idx, out);
+        for (Py_ssize_t r = 0; r < rows && !bad; r++) {
+            if (gp == group) { /* the row as its tiles, zeros past its end */
+                load_row(src.buf, kind, cols, r, 0, cols, row);
+                for (Py_ssize_t c = cols; c < gc * gp; c++) row[c] = 0;
+            } else { /* each group at a multiple of 8, zero-padded */
+                load_row(src.buf, kind, cols, r, 0, cols, raw);
+                for (Py_ssize_t g = 0; g < gc; g++) {
+                    Py_ssize_t c0 = g * group, w = cols - c0 < group ? cols - c0 : group;
+                    memcpy(row + g * gp, raw + c0, (size_t)w * 4);
+                    for (Py_ssize_t c = w; c < gp; c++) row[g * gp + c] = 0;
+                }
+            }
+            for (Py_ssize_t c = 0; c < gc * gp; c++) bad |= (row[c] & 0x7F800000u) == 0x7F800000u;
+            if (bad) break;
+            const Py_ssize_t i = r * gc;
+            if (e.is_int)
+                mse_tiles_any((const float *)row, gc, gp, n, sc + i, zs + i, k_count, has_zero, exponent, lo, hi,
+                              margin, idx + i, out + i);
             else
-#endif
-            if (has_zero) {
-                if (exponent == 2) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
-                else if (exponent == 3) mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
-                else mse_tiles_int(x_all, n, m, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
-            } else {
-                if (exponent == 2) mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-                else if (exponent == 3) mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-                else mse_tiles_int(x_all, n, m, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
-            }
-        } else /* float grids (FP8): quantize a whole tile, then the lane sums */
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const float *x = x_all + i * m;
-            double best = 0, best_sq = 0;
-            int32_t chosen = 0;
-            for (Py_ssize_t k = 0; k < k_count; k++) {
-                float s = sc[k * n + i], z = zs[k * n + i];
-                (void)z; /* float grids have no zero point */
-                for (Py_ssize_t c = 0; c < m; c++) {
-                    float v = x[c] / s;
-                    v = v < lo ? lo : v;
-                    v = v > hi ? hi : v;
-                    uint32_t vb = bits_of(v), code;
-                    float mag = fp_magnitude(float_of(vb & 0x7FFFFFFFu), e.ff, &code);
-                    d[c] = float_of(bits_of(mag) | (vb & 0x80000000u)) * s - x[c];
-                }
-                double l[LANES] = {0}, p[LANES] = {0};
-                /* One loop per exponent (no branch inside: the lanes vectorise); d^2 exact, |d|^3 = d^2 * |d|
-                   and d^4 = d^2 * d^2 each rounded once, as observers._Scratch.errors. */
-                if (exponent == 2) {
-                    for (Py_ssize_t c = 0; c < m; c += LANES)
-                        for (int j = 0; j < LANES; j++) { double a = (double)d[c + j]; l[j] += a * a; }
-                } else if (exponent == 3) {
-                    for (Py_ssize_t c = 0; c < m; c += LANES)
-                        for (int j = 0; j < LANES; j++) {
-                            double a = (double)d[c + j], sq = a * a;
-                            l[j] += sq;
-                            p[j] += fabs(a) * sq;
-                        }
-                } else {
-                    for (Py_ssize_t c = 0; c < m; c += LANES)
-                        for (int j = 0; j < LANES; j++) {
-                            double a = (double)d[c + j], sq = a * a;
-                            l[j] += sq;
-                            p[j] += sq * sq;
-                        }
-                }
-                double sq_total = l[0], obj = 0;
-                for (int j = 1; j < LANES; j++) sq_total += l[j];
-                if (exponent == 2) obj = sq_total;
-                else {
-                    obj = p[0];
-                    for (int j = 1; j < LANES; j++) obj += p[j];
-                }
-                if (k == 0) {
-                    best = obj;
-                    best_sq = sq_total;
-                    out[2 * n + i] = obj;
-                    out[3 * n + i] = sq_total;
-                } else if (obj < best * (1.0 - margin)) {
-                    best = obj;
-                    best_sq = sq_total;
-                    chosen = (int32_t)k;
-                }
-            }
-            idx[i] = chosen;
-            out[i] = best;
-            out[n + i] = best_sq;
+                mse_tiles_fp(&e, (const float *)row, gc, gp, n, sc + i, zs + i, k_count, has_zero, exponent, lo, hi,
+                             margin, idx + i, out + i, d);
         }
         Py_END_ALLOW_THREADS
-        result = Py_NewRef(Py_None);
+        result = PyBool_FromLong(bad != 0);
     }
 done:
-    free(d);
-    PyBuffer_Release(&tiles); PyBuffer_Release(&scales); PyBuffer_Release(&zeros); PyBuffer_Release(&index);
+    free(row); free(raw); free(d);
+    PyBuffer_Release(&src); PyBuffer_Release(&scales); PyBuffer_Release(&zeros); PyBuffer_Release(&index);
     PyBuffer_Release(&sums);
     return result;
 }
@@ -1532,7 +1682,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 4) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 5) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 4
+ABI = 5
 
 try:
     from . import _native
@@ -195,15 +195,19 @@ def pack_fields(codes: np.ndarray, bits: int, row_bytes: int) -> np.ndarray:
     return out
 
 
-def mse_search(tiles: np.ndarray, scales: np.ndarray, zeros: np.ndarray, has_zero: bool, fmt,
+def mse_search(weight: np.ndarray, group: int, scales: np.ndarray, zeros: np.ndarray, has_zero: bool, fmt,
                code_range: tuple[float, float], margin: float, exponent: int, index: np.ndarray,
-               sums: np.ndarray) -> None:
-    """The mse observer's candidate evaluation (observers.mse): tiles float32 [n, m], m a multiple of 8."""
-    n, m = tiles.shape
+               sums: np.ndarray) -> bool:
+    """The mse observer's candidate evaluation (observers.mse) over the tiles of `group` consecutive elements
+    along the rows of a 2-D bf16 / fp16 / float32 weight (row-major grid; a float32 [n, m] array of tiles is
+    group = m): scales / zeros float32 [candidates, tiles]; fills index int32 [tiles] and sums float64 [4, tiles].
+    False (outputs undefined) when the weight holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
     mbits, bias = float_element(fmt)
-    _native.mse_search(np.ascontiguousarray(tiles, np.float32), n, m, np.ascontiguousarray(scales, np.float32),
-                       np.ascontiguousarray(zeros, np.float32), scales.shape[0], has_zero, mbits, bias,
-                       float(code_range[0]), float(code_range[1]), margin, exponent, index, sums)
+    return not _native.mse_search(src, kind, rows, cols, group, np.ascontiguousarray(scales, np.float32),
+                                  np.ascontiguousarray(zeros, np.float32), scales.shape[0], has_zero, mbits, bias,
+                                  float(code_range[0]), float(code_range[1]), margin, exponent, index, sums)
 
 
 def micro_search(weight: np.ndarray, group: int, first: np.ndarray, steps: tuple[int, ...],

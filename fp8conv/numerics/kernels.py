@@ -235,7 +235,12 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
 def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: str,
              use_compiled: bool = False) -> "observers.GridChoice":
     """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
-    ignores them); the candidates evaluated by the compiled kernel when `use_compiled`."""
+    ignores them); the candidates evaluated by the compiled kernel when `use_compiled` (for tiles along a row,
+    straight from the weight: observers.mse_grid_native)."""
+    if use_compiled and scheme.observer == "mse":
+        fast = observers.mse_grid_native(weight, scheme)
+        if fast is not None:
+            return fast
     values = np.empty(weight.shape, np.float32)
     load_float32(values, weight)
     finite = np.isfinite(values)

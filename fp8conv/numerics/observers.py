@@ -174,8 +174,10 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
     return Choice(scale, zero, index, error, minmax_error, objective, minmax_objective)
 
 
-def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, exponent) -> Choice:
-    n = tiles.shape[0]
+def _candidates(lo, hi, params, factors, scale, zero) -> "tuple[np.ndarray, np.ndarray]":
+    """float32 [len(factors), n] scales and zero points (0 where symmetric) of every candidate, factor 1.0's
+    (`scale`, `zero`) first."""
+    n = scale.shape[0]
     cand_scales = np.empty((len(factors), n), np.float32)
     cand_zeros = np.zeros((len(factors), n), np.float32)
     cand_scales[0] = scale
@@ -186,15 +188,27 @@ def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, 
         cand_scales[k], cand_zero = params(lo * f, hi * f)
         if cand_zero is not None:
             cand_zeros[k] = cand_zero
+    return cand_scales, cand_zeros
+
+
+def _choice(cand_scales, cand_zeros, has_zero: bool, index, sums, exponent: int) -> Choice:
+    """The Choice of the compiled search's index and sums (float64 [4, n]: objective, squared error; min-max's)."""
+    n = index.shape[0]
+    chosen = cand_scales[index, np.arange(n)]
+    chosen_zero = cand_zeros[index, np.arange(n)] if has_zero else None
+    if exponent == 2:
+        return Choice(chosen, chosen_zero, index, sums[1], sums[3])
+    return Choice(chosen, chosen_zero, index, sums[1], sums[3], sums[0], sums[2])
+
+
+def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, exponent) -> Choice:
+    cand_scales, cand_zeros = _candidates(lo, hi, params, factors, scale, zero)
+    n = tiles.shape[0]
     index = np.zeros(n, np.int32)
     sums = np.zeros((4, n), np.float64)  # objective, squared error; min-max's objective, squared error
     compiled_search(np.ascontiguousarray(tiles), cand_scales, cand_zeros, zero is not None, MARGIN, exponent, index,
                     sums)
-    chosen = cand_scales[index, np.arange(n)]
-    chosen_zero = None if zero is None else cand_zeros[index, np.arange(n)]
-    if exponent == 2:
-        return Choice(chosen, chosen_zero, index, sums[1], sums[3])
-    return Choice(chosen, chosen_zero, index, sums[1], sums[3], sums[0], sums[2])
+    return _choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
 
 
 # -- a scheme's error exponent and candidates (its params and reconstruct: numerics/reconstruct.py) --
@@ -241,6 +255,38 @@ def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoi
     search = compiled_search_for(scheme) if use_compiled else None
     choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme),
                  compiled_search=search, exponent=exponent_for(scheme))
+    grid = scheme.scale_grid(rows, cols)
+    zero = None if choice.zero is None else choice.zero.reshape(grid)
+    return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
+
+
+def mse_grid_native(weight: np.ndarray, scheme) -> Optional[GridChoice]:
+    """mse_grid of a 2-D bf16 / fp16 / float32 weight by the compiled kernels, read straight from the weight, for
+    tiles along a row (group, channel): the ranges by native.tile_range, the candidates by this module's params,
+    the search by native.mse_search. The same GridChoice, bit for bit (the ranges: `tile_range`'s values; the
+    sign of a zero minimum never reaches a scale or zero point, docs/numerics.md). None where the tiles span
+    rows, the dtype is another, or the weight holds NaN / Inf: mse_grid then runs."""
+    rows, cols = weight.shape
+    tile = scheme.tile(rows, cols)
+    if tile[0] != 1 or not weight.size or native.source(weight) is None:
+        return None
+    ranges = native.tile_range(weight, tile, not scheme.symmetric)
+    if ranges is None:
+        return None
+    lo, hi = ranges
+    hi = hi.reshape(-1)
+    lo = -hi if lo is None else lo.reshape(-1)  # symmetric: params reads max(-lo, hi) = max |x|
+    params, _ = scheme_functions(scheme)
+    scale, zero = params(lo, hi)
+    cand_scales, cand_zeros = _candidates(lo, hi, params, factors_for(scheme), scale, zero)
+    n = hi.shape[0]
+    index = np.zeros(n, np.int32)
+    sums = np.zeros((4, n), np.float64)
+    exponent = exponent_for(scheme)
+    if not native.mse_search(weight, tile[1], cand_scales, cand_zeros, zero is not None, scheme.fmt, scheme.code_range,
+                             MARGIN, exponent, index, sums):
+        return None
+    choice = _choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
     grid = scheme.scale_grid(rows, cols)
     zero = None if choice.zero is None else choice.zero.reshape(grid)
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))

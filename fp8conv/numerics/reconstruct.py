@@ -74,7 +74,10 @@ def compiled_search_for(scheme) -> Callable[..., None]:
     range; call only where the compiled kernels run."""
 
     def search(tiles, scales, zeros, has_zero, margin, exponent, index, sums) -> None:
-        native.mse_search(tiles, scales, zeros, has_zero, scheme.fmt, scheme.code_range, margin, exponent, index, sums)
+        tiles = np.ascontiguousarray(tiles, np.float32)
+        if not native.mse_search(tiles, tiles.shape[1], scales, zeros, has_zero, scheme.fmt, scheme.code_range, margin,
+                                 exponent, index, sums):
+            raise ValueError("mse_search: the tiles hold NaN / Inf (the observer takes finite tiles)")
 
     return search
 
