@@ -41,7 +41,7 @@ vectorise.
 #define AVX2_HOT static inline __attribute__((always_inline, target("avx2")))
 #if !defined(FP8CONV_NO_AVX512) && (defined(__clang__) ? __clang_major__ >= 14 : __GNUC__ >= 8)
 #define MSE_AVX512 1
-#define AVX512_HOT static inline __attribute__((always_inline, target("avx512f")))
+#define AVX512_HOT static inline __attribute__((always_inline, target("avx512f,avx512vl")))
 #endif
 #else
 #define CLONES
@@ -1275,7 +1275,7 @@ AVX512_HOT void mse_tile_avx512(const float *restrict x, Py_ssize_t m, const flo
 
 AVX512_HOT void mse_tiles_avx512_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx512) }
 
-__attribute__((target("avx512f"))) static void mse_tiles_avx512(MSE_TILES_ARGS)
+__attribute__((target("avx512f,avx512vl"))) static void mse_tiles_avx512(MSE_TILES_ARGS)
 {
     if (has_zero) {
         if (exponent == 2) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
@@ -1358,7 +1358,7 @@ HOT void mse_tiles_fp(const Encoding *e, MSE_TILES_ARGS, float *restrict d)
 CLONES static void mse_tiles_any(MSE_TILES_ARGS)
 {
 #ifdef MSE_AVX512
-    if (__builtin_cpu_supports("avx512f")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
         mse_tiles_avx512(x_all, n, m, ns, sc, zs, k_count, has_zero, exponent, lo, hi, margin, idx, out);
         return;
     }

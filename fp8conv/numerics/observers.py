@@ -260,6 +260,27 @@ def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoi
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
 
 
+# The bit pattern of a bf16 / fp16 value held as float32 (exactly).
+_AMAX_KEYS = {"bfloat16": lambda v: v.view(np.uint32) >> 16, "float16": lambda v: v.astype(np.float16).view(np.uint16)}
+
+
+@lru_cache(maxsize=8)
+def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
+    """float32 [len(factors_for(scheme)), 65536]: the candidate scales (params of the range -a .. a shrunk by each
+    factor, `_candidates`) of a symmetric scheme's tile whose max |x| is a = the bf16 / fp16 value of each bit
+    pattern (its magnitude; NaN / Inf patterns as 0: never looked up). params is elementwise, so a look-up is the
+    tile's own candidates, bit for bit."""
+    patterns = np.arange(1 << 16, dtype=np.uint32)
+    if dtype_name == "bfloat16":
+        values = (patterns << 16).view(np.float32)
+    else:
+        values = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
+    values = np.where(np.isfinite(values), np.abs(values), np.float32(0))
+    params, _ = scheme_functions(scheme)
+    scale, _ = params(-values, values)
+    return _candidates(-values, values, params, factors_for(scheme), np.array(scale, np.float32), None)[0]
+
+
 def mse_grid_native(weight: np.ndarray, scheme) -> Optional[GridChoice]:
     """mse_grid of a 2-D bf16 / fp16 / float32 weight by the compiled kernels, read straight from the weight, for
     tiles along a row (group, channel): the ranges by native.tile_range, the candidates by this module's params,
@@ -276,10 +297,15 @@ def mse_grid_native(weight: np.ndarray, scheme) -> Optional[GridChoice]:
     lo, hi = ranges
     hi = hi.reshape(-1)
     lo = -hi if lo is None else lo.reshape(-1)  # symmetric: params reads max(-lo, hi) = max |x|
-    params, _ = scheme_functions(scheme)
-    scale, zero = params(lo, hi)
-    cand_scales, cand_zeros = _candidates(lo, hi, params, factors_for(scheme), scale, zero)
     n = hi.shape[0]
+    if scheme.symmetric and weight.dtype.name in _AMAX_KEYS:
+        # A 16-bit weight's max |x| is one of 65536 values: the candidates of every value, computed once by params.
+        cand_scales = np.take(_amax_candidates(scheme, weight.dtype.name), _AMAX_KEYS[weight.dtype.name](hi), axis=1)
+        cand_zeros, zero = np.zeros(cand_scales.shape, np.float32), None
+    else:
+        params, _ = scheme_functions(scheme)
+        scale, zero = params(lo, hi)
+        cand_scales, cand_zeros = _candidates(lo, hi, params, factors_for(scheme), scale, zero)
     index = np.zeros(n, np.int32)
     sums = np.zeros((4, n), np.float64)
     exponent = exponent_for(scheme)
