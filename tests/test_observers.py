@@ -628,3 +628,128 @@ def test_minmax_candidate_is_the_kernels_scale_at_the_range_ends(scheme):
         np.testing.assert_array_equal(zero, expected_zero)
     np.testing.assert_array_equal(scale, expected)
     assert (scale > 0).all() and np.isfinite(scale).all()
+
+
+# -- the compiled search read straight from the weight (observers.mse_grid_native) ----------------------------
+
+ROW_SCHEMES = [Scheme("int4", "group", group_size=128, scale_format="bf16", observer="mse"),   # the CLI's default
+               Scheme("int4", "group", group_size=24, observer="mse"),                        # groups not a multiple of 8
+               Scheme("int4", "group", group_size=32, symmetric=False, scale_format="bf16", observer="mse"),
+               Scheme("int8", "channel", activations="none", observer="mse"),
+               Scheme("fp8_e5m2", "group", group_size=32, observer="mse")]                    # a float grid
+
+
+def weights_with_edges(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
+    """float32 [rows, cols] weights: Gaussian, heavy-tailed (Cauchy) with all-zero rows and single outliers, and
+    signed zeros (rows of -0.0, -0.0 mixed with +0.0, tiles whose minimum is -0.0 or +0.0), tiny values."""
+    rng = np.random.default_rng(seed)
+    gauss = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    cauchy = (rng.standard_cauchy((rows, cols)) * 0.01).astype(np.float32)
+    cauchy[1] = 0
+    cauchy[2] = 0
+    cauchy[2, cols // 2] = -3.0
+    zeros = np.abs(gauss)  # every minimum >= 0
+    zeros[0] = -0.0
+    zeros[1, ::2] = -0.0
+    zeros[1, 1::2] = 0.0
+    zeros[3, :: 3] = -0.0  # tiles whose minimum is -0.0 among positive values
+    zeros[4] = -np.abs(zeros[4])
+    zeros[4, ::5] = 0.0  # tiles whose maximum is +0.0 among negative values
+    tiny = (rng.standard_normal((rows, cols)) * 1e-30).astype(np.float32)
+    tiny[0, 0] = 1.0
+    return {"gaussian": gauss, "cauchy": cauchy, "signed zeros": zeros, "tiny": tiny}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scheme", ROW_SCHEMES, ids=[s.describe() for s in ROW_SCHEMES])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("cols", [256, 100])  # 100: ragged last group (zero-padded by the reference)
+def test_compiled_search_from_the_weight_equals_numpy(scheme, dtype, cols):
+    """observers.mse_grid_native (ranges by native.tile_range, the search reading the weight's rows, the candidates
+    of a 16-bit symmetric weight looked up by max |x|) == observers.mse_grid on numpy, bit for bit: scales, zero
+    points and both error sums; the float64 brute force agrees with the choice (check, on the tiles)."""
+    import ml_dtypes
+
+    native_built()
+    for what, w32 in weights_with_edges(6, cols, 29).items():
+        if dtype == "float16" and what == "tiny":
+            continue  # fp16 flushes them to zero: the same as "signed zeros"
+        w = w32.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+        resolved = kernels._resolved(scheme, w.dtype)
+        values = w.astype(np.float32)
+        fast = observers.mse_grid_native(w, resolved)
+        ref = observers.mse_grid(values, resolved)
+        where = f"{what}, {dtype}, {resolved.describe()}"
+        assert fast is not None, where
+        assert fast.scale.tobytes() == ref.scale.tobytes(), f"{where}: scales {fast.scale} vs {ref.scale}"
+        assert (fast.zero is None and ref.zero is None) or fast.zero.tobytes() == ref.zero.tobytes(), where
+        assert (fast.error, fast.minmax_error) == (ref.error, ref.minmax_error), where
+    tiles = observers.tiles_of(values, resolved.tile(*values.shape))
+    check(tiles, Kind(resolved))
+
+
+@pytest.mark.unit
+def test_compiled_search_from_the_weight_leaves_nonfinite_weights_to_numpy():
+    """A weight holding NaN / Inf: mse_grid_native answers None (the numpy path owns that policy), and the search
+    itself reports it."""
+    native_built()
+    scheme = kernels._resolved(ROW_SCHEMES[0], np.dtype(np.float32))
+    w = np.ones((4, 256), np.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        w[3, 200] = bad
+        assert observers.mse_grid_native(w, scheme) is None
+        n = 8
+        ok = native.mse_search(w, 128, np.ones((2, n), np.float32), np.zeros((2, n), np.float32), False, scheme.fmt,
+                               scheme.code_range, observers.MARGIN, 3, np.zeros(n, np.int32), np.zeros((4, n)))
+        assert not ok
+
+
+@pytest.mark.unit
+def test_a_zero_minimum_gives_the_same_params_whatever_its_sign():
+    """docs/numerics.md: native.tile_range may return -0.0 where numpy's min returns +0.0 (or the reverse); the
+    scale and zero point are the same bytes either way (lo0 = min(lo, 0); hi0 - lo0 and qmin - lo0 / scale do not
+    see the sign of a zero), for every candidate factor."""
+    for scheme in [Scheme("int4", "group", group_size=32, symmetric=False, scale_format="bf16"),
+                   Scheme("int8", "channel", activations="none", symmetric=False)]:
+        params, _ = observers.scheme_functions(scheme)
+        hi = np.array([0.0, 0.5, 3.0, 1e-30, 0.0], np.float32)
+        for f in observers.SHRINK_FACTORS:
+            f32 = np.float32(f)
+            plus = params(np.zeros(5, np.float32) * f32, hi * f32)
+            minus = params(np.full(5, -0.0, np.float32) * f32, hi * f32)
+            neg_hi = params(np.full(5, -0.0, np.float32) * f32, -hi * f32)  # maximum -0.0 where hi is 0
+            assert plus[0].tobytes() == minus[0].tobytes() and plus[1].tobytes() == minus[1].tobytes(), scheme
+            assert np.signbit(minus[0]).sum() == 0 and neg_hi[0][0] == 1.0
+    # and the C ranges are numpy's values (== : -0.0 == 0.0) on tiles with signed zeros
+    import ml_dtypes
+
+    for w in weights_with_edges(6, 100, 3).values():
+        for src in (w, w.astype(ml_dtypes.bfloat16)):
+            lo, hi = native.tile_range(src, (1, 32), True)
+            ref_lo, ref_hi = observers.tile_range(observers.tiles_of(src.astype(np.float32), (1, 32)))
+            # the reference's tiles are zero-padded to 4 x 32; callers clamp the range at 0, so compare clamped
+            np.testing.assert_array_equal(np.minimum(lo.ravel(), 0), np.minimum(ref_lo, 0))
+            np.testing.assert_array_equal(np.maximum(hi.ravel(), 0), np.maximum(ref_hi, 0))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_candidates_looked_up_by_max_abs_are_the_references(dtype):
+    """The candidate scales of a 16-bit weight's symmetric tile, looked up by its max |x| (observers._amax_candidates),
+    are the float64 brute force's candidates (Kind.candidates) for amax values across the whole range: subnormal,
+    tiny, ordinary, huge, zero."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(7)
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float16)
+    patterns = np.concatenate([np.arange(0, 40), rng.integers(0, 0x7C00 if dtype == "float16" else 0x7F80, 400),
+                               [0x7F7F if dtype == "bfloat16" else 0x7BFF]]).astype(np.uint16)
+    amax = patterns.view(np_dtype).astype(np.float32)
+    for scheme in [Scheme("int4", "group", group_size=128, scale_format="bf16"), Scheme("int4", "group", group_size=32)]:
+        resolved = scheme.for_source("BF16" if dtype == "bfloat16" else "F16")
+        table = observers._amax_candidates(resolved, np_dtype.name)
+        kind = Kind(resolved)
+        for p, a in zip(patterns.tolist(), amax.tolist()):
+            expected = [s for s, _ in kind.candidates(np.array([-a, a], np.float32), observers.SHRINK_FACTORS)]
+            got = table[:, p].tolist()
+            assert got == [float(np.float32(s)) for s in expected], f"{resolved.describe()}: amax {a!r} (0x{p:04x})"
