@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp8conv.accel import native
-from fp8conv.numerics import api, kernels, observers
+from fp8conv.numerics import api, kernels, observe_rows, observers
 from fp8conv.plan.scheme import Scheme
 
 
@@ -630,10 +630,10 @@ def test_minmax_candidate_is_the_kernels_scale_at_the_range_ends(scheme):
     assert (scale > 0).all() and np.isfinite(scale).all()
 
 
-# -- the compiled search read straight from the weight (observers.mse_grid_native) ----------------------------
+# -- the compiled search read straight from the weight (observe_rows.mse_grid) -------------------------
 
 ROW_SCHEMES = [Scheme("int4", "group", group_size=128, scale_format="bf16", observer="mse"),   # the CLI's default
-               Scheme("int4", "group", group_size=24, observer="mse"),                        # groups not a multiple of 8
+               Scheme("int4", "group", group_size=24, observer="mse"),  # groups not a multiple of 8
                Scheme("int4", "group", group_size=32, symmetric=False, scale_format="bf16", observer="mse"),
                Scheme("int8", "channel", activations="none", observer="mse"),
                Scheme("fp8_e5m2", "group", group_size=32, observer="mse")]                    # a float grid
@@ -665,7 +665,7 @@ def weights_with_edges(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("cols", [256, 100])  # 100: ragged last group (zero-padded by the reference)
 def test_compiled_search_from_the_weight_equals_numpy(scheme, dtype, cols):
-    """observers.mse_grid_native (ranges by native.tile_range, the search reading the weight's rows, the candidates
+    """observe_rows.mse_grid (ranges by native.tile_range, the search reading the weight's rows, the candidates
     of a 16-bit symmetric weight looked up by max |x|) == observers.mse_grid on numpy, bit for bit: scales, zero
     points and both error sums; the float64 brute force agrees with the choice (check, on the tiles)."""
     import ml_dtypes
@@ -677,7 +677,7 @@ def test_compiled_search_from_the_weight_equals_numpy(scheme, dtype, cols):
         w = w32.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
         resolved = kernels._resolved(scheme, w.dtype)
         values = w.astype(np.float32)
-        fast = observers.mse_grid_native(w, resolved)
+        fast = observe_rows.mse_grid(w, resolved)
         ref = observers.mse_grid(values, resolved)
         where = f"{what}, {dtype}, {resolved.describe()}"
         assert fast is not None, where
@@ -690,14 +690,14 @@ def test_compiled_search_from_the_weight_equals_numpy(scheme, dtype, cols):
 
 @pytest.mark.unit
 def test_compiled_search_from_the_weight_leaves_nonfinite_weights_to_numpy():
-    """A weight holding NaN / Inf: mse_grid_native answers None (the numpy path owns that policy), and the search
+    """A weight holding NaN / Inf: observe_rows.mse_grid answers None (the numpy path owns that policy), and the search
     itself reports it."""
     native_built()
     scheme = kernels._resolved(ROW_SCHEMES[0], np.dtype(np.float32))
     w = np.ones((4, 256), np.float32)
     for bad in (np.nan, np.inf, -np.inf):
         w[3, 200] = bad
-        assert observers.mse_grid_native(w, scheme) is None
+        assert observe_rows.mse_grid(w, scheme) is None
         n = 8
         ok = native.mse_search(w, 128, np.ones((2, n), np.float32), np.zeros((2, n), np.float32), False, scheme.fmt,
                                scheme.code_range, observers.MARGIN, 3, np.zeros(n, np.int32), np.zeros((4, n)))
@@ -735,9 +735,9 @@ def test_a_zero_minimum_gives_the_same_params_whatever_its_sign():
 @pytest.mark.unit
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_candidates_looked_up_by_max_abs_are_the_references(dtype):
-    """The candidate scales of a 16-bit weight's symmetric tile, looked up by its max |x| (observers._amax_candidates),
-    are the float64 brute force's candidates (Kind.candidates) for amax values across the whole range: subnormal,
-    tiny, ordinary, huge, zero."""
+    """The candidate scales of a 16-bit weight's symmetric tile, looked up by its max |x|
+    (observe_rows._amax_candidates), are the float64 brute force's candidates (Kind.candidates) for amax values
+    across the whole range: subnormal, tiny, ordinary, huge, zero."""
     import ml_dtypes
 
     rng = np.random.default_rng(7)
@@ -745,9 +745,10 @@ def test_candidates_looked_up_by_max_abs_are_the_references(dtype):
     patterns = np.concatenate([np.arange(0, 40), rng.integers(0, 0x7C00 if dtype == "float16" else 0x7F80, 400),
                                [0x7F7F if dtype == "bfloat16" else 0x7BFF]]).astype(np.uint16)
     amax = patterns.view(np_dtype).astype(np.float32)
-    for scheme in [Scheme("int4", "group", group_size=128, scale_format="bf16"), Scheme("int4", "group", group_size=32)]:
+    for scheme in [Scheme("int4", "group", group_size=128, scale_format="bf16"),
+                   Scheme("int4", "group", group_size=32)]:
         resolved = scheme.for_source("BF16" if dtype == "bfloat16" else "F16")
-        table = observers._amax_candidates(resolved, np_dtype.name)
+        table = observe_rows._amax_candidates(resolved, np_dtype.name)
         kind = Kind(resolved)
         for p, a in zip(patterns.tolist(), amax.tolist()):
             expected = [s for s, _ in kind.candidates(np.array([-a, a], np.float32), observers.SHRINK_FACTORS)]

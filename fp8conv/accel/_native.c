@@ -12,8 +12,9 @@ these kernels return (a few numbers per tile); the kernels do the per-element wo
   column c into lane c % 8, each lane a sequential float64 sum, the lanes added 0..7, rows in order;
 - micro_encode / micro_stats: NVFP4 / MXFP4 / MXFP8 elements of each group and their statistics;
   micro_encode_stats: both in one pass over the rows (what a conversion calls);
-- mse_search: the mse observer's candidate evaluation; micro_search: the microscale observers' (mse,
-  expanded) per-group search over scale codes.
+- mse_search: the mse observer's candidate evaluation over the groups along a source's rows (AVX-512 /
+  AVX2 kernels chosen at run time; -DFP8CONV_NO_AVX512 leaves the AVX-512 one out); micro_search: the
+  microscale observers' (mse, expanded) per-group search over scale codes.
 
 Every source is bf16 (its bits as uint16), fp16 or float32, C order. NaN / Inf in a source are
 reported (return value 1) and nothing else is promised: the caller takes the numpy path, which owns

@@ -28,7 +28,7 @@ import numpy as np
 from ..accel import native
 from ..formats import TAG_OF_DTYPE, ElementFormat
 from ..plan.scheme import Scheme
-from . import hqq, observers
+from . import hqq, observe_rows, observers
 from .lanes import LANES, RowSums  # noqa: F401  (LANES re-exported)
 from .scales import _stored_scales, asymmetric_params, range_end_scales, scale_from_amax  # noqa: F401
 from .dequantize import WINDOW_ELEMENTS, dequantize_2d, dequantize_rows, round_to_bf16, window as _window  # noqa: F401
@@ -236,9 +236,9 @@ def _observe(weight: np.ndarray, scheme: Scheme, allow_nonfinite: bool, name: st
              use_compiled: bool = False) -> "observers.GridChoice":
     """mse scale (and zero-point) grid of a 2-D weight; NaN/Inf, when allowed, are seen as 0 (as min-max
     ignores them); the candidates evaluated by the compiled kernel when `use_compiled` (for tiles along a row,
-    straight from the weight: observers.mse_grid_native)."""
+    straight from the weight: observe_rows.mse_grid)."""
     if use_compiled and scheme.observer == "mse":
-        fast = observers.mse_grid_native(weight, scheme)
+        fast = observe_rows.mse_grid(weight, scheme)
         if fast is not None:
             return fast
     values = np.empty(weight.shape, np.float32)

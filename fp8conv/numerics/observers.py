@@ -174,7 +174,7 @@ def mse(tiles: np.ndarray, params: ParamsFn, reconstruct: ReconstructFn,
     return Choice(scale, zero, index, error, minmax_error, objective, minmax_objective)
 
 
-def _candidates(lo, hi, params, factors, scale, zero) -> "tuple[np.ndarray, np.ndarray]":
+def candidate_params(lo, hi, params, factors, scale, zero) -> "tuple[np.ndarray, np.ndarray]":
     """float32 [len(factors), n] scales and zero points (0 where symmetric) of every candidate, factor 1.0's
     (`scale`, `zero`) first."""
     n = scale.shape[0]
@@ -191,7 +191,7 @@ def _candidates(lo, hi, params, factors, scale, zero) -> "tuple[np.ndarray, np.n
     return cand_scales, cand_zeros
 
 
-def _choice(cand_scales, cand_zeros, has_zero: bool, index, sums, exponent: int) -> Choice:
+def compiled_choice(cand_scales, cand_zeros, has_zero: bool, index, sums, exponent: int) -> Choice:
     """The Choice of the compiled search's index and sums (float64 [4, n]: objective, squared error; min-max's)."""
     n = index.shape[0]
     chosen = cand_scales[index, np.arange(n)]
@@ -202,13 +202,13 @@ def _choice(cand_scales, cand_zeros, has_zero: bool, index, sums, exponent: int)
 
 
 def _mse_compiled(tiles, lo, hi, params, factors, compiled_search, scale, zero, exponent) -> Choice:
-    cand_scales, cand_zeros = _candidates(lo, hi, params, factors, scale, zero)
+    cand_scales, cand_zeros = candidate_params(lo, hi, params, factors, scale, zero)
     n = tiles.shape[0]
     index = np.zeros(n, np.int32)
     sums = np.zeros((4, n), np.float64)  # objective, squared error; min-max's objective, squared error
     compiled_search(np.ascontiguousarray(tiles), cand_scales, cand_zeros, zero is not None, MARGIN, exponent, index,
                     sums)
-    return _choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
+    return compiled_choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
 
 
 # -- a scheme's error exponent and candidates (its params and reconstruct: numerics/reconstruct.py) --
@@ -255,64 +255,6 @@ def mse_grid(weight: np.ndarray, scheme, use_compiled: bool = False) -> GridChoi
     search = compiled_search_for(scheme) if use_compiled else None
     choice = mse(tiles_of(weight, scheme.tile(rows, cols)), params, reconstruct, factors_for(scheme),
                  compiled_search=search, exponent=exponent_for(scheme))
-    grid = scheme.scale_grid(rows, cols)
-    zero = None if choice.zero is None else choice.zero.reshape(grid)
-    return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
-
-
-# The bit pattern of a bf16 / fp16 value held as float32 (exactly).
-_AMAX_KEYS = {"bfloat16": lambda v: v.view(np.uint32) >> 16, "float16": lambda v: v.astype(np.float16).view(np.uint16)}
-
-
-@lru_cache(maxsize=8)
-def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
-    """float32 [len(factors_for(scheme)), 65536]: the candidate scales (params of the range -a .. a shrunk by each
-    factor, `_candidates`) of a symmetric scheme's tile whose max |x| is a = the bf16 / fp16 value of each bit
-    pattern (its magnitude; NaN / Inf patterns as 0: never looked up). params is elementwise, so a look-up is the
-    tile's own candidates, bit for bit."""
-    patterns = np.arange(1 << 16, dtype=np.uint32)
-    if dtype_name == "bfloat16":
-        values = (patterns << 16).view(np.float32)
-    else:
-        values = patterns.astype(np.uint16).view(np.float16).astype(np.float32)
-    values = np.where(np.isfinite(values), np.abs(values), np.float32(0))
-    params, _ = scheme_functions(scheme)
-    scale, _ = params(-values, values)
-    return _candidates(-values, values, params, factors_for(scheme), np.array(scale, np.float32), None)[0]
-
-
-def mse_grid_native(weight: np.ndarray, scheme) -> Optional[GridChoice]:
-    """mse_grid of a 2-D bf16 / fp16 / float32 weight by the compiled kernels, read straight from the weight, for
-    tiles along a row (group, channel): the ranges by native.tile_range, the candidates by this module's params,
-    the search by native.mse_search. The same GridChoice, bit for bit (the ranges: `tile_range`'s values; the
-    sign of a zero minimum never reaches a scale or zero point, docs/numerics.md). None where the tiles span
-    rows, the dtype is another, or the weight holds NaN / Inf: mse_grid then runs."""
-    rows, cols = weight.shape
-    tile = scheme.tile(rows, cols)
-    if tile[0] != 1 or not weight.size or native.source(weight) is None:
-        return None
-    ranges = native.tile_range(weight, tile, not scheme.symmetric)
-    if ranges is None:
-        return None
-    lo, hi = ranges
-    hi = hi.reshape(-1)
-    lo = -hi if lo is None else lo.reshape(-1)  # symmetric: params reads max(-lo, hi) = max |x|
-    n = hi.shape[0]
-    if scheme.symmetric and weight.dtype.name in _AMAX_KEYS:
-        # A 16-bit weight's max |x| is one of 65536 values: the candidates of every value, computed once by params.
-        cand_scales = np.take(_amax_candidates(scheme, weight.dtype.name), _AMAX_KEYS[weight.dtype.name](hi), axis=1)
-        cand_zeros, zero = np.zeros(cand_scales.shape, np.float32), None
-    else:
-        params, _ = scheme_functions(scheme)
-        scale, zero = params(lo, hi)
-        cand_scales, cand_zeros = _candidates(lo, hi, params, factors_for(scheme), scale, zero)
-    index = np.zeros(n, np.int32)
-    sums = np.zeros((4, n), np.float64)
-    exponent = exponent_for(scheme)
-    if not native.mse_search(weight, tile[1], cand_scales, cand_zeros, zero is not None, scheme.fmt, scheme.code_range,
-                             MARGIN, exponent, index, sums):
-        return None
-    choice = _choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
     grid = scheme.scale_grid(rows, cols)
     zero = None if choice.zero is None else choice.zero.reshape(grid)
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
