@@ -491,9 +491,10 @@ def special_weight(dtype, fmt: str, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
 def test_one_pass_kernel_on_ties_saturation_subnormals_and_zeros(fmt, dtype):
     """The vectorised one-pass kernel (AVX2 where the CPU has it) and the numpy reference against the float64
-    reference on every special value class; the statistics equal between backends and those of the float64
-    dequantized weights; NaN / Inf in the last row of an fp16 / float32 / bf16 source is reported (None)."""
+    reference on every special value class (scales and codes), the statistics equal between backends, also from
+    the encode + statistics kernel alone; NaN / Inf in the last row of an fp16 / float32 / bf16 source is reported (None)."""
     from fp8conv.accel import native
+    from fp8conv.errors import InputError
     from fp8conv.numerics.kernels import quantize_microscale
     from fp8conv.numerics.microscale_kernel import _code_values
     from fp8conv.plan.scheme import microscale_scheme
@@ -517,9 +518,61 @@ def test_one_pass_kernel_on_ties_saturation_subnormals_and_zeros(fmt, dtype):
     assert a.codes.tobytes() == b.codes.tobytes() and a.scales.tobytes() == b.scales.tobytes()
     assert a.stats == b.stats, f"statistics differ: numpy {a.stats} native {b.stats}"
     assert a.stats.saturated > 0 and a.stats.flushed_to_zero > 0
+    if fmt == "nvfp4":  # e4m3 scales: subnormal ones, and zero ones stored as 0.125
+        assert (a.scales.view(np.uint8) < 8).any() and (ms.e4m3_decode(a.scales) == 0.125).any()
+    # the encode + statistics kernel alone (what the observers' scales go through), from the numpy scale codes
+    if fmt == "nvfp4":
+        divisor = (ms.e4m3_decode(a.scales) / np.float32(gs)).astype(np.float32)
+        factor, divide = divisor, True
+    else:
+        divisor, factor, divide = ms.e8m0_decode(a.scales), ms.e8m0_reciprocal(a.scales), False
+    codes, raw = native.micro_encode_stats(w, scheme.group_size, factor, divide, scheme.fmt, _code_values(scheme),
+                                           divisor)
+    assert codes.tobytes() == a.codes.tobytes()
+    assert raw.tolist() == [a.stats.sum_sq_ref, a.stats.sum_sq_err, a.stats.max_abs_err, a.stats.saturated,
+                            a.stats.flushed_to_zero]
     for bad_value in (np.inf, -np.inf, np.nan):
         bad = w.copy()
         bad[-1, 77] = bad_value
         factor = np.ones((12, 128 // scheme.group_size), np.float32)
         assert native.micro_encode_stats(bad, scheme.group_size, factor, fmt == "nvfp4", scheme.fmt,
                                          _code_values(scheme), factor) is None, f"{bad_value} not reported"
+        with pytest.raises(InputError, match="NaN|Inf"):
+            quantize_microscale(bad, scheme, gs, backend="native")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_compiled_scales_over_dense_group_amax(fmt, dtype):
+    """The one-pass kernel's scale rule (NVFP4: e4m3(min(gs * arith(amax / 6), 448)), zero -> 0.125, in the
+    weight's dtype; MX: E8M0 from the amax's bits) on ~4,000 groups whose amax walks the dtype's grid over 30
+    binades, against the float64 reference (each rounding spelled out) and the numpy backend."""
+    from fp8conv.numerics.kernels import quantize_microscale
+    from fp8conv.plan.scheme import microscale_scheme
+
+    scheme = microscale_scheme(fmt)
+    rng = np.random.default_rng(RNG_SEED + 31)
+    amax = np.unique(ROUND[dtype](2.0 ** rng.uniform(-14 if dtype == np.float16 else -24, 15.9, 4096)))
+    amax = amax[np.isfinite(amax) & (amax > 0)]
+    group = scheme.group_size
+    members = ROUND[dtype](amax[:, None] * rng.uniform(-1, 1, (amax.size, group - 1)))
+    w = np.concatenate([amax[:, None] * np.where(rng.random((amax.size, 1)) < 0.5, -1, 1), members], axis=1)
+    w = w.astype(np.float32).astype(dtype)
+    x = np.abs(w.astype(np.float64)).max(axis=1)
+    if fmt == "nvfp4":
+        gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype)
+        local = ROUND[dtype](to_f32(x / 6.0))
+        scaled = np.minimum(to_f32(float(gs) * local), 448.0)
+        expected = scaled.astype(np.float32).astype(E4M3).astype(np.float64)
+        expected = np.where(expected == 0, 0.125, expected)
+        decode = lambda s: ms.e4m3_decode(s).astype(np.float64)[:, 0]  # noqa: E731
+    else:
+        gs = None
+        expected = np.array([ref_e8m0_code(float(a), 2) for a in x], np.float64)
+        decode = lambda s: s.astype(np.float64)[:, 0]  # noqa: E731
+    a = quantize_microscale(w, scheme, gs, backend="numpy")
+    b = quantize_microscale(w, scheme, gs, backend="native")
+    assert_same(decode(b.scales), expected, "native scales")
+    assert_same(decode(a.scales), expected, "numpy scales")
+    assert a.codes.tobytes() == b.codes.tobytes() and a.stats == b.stats

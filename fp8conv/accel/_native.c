@@ -833,6 +833,240 @@ done:
     return result;
 }
 
+/* ---- microscaled formats: min-max group scales and elements in one pass ------------------------------------ */
+
+/* The min-max group scale rule of microscale.py (nvfp4_group_scales, e8m0_from_amax) on one group amax. */
+typedef struct {
+    int global;              /* NVFP4: float (e4m3) scales relative to a float32 global scale; else MX: E8M0 */
+    int arith;               /* NVFP4: the dtype the scale arithmetic rounds to (SRC_BF16 / SRC_F16 / SRC_F32) */
+    float gs, elem_max, scale_max, zero_scale;
+    int emax;                /* MX: floor(log2(element max)) */
+    FloatFormat e4m3, f16;
+    uint32_t zero_code;
+} ScaleRule;
+
+/* 2^k, exact, for -149 <= k <= 127. */
+static inline float pow2f(int k)
+{
+    return k >= -126 ? float_of((uint32_t)(k + 127) << 23) : float_of(1u << (k + 149));
+}
+
+/* float32 a >= 0 (finite) rounded as the scale arithmetic's dtype stores it (microscale._in_arith): bf16 by
+   round_bf16's bit rule, fp16 to nearest even with subnormals (Inf from 65520 up, as numpy's cast). */
+static inline float in_arith(float a, const ScaleRule *s)
+{
+    if (s->arith == SRC_BF16) {
+        uint32_t b = bits_of(a);
+        b += 0x7FFFu + ((b >> 16) & 1u);
+        return float_of(b & 0xFFFF0000u);
+    }
+    if (s->arith == SRC_F16) {
+        uint32_t code;
+        return a >= 65520.0f ? INFINITY : fp_magnitude(a, s->f16, &code);
+    }
+    return a;
+}
+
+/* The scale code of a group with largest |x| amax (finite), its divisor (w' = value * divisor) and the factor
+   the elements are divided by (NVFP4: the divisor) or multiplied with (MX: its reciprocal, exact). NVFP4:
+   e4m3(min(gs * arith(amax / 6), 448)), a zero code replaced by 0.125's, divisor = value / gs in float32. MX:
+   the amax's exponent, rounded up from significand 1.75, minus emax, plus 127, clamped to [0, 254]. */
+static inline uint8_t micro_scale(float amax, const ScaleRule *s, float *divisor, float *factor)
+{
+    if (s->global) {
+        float scaled = s->gs * in_arith(amax / s->elem_max, s);
+        scaled = scaled > s->scale_max ? s->scale_max : scaled; /* np.minimum (a NaN would pass; none occurs) */
+        uint32_t code;
+        float value = fp_magnitude(scaled, s->e4m3, &code);
+        if (!(code & 0x7Fu)) { code = s->zero_code; value = s->zero_scale; }
+        *divisor = value / s->gs;
+        *factor = *divisor;
+        return (uint8_t)code;
+    }
+    int32_t biased = (int32_t)(((bits_of(amax) & 0x7FFFFFFFu) + (1u << 21)) >> 23);
+    biased = biased == 0 ? 0 : biased - s->emax;
+    biased = biased < 0 ? 0 : biased > 254 ? 254 : biased;
+    *divisor = pow2f(biased - 127);
+    *factor = pow2f(127 - biased);
+    return (uint8_t)biased;
+}
+
+/* One row's group amax (float32 bits as in micro_encode_stats' rows), scale codes, divisors and factors. */
+HOT void row_scales(const uint32_t *row, Py_ssize_t groups, Py_ssize_t gsz, const ScaleRule *s, uint8_t *codes,
+                    float *div, float *fac)
+{
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        uint32_t top = 0;
+        for (Py_ssize_t i = 0; i < gsz; i++) {
+            uint32_t a = row[g * gsz + i] & 0x7FFFFFFFu;
+            top = a > top ? a : top;
+        }
+        codes[g] = micro_scale(float_of(top), s, div + g, fac + g);
+    }
+}
+
+#ifdef MSE_AVX2
+/* row_scales in AVX2 on a bf16 (bits) or float32 row: the amax as an integer max over the magnitude bits. */
+AVX2_HOT void row_scales_avx2(const void *src, const int bf16, Py_ssize_t groups, Py_ssize_t gsz, const ScaleRule *s,
+                              uint8_t *codes, float *div, float *fac)
+{
+    const __m256i absm = _mm256_set1_epi32(0x7FFFFFFF);
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        __m256i top = _mm256_setzero_si256();
+        for (Py_ssize_t i = 0; i < gsz; i += 8) {
+            const Py_ssize_t c = g * gsz + i;
+            __m256i xb;
+            if (bf16)
+                xb = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + c))), 16);
+            else
+                xb = _mm256_loadu_si256((const __m256i *)((const uint32_t *)src + c));
+            top = _mm256_max_epu32(top, _mm256_and_si256(xb, absm));
+        }
+        __m128i t = _mm_max_epu32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+        t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0x4E));
+        t = _mm_max_epu32(t, _mm_shuffle_epi32(t, 0xB1));
+        codes[g] = micro_scale(float_of((uint32_t)_mm_cvtsi128_si32(t)), s, div + g, fac + g);
+    }
+}
+
+/* micro_quantize's rows in AVX2 with bf16 / packed / divide constant: scales, then micro_row_avx2. Returns 1 at
+   the end of the first row holding NaN / Inf. */
+AVX2_HOT int micro_quantize_rows_avx2_v(const void *src, int kind, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t gsz,
+                                        const ScaleRule *s, const int bf16, const int packed, const int divide,
+                                        FloatFormat ff, float qmax, uint8_t *dst, uint8_t *scale_codes, uint32_t *row,
+                                        float *div, float *fac, double *st, MicroLanes *acc)
+{
+    const Py_ssize_t groups = cols / gsz;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const void *xs = (const char *)src + r * cols * src_itemsize(kind);
+        if (kind == SRC_F16) {
+            load_row(src, kind, cols, r, 0, cols, row);
+            xs = row;
+        }
+        row_scales_avx2(xs, bf16, groups, gsz, s, scale_codes + r * groups, div, fac);
+        micro_row_avx2(xs, bf16, fac, div, groups, gsz, packed, divide, ff, qmax,
+                       dst + r * (packed ? cols / 2 : cols), acc, st);
+        if (!_mm256_testz_si256(acc->nonfinite, acc->nonfinite)) return 1;
+    }
+    return 0;
+}
+
+__attribute__((target("avx2"))) static int micro_quantize_avx2(const void *src, int kind, Py_ssize_t rows,
+                                                              Py_ssize_t cols, Py_ssize_t gsz, const ScaleRule *s,
+                                                              int packed, int divide, FloatFormat ff, float qmax,
+                                                              uint8_t *dst, uint8_t *scale_codes, uint32_t *row,
+                                                              float *div, float *fac, double *st, uint32_t *counts,
+                                                              uint32_t *big)
+{
+    MicroLanes acc;
+    acc.saturated = acc.flushed = acc.nonfinite = _mm256_setzero_si256();
+    acc.big = _mm256_set1_epi32((int)*big);
+    int bad;
+#define MICRO_Q(B, P, D) micro_quantize_rows_avx2_v(src, kind, rows, cols, gsz, s, B, P, D, ff, qmax, dst, scale_codes, \
+                                                    row, div, fac, st, &acc)
+    if (kind == SRC_BF16) {
+        if (packed) bad = divide ? MICRO_Q(1, 1, 1) : MICRO_Q(1, 1, 0);
+        else bad = divide ? MICRO_Q(1, 0, 1) : MICRO_Q(1, 0, 0);
+    } else {
+        if (packed) bad = divide ? MICRO_Q(0, 1, 1) : MICRO_Q(0, 1, 0);
+        else bad = divide ? MICRO_Q(0, 0, 1) : MICRO_Q(0, 0, 0);
+    }
+#undef MICRO_Q
+    uint32_t sat[8], fl[8], b[8];
+    _mm256_storeu_si256((__m256i *)sat, acc.saturated);
+    _mm256_storeu_si256((__m256i *)fl, acc.flushed);
+    _mm256_storeu_si256((__m256i *)b, acc.big);
+    for (int j = 0; j < 8; j++) {
+        counts[0] -= sat[j];
+        counts[1] -= fl[j];
+        *big = b[j] > *big ? b[j] : *big;
+    }
+    return bad;
+}
+#endif
+
+/* micro_quantize(src, kind, rows, cols, group, global, gs, elem_max, scale_mbits, scale_bias, scale_max, zero_scale,
+                  emax, mbits, bias, qmax, packed, out, scale_codes, values, stats) -> nonfinite
+   A min-max NVFP4 / MX quantization in one pass over the rows: each row's group amax, its scale codes (micro_scale:
+   microscale.py's rule, the weight's dtype `kind` as the NVFP4 scale arithmetic's), then its element codes and
+   statistics as micro_encode_stats makes them from those scales; out, scale_codes uint8 [rows, cols / group] and
+   stats are bit for bit those of the numpy path. On a NaN / Inf (return 1) they are partly written. */
+CLONES static PyObject *micro_quantize(PyObject *self, PyObject *args)
+{
+    Py_buffer src, out, scodes, values, stats;
+    int kind, global, scale_mbits, scale_bias, emax, mbits, bias, packed;
+    Py_ssize_t rows, cols, group;
+    float gs, elem_max, scale_max, zero_scale, qmax;
+    if (!PyArg_ParseTuple(args, "y*innnpffiiffiiifpw*w*y*w*", &src, &kind, &rows, &cols, &group, &global, &gs, &elem_max,
+                          &scale_mbits, &scale_bias, &scale_max, &zero_scale, &emax, &mbits, &bias, &qmax, &packed, &out,
+                          &scodes, &values, &stats))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *row = NULL;
+    uint8_t *tmp = NULL;
+    float *vals = NULL, *err = NULL, *div = NULL, *fac = NULL;
+    Encoding e, scale_e;
+    ScaleRule rule;
+    memset(&rule, 0, sizeof rule);
+    if (!encoding_of(mbits, bias, -qmax, qmax, &e) || !encoding_of(scale_mbits, scale_bias, 0, scale_max, &scale_e)) goto done;
+    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0 || e.is_int || kind < SRC_BF16 || kind > SRC_F16
+        || (global && !(gs > 0 && gs <= 3.4e38f && zero_scale > 0 && zero_scale <= scale_max && elem_max > 0))) {
+        PyErr_SetString(PyExc_ValueError, "micro_quantize: bad shape, element or scale rule");
+        goto done;
+    }
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&out, rows * (packed ? cols / 2 : cols), "out")
+        || !need(&scodes, rows * (cols / group), "scale_codes") || !need(&values, (packed ? 16 : 256) * 4, "values")
+        || !need(&stats, 40, "stats"))
+        goto done;
+    rule.global = global; rule.arith = kind; rule.gs = gs; rule.elem_max = elem_max; rule.scale_max = scale_max;
+    rule.zero_scale = zero_scale; rule.emax = emax; rule.e4m3 = scale_e.ff; rule.f16 = float_format(10, 15);
+    (void)fp_magnitude(zero_scale, rule.e4m3, &rule.zero_code);
+    row = malloc((size_t)(cols + 1) * 4);
+    tmp = malloc((size_t)cols + 1);
+    vals = malloc((size_t)(cols + 1) * 4);
+    err = malloc((size_t)(cols + 1) * 4);
+    div = malloc((size_t)(cols / group + 1) * 4);
+    fac = malloc((size_t)(cols / group + 1) * 4);
+    if (!row || !tmp || !vals || !err || !div || !fac) { PyErr_NoMemory(); goto done; }
+    {
+        FloatFormat ff = e.ff;
+        const float *table = values.buf;
+        uint8_t *dst = out.buf, *sc = scodes.buf;
+        double *st = stats.buf;
+        int bad = 0;
+        const Py_ssize_t groups = cols / group, gsz = group; /* locals: stores through uint8_t * may alias the parsed ones */
+        const int divide = global;
+        Py_BEGIN_ALLOW_THREADS
+        uint32_t counts[2] = {0, 0};
+        uint32_t big = bits_of((float)st[2]);
+#ifdef MSE_AVX2
+        if (gsz % 8 == 0 && __builtin_cpu_supports("avx2"))
+            bad = micro_quantize_avx2(src.buf, kind, rows, cols, gsz, &rule, packed, divide, ff, qmax, dst, sc, row, div,
+                                      fac, st, counts, &big);
+        else
+#endif
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            load_row(src.buf, kind, cols, r, 0, cols, row);
+            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            row_scales(row, groups, gsz, &rule, sc + r * groups, div, fac);
+            uint8_t *o = encode_row(row, fac, groups, gsz, packed, divide, ff, qmax, tmp,
+                                    dst + r * (packed ? cols / 2 : cols));
+            for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
+            stats_row(row, vals, err, div, groups, gsz, qmax, &counts[0], &counts[1], &big, st);
+        }
+        st[2] = (double)float_of(big);
+        st[3] += counts[0];
+        st[4] += counts[1];
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad);
+    }
+done:
+    free(row); free(tmp); free(vals); free(err); free(div); free(fac);
+    PyBuffer_Release(&src); PyBuffer_Release(&out); PyBuffer_Release(&scodes); PyBuffer_Release(&values);
+    PyBuffer_Release(&stats);
+    return result;
+}
+
 /* ---- dequantize ----------------------------------------------------------------------------------- */
 
 /* dequantize(codes, rows, cols, tile_rows, tile_cols, table, scales, zeros or None, to_bf16, out)
@@ -1668,6 +1902,7 @@ static PyMethodDef methods[] = {
     {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
     {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
     {"micro_encode_stats", micro_encode_stats, METH_VARARGS, "NVFP4 / MX codes and their statistics in one pass"},
+    {"micro_quantize", micro_quantize, METH_VARARGS, "min-max NVFP4 / MX scales, codes and statistics in one pass"},
     {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
     {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
     {"mse_search", mse_search, METH_VARARGS, "the mse observer's candidate evaluation"},

@@ -186,6 +186,29 @@ def micro_encode_stats(weight: np.ndarray, group: int, factor: np.ndarray, divid
     return out, stats
 
 
+def micro_quantize(weight: np.ndarray, group: int, fmt, values: np.ndarray, global_scale: np.float32 | None,
+                   scale_fmt, zero_scale: float, emax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """A min-max NVFP4 (global_scale given: scale_fmt e4m3 codes of max(scale) <= scale_fmt.qmax, a zero code
+    replaced by zero_scale's, the weight's dtype as the scale arithmetic's) or MX (E8M0, emax) quantization in one
+    pass: (element codes, scale codes uint8 [rows, cols / group], float64[5] statistics), each bit for bit the
+    numpy path's (numerics/microscale.py); None when the weight holds NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    packed = fmt.bits == 4
+    out = np.empty((rows, cols // 2 if packed else cols), np.uint8)
+    scale_codes = np.empty((rows, cols // group), np.uint8)
+    stats = np.zeros(5)
+    mbits, bias = float_element(fmt)
+    scale_mbits, scale_bias = float_element(scale_fmt)
+    nvfp4 = global_scale is not None
+    if _native.micro_quantize(src, kind, rows, cols, group, nvfp4, float(global_scale) if nvfp4 else 1.0,
+                              float(fmt.qmax), scale_mbits, scale_bias, float(scale_fmt.qmax), float(zero_scale), emax,
+                              mbits, bias, float(fmt.qmax), packed, out, scale_codes,
+                              np.ascontiguousarray(values, np.float32), stats):
+        return None
+    return out, scale_codes, stats
+
+
 def pack_fields(codes: np.ndarray, bits: int, row_bytes: int) -> np.ndarray:
     """uint8 [rows, row_bytes]: integer codes (int8 [rows, cols]) + 2^(bits-1) as unsigned fields, 8 / bits a
     byte, the first in the low bits, zero past the last (formats/integer.pack_int32's bytes)."""

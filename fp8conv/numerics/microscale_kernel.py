@@ -6,6 +6,8 @@ import numpy as np
 
 from ..accel import native
 from ..errors import InputError
+from ..formats import FORMATS
+from ..formats.fp8 import FP8E4M3
 from ..io.untrusted import printable
 from ..plan.scheme import Scheme
 from . import microscale as ms
@@ -27,6 +29,12 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     use_compiled = wants_compiled(backend, scheme)
     micro = ms.MICROSCALE[scheme.microscale]
     rows, cols = weight.shape
+    if scheme.observer == "minmax" and ms._use_compiled(weight, use_compiled):
+        if micro.global_scale and global_scale is None:
+            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+        fused = _quantize_compiled(weight, scheme, micro, global_scale)
+        if fused is not None:
+            return fused
     amax = ms.weight_group_amax(weight, micro.group, use_compiled)
     if not np.isfinite(amax).all():
         raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
@@ -70,6 +78,25 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     if observed is not None:
         stats.observed_sum_sq_err = float(observed.error.sum())
         stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
+    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _quantize_compiled(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale,
+                       global_scale: np.float32 | None) -> QuantizedTensor | None:
+    """Min-max scale codes, element codes and statistics by the compiled one-pass kernel (the rules of
+    nvfp4_group_scales / e8m0_from_amax and the encode below, bit for bit: tests/test_microscale.py); None where
+    the weight holds NaN / Inf or a code times its scale overflows (the numpy path below names either)."""
+    rows, cols = weight.shape
+    fused = native.micro_quantize(weight, micro.group, scheme.fmt, _code_values(scheme),
+                                  global_scale if micro.global_scale else None, FORMATS[FP8E4M3.name],
+                                  ms.NVFP4_ZERO_GROUP_SCALE, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+    if fused is None:
+        return None
+    packed, scale_codes, raw = fused
+    stats = stats_of(rows * cols, raw)
+    if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
+        return None
+    codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
 
 
