@@ -28,6 +28,10 @@ from .runner import run_parallel
 
 # A work item: (tensor name, matrix index, first row, stop row); matrix -1: a quantized source's whole tensor.
 Item = tuple[str, int, int, int]
+# Rows are read into one reused buffer of about this size: a fresh 32 MiB array per chunk was a fresh mapping whose
+# pages the kernel zeroed on every read (a fifth of an NVFP4 conversion's CPU time, bench/RESULTS.md), and a
+# buffer this size stays in cache between the read and the max.
+AMAX_CHUNK_BYTES = 4 << 20
 
 
 def global_scales(checkpoint: Checkpoint, plan: ConversionPlan, options: RunOptions,
@@ -102,13 +106,16 @@ def _amax(readers: Readers, plan: ConversionPlan, options: RunOptions, item: Ite
     info = plan.tensors[name]
     *_, rows_total, cols = info.shape
     dtype = SAFETENSORS_DTYPES[info.dtype]
-    step = max(1, options.chunk_bytes // max(cols * dtype.itemsize, 1))
+    step = max(1, min(options.chunk_bytes, AMAX_CHUNK_BYTES) // max(cols * dtype.itemsize, 1))
     found = np.float32(0)
     reader = readers.of(name)
+    buffer = np.empty(min(step, stop - first) * cols, dtype)
     for r0 in range(first, stop, step):
         n = min(step, stop - r0)
         offset = info.start + (matrix * rows_total + r0) * cols * dtype.itemsize
-        found = np.maximum(found, tensor_amax(reader.read_array(offset, (n, cols), dtype, name)))
+        rows = buffer[: n * cols].reshape(n, cols)
+        reader.read_into(offset, rows.reshape(-1).view(np.uint8), name)
+        found = np.maximum(found, tensor_amax(rows))
     return [found]
 
 
