@@ -11,7 +11,9 @@ these kernels return (a few numbers per tile); the kernels do the per-element wo
   (FP8 e4m3 / e5m2, or integers), with the error statistics in the reference's fixed order: per row,
   column c into lane c % 8, each lane a sequential float64 sum, the lanes added 0..7, rows in order;
 - micro_encode / micro_stats: NVFP4 / MXFP4 / MXFP8 elements of each group and their statistics;
-  micro_encode_stats: both in one pass over the rows (what a conversion calls);
+  micro_encode_stats: both in one pass over the rows (under the observers' scales); micro_quantize: the min-max
+  group amax, scale codes and micro_encode_stats' work in one pass (what a min-max conversion calls); their rows
+  run in AVX2 intrinsics where the CPU has it;
 - mse_search: the mse observer's candidate evaluation over the groups along a source's rows (AVX-512 /
   AVX2 kernels chosen at run time; -DFP8CONV_NO_AVX512 leaves the AVX-512 one out); micro_search: the
   microscale observers' (mse, expanded) per-group search over scale codes.
