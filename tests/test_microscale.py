@@ -576,3 +576,30 @@ def test_compiled_scales_over_dense_group_amax(fmt, dtype):
     assert_same(decode(b.scales), expected, "native scales")
     assert_same(decode(a.scales), expected, "numpy scales")
     assert a.codes.tobytes() == b.codes.tobytes() and a.stats == b.stats
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_row_pieces_carry_the_statistics_of_the_whole(fmt, dtype):
+    """The one-pass kernel over row pieces in order (kernels.quantize_rows_into, what a conversion runs on pieces
+    of a chunk) gives the codes, scale codes and statistics of the numpy path on the whole chunk, to the last bit;
+    a piece holding Inf is handed back (None)."""
+    from fp8conv.accel import native
+    from fp8conv.numerics.kernels import quantize_microscale, quantize_rows_into, stats_of
+    from fp8conv.plan.scheme import microscale_scheme
+
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
+    scheme = microscale_scheme(fmt)
+    w = special_weight(dtype, fmt, seed=7 + dtype.itemsize)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if fmt == "nvfp4" else None
+    whole = quantize_microscale(w, scheme, gs, backend="numpy")
+    carried = np.zeros(5)
+    pieces = [quantize_rows_into(w[r:r + 5], scheme, gs, carried) for r in range(0, 12, 5)]
+    assert np.concatenate([p.codes for p in pieces]).tobytes() == whole.codes.tobytes()
+    assert np.concatenate([p.scales for p in pieces]).tobytes() == whole.scales.tobytes()
+    assert stats_of(w.size, carried) == whole.stats
+    bad = w.copy()
+    bad[6, 3] = np.inf
+    assert quantize_rows_into(bad[5:10], scheme, gs, np.zeros(5)) is None

@@ -219,7 +219,8 @@ def test_prefix_hasher_holds_no_descriptor_before_it_hashes(tmp_path):
 
 @pytest.mark.parametrize("options", [[], ["--granularity", "channel"], ["--format", "int8"],
                                      ["--granularity", "tensor"], ["--format", "fp8_e5m2", "--block-size", "64x128", "--layout", "fp8conv"],
-                                     ["--format", "int8", "--granularity", "group", "--group-size", "128"]])
+                                     ["--format", "int8", "--granularity", "group", "--group-size", "128"],
+                                     ["--format", "nvfp4"], ["--format", "mxfp4"], ["--format", "mxfp8"]])
 def test_kernel_pieces_give_the_bytes_and_report_of_whole_chunks(tmp_path, monkeypatch, options):
     """The compiled kernel reads a chunk in pieces and carries its sums: every output file, the
     report's float sums and the manifest included, equals that of whole-chunk calls."""

@@ -187,17 +187,19 @@ def micro_encode_stats(weight: np.ndarray, group: int, factor: np.ndarray, divid
 
 
 def micro_quantize(weight: np.ndarray, group: int, fmt, values: np.ndarray, global_scale: np.float32 | None,
-                   scale_fmt, zero_scale: float, emax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                   scale_fmt, zero_scale: float, emax: int, stats: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """A min-max NVFP4 (global_scale given: scale_fmt e4m3 codes of max(scale) <= scale_fmt.qmax, a zero code
     replaced by zero_scale's, the weight's dtype as the scale arithmetic's) or MX (E8M0, emax) quantization in one
     pass: (element codes, scale codes uint8 [rows, cols / group], float64[5] statistics), each bit for bit the
-    numpy path's (numerics/microscale.py); None when the weight holds NaN / Inf."""
+    numpy path's (numerics/microscale.py); the statistics are added into `stats` where given (sums carried from
+    earlier rows, as quantize's). None when the weight holds NaN / Inf."""
     src, kind = source(weight)
     rows, cols = weight.shape
     packed = fmt.bits == 4
     out = np.empty((rows, cols // 2 if packed else cols), np.uint8)
     scale_codes = np.empty((rows, cols // group), np.uint8)
-    stats = np.zeros(5)
+    stats = np.zeros(5) if stats is None else stats
     mbits, bias = float_element(fmt)
     scale_mbits, scale_bias = float_element(scale_fmt)
     nvfp4 = global_scale is not None

@@ -36,7 +36,7 @@ from .nonfinite import NonFiniteError, count_nonfinite, microscale_nonfinite_err
 from .stats import ErrorStats
 from .quantized import QuantizedTensor, load_float32, stats_of  # noqa: F401  (re-exported)
 from .quantized import wants_compiled
-from .microscale_kernel import quantize_microscale  # noqa: F401  (re-exported)
+from .microscale_kernel import quantize_microscale, quantize_microscale_rows_into  # noqa: F401  (re-exported)
 
 _COMPILED_SOURCES = ("bfloat16", "float32", "float16")  # dtype names (ml_dtypes is imported where used)
 BACKENDS = native.BACKENDS
@@ -179,8 +179,7 @@ def compiled_rows(scheme: Scheme, dtype: np.dtype, backend: str = "auto") -> boo
     """Whether quantize_2d runs rows of this dtype by the compiled kernel with no observer pass, so
     that `quantize_rows_into` can take a chunk's rows piece by piece."""
     scheme = _resolved(scheme, dtype)
-    return (not scheme.microscale and scheme.observer == "minmax" and np.dtype(dtype).name in _COMPILED_SOURCES
-            and wants_compiled(backend, scheme))
+    return scheme.observer == "minmax" and np.dtype(dtype).name in _COMPILED_SOURCES and wants_compiled(backend, scheme)
 
 
 def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,
@@ -193,7 +192,10 @@ def quantize_rows_into(weight: np.ndarray, scheme: Scheme, tensor_scale: np.floa
     takes the whole chunk."""
     if weight.size == 0:
         return None
-    return _quantize_compiled(weight, _resolved(scheme, weight.dtype), tensor_scale, None, stats, name)
+    scheme = _resolved(scheme, weight.dtype)
+    if scheme.microscale:
+        return quantize_microscale_rows_into(weight, scheme, tensor_scale, stats)
+    return _quantize_compiled(weight, scheme, tensor_scale, None, stats, name)
 
 
 def _quantize_compiled(weight: np.ndarray, scheme: Scheme, tensor_scale: np.float32 | None,

@@ -81,23 +81,33 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
 
 
-def _quantize_compiled(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale,
-                       global_scale: np.float32 | None) -> QuantizedTensor | None:
+def quantize_microscale_rows_into(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None,
+                                  carried: np.ndarray) -> QuantizedTensor | None:
+    """Min-max NVFP4 / MX of some whole rows of a chunk by the compiled one-pass kernel (kernels.quantize_rows_into),
+    adding their statistics into `carried` (float64[5]): the kernel adds each row's sums in row order, so pieces
+    taken in order give the chunk's statistics to the last bit. The result's own stats are not filled in. None on
+    NaN / Inf or an overflow: the caller then takes the whole chunk (quantize_microscale names either)."""
+    return _quantize_compiled(weight, scheme, ms.MICROSCALE[scheme.microscale], global_scale, carried)
+
+
+def _quantize_compiled(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale, global_scale: np.float32 | None,
+                       carried: np.ndarray | None = None) -> QuantizedTensor | None:
     """Min-max scale codes, element codes and statistics by the compiled one-pass kernel (the rules of
-    nvfp4_group_scales / e8m0_from_amax and the encode below, bit for bit: tests/test_microscale.py); None where
-    the weight holds NaN / Inf or a code times its scale overflows (the numpy path below names either)."""
+    nvfp4_group_scales / e8m0_from_amax and the encode below, bit for bit: tests/test_microscale.py), added into
+    `carried` where given; None where the weight holds NaN / Inf or a code times its scale overflows (the numpy
+    path below names either)."""
     rows, cols = weight.shape
     fused = native.micro_quantize(weight, micro.group, scheme.fmt, _code_values(scheme),
                                   global_scale if micro.global_scale else None, FORMATS[FP8E4M3.name],
-                                  ms.NVFP4_ZERO_GROUP_SCALE, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+                                  ms.NVFP4_ZERO_GROUP_SCALE, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3, carried)
     if fused is None:
         return None
     packed, scale_codes, raw = fused
-    stats = stats_of(rows * cols, raw)
-    if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
+    if not np.isfinite(raw[2]) or not np.isfinite(raw[1]):
         return None
     codes = packed if micro.packed else packed.view(scheme.fmt.dtype)
-    return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+    return QuantizedTensor(codes, scale_codes, ErrorStats() if carried is not None else stats_of(rows * cols, raw),
+                           global_scale=None if global_scale is None else np.float32(global_scale))
 
 
 def _code_values(scheme: Scheme) -> np.ndarray:
