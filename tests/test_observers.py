@@ -640,8 +640,9 @@ ROW_SCHEMES = [Scheme("int4", "group", group_size=128, scale_format="bf16", obse
 
 
 def weights_with_edges(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]:
-    """float32 [rows, cols] weights: Gaussian, heavy-tailed (Cauchy) with all-zero rows and single outliers, and
-    signed zeros (rows of -0.0, -0.0 mixed with +0.0, tiles whose minimum is -0.0 or +0.0), tiny values."""
+    """float32 [rows, cols] weights: Gaussian, heavy-tailed (Cauchy) with all-zero rows and single outliers,
+    signed zeros (rows of -0.0, -0.0 mixed with +0.0, tiles whose minimum is -0.0 or +0.0), tiny values (float32
+    underflow in the pruned search's bounds), huge ones (overflow there) and flat tiles (near-tied candidates)."""
     rng = np.random.default_rng(seed)
     gauss = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
     cauchy = (rng.standard_cauchy((rows, cols)) * 0.01).astype(np.float32)
@@ -657,7 +658,11 @@ def weights_with_edges(rows: int, cols: int, seed: int) -> dict[str, np.ndarray]
     zeros[4, ::5] = 0.0  # tiles whose maximum is +0.0 among negative values
     tiny = (rng.standard_normal((rows, cols)) * 1e-30).astype(np.float32)
     tiny[0, 0] = 1.0
-    return {"gaussian": gauss, "cauchy": cauchy, "signed zeros": zeros, "tiny": tiny}
+    huge = (rng.standard_normal((rows, cols)) * 1e25).astype(np.float32)  # |d|^3 beyond float32: exact sums
+    flat = np.full((rows, cols), 0.0625, np.float32)  # candidates whose errors tie or nearly tie
+    flat[:, ::7] = -0.0625
+    flat[1, 3] = 0.25
+    return {"gaussian": gauss, "cauchy": cauchy, "signed zeros": zeros, "tiny": tiny, "huge": huge, "flat": flat}
 
 
 @pytest.mark.unit
@@ -672,8 +677,8 @@ def test_compiled_search_from_the_weight_equals_numpy(scheme, dtype, cols):
 
     native_built()
     for what, w32 in weights_with_edges(6, cols, 29).items():
-        if dtype == "float16" and what == "tiny":
-            continue  # fp16 flushes them to zero: the same as "signed zeros"
+        if dtype == "float16" and what in ("tiny", "huge"):
+            continue  # beyond fp16's range: zeros ("signed zeros") or Inf (left to numpy, the next test)
         w = w32.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
         resolved = kernels._resolved(scheme, w.dtype)
         values = w.astype(np.float32)
