@@ -58,11 +58,13 @@ TEXTS = {
     "lgpl21": LICENSES / "LGPL-2.1",
     "gpl2": LICENSES / "GPL-2",
     "mpl20": LICENSES / "MPL-2.0",
+    "apache20": LICENSES / "Apache-2.0",  # added by #28's nvfp4 round 4: used by no earlier decision
 }
 SPLITS = {
     "dev": [("smollm2", "lgpl21"), ("gemma3", "lgpl21"), ("minilm", "lgpl21")],
     "eval": [("smollm2", "gpl2"), ("smollm2", "mpl20"), ("gemma3", "gpl2"), ("gemma3", "mpl20"),
-             ("minilm", "gpl2"), ("minilm", "mpl20")],
+             ("minilm", "gpl2"), ("minilm", "mpl20"), ("smollm2", "apache20"), ("gemma3", "apache20"),
+             ("minilm", "apache20")],
 }
 
 # scheme -> fp8conv arguments, llm-compressor scheme (preset name or weight args). Group 64 divides
@@ -172,6 +174,7 @@ def convert(model: str, scheme: str, variant: str) -> Path:
         return dst
     src = MODELS[model]()
     tool, observer = variant.split(":", 1)
+    observer = observer.split("#", 1)[0]  # OBS#label: the same command, cached apart (the code behind OBS changed)
     work = OUT / f"work-{os.getpid()}"  # one per process: two runs never share it
     qdir = work / "q"
     shutil.rmtree(work, ignore_errors=True)
@@ -379,7 +382,7 @@ def evaluate(split: str, models: list[str], schemes: list[str], variants: list[s
 
 def applies(scheme: str, variant: str) -> bool:
     """expanded is for NVFP4 / MXFP4, hqq for asymmetric INT4, nvfp4_expanded_mse for NVFP4."""
-    observer = variant.split(":", 1)[1]
+    observer = variant.split(":", 1)[1].split("#", 1)[0]
     if observer == "expanded":
         return scheme in ("nvfp4", "mxfp4")
     if observer == "hqq":
