@@ -28,16 +28,75 @@ sys.path.insert(0, str(ROOT / "bench"))
 import quality  # noqa: E402  (bench/quality.py: models, cache paths)
 
 from fp8conv.formats.dtypes import bf16  # noqa: E402
-from fp8conv.numerics import expanded  # noqa: E402
 from fp8conv.numerics import microscale as ms  # noqa: E402
 from fp8conv.numerics.microscale_kernel import quantize_microscale  # noqa: E402
 from fp8conv.plan.fusion import fused_sets  # noqa: E402
 from fp8conv.plan.scheme import Scheme, microscale_scheme  # noqa: E402
 
+# llm-compressor's nvfp4_expanded_mse range: group maxima 1.8x down to 0.81x of the group's amax, 200 steps
+# to the whole range, 111 of them searched.
+EXPANSION = 1.8
+SEARCH_GRID = 200
+SEARCH_STEPS = 111
+_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_MIDPOINTS = (_E2M1[1:] + _E2M1[:-1]) / 2
+
+
+def search_factors() -> np.ndarray:
+    """float64 [111]: the searched group maxima as multiples of the group amax, 1.8 * (1 - i / 200), i = 0 .. 110."""
+    return np.array([EXPANSION * (1.0 - i / SEARCH_GRID) for i in range(SEARCH_STEPS)])
+
+
+def group_searched_maxima(groups: np.ndarray, exponent: float = 2.0) -> np.ndarray:
+    """float64 [n]: per group (float64 [n, group]) the searched maximum t = amax * factor (search_factors) that
+    minimises sum |w' - w|^exponent over the group, w' = sign(w) * e2m1(|w| / s) * s with s = t / 6 unrounded
+    (nearest e2m1 value, ties to the smaller magnitude, clipped at 6), the sum in element order; the first
+    (largest) t of equal errors; 0 for an all-zero group."""
+    x = np.abs(np.asarray(groups, np.float64))
+    t = x.max(axis=1)[:, None] * search_factors()[None, :]  # [n, 111]
+    with np.errstate(divide="ignore", invalid="ignore"):  # an all-zero group: t = 0, its result is 0 anyway
+        s = t / 6.0
+        y = np.minimum(x[:, None, :] / s[:, :, None], 6.0)
+        d = _E2M1[np.searchsorted(_E2M1_MIDPOINTS, y, side="left")] * s[:, :, None] - x[:, None, :]
+    e = d * d if exponent == 2.0 else np.abs(d) ** exponent
+    err = e[:, :, 0].copy()
+    for j in range(1, e.shape[2]):  # in element order (the compiled kernel's order)
+        err += e[:, :, j]
+    best = np.argmin(np.where(np.isnan(err), np.inf, err), axis=1)  # the first of equal errors
+    return t[np.arange(len(t)), best]
+
+
+def searched_maximum(weight: np.ndarray, group: int = 16, exponent: float = 2.0,
+                     use_compiled: bool | None = None) -> float:
+    """float64: the largest searched group maximum (group_searched_maxima) of a bf16 / fp16 / float32 [rows, cols]
+    weight with finite values. A group's searched maximum is at most its amax * 1.8, so only groups above the
+    largest found so far can raise it: the group with the largest amax is searched first, then the others
+    that could still raise it, in order of decreasing amax; the result is the maximum over every group."""
+    if weight.size == 0:
+        return 0.0
+    tiles = np.ascontiguousarray(weight).reshape(-1, group)
+    amax = ms.weight_group_amax(np.ascontiguousarray(weight).reshape(-1, weight.shape[-1]), group,
+                                use_compiled).reshape(-1).astype(np.float64)
+    top = amax * search_factors()[0]
+    first = int(np.argmax(amax))
+    found = float(group_searched_maxima(tiles[first : first + 1].astype(np.float64), exponent)[0])
+    rest = np.flatnonzero(top > found)
+    rest = rest[np.argsort(-amax[rest], kind="stable")]
+    start, size = 0, 64
+    while start < len(rest):
+        idx = rest[start : start + size]
+        idx = idx[top[idx] > found]
+        if not len(idx):
+            break
+        found = max(found, float(group_searched_maxima(tiles[idx].astype(np.float64), exponent).max()))
+        start, size = start + size, min(size * 4, 512)
+    return found
+
+
 RULES = {
     "amax": lambda w: float(ms.tensor_amax(w)),
-    "sse": lambda w: expanded.searched_maximum(w, 16, 2.0),
-    "p24": lambda w: expanded.searched_maximum(w, 16, 2.4),
+    "sse": lambda w: searched_maximum(w, 16, 2.0),
+    "p24": lambda w: searched_maximum(w, 16, 2.4),
     "r1.25": lambda w: float(ms.tensor_amax(w)) * 1.25,
     "head7": lambda w: float(ms.tensor_amax(w)) * 448 / 240,
 }

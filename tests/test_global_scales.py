@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -24,20 +25,23 @@ FUSED = {"q_proj": ("q_proj", "k_proj", "v_proj"), "k_proj": ("q_proj", "k_proj"
          "up_proj": ("gate_proj", "up_proj"), "o_proj": ("o_proj",)}
 
 
-def nvfp4_plan(src):
-    return make_plan(src, QuantizeOptions(scheme=microscale_scheme("nvfp4")))
+def nvfp4_plan(src, observer: str = "minmax"):
+    return make_plan(src, QuantizeOptions(scheme=replace(microscale_scheme("nvfp4"), observer=observer)))
 
 
-@pytest.mark.parametrize("workers, job_bytes", [(1, 64 << 20), (2, 64 << 20), (2, 1000), (3, 128)])
-def test_scales_match_the_reference_for_any_split(tmp_path, workers, job_bytes):
+@pytest.mark.parametrize("observer, headroom", [("minmax", 1.0), ("expanded", 1.25)])
+@pytest.mark.parametrize("workers, job_bytes, backend", [(1, 64 << 20, "native"), (2, 64 << 20, "numpy"),
+                                                         (2, 1000, "native"), (3, 128, "numpy")])
+def test_scales_match_the_reference_for_any_split(tmp_path, workers, job_bytes, backend, observer, headroom):
+    """min-max: 448 * 6 / amax; expanded: the same rule on 1.25x the amax (#28), over each fused set."""
     src, tensors = sharded_llama(tmp_path / "src", [["q_proj", "gate_proj"], ["k_proj", "v_proj", "up_proj", "o_proj"]])
-    checkpoint, plan = nvfp4_plan(src)
-    scales = global_scales(checkpoint, plan, RunOptions(workers=workers, job_bytes=job_bytes))
+    checkpoint, plan = nvfp4_plan(src, observer)
+    scales = global_scales(checkpoint, plan, RunOptions(workers=workers, job_bytes=job_bytes, backend=backend))
     amax = {name.split(".")[-2]: float(np.abs(w.astype(np.float64)).max()) for name, w in tensors.items()}
     assert set(scales) == set(tensors)
     for name in tensors:
         member = name.split(".")[-2]
-        expected = ref_global_scale(max(amax[m] for m in FUSED[member]), BF16)
+        expected = ref_global_scale(float(np.float32(max(amax[m] for m in FUSED[member]) * headroom)), BF16)
         assert scales[name] == [np.float32(expected)], f"{name}: {scales[name]} != {expected}"
 
 

@@ -189,6 +189,18 @@ def test_fp16_nvfp4_small_tensor_keeps_its_global_scale():
 CT_FORMAT = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "mxfp8": "mxfp8-quantized"}
 
 
+def nvfp4_reference(packed: np.ndarray, scales: np.ndarray, global_scale: np.ndarray) -> np.ndarray:
+    """bf16 [rows, 2 * packed cols] from the stored bytes, in float64: element 2k in the low nibble, sign bit 8,
+    value e2m1 x float32(e4m3 scale / float32 global scale), rounded to float32 then bf16 (torch's product)."""
+    grid = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    packed = packed.view(np.uint8)
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    values = grid[codes & 7] * np.where(codes & 8, -1.0, 1.0)
+    scale = scales.view(np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    factor = (scale / float(np.asarray(global_scale, np.float32).reshape(-1)[0])).astype(np.float32).astype(np.float64)
+    return (values * np.repeat(factor, 16, axis=1)).astype(np.float32).astype(BF16)
+
+
 def _load(folder):
     from helpers import load_all
 
@@ -219,11 +231,13 @@ def test_checkpoint_is_byte_identical_to_llm_compressor_model_free_ptq(sample, t
     assert config_a == config_b
 
 
-@pytest.mark.parametrize("observer", ["minmax", "mse"])
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("fmt, observer", [(f, o) for f in ("nvfp4", "mxfp4", "mxfp8") for o in ("minmax", "mse")]
+                         + [("nvfp4", "expanded")])
 def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample, tmp_path, fmt, observer):
     """compressed-tensors' decompressor on each module and transformers' CPU load (dequantized on load)
-    give exactly `fp8conv dequantize`'s bf16 weights; with --observer mse too (only scale values differ)."""
+    give exactly `fp8conv dequantize`'s bf16 weights; with --observer mse / expanded too (scale values and,
+    for expanded, the global scale differ). NVFP4: also exactly the float64 reference of the stored values,
+    bf16(e2m1 x float32(e4m3 scale / global scale))."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -253,5 +267,8 @@ def test_compressed_tensors_and_transformers_read_our_checkpoint_as_we_do(sample
         theirs = compressor.decompress(state, scheme)["weight"]
         assert_bytes(ours[name].view(np.uint16), to_numpy(theirs).view(np.uint16), f"decompressor {name}")
         assert_bytes(ours[name].view(np.uint16), to_numpy(loaded[name]).view(np.uint16), f"transformers {name}")
+        if fmt == "nvfp4":
+            ref = nvfp4_reference(*(stored[prefix + k] for k in ("weight_packed", "weight_scale", "weight_global_scale")))
+            assert_bytes(ref.view(np.uint16), to_numpy(theirs).view(np.uint16), f"float64 reference {name}")
         checked += 1
     assert checked == 14

@@ -8,6 +8,7 @@ references); the choice must be the brute-force best and never worse than min-ma
 from both kernel paths and for any --workers."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import ml_dtypes
@@ -21,7 +22,7 @@ from fp8conv.numerics import microscale as ms
 from fp8conv.numerics.kernels import quantize_2d, quantize_microscale
 from fp8conv.plan.scheme import Scheme, SchemeError, microscale_scheme
 from test_microscale import BF16, GRID, ref_e2m1_code, ref_e8m0_code, ref_global_scale, ref_group_scale, to_f32
-from test_microscale_observer import E4M3_VALUES, check_choices, stored_scale_values
+from test_microscale_observer import E4M3_VALUES, check_choices, require, stored_scale_values
 
 pytestmark = pytest.mark.unit
 
@@ -276,3 +277,42 @@ def test_cli_bytes_do_not_depend_on_workers_or_backend(sample, tmp_path, monkeyp
         outs.append(out)
     assert read_json(outs[0] / "fp8conv.manifest.json")["scheme"]["observer"] == args[-1]
     assert tree_digest(outs[0]) == tree_digest(outs[1]) == tree_digest(outs[2])
+
+
+# -- expanded's global scale: compressed-tensors' rule on 1.25x the amax (#28 nvfp4 round 4) ---------------
+
+HEADROOM = 1.25
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def ref_expanded_global_scale(x: np.ndarray, dtype) -> float:
+    return ref_global_scale(float(np.float32(float(np.abs(x).max(initial=0)) * HEADROOM)), dtype)
+
+
+def dequantized(q) -> np.ndarray:
+    """float64 w' of a QuantizedTensor of NVFP4: e2m1 value x float32(e4m3 scale / global scale)."""
+    lo, hi = q.codes & 0x0F, q.codes >> 4
+    codes = np.stack([lo, hi], axis=-1).reshape(q.codes.shape[0], -1)
+    mag = np.array(E2M1_GRID)[codes & 7] * np.where(codes & 8, -1.0, 1.0)
+    scales = q.scales.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    factor = (scales / np.float64(q.global_scale)).astype(np.float32).astype(np.float64)
+    return mag * np.repeat(factor, 16, axis=1)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+@pytest.mark.parametrize("df, seed", [(None, 1), (3.0, 2), (1.5, 3), (30.0, 4)])
+def test_expanded_global_scale_is_the_rule_and_never_worse_than_minmax(df, seed, backend):
+    """A weight alone (no caller's global scale): the global scale is compressed-tensors' rule on 1.25x the
+    amax, the codes the brute-force best under it, and the squared error of the whole weight is not
+    above min-max's (whose global scale is the amax's)."""
+    w = weights(16, 128, seed, df, outliers=3)
+    x = w.astype(np.float64)
+    scheme = replace(microscale_scheme("nvfp4"), observer="expanded")
+    q = quantize_microscale(w, scheme, None, backend=require(backend))
+    gs = ref_expanded_global_scale(x, w.dtype)
+    assert q.global_scale == np.float32(gs)
+    check_choices(x, stored_scale_values(q, "nvfp4"), "nvfp4", gs, w.dtype, expanded_candidates)
+    m = quantize_microscale(w, microscale_scheme("nvfp4"), None, backend="numpy")
+    assert m.global_scale == np.float32(ref_global_scale(float(np.abs(x).max()), w.dtype))
+    sse, sse_minmax = (float(((dequantized(r) - x) ** 2).sum()) for r in (q, m))
+    assert sse <= sse_minmax, f"expanded {sse} > min-max {sse_minmax}"

@@ -24,7 +24,8 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
     nibble; e4m3 one per element),
     `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
-    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None).
+    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None; with
+    the expanded observer from 1.25x its amax).
     NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
     use_compiled = wants_compiled(backend, scheme)
     micro = ms.MICROSCALE[scheme.microscale]
@@ -40,7 +41,10 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
     if micro.global_scale:
         if global_scale is None:
-            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+            top = ms.tensor_amax(weight)
+            if scheme.observer == "expanded":  # the pipeline's rule (run/global_scales.py) for one weight alone
+                top = expanded.global_maximum(top)
+            global_scale = ms.nvfp4_global_scale(top, weight.dtype)
         scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
     else:
         scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)

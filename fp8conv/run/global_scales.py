@@ -1,5 +1,7 @@
 """NVFP4 global scales: one per matrix, from the amax of the whole tensor (or of all partners of a fused
-set: q/k/v, gate/up, w1/w3, wherever their shards are), computed before any job writes a byte.
+set: q/k/v, gate/up, w1/w3, wherever their shards are), computed before any job writes a byte. With
+`--observer expanded` a weight's amax counts 1.25x (numerics/expanded.py `global_maximum`), so the global
+scale leaves the largest groups room for scales above their range.
 
 The amax pass reads every such weight once. It runs in the same kind of forked workers as the jobs,
 each taking a row range of one matrix: on 2 cores it took half the time it took in the parent alone,
@@ -17,6 +19,7 @@ from ..formats import SAFETENSORS_DTYPES
 from ..formats.dtypes import DTYPE_BYTES
 from ..io.checkpoint import Checkpoint
 from ..layouts.read import Readers, matrix_chunks
+from ..numerics.expanded import global_maximum
 from ..numerics.kernels import count_nonfinite, microscale_nonfinite_error
 from ..numerics.microscale import nvfp4_global_scale, tensor_amax
 from ..plan.decisions import CARRY
@@ -121,12 +124,15 @@ def _amax(readers: Readers, plan: ConversionPlan, options: RunOptions, item: Ite
 
 def _scales(plan: ConversionPlan, names: list[str], amax: dict[str, list[np.float32]], arith: dict[str, np.dtype]
             ) -> dict[str, list[np.float32]]:
-    """Each matrix's scale from its amax (in its arithmetic dtype); one shared scale for a fused set's members."""
-    scales = {n: [nvfp4_global_scale(a, arith[n]) for a in per] for n, per in amax.items()}
+    """Each matrix's scale from its amax (in its arithmetic dtype; 1.25x with the expanded observer); one shared
+    scale for a fused set's members, from the largest of theirs."""
+    top = {n: [global_maximum(a) if plan.schemes[n].observer == "expanded" else a for a in per]
+           for n, per in amax.items()}
+    scales = {n: [nvfp4_global_scale(a, arith[n]) for a in per] for n, per in top.items()}
     logical = {plan.source_quant[n].name if n in plan.source_quant else n: n for n in names if len(amax[n]) == 1}
     for group in fused_sets(list(logical)):
         members = [logical[m] for m in group]
-        shared = nvfp4_global_scale(max(amax[n][0] for n in members), arith[members[0]])
+        shared = nvfp4_global_scale(max(top[n][0] for n in members), arith[members[0]])
         for n in members:
             scales[n] = [shared]
     return scales
