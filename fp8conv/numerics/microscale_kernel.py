@@ -24,15 +24,14 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     """NVFP4 / MXFP4 / MXFP8 (microscale.py): codes as stored (e2m1 two per byte, element 2k in the low
     nibble; e4m3 one per element),
     `scales` the uint8 scale codes [rows, cols / group], `global_scale` the NVFP4 float32 global scale
-    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None; with
-    the expanded observer from 1.25x its amax).
-    NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
+    (computed over the whole tensor, or its fused set, by the caller; from this weight alone when None:
+    _own_global_scale). NaN/Inf are refused (there is no saturating mapping for them in these formats)."""
     use_compiled = wants_compiled(backend, scheme)
     micro = ms.MICROSCALE[scheme.microscale]
     rows, cols = weight.shape
     if scheme.observer == "minmax" and ms._use_compiled(weight, use_compiled):
         if micro.global_scale and global_scale is None:
-            global_scale = ms.nvfp4_global_scale(ms.tensor_amax(weight), weight.dtype)
+            global_scale = _own_global_scale(weight, scheme)
         fused = _quantize_compiled(weight, scheme, micro, global_scale)
         if fused is not None:
             return fused
@@ -41,10 +40,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
     if micro.global_scale:
         if global_scale is None:
-            top = ms.tensor_amax(weight)
-            if scheme.observer == "expanded":  # the pipeline's rule (run/global_scales.py) for one weight alone
-                top = expanded.global_maximum(top)
-            global_scale = ms.nvfp4_global_scale(top, weight.dtype)
+            global_scale = _own_global_scale(weight, scheme)
         scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
     else:
         scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
@@ -83,6 +79,15 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         stats.observed_sum_sq_err = float(observed.error.sum())
         stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _own_global_scale(weight: np.ndarray, scheme: Scheme) -> np.float32:
+    """NVFP4 global scale of one weight alone: the pipeline's rule (run/global_scales.py), from the amax, or from
+    1.25x the amax with the expanded observer (expanded.global_maximum)."""
+    top = ms.tensor_amax(weight)
+    if scheme.observer == "expanded":
+        top = expanded.global_maximum(top)
+    return ms.nvfp4_global_scale(top, weight.dtype)
 
 
 def quantize_microscale_rows_into(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None,
