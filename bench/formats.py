@@ -47,6 +47,8 @@ SCHEMES = {
     "FP8 e4m3 block 128 --observer mse": ["--observer", "mse"],
     "INT4 group 128 --observer mse": ["--format", "int4", "--observer", "mse"],
     "NVFP4 --observer mse": ["--format", "nvfp4", "--observer", "mse"],
+    "NVFP4 --observer expanded": ["--format", "nvfp4", "--observer", "expanded"],
+    "MXFP4 --observer mse": ["--format", "mxfp4", "--observer", "mse"],
 }
 
 
