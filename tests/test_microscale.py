@@ -548,9 +548,13 @@ def test_compiled_scales_over_dense_group_amax(fmt, dtype):
     """The one-pass kernel's scale rule (NVFP4: e4m3(min(gs * arith(amax / 6), 448)), zero -> 0.125, in the
     weight's dtype; MX: E8M0 from the amax's bits) on ~4,000 groups whose amax walks the dtype's grid over 30
     binades, against the float64 reference (each rounding spelled out) and the numpy backend."""
+    from fp8conv.accel import native
+    from fp8conv.formats import FORMATS
     from fp8conv.numerics.kernels import quantize_microscale
     from fp8conv.plan.scheme import microscale_scheme
 
+    if not native.AVAILABLE:
+        pytest.fail(f"the C extension is not built ({native.IMPORT_ERROR}): pip install -e .")
     scheme = microscale_scheme(fmt)
     rng = np.random.default_rng(RNG_SEED + 31)
     amax = np.unique(ROUND[dtype](2.0 ** rng.uniform(-14 if dtype == np.float16 else -24, 15.9, 4096)))
@@ -576,6 +580,12 @@ def test_compiled_scales_over_dense_group_amax(fmt, dtype):
     assert_same(decode(b.scales), expected, "native scales")
     assert_same(decode(a.scales), expected, "numpy scales")
     assert a.codes.tobytes() == b.codes.tobytes() and a.stats == b.stats
+    # the scale codes alone (the observers' starting point), and NaN reported
+    args = (scheme.group_size, scheme.fmt, gs, FORMATS["fp8_e4m3"], ms.NVFP4_ZERO_GROUP_SCALE, 2)
+    assert native.micro_scales(w, *args).tobytes() == a.scales.tobytes()
+    bad = w.copy()
+    bad[-1, 1] = np.nan
+    assert native.micro_scales(bad, *args) is None
 
 
 @pytest.mark.unit

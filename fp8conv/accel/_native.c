@@ -907,6 +907,71 @@ HOT void row_scales(const uint32_t *row, Py_ssize_t groups, Py_ssize_t gsz, cons
     }
 }
 
+/* The scale rule from micro_quantize's / micro_scales' arguments; 0 (a ValueError set) when they make none. */
+static int scale_rule_of(int global, int kind, float gs, float elem_max, int scale_mbits, int scale_bias,
+                         float scale_max, float zero_scale, int emax, ScaleRule *rule)
+{
+    Encoding scale_e;
+    memset(rule, 0, sizeof *rule);
+    if (!encoding_of(scale_mbits, scale_bias, 0, scale_max, &scale_e)) return 0;
+    if (kind < SRC_BF16 || kind > SRC_F16
+        || (global && !(gs > 0 && gs <= 3.4e38f && zero_scale > 0 && zero_scale <= scale_max && elem_max > 0))) {
+        PyErr_SetString(PyExc_ValueError, "microscale: bad source kind or scale rule");
+        return 0;
+    }
+    rule->global = global; rule->arith = kind; rule->gs = gs; rule->elem_max = elem_max; rule->scale_max = scale_max;
+    rule->zero_scale = zero_scale; rule->emax = emax; rule->e4m3 = scale_e.ff; rule->f16 = float_format(10, 15);
+    (void)fp_magnitude(zero_scale, rule->e4m3, &rule->zero_code);
+    return 1;
+}
+
+/* micro_scales(src, kind, rows, cols, group, global, gs, elem_max, scale_mbits, scale_bias, scale_max, zero_scale,
+                emax, scale_codes) -> nonfinite
+   The min-max scale codes of micro_quantize alone (uint8 [rows, cols / group]), for the observers to search from. */
+CLONES static PyObject *micro_scales(PyObject *self, PyObject *args)
+{
+    Py_buffer src, scodes;
+    int kind, global, scale_mbits, scale_bias, emax;
+    Py_ssize_t rows, cols, group;
+    float gs, elem_max, scale_max, zero_scale;
+    if (!PyArg_ParseTuple(args, "y*innnpffiiffiw*", &src, &kind, &rows, &cols, &group, &global, &gs, &elem_max,
+                          &scale_mbits, &scale_bias, &scale_max, &zero_scale, &emax, &scodes))
+        return NULL;
+    PyObject *result = NULL;
+    uint32_t *row = NULL;
+    float *div = NULL, *fac = NULL;
+    ScaleRule rule;
+    if (!scale_rule_of(global, kind, gs, elem_max, scale_mbits, scale_bias, scale_max, zero_scale, emax, &rule))
+        goto done;
+    if (group < 1 || cols % group || rows < 0) {
+        PyErr_SetString(PyExc_ValueError, "micro_scales: bad shape");
+        goto done;
+    }
+    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&scodes, rows * (cols / group), "scale_codes"))
+        goto done;
+    row = malloc((size_t)(cols + 1) * 4);
+    div = malloc((size_t)(cols / group + 1) * 4);
+    fac = malloc((size_t)(cols / group + 1) * 4);
+    if (!row || !div || !fac) { PyErr_NoMemory(); goto done; }
+    {
+        uint8_t *sc = scodes.buf;
+        int bad = 0;
+        const Py_ssize_t groups = cols / group, gsz = group;
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t r = 0; r < rows; r++) {
+            load_row(src.buf, kind, cols, r, 0, cols, row);
+            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            row_scales(row, groups, gsz, &rule, sc + r * groups, div, fac);
+        }
+        Py_END_ALLOW_THREADS
+        result = PyBool_FromLong(bad);
+    }
+done:
+    free(row); free(div); free(fac);
+    PyBuffer_Release(&src); PyBuffer_Release(&scodes);
+    return result;
+}
+
 #ifdef MSE_AVX2
 /* row_scales in AVX2 on a bf16 (bits) or float32 row: the amax as an integer max over the magnitude bits. */
 AVX2_HOT void row_scales_avx2(const void *src, const int bf16, Py_ssize_t groups, Py_ssize_t gsz, const ScaleRule *s,
@@ -1007,22 +1072,19 @@ CLONES static PyObject *micro_quantize(PyObject *self, PyObject *args)
     uint32_t *row = NULL;
     uint8_t *tmp = NULL;
     float *vals = NULL, *err = NULL, *div = NULL, *fac = NULL;
-    Encoding e, scale_e;
+    Encoding e;
     ScaleRule rule;
-    memset(&rule, 0, sizeof rule);
-    if (!encoding_of(mbits, bias, -qmax, qmax, &e) || !encoding_of(scale_mbits, scale_bias, 0, scale_max, &scale_e)) goto done;
-    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0 || e.is_int || kind < SRC_BF16 || kind > SRC_F16
-        || (global && !(gs > 0 && gs <= 3.4e38f && zero_scale > 0 && zero_scale <= scale_max && elem_max > 0))) {
-        PyErr_SetString(PyExc_ValueError, "micro_quantize: bad shape, element or scale rule");
+    if (!encoding_of(mbits, bias, -qmax, qmax, &e)
+        || !scale_rule_of(global, kind, gs, elem_max, scale_mbits, scale_bias, scale_max, zero_scale, emax, &rule))
+        goto done;
+    if (group < 1 || cols % group || (packed && cols % 2) || rows < 0 || e.is_int) {
+        PyErr_SetString(PyExc_ValueError, "micro_quantize: bad shape or element");
         goto done;
     }
     if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&out, rows * (packed ? cols / 2 : cols), "out")
         || !need(&scodes, rows * (cols / group), "scale_codes") || !need(&values, (packed ? 16 : 256) * 4, "values")
         || !need(&stats, 40, "stats"))
         goto done;
-    rule.global = global; rule.arith = kind; rule.gs = gs; rule.elem_max = elem_max; rule.scale_max = scale_max;
-    rule.zero_scale = zero_scale; rule.emax = emax; rule.e4m3 = scale_e.ff; rule.f16 = float_format(10, 15);
-    (void)fp_magnitude(zero_scale, rule.e4m3, &rule.zero_code);
     row = malloc((size_t)(cols + 1) * 4);
     tmp = malloc((size_t)cols + 1);
     vals = malloc((size_t)(cols + 1) * 4);
@@ -2023,6 +2085,7 @@ static PyMethodDef methods[] = {
     {"micro_encode", micro_encode, METH_VARARGS, "NVFP4 / MX element codes"},
     {"micro_stats", micro_stats, METH_VARARGS, "error statistics of NVFP4 / MX codes"},
     {"micro_encode_stats", micro_encode_stats, METH_VARARGS, "NVFP4 / MX codes and their statistics in one pass"},
+    {"micro_scales", micro_scales, METH_VARARGS, "min-max NVFP4 / MX group scale codes"},
     {"micro_quantize", micro_quantize, METH_VARARGS, "min-max NVFP4 / MX scales, codes and statistics in one pass"},
     {"dequantize", dequantize, METH_VARARGS, "(code value - zero point) * scale, to float32 or bf16"},
     {"micro_dequantize", micro_dequantize, METH_VARARGS, "NVFP4 / MX values times their group's divisor"},
@@ -2039,7 +2102,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 6) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 7) < 0) {
         Py_DECREF(m);
         return NULL;
     }

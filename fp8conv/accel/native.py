@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 6
+ABI = 7
 
 try:
     from . import _native
@@ -184,6 +184,21 @@ def micro_encode_stats(weight: np.ndarray, group: int, factor: np.ndarray, divid
                                   np.ascontiguousarray(divisor, np.float32), stats):
         return None
     return out, stats
+
+
+def micro_scales(weight: np.ndarray, group: int, fmt, global_scale: np.float32 | None, scale_fmt, zero_scale: float,
+                 emax: int) -> np.ndarray | None:
+    """The min-max scale codes micro_quantize makes (uint8 [rows, cols / group]), alone; None when the weight holds
+    NaN / Inf."""
+    src, kind = source(weight)
+    rows, cols = weight.shape
+    scale_codes = np.empty((rows, cols // group), np.uint8)
+    scale_mbits, scale_bias = float_element(scale_fmt)
+    nvfp4 = global_scale is not None
+    if _native.micro_scales(src, kind, rows, cols, group, nvfp4, float(global_scale) if nvfp4 else 1.0, float(fmt.qmax),
+                            scale_mbits, scale_bias, float(scale_fmt.qmax), float(zero_scale), emax, scale_codes):
+        return None
+    return scale_codes
 
 
 def micro_quantize(weight: np.ndarray, group: int, fmt, values: np.ndarray, global_scale: np.float32 | None,

@@ -29,21 +29,19 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
     use_compiled = wants_compiled(backend, scheme)
     micro = ms.MICROSCALE[scheme.microscale]
     rows, cols = weight.shape
-    if scheme.observer == "minmax" and ms._use_compiled(weight, use_compiled):
-        if micro.global_scale and global_scale is None:
-            global_scale = _own_global_scale(weight, scheme)
+    compiled = ms._use_compiled(weight, use_compiled)
+    if compiled and micro.global_scale and global_scale is None:
+        global_scale = _own_global_scale(weight, scheme)
+    if compiled and scheme.observer == "minmax":
         fused = _quantize_compiled(weight, scheme, micro, global_scale)
         if fused is not None:
             return fused
-    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
-    if not np.isfinite(amax).all():
-        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
-    if micro.global_scale:
-        if global_scale is None:
-            global_scale = _own_global_scale(weight, scheme)
-        scale_codes = ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
-    else:
-        scale_codes = ms.e8m0_from_amax(amax, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3)
+    scale_codes = None  # the observers' starting point: min-max codes, by the compiled kernel where it runs
+    if compiled:
+        scale_codes = native.micro_scales(weight, micro.group, scheme.fmt, global_scale if micro.global_scale else None,
+                                          FORMATS[FP8E4M3.name], ms.NVFP4_ZERO_GROUP_SCALE, _emax(micro))
+    if scale_codes is None:
+        global_scale, scale_codes = _minmax_scale_codes(weight, scheme, micro, global_scale, name, use_compiled)
     observed = None
     if scheme.observer != "minmax":
         # Only the group scale codes change; the elements are then encoded as with min-max codes.
@@ -73,6 +71,7 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
             stats = _microscale_stats(weight, codes, divisor, scheme, use_compiled)
     if not np.isfinite(stats.max_abs_err) or not np.isfinite(stats.sum_sq_err):
         # finite weights whose nearest code times its scale is past float32 (3e38 in MXFP4: 4 x 2^126 = 2^128)
+        amax = ms.weight_group_amax(weight, micro.group, use_compiled)
         raise InputError(f"tensor {printable(name)}: values up to {float(np.max(amax)):.4g} overflow {micro.name} (a code "
                          "times its scale decodes to Inf); keep it in high precision with --ignore")
     if observed is not None:
@@ -88,6 +87,24 @@ def _own_global_scale(weight: np.ndarray, scheme: Scheme) -> np.float32:
     if scheme.observer == "expanded":
         top = expanded.global_maximum(top)
     return ms.nvfp4_global_scale(top, weight.dtype)
+
+
+def _minmax_scale_codes(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale, global_scale: np.float32 | None,
+                        name: str, use_compiled: bool) -> tuple[np.float32 | None, np.ndarray]:
+    """(global scale, min-max scale codes) by the numpy rules (microscale.py); NaN / Inf refused."""
+    amax = ms.weight_group_amax(weight, micro.group, use_compiled)
+    if not np.isfinite(amax).all():
+        raise microscale_nonfinite_error(name, micro.name, *count_nonfinite([weight]))
+    if not micro.global_scale:
+        return global_scale, ms.e8m0_from_amax(amax, _emax(micro))
+    if global_scale is None:
+        global_scale = _own_global_scale(weight, scheme)
+    return global_scale, ms.nvfp4_group_scales(amax, global_scale, weight.dtype)
+
+
+def _emax(micro: ms.Microscale) -> int:
+    """floor(log2(element max)) of an MX format: the E8M0 exponent is the amax's minus this."""
+    return ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3
 
 
 def quantize_microscale_rows_into(weight: np.ndarray, scheme: Scheme, global_scale: np.float32 | None,
@@ -108,7 +125,7 @@ def _quantize_compiled(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale,
     rows, cols = weight.shape
     fused = native.micro_quantize(weight, micro.group, scheme.fmt, _code_values(scheme),
                                   global_scale if micro.global_scale else None, FORMATS[FP8E4M3.name],
-                                  ms.NVFP4_ZERO_GROUP_SCALE, ms.EMAX_E2M1 if micro.packed else ms.EMAX_E4M3, carried)
+                                  ms.NVFP4_ZERO_GROUP_SCALE, _emax(micro), carried)
     if fused is None:
         return None
     packed, scale_codes, raw = fused
