@@ -1799,7 +1799,7 @@ CLONES static void mse_tiles_any(MSE_TILES_ARGS)
 }
 
 /* mse_search(src, kind, rows, cols, group, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent,
-              index, sums) -> nonfinite
+              index, sums, by_key, keys) -> nonfinite
    The tiles are the groups of `group` consecutive elements along each row of a bf16 / fp16 / float32 source
    [rows, cols], in row-major grid order, n = rows * ceil(cols / group) of them; a ragged last group is
    zero-padded and every tile to a multiple of 8 elements (observers.tiles_of and observers.mse: zeros add no
@@ -1808,39 +1808,51 @@ CLONES static void mse_tiles_any(MSE_TILES_ARGS)
    d = (round(clamp(x / s (+ z))) (- z)) * s - x (a later candidate wins only when smaller by more than the
    relative margin); sums float64 [4, n]: its objective, its squared error, candidate 0's objective and squared
    error (observers.mse, bit for bit). Each row is widened to float32 once, then searched from the cache.
+   by_key (a bf16 / fp16 source, symmetric): `scales` is a table float32 [k_count, 65536] instead, tile i's
+   candidate k at table[k][keys[i]], keys[i] = its max |x| as bit pattern (the largest of bits & 0x7FFF), written to
+   keys uint16 [n]; zeros is not read.
    Returns True, with the outputs undefined, when the source holds NaN / Inf. */
 CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
 {
-    Py_buffer src, scales, zeros, index, sums;
-    int kind;
+    Py_buffer src, scales, zeros, index, sums, keys;
+    int kind, by_key;
     Py_ssize_t rows, cols, group, k_count;
     int has_zero, mbits, bias, exponent;
     float lo, hi;
     double margin;
-    if (!PyArg_ParseTuple(args, "y*innny*y*npiiffdiw*w*", &src, &kind, &rows, &cols, &group, &scales, &zeros,
-                          &k_count, &has_zero, &mbits, &bias, &lo, &hi, &margin, &exponent, &index, &sums))
+    if (!PyArg_ParseTuple(args, "y*innny*y*npiiffdiw*w*pw*", &src, &kind, &rows, &cols, &group, &scales, &zeros,
+                          &k_count, &has_zero, &mbits, &bias, &lo, &hi, &margin, &exponent, &index, &sums, &by_key,
+                          &keys))
         return NULL;
     PyObject *result = NULL;
     uint32_t *row = NULL, *raw = NULL;
-    float *d = NULL;
+    float *d = NULL, *row_sc = NULL;
+    double *row_out = NULL;
+    int32_t *row_idx = NULL;
     Encoding e;
     if (!encoding_of(mbits, bias, lo, hi, &e) || rows < 0 || cols < 0 || group < 1 || k_count < 1 || exponent < 2
-        || exponent > 4) {
+        || exponent > 4 || (by_key && (kind == SRC_F32 || has_zero))) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "mse_search: bad arguments");
         goto done;
     }
     Py_ssize_t gc = (cols + group - 1) / group, n = rows * gc, gp = (group + LANES - 1) / LANES * LANES;
-    if (!need(&src, rows * cols * src_itemsize(kind), "src") || !need(&scales, k_count * n * 4, "scales")
-        || !need(&zeros, k_count * n * 4, "zeros") || !need(&index, n * 4, "index") || !need(&sums, 4 * n * 8, "sums"))
+    if (!need(&src, rows * cols * src_itemsize(kind), "src")
+        || !need(&scales, k_count * (by_key ? 65536 : n) * 4, "scales")
+        || !need(&zeros, by_key ? 0 : k_count * n * 4, "zeros") || !need(&index, n * 4, "index")
+        || !need(&sums, 4 * n * 8, "sums") || !need(&keys, by_key ? n * 2 : 0, "keys"))
         goto done;
     row = malloc((size_t)(gc * gp + 1) * 4);
     raw = malloc((size_t)(cols + 1) * 4);
     d = malloc((size_t)(gp + 1) * 4);
-    if (!row || !raw || !d) { PyErr_NoMemory(); goto done; }
+    row_sc = malloc((size_t)(k_count * gc + 1) * 4);
+    row_out = malloc((size_t)(4 * gc + 1) * 8);
+    row_idx = malloc((size_t)(gc + 1) * 4);
+    if (!row || !raw || !d || !row_sc || !row_out || !row_idx) { PyErr_NoMemory(); goto done; }
     {
-        const float *sc = scales.buf, *zs = zeros.buf;
+        const float *sc = scales.buf, *zs = by_key ? scales.buf : zeros.buf;
         int32_t *idx = index.buf;
         double *out = sums.buf;
+        uint16_t *key = keys.buf;
         uint32_t bad = 0;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < rows && !bad; r++) {
@@ -1858,7 +1870,29 @@ CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
             for (Py_ssize_t c = 0; c < gc * gp; c++) bad |= (row[c] & 0x7F800000u) == 0x7F800000u;
             if (bad) break;
             const Py_ssize_t i = r * gc;
-            if (e.is_int)
+            if (by_key) { /* the row's candidates from the table, searched in row-local arrays */
+                const uint16_t *h = (const uint16_t *)src.buf + r * cols;
+                for (Py_ssize_t g = 0; g < gc; g++) {
+                    Py_ssize_t c1 = (g + 1) * group < cols ? (g + 1) * group : cols;
+                    uint16_t top = 0;
+                    for (Py_ssize_t c = g * group; c < c1; c++) {
+                        uint16_t a = h[c] & 0x7FFFu;
+                        top = a > top ? a : top;
+                    }
+                    key[i + g] = top;
+                    for (Py_ssize_t k = 0; k < k_count; k++) row_sc[k * gc + g] = sc[k * 65536 + top];
+                }
+                if (e.is_int)
+                    mse_tiles_any((const float *)row, gc, gp, gc, row_sc, row_sc, k_count, 0, exponent, lo, hi, margin,
+                                  row_idx, row_out);
+                else
+                    mse_tiles_fp(&e, (const float *)row, gc, gp, gc, row_sc, row_sc, k_count, 0, exponent, lo, hi,
+                                 margin, row_idx, row_out, d);
+                for (Py_ssize_t g = 0; g < gc; g++) {
+                    idx[i + g] = row_idx[g];
+                    for (int j = 0; j < 4; j++) out[j * n + i + g] = row_out[j * gc + g];
+                }
+            } else if (e.is_int)
                 mse_tiles_any((const float *)row, gc, gp, n, sc + i, zs + i, k_count, has_zero, exponent, lo, hi,
                               margin, idx + i, out + i);
             else
@@ -1869,9 +1903,9 @@ CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
         result = PyBool_FromLong(bad != 0);
     }
 done:
-    free(row); free(raw); free(d);
+    free(row); free(raw); free(d); free(row_sc); free(row_out); free(row_idx);
     PyBuffer_Release(&src); PyBuffer_Release(&scales); PyBuffer_Release(&zeros); PyBuffer_Release(&index);
-    PyBuffer_Release(&sums);
+    PyBuffer_Release(&sums); PyBuffer_Release(&keys);
     return result;
 }
 

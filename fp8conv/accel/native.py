@@ -237,17 +237,20 @@ def pack_fields(codes: np.ndarray, bits: int, row_bytes: int) -> np.ndarray:
 
 def mse_search(weight: np.ndarray, group: int, scales: np.ndarray, zeros: np.ndarray, has_zero: bool, fmt,
                code_range: tuple[float, float], margin: float, exponent: int, index: np.ndarray,
-               sums: np.ndarray) -> bool:
+               sums: np.ndarray, keys: np.ndarray | None = None) -> bool:
     """The mse observer's candidate evaluation (observers.mse) over the tiles of `group` consecutive elements
     along the rows of a 2-D bf16 / fp16 / float32 weight (row-major grid; a float32 [n, m] array of tiles is
     group = m): scales / zeros float32 [candidates, tiles]; fills index int32 [tiles] and sums float64 [4, tiles].
+    With `keys` (uint16 [tiles], filled; a bf16 / fp16 weight, symmetric): `scales` is a table float32
+    [candidates, 65536] read at each tile's max |x| bit pattern, and `zeros` is not read.
     False (outputs undefined) when the weight holds NaN / Inf."""
     src, kind = source(weight)
     rows, cols = weight.shape
     mbits, bias = float_element(fmt)
     return not _native.mse_search(src, kind, rows, cols, group, np.ascontiguousarray(scales, np.float32),
                                   np.ascontiguousarray(zeros, np.float32), scales.shape[0], has_zero, mbits, bias,
-                                  float(code_range[0]), float(code_range[1]), margin, exponent, index, sums)
+                                  float(code_range[0]), float(code_range[1]), margin, exponent, index, sums,
+                                  keys is not None, np.empty(0, np.uint16) if keys is None else keys)
 
 
 def micro_search(weight: np.ndarray, group: int, first: np.ndarray, steps: tuple[int, ...],

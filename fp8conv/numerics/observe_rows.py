@@ -12,10 +12,6 @@ from ..accel import native
 from .observers import (MARGIN, GridChoice, candidate_params, compiled_choice, exponent_for, factors_for,
                         scheme_functions)
 
-# The bit pattern of a bf16 / fp16 value held as float32 (exactly).
-_AMAX_KEYS = {"bfloat16": lambda v: v.view(np.uint32) >> 16, "float16": lambda v: v.astype(np.float16).view(np.uint16)}
-
-
 @lru_cache(maxsize=8)
 def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
     """float32 [len(factors_for(scheme)), 65536]: the candidate scales (params of the range -a .. a shrunk by each
@@ -36,35 +32,40 @@ def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
 def mse_grid(weight: np.ndarray, scheme) -> Optional[GridChoice]:
     """observers.mse_grid of a 2-D bf16 / fp16 / float32 weight by the compiled kernels, read straight from the
     weight, for tiles along a row (group, channel): the ranges by native.tile_range, the candidates by observers'
-    params, the search by native.mse_search. The same GridChoice, bit for bit (the ranges: observers.tile_range's
-    values; the sign of a zero minimum never reaches a scale or zero point, docs/numerics.md). None where the tiles
-    span rows, the dtype is another, or the weight holds NaN / Inf: observers.mse_grid then runs."""
+    params, the search by native.mse_search (a 16-bit weight's symmetric tiles: ranges and candidates by max |x| in
+    the kernel, from _amax_candidates). The same GridChoice, bit for bit (the ranges: observers.tile_range's values;
+    the sign of a zero minimum never reaches a scale or zero point, docs/numerics.md). None where the tiles span
+    rows, the dtype is another, or the weight holds NaN / Inf: observers.mse_grid then runs."""
     rows, cols = weight.shape
     tile = scheme.tile(rows, cols)
     if tile[0] != 1 or not weight.size or native.source(weight) is None:
         return None
+    grid = scheme.scale_grid(rows, cols)
+    n = grid[0] * grid[1]
+    index = np.zeros(n, np.int32)
+    sums = np.zeros((4, n), np.float64)
+    exponent = exponent_for(scheme)
+    if scheme.symmetric and weight.dtype.name in ("bfloat16", "float16"):
+        # A 16-bit weight's max |x| is one of 65536 values: the candidates of every value, computed once by params,
+        # and the kernel takes each tile's row of them (keys: its max |x| bit pattern), ranges and all.
+        table = _amax_candidates(scheme, weight.dtype.name)
+        keys = np.empty(n, np.uint16)
+        if not native.mse_search(weight, tile[1], table, table, False, scheme.fmt, scheme.code_range, MARGIN,
+                                 exponent, index, sums, keys):
+            return None
+        return GridChoice(table[index, keys].reshape(grid), None, float(sums[1].sum()), float(sums[3].sum()))
     ranges = native.tile_range(weight, tile, not scheme.symmetric)
     if ranges is None:
         return None
     lo, hi = ranges
     hi = hi.reshape(-1)
     lo = -hi if lo is None else lo.reshape(-1)  # symmetric: params reads max(-lo, hi) = max |x|
-    n = hi.shape[0]
-    if scheme.symmetric and weight.dtype.name in _AMAX_KEYS:
-        # A 16-bit weight's max |x| is one of 65536 values: the candidates of every value, computed once by params.
-        cand_scales = np.take(_amax_candidates(scheme, weight.dtype.name), _AMAX_KEYS[weight.dtype.name](hi), axis=1)
-        cand_zeros, zero = np.zeros(cand_scales.shape, np.float32), None
-    else:
-        params, _ = scheme_functions(scheme)
-        scale, zero = params(lo, hi)
-        cand_scales, cand_zeros = candidate_params(lo, hi, params, factors_for(scheme), scale, zero)
-    index = np.zeros(n, np.int32)
-    sums = np.zeros((4, n), np.float64)
-    exponent = exponent_for(scheme)
+    params, _ = scheme_functions(scheme)
+    scale, zero = params(lo, hi)
+    cand_scales, cand_zeros = candidate_params(lo, hi, params, factors_for(scheme), scale, zero)
     if not native.mse_search(weight, tile[1], cand_scales, cand_zeros, zero is not None, scheme.fmt, scheme.code_range,
                              MARGIN, exponent, index, sums):
         return None
     choice = compiled_choice(cand_scales, cand_zeros, zero is not None, index, sums, exponent)
-    grid = scheme.scale_grid(rows, cols)
     zero = None if choice.zero is None else choice.zero.reshape(grid)
     return GridChoice(choice.scale.reshape(grid), zero, float(choice.error.sum()), float(choice.minmax_error.sum()))
