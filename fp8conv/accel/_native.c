@@ -2136,7 +2136,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 7) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 8) < 0) {
         Py_DECREF(m);
         return NULL;
     }

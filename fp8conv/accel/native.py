@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 7
+ABI = 8
 
 try:
     from . import _native
