@@ -108,7 +108,12 @@ def main() -> None:
     if not (args.checkpoint / "config.json").exists():
         subprocess.run([sys.executable, str(HERE / "make_checkpoint.py"), str(args.checkpoint), *args.make.split()],
                        check=True)
-    trees = dict(t.split("=", 1) for t in args.tree)
+    trees = {name: str(Path(path).resolve()) for name, path in (t.split("=", 1) for t in args.tree)}
+    # `python -m fp8conv` puts the working directory first on sys.path, before PYTHONPATH: run every command
+    # from the scratch folder, or a checkout in the working directory is what each tree's row would time.
+    args.checkpoint, args.out, args.scratch = args.checkpoint.resolve(), args.out.resolve(), args.scratch.resolve()
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    os.chdir(args.scratch)
     extra: dict[str, dict] = {}
     for item in args.env:
         name, assignment = item.split(":", 1)
