@@ -83,17 +83,133 @@ def choose(x, scheme, params, reconstruct, store) -> dict[str, tuple[np.ndarray,
     return result
 
 
-def run_model(model: str) -> None:
+# -- round 3 (#28, 2026-12-07 ~20:05 UTC; variants and rule fixed in bench/QUALITY.md before the run) ----
+
+VARIANTS3 = ("r3-g-all", "r3-g-allhl", "r3-nb", "r3-g-all-nb", "r3-intz", "r3-g-all-intz")
+GGUF_SUBBLOCK = 32  # GGUF's Q4_0 / Q4_1 / Q4_K sub-block
+GRID_LEVELS = 16  # a 4-bit grid
+
+
+def on_4bit_grid(x: np.ndarray) -> np.ndarray:
+    """bool [n]: every 32-element sub-block of the group holds at most 16 distinct values (a 4-bit
+    producer's grid, e.g. GGUF Q4_1 / Q4_K; original float weights hold ~32)."""
+    n, m = x.shape
+    sub = GGUF_SUBBLOCK if m % GGUF_SUBBLOCK == 0 else m
+    s = np.sort(x.reshape(-1, sub), axis=1)
+    distinct = 1 + (np.diff(s, axis=1) != 0).sum(1)
+    return (distinct <= GRID_LEVELS).reshape(n, -1).all(1)
+
+
+def neighbours(s: np.ndarray, z: np.ndarray, dtype, store) -> list:
+    """The stored scales one step below and above s (same zero point)."""
+    out = []
+    stored = s.astype(dtype)
+    bits = stored.view(np.uint16 if stored.itemsize == 2 else np.uint32)
+    for step in (-1, 1):
+        moved = (bits.astype(np.int64) + step).astype(bits.dtype).view(dtype).astype(np.float32)
+        moved = np.where(np.isfinite(moved) & (moved > 0), moved, np.float32(np.nan))
+        with np.errstate(invalid="ignore"):
+            out.append((store(moved.astype(np.float64)), z))
+    return out
+
+
+def rounds_intz(x32, scale0, zero0, code_range, store, p, beta, kappa, iterations):
+    """hqq._rounds with the zero point kept an integer inside the solve: after the joint fit z is
+    rounded (clipped to the code range) and s re-fitted by least squares for that z."""
+    qmin, qmax = (float(v) for v in code_range)
+    x = x32.astype(np.float64)
+    s = scale0.astype(np.float64)
+    z = zero0.astype(np.float64)
+    moving = np.ones(len(s), np.bool_)
+    for _ in range(iterations):
+        codes = np.clip(np.rint(x / s[:, None] + z[:, None]), qmin, qmax)
+        steps = x / s[:, None] - (codes - z[:, None])
+        target = x - hqq.shrink_lp(steps, beta, p) * s[:, None]
+        c_mean = codes.mean(axis=1)
+        t_mean = target.mean(axis=1)
+        centred = codes - c_mean[:, None]
+        var = np.einsum("ij,ij->i", centred, centred)
+        cov = np.einsum("ij,ij->i", centred, target - t_mean[:, None])
+        fit = (var > 0) & (cov > 0) & moving
+        s_j = np.where(fit, cov / np.where(fit, var, 1.0), s)
+        z_j = np.where(fit, c_mean - t_mean / s_j, z)
+        z_new = np.clip(np.rint(z_j), qmin, qmax)
+        shifted = codes - z_new[:, None]
+        num = np.einsum("ij,ij->i", shifted, target)
+        den = np.einsum("ij,ij->i", shifted, shifted)
+        ok = fit & (den > 0) & (num > 0)
+        s_new = np.where(ok, num / np.where(ok, den, 1.0), s)
+        z_new = np.where(ok, z_new, z)
+        moving &= (np.abs(s_new - s) > hqq.FIXED_POINT * s) | (z_new != z)
+        s, z = s_new, z_new
+        beta *= kappa
+        yield store(s), z.astype(np.float32)
+        if not moving.any():
+            return
+
+
+def choose3(x, scheme, params, reconstruct, store) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Round 3: per variant the chosen float32 (scale, zero) of every group of x (float32 [n, m])."""
+    out = np.empty_like(x)
+    lo, hi = observers.tile_range(x)
+    s0, z0 = params(lo, hi)
+    s0, z0 = np.array(s0, np.float32), np.array(z0, np.float32)
+    solve = (scheme.code_range, store, hqq.P_NORM, hqq.BETA, hqq.KAPPA, hqq.ITERATIONS)
+    c = {"mm": [(s0, z0)]}
+    c["H"] = list(hqq._rounds(x, s0, z0, *solve))
+    shrunk = [params(lo * np.float32(f), hi * np.float32(f)) for f in observers.SHRINK_FACTORS[1:]]
+    c["L"] = [(np.array(s, np.float32), np.array(z, np.float32)) for s, z in shrunk]
+    c["I"] = list(rounds_intz(x, s0, z0, *solve))
+    dtype = scheme.scale_fmt.dtype
+    c["N"] = [nb for s, z in c["mm"] + c["H"] for nb in neighbours(s, z, dtype, store)]
+    score = {k: [objectives(x, s, z, reconstruct, out)[[0, 1]] for s, z in v] for k, v in c.items()}
+
+    def select(pool, row):
+        scale, zero = s0.copy(), z0.copy()
+        best = score["mm"][0][row].copy()
+        for key in pool:
+            for (s, z), e in zip(c[key], score[key]):
+                err = e[row]
+                better = err < best * (1.0 - hqq.MARGIN)
+                if better.any():
+                    best = np.where(better, err, best)
+                    scale[better], zero[better] = s[better], z[better]
+        return scale, zero
+
+    # hqq started from the best of min-max and the shrunk ranges (squared error)
+    start = select(["L"], 0)
+    c["HL"] = list(hqq._rounds(x, start[0], start[1], *solve))
+    score["HL"] = [objectives(x, s, z, reconstruct, out)[[0, 1]] for s, z in c["HL"]]
+    grid = on_4bit_grid(x)
+
+    def by_grid(on, off):
+        return tuple(np.where(grid, a, b) for a, b in zip(on, off))
+
+    g_h, g_hn = select(["H"], 0), select(["H", "N"], 0)
+    return {
+        "r3-g-all": by_grid(g_h, select(["L", "H"], 0)),
+        "r3-g-allhl": by_grid(g_h, select(["L", "H", "HL"], 0)),
+        "r3-nb": g_hn,
+        "r3-g-all-nb": by_grid(g_hn, select(["L", "H", "N"], 0)),
+        "r3-intz": select(["I"], 0),
+        "r3-g-all-intz": by_grid(select(["I"], 0), select(["L", "H", "I"], 0)),
+    }, grid
+
+
+def run_model(model: str, round3: bool = False) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
     import torch
 
     names = quality.modules_of(model, SCHEME)
-    todo = [v for v in VARIANTS if not quality.conv_path(model, SCHEME, f"fp8conv:hqq-dev-{v}").exists()]
+    variants = VARIANTS3 if round3 else tuple(VARIANTS)
+    prefix = "fp8conv:hqq-" if round3 else "fp8conv:hqq-dev-"
+    todo = [v for v in variants if not quality.conv_path(model, SCHEME, f"{prefix}{v}").exists()]
     if not todo:
         return
     src = quality.MODELS[model]()
-    recon = {v: {} for v in VARIANTS}
+    recon = {v: {} for v in variants}
+    grid_groups = [0, 0]
     files = sorted(Path(src).glob("*.safetensors"))
     for shard in files:
         with safe_open(shard, "pt") as f:
@@ -113,17 +229,25 @@ def run_model(model: str) -> None:
                                                        np.zeros(raw.shape, np.bool_))
                     return np.where(bad, np.float32(np.nan), stored).astype(np.float32)
 
-                outs = {v: np.empty_like(tiles) for v in VARIANTS}
+                outs = {v: np.empty_like(tiles) for v in variants}
                 batch = 4096
                 for r0 in range(0, tiles.shape[0], batch):
                     x = tiles[r0 : r0 + batch]
-                    for v, (s, z) in choose(x, scheme, params, reconstruct, store).items():
+                    if round3:
+                        chosen, grid = choose3(x, scheme, params, reconstruct, store)
+                        grid_groups[0] += int(grid.sum())
+                        grid_groups[1] += len(grid)
+                    else:
+                        chosen = choose(x, scheme, params, reconstruct, store)
+                    for v, (s, z) in chosen.items():
                         reconstruct(x, s, z, outs[v][r0 : r0 + batch])
-                for v in VARIANTS:
+                for v in variants:
                     recon[v][name] = torch.from_numpy(outs[v].reshape(rows, cols).copy())
                 quality.log(f"{model} {name} done")
-    for v in VARIANTS:
-        dst = quality.conv_path(model, SCHEME, f"fp8conv:hqq-dev-{v}")
+    if round3:
+        quality.log(f"{model}: {grid_groups[0]} of {grid_groups[1]} groups on a 4-bit grid")
+    for v in variants:
+        dst = quality.conv_path(model, SCHEME, f"{prefix}{v}")
         dst.parent.mkdir(parents=True, exist_ok=True)
         save_file(recon[v], str(dst))
 
@@ -131,9 +255,10 @@ def run_model(model: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2,gemma3,minilm")
+    parser.add_argument("--round3", action="store_true", help="the round-3 variants (VARIANTS3)")
     args = parser.parse_args()
     for model in args.models.split(","):
-        run_model(model)
+        run_model(model, args.round3)
 
 
 if __name__ == "__main__":
