@@ -28,6 +28,16 @@ Choices of this implementation (module constants, fixed on development models on
   zero point, and a later candidate replaces it only when it is smaller by more than `margin`
   (relative). So the result is never worse than min-max in squared error, and the same input gives
   the same output for any batching of groups (every step is per row).
+- Groups off a 4-bit grid also get clipping candidates (round 3 of bench/QUALITY.md's #28 protocol,
+  chosen on development pairs only). A group is "on a 4-bit grid" when every 32-element sub-block of
+  it (`GRID_SUBBLOCK`, GGUF's Q4_0 / Q4_1 / Q4_K sub-block; the whole group when its length is not a
+  multiple of 32) holds at most 16 distinct values: a 4-bit producer already placed its levels and range
+  ends, and clipping moved real grid points there (it raised KL on such a model), while original float
+  weights hold ~32 distinct values per 32. Candidates, in the order they are tried (each replacing the best
+  only when smaller by `margin`): min-max; for groups off a grid, the min-max rule applied to the range
+  [min, max] shrunk by 0.99 .. 0.90 (the mse observer's SHRINK_FACTORS); the solver's rounds from
+  min-max; for groups off a grid, the solver's rounds started again from the best of min-max and the
+  shrunk ranges. Groups on a grid get exactly the min-max + rounds candidates of round 2.
 """
 from __future__ import annotations
 
@@ -36,6 +46,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .observers import SHRINK_FACTORS, ParamsFn, tile_range
+
 P_NORM = 0.7  # the paper's lp norm
 BETA = 1.0  # initial beta (threshold in quantization steps: |r|^(p-1) / beta)
 KAPPA = 1.01  # beta grows by this factor every round (the paper's default)
@@ -43,6 +55,8 @@ ITERATIONS = 20  # rounds of the solver (the paper's default)
 FIXED_POINT = 1e-9  # relative change of s (absolute of z) below which a group's iteration has converged
 MARGIN = 2.0 ** -20  # a candidate must lower the squared error by this much (relative) to replace the best
 BATCH_ELEMENTS = 1 << 16
+GRID_SUBBLOCK = 32  # GGUF's 4-bit sub-block (Q4_0, Q4_1, Q4_K)
+GRID_LEVELS = 16  # at most this many distinct values per sub-block: on a 4-bit grid
 
 # reconstruct(tiles, scale, zero, out): out = dequant(quant(tiles)) in float32, the kernels' arithmetic.
 ReconstructFn = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray], None]
@@ -52,7 +66,8 @@ StoreFn = Callable[[np.ndarray], np.ndarray]  # float64 [n] scale -> float32 [n]
 @dataclass
 class HQQChoice:
     """Per group: the chosen scale and zero point (float32), the squared error sums (float64) with them
-    and with min-max, and the round that produced the choice (0: min-max)."""
+    and with min-max, and the candidate that produced the choice (0: min-max; -1 .. -10: the range shrunk
+    by 0.99 .. 0.90; 1 .. ITERATIONS: the solve's rounds from min-max; above: the second solve's)."""
 
     scale: np.ndarray
     zero: np.ndarray
@@ -79,11 +94,23 @@ def squared_errors(tiles: np.ndarray, scale: np.ndarray, zero: np.ndarray, recon
     return np.einsum("ij,ij->i", d, d)
 
 
+def on_4bit_grid(tiles: np.ndarray) -> np.ndarray:
+    """bool [n]: per group (row of a float32 [n, m] array), whether every GRID_SUBBLOCK-element sub-block
+    (the whole row when m is not a multiple of it) holds at most GRID_LEVELS distinct values."""
+    n, m = tiles.shape
+    sub = GRID_SUBBLOCK if m % GRID_SUBBLOCK == 0 else max(m, 1)
+    ordered = np.sort(tiles.reshape(-1, sub), axis=1)
+    distinct = 1 + np.count_nonzero(np.diff(ordered, axis=1), axis=1)
+    return (distinct <= GRID_LEVELS).reshape(n, -1).all(axis=1)
+
+
 def hqq(tiles: np.ndarray, scale: np.ndarray, zero: np.ndarray, code_range: tuple[float, float], store: StoreFn,
-        reconstruct: ReconstructFn, p: float = P_NORM, beta: float = BETA, kappa: float = KAPPA,
-        iterations: int = ITERATIONS, batch_elements: int = BATCH_ELEMENTS) -> HQQChoice:
+        reconstruct: ReconstructFn, params: Optional[ParamsFn] = None, p: float = P_NORM, beta: float = BETA,
+        kappa: float = KAPPA, iterations: int = ITERATIONS, batch_elements: int = BATCH_ELEMENTS) -> HQQChoice:
     """HQQ (module docstring) over a float32 [n, m] array of groups, from the min-max float32 [n] scale
-    and (integer-valued) zero point; `code_range` = (qmin, qmax) of the codes."""
+    and (integer-valued) zero point; `code_range` = (qmin, qmax) of the codes. `params`: the scheme's
+    min-max rule (observers.ParamsFn); with it, groups off a 4-bit grid also get the clipping candidates
+    (module docstring); without it every group gets min-max and the rounds only."""
     n, m = tiles.shape
     scale = np.array(scale, np.float32)
     zero = np.array(zero, np.float32)
@@ -92,24 +119,48 @@ def hqq(tiles: np.ndarray, scale: np.ndarray, zero: np.ndarray, code_range: tupl
     chosen_round = np.zeros(n, np.int32)
     batch = max(1, batch_elements // max(m, 1))
     out = np.empty((min(batch, n), m), np.float32)
+    solve = (code_range, store, p, beta, kappa, iterations)
     for t0 in range(0, n, batch):
-        part = slice(t0, min(n, t0 + batch))
+        part = np.arange(t0, min(n, t0 + batch))
         x = tiles[part]
-        k = x.shape[0]
-        best = squared_errors(x, scale[part], zero[part], reconstruct, out[:k])
+        s_mm, z_mm = scale[part], zero[part]  # copies (fancy indexing)
+        best = squared_errors(x, s_mm, z_mm, reconstruct, out[: len(part)])
         minmax_error[part] = best
-        for r, (s_c, z_c) in enumerate(_rounds(x, scale[part], zero[part], code_range, store, p, beta, kappa,
-                                                 iterations), start=1):
-            with np.errstate(invalid="ignore"):
-                err = squared_errors(x, s_c, z_c, reconstruct, out[:k])
-            better = err < best * (1.0 - MARGIN)
-            if better.any():
-                best = np.where(better, err, best)
-                scale[part][better] = s_c[better]
-                zero[part][better] = z_c[better]
-                chosen_round[part][better] = r
+        off = np.zeros(len(part), np.bool_) if params is None else ~on_4bit_grid(x)
+        if off.any():
+            lo, hi = tile_range(x[off])
+            shrunk = (params(lo * np.float32(f), hi * np.float32(f)) for f in SHRINK_FACTORS[1:])
+            labels = range(-1, -len(SHRINK_FACTORS), -1)
+            best[off] = _keep_better(x[off], part[off], shrunk, labels, best[off], scale, zero, chosen_round,
+                                     reconstruct, out)
+            restart = (scale[part[off]], zero[part[off]])
+        best = _keep_better(x, part, _rounds(x, s_mm, z_mm, *solve), range(1, iterations + 1), best, scale, zero,
+                            chosen_round, reconstruct, out)
+        if off.any():
+            best[off] = _keep_better(x[off], part[off], _rounds(x[off], *restart, *solve),
+                                     range(iterations + 1, 2 * iterations + 1), best[off], scale, zero,
+                                     chosen_round, reconstruct, out)
         error[part] = best
     return HQQChoice(scale, zero, error, minmax_error, chosen_round)
+
+
+def _keep_better(x: np.ndarray, rows: np.ndarray, candidates, labels, best: np.ndarray, scale: np.ndarray,
+                 zero: np.ndarray, chosen: np.ndarray, reconstruct: ReconstructFn, out: np.ndarray) -> np.ndarray:
+    """Evaluate (scale, zero) candidates of the groups x (rows `rows` of the whole array) in order; where
+    one's squared error is below `best` by more than MARGIN (relative) write it into scale / zero /
+    chosen (its label) and return the updated best (float64 [len(rows)])."""
+    best = best.copy()
+    for label, (s_c, z_c) in zip(labels, candidates):
+        with np.errstate(invalid="ignore"):
+            err = squared_errors(x, np.asarray(s_c, np.float32), np.asarray(z_c, np.float32), reconstruct,
+                                 out[: len(rows)])
+        better = err < best * (1.0 - MARGIN)
+        if better.any():
+            best[better] = err[better]
+            scale[rows[better]] = np.asarray(s_c, np.float32)[better]
+            zero[rows[better]] = np.asarray(z_c, np.float32)[better]
+            chosen[rows[better]] = label
+    return best
 
 
 def _rounds(x32: np.ndarray, scale0: np.ndarray, zero0: np.ndarray, code_range: tuple[float, float],

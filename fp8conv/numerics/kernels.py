@@ -270,7 +270,7 @@ def _hqq_grid(weight: np.ndarray, scheme: Scheme) -> "observers.GridChoice":
             stored, bad = range_end_scales(raw.astype(np.float32), raw, scheme, np.zeros(raw.shape, np.bool_))
         return np.where(bad, np.float32(np.nan), stored).astype(np.float32)
 
-    choice = hqq.hqq(tiles, scale, zero, scheme.code_range, store, reconstruct)
+    choice = hqq.hqq(tiles, scale, zero, scheme.code_range, store, reconstruct, params)
     grid = scheme.scale_grid(rows, cols)
     return observers.GridChoice(choice.scale.reshape(grid), choice.zero.reshape(grid), float(choice.error.sum()),
                                 float(choice.minmax_error.sum()))
