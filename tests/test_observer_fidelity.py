@@ -1,8 +1,10 @@
 """The hqq and expanded observers against float64 references written here (#28).
 
-hqq: the half-quadratic iteration of numerics/hqq.py restated in float64 per group, each round's stored
-candidate evaluated exactly; the observer must pick the reference's choice (but for rare ties of the
-float32 reconstruction) and never be worse than min-max in squared error. expanded: every documented
+hqq: the candidates of numerics/hqq.py restated in float64 per group (min-max; for groups off a 4-bit grid
+the shrunk ranges; the half-quadratic rounds; off a grid the rounds again from the best shrunk range), each
+stored candidate evaluated exactly; the observer must pick the reference's choice (but for rare ties of
+the float32 reconstruction) and never be worse than min-max in squared error, on random, heavy-tailed,
+outlier and 4-bit-grid (GGUF Q4_1-like) weights. expanded: every documented
 candidate scale code of a group evaluated from the formats' definitions (test_microscale.py's
 references); the choice must be the brute-force best and never worse than min-max. Both: the same bytes
 from both kernel paths and for any --workers."""
@@ -30,6 +32,8 @@ pytestmark = pytest.mark.unit
 P, BETA, KAPPA, ROUNDS, FIXED = 0.7, 1.0, 1.01, 20, 1e-9
 MARGIN = 2.0 ** -20
 QMIN, QMAX = -8.0, 7.0  # int4 codes
+SHRINK = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90]  # groups off a 4-bit grid
+GRID_SUBBLOCK = 32
 EXPANDED_STEPS = {"nvfp4": [0, -1, -2, -3, 1, 2, 3, 4, 5, 6, 7], "mxfp4": [0, 1, -1]}
 GROUP = {"nvfp4": 16, "mxfp4": 32}
 
@@ -45,15 +49,25 @@ def recon_error(w: np.ndarray, s: float, z: float) -> float:
     return float((((codes - z) * s) - w) ** 2 @ np.ones(len(w)))
 
 
-def reference_hqq(w: np.ndarray) -> tuple[float, float, float, float]:
-    """One group (float64 values of bf16 weights): (scale, zero, error, min-max error) of the documented
-    iteration, written from the paper's steps with plain per-group arithmetic."""
-    lo0, hi0 = min(w.min(), 0.0), max(w.max(), 0.0)
-    s0 = float(bf16((hi0 - lo0) / (QMAX - QMIN))) if hi0 > lo0 else 1.0
-    z0 = float(np.clip(np.rint(QMIN - lo0 / s0), QMIN, QMAX))
-    best = (s0, z0, recon_error(w, s0, z0))
-    minmax = best[2]
-    s, z, beta = s0, z0, BETA
+def ref_params(lo: np.float32, hi: np.float32) -> tuple[float, float]:
+    """The documented min-max rule of one group's (float32) range: lo0 = min(lo, 0), hi0 = max(hi, 0),
+    scale = bf16((hi0 - lo0) / 15) in float32 (1 for an empty range), zero = clip(rint(-8 - lo0 / scale))."""
+    lo0, hi0 = min(np.float32(lo), np.float32(0)), max(np.float32(hi), np.float32(0))
+    s = np.float32(1.0) if hi0 == lo0 else np.float32(bf16(np.float32(hi0 - lo0) / np.float32(QMAX - QMIN)))
+    z = np.clip(np.rint(np.float32(QMIN) - lo0 / s), QMIN, QMAX)
+    return float(s), float(z)
+
+
+def ref_on_grid(w: np.ndarray) -> bool:
+    """Every 32-element sub-block (the whole group when its length is not a multiple of 32) holds at most
+    16 distinct values."""
+    sub = GRID_SUBBLOCK if len(w) % GRID_SUBBLOCK == 0 else len(w)
+    return all(len(set(w[i:i + sub].tolist())) <= 16 for i in range(0, len(w), sub))
+
+
+def ref_solve(w: np.ndarray, s: float, z: float):
+    """The documented half-quadratic rounds from (s, z): each round's stored (scale, zero point)."""
+    beta = BETA
     for _ in range(ROUNDS):
         c = np.clip(np.rint(w / s + z), QMIN, QMAX)
         r = w / s - (c - z)
@@ -72,13 +86,37 @@ def reference_hqq(w: np.ndarray) -> tuple[float, float, float, float]:
         else:
             moving = False
         beta *= KAPPA
-        cand_s, cand_z = float(bf16(s)), float(np.clip(np.rint(z), QMIN, QMAX))
-        err = recon_error(w, cand_s, cand_z)
-        if err < best[2] * (1 - MARGIN):
-            best = (cand_s, cand_z, err)
+        yield float(bf16(s)), float(np.clip(np.rint(z), QMIN, QMAX))
         if not moving:
-            break
-    return (*best, minmax)
+            return
+
+
+def reference_hqq(w: np.ndarray) -> tuple[float, float, float, float, str]:
+    """One group (float64 values of bf16 weights): (scale, zero, error, min-max error, which candidate) of
+    the documented procedure, written from the paper's steps with plain per-group arithmetic: min-max;
+    off a 4-bit grid the shrunk ranges; the rounds from min-max; off a grid the rounds again from the best
+    of min-max and the shrunk ranges. A candidate replaces the best only when lower by MARGIN."""
+    lo, hi = np.float32(w.min()), np.float32(w.max())
+    s0, z0 = ref_params(lo, hi)
+    best = [s0, z0, recon_error(w, s0, z0), "minmax"]
+    minmax = best[2]
+
+    def consider(s: float, z: float, label: str) -> None:
+        err = recon_error(w, s, z)
+        if err < best[2] * (1 - MARGIN):
+            best[:] = [s, z, err, label]
+
+    grid = ref_on_grid(w)
+    if not grid:
+        for f in SHRINK:
+            consider(*ref_params(lo * np.float32(f), hi * np.float32(f)), f"shrink {f}")
+        restart = best[0], best[1]
+    for s, z in ref_solve(w, s0, z0):
+        consider(s, z, "solve")
+    if not grid:
+        for s, z in ref_solve(w, *restart):
+            consider(s, z, "restart")
+    return best[0], best[1], best[2], minmax, best[3]
 
 
 def int4_asym(group: int = 64) -> Scheme:
@@ -100,7 +138,7 @@ def check_hqq(w: np.ndarray, group: int = 64, backend: str = "numpy"):
     for r in range(x.shape[0]):
         for g in range(x.shape[1] // group):
             values = x[r, g * group:(g + 1) * group]
-            s_ref, z_ref, err_ref, err_minmax = reference_hqq(values)
+            s_ref, z_ref, err_ref, err_minmax, _ = reference_hqq(values)
             s, z = float(q.scales[r, g]), float(q.zero_points[r, g])
             err = recon_error(values, s, z)
             where = f"row {r} group {g}"
@@ -135,6 +173,58 @@ def test_hqq_constant_and_zero_groups_keep_minmax():
     m = quantize_2d(w.astype(BF16), replace(int4_asym(), observer="minmax"), backend="numpy")
     assert q.codes.tobytes() == m.codes.tobytes() and q.scales.tobytes() == m.scales.tobytes()
     assert q.stats.sum_sq_err == m.stats.sum_sq_err  # no spread of codes: nothing to fit
+
+
+def grid_weights(rows: int, cols: int, seed: int, levels: int = 16) -> np.ndarray:
+    """bf16 weights on a GGUF Q4_1-like grid: per 32 elements, d * q + m with q drawn from `levels` codes."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, levels, (rows, cols // 32, 32)).astype(np.float64)
+    d = 10.0 ** rng.uniform(-3.5, -2.5, (rows, cols // 32, 1))
+    m = -d * rng.uniform(5, 10, (rows, cols // 32, 1))
+    return (d * q + m).reshape(rows, cols).astype(np.float32).astype(BF16)
+
+
+@pytest.mark.parametrize("m", [16, 32, 48, 64, 128])
+def test_on_4bit_grid_counts_distinct_values_per_32(m):
+    from fp8conv.numerics.hqq import on_4bit_grid
+
+    rng = np.random.default_rng(m)
+    tiles = [rng.standard_normal(m), rng.integers(0, 16, m) * 0.5, rng.integers(0, 17, m) * 0.5, np.zeros(m)]
+    if m % 32 == 0 and m > 32:  # one sub-block off the grid is enough
+        mixed = rng.integers(0, 16, m) * 0.25
+        mixed[:32] = np.arange(32)
+        tiles.append(mixed)
+    x = np.array(tiles, np.float32)
+    expected = [ref_on_grid(t.astype(np.float64)) for t in x]
+    assert on_4bit_grid(x).tolist() == expected, f"groups of {m}: expected {expected}"
+    # the reference itself separates the cases; a group of 16 or fewer always counts as on a grid
+    assert expected[1] and expected[0] == (m <= 16)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hqq_on_4bit_grid_weights_never_clips(seed):
+    from fp8conv.numerics import observers
+    from fp8conv.numerics.hqq import hqq as run_hqq
+
+    w = grid_weights(8, 256, seed)
+    check_hqq(w)
+    scheme = int4_asym().for_source("BF16")
+    params, reconstruct = observers.scheme_functions(scheme)
+    tiles = observers.tiles_of(w.astype(np.float32), scheme.tile(*w.shape))
+    s, z = params(*observers.tile_range(tiles))
+    with_params = run_hqq(tiles, s, z, scheme.code_range, lambda v: np.array(bf16(v), np.float32), reconstruct,
+                          params)
+    without = run_hqq(tiles, s, z, scheme.code_range, lambda v: np.array(bf16(v), np.float32), reconstruct)
+    assert (with_params.round >= 0).all(), "a group on a 4-bit grid got a shrunk range"
+    assert with_params.scale.tobytes() == without.scale.tobytes() and with_params.zero.tobytes() == without.zero.tobytes()
+
+
+def test_hqq_off_the_grid_uses_shrunk_ranges_and_the_restart():
+    w = weights(16, 256, 3, 1.5, outliers=6)
+    x = w.astype(np.float64)
+    labels = {reference_hqq(x[r, g * 64:(g + 1) * 64])[4].split()[0] for r in range(16) for g in range(4)}
+    assert {"shrink", "restart"} <= labels, f"the reference chose only {labels}: the test weights do not reach them"
+    check_hqq(w)
 
 
 def test_hqq_is_refused_where_it_has_no_zero_point():
