@@ -1808,8 +1808,8 @@ CLONES static void mse_tiles_any(MSE_TILES_ARGS)
    d = (round(clamp(x / s (+ z))) (- z)) * s - x (a later candidate wins only when smaller by more than the
    relative margin); sums float64 [4, n]: its objective, its squared error, candidate 0's objective and squared
    error (observers.mse, bit for bit). Each row is widened to float32 once, then searched from the cache.
-   by_key (a bf16 / fp16 source, symmetric): `scales` is a table float32 [k_count, 65536] instead, tile i's
-   candidate k at table[k][keys[i]], keys[i] = its max |x| as bit pattern (the largest of bits & 0x7FFF), written to
+   by_key (a bf16 / fp16 source, symmetric): `scales` is a table float32 [65536, k_count] instead, tile i's
+   candidate k at table[keys[i]][k] (one cache line a tile), keys[i] = its max |x| as bit pattern (the largest of bits & 0x7FFF), written to
    keys uint16 [n]; zeros is not read.
    Returns True, with the outputs undefined, when the source holds NaN / Inf. */
 CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
@@ -1880,7 +1880,7 @@ CLONES static PyObject *mse_search(PyObject *self, PyObject *args)
                         top = a > top ? a : top;
                     }
                     key[i + g] = top;
-                    for (Py_ssize_t k = 0; k < k_count; k++) row_sc[k * gc + g] = sc[k * 65536 + top];
+                    for (Py_ssize_t k = 0; k < k_count; k++) row_sc[k * gc + g] = sc[top * k_count + k];
                 }
                 if (e.is_int)
                     mse_tiles_any((const float *)row, gc, gp, gc, row_sc, row_sc, k_count, 0, exponent, lo, hi, margin,
@@ -2136,7 +2136,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 8) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 9) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 8
+ABI = 9
 
 try:
     from . import _native
@@ -242,13 +242,14 @@ def mse_search(weight: np.ndarray, group: int, scales: np.ndarray, zeros: np.nda
     along the rows of a 2-D bf16 / fp16 / float32 weight (row-major grid; a float32 [n, m] array of tiles is
     group = m): scales / zeros float32 [candidates, tiles]; fills index int32 [tiles] and sums float64 [4, tiles].
     With `keys` (uint16 [tiles], filled; a bf16 / fp16 weight, symmetric): `scales` is a table float32
-    [candidates, 65536] read at each tile's max |x| bit pattern, and `zeros` is not read.
+    [65536, candidates] read at each tile's max |x| bit pattern, and `zeros` is not read.
     False (outputs undefined) when the weight holds NaN / Inf."""
     src, kind = source(weight)
     rows, cols = weight.shape
     mbits, bias = float_element(fmt)
+    k_count = scales.shape[0] if keys is None else scales.shape[1]
     return not _native.mse_search(src, kind, rows, cols, group, np.ascontiguousarray(scales, np.float32),
-                                  np.ascontiguousarray(zeros, np.float32), scales.shape[0], has_zero, mbits, bias,
+                                  np.ascontiguousarray(zeros, np.float32), k_count, has_zero, mbits, bias,
                                   float(code_range[0]), float(code_range[1]), margin, exponent, index, sums,
                                   keys is not None, np.empty(0, np.uint16) if keys is None else keys)
 

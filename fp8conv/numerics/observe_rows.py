@@ -14,10 +14,10 @@ from .observers import (MARGIN, GridChoice, candidate_params, compiled_choice, e
 
 @lru_cache(maxsize=8)
 def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
-    """float32 [len(factors_for(scheme)), 65536]: the candidate scales (params of the range -a .. a shrunk by each
-    factor, `candidate_params`) of a symmetric scheme's tile whose max |x| is a = the bf16 / fp16 value of each bit
-    pattern (its magnitude; NaN / Inf patterns as 0: never looked up). params is elementwise, so a look-up is the
-    tile's own candidates, bit for bit."""
+    """float32 [65536, len(factors_for(scheme))] (a tile's candidates in one cache line): the candidate scales
+    (params of the range -a .. a shrunk by each factor, `candidate_params`) of a symmetric scheme's tile whose
+    max |x| is a = the bf16 / fp16 value of each bit pattern (its magnitude; NaN / Inf patterns as 0: never looked
+    up). params is elementwise, so a look-up is the tile's own candidates, bit for bit."""
     patterns = np.arange(1 << 16, dtype=np.uint32)
     if dtype_name == "bfloat16":
         values = (patterns << 16).view(np.float32)
@@ -26,7 +26,8 @@ def _amax_candidates(scheme, dtype_name: str) -> np.ndarray:
     values = np.where(np.isfinite(values), np.abs(values), np.float32(0))
     params, _ = scheme_functions(scheme)
     scale, _ = params(-values, values)
-    return candidate_params(-values, values, params, factors_for(scheme), np.array(scale, np.float32), None)[0]
+    table = candidate_params(-values, values, params, factors_for(scheme), np.array(scale, np.float32), None)[0]
+    return np.ascontiguousarray(table.T)
 
 
 def mse_grid(weight: np.ndarray, scheme) -> Optional[GridChoice]:
@@ -53,7 +54,7 @@ def mse_grid(weight: np.ndarray, scheme) -> Optional[GridChoice]:
         if not native.mse_search(weight, tile[1], table, table, False, scheme.fmt, scheme.code_range, MARGIN,
                                  exponent, index, sums, keys):
             return None
-        return GridChoice(table[index, keys].reshape(grid), None, float(sums[1].sum()), float(sums[3].sum()))
+        return GridChoice(table[keys, index].reshape(grid), None, float(sums[1].sum()), float(sums[3].sum()))
     ranges = native.tile_range(weight, tile, not scheme.symmetric)
     if ranges is None:
         return None
