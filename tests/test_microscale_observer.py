@@ -155,10 +155,10 @@ def test_property_random_and_heavy_tailed_groups(fmt, seed, df, log_scale, outli
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
-@pytest.mark.parametrize("rows, cols", [(1, 32), (1, 2048), (63, 32), (5, 416), (37, 96)])
+@pytest.mark.parametrize("rows, cols", [(1, 32), (1, 512), (1, 1056), (1, 2048), (63, 32), (5, 416), (37, 96)])
 def test_native_search_on_ragged_blocks_of_groups(fmt, rows, cols):
-    """The compiled search takes groups in chunks of 16: group counts below, at, just above and far from a
-    multiple of 16 (2 .. 222 groups), with all-zero groups, a group of one outlier and a group of subnormal
+    """The compiled search takes groups in chunks of 32: group counts below, at, just above and far from a
+    multiple of 32 (2 .. 222 groups), with all-zero groups, a group of one outlier and a group of subnormal
     scales among heavy-tailed ones, against the brute force; the numpy path gives the same bytes."""
     w = heavy(rows, cols, rows * cols, np.dtype(np.float32), df=2.0)
     w.reshape(-1)[:32] = 0

@@ -300,9 +300,9 @@ def test_expanded_property_random_and_heavy_tailed(fmt, seed, df, log_scale, out
 
 
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
-@pytest.mark.parametrize("rows, cols", [(1, 64), (63, 32), (65, 32), (37, 96)])
+@pytest.mark.parametrize("rows, cols", [(1, 64), (1, 1024), (63, 32), (65, 32), (37, 96)])
 def test_expanded_native_search_on_ragged_blocks_of_groups(fmt, rows, cols):
-    """Group counts around the compiled search's chunks of 16 groups, with all-zero groups and outliers,
+    """Group counts around the compiled search's chunks of 32 groups, with all-zero groups and outliers,
     against the brute force on the native backend."""
     w = weights(rows, cols, rows + cols, 2.0, outliers=3)
     w.reshape(-1)[:32] = 0

@@ -49,9 +49,8 @@ vectorise.
 #else
 #define CLONES
 #endif
-/* micro_search also gets an AVX-512 clone where the AVX-512 kernels are built: its 16 groups side by side
-   fill one register (MX's multiply-by-reciprocal search about 1.4x faster; NVFP4's, bound by its float32
-   division, as fast as AVX2's). */
+/* micro_search also gets an AVX-512 clone where the AVX-512 kernels are built: its 32 groups side by side
+   are two float32 and four float64 registers (NVFP4's search about 1.3x, MX's about 1.4x faster than AVX2). */
 #ifdef MSE_AVX512
 #define SEARCH_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
@@ -1924,9 +1923,10 @@ done:
    magnitudes: d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is
    symmetric), and the square of the difference is the same. Each group's sum stays sequential in its own
    lane, so it is the reference's float64 sum bit for bit. `divide` is a constant at each call, so each
-   variant is compiled branch free. 16 groups: four independent float64 sums per element step (AVX2),
-   measured faster than 8 and as fast as 32. */
-#define CHUNK 16
+   variant is compiled branch free. 32 groups: the float64 sums of four AVX-512 registers per element step,
+   independent chains that hide the additions' latency; measured 1.3x faster than 16 and than 64 with
+   AVX-512 (NVFP4 search), as fast as 16 with AVX2 (bench/RESULTS.md). */
+#define CHUNK 32
 HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd, Py_ssize_t group,
                             const int32_t *first, const int32_t *steps, Py_ssize_t k_count, int low, int high,
                             const float *div_table, const float *rcp_table, const int divide, FloatFormat ff,
