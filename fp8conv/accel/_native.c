@@ -1923,10 +1923,33 @@ done:
    magnitudes: d > 0, so y, value(y) and value(y) * d are x's sign times those of |x| (IEEE rounding is
    symmetric), and the square of the difference is the same. Each group's sum stays sequential in its own
    lane, so it is the reference's float64 sum bit for bit. `divide` is a constant at each call, so each
-   variant is compiled branch free. 32 groups: the float64 sums of four AVX-512 registers per element step,
-   independent chains that hide the additions' latency; measured 1.3x faster than 16 and than 64 with
-   AVX-512 (NVFP4 search), as fast as 16 with AVX2 (bench/RESULTS.md). */
+   variant is compiled branch free. 32 groups, and the candidates after the first two at a time over the same
+   elements: the float64 sums of eight AVX-512 registers per element step, independent chains that hide the
+   additions' latency (NVFP4 search 1.4x faster than 16 groups one candidate at a time; 64 groups: slower; a
+   pair is decided in order, as one at a time; bench/RESULTS.md). */
 #define CHUNK 32
+/* Candidate k's divisors (reciprocals) of the chunk's groups. */
+HOT void micro_candidate(const int32_t *first, int32_t step, int low, int high, const float *div_table,
+                         const float *rcp_table, float *restrict d, float *restrict r)
+{
+    for (int j = 0; j < CHUNK; j++) {
+        int32_t code = first[j] + step;
+        code = code < low ? low : code;
+        code = code > high ? high : code;
+        d[j] = div_table[code];
+        r[j] = rcp_table[code];
+    }
+}
+
+/* One element's squared error under divisor d (reciprocal r where not `divide`): what a group's sum adds. */
+HOT double micro_term(float x, double xd, float d, float r, const int divide, FloatFormat ff, uint32_t qbits)
+{
+    uint32_t yb = bits_of(divide ? x / d : x * r), code;
+    yb = yb < qbits ? yb : qbits; /* magnitudes order like their bit patterns */
+    double diff = (double)(fp_magnitude(float_of(yb), ff, &code) * d) - xd;
+    return diff * diff;
+}
+
 HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd, Py_ssize_t group,
                             const int32_t *first, const int32_t *steps, Py_ssize_t k_count, int low, int high,
                             const float *div_table, const float *rcp_table, const int divide, FloatFormat ff,
@@ -1934,41 +1957,45 @@ HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd
                             double *restrict minmax)
 {
     double chosen[CHUNK]; /* the index of each group's best candidate so far (a double: the lanes of best's) */
-    for (Py_ssize_t k = 0; k < k_count; k++) {
+    {
         float d[CHUNK], r[CHUNK];
         double acc[CHUNK];
-        const int32_t step = steps[k];
-        for (int j = 0; j < CHUNK; j++) {
-            int32_t code = first[j] + step;
-            code = code < low ? low : code;
-            code = code > high ? high : code;
-            d[j] = div_table[code];
-            r[j] = rcp_table[code];
-            acc[j] = 0.0;
+        micro_candidate(first, steps[0], low, high, div_table, rcp_table, d, r);
+        for (int j = 0; j < CHUNK; j++) acc[j] = 0.0;
+        for (Py_ssize_t c = 0; c < group; c++) {
+            const float *x = ax + c * CHUNK;
+            const double *xd = axd + c * CHUNK;
+            for (int j = 0; j < CHUNK; j++) acc[j] += micro_term(x[j], xd[j], d[j], r[j], divide, ff, qbits);
         }
+        for (int j = 0; j < CHUNK; j++) {
+            best[j] = minmax[j] = acc[j];
+            chosen[j] = 0.0;
+        }
+    }
+    /* Later candidates two at a time (sharing the loads), then decided in order, as one at a time. */
+    for (Py_ssize_t k = 1; k < k_count; k += 2) {
+        const Py_ssize_t k2 = k + 1 < k_count ? k + 1 : k;
+        float d[CHUNK], r[CHUNK], d2[CHUNK], r2[CHUNK];
+        double acc[CHUNK], acc2[CHUNK];
+        micro_candidate(first, steps[k], low, high, div_table, rcp_table, d, r);
+        micro_candidate(first, steps[k2], low, high, div_table, rcp_table, d2, r2);
+        for (int j = 0; j < CHUNK; j++) acc[j] = acc2[j] = 0.0;
         for (Py_ssize_t c = 0; c < group; c++) {
             const float *x = ax + c * CHUNK;
             const double *xd = axd + c * CHUNK;
             for (int j = 0; j < CHUNK; j++) {
-                uint32_t yb = bits_of(divide ? x[j] / d[j] : x[j] * r[j]), code;
-                yb = yb < qbits ? yb : qbits; /* magnitudes order like their bit patterns */
-                float mag = fp_magnitude(float_of(yb), ff, &code);
-                double diff = (double)(mag * d[j]) - xd[j];
-                acc[j] += diff * diff;
+                acc[j] += micro_term(x[j], xd[j], d[j], r[j], divide, ff, qbits);
+                acc2[j] += micro_term(x[j], xd[j], d2[j], r2[j], divide, ff, qbits);
             }
         }
-        if (k == 0) {
-            for (int j = 0; j < CHUNK; j++) {
-                best[j] = minmax[j] = acc[j];
-                chosen[j] = 0.0;
-            }
-        } else {
-            const double kk = (double)k;
-            for (int j = 0; j < CHUNK; j++) {
-                int better = acc[j] < best[j] * keep;
-                best[j] = better ? acc[j] : best[j];
-                chosen[j] = better ? kk : chosen[j];
-            }
+        const double kk = (double)k, kk2 = (double)k2;
+        for (int j = 0; j < CHUNK; j++) {
+            int better = acc[j] < best[j] * keep;
+            best[j] = better ? acc[j] : best[j];
+            chosen[j] = better ? kk : chosen[j];
+            better = k2 != k && acc2[j] < best[j] * keep;
+            best[j] = better ? acc2[j] : best[j];
+            chosen[j] = better ? kk2 : chosen[j];
         }
     }
     for (int j = 0; j < CHUNK; j++) {
