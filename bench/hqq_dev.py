@@ -122,17 +122,7 @@ def rounds_intz(x32, scale0, zero0, code_range, store, p, beta, kappa, iteration
     z = zero0.astype(np.float64)
     moving = np.ones(len(s), np.bool_)
     for _ in range(iterations):
-        codes = np.clip(np.rint(x / s[:, None] + z[:, None]), qmin, qmax)
-        steps = x / s[:, None] - (codes - z[:, None])
-        target = x - hqq.shrink_lp(steps, beta, p) * s[:, None]
-        c_mean = codes.mean(axis=1)
-        t_mean = target.mean(axis=1)
-        centred = codes - c_mean[:, None]
-        var = np.einsum("ij,ij->i", centred, centred)
-        cov = np.einsum("ij,ij->i", centred, target - t_mean[:, None])
-        fit = (var > 0) & (cov > 0) & moving
-        s_j = np.where(fit, cov / np.where(fit, var, 1.0), s)
-        z_j = np.where(fit, c_mean - t_mean / s_j, z)
+        codes, target, _, z_j, fit = hqq.half_quadratic_step(x, s, z, (qmin, qmax), beta, p, moving)
         z_new = np.clip(np.rint(z_j), qmin, qmax)
         shifted = codes - z_new[:, None]
         num = np.einsum("ij,ij->i", shifted, target)

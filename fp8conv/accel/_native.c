@@ -636,6 +636,30 @@ typedef struct {
     __m256i nonfinite;          /* a NaN / Inf source element in the lane */
 } MicroLanes;
 
+/* Lanes that start counting at zero, the largest |err| pattern so far in every lane. */
+__attribute__((target("avx2"))) static inline MicroLanes micro_lanes_start(uint32_t big)
+{
+    MicroLanes acc;
+    acc.saturated = acc.flushed = acc.nonfinite = _mm256_setzero_si256();
+    acc.big = _mm256_set1_epi32((int)big);
+    return acc;
+}
+
+/* Add the lanes' counts to *saturated / *flushed and their largest |err| pattern into *big. */
+__attribute__((target("avx2"))) static inline void micro_lanes_fold(const MicroLanes *acc, uint32_t *saturated,
+                                                                   uint32_t *flushed, uint32_t *big)
+{
+    uint32_t s[8], f[8], b[8];
+    _mm256_storeu_si256((__m256i *)s, acc->saturated);
+    _mm256_storeu_si256((__m256i *)f, acc->flushed);
+    _mm256_storeu_si256((__m256i *)b, acc->big);
+    for (int j = 0; j < 8; j++) {
+        *saturated -= s[j];
+        *flushed -= f[j];
+        *big = b[j] > *big ? b[j] : *big;
+    }
+}
+
 /* One row of cols = groups * gsz elements: src as bf16 bits (bf16) or float32; codes into out (packed: two a
    byte, element 2k in the low nibble); the row's sums of x^2 and err^2 added to st[0] / st[1]. */
 AVX2_HOT void micro_row_avx2(const void *src, const int bf16, const float *fac, const float *div, Py_ssize_t groups,
@@ -744,9 +768,7 @@ __attribute__((target("avx2"))) static int micro_rows_avx2(const void *src, int 
                                                           uint8_t *dst, uint32_t *row, double *st,
                                                           uint32_t *saturated, uint32_t *flushed, uint32_t *big)
 {
-    MicroLanes acc;
-    acc.saturated = acc.flushed = acc.nonfinite = _mm256_setzero_si256();
-    acc.big = _mm256_set1_epi32((int)*big);
+    MicroLanes acc = micro_lanes_start(*big);
     int bad;
 #define MICRO_ROWS(B, P, D) micro_rows_avx2_v(src, kind, rows, cols, gsz, fac, div, B, P, D, ff, qmax, dst, row, st, &acc)
     if (kind == SRC_BF16) {
@@ -757,15 +779,7 @@ __attribute__((target("avx2"))) static int micro_rows_avx2(const void *src, int 
         else bad = divide ? MICRO_ROWS(0, 0, 1) : MICRO_ROWS(0, 0, 0);
     }
 #undef MICRO_ROWS
-    uint32_t s[8], f[8], b[8];
-    _mm256_storeu_si256((__m256i *)s, acc.saturated);
-    _mm256_storeu_si256((__m256i *)f, acc.flushed);
-    _mm256_storeu_si256((__m256i *)b, acc.big);
-    for (int j = 0; j < 8; j++) {
-        *saturated -= s[j];
-        *flushed -= f[j];
-        *big = b[j] > *big ? b[j] : *big;
-    }
+    micro_lanes_fold(&acc, saturated, flushed, big);
     return bad;
 }
 #endif
@@ -1032,9 +1046,7 @@ __attribute__((target("avx2"))) static int micro_quantize_avx2(const void *src, 
                                                               float *div, float *fac, double *st, uint32_t *counts,
                                                               uint32_t *big)
 {
-    MicroLanes acc;
-    acc.saturated = acc.flushed = acc.nonfinite = _mm256_setzero_si256();
-    acc.big = _mm256_set1_epi32((int)*big);
+    MicroLanes acc = micro_lanes_start(*big);
     int bad;
 #define MICRO_Q(B, P, D) micro_quantize_rows_avx2_v(src, kind, rows, cols, gsz, s, B, P, D, ff, qmax, dst, scale_codes, \
                                                     row, div, fac, st, &acc)
@@ -1046,15 +1058,7 @@ __attribute__((target("avx2"))) static int micro_quantize_avx2(const void *src, 
         else bad = divide ? MICRO_Q(0, 0, 1) : MICRO_Q(0, 0, 0);
     }
 #undef MICRO_Q
-    uint32_t sat[8], fl[8], b[8];
-    _mm256_storeu_si256((__m256i *)sat, acc.saturated);
-    _mm256_storeu_si256((__m256i *)fl, acc.flushed);
-    _mm256_storeu_si256((__m256i *)b, acc.big);
-    for (int j = 0; j < 8; j++) {
-        counts[0] -= sat[j];
-        counts[1] -= fl[j];
-        *big = b[j] > *big ? b[j] : *big;
-    }
+    micro_lanes_fold(&acc, &counts[0], &counts[1], big);
     return bad;
 }
 #endif

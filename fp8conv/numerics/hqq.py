@@ -163,6 +163,25 @@ def _keep_better(x: np.ndarray, rows: np.ndarray, candidates, labels, best: np.n
     return best
 
 
+def half_quadratic_step(x: np.ndarray, s: np.ndarray, z: np.ndarray, code_range: tuple[float, float], beta: float,
+                        p: float, moving: np.ndarray):
+    """One round of the solver on float64 groups x [n, g] at (s, z) [n]: the codes, the lp-shrunk target w_e, and
+    the least-squares (s, z) fitting the codes to the target where that fit is defined (else s, z unchanged).
+    Returns (codes, target, s_new, z_new, fit)."""
+    codes = np.clip(np.rint(x / s[:, None] + z[:, None]), *code_range)
+    steps = x / s[:, None] - (codes - z[:, None])  # the error in quantization steps
+    target = x - shrink_lp(steps, beta, p) * s[:, None]
+    c_mean = codes.mean(axis=1)
+    t_mean = target.mean(axis=1)
+    centred = codes - c_mean[:, None]
+    var = np.einsum("ij,ij->i", centred, centred)
+    cov = np.einsum("ij,ij->i", centred, target - t_mean[:, None])
+    fit = (var > 0) & (cov > 0) & moving
+    s_new = np.where(fit, cov / np.where(fit, var, 1.0), s)
+    z_new = np.where(fit, c_mean - t_mean / s_new, z)
+    return codes, target, s_new, z_new, fit
+
+
 def _rounds(x32: np.ndarray, scale0: np.ndarray, zero0: np.ndarray, code_range: tuple[float, float],
             store: StoreFn, p: float, beta: float, kappa: float, iterations: int):
     """Yield each round's projected candidate (float32 stored scale, float32 integer zero point)."""
@@ -172,17 +191,7 @@ def _rounds(x32: np.ndarray, scale0: np.ndarray, zero0: np.ndarray, code_range: 
     z = zero0.astype(np.float64)
     moving = np.ones(len(s), np.bool_)
     for _ in range(iterations):
-        codes = np.clip(np.rint(x / s[:, None] + z[:, None]), qmin, qmax)
-        steps = x / s[:, None] - (codes - z[:, None])  # the error in quantization steps
-        target = x - shrink_lp(steps, beta, p) * s[:, None]
-        c_mean = codes.mean(axis=1)
-        t_mean = target.mean(axis=1)
-        centred = codes - c_mean[:, None]
-        var = np.einsum("ij,ij->i", centred, centred)
-        cov = np.einsum("ij,ij->i", centred, target - t_mean[:, None])
-        fit = (var > 0) & (cov > 0) & moving
-        s_new = np.where(fit, cov / np.where(fit, var, 1.0), s)
-        z_new = np.where(fit, c_mean - t_mean / s_new, z)
+        _, _, s_new, z_new, _ = half_quadratic_step(x, s, z, (qmin, qmax), beta, p, moving)
         # A group whose (s, z) no longer moves has reached its fixed point: it is frozen (per group, so
         # the result does not depend on which groups share a batch), and the batch ends when all are.
         moving &= (np.abs(s_new - s) > FIXED_POINT * s) | (np.abs(z_new - z) > FIXED_POINT)
