@@ -1429,6 +1429,15 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
     const float *x_all, Py_ssize_t n, Py_ssize_t m, Py_ssize_t ns, const float *sc, const float *zs,             \
     Py_ssize_t k_count, const int has_zero, const int exponent, float lo, float hi, double margin, int32_t *idx, double *out
 
+/* Call FN, a variant compiled with has_zero HZ and the exponent as constants, for the run-time exponent (2, 3, 4):
+   the dispatch every mse_tiles_* entry makes. */
+#define MSE_TILES_CALL(FN, HZ)                                                                                     \
+    do {                                                                                                           \
+        if (exponent == 2) FN(x_all, n, m, ns, sc, zs, k_count, HZ, 2, lo, hi, margin, idx, out);                  \
+        else if (exponent == 3) FN(x_all, n, m, ns, sc, zs, k_count, HZ, 3, lo, hi, margin, idx, out);             \
+        else FN(x_all, n, m, ns, sc, zs, k_count, HZ, 4, lo, hi, margin, idx, out);                                \
+    } while (0)
+
 HOT void mse_tiles_int(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_int) }
 
 #ifdef MSE_AVX2
@@ -1494,15 +1503,8 @@ AVX2_HOT void mse_tiles_avx2_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx2) }
 /* One instantiation per (has_zero, exponent), as in mse_search's portable dispatch. */
 __attribute__((target("avx2"))) static void mse_tiles_avx2(MSE_TILES_ARGS)
 {
-    if (has_zero) {
-        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
-    } else {
-        if (exponent == 2) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx2_v(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
-    }
+    if (has_zero) MSE_TILES_CALL(mse_tiles_avx2_v, 1);
+    else MSE_TILES_CALL(mse_tiles_avx2_v, 0);
 }
 #endif
 
@@ -1702,19 +1704,8 @@ AVX512_HOT void mse_tiles_pruned_v(MSE_TILES_ARGS)
 
 __attribute__((target("avx512f,avx512vl"))) static void mse_tiles_avx512(MSE_TILES_ARGS)
 {
-    if (!has_zero) { /* pruned: see mse_tiles_pruned_v */
-        if (exponent == 2) mse_tiles_pruned_v(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_pruned_v(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-        else mse_tiles_pruned_v(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
-    } else if (has_zero) {
-        if (exponent == 2) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
-    } else {
-        if (exponent == 2) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-        else mse_tiles_avx512_v(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
-    }
+    if (has_zero) MSE_TILES_CALL(mse_tiles_avx512_v, 1);
+    else MSE_TILES_CALL(mse_tiles_pruned_v, 0); /* pruned: see mse_tiles_pruned_v */
 }
 #endif
 
@@ -1798,15 +1789,8 @@ CLONES static void mse_tiles_any(MSE_TILES_ARGS)
         return;
     }
 #endif
-    if (has_zero) {
-        if (exponent == 2) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 3, lo, hi, margin, idx, out);
-        else mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 1, 4, lo, hi, margin, idx, out);
-    } else {
-        if (exponent == 2) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 2, lo, hi, margin, idx, out);
-        else if (exponent == 3) mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 3, lo, hi, margin, idx, out);
-        else mse_tiles_int(x_all, n, m, ns, sc, zs, k_count, 0, 4, lo, hi, margin, idx, out);
-    }
+    if (has_zero) MSE_TILES_CALL(mse_tiles_int, 1);
+    else MSE_TILES_CALL(mse_tiles_int, 0);
 }
 
 /* mse_search(src, kind, rows, cols, group, scales, zeros, k_count, has_zero, mbits, bias, lo, hi, margin, exponent,
