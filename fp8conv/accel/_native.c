@@ -565,6 +565,15 @@ HOT void stats_row(const uint32_t *row, float *vals, float *err, const float *di
     st[1] += lane_squares(err, groups * gsz);
 }
 
+/* The statistics a microscale kernel carried through its rows, stored into stats as quantize's: st[2] the largest
+   |err| (from its bit pattern), st[3] / st[4] the saturated / flushed counts added. */
+static inline void stats_store(double *st, uint32_t big, uint32_t saturated, uint32_t flushed)
+{
+    st[2] = (double)float_of(big);
+    st[3] += saturated;
+    st[4] += flushed;
+}
+
 /* micro_stats(src, kind, rows, cols, group, codes, packed, values, divisor, qmax, stats)
    values: float32[16] (e2m1) or [256] (e4m3) code values; divisor float32 [rows, cols / group];
    w' = value(code) * divisor; stats as quantize's (added to). */
@@ -607,9 +616,7 @@ CLONES static PyObject *micro_stats(PyObject *self, PyObject *args)
             load_row(src.buf, kind, cols, r, 0, cols, row);
             stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big, st);
         }
-        st[2] = (double)float_of(big);
-        st[3] += saturated;
-        st[4] += flushed;
+        stats_store(st, big, saturated, flushed);
         Py_END_ALLOW_THREADS
         result = Py_NewRef(Py_None);
     }
@@ -843,9 +850,7 @@ CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
             for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
             stats_row(row, vals, err, div + r * groups, groups, gsz, qmax, &saturated, &flushed, &big, st);
         }
-        st[2] = (double)float_of(big);
-        st[3] += saturated;
-        st[4] += flushed;
+        stats_store(st, big, saturated, flushed);
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad);
     }
@@ -1129,9 +1134,7 @@ CLONES static PyObject *micro_quantize(PyObject *self, PyObject *args)
             for (Py_ssize_t c = 0; c < cols; c++) vals[c] = table[o[c]];
             stats_row(row, vals, err, div, groups, gsz, qmax, &counts[0], &counts[1], &big, st);
         }
-        st[2] = (double)float_of(big);
-        st[3] += counts[0];
-        st[4] += counts[1];
+        stats_store(st, big, counts[0], counts[1]);
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad);
     }
