@@ -249,6 +249,35 @@ def test_both_kernel_paths_write_the_same_bytes(fmt, dtype):
     assert a.stats == b.stats
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float32), np.dtype(np.float16)])
+def test_search_that_makes_its_own_minmax_codes_is_the_search_from_them(fmt, dtype):
+    """native.micro_search with `minmax_rule` (the min-max codes made in the search's pass) gives the codes and
+    errors of micro_scales' codes searched from (53 groups: a ragged last chunk; zero, tiny and huge groups);
+    both refuse a weight with NaN."""
+    from fp8conv.formats import FORMATS
+    from fp8conv.numerics import microscale_kernel as mk, observers
+
+    require("native")
+    micro = ms.MICROSCALE[fmt]
+    w = heavy(1, 53 * micro.group, 11, np.dtype(np.float32), df=2.0)
+    w[0, :micro.group] = 0
+    w[0, micro.group:2 * micro.group] *= 1e-6
+    w[0, 2 * micro.group] = 3e4
+    w = w.astype(dtype)
+    gs = ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) if micro.global_scale else None
+    rule = (gs, FORMATS["fp8_e4m3"], ms.NVFP4_ZERO_GROUP_SCALE, mk._emax(micro))
+    first = native.micro_scales(w, micro.group, FORMATS[micro.element], *rule)
+    steps = observers.code_steps_for(micro.scale_format)
+    stepwise = observers.mse_microscale(w, micro, first, gs, use_compiled=True, steps=steps)
+    fused = observers.mse_microscale(w, micro, None, gs, use_compiled=True, steps=steps, minmax_rule=rule)
+    assert fused.codes.tobytes() == stepwise.codes.tobytes()
+    assert fused.error.tobytes() == stepwise.error.tobytes()
+    assert fused.minmax_error.tobytes() == stepwise.minmax_error.tobytes()
+    w[0, 5 * micro.group + 3] = np.nan
+    assert observers.mse_microscale(w, micro, None, gs, use_compiled=True, steps=steps, minmax_rule=rule) is None
+
+
 def test_nvfp4_candidates_cover_subnormal_and_top_codes():
     """Steps are clamped to the positive e4m3 codes 1..126: a group at the tensor amax (code 126, 448) only
     shrinks, a group whose scale is an e4m3 subnormal only grows down to code 1."""

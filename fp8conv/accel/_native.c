@@ -1997,9 +1997,12 @@ HOT void micro_search_chunk(const float *restrict ax, const double *restrict axd
 }
 
 /* micro_search(src, kind, n, group, first, steps, low, high, div_table, rcp_table, divide, mbits, bias, qmax,
-   margin, codes, error, minmax_error) -> nonfinite
+   margin, codes, error, minmax_error, has_rule, global, gs, elem_max, scale_mbits, scale_bias, scale_max,
+   zero_scale, emax) -> nonfinite
    src: n consecutive groups of `group` elements (bf16 / float32 / fp16, as the other kernels'); first: uint8
-   [n] min-max scale codes; steps: int32 [k_count], steps[0] = 0; candidate k of group i is the code
+   [n] min-max scale codes, or, with has_rule, not read: each group's min-max code is made here from its amax
+   by micro_scales' rule (the following arguments, as micro_scales'), in the pass that reads the group for the
+   search (the weight is then read once instead of twice); steps: int32 [k_count], steps[0] = 0; candidate k of group i is the code
    clamp(first[i] + steps[k], low, high), whose divisor (and reciprocal, for MX's multiplication) is
    div_table[code] (rcp_table[code]), float32 [256]. Per group the candidate with the smallest squared error
    (a later one wins only when smaller by more than the relative margin; observers.mse_microscale):
@@ -2008,26 +2011,31 @@ SEARCH_CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
 {
     Py_buffer src, first, steps, div_table, rcp_table, codes, error, minmax_error;
     Py_ssize_t n, group;
-    int kind, low, high, divide, mbits, bias;
-    float qmax;
+    int kind, low, high, divide, mbits, bias, has_rule, global, scale_mbits, scale_bias, emax;
+    float qmax, gs, elem_max, scale_max, zero_scale;
     double margin;
-    if (!PyArg_ParseTuple(args, "y*inny*y*iiy*y*piifdw*w*w*", &src, &kind, &n, &group, &first, &steps, &low, &high,
-                          &div_table, &rcp_table, &divide, &mbits, &bias, &qmax, &margin, &codes, &error,
-                          &minmax_error))
+    if (!PyArg_ParseTuple(args, "y*inny*y*iiy*y*piifdw*w*w*pp" "ffiiffi", &src, &kind, &n, &group, &first, &steps,
+                          &low, &high, &div_table, &rcp_table, &divide, &mbits, &bias, &qmax, &margin, &codes, &error,
+                          &minmax_error, &has_rule, &global, &gs, &elem_max, &scale_mbits, &scale_bias, &scale_max,
+                          &zero_scale, &emax))
         return NULL;
     PyObject *result = NULL;
     uint32_t *raw = NULL;
     float *xt = NULL;
     double *xd = NULL;
     Encoding e;
+    ScaleRule rule;
     const Py_ssize_t k_count = steps.len / 4;
     if (!encoding_of(mbits, bias, -qmax, qmax, &e)) goto done;
+    if (has_rule
+        && !scale_rule_of(global, kind, gs, elem_max, scale_mbits, scale_bias, scale_max, zero_scale, emax, &rule))
+        goto done;
     if (e.is_int || n < 0 || group < 1 || k_count < 1 || low < 0 || high > 255 || low > high
         || ((const int32_t *)steps.buf)[0] != 0) {
         PyErr_SetString(PyExc_ValueError, "micro_search: bad arguments");
         goto done;
     }
-    if (!need(&src, n * group * src_itemsize(kind), "src") || !need(&first, n, "first")
+    if (!need(&src, n * group * src_itemsize(kind), "src") || (!has_rule && !need(&first, n, "first"))
         || !need(&div_table, 256 * 4, "div_table") || !need(&rcp_table, 256 * 4, "rcp_table")
         || !need(&codes, n, "codes") || !need(&error, n * 8, "error") || !need(&minmax_error, n * 8, "minmax_error"))
         goto done;
@@ -2054,16 +2062,25 @@ SEARCH_CLONES static PyObject *micro_search(PyObject *self, PyObject *args)
             double bpad[CHUNK], mpad[CHUNK];
             load_row(src.buf, kind, n * group, 0, g0 * group, width * group, raw);
             if (width < CHUNK) memset(raw + width * group, 0, (size_t)((CHUNK - width) * group) * 4);
-            uint32_t nonfinite = 0;
-            for (Py_ssize_t j = 0; j < CHUNK; j++) fpad[j] = j < width ? (int32_t)fc[g0 + j] : low;
+            uint32_t nonfinite = 0, top[CHUNK];
+            for (Py_ssize_t j = 0; j < CHUNK; j++) {
+                fpad[j] = j < width && !has_rule ? (int32_t)fc[g0 + j] : low;
+                top[j] = 0;
+            }
             for (Py_ssize_t c = 0; c < group; c++)
                 for (int j = 0; j < CHUNK; j++) {
                     uint32_t b = raw[j * group + c] & 0x7FFFFFFFu;
                     nonfinite |= b >= 0x7F800000u;
+                    top[j] = b > top[j] ? b : top[j]; /* magnitudes order like their bit patterns */
                     xt[c * CHUNK + j] = float_of(b);
                 }
             for (Py_ssize_t i = 0; i < CHUNK * group; i++) xd[i] = (double)xt[i];
             if (nonfinite) { bad = 1; break; }
+            if (has_rule)
+                for (Py_ssize_t j = 0; j < width; j++) {
+                    float unused_div, unused_fac;
+                    fpad[j] = micro_scale(float_of(top[j]), &rule, &unused_div, &unused_fac);
+                }
             if (divide)
                 micro_search_chunk(xt, xd, group, fpad, st, k_count, low, high, dt, rt, 1, ff, qbits, keep, cpad,
                                    bpad, mpad);
@@ -2162,7 +2179,7 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     /* native.ABI must match: raise both when a function is added, removed or changes its arguments, so that a
        build left from an older source is not called. */
-    if (m && PyModule_AddIntConstant(m, "ABI", 9) < 0) {
+    if (m && PyModule_AddIntConstant(m, "ABI", 10) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -14,7 +14,7 @@ import numpy as np
 
 # The interface version this source expects of the extension (_native.c's ABI constant): a build left over
 # from an older source (a checkout whose C changed since `pip install -e .`) is not used.
-ABI = 9
+ABI = 10
 
 try:
     from . import _native
@@ -254,24 +254,34 @@ def mse_search(weight: np.ndarray, group: int, scales: np.ndarray, zeros: np.nda
                                   keys is not None, np.empty(0, np.uint16) if keys is None else keys)
 
 
-def micro_search(weight: np.ndarray, group: int, first: np.ndarray, steps: tuple[int, ...],
+def micro_search(weight: np.ndarray, group: int, first: np.ndarray | None, steps: tuple[int, ...],
                  code_limits: tuple[int, int], div_table: np.ndarray, rcp_table: np.ndarray, divide: bool, fmt,
-                 margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+                 margin: float, minmax_rule: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The microscale observers' search (observers.mse_microscale) over a bf16 / fp16 / float32 weight whose
     consecutive `group` elements form its groups: per group, candidate codes clamp(first + step, *code_limits)
     with divisors div_table[code] (reciprocals rcp_table[code]); (codes uint8, error, min-max error float64)
-    [n_groups], or None when the weight holds NaN / Inf."""
+    [n_groups], or None when the weight holds NaN / Inf. `first`: the min-max codes uint8 [n_groups], or None
+    with `minmax_rule` = (global_scale or None, scale_fmt, zero_scale, emax), micro_scales' arguments: the kernel
+    makes them from each group's amax while it reads the group for the search (micro_scales' codes, bit for bit)."""
     src, kind = source(weight)
     n = weight.size // group
-    if weight.size % group or np.size(first) != n:
+    if weight.size % group or (np.size(first) != n if first is not None else minmax_rule is None):
         raise ValueError(f"micro_search: {weight.shape} elements do not form the {np.size(first)} groups of {group} given")
     codes = np.empty(n, np.uint8)
     error = np.empty(n, np.float64)
     minmax_error = np.empty(n, np.float64)
     mbits, bias = float_element(fmt)
-    if _native.micro_search(src, kind, n, group, np.ascontiguousarray(first, np.uint8).reshape(-1),
+    rule = (False, False, 1.0, 1.0, 0, 0, 1.0, 1.0, 0)
+    if minmax_rule is not None:
+        global_scale, scale_fmt, zero_scale, emax = minmax_rule
+        scale_mbits, scale_bias = float_element(scale_fmt)
+        nvfp4 = global_scale is not None
+        rule = (True, nvfp4, float(global_scale) if nvfp4 else 1.0, float(fmt.qmax), scale_mbits, scale_bias,
+                float(scale_fmt.qmax), float(zero_scale), int(emax))
+    first = np.empty(0, np.uint8) if first is None else np.ascontiguousarray(first, np.uint8).reshape(-1)
+    if _native.micro_search(src, kind, n, group, first,
                             np.asarray(steps, np.int32), int(code_limits[0]), int(code_limits[1]),
                             np.ascontiguousarray(div_table, np.float32), np.ascontiguousarray(rcp_table, np.float32),
-                            divide, mbits, bias, float(fmt.qmax), margin, codes, error, minmax_error):
+                            divide, mbits, bias, float(fmt.qmax), margin, codes, error, minmax_error, *rule):
         return None
     return codes, error, minmax_error

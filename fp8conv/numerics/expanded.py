@@ -35,12 +35,14 @@ def steps_for(scale_format: str) -> tuple[int, ...]:
     return NVFP4_STEPS if scale_format == "e4m3_global" else MXFP4_STEPS
 
 
-def expanded_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
-                        use_compiled: bool = False) -> "observers.MicroChoice":
+def expanded_microscale(weight: np.ndarray, micro, minmax_codes: Optional[np.ndarray],
+                        global_scale: Optional[float] = None, use_compiled: bool = False,
+                        minmax_rule: Optional[tuple] = None) -> Optional["observers.MicroChoice"]:
     """The expanded choice of scale codes for a bf16 / fp16 / float32 [rows, cols] weight under a microscale.Microscale
-    (`minmax_codes`: uint8 [rows, cols / group]; `global_scale`: NVFP4's, unchanged)."""
+    (`minmax_codes`: uint8 [rows, cols / group], or None with `minmax_rule`: observers.mse_microscale's;
+    `global_scale`: NVFP4's, unchanged)."""
     return observers.mse_microscale(weight, micro, minmax_codes, global_scale, use_compiled=use_compiled,
-                                    steps=steps_for(micro.scale_format))
+                                    steps=steps_for(micro.scale_format), minmax_rule=minmax_rule)
 
 
 # ---- the global scale of `expanded` (NVFP4) ------------------------------------------------------------

@@ -36,19 +36,8 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         fused = _quantize_compiled(weight, scheme, micro, global_scale)
         if fused is not None:
             return fused
-    scale_codes = None  # the observers' starting point: min-max codes, by the compiled kernel where it runs
-    if compiled:
-        scale_codes = native.micro_scales(weight, micro.group, scheme.fmt, global_scale if micro.global_scale else None,
-                                          FORMATS[FP8E4M3.name], ms.NVFP4_ZERO_GROUP_SCALE, _emax(micro))
-    if scale_codes is None:
-        global_scale, scale_codes = _minmax_scale_codes(weight, scheme, micro, global_scale, name, use_compiled)
-    observed = None
-    if scheme.observer != "minmax":
-        # Only the group scale codes change; the elements are then encoded as with min-max codes.
-        search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
-        observed = search(weight, micro, scale_codes, global_scale,
-                          use_compiled=ms._use_compiled(weight, use_compiled))
-        scale_codes = observed.codes
+    global_scale, scale_codes, observed = _scale_codes(weight, scheme, micro, global_scale, name, use_compiled,
+                                                       compiled)
     if micro.global_scale:
         divisor = (ms.e4m3_decode(scale_codes) / np.float32(global_scale)).astype(np.float32)
         factor, divide = divisor, True
@@ -78,6 +67,30 @@ def quantize_microscale(weight: np.ndarray, scheme: Scheme, global_scale: np.flo
         stats.observed_sum_sq_err = float(observed.error.sum())
         stats.minmax_sum_sq_err = float(observed.minmax_error.sum())
     return QuantizedTensor(codes, scale_codes, stats, global_scale=None if global_scale is None else np.float32(global_scale))
+
+
+def _scale_codes(weight: np.ndarray, scheme: Scheme, micro: ms.Microscale, global_scale: np.float32 | None, name: str,
+                 use_compiled: bool, compiled: bool) -> tuple[np.float32 | None, np.ndarray, observers.MicroChoice | None]:
+    """(global scale, group scale codes, the observer's choice or None): the min-max codes, or the observer's
+    search from them (only the scale codes change; the elements are then encoded as with min-max codes). With
+    the compiled kernels the search makes the min-max codes it starts from itself, in its own pass over the
+    weight (micro_scales' codes; a pass less); where it cannot (NaN / Inf), the steps one by one."""
+    search = None
+    if scheme.observer != "minmax":
+        search = expanded.expanded_microscale if scheme.observer == "expanded" else observers.mse_microscale
+    rule = (global_scale if micro.global_scale else None, FORMATS[FP8E4M3.name], ms.NVFP4_ZERO_GROUP_SCALE,
+            _emax(micro))
+    if compiled and search is not None:
+        observed = search(weight, micro, None, global_scale, use_compiled=True, minmax_rule=rule)
+        if observed is not None:
+            return global_scale, observed.codes, observed
+    scale_codes = native.micro_scales(weight, micro.group, scheme.fmt, *rule) if compiled else None
+    if scale_codes is None:
+        global_scale, scale_codes = _minmax_scale_codes(weight, scheme, micro, global_scale, name, use_compiled)
+    if search is None:
+        return global_scale, scale_codes, None
+    observed = search(weight, micro, scale_codes, global_scale, use_compiled=compiled)
+    return global_scale, observed.codes, observed
 
 
 def _own_global_scale(weight: np.ndarray, scheme: Scheme) -> np.float32:

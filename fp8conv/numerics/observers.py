@@ -343,22 +343,26 @@ def microscale_errors(tiles: np.ndarray, codes: np.ndarray, scale_format: str, e
     return total
 
 
-def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_scale: Optional[float] = None,
+def mse_microscale(weight: np.ndarray, micro, minmax_codes: Optional[np.ndarray], global_scale: Optional[float] = None,
                    batch_elements: int = BATCH_ELEMENTS, use_compiled: bool = False,
-                   steps: Optional[tuple[int, ...]] = None) -> MicroChoice:
+                   steps: Optional[tuple[int, ...]] = None, minmax_rule: Optional[tuple] = None) -> Optional[MicroChoice]:
     """mse scale codes of a bf16 / fp16 / float32 [rows, cols] weight under a microscale.Microscale
     (`minmax_codes`: uint8 [rows, cols / group], what min-max stores; `global_scale`: NVFP4's, unchanged;
     `steps`: the candidate code steps, default code_steps_for). With `use_compiled`, the compiled kernel
-    searches every group in one pass (native.micro_search; the same result, bit for bit)."""
+    searches every group in one pass (native.micro_search; the same result, bit for bit). `minmax_codes` None
+    (with use_compiled and native.micro_search's `minmax_rule`): the kernel makes them in the same pass; None
+    where it cannot (NaN / Inf, no kernel), and the caller starts again from the codes."""
     group = micro.group
     element = micro.codec.short_name
     steps = code_steps_for(micro.scale_format) if steps is None else tuple(steps)
-    shape = minmax_codes.shape
+    shape = (weight.shape[0], weight.shape[1] // group) if minmax_codes is None else minmax_codes.shape
     if use_compiled and weight.size and native.source(weight) is not None:
-        found = _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps)
+        found = _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps, minmax_rule)
         if found is not None:
             codes, error, minmax_error = found
             return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
+    if minmax_codes is None:
+        return None
     tiles = ms.load_float32(np.ascontiguousarray(weight)).reshape(-1, group)
     first = np.ascontiguousarray(minmax_codes, np.uint8).reshape(-1)
     n = tiles.shape[0]
@@ -382,7 +386,7 @@ def mse_microscale(weight: np.ndarray, micro, minmax_codes: np.ndarray, global_s
     return MicroChoice(codes.reshape(shape), error.reshape(shape), minmax_error.reshape(shape))
 
 
-def _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps):
+def _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps, minmax_rule=None):
     """native.micro_search with the divisor of every scale code (microscale_divisors, the reference's own
     rule, evaluated once per code rather than per group); None where the weight holds NaN / Inf."""
     if steps[0] != 0:
@@ -393,4 +397,4 @@ def _mse_microscale_compiled(weight, micro, minmax_codes, global_scale, steps):
     divide = not micro.scale.power_of_two
     reciprocals = divisors if divide else e8m0_reciprocal(every_code)
     return native.micro_search(weight, micro.group, minmax_codes, steps, micro.scale.code_limits, divisors,
-                               reciprocals, divide, FORMATS[micro.element], MARGIN)
+                               reciprocals, divide, FORMATS[micro.element], MARGIN, minmax_rule)
