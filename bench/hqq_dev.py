@@ -186,19 +186,90 @@ def choose3(x, scheme, params, reconstruct, store) -> dict[str, tuple[np.ndarray
     }, grid
 
 
-def run_model(model: str, round3: bool = False) -> None:
+# -- round 4 (#28, 2026-12-07 ~22:15 UTC; variants and rule fixed in bench/QUALITY.md before the run) ----
+
+VARIANTS4 = ("r4-ls", "r4-ls24", "r4-g3", "r4-gls", "r4-ls24-g3")
+LLMC_FACTORS = tuple(round(1.0 - k / 100, 2) for k in range(20))  # llm-compressor's mse: 1.00 .. 0.81
+
+
+def objectives4(x, scale, zero, reconstruct, out) -> np.ndarray:
+    """float64 [3, n]: per group sum d^2, |d|^2.4, |d|^3 (d = reconstruction - x, exact in float32)."""
+    with np.errstate(invalid="ignore"):
+        reconstruct(x, scale, zero, out[: len(x)])
+    d = (out[: len(x)] - x).astype(np.float64)
+    a = np.abs(d)
+    d2 = d * d
+    return np.stack([d2.sum(1), (d2 * np.power(a, 0.4)).sum(1), (d2 * a).sum(1)])
+
+
+def choose4(x, scheme, params, reconstruct, store):
+    """Round 4: per variant (and r3, to check against the CLI) the chosen float32 (scale, zero) of x [n, m]."""
+    out = np.empty_like(x)
+    lo, hi = observers.tile_range(x)
+    s0, z0 = (np.array(v, np.float32) for v in params(lo, hi))
+    solve = (scheme.code_range, store, hqq.P_NORM, hqq.BETA, hqq.KAPPA, hqq.ITERATIONS)
+    ls_solve = (scheme.code_range, store, hqq.P_NORM, 0.0, hqq.KAPPA, hqq.ITERATIONS)  # beta 0: e = 0, least squares
+    grid = on_4bit_grid(x)
+
+    def scored(xs, cands):
+        return [(np.asarray(s, np.float32), np.asarray(z, np.float32), objectives4(xs, np.asarray(s, np.float32),
+                 np.asarray(z, np.float32), reconstruct, out)) for s, z in cands]
+
+    def select(pools, row, start):
+        scale, zero, best = start[0].copy(), start[1].copy(), start[2][row].copy()
+        for pool in pools:
+            for s, z, e in pool:
+                better = e[row] < best * (1.0 - hqq.MARGIN)
+                if better.any():
+                    best = np.where(better, e[row], best)
+                    scale[better], zero[better] = s[better], z[better]
+        return scale, zero
+
+    result = {}
+    for part, sub in ((grid, "grid"), (~grid, "off")):
+        if not part.any():
+            continue
+        xs, a, b, l_, h_ = x[part], s0[part], z0[part], lo[part], hi[part]
+        mm = scored(xs, [(a, b)])[0]
+        H = scored(xs, hqq._rounds(xs, a, b, *solve))
+        if sub == "grid":
+            LS = scored(xs, hqq._rounds(xs, a, b, *ls_solve))
+            r3 = select([H], 0, mm)
+            picks = {"r3": r3, "r4-ls": r3, "r4-ls24": r3, "r4-g3": select([H], 2, mm), "r4-gls": select([LS], 0, mm)}
+            picks["r4-ls24-g3"] = picks["r4-g3"]
+        else:
+            L10 = scored(xs, (params(l_ * np.float32(f), h_ * np.float32(f)) for f in observers.SHRINK_FACTORS[1:]))
+            L20 = scored(xs, (params(l_ * np.float32(f), h_ * np.float32(f)) for f in LLMC_FACTORS[1:]))
+            HL = scored(xs, hqq._rounds(xs, *select([L10], 0, mm), *solve))
+            HL20 = scored(xs, hqq._rounds(xs, *select([L20], 0, mm), *solve))
+            r3 = select([L10, H, HL], 0, mm)
+            picks = {"r3": r3, "r4-ls": select([L20, H, HL20], 0, mm), "r4-g3": r3, "r4-gls": r3}
+            picks["r4-ls24"] = picks["r4-ls24-g3"] = select([L20, H, HL20], 1, mm)
+        for name, (s, z) in picks.items():
+            if name not in result:
+                result[name] = (s0.copy(), z0.copy())
+            result[name][0][part], result[name][1][part] = s, z
+    return result, grid
+
+
+def run_model(model: str, round3: bool = False, round4: bool = False) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
     import torch
 
     names = quality.modules_of(model, SCHEME)
-    variants = VARIANTS3 if round3 else tuple(VARIANTS)
-    prefix = "fp8conv:hqq-" if round3 else "fp8conv:hqq-dev-"
+    variants = VARIANTS4 if round4 else VARIANTS3 if round3 else tuple(VARIANTS)
+    prefix = "fp8conv:hqq-" if round3 or round4 else "fp8conv:hqq-dev-"
     todo = [v for v in variants if not quality.conv_path(model, SCHEME, f"{prefix}{v}").exists()]
     if not todo:
         return
     src = quality.MODELS[model]()
     recon = {v: {} for v in variants}
+    check = {}
+    if round4:  # r3 recomputed here must equal the CLI's cached hqq#r3 conversion value for value
+        from safetensors.torch import load_file
+        check = load_file(str(quality.conv_path(model, SCHEME, "fp8conv:hqq#r3")))
+        r3_same = [0, 0]
     grid_groups = [0, 0]
     files = sorted(Path(src).glob("*.safetensors"))
     for shard in files:
@@ -219,11 +290,15 @@ def run_model(model: str, round3: bool = False) -> None:
                                                        np.zeros(raw.shape, np.bool_))
                     return np.where(bad, np.float32(np.nan), stored).astype(np.float32)
 
-                outs = {v: np.empty_like(tiles) for v in variants}
+                outs = {v: np.empty_like(tiles) for v in variants + (("r3",) if round4 else ())}
                 batch = 4096
                 for r0 in range(0, tiles.shape[0], batch):
                     x = tiles[r0 : r0 + batch]
-                    if round3:
+                    if round4:
+                        chosen, grid = choose4(x, scheme, params, reconstruct, store)
+                        grid_groups[0] += int(grid.sum())
+                        grid_groups[1] += len(grid)
+                    elif round3:
                         chosen, grid = choose3(x, scheme, params, reconstruct, store)
                         grid_groups[0] += int(grid.sum())
                         grid_groups[1] += len(grid)
@@ -233,8 +308,13 @@ def run_model(model: str, round3: bool = False) -> None:
                         reconstruct(x, s, z, outs[v][r0 : r0 + batch])
                 for v in variants:
                     recon[v][name] = torch.from_numpy(outs[v].reshape(rows, cols).copy())
+                if round4:
+                    r3_same[0] += int(np.array_equal(outs["r3"].reshape(rows, cols), check[name].numpy()))
+                    r3_same[1] += 1
                 quality.log(f"{model} {name} done")
-    if round3:
+    if round4:
+        quality.log(f"{model}: r3 recomputed equals the CLI's hqq#r3 on {r3_same[0]} of {r3_same[1]} tensors")
+    if round3 or round4:
         quality.log(f"{model}: {grid_groups[0]} of {grid_groups[1]} groups on a 4-bit grid")
     for v in variants:
         dst = quality.conv_path(model, SCHEME, f"{prefix}{v}")
@@ -246,9 +326,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="smollm2,gemma3,minilm")
     parser.add_argument("--round3", action="store_true", help="the round-3 variants (VARIANTS3)")
+    parser.add_argument("--round4", action="store_true", help="the round-4 variants (VARIANTS4)")
     args = parser.parse_args()
     for model in args.models.split(","):
-        run_model(model, args.round3)
+        run_model(model, args.round3, args.round4)
 
 
 if __name__ == "__main__":
