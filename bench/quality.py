@@ -394,8 +394,8 @@ def applies(scheme: str, variant: str) -> bool:
 
 # -- tables -------------------------------------------------------------------------------------------
 
-COLUMNS = ["fp8conv:minmax", "fp8conv:mse", "fp8conv:expanded", "fp8conv:hqq", "fp8conv:hqq#r3", "llmc:minmax",
-           "llmc:memoryless_mse", "llmc:nvfp4_expanded_mse"]
+COLUMNS = ["fp8conv:minmax", "fp8conv:mse", "fp8conv:expanded", "fp8conv:hqq", "fp8conv:hqq#r3", "fp8conv:hqq#r4",
+           "llmc:minmax", "llmc:memoryless_mse", "llmc:nvfp4_expanded_mse"]
 
 
 def tables(split: str) -> str:
