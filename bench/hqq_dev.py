@@ -186,7 +186,7 @@ def choose3(x, scheme, params, reconstruct, store) -> dict[str, tuple[np.ndarray
     }, grid
 
 
-# -- round 4 (#28, 2026-12-07 ~22:15 UTC; variants and rule fixed in bench/QUALITY.md before the run) ----
+# -- round 4 (#28, 2026-12-07 21:55 UTC; variants and rule fixed in bench/QUALITY.md before the run) ----
 
 VARIANTS4 = ("r4-ls", "r4-ls24", "r4-g3", "r4-gls", "r4-ls24-g3")
 LLMC_FACTORS = tuple(round(1.0 - k / 100, 2) for k in range(20))  # llm-compressor's mse: 1.00 .. 0.81
