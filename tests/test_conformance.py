@@ -283,6 +283,38 @@ def test_row_pieces_carry_the_sums_of_the_whole(dtype):
     assert stats_of(w.size, carried) == whole.stats
 
 
+@pytest.mark.parametrize("tile", [(1, 8), (3, 16), (7, 45), (2, 5), (1, 45)])
+@pytest.mark.parametrize("signed", [False, True])
+def test_bf16_tile_ranges_are_the_float32_kernels_bit_for_bit(tile, signed):
+    """The compiled tile ranges of a bf16 weight (taken on its 16-bit patterns) are those of the same values as
+    float32 (the 32-bit path) to the bit, signed zeros included, and the float64 reference's values; ragged
+    tiles, all-negative and all-zero tiles; NaN / Inf refused by both."""
+    require("native")
+    rng = np.random.default_rng(sum(tile) + signed)
+    w = (rng.standard_t(3, size=(7, 45)) * rng.choice([1e-30, 1e-3, 2.0, 3e30], size=(7, 1))).astype(np.float32)
+    w[0, :8] = -np.abs(w[0, :8])  # an all-negative tile
+    w[1, :16] = rng.choice([0.0, -0.0], 16)  # zeros of both signs
+    w[2, 5:9] = -0.0
+    w = w.astype(BF16)
+    lo, hi = native.tile_range(w, tile, signed)
+    lo32, hi32 = native.tile_range(w.astype(np.float32), tile, signed)
+    assert hi.tobytes() == hi32.tobytes()
+    assert (lo is None and lo32 is None) if not signed else lo.tobytes() == lo32.tobytes()
+    x = w.astype(np.float64)
+    for i in range(hi.shape[0]):
+        for j in range(hi.shape[1]):
+            t = x[i * tile[0]:(i + 1) * tile[0], j * tile[1]:(j + 1) * tile[1]]
+            if signed:
+                assert (lo[i, j], hi[i, j]) == (t.min(), t.max()), (i, j)
+            else:
+                assert hi[i, j] == np.abs(t).max() and not np.signbit(hi[i, j]), (i, j)
+    for bad in (np.inf, -np.inf, np.nan):
+        v = w.copy()
+        v[6, 44] = bad
+        assert native.tile_range(v, tile, signed) is None
+        assert native.tile_range(v.astype(np.float32), tile, signed) is None
+
+
 @pytest.mark.parametrize("dtype", SOURCES, ids=lambda d: d.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tensor_amax_matches_the_float64_reference(dtype, backend):

@@ -150,6 +150,59 @@ static Py_ssize_t src_itemsize(int kind) { return kind == SRC_F32 ? 4 : 2; }
 
 /* ---- tile ranges ----------------------------------------------------------------------------- */
 
+/* tile_range's tiles of one tile row [r0, r1) of a bf16 source, on the 16-bit patterns themselves: bf16's
+   bits are float32's upper half, so the 32-bit rules below (magnitude = bits & 0x7FFFFFFF; signed order as the
+   key i ^ ((i >> 31) & 0x7FFFFFFF)) give the same maxima and minima on 16 bits (the lower half of a key is a
+   function of its sign), twice as many a vector and half the memory traffic. Returns nonfinite. */
+HOT uint32_t bf16_tile_row(const uint16_t *src, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t tc,
+                           Py_ssize_t gc, int is_signed, uint16_t *restrict colmax, uint16_t *restrict colmin,
+                           float *out_lo, float *out_hi)
+{
+    uint32_t bad = 0;
+    if (!is_signed) {
+        const uint16_t *s0 = src + r0 * cols;
+        for (Py_ssize_t c = 0; c < cols; c++) colmax[c] = s0[c] & 0x7FFFu;
+        for (Py_ssize_t r = r0 + 1; r < r1; r++) {
+            const uint16_t *sr = src + r * cols;
+            for (Py_ssize_t c = 0; c < cols; c++) {
+                uint16_t a = sr[c] & 0x7FFFu;
+                colmax[c] = colmax[c] > a ? colmax[c] : a;
+            }
+        }
+        for (Py_ssize_t t = 0; t < gc; t++) {
+            Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
+            uint16_t m = 0;
+            for (Py_ssize_t c = t * tc; c < c1; c++) m = m > colmax[c] ? m : colmax[c];
+            bad |= m >= 0x7F80u;
+            out_hi[t] = float_of((uint32_t)m << 16);
+        }
+        return bad;
+    }
+    int16_t *kmax = (int16_t *)colmax, *kmin = (int16_t *)colmin;
+    for (Py_ssize_t c = 0; c < cols; c++) { kmax[c] = INT16_MIN; kmin[c] = INT16_MAX; }
+    for (Py_ssize_t r = r0; r < r1; r++) {
+        const uint16_t *sr = src + r * cols;
+        for (Py_ssize_t c = 0; c < cols; c++) {
+            int16_t i = (int16_t)sr[c];
+            int16_t k = (int16_t)(i ^ ((i >> 15) & 0x7FFF));
+            bad |= (sr[c] & 0x7F80u) == 0x7F80u;
+            kmax[c] = k > kmax[c] ? k : kmax[c];
+            kmin[c] = k < kmin[c] ? k : kmin[c];
+        }
+    }
+    for (Py_ssize_t t = 0; t < gc; t++) {
+        Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
+        int16_t a = INT16_MIN, b = INT16_MAX;
+        for (Py_ssize_t c = t * tc; c < c1; c++) {
+            a = kmax[c] > a ? kmax[c] : a;
+            b = kmin[c] < b ? kmin[c] : b;
+        }
+        out_hi[t] = float_of((uint32_t)(uint16_t)(a ^ ((a >> 15) & 0x7FFF)) << 16);
+        out_lo[t] = float_of((uint32_t)(uint16_t)(b ^ ((b >> 15) & 0x7FFF)) << 16);
+    }
+    return bad;
+}
+
 /* tile_range(src, kind, rows, cols, tile_rows, tile_cols, lo, hi, signed) -> nonfinite
    lo / hi: float32 [grid_rows * grid_cols]. signed = 0: hi = max |x| (lo untouched); 1: lo = min x and
    hi = max x per tile (ragged edges: the reference pads with zeros, which only callers that clamp the
@@ -177,7 +230,10 @@ CLONES static PyObject *tile_range(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t g = 0; g < gr; g++) {
             Py_ssize_t r0 = g * tr, r1 = r0 + tr < rows ? r0 + tr : rows;
-            if (!is_signed) {
+            if (kind == SRC_BF16) {
+                bad |= bf16_tile_row(src.buf, cols, r0, r1, tc, gc, is_signed, (uint16_t *)colmax,
+                                     (uint16_t *)colmin, is_signed ? out_lo + g * gc : NULL, out_hi + g * gc);
+            } else if (!is_signed) {
                 /* Magnitudes order like their bit patterns; NaN / Inf show as >= 0x7F800000. */
                 /* The tile's first row starts the column maxima (no separate clearing pass). */
                 load_row(src.buf, kind, cols, r0, 0, cols, colmax);
