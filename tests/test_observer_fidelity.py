@@ -32,7 +32,9 @@ pytestmark = pytest.mark.unit
 P, BETA, KAPPA, ROUNDS, FIXED = 0.7, 1.0, 1.01, 20, 1e-9
 MARGIN = 2.0 ** -20
 QMIN, QMAX = -8.0, 7.0  # int4 codes
-SHRINK = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90]  # groups off a 4-bit grid
+# groups off a 4-bit grid: llm-compressor's memoryless_mse shrink factors 0.99 .. 0.81 (round 4)
+SHRINK = [0.99, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.91, 0.90, 0.89, 0.88, 0.87, 0.86, 0.85, 0.84, 0.83,
+          0.82, 0.81]
 GRID_SUBBLOCK = 32
 EXPANDED_STEPS = {"nvfp4": [0, -1, -2, -3, 1, 2, 3, 4, 5, 6, 7], "mxfp4": [0, 1, -1]}
 GROUP = {"nvfp4": 16, "mxfp4": 32}
@@ -225,6 +227,37 @@ def test_hqq_off_the_grid_uses_shrunk_ranges_and_the_restart():
     labels = {reference_hqq(x[r, g * 64:(g + 1) * 64])[4].split()[0] for r in range(16) for g in range(4)}
     assert {"shrink", "restart"} <= labels, f"the reference chose only {labels}: the test weights do not reach them"
     check_hqq(w)
+
+
+def test_hqq_shrunk_ranges_reach_llm_compressors_deepest_factor():
+    """Without solver rounds the choice off a grid is the float64 brute force over min-max and SHRINK (down
+    to 0.81), and these two-sided-outlier groups need a factor below round 3's 0.90."""
+    from fp8conv.numerics import observers
+    from fp8conv.numerics.hqq import hqq as run_hqq
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 256)) * 0.01
+    x[:, ::64], x[:, 1::64] = 0.04, -0.04
+    w = x.astype(np.float32).astype(BF16)
+    scheme = int4_asym().for_source("BF16")
+    params, reconstruct = observers.scheme_functions(scheme)
+    tiles = observers.tiles_of(w.astype(np.float32), scheme.tile(*w.shape))
+    s, z = params(*observers.tile_range(tiles))
+    got = run_hqq(tiles, s, z, scheme.code_range, lambda v: np.array(bf16(v), np.float32), reconstruct, params,
+                  iterations=0)
+    factors = []
+    for g, v in enumerate(tiles.astype(np.float64)):
+        lo, hi = np.float32(v.min()), np.float32(v.max())
+        best = [*ref_params(lo, hi), 1.0]
+        best_err = recon_error(v, best[0], best[1])
+        for f in SHRINK:
+            s_f, z_f = ref_params(lo * np.float32(f), hi * np.float32(f))
+            err = recon_error(v, s_f, z_f)
+            if err < best_err * (1 - MARGIN):
+                best, best_err = [s_f, z_f, f], err
+        assert (float(got.scale[g]), float(got.zero[g])) == (best[0], best[1]), f"group {g}: not the brute force"
+        factors.append(best[2])
+    assert min(factors) < 0.90, f"the test groups reach only factor {min(factors)}"
 
 
 def test_hqq_is_refused_where_it_has_no_zero_point():

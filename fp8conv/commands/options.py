@@ -43,7 +43,7 @@ def scheme_options(func):
                      help="How each tile's scale is chosen, without calibration data: minmax (from the tile's range); "
                           "hqq (--asymmetric integer groups: scale and zero point fitted by HQQ's half-quadratic "
                           "solver, kept per group only where the squared error is lower; groups not already on a "
-                          "4-bit grid also try their range shrunk 0.99..0.90 and a solve from the best of it); expanded (nvfp4: e4m3 "
+                          "4-bit grid also try their range shrunk 0.99..0.81 and a solve from the best of it); expanded (nvfp4: e4m3 "
                           "group scale codes min-max -3..+7, above the group's range as well as below, the one with "
                           "the smallest squared error, under a global scale from 1.25x the amax); mse (nvfp4: codes -2..+6; mxfp4 / mxfp8: min-max's exponent; "
                           "symmetric int4 groups: range shrunk 1.00..0.90, smallest sum |error|^3; refused "

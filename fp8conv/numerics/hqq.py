@@ -35,7 +35,8 @@ Choices of this implementation (module constants, fixed on development models on
   ends, and clipping moved real grid points there (it raised KL on such a model), while original float
   weights hold ~32 distinct values per 32. Candidates, in the order they are tried (each replacing the best
   only when smaller by `margin`): min-max; for groups off a grid, the min-max rule applied to the range
-  [min, max] shrunk by 0.99 .. 0.90 (the mse observer's SHRINK_FACTORS); the solver's rounds from
+  [min, max] shrunk by 0.99 .. 0.81 (`OFF_GRID_SHRINK`, llm-compressor's memoryless_mse factors; round 4,
+  was 0.99 .. 0.90); the solver's rounds from
   min-max; for groups off a grid, the solver's rounds started again from the best of min-max and the
   shrunk ranges. Groups on a grid get exactly the min-max + rounds candidates of round 2.
 """
@@ -46,7 +47,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .observers import SHRINK_FACTORS, ParamsFn, tile_range
+from .observers import ParamsFn, tile_range
 
 P_NORM = 0.7  # the paper's lp norm
 BETA = 1.0  # initial beta (threshold in quantization steps: |r|^(p-1) / beta)
@@ -57,6 +58,8 @@ MARGIN = 2.0 ** -20  # a candidate must lower the squared error by this much (re
 BATCH_ELEMENTS = 1 << 16
 GRID_SUBBLOCK = 32  # GGUF's 4-bit sub-block (Q4_0, Q4_1, Q4_K)
 GRID_LEVELS = 16  # at most this many distinct values per sub-block: on a 4-bit grid
+# Groups off a 4-bit grid: the range shrunk by 0.99 .. 0.81 (llm-compressor's memoryless_mse factors, round 4).
+OFF_GRID_SHRINK: tuple[float, ...] = tuple(round(1.0 - k / 100, 2) for k in range(1, 20))
 
 # reconstruct(tiles, scale, zero, out): out = dequant(quant(tiles)) in float32, the kernels' arithmetic.
 ReconstructFn = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray], None]
@@ -66,8 +69,8 @@ StoreFn = Callable[[np.ndarray], np.ndarray]  # float64 [n] scale -> float32 [n]
 @dataclass
 class HQQChoice:
     """Per group: the chosen scale and zero point (float32), the squared error sums (float64) with them
-    and with min-max, and the candidate that produced the choice (0: min-max; -1 .. -10: the range shrunk
-    by 0.99 .. 0.90; 1 .. ITERATIONS: the solve's rounds from min-max; above: the second solve's)."""
+    and with min-max, and the candidate that produced the choice (0: min-max; -1 .. -19: the range shrunk
+    by 0.99 .. 0.81; 1 .. ITERATIONS: the solve's rounds from min-max; above: the second solve's)."""
 
     scale: np.ndarray
     zero: np.ndarray
@@ -129,8 +132,8 @@ def hqq(tiles: np.ndarray, scale: np.ndarray, zero: np.ndarray, code_range: tupl
         off = np.zeros(len(part), np.bool_) if params is None else ~on_4bit_grid(x)
         if off.any():
             lo, hi = tile_range(x[off])
-            shrunk = (params(lo * np.float32(f), hi * np.float32(f)) for f in SHRINK_FACTORS[1:])
-            labels = range(-1, -len(SHRINK_FACTORS), -1)
+            shrunk = (params(lo * np.float32(f), hi * np.float32(f)) for f in OFF_GRID_SHRINK)
+            labels = range(-1, -len(OFF_GRID_SHRINK) - 1, -1)
             best[off] = _keep_better(x[off], part[off], shrunk, labels, best[off], scale, zero, chosen_round,
                                      reconstruct, out)
             restart = (scale[part[off]], zero[part[off]])
