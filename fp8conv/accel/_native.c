@@ -395,6 +395,23 @@ HOT int any_nonfinite(const uint32_t *xb, Py_ssize_t n)
     return bad != 0;
 }
 
+/* load_row of a whole row r, and whether it holds NaN / Inf: a bf16 row is checked on its 16-bit patterns in
+   the loop that widens them (one pass over the row instead of two). */
+HOT int load_row_finite(const void *src, int kind, Py_ssize_t cols, Py_ssize_t r, uint32_t *restrict dst)
+{
+    if (kind == SRC_BF16) {
+        const uint16_t *s = (const uint16_t *)src + r * cols;
+        uint32_t bad = 0;
+        for (Py_ssize_t i = 0; i < cols; i++) {
+            dst[i] = (uint32_t)s[i] << 16;
+            bad |= (s[i] & 0x7F80u) == 0x7F80u;
+        }
+        return bad != 0;
+    }
+    load_row(src, kind, cols, r, 0, cols, dst);
+    return any_nonfinite(dst, cols);
+}
+
 /* The rows of quantize (below), on raw pointers: the hot loop, compiled once per instruction set where
    the compiler can pick at run time (CLONES). Returns 1, committing nothing, when a row holds NaN / Inf. */
 CLONES static int quantize_rows(const void *src, int kind, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t tr,
@@ -407,8 +424,7 @@ CLONES static int quantize_rows(const void *src, int kind, Py_ssize_t rows, Py_s
     float max_err = (float)st[2];
     double sum_ref = st[0], sum_err = st[1]; /* committed only when every row was finite */
     for (Py_ssize_t r = 0; r < rows; r++) {
-        load_row(src, kind, cols, r, 0, cols, row);
-        if (any_nonfinite(row, cols)) return 1;
+        if (load_row_finite(src, kind, cols, r, row)) return 1;
         const float *srow = grid + (r / tr) * gc;
         const float *zrow = has_zero ? zgrid + (r / tr) * gc : NULL;
         for (Py_ssize_t t = 0; t < gc; t++) {
@@ -560,8 +576,7 @@ CLONES static PyObject *micro_encode(PyObject *self, PyObject *args)
         const Py_ssize_t groups = cols / group, gsz = group; /* locals: stores through uint8_t * may alias the parsed ones */
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < rows; r++) {
-            load_row(src.buf, kind, cols, r, 0, cols, row);
-            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            if (load_row_finite(src.buf, kind, cols, r, row)) { bad = 1; break; }
             encode_row(row, fac + r * groups, groups, gsz, packed, divide, ff, qmax, tmp,
                        dst + r * (packed ? cols / 2 : cols));
         }
@@ -898,8 +913,7 @@ CLONES static PyObject *micro_encode_stats(PyObject *self, PyObject *args)
         else
 #endif
         for (Py_ssize_t r = 0; r < rows; r++) {
-            load_row(src.buf, kind, cols, r, 0, cols, row);
-            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            if (load_row_finite(src.buf, kind, cols, r, row)) { bad = 1; break; }
             uint8_t *o = encode_row(row, fac + r * groups, groups, gsz, packed, divide, ff, qmax, tmp,
                                     dst + r * (packed ? cols / 2 : cols));
             /* the code values, as micro_stats decodes them (a 4-bit code's value is that of its nibble) */
@@ -1041,8 +1055,7 @@ CLONES static PyObject *micro_scales(PyObject *self, PyObject *args)
         const Py_ssize_t groups = cols / group, gsz = group;
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t r = 0; r < rows; r++) {
-            load_row(src.buf, kind, cols, r, 0, cols, row);
-            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            if (load_row_finite(src.buf, kind, cols, r, row)) { bad = 1; break; }
             row_scales(row, groups, gsz, &rule, sc + r * groups, div, fac);
         }
         Py_END_ALLOW_THREADS
@@ -1182,8 +1195,7 @@ CLONES static PyObject *micro_quantize(PyObject *self, PyObject *args)
         else
 #endif
         for (Py_ssize_t r = 0; r < rows; r++) {
-            load_row(src.buf, kind, cols, r, 0, cols, row);
-            if (any_nonfinite(row, cols)) { bad = 1; break; }
+            if (load_row_finite(src.buf, kind, cols, r, row)) { bad = 1; break; }
             row_scales(row, groups, gsz, &rule, sc + r * groups, div, fac);
             uint8_t *o = encode_row(row, fac, groups, gsz, packed, divide, ff, qmax, tmp,
                                     dst + r * (packed ? cols / 2 : cols));
