@@ -20,7 +20,8 @@ from pathlib import Path
 from fp8conv.run import pipeline
 
 ITEMS = {  # (file suffix, function name) -> item
-    ("native.py", "quantize"): "C kernel (native.quantize)",
+    ("~", "<built-in method fp8conv.accel._native.quantize>"): "C kernel (native.quantize)",
+    ("~", "<built-in method fp8conv.accel._native.tile_range>"): "C tile ranges (native.tile_range)",
     ("~", "<method 'readinto' of '_io.FileIO' objects>"): "read (readinto: copy from page cache, page faults)",
     ("~", "<built-in method posix.pwrite>"): "write (pwrite: copy into page cache)",
     ("~", "<built-in method numpy.empty>"): "numpy.empty",
