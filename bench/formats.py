@@ -3,10 +3,11 @@
     python3 bench/formats.py --tree before=/path/old --tree after=. --cores 0,1 --workers 2 \
         --checkpoint bench/data/llama-1g --make "--layers 2 --vocab 16000 --shard-bytes 0.35e9" --out t.md
 
-Each row: `fp8conv quantize` of the checkpoint (read once from the page cache before each timing), wall time
-median of --repeats (and the median CPU seconds, user + sys of the process and its workers), pinned to --cores
-with taskset; --workers N or "default" (fp8conv picks). With --cold, one more run per tree and scheme comes
-first with empty caches: the package's bytecode removed and, for a tree that has numba, an empty
+Each row: `fp8conv quantize` of the checkpoint (read once from the page cache before each timing, and as much
+fresh memory touched and freed: run.warm), the trees taking turns run by run, wall time median of --repeats
+(and the median CPU seconds, user + sys of the process and its workers), pinned to --cores with taskset;
+--workers N or "default" (fp8conv picks). With --cold, one more run per tree and scheme comes first with empty
+caches: the package's bytecode removed and, for a tree that has numba, an empty
 NUMBA_CACHE_DIR (a source checkout's first run). With --bytecode, each tree's bytecode is compiled before its
 timed runs, as pip install leaves it (without it, a run under PYTHONDONTWRITEBYTECODE=1, as on the device
 hosts, compiles every fp8conv module it imports, every time). With --ceiling, the write+fsync time of the
@@ -81,6 +82,21 @@ def llmc_seconds(scheme: str, checkpoint: Path, out: Path, pin: list[str], worke
     return sorted(walls)[len(walls) // 2]
 
 
+def first_run(scheme: str, name: str, tree: str, cmd: list[str], env: dict, checkpoint: Path,
+              out: Path) -> float | None:
+    """Wall seconds of one run with empty caches: the tree's bytecode removed and an empty NUMBA_CACHE_DIR."""
+    with tempfile.TemporaryDirectory(prefix="cold-") as cache:
+        for pycache in Path(tree, "fp8conv").rglob("__pycache__"):
+            shutil.rmtree(pycache)
+        shutil.rmtree(out, ignore_errors=True)
+        warm(checkpoint)
+        try:
+            return timed(cmd, {**env, "NUMBA_CACHE_DIR": cache})[0]
+        except RuntimeError as exc:
+            print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
+            return None
+
+
 def output_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
@@ -126,43 +142,43 @@ def main() -> None:
     results: dict = {"input_bytes": size, "cores": args.cores or "all", "workers": args.workers, "rows": {}}
     largest = 0
     for scheme in args.schemes:
+        row = results["rows"].setdefault(scheme, {})
+        commands = {}
         for name, tree in trees.items():
             env = {"PYTHONPATH": str(Path(tree).resolve()), **extra.get(name, {})}
-            cmd = [*pin, sys.executable, "-m", "fp8conv", "quantize", str(args.checkpoint), "-o", str(out), "-q",
-                   "--overwrite", *workers, *SCHEMES[scheme]]
-            row = results["rows"].setdefault(scheme, {})
+            commands[name] = ([*pin, sys.executable, "-m", "fp8conv", "quantize", str(args.checkpoint), "-o", str(out),
+                               "-q", "--overwrite", *workers, *SCHEMES[scheme]], env)
             if args.cold:
-                with tempfile.TemporaryDirectory(prefix="cold-") as cache:
-                    for pycache in Path(tree, "fp8conv").rglob("__pycache__"):
-                        shutil.rmtree(pycache)
-                    shutil.rmtree(out, ignore_errors=True)
-                    warm(args.checkpoint)
-                    try:
-                        row[f"{name} first run"] = timed(cmd, {**env, "NUMBA_CACHE_DIR": cache})[0]
-                    except RuntimeError as exc:
-                        row[f"{name} first run"] = None
-                        print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
+                row[f"{name} first run"] = first_run(scheme, name, tree, *commands[name], args.checkpoint, out)
             if args.bytecode:  # as pip install leaves it, also under PYTHONDONTWRITEBYTECODE=1
                 subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(tree, "fp8conv"))], check=True,
                                stdout=subprocess.DEVNULL)
-            walls, cpus = [], []
-            for _ in range(args.repeats):
+        # The trees take turns run by run (the order reversed every other round): a machine whose load or memory
+        # state drifts during the scheme's runs then shifts every tree alike, not the trees run last.
+        walls: dict[str, list[float]] = {name: [] for name in trees}
+        cpus: dict[str, list[float]] = {name: [] for name in trees}
+        failed: set[str] = set()
+        for round_ in range(args.repeats):
+            for name in (list(trees) if round_ % 2 == 0 else list(trees)[::-1]):
+                if name in failed:
+                    continue
                 shutil.rmtree(out, ignore_errors=True)
                 warm(args.checkpoint)
                 try:
                     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    walls.append(timed(cmd, env)[0])
+                    walls[name].append(timed(*commands[name])[0])
                     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                    cpus[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                    largest = max(largest, output_bytes(out))
                 except RuntimeError as exc:
                     print(f"{scheme} / {name}: {str(exc)[-300:]}", flush=True)
-                    break
-            if walls:
-                largest = max(largest, output_bytes(out))
-            row[name] = sorted(walls)[len(walls) // 2] if walls else None
-            row[f"{name} runs"] = walls
-            row[f"{name} cpu"] = sorted(cpus)[len(cpus) // 2] if cpus else None
-            print(f"{scheme} / {name}: {row[name]} {walls} {row.get(f'{name} first run', '')} cpu {cpus}", flush=True)
+                    failed.add(name)
+        for name in trees:
+            w, c = walls[name], cpus[name]
+            row[name] = sorted(w)[len(w) // 2] if w else None
+            row[f"{name} runs"] = w
+            row[f"{name} cpu"] = sorted(c)[len(c) // 2] if c else None
+            print(f"{scheme} / {name}: {row[name]} {w} {row.get(f'{name} first run', '')} cpu {c}", flush=True)
         if args.llmc and scheme in LLMC:
             n = int(args.workers) if args.workers != "default" else len(os.sched_getaffinity(0))
             try:
