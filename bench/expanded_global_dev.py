@@ -118,16 +118,33 @@ def load_source(model: str, names: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def main() -> None:
+def nvfp4_inputs(model: str) -> tuple[Scheme, dict, dict]:
+    """The expanded NVFP4 scheme, `model`'s NVFP4 weights (source dtype) and each weight's fused partners."""
+    names = quality.modules_of(model, "nvfp4")
+    partners = {n: g for g in fused_sets(names) for n in g}
+    return Scheme(**{**microscale_scheme("nvfp4").__dict__, "observer": "expanded"}), load_source(model, names), partners
+
+
+def same_tensors(cached: Path, deq: dict) -> bool:
+    """Whether the cached conversion holds exactly `deq`'s float32 bits."""
+    from safetensors.numpy import load_file
+
+    ref = load_file(str(cached))
+    return all(np.array_equal(ref[n].view(np.uint32), deq[n].view(np.uint32)) for n in deq)
+
+
+def parse_args(option: str, choices) -> argparse.Namespace:
+    """--models and --`option`, comma lists (default: the three models, every one of `choices`)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="minilm,smollm2,gemma3")
-    parser.add_argument("--rules", default=",".join(RULES))
-    args = parser.parse_args()
-    scheme = Scheme(**{**microscale_scheme("nvfp4").__dict__, "observer": "expanded"})
+    parser.add_argument(f"--{option}", default=",".join(choices))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args("rules", RULES)
     for model in args.models.split(","):
-        names = quality.modules_of(model, "nvfp4")
-        weights = load_source(model, names)
-        partners = {n: g for g in fused_sets(names) for n in g}
+        scheme, weights, partners = nvfp4_inputs(model)
         cached = quality.conv_path(model, "nvfp4", "fp8conv:expanded")
         for rule in args.rules.split(","):
             dst = quality.conv_path(model, "nvfp4", f"diag:gx-{rule}")
@@ -141,12 +158,10 @@ def main() -> None:
                 ratio.append(float(ms.nvfp4_global_scale(ms.tensor_amax(w), w.dtype) / g))
                 q = quantize_microscale(w, scheme, g, n)
                 deq[n] = ms.dequantize_nvfp4(q.codes, q.scales, q.global_scale, np.float32)
-            from safetensors.numpy import load_file, save_file
+            from safetensors.numpy import save_file
 
             if rule == "amax" and cached.exists():
-                ref = load_file(str(cached))
-                same = all(np.array_equal(ref[n].view(np.uint32), deq[n].view(np.uint32)) for n in deq)
-                print(f"{model}: gx-amax reproduces the CLI's expanded tensors: {same}", flush=True)
+                print(f"{model}: gx-amax reproduces the CLI's expanded tensors: {same_tensors(cached, deq)}", flush=True)
             save_file(deq, str(dst), metadata={"seconds": f"{seconds_rule:.2f}"})
             src_sse = {n: float(((deq[n].astype(np.float64) - w.astype(np.float64)) ** 2).sum()) for n, w in weights.items()}
             print(json.dumps({"model": model, "rule": rule, "rule_cpu_s": round(seconds_rule, 2),

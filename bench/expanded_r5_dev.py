@@ -14,7 +14,6 @@ does and cached like bench/quality.py's conversions, as variants `diag:r5-NAME`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,13 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import quality  # noqa: E402  (bench/quality.py: models, cache paths)
-from expanded_global_dev import load_source  # noqa: E402
+from expanded_global_dev import nvfp4_inputs, parse_args, same_tensors  # noqa: E402
 
 from fp8conv.numerics import expanded, observers  # noqa: E402
 from fp8conv.numerics import microscale as ms  # noqa: E402
 from fp8conv.numerics.microscale_kernel import quantize_microscale  # noqa: E402
-from fp8conv.plan.fusion import fused_sets  # noqa: E402
-from fp8conv.plan.scheme import Scheme, microscale_scheme  # noqa: E402
 
 SHIPPED_STEPS = expanded.NVFP4_STEPS
 WIDE_STEPS = (0, -1, -2, -3, -4, 1, 2, 3, 4, 5, 6, 7, 8, 9)
@@ -72,17 +69,11 @@ def power_errors(exponent: float):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="minilm,smollm2,gemma3")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args()
-    from safetensors.numpy import load_file, save_file
+    args = parse_args("variants", VARIANTS)
+    from safetensors.numpy import save_file
 
-    scheme = Scheme(**{**microscale_scheme("nvfp4").__dict__, "observer": "expanded"})
     for model in args.models.split(","):
-        names = quality.modules_of(model, "nvfp4")
-        weights = load_source(model, names)
-        partners = {n: g for g in fused_sets(names) for n in g}
+        scheme, weights, partners = nvfp4_inputs(model)
         amax = {n: ms.tensor_amax(w) for n, w in weights.items()}
         cached = quality.conv_path(model, "nvfp4", "fp8conv:expanded#r4")
         for variant in args.variants.split(","):
@@ -100,9 +91,8 @@ def main() -> None:
             seconds = time.process_time() - t0
             observers.microscale_errors = _squared_errors
             if variant == "p2" and cached.exists():
-                ref = load_file(str(cached))
-                same = all(np.array_equal(ref[n].view(np.uint32), deq[n].view(np.uint32)) for n in deq)
-                print(f"{model}: r5-p2 reproduces the CLI's expanded#r4 tensors: {same}", flush=True)
+                print(f"{model}: r5-p2 reproduces the CLI's expanded#r4 tensors: {same_tensors(cached, deq)}",
+                      flush=True)
                 continue
             save_file(deq, str(quality.conv_path(model, "nvfp4", f"diag:r5-{variant}")),
                       metadata={"seconds": f"{seconds:.2f}"})

@@ -150,58 +150,72 @@ static Py_ssize_t src_itemsize(int kind) { return kind == SRC_F32 ? 4 : 2; }
 
 /* ---- tile ranges ----------------------------------------------------------------------------- */
 
-/* tile_range's tiles of one tile row [r0, r1) of a bf16 source, on the 16-bit patterns themselves: bf16's
-   bits are float32's upper half, so the 32-bit rules below (magnitude = bits & 0x7FFFFFFF; signed order as the
-   key i ^ ((i >> 31) & 0x7FFFFFFF)) give the same maxima and minima on 16 bits (the lower half of a key is a
-   function of its sign), twice as many a vector and half the memory traffic. Returns nonfinite. */
-HOT uint32_t bf16_tile_row(const uint16_t *src, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t tc,
-                           Py_ssize_t gc, int is_signed, uint16_t *restrict colmax, uint16_t *restrict colmin,
-                           float *out_lo, float *out_hi)
-{
-    uint32_t bad = 0;
-    if (!is_signed) {
-        const uint16_t *s0 = src + r0 * cols;
-        for (Py_ssize_t c = 0; c < cols; c++) colmax[c] = s0[c] & 0x7FFFu;
-        for (Py_ssize_t r = r0 + 1; r < r1; r++) {
-            const uint16_t *sr = src + r * cols;
-            for (Py_ssize_t c = 0; c < cols; c++) {
-                uint16_t a = sr[c] & 0x7FFFu;
-                colmax[c] = colmax[c] > a ? colmax[c] : a;
-            }
-        }
-        for (Py_ssize_t t = 0; t < gc; t++) {
-            Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
-            uint16_t m = 0;
-            for (Py_ssize_t c = t * tc; c < c1; c++) m = m > colmax[c] ? m : colmax[c];
-            bad |= m >= 0x7F80u;
-            out_hi[t] = float_of((uint32_t)m << 16);
-        }
-        return bad;
+/* tile_range's tiles of one tile row [r0, r1), generated once per element width: UT holds an element's bits,
+   KT is the signed key type, TOP the sign bit's position, EXP the exponent mask, ROW(r) a pointer to row r's
+   bits and WIDEN(u) float32's bits of u. Magnitudes order like their bit patterns with the sign cleared
+   (NaN / Inf show as >= EXP); signed order as the key i ^ ((i >> TOP) & MAG), -0 just below +0 (the
+   callers' clamp at 0 makes them the same), so integer max / min vectorise. bf16 runs on its 16-bit patterns
+   themselves: they are float32's upper half, so the same rules give the same maxima and minima (the lower
+   half of a key is a function of its sign), twice as many a vector and half the memory traffic; float32 and
+   fp16 run on rows widened to float32's bits. Returns nonfinite. */
+#define DEFINE_TILE_ROW(NAME, UT, KT, TOP, EXP, ROW, WIDEN)                                                      \
+    HOT uint32_t NAME(const void *src, int kind, Py_ssize_t cols, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t tc,   \
+                      Py_ssize_t gc, int is_signed, UT *restrict row, UT *restrict colmax, UT *restrict colmin,  \
+                      float *out_lo, float *out_hi)                                                              \
+    {                                                                                                            \
+        const UT mag = (UT)(((UT)1 << (TOP)) - 1);                                                               \
+        uint32_t bad = 0;                                                                                        \
+        (void)kind; (void)row;                                                                                   \
+        if (!is_signed) {                                                                                        \
+            const UT *s0 = ROW(r0);                                                                              \
+            for (Py_ssize_t c = 0; c < cols; c++) colmax[c] = s0[c] & mag;                                       \
+            for (Py_ssize_t r = r0 + 1; r < r1; r++) {                                                           \
+                const UT *sr = ROW(r);                                                                           \
+                for (Py_ssize_t c = 0; c < cols; c++) {                                                          \
+                    UT a = sr[c] & mag;                                                                          \
+                    colmax[c] = colmax[c] > a ? colmax[c] : a;                                                   \
+                }                                                                                                \
+            }                                                                                                    \
+            for (Py_ssize_t t = 0; t < gc; t++) {                                                                \
+                Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;                                       \
+                UT m = 0;                                                                                        \
+                for (Py_ssize_t c = t * tc; c < c1; c++) m = m > colmax[c] ? m : colmax[c];                      \
+                bad |= m >= (EXP);                                                                               \
+                out_hi[t] = float_of(WIDEN(m));                                                                  \
+            }                                                                                                    \
+            return bad;                                                                                          \
+        }                                                                                                        \
+        KT *kmax = (KT *)colmax, *kmin = (KT *)colmin;                                                           \
+        for (Py_ssize_t c = 0; c < cols; c++) { kmax[c] = (KT)(-(KT)mag - 1); kmin[c] = (KT)mag; }              \
+        for (Py_ssize_t r = r0; r < r1; r++) {                                                                   \
+            const UT *sr = ROW(r);                                                                               \
+            for (Py_ssize_t c = 0; c < cols; c++) {                                                              \
+                KT i = (KT)sr[c];                                                                                \
+                KT k = (KT)(i ^ ((i >> (TOP)) & (KT)mag));                                                       \
+                bad |= (sr[c] & (EXP)) == (EXP);                                                                 \
+                kmax[c] = k > kmax[c] ? k : kmax[c];                                                             \
+                kmin[c] = k < kmin[c] ? k : kmin[c];                                                             \
+            }                                                                                                    \
+        }                                                                                                        \
+        for (Py_ssize_t t = 0; t < gc; t++) {                                                                    \
+            Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;                                           \
+            KT a = (KT)(-(KT)mag - 1), b = (KT)mag;                                                              \
+            for (Py_ssize_t c = t * tc; c < c1; c++) {                                                           \
+                a = kmax[c] > a ? kmax[c] : a;                                                                   \
+                b = kmin[c] < b ? kmin[c] : b;                                                                   \
+            }                                                                                                    \
+            out_hi[t] = float_of(WIDEN((UT)(a ^ ((a >> (TOP)) & (KT)mag))));                                     \
+            out_lo[t] = float_of(WIDEN((UT)(b ^ ((b >> (TOP)) & (KT)mag))));                                     \
+        }                                                                                                        \
+        return bad;                                                                                              \
     }
-    int16_t *kmax = (int16_t *)colmax, *kmin = (int16_t *)colmin;
-    for (Py_ssize_t c = 0; c < cols; c++) { kmax[c] = INT16_MIN; kmin[c] = INT16_MAX; }
-    for (Py_ssize_t r = r0; r < r1; r++) {
-        const uint16_t *sr = src + r * cols;
-        for (Py_ssize_t c = 0; c < cols; c++) {
-            int16_t i = (int16_t)sr[c];
-            int16_t k = (int16_t)(i ^ ((i >> 15) & 0x7FFF));
-            bad |= (sr[c] & 0x7F80u) == 0x7F80u;
-            kmax[c] = k > kmax[c] ? k : kmax[c];
-            kmin[c] = k < kmin[c] ? k : kmin[c];
-        }
-    }
-    for (Py_ssize_t t = 0; t < gc; t++) {
-        Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
-        int16_t a = INT16_MIN, b = INT16_MAX;
-        for (Py_ssize_t c = t * tc; c < c1; c++) {
-            a = kmax[c] > a ? kmax[c] : a;
-            b = kmin[c] < b ? kmin[c] : b;
-        }
-        out_hi[t] = float_of((uint32_t)(uint16_t)(a ^ ((a >> 15) & 0x7FFF)) << 16);
-        out_lo[t] = float_of((uint32_t)(uint16_t)(b ^ ((b >> 15) & 0x7FFF)) << 16);
-    }
-    return bad;
-}
+
+#define BF16_ROW(r) ((const uint16_t *)src + (r) * cols)
+#define BF16_WIDEN(u) ((uint32_t)(u) << 16)
+#define WIDE_ROW(r) (load_row(src, kind, cols, (r), 0, cols, row), (const uint32_t *)row)
+#define WIDE_WIDEN(u) ((uint32_t)(u))
+DEFINE_TILE_ROW(bf16_tile_row, uint16_t, int16_t, 15, 0x7F80u, BF16_ROW, BF16_WIDEN)
+DEFINE_TILE_ROW(wide_tile_row, uint32_t, int32_t, 31, 0x7F800000u, WIDE_ROW, WIDE_WIDEN)
 
 /* tile_range(src, kind, rows, cols, tile_rows, tile_cols, lo, hi, signed) -> nonfinite
    lo / hi: float32 [grid_rows * grid_cols]. signed = 0: hi = max |x| (lo untouched); 1: lo = min x and
@@ -230,54 +244,11 @@ CLONES static PyObject *tile_range(PyObject *self, PyObject *args)
         Py_BEGIN_ALLOW_THREADS
         for (Py_ssize_t g = 0; g < gr; g++) {
             Py_ssize_t r0 = g * tr, r1 = r0 + tr < rows ? r0 + tr : rows;
-            if (kind == SRC_BF16) {
-                bad |= bf16_tile_row(src.buf, cols, r0, r1, tc, gc, is_signed, (uint16_t *)colmax,
-                                     (uint16_t *)colmin, is_signed ? out_lo + g * gc : NULL, out_hi + g * gc);
-            } else if (!is_signed) {
-                /* Magnitudes order like their bit patterns; NaN / Inf show as >= 0x7F800000. */
-                /* The tile's first row starts the column maxima (no separate clearing pass). */
-                load_row(src.buf, kind, cols, r0, 0, cols, colmax);
-                for (Py_ssize_t c = 0; c < cols; c++) colmax[c] &= 0x7FFFFFFFu;
-                for (Py_ssize_t r = r0 + 1; r < r1; r++) {
-                    load_row(src.buf, kind, cols, r, 0, cols, row);
-                    for (Py_ssize_t c = 0; c < cols; c++) {
-                        uint32_t a = row[c] & 0x7FFFFFFFu;
-                        colmax[c] = colmax[c] > a ? colmax[c] : a;
-                    }
-                }
-                for (Py_ssize_t t = 0; t < gc; t++) {
-                    Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
-                    uint32_t m = 0;
-                    for (Py_ssize_t c = t * tc; c < c1; c++) m = m > colmax[c] ? m : colmax[c];
-                    bad |= m >= 0x7F800000u;
-                    out_hi[g * gc + t] = float_of(m);
-                }
-            } else {
-                /* Signed order as int32 keys (k = i ^ ((i >> 31) & 0x7FFFFFFF) orders like the float, -0
-                   just below +0, which the callers' clamp at 0 makes the same): integer max / min vectorise. */
-                int32_t *kmax = (int32_t *)colmax, *kmin = (int32_t *)colmin;
-                for (Py_ssize_t c = 0; c < cols; c++) { kmax[c] = INT32_MIN; kmin[c] = INT32_MAX; }
-                for (Py_ssize_t r = r0; r < r1; r++) {
-                    load_row(src.buf, kind, cols, r, 0, cols, row);
-                    for (Py_ssize_t c = 0; c < cols; c++) {
-                        int32_t i = (int32_t)row[c];
-                        int32_t k = i ^ ((i >> 31) & 0x7FFFFFFF);
-                        bad |= (row[c] & 0x7F800000u) == 0x7F800000u;
-                        kmax[c] = k > kmax[c] ? k : kmax[c];
-                        kmin[c] = k < kmin[c] ? k : kmin[c];
-                    }
-                }
-                for (Py_ssize_t t = 0; t < gc; t++) {
-                    Py_ssize_t c1 = (t + 1) * tc < cols ? (t + 1) * tc : cols;
-                    int32_t a = INT32_MIN, b = INT32_MAX;
-                    for (Py_ssize_t c = t * tc; c < c1; c++) {
-                        a = kmax[c] > a ? kmax[c] : a;
-                        b = kmin[c] < b ? kmin[c] : b;
-                    }
-                    out_hi[g * gc + t] = float_of((uint32_t)(a ^ ((a >> 31) & 0x7FFFFFFF)));
-                    out_lo[g * gc + t] = float_of((uint32_t)(b ^ ((b >> 31) & 0x7FFFFFFF)));
-                }
-            }
+            float *lo_g = is_signed ? out_lo + g * gc : NULL, *hi_g = out_hi + g * gc;
+            bad |= kind == SRC_BF16
+                ? bf16_tile_row(src.buf, kind, cols, r0, r1, tc, gc, is_signed, (uint16_t *)row,
+                                (uint16_t *)colmax, (uint16_t *)colmin, lo_g, hi_g)
+                : wide_tile_row(src.buf, kind, cols, r0, r1, tc, gc, is_signed, row, colmax, colmin, lo_g, hi_g);
         }
         Py_END_ALLOW_THREADS
         result = PyBool_FromLong(bad != 0);
