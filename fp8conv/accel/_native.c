@@ -694,6 +694,14 @@ __attribute__((target("avx2"))) static inline MicroLanes micro_lanes_start(uint3
     return acc;
 }
 
+/* The AVX2 microscale row drivers are compiled once per (bf16 source, packed codes, divide by the scale)
+   variant so that each inner loop has no branch on them: CALL(B, P, D) names one variant; this picks it at run
+   time from kind, packed and divide (in scope where it is used). */
+#define MICRO_VARIANT(CALL)                                                                                      \
+    (kind == SRC_BF16                                                                                            \
+         ? (packed ? (divide ? CALL(1, 1, 1) : CALL(1, 1, 0)) : (divide ? CALL(1, 0, 1) : CALL(1, 0, 0)))       \
+         : (packed ? (divide ? CALL(0, 1, 1) : CALL(0, 1, 0)) : (divide ? CALL(0, 0, 1) : CALL(0, 0, 0))))
+
 /* Add the lanes' counts to *saturated / *flushed and their largest |err| pattern into *big. */
 __attribute__((target("avx2"))) static inline void micro_lanes_fold(const MicroLanes *acc, uint32_t *saturated,
                                                                    uint32_t *flushed, uint32_t *big)
@@ -818,15 +826,8 @@ __attribute__((target("avx2"))) static int micro_rows_avx2(const void *src, int 
                                                           uint32_t *saturated, uint32_t *flushed, uint32_t *big)
 {
     MicroLanes acc = micro_lanes_start(*big);
-    int bad;
 #define MICRO_ROWS(B, P, D) micro_rows_avx2_v(src, kind, rows, cols, gsz, fac, div, B, P, D, ff, qmax, dst, row, st, &acc)
-    if (kind == SRC_BF16) {
-        if (packed) bad = divide ? MICRO_ROWS(1, 1, 1) : MICRO_ROWS(1, 1, 0);
-        else bad = divide ? MICRO_ROWS(1, 0, 1) : MICRO_ROWS(1, 0, 0);
-    } else {
-        if (packed) bad = divide ? MICRO_ROWS(0, 1, 1) : MICRO_ROWS(0, 1, 0);
-        else bad = divide ? MICRO_ROWS(0, 0, 1) : MICRO_ROWS(0, 0, 0);
-    }
+    int bad = MICRO_VARIANT(MICRO_ROWS);
 #undef MICRO_ROWS
     micro_lanes_fold(&acc, saturated, flushed, big);
     return bad;
@@ -1092,16 +1093,9 @@ __attribute__((target("avx2"))) static int micro_quantize_avx2(const void *src, 
                                                               uint32_t *big)
 {
     MicroLanes acc = micro_lanes_start(*big);
-    int bad;
 #define MICRO_Q(B, P, D) micro_quantize_rows_avx2_v(src, kind, rows, cols, gsz, s, B, P, D, ff, qmax, dst, scale_codes, \
                                                     row, div, fac, st, &acc)
-    if (kind == SRC_BF16) {
-        if (packed) bad = divide ? MICRO_Q(1, 1, 1) : MICRO_Q(1, 1, 0);
-        else bad = divide ? MICRO_Q(1, 0, 1) : MICRO_Q(1, 0, 0);
-    } else {
-        if (packed) bad = divide ? MICRO_Q(0, 1, 1) : MICRO_Q(0, 1, 0);
-        else bad = divide ? MICRO_Q(0, 0, 1) : MICRO_Q(0, 0, 0);
-    }
+    int bad = MICRO_VARIANT(MICRO_Q);
 #undef MICRO_Q
     micro_lanes_fold(&acc, &counts[0], &counts[1], big);
     return bad;
