@@ -278,6 +278,21 @@ def test_search_that_makes_its_own_minmax_codes_is_the_search_from_them(fmt, dty
     assert observers.mse_microscale(w, micro, None, gs, use_compiled=True, steps=steps, minmax_rule=rule) is None
 
 
+def test_micro_search_refuses_missing_or_mismatched_start_codes():
+    """native.micro_search needs the min-max codes of every group or the rule that makes them: neither, or codes
+    for another number of groups, is a ValueError naming what is wrong, not a read past a buffer."""
+    from fp8conv.formats import FORMATS
+
+    require("native")
+    micro = ms.MICROSCALE["mxfp4"]
+    w = heavy(2, 4 * micro.group, 3, np.dtype(np.float32))
+    args = ((0,), (0, 254), np.ones(256, np.float32), np.ones(256, np.float32), True, FORMATS[micro.element], 0.0)
+    with pytest.raises(ValueError, match="neither the min-max codes nor the rule"):
+        native.micro_search(w, micro.group, None, *args)
+    with pytest.raises(ValueError, match="do not form the 5 groups of 32"):
+        native.micro_search(w, micro.group, np.zeros(5, np.uint8), *args)
+
+
 def test_nvfp4_candidates_cover_subnormal_and_top_codes():
     """Steps are clamped to the positive e4m3 codes 1..126: a group at the tensor amax (code 126, 448) only
     shrinks, a group whose scale is an e4m3 subnormal only grows down to code 1."""

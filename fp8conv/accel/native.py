@@ -265,7 +265,9 @@ def micro_search(weight: np.ndarray, group: int, first: np.ndarray | None, steps
     makes them from each group's amax while it reads the group for the search (micro_scales' codes, bit for bit)."""
     src, kind = source(weight)
     n = weight.size // group
-    if weight.size % group or (np.size(first) != n if first is not None else minmax_rule is None):
+    if first is None and minmax_rule is None:
+        raise ValueError("micro_search: neither the min-max codes nor the rule that makes them were given")
+    if weight.size % group or (first is not None and np.size(first) != n):
         raise ValueError(f"micro_search: {weight.shape} elements do not form the {np.size(first)} groups of {group} given")
     codes = np.empty(n, np.uint8)
     error = np.empty(n, np.float64)
