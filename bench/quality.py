@@ -59,12 +59,16 @@ TEXTS = {
     "gpl2": LICENSES / "GPL-2",
     "mpl20": LICENSES / "MPL-2.0",
     "apache20": LICENSES / "Apache-2.0",  # added by #28's nvfp4 round 4: used by no earlier decision
+    # added after #28's round 5 for `eval2`: six more evaluation pairs for the shipped choices, no decision
+    "gfdl13": LICENSES / "GFDL-1.3",
+    "mpl11": LICENSES / "MPL-1.1",
 }
 SPLITS = {
     "dev": [("smollm2", "lgpl21"), ("gemma3", "lgpl21"), ("minilm", "lgpl21")],
     "eval": [("smollm2", "gpl2"), ("smollm2", "mpl20"), ("gemma3", "gpl2"), ("gemma3", "mpl20"),
              ("minilm", "gpl2"), ("minilm", "mpl20"), ("smollm2", "apache20"), ("gemma3", "apache20"),
              ("minilm", "apache20")],
+    "eval2": [(m, t) for t in ("gfdl13", "mpl11") for m in ("smollm2", "gemma3", "minilm")],
 }
 
 # scheme -> fp8conv arguments, llm-compressor scheme (preset name or weight args). Group 64 divides
