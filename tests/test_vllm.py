@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_cli
+from helpers import WNA16_OP, run_cli, vllm_kernels
 
 pytestmark = pytest.mark.slow
 VLLM_PYTHON = os.environ.get("FP8CONV_VLLM_PYTHON", "")
@@ -228,8 +228,11 @@ def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, sche
     proc = subprocess.run([VLLM_PYTHON, str(PROBE), str(out)], capture_output=True, text=True, timeout=900, cwd=out.parent,
                           env={**os.environ, "FP8CONV_VLLM_DUMP": str(dump), "FP8CONV_VLLM_DUMP_MATCH": "layers."})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"vLLM failed on {label}: {proc.stderr[-3000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    runs = "w4a16" not in label or vllm_kernels(VLLM_PYTHON)["wna16"]  # helpers.WNA16_OP: no W4A16 GEMM, no run
+    if runs:
+        assert proc.returncode == 0 and lines, f"vLLM failed on {label}: {proc.stderr[-3000:]}"
+    else:  # loaded (the dump below is of the loaded model), then stopped at the first W4A16 matmul
+        assert proc.returncode != 0 and f"no attribute '{WNA16_OP}'" in proc.stderr, proc.stderr[-3000:]
     loaded = np.load(dump)
     dtypes, built, amx = json.loads(str(loaded["dtypes"])), json.loads(str(loaded["schemes"])), bool(loaded["amx"])
     for layer in range(2):
@@ -238,6 +241,9 @@ def test_vllm_cpu_loads_mixed_schemes(tiny_llama, tmp_path, label, options, sche
         for name, (with_amx, without_amx) in held.items():
             expected = with_amx if amx else without_amx
             assert dtypes.get(f"model.layers.{layer}.{name}", RELEASED) == expected, (layer, name, amx)
+    if not runs:
+        return
+    result = json.loads(lines[-1][len("RESULT "):])
     diff = np.abs(np.array(result["prompt_logprobs"]) - source_logprobs(tiny_llama))
     print(f"{label}: mean |vLLM prompt log-prob - transformers bf16| = {diff.mean():.4f}, max {diff.max():.4f}")
     assert len(result["generated"]) == 4 and diff.mean() < 0.1
