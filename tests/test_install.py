@@ -70,3 +70,24 @@ def test_install_with_a_compiler_builds_the_extension(tmp_path):
     check = subprocess.run([sys.executable, "-c", "from fp8conv.accel import native; print(native.AVAILABLE, native._native.__file__)"],
                            capture_output=True, text=True, env={**env, "PYTHONPATH": str(target)}, cwd=target)
     assert check.stdout.split()[0] == "True" and check.stdout.split()[1].startswith(str(target)), check.stdout
+
+
+def test_the_avx2_build_equals_the_numpy_reference(tmp_path):
+    """The extension built without its AVX-512 kernels (CFLAGS=-DFP8CONV_NO_AVX512: what a CPU without AVX-512 runs,
+    e.g. the AVX2 pruned mse search) passes the observers' backend-equality tests (compiled search == numpy
+    reference, bit for bit, on edge weights; brute force) on this host, whatever its CPU."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FP8CONV_BACKEND", "CC")}
+    env["CFLAGS"] = (env.get("CFLAGS", "") + " -DFP8CONV_NO_AVX512").strip()
+    target, result = install(tmp_path, env)
+    assert result.returncode == 0 and built(target), result.stderr
+    assert b"mse_tiles_avx512" not in built(target)[0].read_bytes(), "CFLAGS did not reach the build"
+    env["PYTHONPATH"] = str(target)
+    check = subprocess.run([sys.executable, "-c", "from fp8conv.accel import native; print(native._native.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=target)
+    assert check.stdout.strip().startswith(str(target)), check.stdout + check.stderr
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(tests / "test_observers.py"), str(tests / "test_microscale_observer.py"),
+                          "-k", "compiled or native or brute_force or property"],
+                         capture_output=True, text=True, env=env, cwd=target, timeout=1200)
+    assert run.returncode == 0 and " passed" in run.stdout, run.stdout[-3000:] + run.stderr[-2000:]

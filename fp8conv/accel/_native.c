@@ -1476,6 +1476,90 @@ HOT void mse_tile_int(const float *restrict x, Py_ssize_t m, const float *sp, co
 
 HOT void mse_tiles_int(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_int) }
 
+/* Symmetric integer grids, pruned by bounds (the AVX-512 and AVX2 drivers; EXACT the tile kernel, APPROX its
+   float32 estimate in VLANES lanes): every candidate after the first is first evaluated approximately (the
+   reference's codes and float32 d, then |d|^exponent in float32, summed in VLANES float32 lanes), which bounds the
+   exact objective E (float64, the reference's) within A (1 +- eps) +- delta. A candidate is decided from the bounds
+   where they are clear of the threshold best * (1 - margin); otherwise, and where A is not finite (float32
+   overflow), the exact objectives are computed and compared as the reference does. So each decision, the chosen
+   candidate and every output are the reference's, bit for bit; the exact sums of candidate 0 and of the chosen
+   one come from EXACT. Bounds (u = 2^-24): each float32 power is within 3u of |d|^exponent (2 or 3 roundings),
+   each lane sums m / VLANES of them (m / VLANES roundings) and the lanes are added in 4 more (AVX-512, float32) or
+   in float64 (AVX2): within (7 + m / VLANES)u relative (eps takes 1.25 times that); float32 underflow, within
+   2^-146 per element (delta). */
+#define MSE_PRUNED_BODY(EXACT, APPROX, VLANES)                                                                   \
+    static const float no_zero[MSE_TILES] = {0};                                                                 \
+    const double u = 0x1p-24;                                                                                    \
+    const double eps = (7.0 + (double)m / (VLANES)) * u * 1.25 + 0x1p-40, delta = (double)m * 0x1p-146;          \
+    const double keep = 1.0 - margin;                                                                            \
+    (void)zs; (void)has_zero;                                                                                    \
+    for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {                                                           \
+        const int width = n - i0 >= MSE_TILES ? MSE_TILES : (int)(n - i0);                                       \
+        const float *x = x_all + i0 * m;                                                                         \
+        double best[MSE_TILES], best_sq[MSE_TILES], low[MSE_TILES], high[MSE_TILES], approx[MSE_TILES];          \
+        int32_t chosen[MSE_TILES];                                                                               \
+        int known[MSE_TILES];                                                                                    \
+        EXACT(x, m, sc + i0, no_zero, 0, exponent, lo, hi, best, best_sq, width);                                \
+        for (int t = 0; t < width; t++) {                                                                        \
+            out[2 * ns + i0 + t] = best[t];                                                                      \
+            out[3 * ns + i0 + t] = best_sq[t];                                                                   \
+            low[t] = high[t] = best[t];                                                                          \
+            chosen[t] = 0;                                                                                       \
+            known[t] = 1;                                                                                        \
+        }                                                                                                        \
+        for (Py_ssize_t k = 1; k < k_count; k++) {                                                               \
+            const float *sk = sc + k * ns + i0;                                                                  \
+            APPROX(x, m, sk, lo, hi, exponent, approx, width);                                                   \
+            for (int t = 0; t < width; t++) {                                                                    \
+                const double a = approx[t];                                                                      \
+                if (isfinite(a)) {                                                                               \
+                    const double lk = fmax(a * (1.0 - eps) - delta, 0.0), hk = a * (1.0 + eps) + delta;          \
+                    if (hk < low[t] * keep * (1.0 - 0x1p-50)) { /* better, certainly */                          \
+                        chosen[t] = (int32_t)k;                                                                  \
+                        low[t] = lk;                                                                             \
+                        high[t] = hk;                                                                            \
+                        known[t] = 0;                                                                            \
+                        continue;                                                                                \
+                    }                                                                                            \
+                    if (lk >= high[t] * keep * (1.0 + 0x1p-50)) continue; /* not better, certainly */            \
+                }                                                                                                \
+                if (!known[t]) { /* the reference's comparison, on exact objectives */                           \
+                    EXACT(x + t * m, m, sc + chosen[t] * ns + i0 + t, no_zero, 0, exponent, lo, hi,              \
+                                    best + t, best_sq + t, 1);                                                   \
+                    known[t] = 1;                                                                                \
+                }                                                                                                \
+                double obj, sq;                                                                                  \
+                EXACT(x + t * m, m, sk + t, no_zero, 0, exponent, lo, hi, &obj, &sq, 1);                         \
+                if (obj < best[t] * keep) {                                                                      \
+                    chosen[t] = (int32_t)k;                                                                      \
+                    best[t] = obj;                                                                               \
+                    best_sq[t] = sq;                                                                             \
+                }                                                                                                \
+                low[t] = high[t] = best[t];                                                                      \
+            }                                                                                                    \
+        }                                                                                                        \
+        int unknown = 0;                                                                                         \
+        float s_chosen[MSE_TILES];                                                                               \
+        for (int t = 0; t < width; t++) {                                                                        \
+            unknown |= !known[t];                                                                                \
+            s_chosen[t] = sc[chosen[t] * ns + i0 + t];                                                           \
+        }                                                                                                        \
+        if (unknown) { /* the chosen candidates' exact sums, the block's tiles side by side */                   \
+            double obj[MSE_TILES], sq[MSE_TILES];                                                                \
+            EXACT(x, m, s_chosen, no_zero, 0, exponent, lo, hi, obj, sq, width);                                 \
+            for (int t = 0; t < width; t++)                                                                      \
+                if (!known[t]) {                                                                                 \
+                    best[t] = obj[t];                                                                            \
+                    best_sq[t] = sq[t];                                                                          \
+                }                                                                                                \
+        }                                                                                                        \
+        for (int t = 0; t < width; t++) {                                                                        \
+            idx[i0 + t] = chosen[t];                                                                             \
+            out[i0 + t] = best[t];                                                                               \
+            out[ns + i0 + t] = best_sq[t];                                                                       \
+        }                                                                                                        \
+    }
+
 #ifdef MSE_AVX2
 /* The AVX2 build of the same: x86 intrinsics, so that the float64 widening is one vcvtps2pd per 4 lanes and the
    clamps are vmaxps / vminps. maxps(lo, v) is `lo > v ? lo : v` and minps(hi, v) `hi < v ? hi : v` (Intel's
@@ -1536,11 +1620,48 @@ AVX2_HOT void mse_tile_avx2(const float *restrict x, Py_ssize_t m, const float *
 
 AVX2_HOT void mse_tiles_avx2_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx2) }
 
-/* One instantiation per (has_zero, exponent), as in mse_search's portable dispatch. */
+/* The float32 estimate of mse_tile_avx2's objective (MSE_PRUNED_BODY): 8 float32 lanes, added in float64. */
+AVX2_HOT void mse_tile_approx_avx2(const float *restrict x, Py_ssize_t m, const float *s, float lo, float hi,
+                                   const int exponent, double *approx, const int width)
+{
+    const __m256 lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi), magic = _mm256_set1_ps(12582912.0f);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 sv[MSE_TILES], acc[MSE_TILES];
+    for (int t = 0; t < MSE_TILES; t++) {
+        sv[t] = _mm256_set1_ps(s[t < width ? t : 0]);
+        acc[t] = _mm256_setzero_ps();
+    }
+    for (Py_ssize_t c = 0; c < m; c += LANES) {
+        for (int t = 0; t < width; t++) {
+            const __m256 xv = _mm256_loadu_ps(x + t * m + c);
+            __m256 v = _mm256_div_ps(xv, sv[t]);
+            v = _mm256_max_ps(lov, v);
+            v = _mm256_min_ps(hiv, v);
+            const __m256 q = _mm256_sub_ps(_mm256_add_ps(v, magic), magic);
+            const __m256 d = _mm256_sub_ps(_mm256_mul_ps(q, sv[t]), xv);
+            const __m256 d2 = _mm256_mul_ps(d, d);
+            if (exponent == 2) acc[t] = _mm256_add_ps(acc[t], d2);
+            if (exponent == 3) acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d2, _mm256_and_ps(d, abs_mask)));
+            if (exponent == 4) acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(d2, d2));
+        }
+    }
+    for (int t = 0; t < width; t++) {
+        float lanes[LANES];
+        _mm256_storeu_ps(lanes, acc[t]);
+        double total = 0.0;
+        for (int j = 0; j < LANES; j++) total += (double)lanes[j];
+        approx[t] = total;
+    }
+}
+
+AVX2_HOT void mse_tiles_pruned_avx2_v(MSE_TILES_ARGS) { MSE_PRUNED_BODY(mse_tile_avx2, mse_tile_approx_avx2, 8) }
+
+/* One instantiation per (has_zero, exponent), as in mse_search's portable dispatch; symmetric grids pruned by
+   bounds (MSE_PRUNED_BODY; on an AVX2-only CPU the INT4 group-128 search 1.4x faster, bench/RESULTS.md). */
 __attribute__((target("avx2"))) static void mse_tiles_avx2(MSE_TILES_ARGS)
 {
     if (has_zero) MSE_TILES_CALL(mse_tiles_avx2_v, 1);
-    else MSE_TILES_CALL(mse_tiles_avx2_v, 0);
+    else MSE_TILES_CALL(mse_tiles_pruned_avx2_v, 0);
 }
 #endif
 
@@ -1623,15 +1744,7 @@ AVX512_HOT void mse_tile_avx512(const float *restrict x, Py_ssize_t m, const flo
 
 AVX512_HOT void mse_tiles_avx512_v(MSE_TILES_ARGS) { MSE_TILES_BODY(mse_tile_avx512) }
 
-/* Symmetric integer grids, pruned by bounds: every candidate after the first is first evaluated approximately
-   (the reference's codes and float32 d, then |d|^exponent in float32, summed in 16 float32 lanes), which bounds the
-   exact objective E (float64, the reference's) within A (1 +- eps) +- delta. A candidate is decided from the bounds
-   where they are clear of the threshold best * (1 - margin); otherwise, and where A is not finite (float32
-   overflow), the exact objectives are computed and compared as the reference does. So each decision, the chosen
-   candidate and every output are the reference's, bit for bit; the exact sums of candidate 0 and of the chosen
-   one come from mse_tile_avx512. Bounds (u = 2^-24): each float32 power is within 3u of |d|^exponent (2 or 3
-   roundings), each lane sums m / 16 of them (m / 16 roundings) and the 16 lanes are added in 4 more: within
-   (7 + m / 16)u relative (eps takes 1.25 times that); float32 underflow, within 2^-146 per element (delta). */
+/* The float32 estimate of mse_tile_avx512's objective (MSE_PRUNED_BODY), 16 lanes. */
 AVX512_HOT void mse_tile_approx512(const float *restrict x, Py_ssize_t m, const float *s, float lo, float hi,
                                    const int exponent, double *approx, const int width)
 {
@@ -1663,80 +1776,7 @@ AVX512_HOT void mse_tile_approx512(const float *restrict x, Py_ssize_t m, const 
     for (int t = 0; t < width; t++) approx[t] = (double)_mm512_reduce_add_ps(acc[t]);
 }
 
-AVX512_HOT void mse_tiles_pruned_v(MSE_TILES_ARGS)
-{
-    static const float no_zero[MSE_TILES] = {0};
-    const double u = 0x1p-24;
-    const double eps = (7.0 + (double)m / 16.0) * u * 1.25 + 0x1p-40, delta = (double)m * 0x1p-146;
-    const double keep = 1.0 - margin;
-    (void)zs; (void)has_zero;
-    for (Py_ssize_t i0 = 0; i0 < n; i0 += MSE_TILES) {
-        const int width = n - i0 >= MSE_TILES ? MSE_TILES : (int)(n - i0);
-        const float *x = x_all + i0 * m;
-        double best[MSE_TILES], best_sq[MSE_TILES], low[MSE_TILES], high[MSE_TILES], approx[MSE_TILES];
-        int32_t chosen[MSE_TILES];
-        int known[MSE_TILES];
-        mse_tile_avx512(x, m, sc + i0, no_zero, 0, exponent, lo, hi, best, best_sq, width);
-        for (int t = 0; t < width; t++) {
-            out[2 * ns + i0 + t] = best[t];
-            out[3 * ns + i0 + t] = best_sq[t];
-            low[t] = high[t] = best[t];
-            chosen[t] = 0;
-            known[t] = 1;
-        }
-        for (Py_ssize_t k = 1; k < k_count; k++) {
-            const float *sk = sc + k * ns + i0;
-            mse_tile_approx512(x, m, sk, lo, hi, exponent, approx, width);
-            for (int t = 0; t < width; t++) {
-                const double a = approx[t];
-                if (isfinite(a)) {
-                    const double lk = fmax(a * (1.0 - eps) - delta, 0.0), hk = a * (1.0 + eps) + delta;
-                    if (hk < low[t] * keep * (1.0 - 0x1p-50)) { /* better, certainly */
-                        chosen[t] = (int32_t)k;
-                        low[t] = lk;
-                        high[t] = hk;
-                        known[t] = 0;
-                        continue;
-                    }
-                    if (lk >= high[t] * keep * (1.0 + 0x1p-50)) continue; /* not better, certainly */
-                }
-                if (!known[t]) { /* the reference's comparison, on exact objectives */
-                    mse_tile_avx512(x + t * m, m, sc + chosen[t] * ns + i0 + t, no_zero, 0, exponent, lo, hi,
-                                    best + t, best_sq + t, 1);
-                    known[t] = 1;
-                }
-                double obj, sq;
-                mse_tile_avx512(x + t * m, m, sk + t, no_zero, 0, exponent, lo, hi, &obj, &sq, 1);
-                if (obj < best[t] * keep) {
-                    chosen[t] = (int32_t)k;
-                    best[t] = obj;
-                    best_sq[t] = sq;
-                }
-                low[t] = high[t] = best[t];
-            }
-        }
-        int unknown = 0;
-        float s_chosen[MSE_TILES];
-        for (int t = 0; t < width; t++) {
-            unknown |= !known[t];
-            s_chosen[t] = sc[chosen[t] * ns + i0 + t];
-        }
-        if (unknown) { /* the chosen candidates' exact sums, the block's tiles side by side */
-            double obj[MSE_TILES], sq[MSE_TILES];
-            mse_tile_avx512(x, m, s_chosen, no_zero, 0, exponent, lo, hi, obj, sq, width);
-            for (int t = 0; t < width; t++)
-                if (!known[t]) {
-                    best[t] = obj[t];
-                    best_sq[t] = sq[t];
-                }
-        }
-        for (int t = 0; t < width; t++) {
-            idx[i0 + t] = chosen[t];
-            out[i0 + t] = best[t];
-            out[ns + i0 + t] = best_sq[t];
-        }
-    }
-}
+AVX512_HOT void mse_tiles_pruned_v(MSE_TILES_ARGS) { MSE_PRUNED_BODY(mse_tile_avx512, mse_tile_approx512, 16) }
 
 __attribute__((target("avx512f,avx512vl"))) static void mse_tiles_avx512(MSE_TILES_ARGS)
 {
